@@ -1,0 +1,179 @@
+"""Finding genre-labelled audio files and decoding them to mono at one rate.
+
+Decoding uses libsndfile (through :mod:`soundfile`), which reads WAV (8/16/24/32-bit integer,
+32/64-bit float), AU, AIFF, FLAC, OGG/Vorbis/Opus and MP3; resampling uses soxr through
+:func:`librosa.resample`. Only the first ``duration`` seconds are read, so a long file costs
+no more memory than a clip.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Iterable, Optional
+
+import numpy as np
+
+from .errors import AudioError, DatasetError
+
+#: File name endings that discovery treats as audio.
+AUDIO_EXTENSIONS = (".wav", ".au", ".snd", ".aif", ".aiff", ".flac", ".ogg", ".oga",
+                    ".opus", ".mp3")
+
+
+@dataclass(frozen=True)
+class AudioItem:
+    """One labelled file: its absolute path, its path relative to the dataset root, its genre."""
+
+    path: Path
+    relpath: str
+    label: str
+
+
+def resolve_inside(root: Path, relpath: str, *, source: str) -> Path:
+    """``root / relpath``, refusing paths that leave ``root`` (``../../etc/passwd``).
+
+    ``source`` names the manifest or split file the path came from, for the error message.
+    """
+    root = Path(root).resolve()
+    candidate = (root / relpath).resolve()
+    if PurePosixPath(relpath).is_absolute() or not candidate.is_relative_to(root):
+        raise DatasetError(f"{source}: path {relpath!r} leaves the dataset root {root}")
+    return candidate
+
+
+def _is_hidden(rel: Path) -> bool:
+    return any(part.startswith(".") for part in rel.parts)
+
+
+def discover(audio_dir: Path, *, manifest: Optional[Path] = None,
+             extensions: Iterable[str] = AUDIO_EXTENSIONS) -> list[AudioItem]:
+    """Every labelled audio file under ``audio_dir``, sorted by relative path.
+
+    Without a manifest the genre is the name of the file's parent folder
+    (``blues/blues.00042.wav``); hidden files and folders (``.DS_Store``, ``._x.wav``) are
+    skipped. With a manifest (CSV with columns ``path`` and ``label`` or ``genre``) exactly the
+    listed files are used, paths relative to ``audio_dir``. Entries that are not readable
+    files (a folder named ``x.wav``, a missing file) are kept: decoding reports them.
+
+    Raises
+    ------
+    DatasetError
+        ``audio_dir`` is missing or not a folder, the manifest is malformed, or nothing is found.
+    """
+    audio_dir = Path(audio_dir)
+    if not audio_dir.exists():
+        raise DatasetError(f"{audio_dir}: audio folder does not exist")
+    if not audio_dir.is_dir():
+        raise DatasetError(f"{audio_dir}: not a folder")
+    root = audio_dir.resolve()
+    exts = tuple(e.lower() for e in extensions)
+    items: list[AudioItem] = []
+    if manifest is not None:
+        items = _read_manifest(Path(manifest), root)
+    else:
+        for path in root.rglob("*"):
+            rel = path.relative_to(root)
+            if path.name.lower().endswith(exts) and not _is_hidden(rel):
+                if len(rel.parts) < 2:
+                    label = root.name  # a flat folder: the folder itself names the genre
+                else:
+                    label = rel.parts[-2]
+                items.append(AudioItem(path, rel.as_posix(), label))
+    if not items:
+        raise DatasetError(
+            f"{audio_dir}: no audio files found (looked for {', '.join(exts)} in genre folders)")
+    items.sort(key=lambda it: it.relpath)
+    return items
+
+
+def _read_manifest(manifest: Path, root: Path) -> list[AudioItem]:
+    try:
+        with open(manifest, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            fieldnames = reader.fieldnames or []
+            label_col = "label" if "label" in fieldnames else "genre"
+            if "path" not in fieldnames or label_col not in fieldnames:
+                raise DatasetError(
+                    f"{manifest}: needs a header with 'path' and 'label' (or 'genre') columns, "
+                    f"found {fieldnames}")
+            items = []
+            for line, row in enumerate(reader, start=2):
+                rel, label = (row.get("path") or "").strip(), (row.get(label_col) or "").strip()
+                if not rel or not label:
+                    raise DatasetError(f"{manifest}: line {line}: empty path or label")
+                path = resolve_inside(root, rel, source=f"{manifest}: line {line}")
+                items.append(AudioItem(path, PurePosixPath(rel).as_posix(), label))
+            return items
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DatasetError(f"{manifest}: cannot read manifest ({exc})") from None
+
+
+@dataclass(frozen=True)
+class DecodedAudio:
+    """A decoded clip and what the source file was."""
+
+    y: np.ndarray          # [shape=(n_samples,)] float32 mono at the target rate
+    source_sr: int
+    channels: int
+    source_seconds: float  # length of the file (frames / rate), before trimming or padding
+
+
+def check_file(path: Path) -> None:
+    """Raise :class:`AudioError` unless ``path`` is a non-empty regular file."""
+    if not path.exists():
+        raise AudioError(path, "file not found")
+    if path.is_dir():
+        raise AudioError(path, "is a folder, not an audio file")
+    if not path.is_file():
+        raise AudioError(path, "not a regular file")
+    if path.stat().st_size == 0:
+        raise AudioError(path, "empty file (0 bytes)")
+
+
+def decode(path: Path, *, sr: int, duration: float, min_duration: float = 1.0) -> DecodedAudio:
+    """Decode ``path`` to mono float32 at ``sr``, trimmed or zero-padded to ``duration`` s.
+
+    Channels are averaged. Only the first ``duration`` seconds of the file are read.
+
+    Raises
+    ------
+    AudioError
+        The file is missing, a folder, empty, undecodable, holds non-finite samples, or is
+        shorter than ``min_duration`` seconds. The message starts with the path.
+    """
+    import soundfile as sf  # heavy-ish; keep module import cheap
+
+    path = Path(path)
+    check_file(path)
+    try:
+        with sf.SoundFile(str(path)) as fh:
+            source_sr, channels, frames = fh.samplerate, fh.channels, fh.frames
+            if source_sr <= 0 or channels <= 0:
+                raise AudioError(path, f"invalid header ({channels} channels at {source_sr} Hz)")
+            want = int(math.ceil(duration * source_sr))
+            data = fh.read(frames=want, dtype="float32", always_2d=True)
+    except AudioError:
+        raise
+    except (sf.LibsndfileError, RuntimeError, ValueError, OSError, EOFError, MemoryError) as exc:
+        reason = str(exc)
+        reason = reason.split(": ", 1)[-1] if reason.startswith("Error opening") else reason
+        raise AudioError(path, f"cannot decode ({reason.strip() or type(exc).__name__})") from None
+    if data.shape[0] == 0:
+        raise AudioError(path, "no audio samples")
+    if not np.isfinite(data).all():
+        raise AudioError(path, "contains NaN or infinite samples")
+    y = data.mean(axis=1, dtype=np.float32) if channels > 1 else data[:, 0]
+    seconds = data.shape[0] / source_sr
+    if seconds < min_duration:
+        raise AudioError(path, f"too short ({seconds:.2f} s; at least {min_duration:g} s needed)")
+    import librosa
+
+    if source_sr != sr:
+        y = librosa.resample(y, orig_sr=source_sr, target_sr=sr, res_type="soxr_hq")
+    y = librosa.util.fix_length(y, size=int(round(duration * sr)))
+    return DecodedAudio(np.ascontiguousarray(y, dtype=np.float32), int(source_sr),
+                        int(channels), float(frames / source_sr if frames > 0 else seconds))
+

@@ -1,0 +1,101 @@
+"""The on-disk feature cache shared by every stage, and the features file.
+
+Cache layout::
+
+    CACHE_DIR/features-<fingerprint>/config.json      the FeatureConfig, for humans
+    CACHE_DIR/features-<fingerprint>/ab/abcdef....npz one clip: six arrays + metadata
+
+``<fingerprint>`` hashes the :class:`FeatureConfig` and the feature-code version; the entry
+name is the SHA-256 of the audio file's bytes. So the key is everything a result depends on:
+renaming or copying a file reuses its entry, changing a parameter or the feature code starts a
+new namespace, and identical files are computed once. Entries are written atomically, so an
+interrupted run never leaves a corrupt one; an entry that fails to load is recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from .config import FEATURE_KEYS, FeatureConfig
+from .fileio import atomic_write, remove_stale_temps, safe_pickle_load
+
+_META = "__meta__"
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes (hex)."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def audio_digest(y: np.ndarray) -> str:
+    """A hash of decoded samples: equal for the same audio in different files or formats."""
+    return hashlib.sha256(np.ascontiguousarray(y, dtype=np.float32).tobytes()).hexdigest()[:32]
+
+
+@dataclass
+class CacheEntry:
+    """One cached clip."""
+
+    features: dict[str, np.ndarray]   # the six views, float32 (n, frames)
+    meta: dict[str, Any]              # audio_sha, source_sr, channels, source_seconds
+
+
+class FeatureCache:
+    """Per-clip features under ``cache_dir``, keyed by file content and feature config."""
+
+    def __init__(self, cache_dir: Path, config: FeatureConfig):
+        self.config = config
+        self.root = Path(cache_dir) / f"features-{config.fingerprint()}"
+
+    def prepare(self) -> None:
+        """Create the namespace folder, record its config and clear dead writers' leftovers."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        cfg = self.root / "config.json"
+        if not cfg.exists():
+            with atomic_write(cfg, "w") as fh:
+                json.dump(self.config.to_dict(), fh, indent=2, sort_keys=True)
+        remove_stale_temps(self.root, recursive=True)
+
+    def path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.npz"
+
+    def has(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    def load(self, key: str) -> Optional[CacheEntry]:
+        """The entry for ``key``, or ``None`` when absent or unreadable (then recompute it)."""
+        path = self.path(key)
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                features = {k: npz[k] for k in FEATURE_KEYS}
+                meta = json.loads(str(npz[_META]))
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError):
+            return None
+        return CacheEntry(features, meta)
+
+    def store(self, key: str, features: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        """Write one entry atomically."""
+        arrays = {k: np.asarray(features[k], dtype=np.float32) for k in FEATURE_KEYS}
+        arrays[_META] = np.array(json.dumps(meta, sort_keys=True))
+        with atomic_write(self.path(key)) as fh:
+            np.savez(fh, **arrays)
+
+
+def write_features_file(path: Path, items: list[dict[str, Any]]) -> None:
+    """Write the features file atomically: a plain pickle of a list of dicts."""
+    with atomic_write(Path(path)) as fh:
+        pickle.dump(items, fh, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def read_features_file(path: Path) -> list[dict[str, Any]]:
+    """Load a features file without running code in it (see :func:`safe_pickle_load`)."""
+    return safe_pickle_load(Path(path))

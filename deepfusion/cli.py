@@ -1,0 +1,148 @@
+"""The ``deepfusion`` command group: a thin shell over the Python API.
+
+Heavy modules (numpy, librosa, torch) are imported inside the commands so that ``--help`` and
+``--version`` answer at once. Every :class:`~deepfusion.errors.DeepFusionError` becomes one
+line on stderr and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from . import __version__
+from .errors import DeepFusionError
+
+# (FeatureConfig field, option, help). Each option is defined once, here.
+_FEATURE_OPTIONS: list[tuple[str, str, str]] = [
+    ("sample_rate", "--sr", "Sample rate to decode to (Hz)."),
+    ("duration", "--duration", "Clip length in seconds; shorter clips are zero-padded, longer trimmed."),
+    ("min_duration", "--min-duration", "Files shorter than this (seconds) are reported, not used."),
+    ("n_fft", "--n-fft", "STFT frame length."),
+    ("hop_length", "--hop-length", "STFT hop in samples."),
+    ("n_mels", "--n-mels", "Mel bands."),
+    ("fmin", "--fmin", "Lowest mel frequency (Hz)."),
+    ("fmax", "--fmax", "Highest mel frequency (Hz); default sr/2."),
+    ("top_db", "--top-db", "Dynamic range of the dB spectrograms."),
+    ("hpss_kernel", "--hpss-kernel", "Median-filter length of the harmonic/percussive separation."),
+    ("hpss_power", "--hpss-power", "Exponent of the HPSS soft masks."),
+    ("hpss_margin", "--hpss-margin", "HPSS margin (>= 1; 1 splits all energy)."),
+    ("n_mfcc", "--n-mfcc", "MFCC coefficients."),
+    ("n_chroma", "--n-chroma", "Chroma bins."),
+    ("chroma_tuning", "--chroma-tuning", "Tuning offset in chroma bins; default estimated per clip."),
+    ("tempogram_win_length", "--tempogram-win-length", "Tempogram lags (onset frames)."),
+]
+
+
+def feature_options(func: Callable) -> Callable:
+    """Add one option per FeatureConfig field; the command receives ``feature_config``."""
+    from dataclasses import fields
+
+    from .config import FeatureConfig
+
+    defaults = {f.name: f.default for f in fields(FeatureConfig)}
+    for name, flag, help_text in reversed(_FEATURE_OPTIONS):
+        default = defaults[name]
+        kind = float if default is None or isinstance(default, float) else type(default)
+        func = click.option(flag, name, type=kind, default=default, show_default=default is not None,
+                            help=help_text)(func)
+    return func
+
+
+def _feature_config(kwargs: dict[str, Any]):
+    from .config import FeatureConfig
+
+    return FeatureConfig(**{name: kwargs.pop(name) for name, _, _ in _FEATURE_OPTIONS})
+
+
+class _Group(click.Group):
+    """Turns deepfusion's own errors into one line and an exit status, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except DeepFusionError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("Interrupted: finished work is kept; run the same command again to continue.",
+                       err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="deepfusion")
+def main() -> None:
+    """deepfusion: multi-modal music-genre classification, from raw audio to a usable model."""
+
+
+@main.command()
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("data/synth"), show_default=True, help="Folder to write (GTZAN layout).")
+@click.option("--genres", type=click.IntRange(1), default=4, show_default=True,
+              help="Number of genres.")
+@click.option("--clips-per-genre", type=click.IntRange(1), default=10, show_default=True)
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=30.0,
+              show_default=True, help="Seconds per clip.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def synth(out: Path, genres: int, clips_per_genre: int, duration: float, seed: int) -> None:
+    """Render a deterministic synthetic genre dataset (WAV, 22,050 Hz, mono)."""
+    from .synth import synthesize_dataset
+
+    paths = synthesize_dataset(out, genres=genres, clips_per_genre=clips_per_genre,
+                               duration=duration, seed=seed)
+    click.echo(f"wrote {len(paths)} clips ({genres} genres x {clips_per_genre}) to {out}")
+
+
+@main.command()
+@click.option("--audio-dir", required=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Dataset root: genre folders of audio files (wav, au, flac, ogg, mp3, ...).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("data/features.pkl"), show_default=True, help="Features file to write.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("data/cache"), show_default=True, envvar="DEEPFUSION_CACHE",
+              help="Per-clip feature cache shared by all stages [env: DEEPFUSION_CACHE].")
+@click.option("--manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="CSV with 'path,label' columns (paths relative to --audio-dir) for other layouts.")
+@click.option("--jobs", "-j", type=click.IntRange(1), default=None,
+              help="Worker processes [default: all cores].")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--strict", is_flag=True, help="Exit non-zero if any file could not be read.")
+@feature_options
+def extract(audio_dir: Path, out: Path, cache_dir: Path, manifest: Path | None, jobs: int | None,
+            quiet: bool, strict: bool, **kwargs: Any) -> None:
+    """Compute the six feature views of every clip, in parallel and cached.
+
+    Writes OUT (a pickle: a list of dicts with 'features', 'label', 'path', ...) and
+    extract_errors.csv beside it.
+    """
+    from .extract import extract as run_extract
+
+    config = _feature_config(kwargs)
+    result = run_extract(audio_dir, out=out, cache_dir=cache_dir, jobs=jobs, config=config,
+                         manifest=manifest, quiet=quiet)
+    for path, reason in result.errors:
+        click.echo(f"skipped {path}: {reason}", err=True)
+    genres = ", ".join(f"{k} {v}" for k, v in result.labels.items())
+    click.echo(f"{result.n_items} clips ({result.computed} computed, {result.cached} from cache) "
+               f"in {result.seconds:.1f} s -> {result.out}")
+    if genres:
+        click.echo(f"genres: {genres}")
+    if result.duplicate_groups:
+        n = sum(len(g) for g in result.duplicate_groups)
+        click.echo(f"{len(result.duplicate_groups)} groups of identical audio ({n} clips); "
+                   "splits keep each group together:")
+        for group in result.duplicate_groups:
+            click.echo("  " + " = ".join(group))
+    if result.errors:
+        click.echo(f"{len(result.errors)} file(s) could not be read; see {result.errors_csv}",
+                   err=True)
+    if result.n_items == 0:
+        click.echo("Error: no file could be read", err=True)
+        sys.exit(1)
+    if strict and result.errors:
+        sys.exit(1)

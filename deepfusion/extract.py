@@ -1,0 +1,279 @@
+"""The extract stage: a folder of labelled audio to a features file, through the cache.
+
+Work is split so that nothing computed is ever lost: worker processes decode a clip, compute its
+features and write its cache entry atomically; only then does the main process assemble the
+features file from the cache, in sorted path order, and replace the output atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .audio import AudioItem, check_file, discover
+from .cache import FeatureCache, file_digest, write_features_file
+from .config import FeatureConfig
+from .errors import AudioError, DeepFusionError
+from .fileio import atomic_write, check_writable, remove_stale_temps
+
+DEFAULT_FEATURES = Path("data/features.pkl")
+DEFAULT_CACHE_DIR = Path("data/cache")
+ERRORS_CSV = "extract_errors.csv"
+
+
+@dataclass
+class ExtractResult:
+    """What an extract run did."""
+
+    out: Path
+    errors_csv: Path
+    n_items: int
+    computed: int
+    cached: int
+    seconds: float
+    errors: list[tuple[str, str]] = field(default_factory=list)          # (path, reason)
+    duplicate_groups: list[list[str]] = field(default_factory=list)     # paths, >= 2 each
+    labels: dict[str, int] = field(default_factory=dict)                # clips per genre
+
+
+def default_jobs() -> int:
+    """All usable cores."""
+    import joblib
+
+    return max(1, joblib.cpu_count())
+
+
+def compute_entry(path: str, key: str, cache_dir: str, config_dict: dict) -> Optional[str]:
+    """Decode one file, compute its features and store them in the cache (runs in a worker).
+
+    Returns ``None`` on success or the reason the file could not be used.
+    """
+    from .audio import decode
+    from .cache import audio_digest
+    from .features import compute_features
+
+    config = FeatureConfig.from_dict(config_dict)
+    cache = FeatureCache(Path(cache_dir), config)
+    try:
+        audio = decode(Path(path), sr=config.sample_rate, duration=config.duration,
+                       min_duration=config.min_duration)
+        feats = compute_features(audio.y, config)
+    except AudioError as exc:
+        return exc.reason
+    except DeepFusionError as exc:
+        return str(exc)
+    except Exception as exc:  # a library failing on odd input must not end the batch
+        return f"feature computation failed ({type(exc).__name__}: {exc})"
+    meta = {"audio_sha": audio_digest(audio.y), "source_sr": audio.source_sr,
+            "channels": audio.channels, "source_seconds": round(audio.source_seconds, 4)}
+    cache.store(key, feats, meta)
+    return None
+
+
+def _progress(total: int, quiet: bool):
+    from tqdm.auto import tqdm
+
+    disable = quiet or not sys.stderr.isatty()
+    return tqdm(total=total, unit="clip", desc="extract", disable=disable, smoothing=0.1,
+                dynamic_ncols=True)
+
+
+def extract(audio_dir: Path, *, out: Path = DEFAULT_FEATURES,
+            cache_dir: Path = DEFAULT_CACHE_DIR, jobs: Optional[int] = None,
+            config: FeatureConfig = FeatureConfig(), manifest: Optional[Path] = None,
+            quiet: bool = False) -> ExtractResult:
+    """Compute (or fetch from the cache) the features of every clip under ``audio_dir``.
+
+    Parameters
+    ----------
+    audio_dir : Path
+        Dataset root in GTZAN layout (``genre/genre.00042.wav``), or the root that the paths
+        of ``manifest`` are relative to.
+    out : Path
+        Features file to write (a pickle, see :func:`deepfusion.cache.write_features_file`).
+        ``extract_errors.csv`` is written beside it.
+    cache_dir : Path
+        Where per-clip features are kept between runs.
+    jobs : int, optional
+        Worker processes; default all cores.
+    config : FeatureConfig
+    manifest : Path, optional
+        CSV ``path,label`` listing the files to use instead of scanning folders.
+    quiet : bool
+        No progress bar.
+
+    Returns
+    -------
+    ExtractResult
+        Unreadable files are listed in ``errors``; they do not stop the run.
+
+    Raises
+    ------
+    DatasetError
+        ``audio_dir`` missing or holding no audio files.
+    OutputError
+        ``out`` cannot be written (checked before any work).
+    """
+    from joblib import Parallel, delayed
+
+    t0 = time.perf_counter()
+    out, cache_dir = Path(out), Path(cache_dir)
+    items = discover(Path(audio_dir), manifest=manifest)
+    check_writable(out)
+    remove_stale_temps(out.parent)
+    cache = FeatureCache(cache_dir, config)
+    cache.prepare()
+
+    errors: dict[str, str] = {}
+    keys: dict[str, str] = {}               # relpath -> content key
+    todo: dict[str, AudioItem] = {}         # key -> first item with that content
+    for item in items:
+        try:
+            check_file(item.path)
+            key = file_digest(item.path)
+        except AudioError as exc:
+            errors[item.relpath] = exc.reason
+            continue
+        except OSError as exc:
+            errors[item.relpath] = f"cannot read ({os.strerror(exc.errno or 0)})"
+            continue
+        keys[item.relpath] = key
+        if key not in todo and not cache.has(key):
+            todo[key] = item
+
+    fingerprint = _fingerprint(config, items, keys, errors)
+    if not todo:
+        done = _up_to_date(out, fingerprint)
+        if done is not None:  # same inputs, same config, output untouched: nothing to do
+            return ExtractResult(out=out, errors_csv=out.with_name(ERRORS_CSV), n_items=done["n_items"],
+                                 computed=0, cached=done["n_items"],
+                                 seconds=time.perf_counter() - t0,
+                                 errors=[tuple(e) for e in done["errors"]],
+                                 duplicate_groups=done["duplicate_groups"], labels=done["labels"])
+
+    jobs = default_jobs() if jobs is None else max(1, int(jobs))
+    failed_keys: dict[str, str] = {}
+    if todo:
+        tasks = list(todo.items())
+        config_dict = config.to_dict()
+        with _progress(len(tasks), quiet) as bar:
+            runner = Parallel(n_jobs=min(jobs, len(tasks)), return_as="generator_unordered",
+                              batch_size=1, pre_dispatch="2*n_jobs")
+            results = runner(delayed(_compute_keyed)(key, str(item.path), str(cache_dir),
+                                                     config_dict) for key, item in tasks)
+            for key, reason in results:
+                if reason is not None:
+                    failed_keys[key] = reason
+                bar.update(1)
+
+    assembled: list[dict[str, Any]] = []
+    by_audio: dict[str, list[str]] = {}
+    group_ids: dict[str, int] = {}
+    config_dict = config.to_dict()
+    for item in items:
+        key = keys.get(item.relpath)
+        if key is None:
+            continue
+        if key in failed_keys:
+            errors[item.relpath] = failed_keys[key]
+            continue
+        entry = cache.load(key)
+        if entry is None:  # vanished or damaged since it was written: recompute in-process
+            reason = compute_entry(str(item.path), key, str(cache_dir), config_dict)
+            entry = None if reason else cache.load(key)
+            if entry is None:
+                errors[item.relpath] = reason or "cache entry could not be read back"
+                continue
+        sha = entry.meta["audio_sha"]
+        group = group_ids.setdefault(sha, len(group_ids))
+        by_audio.setdefault(sha, []).append(item.relpath)
+        assembled.append({
+            "features": entry.features,
+            "label": item.label,
+            "path": item.relpath,
+            "duplicate_group": group,
+            "audio_sha": sha,
+            "file_sha": key,
+            "source_sr": entry.meta["source_sr"],
+            "channels": entry.meta["channels"],
+            "source_seconds": entry.meta["source_seconds"],
+            "feature_config": config_dict,
+        })
+
+    errors_csv = out.with_name(ERRORS_CSV)
+    if assembled:
+        write_features_file(out, assembled)
+    _write_errors(errors_csv, errors)
+    labels: dict[str, int] = {}
+    for it in assembled:
+        labels[it["label"]] = labels.get(it["label"], 0) + 1
+    computed = len(todo) - len(failed_keys)
+    result = ExtractResult(
+        out=out, errors_csv=errors_csv, n_items=len(assembled),
+        computed=computed, cached=len(assembled) - computed,
+        seconds=time.perf_counter() - t0,
+        errors=sorted(errors.items()),
+        duplicate_groups=[paths for paths in by_audio.values() if len(paths) > 1],
+        labels=dict(sorted(labels.items())),
+    )
+    if assembled and not failed_keys:
+        _record_state(out, fingerprint, result)
+    return result
+
+
+def _state_path(out: Path) -> Path:
+    return out.with_name(f".{out.name}.extract.json")
+
+
+def _fingerprint(config: FeatureConfig, items: list[AudioItem], keys: dict[str, str],
+                 errors: dict[str, str]) -> str:
+    """Identity of an extract run's inputs: config, every (path, label, content) and errors."""
+    payload = json.dumps([config.fingerprint(),
+                          [(it.relpath, it.label, keys.get(it.relpath)) for it in items],
+                          sorted(errors.items())])
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _up_to_date(out: Path, fingerprint: str) -> Optional[dict]:
+    """The recorded summary if ``out`` was written from exactly these inputs and not touched."""
+    try:
+        with open(_state_path(out)) as fh:
+            state = json.load(fh)
+        st = out.stat()
+    except (OSError, ValueError):
+        return None
+    if (state.get("fingerprint") == fingerprint and state.get("size") == st.st_size
+            and state.get("mtime_ns") == st.st_mtime_ns
+            and _state_path(out).with_name(ERRORS_CSV).exists()):
+        return state["summary"]
+    return None
+
+
+def _record_state(out: Path, fingerprint: str, result: ExtractResult) -> None:
+    st = out.stat()
+    summary = {"n_items": result.n_items, "errors": result.errors,
+               "duplicate_groups": result.duplicate_groups, "labels": result.labels}
+    with atomic_write(_state_path(out), "w") as fh:
+        json.dump({"fingerprint": fingerprint, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                   "summary": summary}, fh)
+
+
+def _compute_keyed(key: str, path: str, cache_dir: str, config_dict: dict):
+    return key, compute_entry(path, key, cache_dir, config_dict)
+
+
+def _write_errors(path: Path, errors: dict[str, str]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["path", "reason"])
+    writer.writerows(sorted(errors.items()))
+    with atomic_write(path, "w") as fh:
+        fh.write(buf.getvalue())

@@ -1,0 +1,202 @@
+"""Pure feature functions: one STFT per clip feeds every view.
+
+No torch, no files, no globals. Every function takes numpy arrays and a
+:class:`~deepfusion.config.FeatureConfig` and returns float32 arrays.
+
+The definitions are librosa's (``librosa.decompose.hpss``, ``librosa.feature.melspectrogram``,
+``mfcc``, ``chroma_stft``, ``tempogram``); what differs is the cost: the STFT is computed once,
+the harmonic/percussive median filters run through :func:`bottleneck.move_median` (the same
+result as :func:`scipy.ndimage.median_filter` with ``mode='reflect'``, several times faster),
+and the mel filter bank is applied to the masked magnitudes instead of re-synthesising and
+re-analysing the separated signals.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import bottleneck
+import librosa
+import numpy as np
+
+from .config import FeatureConfig
+
+
+def median_filter_axis(S: np.ndarray, *, size: int, axis: int) -> np.ndarray:
+    """Running median of ``S`` along one axis, borders reflected.
+
+    Equals ``scipy.ndimage.median_filter(S, size=shape, mode='reflect')`` where ``shape`` is
+    ``size`` along ``axis`` and 1 elsewhere.
+
+    Parameters
+    ----------
+    S : np.ndarray [shape=(f, t)]
+        Real-valued input (a magnitude spectrogram).
+    size : int
+        Window length; the output at ``i`` is the median of the window centred on ``i``.
+    axis : int
+        Axis along which to filter.
+
+    Returns
+    -------
+    np.ndarray [shape=(f, t)], same dtype as ``S``
+    """
+    if size <= 1:
+        return S.copy()
+    before = size // 2
+    after = size - 1 - before
+    # numpy's "symmetric" padding is scipy.ndimage's "reflect" mode (edge sample repeated).
+    padded = np.pad(np.moveaxis(S, axis, -1), [(0, 0)] * (S.ndim - 1) + [(before, after)],
+                    mode="symmetric")
+    # bottleneck's window trails its output index; dropping the first size-1 outputs centres it.
+    out = bottleneck.move_median(padded, window=size, axis=-1)[..., size - 1:]
+    return np.ascontiguousarray(np.moveaxis(out, -1, axis), dtype=S.dtype)
+
+
+def hpss_masks(S: np.ndarray, *, kernel_size: int = 31, power: float = 2.0,
+               margin: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Soft harmonic and percussive masks of a magnitude spectrogram.
+
+    The definition is ``librosa.decompose.hpss(S, kernel_size, power, mask=True, margin)``.
+
+    Parameters
+    ----------
+    S : np.ndarray [shape=(1 + n_fft/2, t)]
+        Magnitude spectrogram.
+
+    Returns
+    -------
+    mask_harm, mask_perc : np.ndarray [shape=(1 + n_fft/2, t)]
+        Multiply ``S`` by a mask to get the harmonic or the percussive magnitude.
+    """
+    harm = median_filter_axis(S, size=kernel_size, axis=-1)   # smooth along time
+    perc = median_filter_axis(S, size=kernel_size, axis=-2)   # smooth along frequency
+    split_zeros = margin == 1
+    mask_harm = librosa.util.softmask(harm, perc * margin, power=power, split_zeros=split_zeros)
+    mask_perc = librosa.util.softmask(perc, harm * margin, power=power, split_zeros=split_zeros)
+    return mask_harm, mask_perc
+
+
+@lru_cache(maxsize=8)
+def _mel_basis(sr: int, n_fft: int, n_mels: int, fmin: float, fmax: float | None) -> np.ndarray:
+    basis = librosa.filters.mel(sr=sr, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax)
+    basis.flags.writeable = False
+    return basis
+
+
+def power_to_db(S: np.ndarray, *, top_db: float) -> np.ndarray:
+    """Decibels relative to the clip's maximum, floored at ``-top_db``.
+
+    ``librosa.power_to_db(S, ref=np.max, top_db=top_db)``: levels are relative to each clip's
+    loudest bin, so recording level (which differs between sources) is not a genre cue. An
+    all-zero input gives all zeros, never NaN.
+    """
+    return librosa.power_to_db(S, ref=np.max, top_db=top_db)
+
+
+def stft_magnitude(y: np.ndarray, config: FeatureConfig) -> np.ndarray:
+    """Magnitude of the one STFT every view is computed from.
+
+    Returns
+    -------
+    np.ndarray [shape=(1 + n_fft/2, n_frames)], float32
+    """
+    return np.abs(librosa.stft(y, n_fft=config.n_fft, hop_length=config.hop_length))
+
+
+def compute_features(y: np.ndarray, config: FeatureConfig = FeatureConfig()) -> dict[str, np.ndarray]:
+    """All six feature views of one clip.
+
+    Parameters
+    ----------
+    y : np.ndarray [shape=(n_samples,)]
+        Mono waveform at ``config.sample_rate`` (already padded or trimmed).
+    config : FeatureConfig
+
+    Returns
+    -------
+    dict of np.ndarray, all float32:
+        ``mel_spec_orig``, ``mel_spec_harm``, ``mel_spec_perc`` [shape=(n_mels, t)] in dB,
+        ``mfcc`` [shape=(n_mfcc, t)], ``chroma`` [shape=(n_chroma, t)] and
+        ``tempogram`` [shape=(tempogram_win_length, t)], with ``t = 1 + n_samples // hop``.
+    """
+    y = np.ascontiguousarray(y, dtype=np.float32)
+    sr = config.sample_rate
+    S = stft_magnitude(y, config)                                   # (F, t)
+    mask_h, mask_p = hpss_masks(S, kernel_size=config.hpss_kernel, power=config.hpss_power,
+                                margin=config.hpss_margin)
+    basis = _mel_basis(sr, config.n_fft, config.n_mels, config.fmin, config.fmax)  # (n_mels, F)
+    power = S * S                                                   # (F, t)
+    mel_orig = basis @ power                                        # (n_mels, t)
+    mel_harm = basis @ (power * (mask_h * mask_h))
+    mel_perc = basis @ (power * (mask_p * mask_p))
+    db_orig = power_to_db(mel_orig, top_db=config.top_db)
+    mfcc = librosa.feature.mfcc(S=db_orig, n_mfcc=config.n_mfcc)
+    chroma = librosa.feature.chroma_stft(S=power, sr=sr, n_fft=config.n_fft,
+                                         n_chroma=config.n_chroma, tuning=config.chroma_tuning)
+    # onset_strength's own default is exactly this: diff of the dB mel spectrogram (the
+    # reference level cancels in the difference).
+    onset = librosa.onset.onset_strength(S=db_orig, sr=sr, hop_length=config.hop_length)
+    tempogram = librosa.feature.tempogram(onset_envelope=onset, sr=sr,
+                                          hop_length=config.hop_length,
+                                          win_length=config.tempogram_win_length)
+    out = {
+        "mel_spec_orig": db_orig,
+        "mel_spec_harm": power_to_db(mel_harm, top_db=config.top_db),
+        "mel_spec_perc": power_to_db(mel_perc, top_db=config.top_db),
+        "mfcc": mfcc,
+        "chroma": chroma,
+        "tempogram": tempogram,
+    }
+    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+
+
+def reference_features(y: np.ndarray, config: FeatureConfig = FeatureConfig()) -> dict[str, np.ndarray]:
+    """The same definitions computed with plain librosa/scipy calls, one call per view.
+
+    Slow; used by tests and ``benchmarks/extract_speed.py`` to bound the difference of
+    :func:`compute_features` from the textbook computation.
+    """
+    sr = config.sample_rate
+    D = librosa.stft(y, n_fft=config.n_fft, hop_length=config.hop_length)
+    H, P = librosa.decompose.hpss(D, kernel_size=config.hpss_kernel, power=config.hpss_power,
+                                  margin=config.hpss_margin)
+    def mel_db(X):
+        M = librosa.feature.melspectrogram(S=np.abs(X) ** 2, sr=sr, n_fft=config.n_fft,
+                                           n_mels=config.n_mels, fmin=config.fmin,
+                                           fmax=config.fmax)
+        return librosa.power_to_db(M, ref=np.max, top_db=config.top_db)
+    db_orig = mel_db(D)
+    out = {
+        "mel_spec_orig": db_orig,
+        "mel_spec_harm": mel_db(H),
+        "mel_spec_perc": mel_db(P),
+        "mfcc": librosa.feature.mfcc(S=db_orig, n_mfcc=config.n_mfcc),
+        "chroma": librosa.feature.chroma_stft(S=np.abs(D) ** 2, sr=sr, n_fft=config.n_fft,
+                                              n_chroma=config.n_chroma,
+                                              tuning=config.chroma_tuning),
+        "tempogram": librosa.feature.tempogram(
+            onset_envelope=librosa.onset.onset_strength(y=y, sr=sr,
+                                                        hop_length=config.hop_length,
+                                                        n_fft=config.n_fft),
+            sr=sr, hop_length=config.hop_length, win_length=config.tempogram_win_length),
+    }
+    return {k: v.astype(np.float32) for k, v in out.items()}
+
+
+def naive_recipe(y: np.ndarray, sr: int = 22050) -> dict[str, np.ndarray]:
+    """The straightforward recipe deepfusion replaces: waveform HPSS, one librosa call per view.
+
+    Kept only as the baseline of ``benchmarks/extract_speed.py``.
+    """
+    y_harm, y_perc = librosa.effects.hpss(y)
+    def mel_db(sig):
+        return librosa.power_to_db(librosa.feature.melspectrogram(y=sig, sr=sr), ref=np.max)
+    return {
+        "mel_spec_orig": mel_db(y),
+        "mel_spec_harm": mel_db(y_harm),
+        "mel_spec_perc": mel_db(y_perc),
+        "mfcc": librosa.feature.mfcc(y=y, sr=sr, n_mfcc=20),
+        "chroma": librosa.feature.chroma_stft(y=y, sr=sr),
+        "tempogram": librosa.feature.tempogram(y=y, sr=sr),
+    }
