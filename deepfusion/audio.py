@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import csv
 import math
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Iterable, Optional
@@ -148,8 +150,11 @@ def decode(path: Path, *, sr: int, duration: float, min_duration: float = 1.0) -
 
     path = Path(path)
     check_file(path)
+    # soundfile encodes a str path strictly with the file-system codec, which fails on names
+    # that are not valid in it (Latin-1 bytes, a C locale); the raw bytes always open.
+    source = str(path) if sys.platform == "win32" else os.fsencode(path)
     try:
-        with sf.SoundFile(str(path)) as fh:
+        with sf.SoundFile(source) as fh:
             source_sr, channels, frames = fh.samplerate, fh.channels, fh.frames
             if source_sr <= 0 or channels <= 0:
                 raise AudioError(path, f"invalid header ({channels} channels at {source_sr} Hz)")
@@ -158,8 +163,9 @@ def decode(path: Path, *, sr: int, duration: float, min_duration: float = 1.0) -
     except AudioError:
         raise
     except (sf.LibsndfileError, RuntimeError, ValueError, OSError, EOFError, MemoryError) as exc:
-        reason = str(exc)
-        reason = reason.split(": ", 1)[-1] if reason.startswith("Error opening") else reason
+        # libsndfile's own words, without soundfile's "Error opening <path>: " prefix (a path
+        # may itself contain ": ")
+        reason = exc.error_string if isinstance(exc, sf.LibsndfileError) else str(exc)
         raise AudioError(path, f"cannot decode ({reason.strip() or type(exc).__name__})") from None
     if data.shape[0] == 0:
         raise AudioError(path, "no audio samples")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 import zipfile
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from typing import Any, Optional
 import numpy as np
 
 from .config import FEATURE_KEYS, FeatureConfig
+from .errors import OutputError
 from .fileio import atomic_write, remove_stale_temps, safe_pickle_load
 
 _META = "__meta__"
@@ -57,8 +59,20 @@ class FeatureCache:
         self.root = Path(cache_dir) / f"features-{config.fingerprint()}"
 
     def prepare(self) -> None:
-        """Create the namespace folder, record its config and clear dead writers' leftovers."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        """Create the namespace folder, record its config and clear dead writers' leftovers.
+
+        Raises
+        ------
+        OutputError
+            The cache folder cannot be created (read-only, a file in the way); checked
+            before any work.
+        """
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"{self.root}: cannot create the feature cache folder "
+                              f"({os.strerror(exc.errno) if exc.errno else exc}); "
+                              "choose another --cache-dir") from None
         cfg = self.root / "config.json"
         if not cfg.exists():
             with atomic_write(cfg, "w") as fh:

@@ -13,6 +13,7 @@ re-analysing the separated signals.
 
 from __future__ import annotations
 
+import warnings
 from functools import lru_cache
 
 import bottleneck
@@ -132,8 +133,11 @@ def compute_features(y: np.ndarray, config: FeatureConfig = FeatureConfig()) -> 
     mel_perc = basis @ (power * (mask_p * mask_p))
     db_orig = power_to_db(mel_orig, top_db=config.top_db)
     mfcc = librosa.feature.mfcc(S=db_orig, n_mfcc=config.n_mfcc)
-    chroma = librosa.feature.chroma_stft(S=power, sr=sr, n_fft=config.n_fft,
-                                         n_chroma=config.n_chroma, tuning=config.chroma_tuning)
+    with warnings.catch_warnings():
+        # silence and pure noise have no pitched peaks: librosa warns and assumes tuning 0
+        warnings.filterwarnings("ignore", message="Trying to estimate tuning", category=UserWarning)
+        chroma = librosa.feature.chroma_stft(S=power, sr=sr, n_fft=config.n_fft,
+                                             n_chroma=config.n_chroma, tuning=config.chroma_tuning)
     # onset_strength's own default is exactly this: diff of the dB mel spectrogram (the
     # reference level cancels in the difference).
     onset = librosa.onset.onset_strength(S=db_orig, sr=sr, hop_length=config.hop_length)

@@ -37,8 +37,11 @@ def atomic_write(dest: Path, mode: str = "wb") -> Iterator[IO[Any]]:
     tmp = _tmp_name(dest)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        newline = "" if "b" not in mode else None
-        with open(tmp, mode, newline=newline) as fh:
+        text = "b" not in mode
+        # UTF-8 whatever the locale: reports name files (genre/canción.wav); surrogateescape
+        # writes back the raw bytes of a file name that is not valid UTF-8.
+        with open(tmp, mode, newline="" if text else None, encoding="utf-8" if text else None,
+                  errors="surrogateescape" if text else None) as fh:
             yield fh
         os.replace(tmp, dest)
     except OSError as exc:
