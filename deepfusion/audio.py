@@ -27,11 +27,16 @@ AUDIO_EXTENSIONS = (".wav", ".au", ".snd", ".aif", ".aiff", ".flac", ".ogg", ".o
 
 @dataclass(frozen=True)
 class AudioItem:
-    """One labelled file: its absolute path, its path relative to the dataset root, its genre."""
+    """One labelled file: its absolute path, its path relative to the dataset root, its genre.
+
+    ``group`` (from a manifest's ``group`` or ``track_id`` column) names clips that must stay
+    in one split: excerpts of one track, or of one artist.
+    """
 
     path: Path
     relpath: str
     label: str
+    group: Optional[str] = None
 
 
 def resolve_inside(root: Path, relpath: str, *, source: str) -> Path:
@@ -57,7 +62,8 @@ def discover(audio_dir: Path, *, manifest: Optional[Path] = None,
     Without a manifest the genre is the name of the file's parent folder
     (``blues/blues.00042.wav``); hidden files and folders (``.DS_Store``, ``._x.wav``) are
     skipped. With a manifest (CSV with columns ``path`` and ``label`` or ``genre``) exactly the
-    listed files are used, paths relative to ``audio_dir``. Entries that are not readable
+    listed files are used, paths relative to ``audio_dir``; an optional ``group`` (or
+    ``track_id``) column names clips that splits must keep together. Entries that are not readable
     files (a folder named ``x.wav``, a missing file) are kept: decoding reports them.
 
     Raises
@@ -101,13 +107,15 @@ def _read_manifest(manifest: Path, root: Path) -> list[AudioItem]:
                 raise DatasetError(
                     f"{manifest}: needs a header with 'path' and 'label' (or 'genre') columns, "
                     f"found {fieldnames}")
+            group_col = next((c for c in ("group", "track_id") if c in fieldnames), None)
             items = []
             for line, row in enumerate(reader, start=2):
                 rel, label = (row.get("path") or "").strip(), (row.get(label_col) or "").strip()
                 if not rel or not label:
                     raise DatasetError(f"{manifest}: line {line}: empty path or label")
                 path = resolve_inside(root, rel, source=f"{manifest}: line {line}")
-                items.append(AudioItem(path, PurePosixPath(rel).as_posix(), label))
+                group = (row.get(group_col) or "").strip() or None if group_col else None
+                items.append(AudioItem(path, PurePosixPath(rel).as_posix(), label, group))
             return items
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DatasetError(f"{manifest}: cannot read manifest ({exc})") from None

@@ -30,12 +30,16 @@ from .errors import OutputError
 from .fileio import atomic_write, remove_stale_temps, safe_pickle_load
 
 _META = "__meta__"
+_META_KEYS = {"audio_sha", "source_sr", "channels", "source_seconds"}
 
 
 def file_digest(path: Path) -> str:
     """SHA-256 of a file's bytes (hex)."""
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:  # hashlib.file_digest would do, but needs Python 3.11
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def audio_digest(y: np.ndarray) -> str:
@@ -93,6 +97,8 @@ class FeatureCache:
                 features = {k: npz[k] for k in FEATURE_KEYS}
                 meta = json.loads(str(npz[_META]))
         except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError):
+            return None
+        if not isinstance(meta, dict) or not _META_KEYS <= set(meta):
             return None
         return CacheEntry(features, meta)
 

@@ -134,7 +134,8 @@ def extract(audio_dir: Path, out: Path, cache_dir: Path, manifest: Path | None, 
         click.echo(f"genres: {genres}")
     if result.duplicate_groups:
         n = sum(len(g) for g in result.duplicate_groups)
-        click.echo(f"{len(result.duplicate_groups)} groups of identical audio ({n} clips); "
+        groups = len(result.duplicate_groups)
+        click.echo(f"{groups} group{'s' if groups > 1 else ''} of identical audio ({n} clips); "
                    "splits keep each group together:")
         for group in result.duplicate_groups:
             click.echo("  " + " = ".join(group))
@@ -146,3 +147,76 @@ def extract(audio_dir: Path, out: Path, cache_dir: Path, manifest: Path | None, 
         sys.exit(1)
     if strict and result.errors:
         sys.exit(1)
+
+
+class _SecondsOrFull(click.ParamType):
+    name = "SECONDS|full"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, float):
+            return value
+        if str(value).lower() in ("full", "none", "0"):
+            return None
+        try:
+            seconds = float(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither a number of seconds nor 'full'", param, ctx)
+        if seconds <= 0:
+            self.fail(f"{value!r} must be > 0", param, ctx)
+        return seconds
+
+
+@main.command()
+@click.option("--features", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("data/features.pkl"), show_default=True,
+              help="Features file from 'deepfusion extract' (or the original project's pickle).")
+@click.option("--model-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("models"), show_default=True, help="Where checkpoints and logs go.")
+@click.option("--epochs", type=click.IntRange(1), default=100, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
+              help="Peak learning rate of AdamW (linear warm-up, cosine decay).")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-2, show_default=True)
+@click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.1,
+              show_default=True)
+@click.option("--backbone", type=click.Choice(["resnet50", "resnet18", "resnet34", "light"]),
+              default="resnet50", show_default=True,
+              help="CNN of the three mel branches; 'light' is a small CNN for CPUs.")
+@click.option("--share-backbone", is_flag=True, help="One set of CNN weights for all three mel views.")
+@click.option("--pretrained/--no-pretrained", default=True, show_default=True,
+              help="Start ResNets from ImageNet weights (local torch cache or --weights-path; never downloaded).")
+@click.option("--weights-path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="File with the torchvision ImageNet weights of the chosen ResNet.")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps.")
+@click.option("--amp/--no-amp", default=True, show_default=True,
+              help="Mixed precision: fp16/bf16 on CUDA, bf16 on CPUs with native bf16.")
+@click.option("--channels-last/--no-channels-last", default=True, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--segment-seconds", type=_SecondsOrFull(), default="3", show_default=True,
+              help="Train on random crops of this length; 'full' uses whole clips.")
+@click.option("--split-file", help="CSV 'path,split' (train/val/test) imposing the split, or a "
+              "shipped alias: gtzan-fault-filtered.")
+@click.option("--val-size", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
+@click.option("--test-size", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
+@click.option("--patience", type=click.IntRange(1), default=20, show_default=True,
+              help="Stop after this many epochs without a better validation accuracy.")
+@click.option("--resume", is_flag=True, help="Continue the run in --model-dir from last.pth.")
+@click.option("--num-workers", type=click.IntRange(0), default=0, show_default=True,
+              help="DataLoader worker processes.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def train(features: Path, model_dir: Path, backbone: str, share_backbone: bool, pretrained: bool,
+          weights_path: Path | None, resume: bool, quiet: bool, **kwargs: Any) -> None:
+    """Train the multi-modal network; writes best.pth, last.pth, training_history.csv/png."""
+    from .config import TrainConfig
+    from .train import train as run_train
+
+    if not features.is_file():
+        raise click.BadParameter(f"{features}: file not found", param_hint="--features")
+    config = TrainConfig(**kwargs)
+    result = run_train(features, model_dir=model_dir, config=config, backbone=backbone,
+                       share_backbone=share_backbone, pretrained=pretrained,
+                       weights_path=weights_path, resume=resume, quiet=quiet, echo=click.echo)
+    click.echo(f"best validation clip accuracy {result.best_val_acc:.3f} at epoch "
+               f"{result.best_epoch}; {result.epochs_run} epochs in {result.seconds:.0f} s; "
+               f"checkpoint {model_dir / 'best.pth'}")

@@ -135,3 +135,92 @@ class FeatureConfig:
         payload = json.dumps({"config": self.to_dict(), "code": FEATURE_CODE_VERSION},
                              sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+BACKBONES = ("resnet50", "resnet18", "resnet34", "light")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a :class:`~deepfusion.models.MultiModalNet`.
+
+    ``aux_rows`` gives the number of rows of each auxiliary feature (MFCC, chroma, tempogram),
+    ``n_mels`` the height of the three mel views; both come from the features.
+    """
+
+    n_classes: int
+    n_mels: int = 128
+    aux_rows: tuple[int, int, int] = (20, 12, 384)
+    backbone: str = "resnet50"
+    share_backbone: bool = False
+    pretrained: bool = False
+    embed_dim: int = 256
+    aux_hidden: int = 128
+    fusion_hidden: tuple[int, ...] = (512, 256)
+    dropout: float = 0.3
+
+    def __post_init__(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise ParameterError(f"backbone must be one of {', '.join(BACKBONES)}, got {self.backbone!r}")
+        if self.n_classes < 2:
+            raise ParameterError(f"need at least 2 classes, got {self.n_classes}")
+        if not 0 <= self.dropout < 1:
+            raise ParameterError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        # tuples survive asdict -> torch.save -> load as lists; normalise them back
+        object.__setattr__(self, "aux_rows", tuple(int(r) for r in self.aux_rows))
+        object.__setattr__(self, "fusion_hidden", tuple(int(h) for h in self.fusion_hidden))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        return _from_dict(cls, data)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a model is trained. Saved in every checkpoint."""
+
+    epochs: int = 100
+    batch_size: int = 64
+    lr: float = 1e-4
+    weight_decay: float = 1e-2
+    warmup_epochs: int = 1
+    label_smoothing: float = 0.1
+    patience: int = 20
+    segment_seconds: Optional[float] = 3.0
+    val_size: float = 0.1
+    test_size: float = 0.1
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    channels_last: bool = True
+    num_workers: int = 0
+    split_file: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ParameterError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
+        if not self.lr > 0:
+            raise ParameterError(f"lr must be > 0, got {self.lr!r}")
+        if not (0 <= self.val_size < 1 and 0 <= self.test_size < 1
+                and self.val_size + self.test_size < 1):
+            raise ParameterError(
+                f"val_size and test_size must be in [0, 1) with a sum below 1, "
+                f"got {self.val_size!r} and {self.test_size!r}")
+        if self.segment_seconds is not None and not self.segment_seconds > 0:
+            raise ParameterError(f"segment_seconds must be > 0, got {self.segment_seconds!r}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ParameterError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        if self.patience < 1:
+            raise ParameterError(f"patience must be >= 1, got {self.patience!r}")
+        if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
+            raise ParameterError(f"device must be auto, cpu, cuda[:N] or mps, got {self.device!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        return _from_dict(cls, data)

@@ -21,7 +21,7 @@ from typing import Any, Optional
 from .audio import AudioItem, check_file, discover
 from .cache import FeatureCache, file_digest, write_features_file
 from .config import FeatureConfig
-from .errors import AudioError, DeepFusionError
+from .errors import AudioError, DeepFusionError, ParameterError
 from .fileio import atomic_write, check_writable, remove_stale_temps
 
 DEFAULT_FEATURES = Path("data/features.pkl")
@@ -56,6 +56,8 @@ def compute_entry(path: str, key: str, cache_dir: str, config_dict: dict) -> Opt
 
     Returns ``None`` on success or the reason the file could not be used.
     """
+    from threadpoolctl import threadpool_limits
+
     from .audio import decode
     from .cache import audio_digest
     from .features import compute_features
@@ -63,9 +65,12 @@ def compute_entry(path: str, key: str, cache_dir: str, config_dict: dict) -> Opt
     config = FeatureConfig.from_dict(config_dict)
     cache = FeatureCache(Path(cache_dir), config)
     try:
-        audio = decode(Path(path), sr=config.sample_rate, duration=config.duration,
-                       min_duration=config.min_duration)
-        feats = compute_features(audio.y, config)
+        # One BLAS thread whatever --jobs is: OpenBLAS sums in a different order with more
+        # threads, and an entry must not depend on how many workers happened to compute it.
+        with threadpool_limits(limits=1):
+            audio = decode(Path(path), sr=config.sample_rate, duration=config.duration,
+                           min_duration=config.min_duration)
+            feats = compute_features(audio.y, config)
     except AudioError as exc:
         return exc.reason
     except DeepFusionError as exc:
@@ -127,6 +132,8 @@ def extract(audio_dir: Path, *, out: Path = DEFAULT_FEATURES,
     t0 = time.perf_counter()
     out, cache_dir = Path(out), Path(cache_dir)
     items = discover(Path(audio_dir), manifest=manifest)
+    if out.name == ERRORS_CSV:
+        raise ParameterError(f"{out}: that name is reserved for the error report; choose another --out")
     check_writable(out)
     remove_stale_temps(out.parent)
     cache = FeatureCache(cache_dir, config)
@@ -161,6 +168,7 @@ def extract(audio_dir: Path, *, out: Path = DEFAULT_FEATURES,
 
     jobs = default_jobs() if jobs is None else max(1, int(jobs))
     failed_keys: dict[str, str] = {}
+    recomputed = 0                          # entries found damaged and computed again below
     if todo:
         tasks = list(todo.items())
         config_dict = config.to_dict()
@@ -192,6 +200,7 @@ def extract(audio_dir: Path, *, out: Path = DEFAULT_FEATURES,
             if entry is None:
                 errors[item.relpath] = reason or "cache entry could not be read back"
                 continue
+            recomputed += 1
         sha = entry.meta["audio_sha"]
         group = group_ids.setdefault(sha, len(group_ids))
         by_audio.setdefault(sha, []).append(item.relpath)
@@ -200,6 +209,7 @@ def extract(audio_dir: Path, *, out: Path = DEFAULT_FEATURES,
             "label": item.label,
             "path": item.relpath,
             "duplicate_group": group,
+            "group": item.group,
             "audio_sha": sha,
             "file_sha": key,
             "source_sr": entry.meta["source_sr"],
@@ -215,7 +225,7 @@ def extract(audio_dir: Path, *, out: Path = DEFAULT_FEATURES,
     labels: dict[str, int] = {}
     for it in assembled:
         labels[it["label"]] = labels.get(it["label"], 0) + 1
-    computed = len(todo) - len(failed_keys)
+    computed = len(todo) - len(failed_keys) + recomputed
     result = ExtractResult(
         out=out, errors_csv=errors_csv, n_items=len(assembled),
         computed=computed, cached=len(assembled) - computed,
@@ -237,7 +247,7 @@ def _fingerprint(config: FeatureConfig, items: list[AudioItem], keys: dict[str, 
                  errors: dict[str, str]) -> str:
     """Identity of an extract run's inputs: config, every (path, label, content) and errors."""
     payload = json.dumps([config.fingerprint(),
-                          [(it.relpath, it.label, keys.get(it.relpath)) for it in items],
+                          [(it.relpath, it.label, it.group, keys.get(it.relpath)) for it in items],
                           sorted(errors.items())])
     return hashlib.sha256(payload.encode()).hexdigest()
 

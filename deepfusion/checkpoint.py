@@ -1,0 +1,96 @@
+"""Self-contained checkpoints.
+
+A checkpoint is a dict of tensors and plain data (no classes, no ``Namespace``), saved
+atomically and loaded with ``torch.load(path, weights_only=True)``, so loading never runs code.
+``best.pth`` holds everything ``evaluate`` and ``predict`` need: the model state and its
+:class:`ModelConfig`, the class names in logit order, the :class:`FeatureConfig`, the
+normalisation statistics, the split, the :class:`TrainConfig`, the metrics, library versions
+and a format version. ``last.pth`` adds the optimizer, scheduler, scaler and RNG states.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import FeatureConfig, ModelConfig
+from .errors import CheckpointError
+from .fileio import atomic_write
+
+FORMAT_VERSION = 1
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries a result depends on."""
+    import librosa
+    import numpy
+    import torchvision
+
+    from . import __version__
+
+    return {"deepfusion": __version__, "torch": str(torch.__version__),
+            "torchvision": str(torchvision.__version__), "librosa": str(librosa.__version__),
+            "numpy": str(numpy.__version__), "python": platform.python_version()}
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` (tensors and plain data only) atomically."""
+    payload = {"format_version": FORMAT_VERSION, **payload}
+    with atomic_write(Path(path)) as fh:
+        torch.save(payload, fh)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint without running code in it.
+
+    Raises
+    ------
+    CheckpointError
+        Missing, unreadable, holding objects other than tensors and plain data, or of another
+        format version.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
+        msg = str(exc).strip().splitlines()
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            glob = next((ln for ln in msg if "GLOBAL" in ln or "Unsupported global" in ln), "")
+            raise CheckpointError(
+                f"{path}: refused, the file holds objects other than tensors and plain data "
+                f"({glob.strip()[:120]})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: "
+                              f"{msg[0][:200] if msg else ''})") from None
+    if not isinstance(ckpt, dict) or "model_state" not in ckpt or "model_config" not in ckpt:
+        raise CheckpointError(f"{path}: not a deepfusion checkpoint (no model_state/model_config)")
+    if ckpt.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format {ckpt.get('format_version')!r}, "
+                              f"this deepfusion reads format {FORMAT_VERSION}")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict[str, Any]):
+    """Rebuild the model of a loaded checkpoint, weights loaded, in eval mode."""
+    from .models import MultiModalNet
+
+    config = ModelConfig.from_dict({**ckpt["model_config"], "pretrained": False})
+    model = MultiModalNet(config)
+    try:
+        model.load_state_dict(ckpt["model_state"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"model state does not fit its config ({str(exc)[:200]})") from None
+    return model.eval()
+
+
+def feature_config_of(ckpt: dict[str, Any]) -> FeatureConfig:
+    return FeatureConfig.from_dict(ckpt["feature_config"])
+
+
+def normalization_of(ckpt: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Normalisation statistics as numpy arrays."""
+    return {k: {s: v.numpy() for s, v in d.items()} for k, d in ckpt["normalization"].items()}

@@ -1,0 +1,331 @@
+"""Features files to training data: validation, splits, normalisation and the torch Dataset.
+
+The features of all clips are held once, as one C-contiguous float32 array per view of shape
+``(n_clips, rows, frames)`` (the layout :func:`numpy.save` / ``np.load(mmap_mode='r')`` use, so
+a store larger than RAM can be memory-mapped). Datasets index into these arrays; nothing is
+copied per epoch or per worker.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from .config import FEATURE_KEYS, MEL_KEYS, FeatureConfig
+from .errors import DatasetError, FeaturesFileError
+
+SPLITS = ("train", "val", "test")
+
+#: Split files shipped with deepfusion, by alias.
+SPLIT_ALIASES = {"gtzan-fault-filtered": "gtzan_fault_filtered.csv"}
+
+
+@dataclass
+class FeatureSet:
+    """All clips of a features file, stacked per view."""
+
+    arrays: dict[str, np.ndarray]        # key -> (n_clips, rows, frames) float32
+    labels: np.ndarray                   # (n_clips,) int64 index into class_names
+    class_names: list[str]               # in logit order (sorted)
+    paths: list[str]                     # relative paths ('' when the file has none)
+    groups: np.ndarray                   # (n_clips,) int64; clips of one group share a split
+    feature_config: Optional[dict[str, Any]] = None
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def n_frames(self) -> int:
+        return self.arrays[FEATURE_KEYS[0]].shape[-1]
+
+    def rows(self) -> dict[str, int]:
+        return {k: v.shape[1] for k, v in self.arrays.items()}
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+
+def _label_name(label: Any, where: str) -> str:
+    if isinstance(label, (str, int, np.integer)) and not isinstance(label, bool):
+        return str(label)
+    raise FeaturesFileError(f"{where}: label must be a string or an integer, got {type(label).__name__}")
+
+
+def load_feature_set(path: Path, *, class_names: Optional[list[str]] = None) -> FeatureSet:
+    """Read and validate a features file (deepfusion's or the original project's format).
+
+    Each item needs ``features`` (the six views, 2-D numeric arrays with the same rows in
+    every item) and ``label`` (genre name or integer). Clips whose frame count differs from the
+    most common one (GTZAN clips run 29.9-30.6 s) are trimmed or padded with their minimum.
+    Items are freed as they are stacked, so the peak memory is about one copy of the features.
+
+    Parameters
+    ----------
+    class_names : list of str, optional
+        Fix the label order (a checkpoint's); by default the sorted distinct labels.
+
+    Raises
+    ------
+    FeaturesFileError
+        Unreadable or unsafe file, empty, missing keys, wrong shapes, non-finite values, or
+        (without ``class_names``) fewer than two classes. The message names the file and item.
+    """
+    from .cache import read_features_file
+
+    path = Path(path)
+    items = read_features_file(path)
+    if not isinstance(items, list):
+        raise FeaturesFileError(f"{path}: expected a list of clips, found {type(items).__name__}")
+    if not items:
+        raise FeaturesFileError(f"{path}: holds no clips")
+    rows: dict[str, int] = {}
+    frames: list[int] = []
+    names: list[str] = []
+    for i, item in enumerate(items):
+        where = f"{path}: item {i}"
+        if not isinstance(item, dict) or "features" not in item or "label" not in item:
+            raise FeaturesFileError(f"{where}: needs 'features' and 'label'")
+        feats = item["features"]
+        if not isinstance(feats, dict):
+            raise FeaturesFileError(f"{where}: 'features' must be a dict of arrays")
+        missing = [k for k in FEATURE_KEYS if k not in feats]
+        if missing:
+            raise FeaturesFileError(f"{where}: missing feature(s) {', '.join(missing)}")
+        t = None
+        for k in FEATURE_KEYS:
+            a = feats[k]
+            if not isinstance(a, np.ndarray) or a.ndim != 2 or a.dtype.kind not in "fiu" or min(a.shape) == 0:
+                shape = getattr(a, "shape", None)
+                raise FeaturesFileError(f"{where}: {k} must be a non-empty 2-D numeric array, got shape {shape}")
+            expected = rows.setdefault(k, a.shape[0])
+            if a.shape[0] != expected:
+                raise FeaturesFileError(f"{where}: {k} has {a.shape[0]} rows, other clips {expected}")
+            if t is not None and a.shape[1] != t:
+                raise FeaturesFileError(f"{where}: {k} has {a.shape[1]} frames, {FEATURE_KEYS[0]} {t}")
+            t = a.shape[1]
+        frames.append(t)
+        names.append(_label_name(item["label"], where))
+    if rows[MEL_KEYS[0]] != rows[MEL_KEYS[1]] or rows[MEL_KEYS[0]] != rows[MEL_KEYS[2]]:
+        raise FeaturesFileError(f"{path}: the three mel views must have the same number of bands")
+
+    if class_names is None:
+        distinct = sorted(set(names), key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
+        if len(distinct) < 2:
+            raise FeaturesFileError(f"{path}: only one class ({distinct[0]!r}); need at least two genres")
+        class_names = distinct
+    index = {name: i for i, name in enumerate(class_names)}
+
+    n, t = len(items), Counter(frames).most_common(1)[0][0]
+    arrays = {k: np.empty((n, rows[k], t), np.float32) for k in FEATURE_KEYS}
+    for i, item in enumerate(items):
+        for k in FEATURE_KEYS:
+            a = item["features"][k]
+            if not np.isfinite(a).all():
+                raise FeaturesFileError(f"{path}: item {i}: {k} holds NaN or infinite values")
+            m = min(t, a.shape[1])
+            arrays[k][i, :, :m] = a[:, :m]
+            if m < t:
+                arrays[k][i, :, m:] = a.min()
+        item["features"] = None   # free this clip's copy as soon as it is stacked
+
+    labels = np.array([index.get(name, -1) for name in names], np.int64)
+    paths = [str(it.get("path") or it.get("original_file") or "") for it in items]
+    groups = _merge_groups(items)
+    feature_config = next((it.get("feature_config") for it in items if it.get("feature_config")), None)
+    return FeatureSet(arrays, labels, list(class_names), paths, groups, feature_config, str(path))
+
+
+def _merge_groups(items: list[dict]) -> np.ndarray:
+    """Group ids such that clips sharing a duplicate group or a track/artist group coincide."""
+    parent = list(range(len(items)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for key in ("duplicate_group", "group"):
+        first: dict[Any, int] = {}
+        for i, it in enumerate(items):
+            value = it.get(key)
+            if value is None:
+                continue
+            j = first.setdefault(value, i)
+            parent[find(i)] = find(j)
+    roots = [find(i) for i in range(len(items))]
+    ids: dict[int, int] = {}
+    return np.array([ids.setdefault(r, len(ids)) for r in roots], np.int64)
+
+
+# ------------------------------------------------------------------------------------- splits
+
+def make_split(labels: np.ndarray, groups: np.ndarray, *, val_size: float, test_size: float,
+               seed: int) -> np.ndarray:
+    """Assign each clip to train/val/test, stratified by genre, keeping each group on one side.
+
+    Groups are shuffled (seeded) within each genre (a group's genre is its first clip's) and
+    dealt to test and val until each holds its share of the genre's clips; the rest is train.
+
+    Returns
+    -------
+    np.ndarray [shape=(n_clips,)] of str: 'train', 'val' or 'test'
+    """
+    rng = np.random.default_rng(seed)
+    split = np.full(len(labels), "train", dtype=object)
+    group_label: dict[int, int] = {}
+    members: dict[int, list[int]] = {}
+    for i, (label, group) in enumerate(zip(labels.tolist(), groups.tolist())):
+        group_label.setdefault(group, label)
+        members.setdefault(group, []).append(i)
+    for label in sorted(set(group_label.values())):
+        gs = [g for g, lab in group_label.items() if lab == label]
+        gs = [gs[i] for i in rng.permutation(len(gs))]
+        total = sum(len(members[g]) for g in gs)
+        want = {"test": test_size * total, "val": val_size * total}
+        for name in ("test", "val"):
+            have = 0
+            # deal groups while that brings the count closer to the target, keeping one for train
+            while gs and len(gs) > 1 and want[name] > 0 and (
+                    have == 0 or abs(have + len(members[gs[0]]) - want[name]) < abs(have - want[name])):
+                g = gs.pop(0)
+                split[members[g]] = name
+                have += len(members[g])
+    return split
+
+
+def resolve_split_file(spec: str | Path) -> Path:
+    """A split file path, or a shipped one by alias (``gtzan-fault-filtered``)."""
+    if str(spec) in SPLIT_ALIASES:
+        return Path(str(resources.files("deepfusion") / "splits" / SPLIT_ALIASES[str(spec)]))
+    path = Path(spec)
+    if not path.is_file():
+        aliases = ", ".join(SPLIT_ALIASES)
+        raise DatasetError(f"{path}: split file not found (shipped aliases: {aliases})")
+    return path
+
+
+def read_split_file(spec: str | Path, paths: list[str]) -> np.ndarray:
+    """Splits of ``paths`` from a ``path,split`` CSV; clips it does not list get ''.
+
+    Raises
+    ------
+    DatasetError
+        Malformed file, unknown split names, paths leaving the dataset root, or no overlap.
+    """
+    from .audio import resolve_inside
+
+    path = resolve_split_file(spec)
+    if not any(paths):
+        raise DatasetError(f"{path}: the features file records no clip paths to match")
+    wanted: dict[str, str] = {}
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            if not reader.fieldnames or not {"path", "split"} <= set(reader.fieldnames):
+                raise DatasetError(f"{path}: needs 'path' and 'split' columns")
+            for line, row in enumerate(reader, start=2):
+                name = (row["split"] or "").strip()
+                rel = (row["path"] or "").strip()
+                if name not in SPLITS:
+                    raise DatasetError(f"{path}: line {line}: split must be train, val or test, got {name!r}")
+                resolve_inside(Path("/dataset-root"), rel, source=f"{path}: line {line}")
+                wanted[rel] = name
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DatasetError(f"{path}: cannot read split file ({exc})") from None
+    split = np.array([wanted.get(p, "") for p in paths], dtype=object)
+    if not (split != "").any():
+        raise DatasetError(f"{path}: none of its paths matches a clip of the features file")
+    return split
+
+
+def check_split(split: np.ndarray, groups: np.ndarray) -> None:
+    """Raise :class:`DatasetError` if a group (duplicate or track) spans two splits."""
+    seen: dict[int, str] = {}
+    for s, g in zip(split.tolist(), groups.tolist()):
+        if s == "":
+            continue
+        if seen.setdefault(g, s) != s:
+            raise DatasetError(f"a group of identical or same-track clips spans {seen[g]} and {s}; "
+                               "fix the split file")
+
+
+# ------------------------------------------------------------------------------ normalisation
+
+def fit_normalization(fs: FeatureSet, indices: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+    """Per-row mean and standard deviation of each view over the clips ``indices`` only.
+
+    Returns ``{key: {'mean': (rows,), 'std': (rows,)}}`` (float32; std floored at 1e-5).
+    """
+    stats = {}
+    for k, arr in fs.arrays.items():
+        total = np.zeros(arr.shape[1], np.float64)
+        sq = np.zeros(arr.shape[1], np.float64)
+        for i in indices:                    # one clip at a time: no copy of the train set
+            x = arr[i].astype(np.float64)
+            total += x.sum(axis=1)
+            sq += (x * x).sum(axis=1)
+        count = max(1, len(indices) * arr.shape[2])
+        mean = total / count
+        std = np.sqrt(np.maximum(sq / count - mean * mean, 0.0))
+        stats[k] = {"mean": mean.astype(np.float32), "std": np.maximum(std, 1e-5).astype(np.float32)}
+    return stats
+
+
+def segment_frames(segment_seconds: Optional[float], feature_config: FeatureConfig, n_frames: int) -> int:
+    """Frames per training segment; the whole clip when ``segment_seconds`` is None or longer."""
+    if segment_seconds is None:
+        return n_frames
+    frames = int(round(segment_seconds * feature_config.sample_rate / feature_config.hop_length))
+    return max(1, min(frames, n_frames))
+
+
+def eval_segments(indices: np.ndarray, n_frames: int, seg: int) -> tuple[np.ndarray, np.ndarray]:
+    """All non-overlapping segments of each clip: (clip index, start frame) arrays."""
+    per_clip = max(1, n_frames // seg)
+    clips = np.repeat(np.asarray(indices, np.int64), per_clip)
+    starts = np.tile(np.arange(per_clip, dtype=np.int64) * seg, len(indices))
+    return clips, starts
+
+
+def make_torch_dataset(fs: FeatureSet, norm: dict, clips: np.ndarray, *, seg: int,
+                       starts: Optional[np.ndarray] = None, seed: int = 0):
+    """A torch Dataset of normalised segments.
+
+    With ``starts`` it yields those fixed segments (evaluation); without, one random crop of
+    ``seg`` frames per clip, drawn from ``(seed, epoch, index)`` so that a resumed run sees the
+    same crops (call ``set_epoch`` each epoch).
+    """
+    import torch
+
+    class SegmentDataset(torch.utils.data.Dataset):
+        def __init__(self):
+            self.epoch = 0
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = epoch
+
+        def __len__(self) -> int:
+            return len(clips)
+
+        def __getitem__(self, i: int):
+            c = int(clips[i])
+            if starts is not None:
+                s = int(starts[i])
+            else:
+                span = fs.n_frames - seg
+                s = int(np.random.default_rng([seed, self.epoch, i]).integers(0, span + 1)) if span > 0 else 0
+            x = {}
+            for k, arr in fs.arrays.items():
+                m, sd = norm[k]["mean"], norm[k]["std"]
+                x[k] = torch.from_numpy((arr[c, :, s:s + seg] - m[:, None]) / sd[:, None])
+            return x, int(fs.labels[c]), c
+
+    return SegmentDataset()

@@ -1,0 +1,175 @@
+"""Branches, modality attention and the fused multi-modal network.
+
+Inputs are the six feature views of a batch of segments (normalised, see ``deepfusion.data``)::
+
+    mel_spec_orig, mel_spec_harm, mel_spec_perc  (B, n_mels, T)   -> three MelCNN branches
+    mfcc, chroma, tempogram                      (B, rows, T)     -> three AuxiliaryFeatureMLPs
+
+Each branch maps its input to an embedding of ``embed_dim``; attention gives each of the six
+embeddings a weight per clip (softmax over modalities); the weighted embeddings are concatenated
+and classified by fully-connected fusion layers. ``forward`` returns ``{'logits', 'attention'}``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import AUX_KEYS, FEATURE_KEYS, MEL_KEYS, ModelConfig
+from .errors import WeightsNotFoundError
+
+_RESNETS = {"resnet18": ("resnet18", "ResNet18_Weights", 512),
+            "resnet34": ("resnet34", "ResNet34_Weights", 512),
+            "resnet50": ("resnet50", "ResNet50_Weights", 2048)}
+
+
+def _light_cnn() -> tuple[nn.Module, int]:
+    """A small CNN for CPUs: four conv blocks, about 0.1 M parameters."""
+    layers: list[nn.Module] = []
+    channels = [1, 16, 32, 64, 128]
+    for c_in, c_out in zip(channels[:-1], channels[1:]):
+        layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                   nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return nn.Sequential(*layers), channels[-1]
+
+
+def pretrained_weights_file(backbone: str) -> Path:
+    """Where torchvision keeps the ImageNet weights of ``backbone`` (the torch hub cache)."""
+    import torchvision.models as tvm
+
+    weights = getattr(tvm, _RESNETS[backbone][1]).DEFAULT
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+
+
+def load_pretrained_state(backbone: str, weights_path: Optional[Path] = None) -> dict:
+    """ImageNet weights of a torchvision ResNet, from ``weights_path`` or the local torch cache.
+
+    Never downloads. Raises :class:`WeightsNotFoundError` naming the missing file.
+    """
+    if backbone not in _RESNETS:
+        raise WeightsNotFoundError(f"no pretrained weights exist for backbone {backbone!r}")
+    path = Path(weights_path) if weights_path else pretrained_weights_file(backbone)
+    if not path.is_file():
+        raise WeightsNotFoundError(
+            f"{path}: ImageNet weights for {backbone} not found (offline); put the file there, "
+            "pass --weights-path, or train with --no-pretrained")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable weights file is the user's to fix
+        raise WeightsNotFoundError(f"{path}: cannot load weights ({exc})") from None
+
+
+class MelCNN(nn.Module):
+    """A CNN over one mel view: (B, n_mels, T) -> (B, embed_dim).
+
+    ``backbone`` is a torchvision ResNet with a one-channel stem (pretrained RGB stem weights are
+    summed over colour channels) or ``light``.
+    """
+
+    def __init__(self, *, backbone: str, embed_dim: int, pretrained_state: Optional[dict] = None):
+        super().__init__()
+        if backbone == "light":
+            self.body, width = _light_cnn()
+        else:
+            import torchvision.models as tvm
+
+            name, _, width = _RESNETS[backbone]
+            net = getattr(tvm, name)(weights=None)
+            if pretrained_state is not None:
+                net.load_state_dict(pretrained_state)
+            stem = net.conv1.weight.detach().sum(dim=1, keepdim=True)   # RGB -> one channel
+            net.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+            net.conv1.weight.data.copy_(stem)
+            net.fc = nn.Identity()
+            self.body = net
+        self.proj = nn.Sequential(nn.Linear(width, embed_dim), nn.ReLU(inplace=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # one channel: this tensor is contiguous in channels_last order too, so a
+        # channels_last model needs no conversion of its input
+        x = x.unsqueeze(1)                                  # (B, 1, n_mels, T)
+        return self.proj(self.body(x))                      # (B, embed_dim)
+
+
+class AuxiliaryFeatureMLP(nn.Module):
+    """Time-pooled statistics of a feature through a small MLP: (B, rows, T) -> (B, embed_dim).
+
+    The statistics are the mean, standard deviation, minimum and maximum of every row over time.
+    """
+
+    def __init__(self, *, rows: int, hidden: int, embed_dim: int, dropout: float):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(4 * rows, hidden), nn.LayerNorm(hidden), nn.ReLU(inplace=True),
+            nn.Dropout(dropout), nn.Linear(hidden, embed_dim), nn.ReLU(inplace=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        std, mean = torch.std_mean(x, dim=-1, correction=0)          # (B, rows) each
+        stats = torch.cat([mean, std, x.amax(dim=-1), x.amin(dim=-1)], dim=-1)  # (B, 4*rows)
+        return self.net(stats)                                        # (B, embed_dim)
+
+
+class ModalityAttention(nn.Module):
+    """One score per modality embedding, softmax over modalities, embeddings scaled by weight."""
+
+    def __init__(self, *, embed_dim: int, hidden: int = 128):
+        super().__init__()
+        self.score = nn.Sequential(nn.Linear(embed_dim, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+
+    def forward(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # emb: (B, M, D)
+        weights = torch.softmax(self.score(emb).squeeze(-1).float(), dim=-1)   # (B, M)
+        return emb * weights.unsqueeze(-1).to(emb.dtype), weights            # (B, M, D), (B, M)
+
+
+class MultiModalNet(nn.Module):
+    """Three mel CNN branches + three auxiliary MLPs, fused through modality attention."""
+
+    def __init__(self, config: ModelConfig, *, pretrained_state: Optional[dict] = None):
+        super().__init__()
+        self.config = config
+        d = config.embed_dim
+        def branch():
+            return MelCNN(backbone=config.backbone, embed_dim=d, pretrained_state=pretrained_state)
+        if config.share_backbone:
+            shared = branch()
+            self.mel = nn.ModuleDict({k: shared for k in MEL_KEYS})
+        else:
+            self.mel = nn.ModuleDict({k: branch() for k in MEL_KEYS})
+        self.aux = nn.ModuleDict({
+            k: AuxiliaryFeatureMLP(rows=r, hidden=config.aux_hidden, embed_dim=d,
+                                   dropout=config.dropout)
+            for k, r in zip(AUX_KEYS, config.aux_rows)})
+        self.attention = ModalityAttention(embed_dim=d)
+        layers: list[nn.Module] = []
+        width = d * len(FEATURE_KEYS)
+        for h in config.fusion_hidden:
+            layers += [nn.Linear(width, h), nn.ReLU(inplace=True), nn.Dropout(config.dropout)]
+            width = h
+        self.fusion = nn.Sequential(*layers)
+        self.classifier = nn.Linear(width, config.n_classes)
+
+    def forward(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        emb = [self.mel[k](x[k]) for k in MEL_KEYS] + [self.aux[k](x[k]) for k in AUX_KEYS]
+        emb = torch.stack(emb, dim=1)                       # (B, 6, D)
+        weighted, attention = self.attention(emb)           # (B, 6, D), (B, 6)
+        fused = self.fusion(weighted.flatten(1))            # (B, fusion_hidden[-1])
+        return {"logits": self.classifier(fused),           # (B, n_classes)
+                "attention": attention}                     # (B, 6), rows sum to 1
+
+
+def build_model(config: ModelConfig, *, weights_path: Optional[Path] = None) -> MultiModalNet:
+    """Build the network; with ``config.pretrained`` load ImageNet weights (never downloads)."""
+    state = None
+    if config.pretrained and config.backbone != "light":
+        state = load_pretrained_state(config.backbone, weights_path)
+    return MultiModalNet(config, pretrained_state=state)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters (shared modules counted once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,51 @@
+"""Shared fixtures: a tiny synthetic dataset, its features file and a trained checkpoint.
+
+Everything is generated in temporary folders by the project's own synthetic generator, so the
+suite needs no data outside the repository.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from deepfusion.config import FeatureConfig
+
+TINY = dict(genres=3, clips_per_genre=6, duration=6.0, seed=0)
+TINY_FEATURES = FeatureConfig(duration=6.0)
+
+
+@pytest.fixture(scope="session")
+def tiny_audio(tmp_path_factory) -> Path:
+    """3 genres x 6 clips of 6 s, GTZAN layout."""
+    from deepfusion.synth import synthesize_dataset
+
+    root = tmp_path_factory.mktemp("audio")
+    synthesize_dataset(root, **TINY)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_features(tiny_audio, tmp_path_factory) -> Path:
+    """The features file of ``tiny_audio`` (extracted once per session)."""
+    from deepfusion.extract import extract
+
+    work = tmp_path_factory.mktemp("features")
+    result = extract(tiny_audio, out=work / "features.pkl", cache_dir=work / "cache", jobs=1,
+                     config=TINY_FEATURES, quiet=True)
+    assert result.n_items == 18 and not result.errors
+    return result.out
+
+
+@pytest.fixture(scope="session")
+def trained_model_dir(tiny_features, tmp_path_factory) -> Path:
+    """A model directory after a short light-backbone training run (3 epochs)."""
+    from deepfusion.config import TrainConfig
+    from deepfusion.train import train
+
+    model_dir = tmp_path_factory.mktemp("model")
+    train(tiny_features, model_dir=model_dir, backbone="light", pretrained=False, quiet=True,
+          config=TrainConfig(epochs=3, batch_size=8, lr=1e-3, val_size=0.2, test_size=0.2),
+          echo=lambda s: None)
+    return model_dir
