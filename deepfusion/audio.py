@@ -143,10 +143,12 @@ def check_file(path: Path) -> None:
         raise AudioError(path, "empty file (0 bytes)")
 
 
-def decode(path: Path, *, sr: int, duration: float, min_duration: float = 1.0) -> DecodedAudio:
+def decode(path: Path, *, sr: int, duration: Optional[float], min_duration: float = 1.0) -> DecodedAudio:
     """Decode ``path`` to mono float32 at ``sr``, trimmed or zero-padded to ``duration`` s.
 
-    Channels are averaged. Only the first ``duration`` seconds of the file are read.
+    Channels are averaged block by block, so memory holds one mono copy at most. Only the
+    first ``duration`` seconds of the file are read; ``duration=None`` reads the whole file and
+    neither trims nor pads.
 
     Raises
     ------
@@ -166,8 +168,8 @@ def decode(path: Path, *, sr: int, duration: float, min_duration: float = 1.0) -
             source_sr, channels, frames = fh.samplerate, fh.channels, fh.frames
             if source_sr <= 0 or channels <= 0:
                 raise AudioError(path, f"invalid header ({channels} channels at {source_sr} Hz)")
-            want = int(math.ceil(duration * source_sr))
-            data = fh.read(frames=want, dtype="float32", always_2d=True)
+            want = None if duration is None else int(math.ceil(duration * source_sr))
+            y = _read_mono(fh, want)
     except AudioError:
         raise
     except (sf.LibsndfileError, RuntimeError, ValueError, OSError, EOFError, MemoryError) as exc:
@@ -175,19 +177,37 @@ def decode(path: Path, *, sr: int, duration: float, min_duration: float = 1.0) -
         # may itself contain ": ")
         reason = exc.error_string if isinstance(exc, sf.LibsndfileError) else str(exc)
         raise AudioError(path, f"cannot decode ({reason.strip() or type(exc).__name__})") from None
-    if data.shape[0] == 0:
+    if y.shape[0] == 0:
         raise AudioError(path, "no audio samples")
-    if not np.isfinite(data).all():
+    if not np.isfinite(y).all():
         raise AudioError(path, "contains NaN or infinite samples")
-    y = data.mean(axis=1, dtype=np.float32) if channels > 1 else data[:, 0]
-    seconds = data.shape[0] / source_sr
+    seconds = y.shape[0] / source_sr
     if seconds < min_duration:
         raise AudioError(path, f"too short ({seconds:.2f} s; at least {min_duration:g} s needed)")
     import librosa
 
     if source_sr != sr:
         y = librosa.resample(y, orig_sr=source_sr, target_sr=sr, res_type="soxr_hq")
-    y = librosa.util.fix_length(y, size=int(round(duration * sr)))
+    if duration is not None:
+        y = librosa.util.fix_length(y, size=int(round(duration * sr)))
     return DecodedAudio(np.ascontiguousarray(y, dtype=np.float32), int(source_sr),
                         int(channels), float(frames / source_sr if frames > 0 else seconds))
 
+
+
+def _read_mono(fh, frames: Optional[int], block: int = 1 << 20) -> np.ndarray:
+    """Read up to ``frames`` frames (all when None) from an open SoundFile, channels averaged."""
+    parts = []
+    left = frames
+    while left is None or left > 0:
+        n = block if left is None else min(block, left)
+        data = fh.read(frames=n, dtype="float32", always_2d=True)
+        if data.shape[0] == 0:
+            break
+        # a NaN in any channel must survive the mean: np.mean propagates it
+        parts.append(data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0].copy())
+        if left is not None:
+            left -= data.shape[0]
+        if data.shape[0] < n:
+            break
+    return np.concatenate(parts) if parts else np.zeros(0, np.float32)

@@ -7,6 +7,7 @@ line on stderr and a non-zero exit status.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -71,6 +72,14 @@ class _Group(click.Group):
             click.echo("Interrupted: finished work is kept; run the same command again to continue.",
                        err=True)
             sys.exit(130)
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
+            raise
+        except Exception as exc:  # a bug, not a user error: one line unless debugging
+            if os.environ.get("DEEPFUSION_DEBUG"):
+                raise
+            click.echo(f"Error: internal error {type(exc).__name__}: {exc} "
+                       "(set DEEPFUSION_DEBUG=1 for the traceback, and please report it)", err=True)
+            sys.exit(70)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -220,3 +229,62 @@ def train(features: Path, model_dir: Path, backbone: str, share_backbone: bool, 
     click.echo(f"best validation clip accuracy {result.best_val_acc:.3f} at epoch "
                f"{result.best_epoch}; {result.epochs_run} epochs in {result.seconds:.0f} s; "
                f"checkpoint {model_dir / 'best.pth'}")
+
+
+_CHECKPOINT = click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path),
+                           default=Path("models/best.pth"), show_default=True,
+                           help="A checkpoint written by 'deepfusion train'.")
+_DEVICE = click.option("--device", default="auto", show_default=True,
+                       help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps.")
+
+
+@main.command()
+@_CHECKPOINT
+@click.option("--features", type=click.Path(dir_okay=False, path_type=Path),
+              help="Features file to evaluate [default: the one the checkpoint was trained on].")
+@click.option("--split", type=click.Choice(["test", "val", "train", "all"]), default="test",
+              show_default=True, help="Which clips: a split of the checkpoint (or --split-file), or all.")
+@click.option("--split-file", help="CSV 'path,split' overriding the checkpoint's split, or a shipped alias.")
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where the report files go [default: beside the checkpoint].")
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@_DEVICE
+def evaluate(checkpoint: Path, features: Path | None, split: str, split_file: str | None,
+             out_dir: Path | None, batch_size: int, device: str) -> None:
+    """Report what a checkpoint does on held-out clips (table, CSVs, JSON, figures)."""
+    from .evaluate import evaluate as run_evaluate
+
+    report = run_evaluate(checkpoint, features=features, split=split, split_file=split_file,
+                          out_dir=out_dir, batch_size=batch_size, device=device, echo=click.echo)
+    click.echo(report.table())
+    click.echo(f"\nwrote evaluation.json, classification_report.csv, predictions.csv, "
+               f"confusion_matrix.png, attention.png to {report.out_dir}")
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@_CHECKPOINT
+@click.option("--top-k", type=click.IntRange(1), default=3, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per file.")
+@_DEVICE
+def predict(inputs: tuple[Path, ...], checkpoint: Path, top_k: int, as_json: bool, device: str) -> None:
+    """Top genres of audio files (or every audio file under a folder)."""
+    import json
+
+    from .predict import predict as run_predict
+
+    done = failed = 0
+    for result in run_predict(inputs, checkpoint=checkpoint, top_k=top_k, device=device):
+        if isinstance(result, tuple):
+            failed += 1
+            click.echo(f"skipped {result[0]}: {result[1]}", err=True)
+            continue
+        done += 1
+        if as_json:
+            click.echo(json.dumps(result.to_dict(), ensure_ascii=False))
+        else:
+            top = ", ".join(f"{g} {p:.3f}" for g, p in result.top)
+            click.echo(f"{result.path}: {top}")
+    if done == 0:
+        click.echo("Error: no file could be classified", err=True)
+        sys.exit(1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import csv
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
@@ -37,6 +37,7 @@ class FeatureSet:
     groups: np.ndarray                   # (n_clips,) int64; clips of one group share a split
     feature_config: Optional[dict[str, Any]] = None
     source: str = ""
+    label_names: list[str] = field(default_factory=list)   # each clip's label as written
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -139,7 +140,7 @@ def load_feature_set(path: Path, *, class_names: Optional[list[str]] = None) -> 
     paths = [str(it.get("path") or it.get("original_file") or "") for it in items]
     groups = _merge_groups(items)
     feature_config = next((it.get("feature_config") for it in items if it.get("feature_config")), None)
-    return FeatureSet(arrays, labels, list(class_names), paths, groups, feature_config, str(path))
+    return FeatureSet(arrays, labels, list(class_names), paths, groups, feature_config, str(path), names)
 
 
 def _merge_groups(items: list[dict]) -> np.ndarray:

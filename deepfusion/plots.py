@@ -33,3 +33,52 @@ def plot_history(history: Sequence[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     _save(fig, path)
+
+
+def plot_confusion(cm, class_names: Sequence[str], path: Path, *, title: str = "") -> None:
+    """Confusion matrix as counts and row-normalised, genre names on both axes."""
+    import numpy as np
+
+    cm = np.asarray(cm)
+    rows = cm.sum(axis=1, keepdims=True)
+    norm = np.divide(cm, rows, out=np.zeros(cm.shape, float), where=rows > 0)
+    n = len(class_names)
+    size = max(4.5, 0.55 * n + 2.5)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1.5, size), layout="constrained")
+    for ax, data, fmt, label in ((axes[0], cm, "d", "counts"), (axes[1], norm, ".2f", "row-normalised")):
+        im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+        ax.set_xticks(range(n), class_names, rotation=45, ha="right")
+        ax.set_yticks(range(n), class_names)
+        ax.set(xlabel="predicted genre", ylabel="true genre", title=label)
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, format(data[i, j], fmt), ha="center", va="center", fontsize=8,
+                        color="white" if norm[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=axes, fraction=0.025)
+    if title:
+        fig.suptitle(title)
+    _save(fig, path)
+
+
+def plot_attention(attention, labels, class_names: Sequence[str], path: Path) -> None:
+    """Mean modality attention per true genre: which of the six inputs each genre leans on."""
+    import numpy as np
+
+    from .config import FEATURE_KEYS
+
+    attention, labels = np.asarray(attention), np.asarray(labels)
+    present = [i for i in range(len(class_names)) if (labels == i).any()]
+    mean = np.array([attention[labels == i].mean(axis=0) for i in present])
+    names = [class_names[i] for i in present]
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 2))
+    im = ax.imshow(mean, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(FEATURE_KEYS)), [k.replace("mel_spec_", "mel ") for k in FEATURE_KEYS],
+                  rotation=30, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    for i in range(len(names)):
+        for j in range(len(FEATURE_KEYS)):
+            ax.text(j, i, f"{mean[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                    color="white" if mean[i, j] < mean.max() * 0.6 else "black")
+    ax.set(title="mean modality attention per genre", xlabel="modality", ylabel="true genre")
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    _save(fig, path)

@@ -285,7 +285,7 @@ def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConf
         "feature_config": feature_config.to_dict(),
         "normalization": {k: {s: torch.from_numpy(v) for s, v in d.items()} for k, d in norm.items()},
         "split": _split_lists(fs, split), "train_config": config.to_dict(),
-        "features_file": str(features), "features_sha256": features_sha,
+        "features_file": str(features.resolve()), "features_sha256": features_sha,
         "versions": library_versions(),
     }
 

@@ -1,0 +1,135 @@
+"""Genre predictions for new audio files, computed exactly as training computed features.
+
+The checkpoint carries the :class:`FeatureConfig` and normalisation of its training data, so a
+file is decoded and analysed with the same code and settings as ``extract`` used. A file longer
+than the training clip is covered by consecutive clip-length windows (the last one aligned to
+the end of the file), each cut into the same non-overlapping segments as evaluation; the logits
+of all segments are averaged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Union
+
+import numpy as np
+
+from .audio import AUDIO_EXTENSIONS, decode, discover
+from .errors import AudioError, DatasetError
+
+
+@dataclass
+class Prediction:
+    """Top genres of one file."""
+
+    path: str
+    top: list[tuple[str, float]]       # (genre, probability), most probable first
+    windows: int                       # clip-length windows analysed
+    segments: int                      # segments whose logits were averaged
+    seconds: float                     # length of the decoded file
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "top": [{"genre": g, "probability": round(p, 6)} for g, p in self.top],
+                "windows": self.windows, "segments": self.segments, "seconds": round(self.seconds, 3)}
+
+
+def window_starts(n: int, size: int, min_tail: int) -> list[int]:
+    """Starts of consecutive ``size``-sample windows covering ``n`` samples.
+
+    The last window is aligned to the end when the remainder holds at least ``min_tail``
+    samples; a signal no longer than ``size`` is one window starting at 0 (padded later).
+    """
+    if n <= size:
+        return [0]
+    starts = list(range(0, n - size + 1, size))
+    if n - (starts[-1] + size) >= max(1, min_tail):
+        starts.append(n - size)
+    return starts
+
+
+class Predictor:
+    """A checkpoint loaded once, ready to classify any number of files."""
+
+    def __init__(self, checkpoint: Path, *, device: str = "auto", batch_size: int = 64):
+        from .checkpoint import (feature_config_of, load_checkpoint, model_from_checkpoint,
+                                 normalization_of)
+        from .config import TrainConfig
+        from .train import resolve_device, use_amp
+
+        self.ckpt = load_checkpoint(Path(checkpoint))
+        self.class_names = list(self.ckpt["class_names"])
+        self.feature_config = feature_config_of(self.ckpt)
+        self.norm = normalization_of(self.ckpt)
+        self.train_config = TrainConfig.from_dict(self.ckpt["train_config"])
+        self.device = resolve_device(device)
+        self.amp = use_amp(self.train_config, self.device)
+        self.model = model_from_checkpoint(self.ckpt).to(self.device)
+        self.batch_size = batch_size
+
+    def window_features(self, path: Path) -> list[dict[str, np.ndarray]]:
+        """The six views of each clip-length window of ``path`` (as ``extract`` computes them)."""
+        import librosa
+        from threadpoolctl import threadpool_limits
+
+        from .features import compute_features
+
+        cfg = self.feature_config
+        audio = decode(Path(path), sr=cfg.sample_rate, duration=None, min_duration=cfg.min_duration)
+        size = cfg.n_samples
+        out = []
+        with threadpool_limits(limits=1):   # as extract does: identical numbers
+            for start in window_starts(len(audio.y), size, int(cfg.min_duration * cfg.sample_rate)):
+                y = librosa.util.fix_length(audio.y[start:start + size], size=size)
+                out.append(compute_features(y, cfg))
+        self._last_seconds = len(audio.y) / cfg.sample_rate
+        return out
+
+    def predict_file(self, path: Path, *, top_k: int = 3) -> Prediction:
+        """Top-k genres of one file. Raises :class:`AudioError` for unreadable files."""
+        from .config import FEATURE_KEYS
+        from .data import FeatureSet, segment_frames
+        from .evaluate import predict_clips
+
+        windows = self.window_features(path)
+        arrays = {k: np.stack([w[k] for w in windows]) for k in FEATURE_KEYS}
+        n = len(windows)
+        fs = FeatureSet(arrays, np.full(n, -1, np.int64), self.class_names, [str(path)] * n,
+                        np.arange(n, dtype=np.int64))
+        seg = segment_frames(self.train_config.segment_seconds, self.feature_config, fs.n_frames)
+        pred = predict_clips(self.model, fs, self.norm, np.arange(n), seg=seg,
+                             batch_size=self.batch_size, device=self.device, amp=self.amp)
+        logits = pred.logits.mean(axis=0)
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        order = np.argsort(-p)[:max(1, top_k)]
+        return Prediction(str(path), [(self.class_names[i], float(p[i])) for i in order], n,
+                          n * max(1, fs.n_frames // seg), self._last_seconds)
+
+
+def expand_inputs(inputs: Iterable[Path]) -> list[Path]:
+    """Files as given, and the audio files under each folder (sorted)."""
+    files: list[Path] = []
+    for p in map(Path, inputs):
+        if p.is_dir():
+            try:
+                files += [it.path for it in discover(p)]
+            except DatasetError:
+                files.append(p)   # reported as "no audio files" by predict
+        else:
+            files.append(p)
+    return files
+
+
+def predict(inputs: Iterable[Union[str, Path]], *, checkpoint: Path, top_k: int = 3,
+            device: str = "auto") -> Iterator[Union[Prediction, tuple[str, str]]]:
+    """Yield a :class:`Prediction` per readable file, or ``(path, reason)`` for the others."""
+    predictor = Predictor(checkpoint, device=device)
+    for path in expand_inputs(inputs):
+        if path.is_dir():
+            yield str(path), f"no audio files ({', '.join(AUDIO_EXTENSIONS)})"
+            continue
+        try:
+            yield predictor.predict_file(path, top_k=top_k)
+        except AudioError as exc:
+            yield str(path), exc.reason
