@@ -1,9 +1,18 @@
 """deepfusion: multi-modal music-genre classification from raw audio.
 
-The public API is importable from here without loading torch or librosa until it is used::
+Each stage is a function in the module of the same name (a notebook calls it with the CLI's
+arguments); the configs and helpers below are importable from here without loading torch or
+librosa until used::
 
-    from deepfusion import extract, FeatureConfig
-    result = extract("data/synth", out="data/features.pkl")
+    from deepfusion import FeatureConfig, TrainConfig
+    from deepfusion.extract import extract
+    from deepfusion.train import train
+    from deepfusion.evaluate import evaluate
+    from deepfusion.predict import predict
+
+    extract("data/synth", out="data/features.pkl", config=FeatureConfig())
+    train("data/features.pkl", model_dir="models", backbone="light", pretrained=False)
+    report = evaluate("models/best.pth")
 """
 
 from __future__ import annotations
@@ -17,10 +26,13 @@ _API = {
     "compute_features": "features",
     "decode": "audio",
     "discover": "audio",
-    "extract": "extract",
     "ExtractResult": "extract",
     "read_features_file": "cache",
     "synthesize_dataset": "synth",
+    "TrainConfig": "config",
+    "ModelConfig": "config",
+    "Predictor": "predict",
+    "load_checkpoint": "checkpoint",
 }
 
 __all__ = ["__version__", *_API]

@@ -121,9 +121,11 @@ def synth(out: Path, genres: int, clips_per_genre: int, duration: float, seed: i
               help="Worker processes [default: all cores].")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--strict", is_flag=True, help="Exit non-zero if any file could not be read.")
+@click.option("--timeout", type=click.FloatRange(min=0), default=120.0, show_default=True,
+              help="Seconds one file may take before it is abandoned and reported (0: no limit).")
 @feature_options
 def extract(audio_dir: Path, out: Path, cache_dir: Path, manifest: Path | None, jobs: int | None,
-            quiet: bool, strict: bool, **kwargs: Any) -> None:
+            quiet: bool, strict: bool, timeout: float, **kwargs: Any) -> None:
     """Compute the six feature views of every clip, in parallel and cached.
 
     Writes OUT (a pickle: a list of dicts with 'features', 'label', 'path', ...) and
@@ -133,7 +135,7 @@ def extract(audio_dir: Path, out: Path, cache_dir: Path, manifest: Path | None, 
 
     config = _feature_config(kwargs)
     result = run_extract(audio_dir, out=out, cache_dir=cache_dir, jobs=jobs, config=config,
-                         manifest=manifest, quiet=quiet)
+                         manifest=manifest, quiet=quiet, timeout=timeout or None)
     for path, reason in result.errors:
         click.echo(f"skipped {path}: {reason}", err=True)
     genres = ", ".join(f"{k} {v}" for k, v in result.labels.items())

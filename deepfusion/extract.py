@@ -7,12 +7,15 @@ features file from the cache, in sorted path order, and replace the output atomi
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,10 +54,40 @@ def default_jobs() -> int:
     return max(1, joblib.cpu_count())
 
 
-def compute_entry(path: str, key: str, cache_dir: str, config_dict: dict) -> Optional[str]:
+DEFAULT_TIMEOUT = 120.0
+
+
+class _FileTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: Optional[float]):
+    """Raise :class:`_FileTimeout` in this thread after ``seconds`` (POSIX main thread only)."""
+    usable = (seconds and seconds > 0 and hasattr(signal, "setitimer")
+              and threading.current_thread() is threading.main_thread())
+    if not usable:
+        yield
+        return
+
+    def expire(signum, frame):
+        raise _FileTimeout()
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def compute_entry(path: str, key: str, cache_dir: str, config_dict: dict,
+                  timeout: Optional[float] = DEFAULT_TIMEOUT) -> Optional[str]:
     """Decode one file, compute its features and store them in the cache (runs in a worker).
 
-    Returns ``None`` on success or the reason the file could not be used.
+    Returns ``None`` on success or the reason the file could not be used. A file that takes
+    longer than ``timeout`` seconds (a hostile header, say) is abandoned and reported.
     """
     from threadpoolctl import threadpool_limits
 
@@ -67,10 +100,12 @@ def compute_entry(path: str, key: str, cache_dir: str, config_dict: dict) -> Opt
     try:
         # One BLAS thread whatever --jobs is: OpenBLAS sums in a different order with more
         # threads, and an entry must not depend on how many workers happened to compute it.
-        with threadpool_limits(limits=1):
+        with _time_limit(timeout), threadpool_limits(limits=1):
             audio = decode(Path(path), sr=config.sample_rate, duration=config.duration,
                            min_duration=config.min_duration)
             feats = compute_features(audio.y, config)
+    except _FileTimeout:
+        return f"gave up after {timeout:g} s (--timeout)"
     except AudioError as exc:
         return exc.reason
     except DeepFusionError as exc:
@@ -94,7 +129,7 @@ def _progress(total: int, quiet: bool):
 def extract(audio_dir: Path, *, out: Path = DEFAULT_FEATURES,
             cache_dir: Path = DEFAULT_CACHE_DIR, jobs: Optional[int] = None,
             config: FeatureConfig = FeatureConfig(), manifest: Optional[Path] = None,
-            quiet: bool = False) -> ExtractResult:
+            quiet: bool = False, timeout: Optional[float] = DEFAULT_TIMEOUT) -> ExtractResult:
     """Compute (or fetch from the cache) the features of every clip under ``audio_dir``.
 
     Parameters
@@ -114,6 +149,8 @@ def extract(audio_dir: Path, *, out: Path = DEFAULT_FEATURES,
         CSV ``path,label`` listing the files to use instead of scanning folders.
     quiet : bool
         No progress bar.
+    timeout : float, optional
+        Seconds one file may take before it is abandoned and reported (None: no limit).
 
     Returns
     -------
@@ -176,7 +213,7 @@ def extract(audio_dir: Path, *, out: Path = DEFAULT_FEATURES,
             runner = Parallel(n_jobs=min(jobs, len(tasks)), return_as="generator_unordered",
                               batch_size=1, pre_dispatch="2*n_jobs")
             results = runner(delayed(_compute_keyed)(key, str(item.path), str(cache_dir),
-                                                     config_dict) for key, item in tasks)
+                                                     config_dict, timeout) for key, item in tasks)
             for key, reason in results:
                 if reason is not None:
                     failed_keys[key] = reason
@@ -195,7 +232,7 @@ def extract(audio_dir: Path, *, out: Path = DEFAULT_FEATURES,
             continue
         entry = cache.load(key)
         if entry is None:  # vanished or damaged since it was written: recompute in-process
-            reason = compute_entry(str(item.path), key, str(cache_dir), config_dict)
+            reason = compute_entry(str(item.path), key, str(cache_dir), config_dict, timeout)
             entry = None if reason else cache.load(key)
             if entry is None:
                 errors[item.relpath] = reason or "cache entry could not be read back"
@@ -276,8 +313,8 @@ def _record_state(out: Path, fingerprint: str, result: ExtractResult) -> None:
                    "summary": summary}, fh)
 
 
-def _compute_keyed(key: str, path: str, cache_dir: str, config_dict: dict):
-    return key, compute_entry(path, key, cache_dir, config_dict)
+def _compute_keyed(key: str, path: str, cache_dir: str, config_dict: dict, timeout):
+    return key, compute_entry(path, key, cache_dir, config_dict, timeout)
 
 
 def _write_errors(path: Path, errors: dict[str, str]) -> None:

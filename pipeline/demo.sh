@@ -1,14 +1,23 @@
 #!/usr/bin/env bash
-# The README's main command: install, then run the pipeline on the embedded synthetic data.
-# Everything is written under data/ and models/ (git-ignored).
+# The README's main command: from a fresh clone, install deepfusion and run the whole pipeline
+# (synth -> extract -> train -> evaluate -> predict) on the embedded synthetic demo data, on the
+# CPU. Everything is written under data/demo/ and models/demo/ (git-ignored).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
 
 python3 -m pip install -q -e .
 
-deepfusion synth --out data/demo/audio --genres 4 --clips-per-genre 12 --seed 0
+deepfusion synth --out data/demo/audio --genres 4 --clips-per-genre 15 --duration 30 --seed 0
 deepfusion extract --audio-dir data/demo/audio --out data/demo/features.pkl \
     --cache-dir data/cache --quiet
+deepfusion train --features data/demo/features.pkl --model-dir models/demo \
+    --backbone light --no-pretrained --device cpu --epochs 20 --patience 8 --batch-size 16 \
+    --lr 1e-3 --val-size 0.2 --test-size 0.2 --seed 0 --quiet
+deepfusion evaluate --checkpoint models/demo/best.pth
+clip=$(ls data/demo/audio/*/*.wav | head -n 1)
+deepfusion predict "$clip" --checkpoint models/demo/best.pth --top-k 3
 
+echo
+echo "pictures: models/demo/training_history.png, models/demo/confusion_matrix.png, models/demo/attention.png"
 echo "demo finished in $(( $(date +%s) - start )) s"
