@@ -14,7 +14,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -143,6 +143,51 @@ def check_file(path: Path) -> None:
         raise AudioError(path, "empty file (0 bytes)")
 
 
+def _open(path: Path):
+    import soundfile as sf
+
+    check_file(path)
+    # soundfile encodes a str path strictly with the file-system codec, which fails on names
+    # that are not valid in it (Latin-1 bytes, a C locale); the raw bytes always open.
+    source = str(path) if sys.platform == "win32" else os.fsencode(path)
+    fh = sf.SoundFile(source)
+    if fh.samplerate <= 0 or fh.channels <= 0:
+        fh.close()
+        raise AudioError(path, f"invalid header ({fh.channels} channels at {fh.samplerate} Hz)")
+    return fh
+
+
+def _decode_error(path: Path, exc: Exception) -> AudioError:
+    import soundfile as sf
+
+    # libsndfile's own words, without soundfile's "Error opening <path>: " prefix (a path may
+    # itself contain ": ")
+    reason = exc.error_string if isinstance(exc, sf.LibsndfileError) else str(exc)
+    return AudioError(path, f"cannot decode ({reason.strip() or type(exc).__name__})")
+
+
+_DECODE_ERRORS = (RuntimeError, ValueError, OSError, EOFError, MemoryError)
+
+
+def _finish(path: Path, y: np.ndarray, source_sr: int, sr: int, duration: Optional[float],
+            min_duration: float) -> np.ndarray:
+    """Check decoded samples, resample to ``sr`` and fix the length to ``duration``."""
+    import librosa
+
+    if y.shape[0] == 0:
+        raise AudioError(path, "no audio samples")
+    if not np.isfinite(y).all():
+        raise AudioError(path, "contains NaN or infinite samples")
+    seconds = y.shape[0] / source_sr
+    if seconds < min_duration:
+        raise AudioError(path, f"too short ({seconds:.2f} s; at least {min_duration:g} s needed)")
+    if source_sr != sr:
+        y = librosa.resample(y, orig_sr=source_sr, target_sr=sr, res_type="soxr_hq")
+    if duration is not None:
+        y = librosa.util.fix_length(y, size=int(round(duration * sr)))
+    return np.ascontiguousarray(y, dtype=np.float32)
+
+
 def decode(path: Path, *, sr: int, duration: Optional[float], min_duration: float = 1.0) -> DecodedAudio:
     """Decode ``path`` to mono float32 at ``sr``, trimmed or zero-padded to ``duration`` s.
 
@@ -156,43 +201,60 @@ def decode(path: Path, *, sr: int, duration: Optional[float], min_duration: floa
         The file is missing, a folder, empty, undecodable, holds non-finite samples, or is
         shorter than ``min_duration`` seconds. The message starts with the path.
     """
-    import soundfile as sf  # heavy-ish; keep module import cheap
-
     path = Path(path)
-    check_file(path)
-    # soundfile encodes a str path strictly with the file-system codec, which fails on names
-    # that are not valid in it (Latin-1 bytes, a C locale); the raw bytes always open.
-    source = str(path) if sys.platform == "win32" else os.fsencode(path)
     try:
-        with sf.SoundFile(source) as fh:
+        with _open(path) as fh:
             source_sr, channels, frames = fh.samplerate, fh.channels, fh.frames
-            if source_sr <= 0 or channels <= 0:
-                raise AudioError(path, f"invalid header ({channels} channels at {source_sr} Hz)")
             want = None if duration is None else int(math.ceil(duration * source_sr))
             y = _read_mono(fh, want)
     except AudioError:
         raise
-    except (sf.LibsndfileError, RuntimeError, ValueError, OSError, EOFError, MemoryError) as exc:
-        # libsndfile's own words, without soundfile's "Error opening <path>: " prefix (a path
-        # may itself contain ": ")
-        reason = exc.error_string if isinstance(exc, sf.LibsndfileError) else str(exc)
-        raise AudioError(path, f"cannot decode ({reason.strip() or type(exc).__name__})") from None
-    if y.shape[0] == 0:
-        raise AudioError(path, "no audio samples")
-    if not np.isfinite(y).all():
-        raise AudioError(path, "contains NaN or infinite samples")
+    except _DECODE_ERRORS as exc:
+        raise _decode_error(path, exc) from None
     seconds = y.shape[0] / source_sr
-    if seconds < min_duration:
-        raise AudioError(path, f"too short ({seconds:.2f} s; at least {min_duration:g} s needed)")
-    import librosa
+    y = _finish(path, y, source_sr, sr, duration, min_duration)
+    return DecodedAudio(y, int(source_sr), int(channels),
+                        float(frames / source_sr if frames > 0 else seconds))
 
-    if source_sr != sr:
-        y = librosa.resample(y, orig_sr=source_sr, target_sr=sr, res_type="soxr_hq")
-    if duration is not None:
-        y = librosa.util.fix_length(y, size=int(round(duration * sr)))
-    return DecodedAudio(np.ascontiguousarray(y, dtype=np.float32), int(source_sr),
-                        int(channels), float(frames / source_sr if frames > 0 else seconds))
 
+def window_starts(n: int, size: int, min_tail: int) -> list[int]:
+    """Starts of consecutive ``size``-sample windows covering ``n`` samples.
+
+    The last window is aligned to the end when the remainder holds at least ``min_tail``
+    samples; a signal no longer than ``size`` is one window starting at 0 (padded later).
+    """
+    if n <= size:
+        return [0]
+    starts = list(range(0, n - size + 1, size))
+    if n - (starts[-1] + size) >= max(1, min_tail):
+        starts.append(n - size)
+    return starts
+
+
+def decode_windows(path: Path, *, sr: int, duration: float,
+                   min_duration: float = 1.0) -> Iterator[tuple[float, float, np.ndarray]]:
+    """Consecutive ``duration``-second windows of a whole file, one at a time.
+
+    Yields ``(start_seconds, file_seconds, y)`` with ``y`` exactly what :func:`decode` returns for a file
+    holding only that window: the first window equals ``decode(path, ...)``. A remainder of at
+    least ``min_duration`` seconds gets a last window aligned to the end of the file. Memory
+    holds one window, whatever the file's length.
+    """
+    path = Path(path)
+    try:
+        with _open(path) as fh:
+            source_sr, frames = fh.samplerate, fh.frames
+            size = int(math.ceil(duration * source_sr))
+            for start in window_starts(frames, size, int(min_duration * source_sr)):
+                if start:
+                    fh.seek(start)
+                y = _read_mono(fh, size)
+                yield (start / source_sr, frames / source_sr,
+                       _finish(path, y, source_sr, sr, duration, min_duration))
+    except AudioError:
+        raise
+    except _DECODE_ERRORS as exc:
+        raise _decode_error(path, exc) from None
 
 
 def _read_mono(fh, frames: Optional[int], block: int = 1 << 20) -> np.ndarray:

@@ -58,14 +58,15 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
-        msg = str(exc).strip().splitlines()
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
-            glob = next((ln for ln in msg if "GLOBAL" in ln or "Unsupported global" in ln), "")
+        text = str(exc)
+        glob = next((ln.strip() for ln in text.splitlines() if "Unsupported global" in ln), "")
+        if glob:  # a pickle naming code: refused before anything in it ran
+            glob = glob.split("Unsupported global:", 1)[-1].split(" was not")[0].strip()
             raise CheckpointError(
                 f"{path}: refused, the file holds objects other than tensors and plain data "
-                f"({glob.strip()[:120]})") from None
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: "
-                              f"{msg[0][:200] if msg else ''})") from None
+                f"({glob[:120]})") from None
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint file, or a damaged one "
+                              f"({type(exc).__name__})") from None
     if not isinstance(ckpt, dict) or "model_state" not in ckpt or "model_config" not in ckpt:
         raise CheckpointError(f"{path}: not a deepfusion checkpoint (no model_state/model_config)")
     if ckpt.get("format_version") != FORMAT_VERSION:

@@ -77,8 +77,10 @@ def plot_attention(attention, labels, class_names: Sequence[str], path: Path) ->
     ax.set_yticks(range(len(names)), names)
     for i in range(len(names)):
         for j in range(len(FEATURE_KEYS)):
+            # attention sits near 1/6 everywhere, so judge darkness on the colour scale
+            # (viridis is dark at its low end), not against the largest value
             ax.text(j, i, f"{mean[i, j]:.2f}", ha="center", va="center", fontsize=8,
-                    color="white" if mean[i, j] < mean.max() * 0.6 else "black")
+                    color="white" if im.norm(mean[i, j]) < 0.5 else "black")
     ax.set(title="mean modality attention per genre", xlabel="modality", ylabel="true genre")
     fig.colorbar(im, ax=ax, fraction=0.04)
     _save(fig, path)

@@ -3,7 +3,7 @@
 The checkpoint carries the :class:`FeatureConfig` and normalisation of its training data, so a
 file is decoded and analysed with the same code and settings as ``extract`` used. A file longer
 than the training clip is covered by consecutive clip-length windows (the last one aligned to
-the end of the file), each cut into the same non-overlapping segments as evaluation; the logits
+the end of the file, see :func:`deepfusion.audio.decode_windows`), each cut into the same non-overlapping segments as evaluation; the logits
 of all segments are averaged.
 """
 
@@ -15,7 +15,7 @@ from typing import Iterable, Iterator, Optional, Union
 
 import numpy as np
 
-from .audio import AUDIO_EXTENSIONS, decode, discover
+from .audio import AUDIO_EXTENSIONS, decode_windows, discover
 from .errors import AudioError, DatasetError
 
 
@@ -32,20 +32,6 @@ class Prediction:
     def to_dict(self) -> dict:
         return {"path": self.path, "top": [{"genre": g, "probability": round(p, 6)} for g, p in self.top],
                 "windows": self.windows, "segments": self.segments, "seconds": round(self.seconds, 3)}
-
-
-def window_starts(n: int, size: int, min_tail: int) -> list[int]:
-    """Starts of consecutive ``size``-sample windows covering ``n`` samples.
-
-    The last window is aligned to the end when the remainder holds at least ``min_tail``
-    samples; a signal no longer than ``size`` is one window starting at 0 (padded later).
-    """
-    if n <= size:
-        return [0]
-    starts = list(range(0, n - size + 1, size))
-    if n - (starts[-1] + size) >= max(1, min_tail):
-        starts.append(n - size)
-    return starts
 
 
 class Predictor:
@@ -68,21 +54,24 @@ class Predictor:
         self.batch_size = batch_size
 
     def window_features(self, path: Path) -> list[dict[str, np.ndarray]]:
-        """The six views of each clip-length window of ``path`` (as ``extract`` computes them)."""
-        import librosa
+        """The six views of each clip-length window of ``path``.
+
+        The first window is decoded and analysed exactly as ``extract`` does it (same bytes);
+        later windows the same way, one at a time, so a long file costs one window of memory
+        for decoding (plus the features).
+        """
         from threadpoolctl import threadpool_limits
 
         from .features import compute_features
 
         cfg = self.feature_config
-        audio = decode(Path(path), sr=cfg.sample_rate, duration=None, min_duration=cfg.min_duration)
-        size = cfg.n_samples
         out = []
+        self._last_seconds = 0.0
         with threadpool_limits(limits=1):   # as extract does: identical numbers
-            for start in window_starts(len(audio.y), size, int(cfg.min_duration * cfg.sample_rate)):
-                y = librosa.util.fix_length(audio.y[start:start + size], size=size)
+            for _, seconds, y in decode_windows(Path(path), sr=cfg.sample_rate,
+                                                duration=cfg.duration, min_duration=cfg.min_duration):
                 out.append(compute_features(y, cfg))
-        self._last_seconds = len(audio.y) / cfg.sample_rate
+                self._last_seconds = seconds
         return out
 
     def predict_file(self, path: Path, *, top_k: int = 3) -> Prediction:
