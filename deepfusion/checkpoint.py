@@ -11,6 +11,8 @@ and a format version. ``last.pth`` adds the optimizer, scheduler, scaler and RNG
 from __future__ import annotations
 
 import platform
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -56,15 +58,15 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols: noise, not news
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
-        text = str(exc)
-        glob = next((ln.strip() for ln in text.splitlines() if "Unsupported global" in ln), "")
-        if glob:  # a pickle naming code: refused before anything in it ran
-            glob = glob.split("Unsupported global:", 1)[-1].split(" was not")[0].strip()
+        refused = _refused_object(str(exc))
+        if refused:  # a pickle naming code: refused before anything in it ran
             raise CheckpointError(
                 f"{path}: refused, the file holds objects other than tensors and plain data "
-                f"({glob[:120]})") from None
+                f"({refused[:120]})") from None
         raise CheckpointError(f"{path}: not a PyTorch checkpoint file, or a damaged one "
                               f"({type(exc).__name__})") from None
     if not isinstance(ckpt, dict) or "model_state" not in ckpt or "model_config" not in ckpt:
@@ -73,6 +75,26 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: checkpoint format {ckpt.get('format_version')!r}, "
                               f"this deepfusion reads format {FORMAT_VERSION}")
     return ckpt
+
+
+#: How torch's weights-only unpickler names what it would not load (wordings vary by version).
+_REFUSAL_PATTERNS = (
+    re.compile(r"GLOBAL (?P<name>\S+) was not an allowed global"),
+    re.compile(r"unsupported GLOBAL (?P<name>\S+) whose module \S+ is blocked"),
+    re.compile(r"Unsupported global: GLOBAL (?P<name>\S+)"),
+    re.compile(r"reduce for unrecognized function (?P<call>.+?)(?: which belongs|$)", re.M),
+    re.compile(r"Can only (?:build|create new object) .* but got (?P<call>.+)$", re.M),
+)
+
+
+def _refused_object(message: str) -> str:
+    """What a weights-only load refused to build (``GLOBAL posix.system``); '' for a damaged file."""
+    for pattern in _REFUSAL_PATTERNS:
+        match = pattern.search(message)
+        if match:
+            found = match.groupdict()
+            return f"GLOBAL {found['name']}" if found.get("name") else found["call"].strip()
+    return ""
 
 
 def model_from_checkpoint(ckpt: dict[str, Any]):

@@ -298,31 +298,27 @@ def eval_segments(indices: np.ndarray, n_frames: int, seg: int) -> tuple[np.ndar
 
 def make_torch_dataset(fs: FeatureSet, norm: dict, clips: np.ndarray, *, seg: int,
                        starts: Optional[np.ndarray] = None, seed: int = 0):
-    """A torch Dataset of normalised segments.
+    """A torch Dataset of normalised segments: ``(views, label, clip index)`` per item.
 
-    With ``starts`` it yields those fixed segments (evaluation); without, one random crop of
-    ``seg`` frames per clip, drawn from ``(seed, epoch, index)`` so that a resumed run sees the
-    same crops (call ``set_epoch`` each epoch).
+    With ``starts`` item ``i`` is the fixed segment ``starts[i]`` of ``clips[i]`` (evaluation).
+    Without, items are indexed by ``(i, epoch)`` pairs (see :func:`make_train_loader`) and are
+    a random crop of ``seg`` frames drawn from ``(seed, epoch, i)`` alone, so that crops do not
+    depend on worker processes and a resumed run sees the same ones.
     """
     import torch
 
     class SegmentDataset(torch.utils.data.Dataset):
-        def __init__(self):
-            self.epoch = 0
-
-        def set_epoch(self, epoch: int) -> None:
-            self.epoch = epoch
-
         def __len__(self) -> int:
             return len(clips)
 
-        def __getitem__(self, i: int):
+        def __getitem__(self, key):
+            i, epoch = key if isinstance(key, tuple) else (key, 0)
             c = int(clips[i])
             if starts is not None:
                 s = int(starts[i])
             else:
                 span = fs.n_frames - seg
-                s = int(np.random.default_rng([seed, self.epoch, i]).integers(0, span + 1)) if span > 0 else 0
+                s = int(np.random.default_rng([seed, epoch, i]).integers(0, span + 1)) if span > 0 else 0
             x = {}
             for k, arr in fs.arrays.items():
                 m, sd = norm[k]["mean"], norm[k]["std"]
@@ -330,3 +326,35 @@ def make_torch_dataset(fs: FeatureSet, norm: dict, clips: np.ndarray, *, seg: in
             return x, int(fs.labels[c]), c
 
     return SegmentDataset()
+
+
+def make_train_loader(fs: FeatureSet, norm: dict, clips: np.ndarray, *, seg: int,
+                      batch_size: int, seed: int, num_workers: int = 0, pin_memory: bool = False):
+    """The training DataLoader: shuffled random crops, reproducible per epoch.
+
+    Call ``loader.sampler.set_epoch(epoch)`` before each epoch: the order and the crops of
+    epoch *e* depend on ``(seed, e)`` only. Worker processes persist across epochs (restarting
+    them every epoch costs more than they save on small machines).
+    """
+    import torch
+
+    class EpochSampler(torch.utils.data.Sampler):
+        def __init__(self, n: int):
+            self.n, self.epoch = n, 0
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = epoch
+
+        def __len__(self) -> int:
+            return self.n
+
+        def __iter__(self):
+            g = torch.Generator().manual_seed(seed * 1_000_033 + self.epoch)
+            epoch = self.epoch
+            return iter([(i, epoch) for i in torch.randperm(self.n, generator=g).tolist()])
+
+    dataset = make_torch_dataset(fs, norm, clips, seg=seg, seed=seed)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=EpochSampler(len(clips)),
+        num_workers=num_workers, persistent_workers=num_workers > 0,
+        drop_last=len(clips) > batch_size, pin_memory=pin_memory)

@@ -27,7 +27,7 @@ from .cache import file_digest
 from .checkpoint import library_versions, load_checkpoint, save_checkpoint
 from .config import AUX_KEYS, FEATURE_KEYS, FeatureConfig, ModelConfig, TrainConfig
 from .data import (FeatureSet, check_split, fit_normalization, load_feature_set, make_split,
-                   make_torch_dataset, read_split_file, segment_frames)
+                   make_train_loader, read_split_file, segment_frames)
 from .errors import CheckpointError, DatasetError, ParameterError
 from .evaluate import autocast_for, clip_loss, predict_clips
 from .fileio import atomic_write, check_writable, remove_stale_temps
@@ -248,12 +248,9 @@ def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConf
     if config.channels_last and device.type != "mps":
         model.to(memory_format=torch.channels_last)
 
-    train_ds = make_torch_dataset(fs, norm, train_idx, seg=seg, seed=config.seed)
-    shuffle_gen = torch.Generator()
-    loader = torch.utils.data.DataLoader(
-        train_ds, batch_size=config.batch_size, shuffle=True, generator=shuffle_gen,
-        num_workers=config.num_workers, drop_last=len(train_idx) > config.batch_size,
-        pin_memory=device.type == "cuda")
+    loader = make_train_loader(fs, norm, train_idx, seg=seg, batch_size=config.batch_size,
+                               seed=config.seed, num_workers=config.num_workers,
+                               pin_memory=device.type == "cuda")
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, len(loader)))
     scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda"
@@ -304,8 +301,7 @@ def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConf
         t0 = time.perf_counter()
         # every random draw of epoch e depends on (seed, e) alone: resume repeats it exactly
         torch.manual_seed(config.seed * 1_000_003 + epoch)
-        shuffle_gen.manual_seed(config.seed * 1_000_033 + epoch)
-        train_ds.set_epoch(epoch)
+        loader.sampler.set_epoch(epoch)
         with _progress(len(loader), f"epoch {epoch}/{config.epochs}", quiet) as bar:
             train_loss, train_acc = train_one_epoch(
                 model, loader, optimizer, scheduler, scaler, loss_fn, device=device, amp=amp,

@@ -40,12 +40,12 @@ def tiny_features(tiny_audio, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_model_dir(tiny_features, tmp_path_factory) -> Path:
-    """A model directory after a short light-backbone training run (3 epochs)."""
+    """A model directory after a short light-backbone training run (12 epochs, ~10 s)."""
     from deepfusion.config import TrainConfig
     from deepfusion.train import train
 
     model_dir = tmp_path_factory.mktemp("model")
     train(tiny_features, model_dir=model_dir, backbone="light", pretrained=False, quiet=True,
-          config=TrainConfig(epochs=3, batch_size=8, lr=1e-3, val_size=0.2, test_size=0.2),
+          config=TrainConfig(epochs=12, batch_size=8, lr=3e-3, val_size=0.2, test_size=0.2),
           echo=lambda s: None)
     return model_dir
