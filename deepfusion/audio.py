@@ -25,6 +25,13 @@ AUDIO_EXTENSIONS = (".wav", ".au", ".snd", ".aif", ".aiff", ".flac", ".ogg", ".o
                     ".opus", ".mp3")
 
 
+#: Sample rates a real recording can have (telephone speech to DXD); others are damage.
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1_000, 768_000
+#: Largest sample magnitude taken for audio: float files hold +-1, or +-2**31 when written
+#: unscaled; the features are the same at any level up to about 1e16.
+MAX_PEAK = 1e10
+
+
 @dataclass(frozen=True)
 class AudioItem:
     """One labelled file: its absolute path, its path relative to the dataset root, its genre.
@@ -151,7 +158,9 @@ def _open(path: Path):
     # that are not valid in it (Latin-1 bytes, a C locale); the raw bytes always open.
     source = str(path) if sys.platform == "win32" else os.fsencode(path)
     fh = sf.SoundFile(source)
-    if fh.samplerate <= 0 or fh.channels <= 0:
+    # a damaged header can claim 1 Hz: its kilobytes then "last" hours, and predict cuts them
+    # into thousands of windows
+    if not (MIN_SAMPLE_RATE <= fh.samplerate <= MAX_SAMPLE_RATE and fh.channels > 0):
         fh.close()
         raise AudioError(path, f"invalid header ({fh.channels} channels at {fh.samplerate} Hz)")
     return fh
@@ -163,6 +172,9 @@ def _decode_error(path: Path, exc: Exception) -> AudioError:
     # libsndfile's own words, without soundfile's "Error opening <path>: " prefix (a path may
     # itself contain ": ")
     reason = exc.error_string if isinstance(exc, sf.LibsndfileError) else str(exc)
+    if reason.startswith("File does not exist or is not a regular file"):
+        # what libsndfile's MP3 reader says of bytes it cannot parse; the file does exist
+        reason = "no audio stream found: damaged, or not audio"
     return AudioError(path, f"cannot decode ({reason.strip() or type(exc).__name__})")
 
 
@@ -178,6 +190,9 @@ def _finish(path: Path, y: np.ndarray, source_sr: int, sr: int, duration: Option
         raise AudioError(path, "no audio samples")
     if not np.isfinite(y).all():
         raise AudioError(path, "contains NaN or infinite samples")
+    peak = float(np.abs(y).max())
+    if peak > MAX_PEAK:  # a flipped exponent byte: 1e28 overflows the float32 power spectrum
+        raise AudioError(path, f"samples out of range (peak {peak:.3g}; audio lies within ±1)")
     seconds = y.shape[0] / source_sr
     if seconds < min_duration:
         raise AudioError(path, f"too short ({seconds:.2f} s; at least {min_duration:g} s needed)")

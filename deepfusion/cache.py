@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import pickle
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -96,7 +95,7 @@ class FeatureCache:
             with np.load(path, allow_pickle=False) as npz:
                 features = {k: npz[k] for k in FEATURE_KEYS}
                 meta = json.loads(str(npz[_META]))
-        except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError):
+        except Exception:  # noqa: BLE001 - a damaged .npy header even raises tokenize.TokenError
             return None
         if not isinstance(meta, dict) or not _META_KEYS <= set(meta):
             return None

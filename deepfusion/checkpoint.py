@@ -42,7 +42,34 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     """Write ``payload`` (tensors and plain data only) atomically."""
     payload = {"format_version": FORMAT_VERSION, **payload}
     with atomic_write(Path(path)) as fh:
-        torch.save(payload, fh)
+        sink = _Sink(fh)
+        try:
+            torch.save(payload, sink)
+        except RuntimeError:
+            if sink.error is not None:  # torch's zip writer turns a failed write (a full
+                raise sink.error from None  # disk) into "enforce fail ... unexpected pos"
+            raise
+
+
+class _Sink:
+    """A file for torch.save that remembers the OSError of a failed write."""
+
+    def __init__(self, fh):
+        self._fh, self.error = fh, None
+
+    def write(self, data) -> int:
+        try:
+            return self._fh.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        try:
+            self._fh.flush()
+        except OSError as exc:
+            self.error = exc
+            raise
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

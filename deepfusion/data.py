@@ -358,3 +358,41 @@ def make_train_loader(fs: FeatureSet, norm: dict, clips: np.ndarray, *, seg: int
         dataset, batch_size=batch_size, sampler=EpochSampler(len(clips)),
         num_workers=num_workers, persistent_workers=num_workers > 0,
         drop_last=len(clips) > batch_size, pin_memory=pin_memory)
+
+
+def save_store(fs: FeatureSet, folder: Path) -> None:
+    """Write a FeatureSet as one ``.npy`` per view plus ``meta.json`` (each file atomic).
+
+    :func:`open_store` maps it back without reading it into memory, for collections larger
+    than RAM.
+    """
+    import json
+
+    from .fileio import atomic_write
+
+    folder = Path(folder)
+    for key, arr in fs.arrays.items():
+        with atomic_write(folder / f"{key}.npy") as fh:
+            np.save(fh, arr, allow_pickle=False)
+    meta = {"labels": fs.labels.tolist(), "class_names": fs.class_names, "paths": fs.paths,
+            "groups": fs.groups.tolist(), "feature_config": fs.feature_config,
+            "label_names": fs.label_names, "source": fs.source}
+    with atomic_write(folder / "meta.json", "w") as fh:
+        json.dump(meta, fh)
+
+
+def open_store(folder: Path, *, mmap: bool = True) -> FeatureSet:
+    """A FeatureSet over the ``.npy`` files of :func:`save_store`, memory-mapped read-only."""
+    import json
+
+    folder = Path(folder)
+    try:
+        with open(folder / "meta.json", encoding="utf-8") as fh:
+            meta = json.load(fh)
+        arrays = {k: np.load(folder / f"{k}.npy", mmap_mode="r" if mmap else None,
+                             allow_pickle=False) for k in FEATURE_KEYS}
+    except (OSError, ValueError) as exc:
+        raise FeaturesFileError(f"{folder}: not a readable feature store ({exc})") from None
+    return FeatureSet(arrays, np.asarray(meta["labels"], np.int64), meta["class_names"],
+                      meta["paths"], np.asarray(meta["groups"], np.int64), meta["feature_config"],
+                      meta["source"], meta["label_names"])

@@ -32,18 +32,22 @@ class ClipPredictions:
         return e / e.sum(axis=1, keepdims=True)
 
 
+def autocast_dtype(device: torch.device) -> Optional[str]:
+    """The reduced precision deepfusion uses on ``device``: bf16 on CPUs and recent GPUs,
+    fp16 on older GPUs, none on MPS."""
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if device.type == "cpu" else None
+
+
 def autocast_for(device: torch.device, enabled: bool):
-    """The autocast context deepfusion uses on ``device`` (bf16 on CPU, fp16/bf16 on GPUs)."""
+    """The autocast context deepfusion uses on ``device`` (see :func:`autocast_dtype`)."""
     import contextlib
 
-    if not enabled:
+    name = autocast_dtype(device) if enabled else None
+    if name is None:
         return contextlib.nullcontext()
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    if device.type == "cpu":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if name == "bf16" else torch.float16)
 
 
 @torch.inference_mode()

@@ -82,6 +82,39 @@ def _time_limit(seconds: Optional[float]):
         signal.signal(signal.SIGALRM, previous)
 
 
+_warmed_up = False
+
+
+def _warm_up(config: FeatureConfig) -> None:
+    """Run every import and JIT compilation that decoding and features need, once per process.
+
+    ``--timeout`` raises wherever the clock runs out. Inside a first import (librosa loads
+    scipy and numba lazily) that leaves a half-initialised module in ``sys.modules``, and every
+    later file of the process then fails (``NameError: name '_ndimage_api' is not defined``).
+    So this runs before the first file's clock starts: a clip of noise through resampling and
+    all six features.
+    """
+    global _warmed_up
+    if _warmed_up:
+        return
+    _warmed_up = True
+    try:
+        import librosa
+        import numpy as np
+        import soundfile  # noqa: F401
+        from threadpoolctl import threadpool_limits
+
+        from .features import compute_features
+
+        y = 0.1 * np.random.default_rng(0).standard_normal(config.n_samples).astype(np.float32)
+        with threadpool_limits(limits=1):
+            librosa.resample(y[:4410], orig_sr=44100, target_sr=config.sample_rate,
+                             res_type="soxr_hq")
+            compute_features(y, config)
+    except Exception:  # noqa: BLE001 - a real file will report whatever this hit
+        pass
+
+
 def compute_entry(path: str, key: str, cache_dir: str, config_dict: dict,
                   timeout: Optional[float] = DEFAULT_TIMEOUT) -> Optional[str]:
     """Decode one file, compute its features and store them in the cache (runs in a worker).
@@ -97,6 +130,8 @@ def compute_entry(path: str, key: str, cache_dir: str, config_dict: dict,
 
     config = FeatureConfig.from_dict(config_dict)
     cache = FeatureCache(Path(cache_dir), config)
+    if timeout:
+        _warm_up(config)
     try:
         # One BLAS thread whatever --jobs is: OpenBLAS sums in a different order with more
         # threads, and an entry must not depend on how many workers happened to compute it.

@@ -122,3 +122,5 @@ def predict(inputs: Iterable[Union[str, Path]], *, checkpoint: Path, top_k: int 
             yield predictor.predict_file(path, top_k=top_k)
         except AudioError as exc:
             yield str(path), exc.reason
+        except Exception as exc:  # noqa: BLE001 - one odd file must not end the batch
+            yield str(path), f"feature computation failed ({type(exc).__name__}: {exc})"

@@ -29,7 +29,7 @@ from .config import AUX_KEYS, FEATURE_KEYS, FeatureConfig, ModelConfig, TrainCon
 from .data import (FeatureSet, check_split, fit_normalization, load_feature_set, make_split,
                    make_train_loader, read_split_file, segment_frames)
 from .errors import CheckpointError, DatasetError, ParameterError
-from .evaluate import autocast_for, clip_loss, predict_clips
+from .evaluate import autocast_dtype, autocast_for, clip_loss, predict_clips
 from .fileio import atomic_write, check_writable, remove_stale_temps
 from .models import build_model, count_parameters
 
@@ -253,12 +253,15 @@ def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConf
                                pin_memory=device.type == "cuda")
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, len(loader)))
-    scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda"
-                                  and not torch.cuda.is_bf16_supported())
+    # fp16 needs loss scaling; bf16 has float32's range and does not
+    scaler = torch.amp.GradScaler(device.type, enabled=amp and autocast_dtype(device) == "fp16")
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+
+    from .plots import plot_history
 
     history: list[dict] = []
     start_epoch, best_acc, best_epoch, bad_epochs = 1, -1.0, 0, 0
+    last_epoch = config.epochs
     if state is not None:
         model.load_state_dict(state["model_state"])
         optimizer.load_state_dict(state["optimizer_state"])
@@ -270,12 +273,17 @@ def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConf
         best_acc, best_epoch, bad_epochs = state["best_val_acc"], state["best_epoch"], state["bad_epochs"]
         echo(f"resuming after epoch {state['epoch']} (best validation accuracy {best_acc:.3f} "
              f"at epoch {best_epoch})")
+        # a kill between last.pth and the history files leaves those an epoch behind
+        _write_history(model_dir / "training_history.csv", history)
+        plot_history(history, model_dir / "training_history.png")
+        if bad_epochs >= config.patience:  # the run had stopped early: only the test is left
+            last_epoch = state["epoch"]
 
     counts = ", ".join(f"{n} {len(i)}" for n, i in (("train", train_idx), ("val", val_idx), ("test", test_idx)))
     echo(f"{len(fs)} clips, {len(fs.class_names)} genres ({', '.join(fs.class_names)}); split: {counts}")
     echo(f"model: {backbone}{' (shared)' if share_backbone else ''}, "
          f"{count_parameters(model) / 1e6:.2f} M parameters, on {device.type}"
-         f"{' with bf16/fp16 autocast' if amp else ''}; segments of {seg} frames")
+         f"{f' with {autocast_dtype(device)} autocast' if amp else ''}; segments of {seg} frames")
 
     base_payload = {
         "model_config": model_config.to_dict(), "class_names": list(fs.class_names),
@@ -286,9 +294,11 @@ def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConf
         "versions": library_versions(),
     }
 
+    timed_batches = min(4, len(loader))   # the first batch pays for warm-up; a few more dilute it
+
     def estimate(batch: int, elapsed: float) -> None:
-        if batch == 3:
-            per_batch = elapsed / 4
+        if batch == timed_batches - 1:
+            per_batch = elapsed / timed_batches
             n_val = len(val_idx) * max(1, fs.n_frames // seg)
             guess = per_batch * (len(loader) + 0.4 * n_val / config.batch_size)
             echo(f"estimated {guess:.0f} s per epoch ({len(loader)} batches of {config.batch_size})")
@@ -297,7 +307,7 @@ def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConf
                      f"{config.epochs} epochs; --backbone light trains far faster")
 
     epoch = start_epoch - 1
-    for epoch in range(start_epoch, config.epochs + 1):
+    for epoch in range(start_epoch, last_epoch + 1):
         t0 = time.perf_counter()
         # every random draw of epoch e depends on (seed, e) alone: resume repeats it exactly
         torch.manual_seed(config.seed * 1_000_003 + epoch)
@@ -327,7 +337,6 @@ def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConf
             "scaler_state": scaler.state_dict(), "rng_state": _rng_state(), "history": history,
             "best_val_acc": best_acc, "best_epoch": best_epoch, "bad_epochs": bad_epochs})
         _write_history(model_dir / "training_history.csv", history)
-        from .plots import plot_history
         plot_history(history, model_dir / "training_history.png")
         echo(f"epoch {epoch:3d}  train loss {train_loss:.4f} acc {train_acc:.3f}  "
              f"val loss {row['val_loss']:.4f} acc {val_acc:.3f} (segments {row['val_segment_acc']:.3f})  "

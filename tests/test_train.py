@@ -240,3 +240,19 @@ def test_resume_without_last_checkpoint_is_a_clear_error(tiny_features, tmp_path
     result = CliRunner().invoke(main, ["train", "--features", str(tiny_features), "--model-dir",
                                        str(tmp_path / "none"), "--resume"])
     assert result.exit_code != 0 and "nothing to resume" in result.output
+
+
+def test_feature_store_memory_maps_the_same_arrays(tiny_features, tmp_path):
+    from deepfusion.data import open_store, save_store
+
+    fs = load_feature_set(tiny_features)
+    save_store(fs, tmp_path / "store")
+    mapped = open_store(tmp_path / "store")
+    for k in FEATURE_KEYS:
+        assert isinstance(mapped.arrays[k], np.memmap)
+        np.testing.assert_array_equal(mapped.arrays[k], fs.arrays[k])
+    assert mapped.class_names == fs.class_names and (mapped.groups == fs.groups).all()
+    idx = np.arange(len(fs))
+    a, b = fit_normalization(fs, idx), fit_normalization(mapped, idx)
+    for k in FEATURE_KEYS:
+        np.testing.assert_array_equal(a[k]["mean"], b[k]["mean"])

@@ -1,0 +1,601 @@
+"""Hostile inputs, kill -9, concurrent runs and big inputs, summed up in one table.
+
+Everything runs through the real ``deepfusion`` command in subprocesses, each under a hard time
+limit (a limit that expires is a hang; a signal, a traceback or an "internal error" is a crash):
+
+* broken inputs: damaged audio of every kind in ``benchmarks/_damage.py`` (truncated headers,
+  random bytes, sizes of 0xFFFFFFFF, zero or 65,535 channels, a 0 Hz rate, a valid header over
+  garbage, ...) mixed with good files, through ``extract --jobs 2`` and then ``predict``; and
+  features pickles and checkpoints that would run code, given to train, evaluate and predict;
+* kill -9 of the whole process group at random moments of extract and of train (triggered by
+  progress: a random number of cache entries or epochs, then a random delay), each followed by
+  a re-run or ``--resume``, whose outputs must equal an uninterrupted run's and leave no
+  temporary file;
+* two extract processes at once on one cache, writing separate or the same output;
+* output folders nobody can write (``/proc``, ``/sys``: root ignores chmod);
+* peak memory of a 10-minute file against a 30-s one, and of 5,000 short files against 1,000.
+
+Usage:
+    python benchmarks/robustness.py            # full run, about 10 minutes on 2 cores
+    python benchmarks/robustness.py --quick    # 520 broken files, 4 + 2 kills, 250/1,000 files
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import pickle
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _damage  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+FEATURE_KEYS = ("mel_spec_orig", "mel_spec_harm", "mel_spec_perc", "mfcc", "chroma", "tempogram")
+SMALL = ("--duration", "3", "--n-mels", "32", "--tempogram-win-length", "32")
+TINY = ("--duration", "1.5", "--min-duration", "0.5", "--sr", "11025", "--n-fft", "1024",
+        "--hop-length", "512", "--n-mels", "16", "--n-mfcc", "13", "--tempogram-win-length", "16")
+HARD_LIMIT = 900          # seconds any one command may take before it counts as a hang
+
+
+@dataclass
+class Tally:
+    """What went wrong, summed over every run."""
+
+    runs: int = 0
+    crashes: list[str] = field(default_factory=list)
+    hangs: list[str] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)         # lost or corrupt outputs
+
+    def lose(self, what: str) -> None:
+        self.lost.append(what)
+
+
+TALLY = Tally()
+
+
+# ----------------------------------------------------------------------------- running commands
+
+def env() -> dict[str, str]:
+    out = {k: v for k, v in os.environ.items() if k != "DEEPFUSION_CACHE"}
+    out["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), out.get("PYTHONPATH")]))
+    out.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return out
+
+
+def cli(*args) -> list[str]:
+    return [sys.executable, "-m", "deepfusion", *map(str, args)]
+
+
+def _judge(name: str, returncode: int, stderr: str, ok_codes=(0,)) -> bool:
+    """Count a finished run; True when it ended as it should."""
+    TALLY.runs += 1
+    if returncode < 0 or "Traceback" in stderr or "Error: internal error" in stderr:
+        TALLY.crashes.append(f"{name}: exit {returncode}: {stderr.strip()[-300:]}")
+        return False
+    return returncode in ok_codes
+
+
+def run(name: str, *args, ok_codes=(0,), timeout: float = HARD_LIMIT):
+    """Run the command; returns the CompletedProcess, or None when it hung."""
+    try:
+        proc = subprocess.run(cli(*args), env=env(), capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        TALLY.runs += 1
+        TALLY.hangs.append(name)
+        return None
+    if not _judge(name, proc.returncode, proc.stderr, ok_codes):
+        TALLY.lose(f"{name}: exit {proc.returncode}: {proc.stderr.strip()[-300:]}")
+    return proc
+
+
+# VmHWM, not ru_maxrss: a child's ru_maxrss starts from its parent's size when it was forked
+# (pytest with torch loaded), which would hide any growth. Workers are only bounded from above.
+_MAXRSS = """
+import atexit, resource, sys
+def report():
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        with open("/proc/self/status") as fh:
+            own = next(int(ln.split()[1]) for ln in fh if ln.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        pass
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    print(f"MAXRSS_KB {own} {workers}", file=sys.stderr)
+atexit.register(report)
+from deepfusion.cli import main
+main(prog_name="deepfusion")
+"""
+
+
+def peak_mb(name: str, *args) -> tuple[float, float]:
+    """Peak resident memory (MB) of the command's main process and of its largest worker."""
+    try:
+        proc = subprocess.run([sys.executable, "-c", _MAXRSS, *map(str, args)], env=env(),
+                              capture_output=True, text=True, timeout=HARD_LIMIT)
+    except subprocess.TimeoutExpired:
+        TALLY.hangs.append(name)
+        return float("nan"), float("nan")
+    if not _judge(name, proc.returncode, proc.stderr):
+        TALLY.lose(f"{name}: exit {proc.returncode}")
+    found = re.search(r"MAXRSS_KB (\d+) (\d+)", proc.stderr)
+    return (int(found[1]) / 1024, int(found[2]) / 1024) if found else (float("nan"),) * 2
+
+
+def kill_when(name: str, cmd: list[str], progress, target: int, delay: float) -> bool:
+    """Start ``cmd``; when ``progress()`` reaches ``target`` wait ``delay`` s, then SIGKILL
+    the whole process group. True if it was killed (False: it had finished already)."""
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + HARD_LIMIT
+        while proc.poll() is None and progress() < target and time.monotonic() < deadline:
+            time.sleep(0.005)
+        try:
+            proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return True
+        _judge(name, proc.returncode, proc.stderr.read())
+        return False
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        proc.stderr.close()
+
+
+# ----------------------------------------------------------------------------- checking outputs
+
+def leftovers(*folders: Path) -> list[Path]:
+    return [p for f in folders if f.exists() for p in f.rglob("*") if p.name.endswith(".tmp")]
+
+
+def check_cache(name: str, cache: Path, expected: int) -> int:
+    """Count cache entries that load with six float32 views and metadata; report the rest."""
+    good = 0
+    for entry in cache.rglob("*.npz"):
+        try:
+            with np.load(entry, allow_pickle=False) as npz:
+                assert set(npz.files) == {*FEATURE_KEYS, "__meta__"}
+                assert all(np.isfinite(npz[k]).all() for k in FEATURE_KEYS)
+            good += 1
+        except Exception as exc:  # noqa: BLE001 - any failure is a corrupt entry
+            TALLY.lose(f"{name}: corrupt cache entry {entry.name} ({exc})")
+    if good != expected:
+        TALLY.lose(f"{name}: {good} valid cache entries, expected {expected}")
+    return good
+
+
+def load(path: Path) -> list[dict]:
+    with open(path, "rb") as fh:
+        return pickle.load(fh)
+
+
+def same_features(name: str, out: Path, reference: Path) -> None:
+    try:
+        got, want = load(out), load(reference)
+        assert [(i["path"], i["label"]) for i in got] == [(i["path"], i["label"]) for i in want]
+        for x, y in zip(got, want):
+            for key in FEATURE_KEYS:
+                assert np.array_equal(x["features"][key], y["features"][key]), (x["path"], key)
+            for meta in ("audio_sha", "file_sha", "source_sr", "channels", "duplicate_group"):
+                assert x[meta] == y[meta], (x["path"], meta)
+        assert out.with_name("extract_errors.csv").read_text() == \
+            reference.with_name("extract_errors.csv").read_text()
+    except (AssertionError, OSError, pickle.UnpicklingError, EOFError) as exc:
+        TALLY.lose(f"{name}: features differ from an uninterrupted run ({exc!r:.200})")
+
+
+def history(model_dir: Path) -> list[dict]:
+    with open(model_dir / "training_history.csv", newline="") as fh:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(fh)]
+
+
+def same_training(name: str, model_dir: Path, reference: Path) -> None:
+    import torch
+
+    try:
+        assert history(model_dir) == history(reference), "history"
+        a, b = (torch.load(d / "best.pth", map_location="cpu", weights_only=True)
+                for d in (model_dir, reference))
+        assert a["epoch"] == b["epoch"], "best epoch"
+        for key, tensor in a["model_state"].items():
+            assert torch.equal(tensor, b["model_state"][key]), key
+    except (AssertionError, OSError, RuntimeError) as exc:
+        TALLY.lose(f"{name}: training differs from an uninterrupted run ({exc!r:.200})")
+
+
+# ----------------------------------------------------------------------------- the sections
+
+def write_dataset(root: Path, n: int, seconds: float) -> Path:
+    for i in range(n):
+        path = root / ("blues", "jazz", "rock", "pop")[i % 4] / f"clip{i:02d}.wav"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(_damage.encode(_damage.clip(i, seconds=seconds), "WAV", "PCM_16"))
+    return root
+
+
+def extract_args(audio: Path, out: Path, cache: Path, *extra) -> list:
+    return ["extract", "--audio-dir", audio, "--out", out, "--cache-dir", cache, "--jobs", "2",
+            "--quiet", *SMALL, *extra]
+
+
+def train_args(features: Path, model_dir: Path) -> list:
+    return ["train", "--features", features, "--model-dir", model_dir, "--backbone", "light",
+            "--no-pretrained", "--epochs", "4", "--batch-size", "4", "--lr", "1e-3",
+            "--val-size", "0.25", "--test-size", "0.25", "--seed", "5", "--quiet"]
+
+
+def broken_inputs(work: Path, n_damaged: int, n_good: int, checkpoint: Path) -> dict:
+    """Damaged and good audio through extract and predict: every file accounted for."""
+    root = work / "broken" / "mixed"
+    root.mkdir(parents=True)
+    good = _damage.good_files(n_good, seed=7)
+    damaged = _damage.damaged_files(n_damaged, seed=7)
+    for name, data in good.items():
+        (root / name).write_bytes(data)
+    for name, (data, _) in damaged.items():
+        (root / name).write_bytes(data)
+    every = {f"mixed/{name}" for name in [*good, *damaged]}
+    out = work / "broken-out" / "features.pkl"
+    proc = run("extract (broken inputs)", "extract", "--audio-dir", root.parent, "--out", out,
+               "--cache-dir", work / "broken-cache", "--jobs", "2", "--quiet", "--duration", "2",
+               "--min-duration", "0.5", "--timeout", "30")
+    reported = decoded = 0
+    if proc is not None and out.exists():
+        items = {it["path"]: it for it in load(out)}
+        with open(out.with_name("extract_errors.csv"), newline="") as fh:
+            errors = {row["path"]: row["reason"] for row in csv.DictReader(fh)}
+        reported, decoded = len(errors), len(set(items) - {f"mixed/{n}" for n in good})
+        for path in every - set(items) - set(errors):
+            TALLY.lose(f"extract: {path} neither extracted nor reported")
+        for path in {f"mixed/{n}" for n in good} - set(items):
+            TALLY.lose(f"extract: good file {path} not extracted ({errors.get(path)})")
+        for path, reason in errors.items():
+            if not reason.strip():
+                TALLY.lose(f"extract: {path} reported without a reason")
+        for it in items.values():
+            if not all(np.isfinite(it["features"][k]).all() for k in FEATURE_KEYS):
+                TALLY.lose(f"extract: {it['path']} has non-finite features")
+    # predict reads the same files window by window, with seeks: another decoder path
+    proc = run("predict (broken inputs)", "predict", root, "--checkpoint", checkpoint, "--json")
+    predicted = 0
+    if proc is not None:
+        import json
+
+        done = {Path(json.loads(ln)["path"]).name for ln in proc.stdout.splitlines() if ln.strip()}
+        skipped = {Path(ln[len("skipped "):].split(": ", 1)[0]).name
+                   for ln in proc.stderr.splitlines() if ln.startswith("skipped ")}
+        predicted = len(done)
+        for name in set(good) - done:
+            TALLY.lose(f"predict: good file {name} not classified")
+        for name in {*good, *damaged} - done - skipped:
+            TALLY.lose(f"predict: {name} neither classified nor reported")
+    return {"damaged": n_damaged, "good": n_good, "kinds": len(_damage.DAMAGES),
+            "reported": reported, "decoded": decoded, "predicted": predicted}
+
+
+class _RunsShell:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+class _RunsPython:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').close()",)
+
+
+def malicious_files(work: Path, features: Path, checkpoint: Path, audio: Path, quick: bool) -> dict:
+    """Pickles and checkpoints that would run code: refused with one clear line, code never run."""
+    import torch
+
+    folder = work / "malicious"
+    folder.mkdir()
+    marker = folder / "MARKER"
+    tried = refused = 0
+    payloads = [_RunsShell] if quick else [_RunsShell, _RunsPython]
+    cases = []
+    for kind in payloads:
+        evil = folder / f"{kind.__name__}.pkl"
+        evil.write_bytes(pickle.dumps([{"features": kind(marker), "label": "rock"},
+                                       {"features": {}, "label": "jazz"}], protocol=2))
+        cases += [("train", ["train", "--features", evil, "--model-dir", folder / "m",
+                             "--backbone", "light", "--no-pretrained", "--epochs", "1"]),
+                  ("evaluate", ["evaluate", "--checkpoint", checkpoint, "--features", evil,
+                                "--split", "all", "--out-dir", folder / "report"])]
+        for zipped in (True, False):
+            ckpt = {"extra": kind(marker), "format_version": 1, "model_state": {},
+                    "model_config": {}}
+            path = folder / f"{kind.__name__}-{'zip' if zipped else 'bare'}.pth"
+            resume = folder / f"resume-{kind.__name__}-{zipped}"
+            resume.mkdir()
+            for target in (path, resume / "last.pth"):
+                if zipped:
+                    torch.save(ckpt, target)
+                else:
+                    target.write_bytes(pickle.dumps(ckpt, protocol=2))
+            cases += [("evaluate", ["evaluate", "--checkpoint", path]),
+                      ("predict", ["predict", audio, "--checkpoint", path]),
+                      ("train --resume", ["train", "--features", features, "--model-dir", resume,
+                                          "--resume"])]
+    # a features pickle naming only allowed globals whose dtype state crashes numpy (SIGSEGV
+    # before the loader checked states)
+    _reconstruct = np.zeros(1).__reduce__()[0]   # numpy.(_)core.multiarray._reconstruct
+
+    class Raw:
+        def __init__(self, rv):
+            self.rv = rv
+
+        def __reduce__(self):
+            return self.rv
+
+    dtype = Raw((np.dtype, ("f4", False, True), (3, "<", None, "ab", -1, 0)))
+    array = Raw((_reconstruct, (np.ndarray, (0,), b"b"), (1, (3, 4), dtype, False, bytes(48))))
+    crash = folder / "numpy-state.pkl"
+    crash.write_bytes(pickle.dumps([{"features": {"mfcc": array}, "label": "rock"}], protocol=2))
+    cases.append(("train", ["train", "--features", crash, "--model-dir", folder / "m",
+                            "--backbone", "light", "--no-pretrained", "--epochs", "1"]))
+    for name, args in cases:
+        tried += 1
+        proc = run(f"{name} (malicious file)", *args, ok_codes=(1,))
+        if proc is None:
+            continue
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        if len(lines) == 1 and lines[0].startswith("Error: ") and "refused" in lines[0]:
+            refused += 1
+        else:
+            TALLY.lose(f"{name} (malicious file): not refused with one clear line: {proc.stderr[-300:]}")
+    ran = marker.exists()
+    if ran:
+        TALLY.lose("a malicious file ran its code")
+    return {"tried": tried, "refused": refused, "ran": int(ran)}
+
+
+def kill_trials(work: Path, audio: Path, ref_features: Path, ref_model: Path, n_extract: int,
+                n_train: int) -> dict:
+    rng = random.Random(2024)
+    killed = {"extract": 0, "train": 0}
+    for trial in range(n_extract):
+        name = f"extract kill trial {trial}"
+        out, cache = work / f"kill-x{trial}" / "features.pkl", work / f"kill-xcache{trial}"
+        args = extract_args(audio, out, cache)
+        target = rng.randint(0, 16)
+
+        def entries(cache=cache) -> int:
+            return sum(1 for _ in cache.rglob("*.npz")) if cache.exists() else 0
+
+        killed["extract"] += kill_when(name, cli(*args), entries, target,
+                                       rng.uniform(0, 1.5 if target == 0 else 0.3))
+        if run(f"{name}: re-run", *args) is None:
+            continue
+        same_features(name, out, ref_features)
+        check_cache(name, cache, 16)
+        for path in leftovers(out.parent, cache):
+            TALLY.lose(f"{name}: temporary file left: {path}")
+    for trial in range(n_train):
+        name = f"train kill trial {trial}"
+        model_dir = work / f"kill-t{trial}"
+        args = train_args(ref_features, model_dir)
+
+        def epochs(model_dir=model_dir) -> int:
+            try:
+                return len((model_dir / "training_history.csv").read_text().splitlines()) - 1
+            except OSError:
+                return 0
+
+        killed["train"] += kill_when(name, cli(*args), epochs, rng.randint(0, 3), rng.uniform(0, 0.3))
+        if (model_dir / "last.pth").exists():
+            rerun = run(f"{name}: --resume", "train", "--features", ref_features, "--model-dir",
+                        model_dir, "--resume", "--quiet")
+        else:
+            rerun = run(f"{name}: re-run", *args)
+        if rerun is None:
+            continue
+        same_training(name, model_dir, ref_model)
+        for path in leftovers(model_dir):
+            TALLY.lose(f"{name}: temporary file left: {path}")
+    return {"extract": n_extract, "train": n_train, "killed": killed}
+
+
+def concurrent_runs(work: Path, audio: Path, ref_features: Path) -> dict:
+    """Two extracts at once on one empty cache, writing separate or the same output."""
+    ok = started = 0
+    for mode in ("separate", "same"):
+        cache = work / f"concurrent-{mode}-cache"
+        outs = [work / f"concurrent-{mode}-a" / "features.pkl",
+                work / f"concurrent-{mode}-{'b' if mode == 'separate' else 'a'}" / "features.pkl"]
+        procs = [subprocess.Popen(cli(*extract_args(audio, out, cache)), env=env(),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for out in outs]
+        for proc in procs:
+            started += 1
+            try:
+                _, stderr = proc.communicate(timeout=HARD_LIMIT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+                TALLY.hangs.append(f"concurrent extract ({mode})")
+                continue
+            if _judge(f"concurrent extract ({mode})", proc.returncode, stderr):
+                ok += 1
+            else:
+                TALLY.lose(f"concurrent extract ({mode}): exit {proc.returncode}")
+        check_cache(f"concurrent ({mode})", cache, 16)
+        for out in set(outs):
+            same_features(f"concurrent ({mode})", out, ref_features)
+        for path in leftovers(cache, *(o.parent for o in outs)):
+            TALLY.lose(f"concurrent ({mode}): temporary file left: {path}")
+    return {"started": started, "ok": ok}
+
+
+def unwritable_outputs(work: Path, audio: Path, features: Path, checkpoint: Path) -> dict:
+    """Outputs on file systems nobody may write: one clear line, before any work."""
+    cases = [("extract", extract_args(audio, Path("/proc/deepfusion/features.pkl"), work / "ro-cache")),
+             ("extract", extract_args(audio, Path("/proc/self/features.pkl"), work / "ro-cache")),
+             ("train", train_args(features, Path("/sys/deepfusion/model"))),
+             ("evaluate", ["evaluate", "--checkpoint", checkpoint, "--out-dir",
+                           "/proc/deepfusion/report"])]
+    clear = 0
+    for name, args in cases:
+        proc = run(f"{name} (unwritable output)", *args, ok_codes=(1,))
+        if proc is None:
+            continue
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        if len(lines) == 1 and re.match(r"Error: .*cannot (write|create)", lines[0]):
+            clear += 1
+        else:
+            TALLY.lose(f"{name} (unwritable output): {proc.stderr[-300:]}")
+    if (work / "ro-cache").exists():
+        TALLY.lose("extract did work before finding its output unwritable")
+    return {"tried": len(cases), "clear": clear}
+
+
+def write_long_wav(path: Path, seconds: int, *, sr: int = 48_000, channels: int = 2) -> Path:
+    import soundfile as sf
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seconds)
+    with sf.SoundFile(str(path), "w", sr, channels, subtype="PCM_16", format="WAV") as fh:
+        for start in range(0, seconds, 10):
+            t = (start * sr + np.arange(10 * sr)) / sr
+            tone = 0.3 * np.sin(2 * np.pi * 220 * t)[:, None]
+            fh.write((tone + 0.01 * rng.standard_normal((t.size, channels))).astype(np.float32))
+    return path
+
+
+def memory(work: Path, checkpoint: Path, few: int, many: int) -> dict:
+    result = {}
+    for name, seconds in (("30 s", 30), ("10 min", 600)):
+        wav = write_long_wav(work / f"long-{seconds}" / "g" / "clip.wav", seconds)
+        result[f"extract {name}"] = peak_mb(f"extract ({name} file)", "extract", "--audio-dir",
+                                            wav.parent.parent, "--out", work / f"long-{seconds}.pkl",
+                                            "--cache-dir", work / f"long-cache-{seconds}", "--quiet")[0]
+        result[f"predict {name}"] = peak_mb(f"predict ({name} file)", "predict", wav,
+                                            "--checkpoint", checkpoint)[0]
+    root = work / "many"
+    for i in range(many):
+        path = root / f"g{i % 10}" / f"c{i:05d}.wav"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(_damage.encode(_damage.clip(i, seconds=1.5), "WAV", "PCM_16"))
+    subset = work / "few"
+    for path in sorted(root.rglob("*.wav"))[:: many // few]:
+        (subset / path.parent.name).mkdir(parents=True, exist_ok=True)
+        os.link(path, subset / path.parent.name / path.name)
+    for label, folder, count in (("few", subset, few), ("many", root, many)):
+        out = work / f"{label}.pkl"
+        own, workers = peak_mb(f"extract ({count} files)", "extract", "--audio-dir", folder,
+                               "--out", out, "--cache-dir", work / f"{label}-cache", "--jobs", "2",
+                               "--quiet", *TINY)
+        result[label] = {"count": count, "main": own, "workers": workers,
+                         "features": out.stat().st_size / 2**20 if out.exists() else float("nan")}
+    return result
+
+
+# ----------------------------------------------------------------------------- the table
+
+def table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    rule = "-" * (width + 2 + max(len(v) for _, v in rows))
+    return "\n".join([rule, *(f"{k:<{width}}  {v}" for k, v in rows), rule])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smaller run (about 3 minutes)")
+    parser.add_argument("--damaged", type=int, help="damaged audio files (default 1,000; quick 520)")
+    parser.add_argument("--keep", type=Path, help="work in this folder and keep it")
+    args = parser.parse_args()
+    n_damaged = args.damaged or (520 if args.quick else 1000)
+    n_good = 40 if args.quick else 100
+    kills = (4, 2) if args.quick else (10, 5)
+    few, many = (250, 1000) if args.quick else (1000, 5000)
+
+    work = args.keep or Path(tempfile.mkdtemp(prefix="df-robust-"))
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    try:
+        audio = write_dataset(work / "audio", 16, 3.0)
+        ref_features = work / "ref" / "features.pkl"
+        ref_model = work / "ref-model"
+        if run("extract (reference)", *extract_args(audio, ref_features, work / "ref-cache")) is None \
+                or run("train (reference)", *train_args(ref_features, ref_model)) is None:
+            sys.exit("the reference runs failed: " + "; ".join(TALLY.crashes + TALLY.lost))
+        checkpoint = ref_model / "best.pth"
+        print("broken inputs ...", flush=True)
+        broken = broken_inputs(work, n_damaged, n_good, checkpoint)
+        print("malicious files ...", flush=True)
+        evil = malicious_files(work, ref_features, checkpoint, audio / "rock" / "clip02.wav", args.quick)
+        print("kill trials ...", flush=True)
+        killing = kill_trials(work, audio, ref_features, ref_model, *kills)
+        print("concurrent runs ...", flush=True)
+        together = concurrent_runs(work, audio, ref_features)
+        print("unwritable outputs ...", flush=True)
+        unwritable = unwritable_outputs(work, audio, ref_features, checkpoint)
+        print("memory ...", flush=True)
+        mem = memory(work, checkpoint, few, many)
+    finally:
+        if args.keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+    f, m = mem["few"], mem["many"]
+    rows = [
+        ("broken audio inputs tried", f"{broken['damaged'] + broken['good']:,} "
+         f"({broken['damaged']:,} damaged of {broken['kinds']} kinds, {broken['good']} good)"),
+        ("  extract: reported / decoded", f"{broken['reported']} reported with a reason, "
+         f"{broken['decoded']} damaged ones still decoded, every good file extracted"
+         if not [x for x in TALLY.lost if x.startswith("extract:")] else "see lost outputs"),
+        ("  predict: classified", f"{broken['predicted']} files, the rest reported"),
+        ("malicious pickles/checkpoints", f"{evil['tried']} given to train, evaluate, predict, "
+         f"--resume: {evil['refused']} refused in one line, code ran {evil['ran']} times"),
+        ("crashes", f"{len(TALLY.crashes)} in {TALLY.runs} runs"),
+        ("hangs", f"{len(TALLY.hangs)} (limits: 30 s per file, {HARD_LIMIT} s per command)"),
+        ("kill trials (extract / train)", f"{killing['extract']} / {killing['train']} "
+         f"(killed mid-run {killing['killed']['extract']} / {killing['killed']['train']}), "
+         "each re-run or --resume compared with an uninterrupted run"),
+        ("lost or corrupt outputs", f"{len(TALLY.lost)} (features, errors CSV, cache entries, "
+         "history, best.pth weights, leftover temporary files)"),
+        ("concurrent runs", f"{together['ok']} of {together['started']} extracts succeeded "
+         "(2 at once on one cache, separate and same output)"),
+        ("unwritable outputs", f"{unwritable['clear']} of {unwritable['tried']} refused in one "
+         "line before any work"),
+        ("peak memory, 10-min vs 30-s file", f"extract {mem['extract 10 min']:.0f} vs "
+         f"{mem['extract 30 s']:.0f} MB; predict {mem['predict 10 min']:.0f} vs "
+         f"{mem['predict 30 s']:.0f} MB (predict holds the features of every window)"),
+        (f"peak memory, {m['count']:,} vs {f['count']:,} files",
+         f"main {m['main']:.0f} vs {f['main']:.0f} MB (+{m['main'] - f['main']:.0f} MB for "
+         f"+{m['features'] - f['features']:.0f} MB of features); workers {m['workers']:.0f} vs "
+         f"{f['workers']:.0f} MB"),
+        ("wall time", f"{time.perf_counter() - t0:.0f} s"),
+    ]
+    print(table(rows))
+    for title, items in (("crash", TALLY.crashes), ("hang", TALLY.hangs), ("lost", TALLY.lost)):
+        for item in items[:15]:
+            print(f"{title}: {item}")
+        if len(items) > 15:
+            print(f"{title}: ... and {len(items) - 15} more")
+    sys.exit(1 if TALLY.crashes or TALLY.hangs or TALLY.lost else 0)
+
+
+if __name__ == "__main__":
+    main()

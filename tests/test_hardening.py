@@ -1,0 +1,879 @@
+"""Hardening: hostile files, broken audio at scale, kill -9, concurrent runs and resource limits.
+
+The sections follow the hardening issue. Where a process must crash, hang, die or race, the real
+command runs as ``python -m deepfusion`` in a subprocess (with a hard timeout, so a hang fails
+the test instead of stalling it); where a fault must be injected (a sleeping decoder, a full
+disk) it runs in-process through ``CliRunner`` with a monkeypatch. Damaged audio comes from
+``benchmarks/_damage.py``, which ``benchmarks/robustness.py`` runs at a larger scale.
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import io
+import json
+import os
+import pickle
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from deepfusion.cli import main
+from deepfusion.config import FEATURE_KEYS
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import _damage  # noqa: E402
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and file systems")
+
+#: Feature options of every extract here: short clips, small views, fast runs.
+FEATURE_ARGS = ("--duration", "3", "--n-mels", "32", "--tempogram-win-length", "32")
+GENRES = ("blues", "jazz", "rock", "pop")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "DEEPFUSION_CACHE"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    # one BLAS/OpenMP thread: on a shared machine two spinning threads make torch 30x slower,
+    # and kill trials compare runs bit for bit
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def _cli(*args) -> list[str]:
+    return [sys.executable, "-m", "deepfusion", *map(str, args)]
+
+
+def _run(*args, timeout: float = 300) -> subprocess.CompletedProcess:
+    """The real command, to completion; a hang fails the test after ``timeout`` seconds."""
+    return subprocess.run(_cli(*args), env=_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _invoke(*args):
+    """The command in-process (so that monkeypatches apply); stderr kept apart."""
+    try:
+        runner = CliRunner(mix_stderr=False)  # click < 8.2 mixes stderr into stdout by default
+    except TypeError:
+        runner = CliRunner()
+    return runner.invoke(main, [str(a) for a in args])
+
+
+def _one_error_line(stderr: str) -> str:
+    """The single ``Error: ...`` line a refused input or an impossible output must produce."""
+    assert "Traceback" not in stderr, stderr
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), stderr
+    return lines[0]
+
+
+def _leftovers(*folders: Path) -> list[Path]:
+    """Temporary files (``.name.<pid>.<hex>.tmp``) under ``folders``."""
+    return [p for f in folders if f.exists() for p in f.rglob("*") if p.name.endswith(".tmp")]
+
+
+def _check_cache(cache: Path) -> int:
+    """Every cache entry loads and holds the six views and its metadata; returns the count."""
+    entries = list(cache.rglob("*.npz"))
+    for entry in entries:
+        with np.load(entry, allow_pickle=False) as npz:
+            assert set(npz.files) == {*FEATURE_KEYS, "__meta__"}, entry
+            for key in FEATURE_KEYS:
+                assert npz[key].dtype == np.float32 and np.isfinite(npz[key]).all(), (entry, key)
+    return len(entries)
+
+
+def _load(path: Path) -> list[dict]:
+    with open(path, "rb") as fh:
+        return pickle.load(fh)   # our own output: a plain load is the reference reader
+
+
+def _same_features(a: Path, b: Path) -> None:
+    items_a, items_b = _load(a), _load(b)
+    assert [(it["path"], it["label"]) for it in items_a] == [(it["path"], it["label"]) for it in items_b]
+    for x, y in zip(items_a, items_b):
+        for key in FEATURE_KEYS:
+            assert np.array_equal(x["features"][key], y["features"][key]), (x["path"], key)
+        for meta in ("audio_sha", "file_sha", "source_sr", "channels", "duplicate_group"):
+            assert x[meta] == y[meta], (x["path"], meta)
+    assert a.with_name("extract_errors.csv").read_text() == b.with_name("extract_errors.csv").read_text()
+
+
+def _history(model_dir: Path) -> list[dict]:
+    with open(model_dir / "training_history.csv", newline="") as fh:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(fh)]
+
+
+def _same_training(a: Path, b: Path) -> None:
+    """Same history (but wall time), same best checkpoint: weights, epoch and metrics."""
+    assert _history(a) == _history(b)
+    ca, cb = (torch.load(d / "best.pth", map_location="cpu", weights_only=True) for d in (a, b))
+
+    def metrics(ckpt):
+        return {**ckpt["metrics"], "val": {k: v for k, v in ckpt["metrics"]["val"].items()
+                                           if k != "seconds"}}
+
+    assert ca["epoch"] == cb["epoch"] and metrics(ca) == metrics(cb)
+    for key, tensor in ca["model_state"].items():
+        assert torch.equal(tensor, cb["model_state"][key]), key
+
+
+def _kill_when(cmd: list[str], progress, target: int, delay: float, timeout: float = 300) -> bool:
+    """Start ``cmd``; once ``progress()`` reaches ``target``, wait ``delay`` s more and SIGKILL
+    its whole process group (the command and its workers, as a crash would). True if killed.
+
+    Progress-triggered kills land in every phase (start-up, mid-work, the final writes) where
+    kills at uniform times would mostly hit the seconds spent importing.
+    """
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None and progress() < target and time.monotonic() < deadline:
+            time.sleep(0.005)
+        try:
+            proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return True
+        return False
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _entries(cache: Path):
+    """Progress of an extract: cache entries written."""
+    return lambda: sum(1 for _ in cache.rglob("*.npz")) if cache.exists() else 0
+
+
+def _epochs(model_dir: Path):
+    """Progress of a training run: epochs in its history file."""
+    def count() -> int:
+        try:
+            return len((model_dir / "training_history.csv").read_text().splitlines()) - 1
+        except OSError:
+            return 0
+    return count
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("hardening")
+
+
+@pytest.fixture(scope="module")
+def dataset(work) -> Path:
+    """16 clips of 3 s in four genre folders."""
+    root = work / "audio"
+    for i in range(16):
+        path = root / GENRES[i % 4] / f"clip{i:02d}.wav"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(_damage.encode(_damage.clip(i, seconds=3.0), "WAV", "PCM_16"))
+    return root
+
+
+def _extract_args(audio: Path, out: Path, cache: Path, jobs: int = 2) -> list:
+    return ["extract", "--audio-dir", audio, "--out", out, "--cache-dir", cache, "--jobs", jobs,
+            "--quiet", *FEATURE_ARGS]
+
+
+@pytest.fixture(scope="module")
+def extracted(work, dataset) -> dict:
+    """An uninterrupted extract of ``dataset``."""
+    out = work / "ref-extract" / "features.pkl"
+    proc = _run(*_extract_args(dataset, out, work / "ref-cache"))
+    assert proc.returncode == 0, proc.stderr
+    return {"out": out}
+
+
+def _train_args(features: Path, model_dir: Path) -> list:
+    return ["train", "--features", features, "--model-dir", model_dir, "--backbone", "light",
+            "--no-pretrained", "--epochs", "4", "--batch-size", "4", "--lr", "1e-3",
+            "--val-size", "0.25", "--test-size", "0.25", "--seed", "5", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def trained(work, extracted) -> dict:
+    """An uninterrupted 4-epoch training run on ``extracted``."""
+    model_dir = work / "ref-model"
+    proc = _run(*_train_args(extracted["out"], model_dir))
+    assert proc.returncode == 0, proc.stderr
+    return {"dir": model_dir, "checkpoint": model_dir / "best.pth", "features": extracted["out"]}
+
+
+# ============================================================================ 1. loading safely
+
+class _RunsShell:
+    """Unpickling this runs ``touch MARKER`` through os.system."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+class _RunsPython:
+    """Unpickling this creates MARKER through builtins.exec."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').close()",)
+
+
+PAYLOADS = {"os.system": _RunsShell, "exec": _RunsPython}
+
+
+def _evil_features(path: Path, payload: str, marker: Path) -> Path:
+    """A features pickle whose first clip's features would run code when loaded."""
+    items = [{"features": PAYLOADS[payload](marker), "label": "rock", "path": "rock/a.wav"},
+             {"features": {}, "label": "jazz", "path": "jazz/b.wav"}]
+    path.write_bytes(pickle.dumps(items, protocol=2 if payload == "exec" else 5))
+    return path
+
+
+def _evil_checkpoint(path: Path, payload: str, marker: Path, *, zipped: bool = True) -> Path:
+    """A checkpoint (torch.save, plain pickle inside) holding an object that runs code."""
+    ckpt = {"extra": PAYLOADS[payload](marker), "format_version": 1,
+            "model_state": {"w": torch.zeros(2)}, "model_config": {}}
+    if zipped:
+        torch.save(ckpt, path)
+    else:
+        path.write_bytes(pickle.dumps(ckpt, protocol=2))   # a bare pickle, as torch's legacy format
+    return path
+
+
+@pytest.mark.parametrize("payload", sorted(PAYLOADS))
+def test_malicious_features_pickle_is_refused_by_train_and_evaluate(tmp_path, trained, payload):
+    marker = tmp_path / "MARKER"
+    evil = _evil_features(tmp_path / "evil.pkl", payload, marker)
+    runs = {
+        "train": ("train", "--features", evil, "--model-dir", tmp_path / "m", "--backbone",
+                  "light", "--no-pretrained", "--epochs", "1"),
+        "evaluate": ("evaluate", "--checkpoint", trained["checkpoint"], "--features", evil,
+                     "--split", "all", "--out-dir", tmp_path / "report"),
+    }
+    for name, args in runs.items():
+        result = _invoke(*args)
+        assert result.exit_code != 0, (name, result.output)
+        line = _one_error_line(result.stderr)
+        assert str(evil) in line and "refused" in line and "unsafe pickle" in line, (name, line)
+        assert not marker.exists(), f"{name} ran the payload"
+    assert not (tmp_path / "m" / "last.pth").exists()
+    assert not (tmp_path / "report" / "evaluation.json").exists()
+
+
+@pytest.mark.parametrize("payload", sorted(PAYLOADS))
+@pytest.mark.parametrize("zipped", [True, False], ids=["torch.save", "bare-pickle"])
+def test_malicious_checkpoint_is_refused_by_evaluate_predict_and_resume(
+        tmp_path, trained, dataset, payload, zipped):
+    marker = tmp_path / "MARKER"
+    evil = _evil_checkpoint(tmp_path / "evil.pth", payload, marker, zipped=zipped)
+    resume_dir = tmp_path / "resume"
+    resume_dir.mkdir()
+    _evil_checkpoint(resume_dir / "last.pth", payload, marker, zipped=zipped)
+    runs = {
+        "evaluate": ("evaluate", "--checkpoint", evil, "--out-dir", tmp_path / "report"),
+        "predict": ("predict", dataset / "rock" / "clip02.wav", "--checkpoint", evil),
+        "train --resume": ("train", "--features", trained["features"], "--model-dir", resume_dir,
+                           "--resume"),
+    }
+    for name, args in runs.items():
+        result = _invoke(*args)
+        assert result.exit_code != 0, (name, result.output)
+        line = _one_error_line(result.stderr)
+        assert "refused" in line and "objects other than tensors" in line, (name, line)
+        assert ("posix.system" if payload == "os.system" else "exec") in line, (name, line)
+        assert not marker.exists(), f"{name} ran the payload"
+    assert sorted(p.name for p in resume_dir.iterdir()) == ["last.pth"]
+
+
+def _reduce(rv):
+    """An object that pickles as exactly ``rv`` (a callable, its arguments, a state)."""
+    class Raw:
+        def __reduce__(self):
+            return rv
+    return Raw()
+
+
+def test_hostile_numpy_state_is_refused_not_a_segfault(tmp_path):
+    """numpy trusts the state a pickle hands ``dtype.__setstate__``: a 6-field dtype state
+    crashes the plain (and the formerly restricted) unpickler with SIGSEGV. It names only
+    allowed globals, so refusing it needs the states to be checked, in a process of its own here
+    so that a regression cannot take pytest down with it."""
+    _reconstruct = np.zeros(1).__reduce__()[0]   # numpy.(_)core.multiarray._reconstruct
+
+    dtype = _reduce((np.dtype, ("f4", False, True), (3, "<", None, "ab", -1, 0)))
+    array = _reduce((_reconstruct, (np.ndarray, (0,), b"b"), (1, (3, 4), dtype, False, bytes(48))))
+    hostile = {
+        "dtype-state": [{"features": {"mfcc": array}, "label": "rock"}],
+        "short-data": [_reduce((_reconstruct, (np.ndarray, (0,), b"b"),
+                                (1, (10**6,), np.dtype("f4"), False, bytes(4))))],
+        "object-array": [np.array([1, "x"], dtype=object)],
+        "huge-length": b"\x80\x05\x96" + (2**40).to_bytes(8, "little") + b".",
+        "list-of-range": b"\x80\x02c__builtin__\nlist\nc__builtin__\nxrange\nJ\x00\xca\x9a;\x85R\x85R.",
+    }
+    for name, obj in hostile.items():
+        data = obj if isinstance(obj, bytes) else pickle.dumps(obj, protocol=2)
+        (tmp_path / f"{name}.pkl").write_bytes(data)
+    good = [{"features": {k: np.random.default_rng(i).random((4, 5), np.float32) for k in FEATURE_KEYS},
+             "label": "rock", "path": f"rock/{i}.wav", "source_sr": 22050} for i in range(3)]
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        (tmp_path / f"good{protocol}.bin").write_bytes(pickle.dumps(good, protocol=protocol))
+    script = f"""
+import random
+from pathlib import Path
+from deepfusion.fileio import safe_pickle_load
+from deepfusion.errors import FeaturesFileError
+
+def outcome(path):
+    try:
+        safe_pickle_load(path)
+        return "loaded"
+    except FeaturesFileError as exc:
+        return "refused" if "refused" in str(exc) else "unreadable"
+
+folder = Path({str(tmp_path)!r})
+for name in {sorted(hostile)!r}:
+    print(name, outcome(folder / (name + ".pkl")))
+rng = random.Random(0)                     # and 300 random mutations of a good features file
+blobs = [path.read_bytes() for path in sorted(folder.glob("good*.bin"))]
+for i in range(300):
+    data = bytearray(rng.choice(blobs))
+    for _ in range(rng.randint(1, 4)):
+        pos = rng.randrange(1, len(data))
+        if rng.random() < 0.7:
+            data[pos] = rng.randrange(256)
+        else:
+            del data[pos:]
+    (folder / "fuzz.pkl").write_bytes(bytes(data))
+    outcome(folder / "fuzz.pkl")
+print("fuzz done")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], env=_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, f"loader died with {proc.returncode}:\n{proc.stderr[-2000:]}"
+    outcome = dict(line.split(" ", 1) for line in proc.stdout.splitlines())
+    assert outcome.pop("fuzz") == "done"
+    assert outcome == {"dtype-state": "refused", "short-data": "refused", "object-array": "refused",
+                       "huge-length": "unreadable", "list-of-range": "refused"}
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_safe_loader_reads_what_pickle_writes(tmp_path, protocol):
+    """Every container, scalar and array kind a features file may hold, in every protocol."""
+    import collections
+
+    from deepfusion.fileio import safe_pickle_load
+
+    rng = np.random.default_rng(protocol)
+    data = [{"features": {"c": rng.random((3, 4), np.float32),
+                          "f": np.asfortranarray(rng.random((3, 4))),
+                          "big-endian": np.arange(6, dtype=">i4")[::2],
+                          "empty": np.zeros((0, 3), np.float32),
+                          "text": np.array(["ab", "cé"]), "bytes": np.array([b"x"]),
+                          "bool": np.array([True, False]),
+                          "complex": np.array([1 + 2j], np.complex64)},
+             "label": "rock", "label_id": np.int64(3), "seconds": np.float32(1.5),
+             "name": np.str_("hé"),
+             "pair": (1, 2.5), "tags": {"a", "b"}, "frozen": frozenset([3]), "raw": b"\x00\xff",
+             "buffer": bytearray(b"ab"), "z": complex(1, 2), "ordered": collections.OrderedDict(a=1),
+             "none": None, "huge": 2**100, "window": slice(1, 2)}]
+    blob = pickle.dumps(data, protocol=protocol)
+    (tmp_path / "ok.pkl").write_bytes(blob)
+    got, want = safe_pickle_load(tmp_path / "ok.pkl")[0], pickle.loads(blob)[0]
+    for key, value in want.items():
+        if key == "features":
+            for name, array in value.items():
+                assert got[key][name].dtype == array.dtype and got[key][name].shape == array.shape
+                assert np.array_equal(got[key][name], array), name
+        else:
+            assert got[key] == value and type(got[key]) is type(value), key
+
+
+def test_split_file_paths_cannot_leave_the_dataset_root(tmp_path, trained):
+    split = tmp_path / "split.csv"
+    split.write_text("path,split\nrock/clip02.wav,train\n../../etc/passwd,test\n")
+    for args in (("train", "--features", trained["features"], "--model-dir", tmp_path / "m",
+                  "--backbone", "light", "--no-pretrained", "--epochs", "1", "--split-file", split),
+                 ("evaluate", "--checkpoint", trained["checkpoint"], "--split-file", split,
+                  "--out-dir", tmp_path / "report")):
+        result = _invoke(*args)
+        assert result.exit_code != 0
+        line = _one_error_line(result.stderr)
+        assert "line 3" in line and "'../../etc/passwd'" in line and "leaves the dataset root" in line
+
+
+# ========================================================================= 2. broken audio at scale
+
+N_DAMAGED, N_GOOD = 520, 40
+
+
+def test_hundreds_of_damaged_files_neither_crash_nor_hang_extract_or_predict(tmp_path, trained):
+    root = tmp_path / "audio" / "mixed"
+    root.mkdir(parents=True)
+    good = _damage.good_files(N_GOOD, seed=1)
+    damaged = _damage.damaged_files(N_DAMAGED, seed=1)
+    for name, data in good.items():
+        (root / name).write_bytes(data)
+    for name, (data, _) in damaged.items():
+        (root / name).write_bytes(data)
+    assert len(set(d for _, d in damaged.values())) == len(_damage.DAMAGES)
+    out = tmp_path / "out" / "features.pkl"
+    proc = _run("extract", "--audio-dir", tmp_path / "audio", "--out", out, "--cache-dir",
+                tmp_path / "cache", "--jobs", "2", "--quiet", "--duration", "2",
+                "--min-duration", "0.5", "--timeout", "30", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert not [ln for ln in proc.stderr.splitlines() if ln.startswith("Error: ")]
+
+    items = {it["path"]: it for it in _load(out)}
+    with open(out.with_name("extract_errors.csv"), newline="") as fh:
+        errors = {row["path"]: row["reason"] for row in csv.DictReader(fh)}
+    skipped = dict(ln[len("skipped "):].split(": ", 1) for ln in proc.stderr.splitlines()
+                   if ln.startswith("skipped "))
+    assert skipped == errors
+    every = {f"mixed/{name}" for name in [*good, *damaged]}
+    assert set(items) | set(errors) == every and not set(items) & set(errors)
+    assert {f"mixed/{name}" for name in good} <= set(items), "a good file was not extracted"
+    assert all(reason.strip() for reason in errors.values())
+    assert len(errors) >= N_DAMAGED // 2          # most damage is detected, not decoded as noise
+    for it in items.values():
+        for key in FEATURE_KEYS:
+            assert np.isfinite(it["features"][key]).all(), (it["path"], key)
+
+    # predict decodes the same files window by window, with seeks: another path through
+    # libsndfile (a header claiming 1 Hz used to turn one damaged file into hours of windows)
+    proc = _run("predict", root, "--checkpoint", trained["checkpoint"], "--json", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert not [ln for ln in proc.stderr.splitlines() if ln.startswith("Error: ")]
+    done = {Path(json.loads(ln)["path"]).name for ln in proc.stdout.splitlines()}
+    skipped = {Path(ln[len("skipped "):].split(": ", 1)[0]).name
+               for ln in proc.stderr.splitlines() if ln.startswith("skipped ")}
+    assert set(good) <= done
+    assert done | skipped == {*good, *damaged} and not done & skipped
+
+
+def test_a_header_claiming_1_hz_is_an_invalid_header(tmp_path, trained):
+    """Its few kilobytes would "last" hours: thousands of predict windows for one bad file."""
+    data = _damage.DAMAGES["wav_rate_one"][1](None, _damage.encode(_damage.clip(0), "WAV", "PCM_16"))
+    (tmp_path / "rock").mkdir()
+    (tmp_path / "rock" / "one_hz.wav").write_bytes(data)
+    fine = _damage.encode(_damage.clip(1, seconds=3.0), "WAV", "PCM_16")
+    (tmp_path / "rock" / "fine.wav").write_bytes(fine)
+    t0 = time.perf_counter()
+    result = _invoke("predict", tmp_path / "rock", "--checkpoint", trained["checkpoint"])
+    assert time.perf_counter() - t0 < 60
+    assert result.exit_code == 0, result.output
+    assert f"skipped {tmp_path / 'rock' / 'one_hz.wav'}: invalid header (1 channels at 1 Hz)" \
+        in result.stderr
+    result = _invoke(*_extract_args(tmp_path, tmp_path / "f.pkl", tmp_path / "cache", jobs=1))
+    assert result.exit_code == 0, result.output
+    assert "skipped rock/one_hz.wav: invalid header (1 channels at 1 Hz)" in result.stderr
+
+
+def test_timeout_abandons_a_decode_that_hangs(tmp_path, monkeypatch):
+    """The per-file limit interrupts a decoder stuck in Python (a C library that never returns
+    to the interpreter cannot be interrupted by a signal; libsndfile returned on every file of
+    the damaged-audio test)."""
+    import deepfusion.audio
+
+    real_decode = deepfusion.audio.decode
+
+    def stuck(path, **kwargs):
+        if "stuck" in Path(path).name:
+            time.sleep(120)
+        return real_decode(path, **kwargs)
+
+    monkeypatch.setattr(deepfusion.audio, "decode", stuck)
+    root = tmp_path / "audio" / "rock"
+    root.mkdir(parents=True)
+    for i, name in enumerate(["a.wav", "stuck.wav", "z.wav"]):
+        (root / name).write_bytes(_damage.encode(_damage.clip(i, seconds=2.0), "WAV", "PCM_16"))
+    t0 = time.perf_counter()
+    result = _invoke("extract", "--audio-dir", tmp_path / "audio", "--out", tmp_path / "f.pkl",
+                     "--cache-dir", tmp_path / "cache", "--jobs", "1", "--quiet",
+                     "--duration", "2", "--timeout", "1.5")
+    assert time.perf_counter() - t0 < 60
+    assert result.exit_code == 0, result.output
+    assert "skipped rock/stuck.wav: gave up after 1.5 s (--timeout)" in result.stderr
+    assert [it["path"] for it in _load(tmp_path / "f.pkl")] == ["rock/a.wav", "rock/z.wav"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_timeout_during_first_imports_does_not_break_later_files(tmp_path):
+    """A limit that expired while librosa's lazy imports (scipy.ndimage, numba) ran left
+    half-initialised modules behind, and every later file of that worker failed ("partially
+    initialized module 'numba' has no attribute 'core'"). Fresh processes (forks) give their
+    first file limits that expire at different moments of those imports; their second file must
+    then work."""
+    for i in range(2):
+        (tmp_path / f"{i}.wav").write_bytes(_damage.encode(_damage.clip(i, seconds=2.0), "WAV", "PCM_16"))
+    script = f"""
+import os
+from deepfusion.config import FeatureConfig
+from deepfusion.extract import compute_entry
+config = FeatureConfig(duration=2.0).to_dict()
+folder = {str(tmp_path)!r}
+children = []
+for limit in (0.05, 0.1, 0.2, 0.3, 0.5, 0.8):
+    pid = os.fork()
+    if pid == 0:
+        cache = folder + "/cache" + str(limit)
+        first = compute_entry(folder + "/0.wav", "a" * 64, cache, config, timeout=limit)
+        second = compute_entry(folder + "/1.wav", "b" * 64, cache, config, timeout=120)
+        print(limit, first, "|", second, flush=True)
+        os._exit(0)
+    children.append(pid)
+for pid in children:
+    os.waitpid(pid, 0)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], env=_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 6, proc.stdout + proc.stderr
+    for line in lines:
+        limit, first, second = re.fullmatch(r"(\S+) (.*) \| (.*)", line).groups()
+        assert first in ("None", f"gave up after {limit} s (--timeout)"), line
+        assert second == "None", line
+
+
+# ============================================================================= 3. crash safety
+
+EXTRACT_TRIALS, TRAIN_TRIALS = 3, 2
+
+
+def test_kill_9_during_extract_then_rerun_equals_uninterrupted(work, dataset, extracted):
+    rng = random.Random(11)
+    killed = 0
+    for trial in range(EXTRACT_TRIALS):
+        out, cache = work / f"kill-extract-{trial}" / "features.pkl", work / f"kill-cache-{trial}"
+        args = _extract_args(dataset, out, cache)
+        target = rng.randint(0, 16)
+        killed += _kill_when(_cli(*args), _entries(cache), target,
+                             rng.uniform(0, 1.5 if target == 0 else 0.3))
+        proc = _run(*args)
+        assert proc.returncode == 0, proc.stderr
+        _same_features(out, extracted["out"])
+        assert _leftovers(out.parent, cache) == []
+        assert sorted(p.name for p in out.parent.iterdir()) == \
+            [".features.pkl.extract.json", "extract_errors.csv", "features.pkl"]
+        assert _check_cache(cache) == 16
+    assert killed >= 1, "every run ended before its kill: nothing was tested"
+
+
+def test_kill_9_during_train_then_resume_equals_uninterrupted(work, trained):
+    rng = random.Random(12)
+    killed = 0
+    for trial in range(TRAIN_TRIALS):
+        model_dir = work / f"kill-train-{trial}"
+        args = _train_args(trained["features"], model_dir)
+        killed += _kill_when(_cli(*args), _epochs(model_dir), rng.randint(0, 3), rng.uniform(0, 0.3))
+        if (model_dir / "last.pth").exists():
+            proc = _run("train", "--features", trained["features"], "--model-dir", model_dir,
+                        "--resume", "--quiet")
+        else:  # killed before the first epoch was saved: nothing to resume, start again
+            proc = _run(*args)
+        assert proc.returncode == 0, proc.stderr
+        _same_training(model_dir, trained["dir"])
+        assert _leftovers(model_dir) == []
+        assert sorted(p.name for p in model_dir.iterdir()) == \
+            ["best.pth", "last.pth", "training_history.csv", "training_history.png"]
+    assert killed >= 1, "every run ended before its kill: nothing was tested"
+
+
+def test_resume_repairs_history_and_respects_an_early_stop(tmp_path, trained):
+    """Two ways a resumed run used to differ from an uninterrupted one: a kill between last.pth
+    and training_history.csv left the CSV an epoch short for good, and a run that had stopped
+    early trained on after --resume."""
+    model_dir = tmp_path / "m"
+    args = _train_args(trained["features"], model_dir)
+    args[args.index("--epochs") + 1] = "6"
+    args[args.index("--lr") + 1] = "1e-9"           # nothing improves: early stop after 2 epochs
+    proc = _run(*args, "--patience", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "early stop" in proc.stdout
+    full = _history(model_dir)
+    assert len(full) == 2
+    best = (model_dir / "best.pth").read_bytes()
+    # the CSV as a kill right after last.pth was written leaves it
+    lines = (model_dir / "training_history.csv").read_text().splitlines(keepends=True)
+    (model_dir / "training_history.csv").write_text("".join(lines[:-1]))
+    (model_dir / "training_history.png").unlink()
+    proc = _run("train", "--features", trained["features"], "--model-dir", model_dir, "--resume",
+                "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert "epoch   3" not in proc.stdout
+    assert _history(model_dir) == full
+    assert (model_dir / "training_history.png").is_file()
+    after = torch.load(model_dir / "best.pth", weights_only=True)
+    before = torch.load(io.BytesIO(best), weights_only=True)
+    assert after["epoch"] == before["epoch"] == 1
+    for key, tensor in before["model_state"].items():
+        assert torch.equal(tensor, after["model_state"][key])
+
+
+# ============================================================================= 4. concurrency
+
+@pytest.mark.parametrize("outputs", ["separate", "same"])
+def test_two_extracts_on_one_cache_at_once(tmp_path, dataset, extracted, outputs):
+    cache = tmp_path / "cache"
+    outs = [tmp_path / "a" / "features.pkl",
+            tmp_path / ("b" if outputs == "separate" else "a") / "features.pkl"]
+    procs = [subprocess.Popen(_cli(*_extract_args(dataset, out, cache)), env=_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for out in outs]
+    for proc in procs:
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr
+        assert "Traceback" not in stderr
+    assert _check_cache(cache) == 16
+    for out in set(outs):
+        _same_features(out, extracted["out"])
+        assert _leftovers(out.parent) == []
+    assert _leftovers(cache) == []
+
+
+def test_damaged_cache_entries_are_computed_again(tmp_path, work, dataset, extracted):
+    """However an entry is damaged (a torn write by another tool, a bad disk), it is never
+    loaded half: a header numpy cannot even tokenize used to escape as an internal error."""
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(work / "ref-cache", cache)
+    entries = sorted(cache.rglob("*.npz"))
+    damages = {
+        "truncated": lambda d: d[: len(d) // 2],
+        "unparsable header": lambda d: d.replace(b"), }", b"(, }", 1),
+        "flipped sample byte": lambda d: d[:-2000] + bytes([d[-2000] ^ 0xFF]) + d[-1999:],
+        "zeros": lambda d: bytes(len(d)),
+        "random bytes": lambda d: np.random.default_rng(0).bytes(len(d)),
+    }
+    for entry, damage in zip(entries, damages.values()):
+        before = entry.read_bytes()
+        entry.write_bytes(damage(before))
+        assert entry.read_bytes() != before
+    out = tmp_path / "out" / "features.pkl"
+    proc = _run(*_extract_args(dataset, out, cache))
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(rf"^16 clips \({len(damages)} computed, {16 - len(damages)} from cache\)",
+                     proc.stdout, re.M), proc.stdout
+    _same_features(out, extracted["out"])
+    assert _check_cache(cache) == 16
+
+
+# ================================================================================= 5. limits
+
+# VmHWM, not ru_maxrss: a child's ru_maxrss starts from its parent's size when it was forked
+# (pytest with torch loaded), which would hide any growth. Workers are only bounded from above.
+_MAXRSS = """
+import atexit, resource, sys
+def report():
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        with open("/proc/self/status") as fh:
+            own = next(int(ln.split()[1]) for ln in fh if ln.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        pass
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    print(f"MAXRSS_KB {own} {workers}", file=sys.stderr)
+atexit.register(report)
+from deepfusion.cli import main
+main(prog_name="deepfusion")
+"""
+
+
+def peak_rss_mb(*args, timeout: float = 600) -> tuple[float, float]:
+    """Run a deepfusion command; the peak resident memory (MB) of its main process and of its
+    largest worker."""
+    proc = subprocess.run([sys.executable, "-c", _MAXRSS, *map(str, args)], env=_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    own, workers = re.search(r"MAXRSS_KB (\d+) (\d+)", proc.stderr).groups()
+    return int(own) / 1024, int(workers) / 1024
+
+
+def write_long_wav(path: Path, seconds: int, *, sr: int = 48_000, channels: int = 2) -> Path:
+    """A long 16-bit WAV written ten seconds at a time (this process never holds it)."""
+    import soundfile as sf
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seconds)
+    with sf.SoundFile(str(path), "w", sr, channels, subtype="PCM_16", format="WAV") as fh:
+        for start in range(0, seconds, 10):
+            t = (start * sr + np.arange(10 * sr)) / sr
+            tone = 0.3 * np.sin(2 * np.pi * 220 * t)[:, None]
+            fh.write((tone + 0.01 * rng.standard_normal((t.size, channels))).astype(np.float32))
+    return path
+
+
+def test_a_ten_minute_file_is_read_in_bounded_memory(tmp_path):
+    long = write_long_wav(tmp_path / "long" / "g" / "long.wav", 600)       # 115 MB of PCM
+    short = write_long_wav(tmp_path / "short" / "g" / "short.wav", 30)
+    peaks = {}
+    for name in ("long", "short"):
+        peaks[name], _ = peak_rss_mb(*_extract_args(tmp_path / name, tmp_path / f"{name}.pkl",
+                                                    tmp_path / f"cache-{name}"))
+    assert long.stat().st_size > 100e6
+    # decoded in full it would be 230 MB of float32 stereo; read as one clip it costs nothing
+    assert peaks["long"] - peaks["short"] < 25, peaks
+
+
+def test_many_files_cost_no_memory_beyond_their_features(tmp_path):
+    """Peak memory over 200 and 800 short files: it grows by about the features, nothing more
+    (a decoded clip kept per file would add 66 kB each, 40 MB here)."""
+    small = ("--duration", "1.5", "--min-duration", "0.5", "--sr", "11025", "--n-fft", "1024",
+             "--hop-length", "512", "--n-mels", "16", "--n-mfcc", "13", "--tempogram-win-length", "16")
+    for i in range(800):
+        path = tmp_path / "audio" / f"g{i % 8}" / f"c{i:04d}.wav"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(_damage.encode(_damage.clip(i, seconds=1.5), "WAV", "PCM_16"))
+    few = tmp_path / "few"
+    for path in sorted((tmp_path / "audio").rglob("*.wav"))[::4]:
+        (few / path.parent.name).mkdir(parents=True, exist_ok=True)
+        os.link(path, few / path.parent.name / path.name)
+    peaks, sizes = {}, {}
+    for name, folder in (("few", few), ("many", tmp_path / "audio")):
+        out = tmp_path / f"{name}.pkl"
+        peaks[name] = peak_rss_mb("extract", "--audio-dir", folder, "--out", out, "--cache-dir",
+                                  tmp_path / f"cache-{name}", "--jobs", "2", "--quiet", *small)
+        sizes[name] = out.stat().st_size / 2**20
+        assert len(_load(out)) == (200 if name == "few" else 800)
+    growth = peaks["many"][0] - peaks["few"][0]
+    results = sizes["many"] - sizes["few"]
+    assert growth < 2 * results + 12, (peaks, sizes)
+    assert peaks["many"][1] - peaks["few"][1] < 20, (peaks, sizes)   # workers: flat
+
+
+READ_ONLY = [Path("/proc/deepfusion"), Path("/proc/self"), Path("/sys/deepfusion")]
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc")
+@pytest.mark.parametrize("folder", READ_ONLY, ids=str)
+@pytest.mark.parametrize("stage", ["extract --out", "extract --cache-dir", "train --model-dir",
+                                   "evaluate --out-dir"])
+def test_output_on_a_read_only_file_system_fails_before_any_work(tmp_path, dataset, trained,
+                                                                  stage, folder):
+    """As root, chmod stops nothing: /proc and /sys are file systems nobody can write."""
+    cache = tmp_path / "cache"
+    args = {
+        "extract --out": _extract_args(dataset, folder / "features.pkl", cache),
+        "extract --cache-dir": _extract_args(dataset, tmp_path / "features.pkl", folder / "cache"),
+        "train --model-dir": _train_args(trained["features"], folder / "model"),
+        "evaluate --out-dir": ["evaluate", "--checkpoint", trained["checkpoint"], "--out-dir",
+                               folder / "report"],
+    }[stage]
+    t0 = time.perf_counter()
+    result = _invoke(*args)
+    assert result.exit_code != 0
+    line = _one_error_line(result.stderr)
+    assert str(folder) in line and ("cannot write" in line or "cannot create" in line), line
+    assert time.perf_counter() - t0 < 30
+    assert not cache.exists() and not (tmp_path / "features.pkl").exists()
+
+
+class _FullDisk:
+    """Patches deepfusion.fileio's ``open``: after ``after`` writes of files named like
+    ``target`` have succeeded, the next ones take ``room`` bytes and then fail with ENOSPC."""
+
+    def __init__(self, target: str, *, after: int = 0, room: int = 4096):
+        self.target, self.after, self.room, self.hits = target, after, room, 0
+
+    def __call__(self, file, mode="r", *args, **kwargs):
+        if "w" not in mode or self.target not in Path(file).name:
+            return open(file, mode, *args, **kwargs)
+        self.hits += 1
+        if self.hits <= self.after:
+            return open(file, mode, *args, **kwargs)
+        raw = _NoSpace(file, "w", room=self.room)
+        if "b" in mode:
+            return io.BufferedWriter(raw)
+        return io.TextIOWrapper(io.BufferedWriter(raw), encoding=kwargs.get("encoding"),
+                                errors=kwargs.get("errors"), newline=kwargs.get("newline"))
+
+
+class _NoSpace(io.FileIO):
+    def __init__(self, file, mode, *, room: int):
+        super().__init__(file, mode)
+        self.room = room
+
+    def write(self, data):
+        if self.tell() + len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return super().write(data)
+
+
+def _assert_disk_full_error(result, path: Path) -> None:
+    assert result.exit_code != 0
+    line = _one_error_line(result.stderr)
+    assert str(path) in line and "cannot write (disk full)" in line, line
+
+
+def test_full_disk_keeps_the_previous_features_and_cache(tmp_path, dataset, extracted, monkeypatch):
+    import deepfusion.fileio
+
+    out, cache = tmp_path / "out" / "features.pkl", tmp_path / "cache"
+    ok = _invoke(*_extract_args(dataset, out, cache, jobs=1))
+    assert ok.exit_code == 0, ok.output
+    before = out.read_bytes()
+    full = _FullDisk("features.pkl")
+    monkeypatch.setattr(deepfusion.fileio, "open", full, raising=False)
+    again = _invoke(*_extract_args(dataset, out, cache, jobs=1), "--chroma-tuning", "0")  # new work
+    assert full.hits >= 1
+    _assert_disk_full_error(again, out)
+    assert out.read_bytes() == before                      # the previous file is untouched
+    assert _leftovers(out.parent, cache) == []
+    assert _check_cache(cache) == 32                       # the new entries were all kept
+    full = _FullDisk(".npz")                               # and a full disk while caching
+    monkeypatch.setattr(deepfusion.fileio, "open", full, raising=False)
+    third = _invoke(*_extract_args(dataset, out, cache, jobs=1), "--hop-length", "256")
+    assert full.hits >= 1
+    assert third.exit_code != 0 and "cannot write (disk full)" in _one_error_line(third.stderr)
+    assert out.read_bytes() == before and _leftovers(out.parent, cache) == []
+
+
+def test_full_disk_during_training_stops_cleanly_and_resume_finishes(tmp_path, trained, monkeypatch):
+    import deepfusion.fileio
+
+    full = _FullDisk("last.pth", after=1)            # epoch 1 fits on the disk, epoch 2 does not
+    monkeypatch.setattr(deepfusion.fileio, "open", full, raising=False)
+    model_dir = tmp_path / "m"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                         # as the reference run (OMP_NUM_THREADS=1)
+    try:
+        result = _invoke(*_train_args(trained["features"], model_dir))
+        _assert_disk_full_error(result, model_dir / "last.pth")
+        assert full.hits == 2
+        assert torch.load(model_dir / "last.pth", weights_only=True)["epoch"] == 1
+        assert _leftovers(model_dir) == []
+        monkeypatch.undo()
+        resumed = _invoke("train", "--features", trained["features"], "--model-dir", model_dir,
+                          "--resume", "--quiet")
+    finally:
+        torch.set_num_threads(threads)
+    assert resumed.exit_code == 0, resumed.output
+    assert "resuming after epoch 1" in resumed.stdout
+    _same_training(model_dir, trained["dir"])
