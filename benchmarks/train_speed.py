@@ -309,7 +309,7 @@ def main() -> None:
 
     if not args.skip_models:
         batches = {b: args.batch_light if b == "light" else args.batch_resnet for b in args.backbones}
-        print(f"\nbatch sizes: " + ", ".join(f"{b} {n}" for b, n in batches.items()))
+        print("\nbatch sizes: " + ", ".join(f"{b} {n}" for b, n in batches.items()))
         results = bench_models(args.backbones, args.modes, batches, steps=args.steps,
                                warmup=args.warmup)
         print_model_table(results, args.modes, args.steps, args.warmup)

@@ -25,7 +25,7 @@ import torch
 
 from .cache import file_digest
 from .checkpoint import library_versions, load_checkpoint, save_checkpoint
-from .config import AUX_KEYS, FEATURE_KEYS, FeatureConfig, ModelConfig, TrainConfig
+from .config import AUX_KEYS, FeatureConfig, ModelConfig, TrainConfig
 from .data import (FeatureSet, check_split, fit_normalization, load_feature_set, make_split,
                    make_train_loader, read_split_file, segment_frames)
 from .errors import CheckpointError, DatasetError, ParameterError

@@ -732,7 +732,7 @@ def write_long_wav(path: Path, seconds: int, *, sr: int = 48_000, channels: int 
 
 def test_a_ten_minute_file_is_read_in_bounded_memory(tmp_path):
     long = write_long_wav(tmp_path / "long" / "g" / "long.wav", 600)       # 115 MB of PCM
-    short = write_long_wav(tmp_path / "short" / "g" / "short.wav", 30)
+    write_long_wav(tmp_path / "short" / "g" / "short.wav", 30)
     peaks = {}
     for name in ("long", "short"):
         peaks[name], _ = peak_rss_mb(*_extract_args(tmp_path / name, tmp_path / f"{name}.pkl",

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from deepfusion.checkpoint import load_checkpoint, model_from_checkpoint, normalization_of
 from deepfusion.cli import main
-from deepfusion.config import AUX_KEYS, FEATURE_KEYS, MEL_KEYS, ModelConfig
+from deepfusion.config import FEATURE_KEYS, ModelConfig
 from deepfusion.data import check_split, fit_normalization, load_feature_set, make_split
 from deepfusion.errors import DatasetError
 from deepfusion.models import MultiModalNet, count_parameters
@@ -56,7 +56,6 @@ def test_light_cnn_is_small_and_sharing_saves_parameters():
 
 
 def test_split_is_stratified_and_keeps_groups_together():
-    rng = np.random.default_rng(1)
     labels = np.repeat(np.arange(4), 25)
     groups = np.arange(100)
     # duplicate groups and multi-clip tracks, some of them across genres
@@ -104,7 +103,7 @@ def test_normalization_uses_training_clips_only(tiny_features):
     assert np.allclose(fit_normalization(fs, train_idx)["mfcc"]["mean"], stats["mfcc"]["mean"])
 
 
-def _run(*args) -> "click.testing.Result":
+def _run(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
