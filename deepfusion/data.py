@@ -288,9 +288,14 @@ def segment_frames(segment_seconds: Optional[float], feature_config: FeatureConf
     return max(1, min(frames, n_frames))
 
 
+def segments_per_clip(n_frames: int, seg: int) -> int:
+    """Non-overlapping segments of ``seg`` frames that evaluation takes from a clip."""
+    return max(1, n_frames // seg)
+
+
 def eval_segments(indices: np.ndarray, n_frames: int, seg: int) -> tuple[np.ndarray, np.ndarray]:
     """All non-overlapping segments of each clip: (clip index, start frame) arrays."""
-    per_clip = max(1, n_frames // seg)
+    per_clip = segments_per_clip(n_frames, seg)
     clips = np.repeat(np.asarray(indices, np.int64), per_clip)
     starts = np.tile(np.arange(per_clip, dtype=np.int64) * seg, len(indices))
     return clips, starts

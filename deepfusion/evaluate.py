@@ -230,13 +230,12 @@ def evaluate(checkpoint: Path, *, features: Optional[Path] = None, split: str = 
 
     from .cache import file_digest
     from .checkpoint import load_checkpoint, model_from_checkpoint, normalization_of
-    from .config import FeatureConfig, MEL_KEYS, AUX_KEYS
+    from .config import AUX_KEYS, MEL_KEYS, FeatureConfig, TrainConfig
     from .data import load_feature_set, segment_frames
     from .errors import DatasetError, FeaturesFileError
     from .fileio import atomic_write, check_writable
     from .plots import plot_attention, plot_confusion
     from .train import resolve_device, use_amp
-    from .config import TrainConfig
 
     checkpoint = Path(checkpoint)
     ckpt = load_checkpoint(checkpoint)

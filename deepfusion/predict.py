@@ -16,6 +16,7 @@ from typing import Iterable, Iterator, Union
 import numpy as np
 
 from .audio import AUDIO_EXTENSIONS, decode_windows, discover
+from .data import segments_per_clip
 from .errors import AudioError, DatasetError
 
 
@@ -53,47 +54,51 @@ class Predictor:
         self.model = model_from_checkpoint(self.ckpt).to(self.device)
         self.batch_size = batch_size
 
-    def window_features(self, path: Path) -> list[dict[str, np.ndarray]]:
-        """The six views of each clip-length window of ``path``.
+    def iter_window_features(self, path: Path) -> Iterator[tuple[float, dict[str, np.ndarray]]]:
+        """``(file seconds, six views)`` of each clip-length window of ``path``, one at a time.
 
         The first window is decoded and analysed exactly as ``extract`` does it (same bytes);
-        later windows the same way, one at a time, so a long file costs one window of memory
-        for decoding (plus the features).
+        later windows the same way.
         """
         from threadpoolctl import threadpool_limits
 
         from .features import compute_features
 
         cfg = self.feature_config
-        out = []
-        self._last_seconds = 0.0
-        with threadpool_limits(limits=1):   # as extract does: identical numbers
-            for _, seconds, y in decode_windows(Path(path), sr=cfg.sample_rate,
-                                                duration=cfg.duration, min_duration=cfg.min_duration):
-                out.append(compute_features(y, cfg))
-                self._last_seconds = seconds
-        return out
+        for _, seconds, y in decode_windows(Path(path), sr=cfg.sample_rate,
+                                            duration=cfg.duration, min_duration=cfg.min_duration):
+            with threadpool_limits(limits=1):   # as extract does: identical numbers
+                feats = compute_features(y, cfg)
+            yield seconds, feats
+
+    def window_features(self, path: Path) -> list[dict[str, np.ndarray]]:
+        """The six views of every window of ``path`` (see :meth:`iter_window_features`)."""
+        return [feats for _, feats in self.iter_window_features(path)]
 
     def predict_file(self, path: Path, *, top_k: int = 3) -> Prediction:
-        """Top-k genres of one file. Raises :class:`AudioError` for unreadable files."""
-        from .config import FEATURE_KEYS
-        from .data import FeatureSet, segment_frames
-        from .evaluate import predict_clips
+        """Top-k genres of one file. Raises :class:`AudioError` for unreadable files.
 
-        windows = self.window_features(path)
-        arrays = {k: np.stack([w[k] for w in windows]) for k in FEATURE_KEYS}
-        n = len(windows)
-        fs = FeatureSet(arrays, np.full(n, -1, np.int64), self.class_names, [str(path)] * n,
-                        np.arange(n, dtype=np.int64))
-        seg = segment_frames(self.train_config.segment_seconds, self.feature_config, fs.n_frames)
-        pred = predict_clips(self.model, fs, self.norm, np.arange(n), seg=seg,
-                             batch_size=self.batch_size, device=self.device, amp=self.amp)
-        logits = pred.logits.mean(axis=0)
-        p = np.exp(logits - logits.max())
-        p /= p.sum()
+        Windows are classified as they are decoded, so memory holds one window whatever the
+        file's length.
+        """
+        from .data import FeatureSet, segment_frames
+        from .evaluate import ClipPredictions, predict_clips
+
+        logit_sum, windows, segments, seconds = None, 0, 0, 0.0
+        for seconds, feats in self.iter_window_features(path):
+            fs = FeatureSet({k: v[None] for k, v in feats.items()}, np.full(1, -1, np.int64),
+                            self.class_names, [str(path)], np.zeros(1, np.int64))
+            seg = segment_frames(self.train_config.segment_seconds, self.feature_config, fs.n_frames)
+            pred = predict_clips(self.model, fs, self.norm, np.arange(1), seg=seg,
+                                 batch_size=self.batch_size, device=self.device, amp=self.amp)
+            logit_sum = pred.logits[0] if logit_sum is None else logit_sum + pred.logits[0]
+            windows += 1
+            segments += segments_per_clip(fs.n_frames, seg)
+        mean = ClipPredictions(np.zeros(1), (logit_sum / windows)[None], np.zeros((1, 6)), 0, 0)
+        p = mean.probabilities()[0]
         order = np.argsort(-p)[:max(1, top_k)]
-        return Prediction(str(path), [(self.class_names[i], float(p[i])) for i in order], n,
-                          n * max(1, fs.n_frames // seg), self._last_seconds)
+        return Prediction(str(path), [(self.class_names[i], float(p[i])) for i in order],
+                          windows, segments, seconds)
 
 
 def expand_inputs(inputs: Iterable[Path]) -> list[Path]:

@@ -16,7 +16,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -27,7 +27,7 @@ from .cache import file_digest
 from .checkpoint import library_versions, load_checkpoint, save_checkpoint
 from .config import AUX_KEYS, FeatureConfig, ModelConfig, TrainConfig
 from .data import (FeatureSet, check_split, fit_normalization, load_feature_set, make_split,
-                   make_train_loader, read_split_file, segment_frames)
+                   make_train_loader, read_split_file, segment_frames, segments_per_clip)
 from .errors import CheckpointError, DatasetError, ParameterError
 from .evaluate import autocast_dtype, autocast_for, clip_loss, predict_clips
 from .fileio import atomic_write, check_writable, remove_stale_temps
@@ -241,7 +241,9 @@ def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConf
                                share_backbone=share_backbone,
                                pretrained=pretrained and backbone != "light")
     _seed_everything(config.seed)
-    model = build_model(model_config, weights_path=None if state else weights_path)
+    # a resumed run takes its weights from last.pth: no need for the ImageNet file again
+    model = build_model(replace(model_config, pretrained=False) if state else model_config,
+                        weights_path=weights_path)
     device = resolve_device(config.device)
     amp = use_amp(config, device)
     model.to(device)
@@ -299,7 +301,7 @@ def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConf
     def estimate(batch: int, elapsed: float) -> None:
         if batch == timed_batches - 1:
             per_batch = elapsed / timed_batches
-            n_val = len(val_idx) * max(1, fs.n_frames // seg)
+            n_val = len(val_idx) * segments_per_clip(fs.n_frames, seg)
             guess = per_batch * (len(loader) + 0.4 * n_val / config.batch_size)
             echo(f"estimated {guess:.0f} s per epoch ({len(loader)} batches of {config.batch_size})")
             if device.type == "cpu" and backbone != "light" and guess > 120:
