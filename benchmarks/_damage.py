@@ -229,3 +229,23 @@ def damaged_files(n: int, *, seed: int = 0, seconds: float = 1.0) -> dict[str, t
                       fmt, subtype)
         out[f"bad_{i:04d}_{damage}.{ext}"] = (func(rng, good), damage)
     return out
+
+
+#: ``python -c`` source that runs the deepfusion CLI and reports its peak memory on stderr
+#: (``MAXRSS_KB main workers``). VmHWM, not ru_maxrss: a child's ru_maxrss starts from its parent's size when it was forked
+# (pytest with torch loaded), which would hide any growth. Workers are only bounded from above.
+MAXRSS_SCRIPT = """
+import atexit, resource, sys
+def report():
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        with open("/proc/self/status") as fh:
+            own = next(int(ln.split()[1]) for ln in fh if ln.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        pass
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    print(f"MAXRSS_KB {own} {workers}", file=sys.stderr)
+atexit.register(report)
+from deepfusion.cli import main
+main(prog_name="deepfusion")
+"""

@@ -102,23 +102,7 @@ def run(name: str, *args, ok_codes=(0,), timeout: float = HARD_LIMIT):
     return proc
 
 
-# VmHWM, not ru_maxrss: a child's ru_maxrss starts from its parent's size when it was forked
-# (pytest with torch loaded), which would hide any growth. Workers are only bounded from above.
-_MAXRSS = """
-import atexit, resource, sys
-def report():
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    try:
-        with open("/proc/self/status") as fh:
-            own = next(int(ln.split()[1]) for ln in fh if ln.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        pass
-    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    print(f"MAXRSS_KB {own} {workers}", file=sys.stderr)
-atexit.register(report)
-from deepfusion.cli import main
-main(prog_name="deepfusion")
-"""
+_MAXRSS = _damage.MAXRSS_SCRIPT
 
 
 def peak_mb(name: str, *args) -> tuple[float, float]:

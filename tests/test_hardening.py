@@ -687,23 +687,7 @@ def test_damaged_cache_entries_are_computed_again(tmp_path, work, dataset, extra
 
 # ================================================================================= 5. limits
 
-# VmHWM, not ru_maxrss: a child's ru_maxrss starts from its parent's size when it was forked
-# (pytest with torch loaded), which would hide any growth. Workers are only bounded from above.
-_MAXRSS = """
-import atexit, resource, sys
-def report():
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    try:
-        with open("/proc/self/status") as fh:
-            own = next(int(ln.split()[1]) for ln in fh if ln.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        pass
-    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    print(f"MAXRSS_KB {own} {workers}", file=sys.stderr)
-atexit.register(report)
-from deepfusion.cli import main
-main(prog_name="deepfusion")
-"""
+_MAXRSS = _damage.MAXRSS_SCRIPT
 
 
 def peak_rss_mb(*args, timeout: float = 600) -> tuple[float, float]:
