@@ -13,7 +13,9 @@ arguments give the same bytes.
 from __future__ import annotations
 
 import io
+import os
 import struct
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -249,3 +251,37 @@ atexit.register(report)
 from deepfusion.cli import main
 main(prog_name="deepfusion")
 """
+
+
+# Malicious pickle payloads: unpickling one of these would create MARKER.
+
+class RunsShell:
+    """Unpickling this runs ``touch MARKER`` through os.system."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+class RunsPython:
+    """Unpickling this creates MARKER through builtins.exec."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').close()",)
+
+
+def write_long_wav(path: Path, seconds: int, *, sr: int = 48_000, channels: int = 2) -> Path:
+    """A long 16-bit WAV written ten seconds at a time (this process never holds it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seconds)
+    with sf.SoundFile(str(path), "w", sr, channels, subtype="PCM_16", format="WAV") as fh:
+        for start in range(0, seconds, 10):
+            t = (start * sr + np.arange(10 * sr)) / sr
+            tone = 0.3 * np.sin(2 * np.pi * 220 * t)[:, None]
+            fh.write((tone + 0.01 * rng.standard_normal((t.size, channels))).astype(np.float32))
+    return path

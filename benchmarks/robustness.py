@@ -274,20 +274,6 @@ def broken_inputs(work: Path, n_damaged: int, n_good: int, checkpoint: Path) -> 
             "reported": reported, "decoded": decoded, "predicted": predicted}
 
 
-class _RunsShell:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
-class _RunsPython:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return exec, (f"open({str(self.marker)!r}, 'w').close()",)
 
 
 def malicious_files(work: Path, features: Path, checkpoint: Path, audio: Path, quick: bool) -> dict:
@@ -298,7 +284,7 @@ def malicious_files(work: Path, features: Path, checkpoint: Path, audio: Path, q
     folder.mkdir()
     marker = folder / "MARKER"
     tried = refused = 0
-    payloads = [_RunsShell] if quick else [_RunsShell, _RunsPython]
+    payloads = [_damage.RunsShell] if quick else [_damage.RunsShell, _damage.RunsPython]
     cases = []
     for kind in payloads:
         evil = folder / f"{kind.__name__}.pkl"
@@ -455,23 +441,12 @@ def unwritable_outputs(work: Path, audio: Path, features: Path, checkpoint: Path
     return {"tried": len(cases), "clear": clear}
 
 
-def write_long_wav(path: Path, seconds: int, *, sr: int = 48_000, channels: int = 2) -> Path:
-    import soundfile as sf
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seconds)
-    with sf.SoundFile(str(path), "w", sr, channels, subtype="PCM_16", format="WAV") as fh:
-        for start in range(0, seconds, 10):
-            t = (start * sr + np.arange(10 * sr)) / sr
-            tone = 0.3 * np.sin(2 * np.pi * 220 * t)[:, None]
-            fh.write((tone + 0.01 * rng.standard_normal((t.size, channels))).astype(np.float32))
-    return path
 
 
 def memory(work: Path, checkpoint: Path, few: int, many: int) -> dict:
     result = {}
     for name, seconds in (("30 s", 30), ("10 min", 600)):
-        wav = write_long_wav(work / f"long-{seconds}" / "g" / "clip.wav", seconds)
+        wav = _damage.write_long_wav(work / f"long-{seconds}" / "g" / "clip.wav", seconds)
         result[f"extract {name}"] = peak_mb(f"extract ({name} file)", "extract", "--audio-dir",
                                             wav.parent.parent, "--out", work / f"long-{seconds}.pkl",
                                             "--cache-dir", work / f"long-cache-{seconds}", "--quiet")[0]

@@ -222,27 +222,9 @@ def trained(work, extracted) -> dict:
 
 # ============================================================================ 1. loading safely
 
-class _RunsShell:
-    """Unpickling this runs ``touch MARKER`` through os.system."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
 
 
-class _RunsPython:
-    """Unpickling this creates MARKER through builtins.exec."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return exec, (f"open({str(self.marker)!r}, 'w').close()",)
-
-
-PAYLOADS = {"os.system": _RunsShell, "exec": _RunsPython}
+PAYLOADS = {"os.system": _damage.RunsShell, "exec": _damage.RunsPython}
 
 
 def _evil_features(path: Path, payload: str, marker: Path) -> Path:
@@ -700,23 +682,11 @@ def peak_rss_mb(*args, timeout: float = 600) -> tuple[float, float]:
     return int(own) / 1024, int(workers) / 1024
 
 
-def write_long_wav(path: Path, seconds: int, *, sr: int = 48_000, channels: int = 2) -> Path:
-    """A long 16-bit WAV written ten seconds at a time (this process never holds it)."""
-    import soundfile as sf
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seconds)
-    with sf.SoundFile(str(path), "w", sr, channels, subtype="PCM_16", format="WAV") as fh:
-        for start in range(0, seconds, 10):
-            t = (start * sr + np.arange(10 * sr)) / sr
-            tone = 0.3 * np.sin(2 * np.pi * 220 * t)[:, None]
-            fh.write((tone + 0.01 * rng.standard_normal((t.size, channels))).astype(np.float32))
-    return path
 
 
 def test_a_ten_minute_file_is_read_in_bounded_memory(tmp_path):
-    long = write_long_wav(tmp_path / "long" / "g" / "long.wav", 600)       # 115 MB of PCM
-    write_long_wav(tmp_path / "short" / "g" / "short.wav", 30)
+    long = _damage.write_long_wav(tmp_path / "long" / "g" / "long.wav", 600)       # 115 MB of PCM
+    _damage.write_long_wav(tmp_path / "short" / "g" / "short.wav", 30)
     peaks = {}
     for name in ("long", "short"):
         peaks[name], _ = peak_rss_mb(*_extract_args(tmp_path / name, tmp_path / f"{name}.pkl",
