@@ -8,13 +8,10 @@ features file from the cache, in sorted path order, and replace the output atomi
 from __future__ import annotations
 
 import contextlib
-import csv
 import hashlib
-import io
 import json
 import os
 import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,7 +22,8 @@ from .audio import AudioItem, check_file, discover
 from .cache import FeatureCache, file_digest, write_features_file
 from .config import FeatureConfig
 from .errors import AudioError, DeepFusionError, ParameterError
-from .fileio import atomic_write, check_writable, remove_stale_temps
+from .fileio import atomic_write, check_writable, remove_stale_temps, write_csv
+from .progress import progress_bar
 
 DEFAULT_FEATURES = Path("data/features.pkl")
 DEFAULT_CACHE_DIR = Path("data/cache")
@@ -153,14 +151,6 @@ def compute_entry(path: str, key: str, cache_dir: str, config_dict: dict,
     return None
 
 
-def _progress(total: int, quiet: bool):
-    from tqdm.auto import tqdm
-
-    disable = quiet or not sys.stderr.isatty()
-    return tqdm(total=total, unit="clip", desc="extract", disable=disable, smoothing=0.1,
-                dynamic_ncols=True)
-
-
 def extract(audio_dir: Path, *, out: Path = DEFAULT_FEATURES,
             cache_dir: Path = DEFAULT_CACHE_DIR, jobs: Optional[int] = None,
             config: FeatureConfig = FeatureConfig(), manifest: Optional[Path] = None,
@@ -241,10 +231,10 @@ def extract(audio_dir: Path, *, out: Path = DEFAULT_FEATURES,
     jobs = default_jobs() if jobs is None else max(1, int(jobs))
     failed_keys: dict[str, str] = {}
     recomputed = 0                          # entries found damaged and computed again below
+    config_dict = config.to_dict()
     if todo:
         tasks = list(todo.items())
-        config_dict = config.to_dict()
-        with _progress(len(tasks), quiet) as bar:
+        with progress_bar(len(tasks), desc="extract", unit="clip", quiet=quiet) as bar:
             runner = Parallel(n_jobs=min(jobs, len(tasks)), return_as="generator_unordered",
                               batch_size=1, pre_dispatch="2*n_jobs")
             results = runner(delayed(_compute_keyed)(key, str(item.path), str(cache_dir),
@@ -257,7 +247,6 @@ def extract(audio_dir: Path, *, out: Path = DEFAULT_FEATURES,
     assembled: list[dict[str, Any]] = []
     by_audio: dict[str, list[str]] = {}
     group_ids: dict[str, int] = {}
-    config_dict = config.to_dict()
     for item in items:
         key = keys.get(item.relpath)
         if key is None:
@@ -293,7 +282,7 @@ def extract(audio_dir: Path, *, out: Path = DEFAULT_FEATURES,
     errors_csv = out.with_name(ERRORS_CSV)
     if assembled:
         write_features_file(out, assembled)
-    _write_errors(errors_csv, errors)
+    write_csv(errors_csv, ["path", "reason"], sorted(errors.items()))
     labels: dict[str, int] = {}
     for it in assembled:
         labels[it["label"]] = labels.get(it["label"], 0) + 1
@@ -350,12 +339,3 @@ def _record_state(out: Path, fingerprint: str, result: ExtractResult) -> None:
 
 def _compute_keyed(key: str, path: str, cache_dir: str, config_dict: dict, timeout):
     return key, compute_entry(path, key, cache_dir, config_dict, timeout)
-
-
-def _write_errors(path: Path, errors: dict[str, str]) -> None:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["path", "reason"])
-    writer.writerows(sorted(errors.items()))
-    with atomic_write(path, "w") as fh:
-        fh.write(buf.getvalue())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import _compat_pickle
 import collections
 import contextlib
+import csv
 import errno
 import gc
 import io
@@ -20,7 +21,7 @@ import pickle
 import re
 import struct
 from pathlib import Path
-from typing import IO, Any, Iterator, Optional
+from typing import Any, IO, Iterable, Iterator, Optional, Sequence
 
 from .errors import FeaturesFileError, OutputError
 
@@ -58,6 +59,14 @@ def atomic_write(dest: Path, mode: str = "wb") -> Iterator[IO[Any]]:
     except BaseException:
         _unlink_quietly(tmp)
         raise
+
+
+def write_csv(dest: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """Write a UTF-8 CSV atomically (``\\n`` line ends)."""
+    with atomic_write(Path(dest), "w") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
 
 
 def check_writable(dest: Path) -> None:

@@ -10,11 +10,8 @@ resumed run on the CPU repeats the uninterrupted one.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import random
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,7 +27,8 @@ from .data import (FeatureSet, check_split, fit_normalization, load_feature_set,
                    make_train_loader, read_split_file, segment_frames, segments_per_clip)
 from .errors import CheckpointError, DatasetError, ParameterError
 from .evaluate import autocast_dtype, autocast_for, clip_loss, predict_clips
-from .fileio import atomic_write, check_writable, remove_stale_temps
+from .fileio import check_writable, remove_stale_temps, write_csv
+from .progress import progress_bar
 from .models import build_model, count_parameters
 
 HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds",
@@ -124,20 +122,7 @@ def _split_lists(fs: FeatureSet, split: np.ndarray) -> dict[str, Any]:
 
 
 def _write_history(path: Path, history: list[dict]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    for row in history:
-        writer.writerow({k: row[k] for k in HISTORY_FIELDS})
-    with atomic_write(path, "w") as fh:
-        fh.write(buf.getvalue())
-
-
-def _progress(total: int, desc: str, quiet: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True,
-                disable=quiet or not sys.stderr.isatty())
+    write_csv(path, HISTORY_FIELDS, ([row[k] for k in HISTORY_FIELDS] for row in history))
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, *, device, amp: bool,
@@ -314,7 +299,8 @@ def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConf
         # every random draw of epoch e depends on (seed, e) alone: resume repeats it exactly
         torch.manual_seed(config.seed * 1_000_003 + epoch)
         loader.sampler.set_epoch(epoch)
-        with _progress(len(loader), f"epoch {epoch}/{config.epochs}", quiet) as bar:
+        with progress_bar(len(loader), desc=f"epoch {epoch}/{config.epochs}", unit="batch",
+                          quiet=quiet, leave=False) as bar:
             train_loss, train_acc = train_one_epoch(
                 model, loader, optimizer, scheduler, scaler, loss_fn, device=device, amp=amp,
                 progress=bar, on_batch=estimate if epoch == start_epoch else None)
