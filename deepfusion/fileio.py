@@ -93,6 +93,12 @@ def _unlink_quietly(path: Path) -> None:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (and so may still be writing its temporary file).
+
+    A killed worker whose parent died too is re-parented to PID 1; where PID 1 does not reap
+    (many containers), it stays a zombie forever. ``kill(pid, 0)`` succeeds on zombies, so they
+    are recognised from ``/proc`` where there is one.
+    """
     if pid == os.getpid():
         return True
     try:
@@ -101,7 +107,12 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:          # no /proc (macOS): trust kill(); with /proc: it ended meanwhile
+        return not Path("/proc/self").exists()
+    state = stat[stat.rfind(")") + 2:][:1]   # the field after "(comm)", which may hold spaces
+    return state not in ("Z", "X", "x")
 
 
 def remove_stale_temps(folder: Path, *, recursive: bool = False) -> int:

@@ -74,6 +74,7 @@ import numpy as np
 from scipy import signal
 
 from .errors import OutputError, ParameterError
+from .fileio import atomic_write
 
 #: Lowest sample rate :func:`render_clip` accepts: the hi-hats need content up to ~4 kHz.
 MIN_SAMPLE_RATE = 8000
@@ -905,10 +906,9 @@ def _check_count(name: str, value: int, *, low: int, high: int | None = None) ->
 
 
 def _write_wav(path: Path, y: np.ndarray, *, sr: int) -> None:
-    """Write 16-bit PCM atomically: a hidden temp file in the same folder, then ``os.replace``.
+    """Write 16-bit PCM atomically (:func:`deepfusion.fileio.atomic_write`).
 
     Quantising here (not in libsndfile) pins the bytes: rounding is numpy's, on every platform.
-    The temp name carries the process id, so parallel writers never share one.
 
     Raises
     ------
@@ -918,18 +918,11 @@ def _write_wav(path: Path, y: np.ndarray, *, sr: int) -> None:
     import soundfile  # only writing needs it
 
     pcm = np.round(np.clip(y, -1.0, 1.0) * 32767.0).astype(np.int16)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        # opening the file ourselves turns permission and disk errors into OSError
-        with open(tmp, "wb") as handle:
+        with atomic_write(path) as handle:
             soundfile.write(handle, pcm, sr, format="WAV", subtype="PCM_16")
-        os.replace(tmp, path)
-    except BaseException as error:
-        tmp.unlink(missing_ok=True)
-        if isinstance(error, (OSError, soundfile.SoundFileError)):
-            reason = getattr(error, "strerror", None) or error
-            raise OutputError(f"{path}: cannot write ({reason})") from error
-        raise
+    except soundfile.SoundFileError as error:
+        raise OutputError(f"{path}: cannot write ({error})") from None
 
 
 def synthesize_dataset(out_dir: Union[str, os.PathLike], *, genres: int = 4,

@@ -339,23 +339,21 @@ def test_multichannel_is_channel_mean_and_rate_does_not_change_shape(tmp_path):
 
 def test_cache_reuse_new_file_config_change_and_rename(tmp_path):
     audio, cache, out = tmp_path / "audio", tmp_path / "cache", tmp_path / "out" / "f.pkl"
-    duration = 8.0          # long enough that computing clearly costs more than hashing
+    duration = 3.0
     for i, rel in enumerate(["rock/a.wav", "rock/b.wav", "jazz/c.wav", "jazz/d.wav"]):
         _write(audio / rel, _clip(40 + i, seconds=duration))
 
     def run(*extra):
-        t0 = time.perf_counter()
         result = _extract(audio, out, cache, *extra, jobs=1, duration=duration)
         assert result.exit_code == 0, result.output
-        return result, time.perf_counter() - t0
+        return result
 
-    first, t_first = run()
+    first = run()
     assert _summary(first) == (4, 4, 0)
     items_first = _load(out)
 
-    second, t_second = run()
+    second = run()   # the speed-up itself is measured by benchmarks/extract_speed.py
     assert _summary(second) == (4, 0, 4)
-    assert t_second < t_first
     items_second = _load(out)
     assert [it["path"] for it in items_second] == [it["path"] for it in items_first]
     for a, b in zip(items_first, items_second):
@@ -363,10 +361,10 @@ def test_cache_reuse_new_file_config_change_and_rename(tmp_path):
             assert np.array_equal(a["features"][key], b["features"][key])
 
     _write(audio / "jazz/e.wav", _clip(50, seconds=duration))
-    added, _ = run()
+    added = run()
     assert _summary(added) == (5, 1, 4)
 
-    mels, _ = run("--n-mels", "64")
+    mels = run("--n-mels", "64")
     assert _summary(mels) == (5, 5, 0)
     config64 = FeatureConfig(duration=duration, n_mels=64)
     for it in _load(out):
@@ -378,7 +376,7 @@ def test_cache_reuse_new_file_config_change_and_rename(tmp_path):
     (audio / "rock/a.wav").rename(audio / "rock/renamed a.wav")
     (audio / "pop").mkdir()
     shutil.copyfile(audio / "jazz/c.wav", audio / "pop/copy of c.wav")
-    moved, _ = run()
+    moved = run()
     assert _summary(moved) == (6, 0, 6)
     items = {it["path"]: it for it in _load(out)}
     assert set(items) == {"rock/renamed a.wav", "rock/b.wav", "jazz/c.wav", "jazz/d.wav",
@@ -394,7 +392,7 @@ def test_cache_reuse_new_file_config_change_and_rename(tmp_path):
     entry = next(namespace.rglob(f"{items['rock/b.wav']['file_sha']}.npz"))
     entry.write_bytes(entry.read_bytes()[:100])
     out.unlink()
-    repaired, _ = run()
+    repaired = run()
     assert _summary(repaired) == (6, 1, 5)
     again = {it["path"]: it for it in _load(out)}
     for key in FEATURE_KEYS:

@@ -567,6 +567,32 @@ def test_kill_9_during_extract_then_rerun_equals_uninterrupted(work, dataset, ex
     assert killed >= 1, "every run ended before its kill: nothing was tested"
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="zombies are read from /proc")
+def test_temp_file_of_a_killed_worker_left_as_a_zombie_is_removed(tmp_path):
+    """CI failed once here: a worker killed mid-write whose parent was killed too is
+    re-parented to PID 1, and where PID 1 does not reap (containers) it stays a zombie;
+    ``kill(pid, 0)`` succeeds on zombies, so its temporary file counted as still being
+    written and survived the re-run. The zombie is made here by not reaping a child."""
+    from deepfusion.fileio import remove_stale_temps
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        stat = Path(f"/proc/{child.pid}/stat")
+        deadline = time.monotonic() + 30
+        while stat.read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the child never exited"
+            time.sleep(0.01)
+        dead = tmp_path / "ab" / f".entry.npz.{child.pid}.0123abcd.tmp"
+        live = tmp_path / "ab" / f".other.npz.{os.getpid()}.0123abcd.tmp"
+        dead.parent.mkdir()
+        dead.write_bytes(b"half an entry")
+        live.write_bytes(b"being written")
+        assert remove_stale_temps(tmp_path, recursive=True) == 1
+        assert not dead.exists() and live.exists()
+    finally:
+        child.wait()
+
+
 def test_kill_9_during_train_then_resume_equals_uninterrupted(work, trained):
     rng = random.Random(12)
     killed = 0
