@@ -110,8 +110,12 @@ def synth(out: Path, genres: int, clips_per_genre: int, duration: float, seed: i
 @click.option("--audio-dir", required=True,
               type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Dataset root: genre folders of audio files (wav, au, flac, ogg, mp3, ...).")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
-              default=Path("data/features.pkl"), show_default=True, help="Features file to write.")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Features pickle or store folder to write  [default: data/features.pkl, "
+              "data/features.store with --format store].")
+@click.option("--format", "fmt", type=click.Choice(["pickle", "store"]), default="pickle",
+              show_default=True, help="pickle: one file, read whole into RAM by train; store: a "
+              "folder of arrays that train memory-maps (collections larger than RAM).")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("data/cache"), show_default=True, envvar="DEEPFUSION_CACHE",
               help="Per-clip feature cache shared by all stages [env: DEEPFUSION_CACHE].")
@@ -124,18 +128,19 @@ def synth(out: Path, genres: int, clips_per_genre: int, duration: float, seed: i
 @click.option("--timeout", type=click.FloatRange(min=0), default=120.0, show_default=True,
               help="Seconds one file may take before it is abandoned and reported (0: no limit).")
 @feature_options
-def extract(audio_dir: Path, out: Path, cache_dir: Path, manifest: Path | None, jobs: int | None,
-            quiet: bool, strict: bool, timeout: float, **kwargs: Any) -> None:
+def extract(audio_dir: Path, out: Path | None, fmt: str, cache_dir: Path, manifest: Path | None,
+            jobs: int | None, quiet: bool, strict: bool, timeout: float, **kwargs: Any) -> None:
     """Compute the six feature views of every clip, in parallel and cached.
 
-    Writes OUT (a pickle: a list of dicts with 'features', 'label', 'path', ...) and
-    extract_errors.csv beside it.
+    Writes OUT (a pickle: a list of dicts with 'features', 'label', 'path', ...; or a feature
+    store folder) and extract_errors.csv beside it.
     """
-    from .extract import extract as run_extract
+    from .extract import default_out, extract as run_extract
 
     config = _feature_config(kwargs)
-    result = run_extract(audio_dir, out=out, cache_dir=cache_dir, jobs=jobs, config=config,
-                         manifest=manifest, quiet=quiet, timeout=timeout or None)
+    result = run_extract(audio_dir, out=out or default_out(fmt), fmt=fmt, cache_dir=cache_dir,
+                         jobs=jobs, config=config, manifest=manifest, quiet=quiet,
+                         timeout=timeout or None)
     for path, reason in result.errors:
         click.echo(f"skipped {path}: {reason}", err=True)
     genres = ", ".join(f"{k} {v}" for k, v in result.labels.items())
@@ -178,9 +183,10 @@ class _SecondsOrFull(click.ParamType):
 
 
 @main.command()
-@click.option("--features", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--features", type=click.Path(path_type=Path),
               default=Path("data/features.pkl"), show_default=True,
-              help="Features file from 'deepfusion extract' (or the original project's pickle).")
+              help="Features pickle or store folder from 'deepfusion extract' (or the original "
+              "project's pickle).")
 @click.option("--model-dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("models"), show_default=True, help="Where checkpoints and logs go.")
 @click.option("--epochs", type=click.IntRange(1), default=100, show_default=True)
@@ -222,8 +228,8 @@ def train(features: Path, model_dir: Path, backbone: str, share_backbone: bool, 
     from .config import TrainConfig
     from .train import train as run_train
 
-    if not features.is_file():
-        raise click.BadParameter(f"{features}: file not found", param_hint="--features")
+    if not features.exists():
+        raise click.BadParameter(f"{features}: not found", param_hint="--features")
     config = TrainConfig(**kwargs)
     result = run_train(features, model_dir=model_dir, config=config, backbone=backbone,
                        share_backbone=share_backbone, pretrained=pretrained,
@@ -242,8 +248,9 @@ _DEVICE = click.option("--device", default="auto", show_default=True,
 
 @main.command()
 @_CHECKPOINT
-@click.option("--features", type=click.Path(dir_okay=False, path_type=Path),
-              help="Features file to evaluate [default: the one the checkpoint was trained on].")
+@click.option("--features", type=click.Path(path_type=Path),
+              help="Features pickle or store to evaluate [default: the one the checkpoint was "
+              "trained on].")
 @click.option("--split", type=click.Choice(["test", "val", "train", "all"]), default="test",
               show_default=True, help="Which clips: a split of the checkpoint (or --split-file), or all.")
 @click.option("--split-file", help="CSV 'path,split' overriding the checkpoint's split, or a shipped alias.")

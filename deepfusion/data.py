@@ -1,9 +1,9 @@
 """Features files to training data: validation, splits, normalisation and the torch Dataset.
 
 The features of all clips are held once, as one C-contiguous float32 array per view of shape
-``(n_clips, rows, frames)`` (the layout :func:`numpy.save` / ``np.load(mmap_mode='r')`` use, so
-a store larger than RAM can be memory-mapped). Datasets index into these arrays; nothing is
-copied per epoch or per worker.
+``(n_clips, rows, frames)``: read into memory from a features pickle, or memory-mapped from a
+feature store folder (:mod:`deepfusion.store`, for collections larger than RAM). Datasets index
+into these arrays; nothing is copied per epoch or per worker.
 """
 
 from __future__ import annotations
@@ -57,6 +57,34 @@ def _label_name(label: Any, where: str) -> str:
     if isinstance(label, (str, int, np.integer)) and not isinstance(label, bool):
         return str(label)
     raise FeaturesFileError(f"{where}: label must be a string or an integer, got {type(label).__name__}")
+
+
+def _class_names(names: list[str], source: Path) -> list[str]:
+    """Distinct labels in logit order: numbers numerically, then names alphabetically."""
+    distinct = sorted(set(names), key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
+    if len(distinct) < 2:
+        raise FeaturesFileError(f"{source}: only one class ({distinct[0]!r}); need at least two genres")
+    return distinct
+
+
+def load_features(path: Path, *, class_names: Optional[list[str]] = None) -> FeatureSet:
+    """A features pickle (read into memory) or a feature store folder (memory-mapped).
+
+    See :func:`load_feature_set` and :func:`open_store`; both raise :class:`FeaturesFileError`.
+    """
+    from .store import is_store
+
+    if is_store(path):
+        return open_store(path, class_names=class_names)
+    return load_feature_set(path, class_names=class_names)
+
+
+def features_digest(path: Path) -> str:
+    """SHA-256 identity of a features pickle or a feature store (recorded in checkpoints)."""
+    from .cache import file_digest
+    from .store import digest, is_store
+
+    return digest(path) if is_store(path) else file_digest(path)
 
 
 def load_feature_set(path: Path, *, class_names: Optional[list[str]] = None) -> FeatureSet:
@@ -117,10 +145,7 @@ def load_feature_set(path: Path, *, class_names: Optional[list[str]] = None) -> 
         raise FeaturesFileError(f"{path}: the three mel views must have the same number of bands")
 
     if class_names is None:
-        distinct = sorted(set(names), key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
-        if len(distinct) < 2:
-            raise FeaturesFileError(f"{path}: only one class ({distinct[0]!r}); need at least two genres")
-        class_names = distinct
+        class_names = _class_names(names, path)
     index = {name: i for i, name in enumerate(class_names)}
 
     n, t = len(items), Counter(frames).most_common(1)[0][0]
@@ -366,38 +391,36 @@ def make_train_loader(fs: FeatureSet, norm: dict, clips: np.ndarray, *, seg: int
 
 
 def save_store(fs: FeatureSet, folder: Path) -> None:
-    """Write a FeatureSet as one ``.npy`` per view plus ``meta.json`` (each file atomic).
+    """Write a FeatureSet as a feature store (see :mod:`deepfusion.store`), one clip at a time."""
+    from .store import StoreWriter
 
-    :func:`open_store` maps it back without reading it into memory, for collections larger
-    than RAM.
+    names = fs.label_names or [fs.class_names[c] for c in fs.labels]
+    with StoreWriter(Path(folder), n_clips=len(fs), rows=fs.rows(), frames=fs.n_frames) as writer:
+        for i in range(len(fs)):
+            writer.put({k: fs.arrays[k][i] for k in FEATURE_KEYS})
+        writer.commit([{"path": p, "label": n, "group": int(g)}
+                       for p, n, g in zip(fs.paths, names, fs.groups)],
+                      feature_config=fs.feature_config, source=fs.source)
+
+
+def open_store(folder: Path, *, class_names: Optional[list[str]] = None) -> FeatureSet:
+    """A FeatureSet over a feature store, its arrays memory-mapped read-only.
+
+    Raises
+    ------
+    FeaturesFileError
+        Not a store, damaged, or (without ``class_names``) fewer than two classes.
     """
-    import json
-
-    from .fileio import atomic_write
+    from .store import open_arrays, read_meta
 
     folder = Path(folder)
-    for key, arr in fs.arrays.items():
-        with atomic_write(folder / f"{key}.npy") as fh:
-            np.save(fh, arr, allow_pickle=False)
-    meta = {"labels": fs.labels.tolist(), "class_names": fs.class_names, "paths": fs.paths,
-            "groups": fs.groups.tolist(), "feature_config": fs.feature_config,
-            "label_names": fs.label_names, "source": fs.source}
-    with atomic_write(folder / "meta.json", "w") as fh:
-        json.dump(meta, fh)
-
-
-def open_store(folder: Path, *, mmap: bool = True) -> FeatureSet:
-    """A FeatureSet over the ``.npy`` files of :func:`save_store`, memory-mapped read-only."""
-    import json
-
-    folder = Path(folder)
-    try:
-        with open(folder / "meta.json", encoding="utf-8") as fh:
-            meta = json.load(fh)
-        arrays = {k: np.load(folder / f"{k}.npy", mmap_mode="r" if mmap else None,
-                             allow_pickle=False) for k in FEATURE_KEYS}
-    except (OSError, ValueError) as exc:
-        raise FeaturesFileError(f"{folder}: not a readable feature store ({exc})") from None
-    return FeatureSet(arrays, np.asarray(meta["labels"], np.int64), meta["class_names"],
-                      meta["paths"], np.asarray(meta["groups"], np.int64), meta["feature_config"],
-                      meta["source"], meta["label_names"])
+    meta = read_meta(folder)
+    arrays = open_arrays(folder, meta)
+    clips = meta["clips"]
+    names = [str(c["label"]) for c in clips]
+    if class_names is None:
+        class_names = _class_names(names, folder)
+    index = {name: i for i, name in enumerate(class_names)}
+    labels = np.array([index.get(name, -1) for name in names], np.int64)
+    return FeatureSet(arrays, labels, list(class_names), [c["path"] for c in clips],
+                      _merge_groups(clips), meta.get("feature_config"), str(folder), names)

@@ -231,7 +231,7 @@ def evaluate(checkpoint: Path, *, features: Optional[Path] = None, split: str = 
     from .cache import file_digest
     from .checkpoint import load_checkpoint, model_from_checkpoint, normalization_of
     from .config import AUX_KEYS, MEL_KEYS, FeatureConfig, TrainConfig
-    from .data import load_feature_set, segment_frames
+    from .data import features_digest, load_features, segment_frames
     from .errors import DatasetError, FeaturesFileError
     from .fileio import atomic_write, check_writable
     from .plots import plot_attention, plot_confusion
@@ -243,7 +243,7 @@ def evaluate(checkpoint: Path, *, features: Optional[Path] = None, split: str = 
     check_writable(out_dir / "evaluation.json")
     features = Path(features) if features is not None else Path(ckpt["features_file"])
     class_names = list(ckpt["class_names"])
-    fs = load_feature_set(features, class_names=class_names)
+    fs = load_features(features, class_names=class_names)
     rows = fs.rows()
     mc = ckpt["model_config"]
     expected = {**{k: mc["n_mels"] for k in MEL_KEYS}, **dict(zip(AUX_KEYS, mc["aux_rows"]))}
@@ -252,7 +252,7 @@ def evaluate(checkpoint: Path, *, features: Optional[Path] = None, split: str = 
         raise FeaturesFileError(f"{features}: features do not fit the model: {'; '.join(wrong)}")
     if fs.feature_config and fs.feature_config != ckpt["feature_config"]:
         echo(f"warning: {features} was extracted with other feature settings than the model was trained on")
-    features_sha = file_digest(features)
+    features_sha = features_digest(features)
     same_file = features_sha == ckpt.get("features_sha256")
 
     unknown: dict[str, int] = {}

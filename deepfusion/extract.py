@@ -2,7 +2,8 @@
 
 Work is split so that nothing computed is ever lost: worker processes decode a clip, compute its
 features and write its cache entry atomically; only then does the main process assemble the
-features file from the cache, in sorted path order, and replace the output atomically.
+features file (a pickle, or a memory-mappable store folder) from the cache, in sorted path
+order, and replace the output atomically.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ from typing import Any, Optional
 from .audio import AudioItem, check_file, discover
 from .cache import FeatureCache, file_digest, write_features_file
 from .config import FeatureConfig
-from .errors import AudioError, DeepFusionError, ParameterError
+from .errors import AudioError, DeepFusionError, OutputError, ParameterError
 from .fileio import atomic_write, check_writable, remove_stale_temps, write_csv
 from .progress import progress_bar
 
 DEFAULT_FEATURES = Path("data/features.pkl")
+DEFAULT_STORE = Path("data/features.store")
+FORMATS = ("pickle", "store")
 DEFAULT_CACHE_DIR = Path("data/cache")
 ERRORS_CSV = "extract_errors.csv"
 
@@ -43,6 +46,11 @@ class ExtractResult:
     errors: list[tuple[str, str]] = field(default_factory=list)          # (path, reason)
     duplicate_groups: list[list[str]] = field(default_factory=list)     # paths, >= 2 each
     labels: dict[str, int] = field(default_factory=dict)                # clips per genre
+
+
+def default_out(fmt: str = "pickle") -> Path:
+    """Where extract writes by default: ``data/features.pkl``, or ``data/features.store``."""
+    return DEFAULT_STORE if fmt == "store" else DEFAULT_FEATURES
 
 
 def default_jobs() -> int:
@@ -151,7 +159,7 @@ def compute_entry(path: str, key: str, cache_dir: str, config_dict: dict,
     return None
 
 
-def extract(audio_dir: Path, *, out: Path = DEFAULT_FEATURES,
+def extract(audio_dir: Path, *, out: Path = DEFAULT_FEATURES, fmt: str = "pickle",
             cache_dir: Path = DEFAULT_CACHE_DIR, jobs: Optional[int] = None,
             config: FeatureConfig = FeatureConfig(), manifest: Optional[Path] = None,
             quiet: bool = False, timeout: Optional[float] = DEFAULT_TIMEOUT) -> ExtractResult:
@@ -163,8 +171,11 @@ def extract(audio_dir: Path, *, out: Path = DEFAULT_FEATURES,
         Dataset root in GTZAN layout (``genre/genre.00042.wav``), or the root that the paths
         of ``manifest`` are relative to.
     out : Path
-        Features file to write (a pickle, see :func:`deepfusion.cache.write_features_file`).
-        ``extract_errors.csv`` is written beside it.
+        Features to write: a pickle (see :func:`deepfusion.cache.write_features_file`) or a
+        store folder. ``extract_errors.csv`` is written beside it.
+    fmt : {'pickle', 'store'}
+        ``store`` writes a feature store (:mod:`deepfusion.store`) that train memory-maps;
+        clips are copied one at a time from the cache, so extract holds one clip in memory.
     cache_dir : Path
         Where per-clip features are kept between runs.
     jobs : int, optional
@@ -193,10 +204,16 @@ def extract(audio_dir: Path, *, out: Path = DEFAULT_FEATURES,
 
     t0 = time.perf_counter()
     out, cache_dir = Path(out), Path(cache_dir)
+    if fmt not in FORMATS:
+        raise ParameterError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     items = discover(Path(audio_dir), manifest=manifest)
     if out.name == ERRORS_CSV:
         raise ParameterError(f"{out}: that name is reserved for the error report; choose another --out")
-    check_writable(out)
+    if fmt == "pickle" and out.is_dir():
+        raise OutputError(f"{out}: is a folder (a feature store?); give --format store, or a file for --out")
+    if fmt == "store" and out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: is a file; a feature store is a folder: give another --out")
+    check_writable(out / "meta.json" if fmt == "store" and out.is_dir() else out)
     remove_stale_temps(out.parent)
     cache = FeatureCache(cache_dir, config)
     cache.prepare()
@@ -218,7 +235,7 @@ def extract(audio_dir: Path, *, out: Path = DEFAULT_FEATURES,
         if key not in todo and not cache.has(key):
             todo[key] = item
 
-    fingerprint = _fingerprint(config, items, keys, errors)
+    fingerprint = _fingerprint(config, items, keys, errors, fmt)
     if not todo:
         done = _up_to_date(out, fingerprint)
         if done is not None:  # same inputs, same config, output untouched: nothing to do
@@ -245,6 +262,7 @@ def extract(audio_dir: Path, *, out: Path = DEFAULT_FEATURES,
                 bar.update(1)
 
     assembled: list[dict[str, Any]] = []
+    shapes: Optional[dict[str, tuple]] = None
     by_audio: dict[str, list[str]] = {}
     group_ids: dict[str, int] = {}
     for item in items:
@@ -265,8 +283,10 @@ def extract(audio_dir: Path, *, out: Path = DEFAULT_FEATURES,
         sha = entry.meta["audio_sha"]
         group = group_ids.setdefault(sha, len(group_ids))
         by_audio.setdefault(sha, []).append(item.relpath)
+        if shapes is None:
+            shapes = {k: v.shape for k, v in entry.features.items()}
         assembled.append({
-            "features": entry.features,
+            "features": entry.features if fmt == "pickle" else None,  # a store re-reads them
             "label": item.label,
             "path": item.relpath,
             "duplicate_group": group,
@@ -280,7 +300,9 @@ def extract(audio_dir: Path, *, out: Path = DEFAULT_FEATURES,
         })
 
     errors_csv = out.with_name(ERRORS_CSV)
-    if assembled:
+    if assembled and fmt == "store":
+        _write_store(out, assembled, cache, shapes, config_dict)
+    elif assembled:
         write_features_file(out, assembled)
     write_csv(errors_csv, ["path", "reason"], sorted(errors.items()))
     labels: dict[str, int] = {}
@@ -300,14 +322,38 @@ def extract(audio_dir: Path, *, out: Path = DEFAULT_FEATURES,
     return result
 
 
+def _write_store(out: Path, assembled: list[dict[str, Any]], cache: FeatureCache,
+                 shapes: dict[str, tuple], config_dict: dict) -> None:
+    """Copy the clips' cache entries into a feature store, one clip in memory at a time."""
+    from .store import StoreWriter
+
+    rows = {k: int(shape[0]) for k, shape in shapes.items()}
+    with StoreWriter(out, n_clips=len(assembled), rows=rows, frames=int(shapes["mel_spec_orig"][1])) as writer:
+        for it in assembled:
+            entry = cache.load(it["file_sha"])
+            if entry is None:
+                raise OutputError(f"{cache.path(it['file_sha'])}: cache entry of {it['path']} vanished "
+                                  "while the store was written (another process cleaning the cache?); "
+                                  "run extract again")
+            writer.put(entry.features)
+        writer.commit(assembled, feature_config=config_dict, source=str(out))
+
+
+def _stamp_path(out: Path) -> Path:
+    """The file whose size and mtime identify what extract wrote to ``out``."""
+    from .store import META, is_store
+
+    return out / META if is_store(out) else out
+
+
 def _state_path(out: Path) -> Path:
     return out.with_name(f".{out.name}.extract.json")
 
 
 def _fingerprint(config: FeatureConfig, items: list[AudioItem], keys: dict[str, str],
-                 errors: dict[str, str]) -> str:
-    """Identity of an extract run's inputs: config, every (path, label, content) and errors."""
-    payload = json.dumps([config.fingerprint(),
+                 errors: dict[str, str], fmt: str) -> str:
+    """Identity of an extract run: format, config, every (path, label, content) and errors."""
+    payload = json.dumps([fmt, config.fingerprint(),
                           [(it.relpath, it.label, it.group, keys.get(it.relpath)) for it in items],
                           sorted(errors.items())])
     return hashlib.sha256(payload.encode()).hexdigest()
@@ -318,7 +364,7 @@ def _up_to_date(out: Path, fingerprint: str) -> Optional[dict]:
     try:
         with open(_state_path(out)) as fh:
             state = json.load(fh)
-        st = out.stat()
+        st = _stamp_path(out).stat()
     except (OSError, ValueError):
         return None
     if (state.get("fingerprint") == fingerprint and state.get("size") == st.st_size
@@ -329,7 +375,7 @@ def _up_to_date(out: Path, fingerprint: str) -> Optional[dict]:
 
 
 def _record_state(out: Path, fingerprint: str, result: ExtractResult) -> None:
-    st = out.stat()
+    st = _stamp_path(out).stat()
     summary = {"n_items": result.n_items, "errors": result.errors,
                "duplicate_groups": result.duplicate_groups, "labels": result.labels}
     with atomic_write(_state_path(out), "w") as fh:

@@ -52,13 +52,17 @@ def atomic_write(dest: Path, mode: str = "wb") -> Iterator[IO[Any]]:
         os.replace(tmp, dest)
     except OSError as exc:
         _unlink_quietly(tmp)
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        if exc.errno == errno.ENOSPC:
-            reason = "disk full"
-        raise OutputError(f"{dest}: cannot write ({reason})") from None
+        raise OutputError(f"{dest}: cannot write ({os_error_reason(exc)})") from None
     except BaseException:
         _unlink_quietly(tmp)
         raise
+
+
+def os_error_reason(exc: OSError) -> str:
+    """The words of an OS error for a one-line message ("disk full", "Permission denied")."""
+    if exc.errno == errno.ENOSPC:
+        return "disk full"
+    return os.strerror(exc.errno) if exc.errno else str(exc)
 
 
 def write_csv(dest: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
@@ -92,7 +96,7 @@ def _unlink_quietly(path: Path) -> None:
         os.unlink(path)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` still runs (and so may still be writing its temporary file).
 
     A killed worker whose parent died too is re-parented to PID 1; where PID 1 does not reap
@@ -127,7 +131,7 @@ def remove_stale_temps(folder: Path, *, recursive: bool = False) -> int:
     paths = folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp")
     for path in paths:
         match = _TMP_RE.match(path.name)
-        if match and not _pid_alive(int(match.group(1))):
+        if match and not pid_alive(int(match.group(1))):
             _unlink_quietly(path)
             removed += 1
     return removed

@@ -20,11 +20,11 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from .cache import file_digest
 from .checkpoint import library_versions, load_checkpoint, save_checkpoint
 from .config import AUX_KEYS, FeatureConfig, ModelConfig, TrainConfig
-from .data import (FeatureSet, check_split, fit_normalization, load_feature_set, make_split,
-                   make_train_loader, read_split_file, segment_frames, segments_per_clip)
+from .data import (FeatureSet, check_split, features_digest, fit_normalization, load_features,
+                   make_split, make_train_loader, read_split_file, segment_frames,
+                   segments_per_clip)
 from .errors import CheckpointError, DatasetError, ParameterError
 from .evaluate import autocast_dtype, autocast_for, clip_loss, predict_clips
 from .fileio import check_writable, remove_stale_temps, write_csv
@@ -197,8 +197,8 @@ def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConf
     check_writable(best_path)
     remove_stale_temps(model_dir)  # leftovers of a run killed while writing
 
-    fs = load_feature_set(features)
-    features_sha = file_digest(features)
+    fs = load_features(features)
+    features_sha = features_digest(features)
     if state is not None and state["features_sha256"] != features_sha:
         raise CheckpointError(f"{last_path}: was trained on another features file than {features}; "
                               "start a new run in another --model-dir")

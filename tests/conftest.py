@@ -9,11 +9,35 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from deepfusion.config import FeatureConfig
 
 TINY = dict(genres=3, clips_per_genre=6, duration=6.0, seed=0)
 TINY_FEATURES = FeatureConfig(duration=6.0)
+
+
+def cli_runner() -> CliRunner:
+    """A CliRunner that keeps stderr apart from stdout."""
+    try:
+        return CliRunner(mix_stderr=False)  # click < 8.2 mixes stderr into stdout by default
+    except TypeError:
+        return CliRunner()
+
+
+def invoke(*args):
+    """The command in-process (so that monkeypatches apply); stderr kept apart."""
+    from deepfusion.cli import main
+
+    return cli_runner().invoke(main, [str(a) for a in args])
+
+
+def one_error_line(stderr: str) -> str:
+    """The single ``Error: ...`` line a refused input or an impossible output must produce."""
+    assert "Traceback" not in stderr, stderr
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), stderr
+    return lines[0]
 
 
 @pytest.fixture(scope="session")

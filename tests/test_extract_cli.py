@@ -25,8 +25,8 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pytest
 import soundfile as sf
-from click.testing import CliRunner
 
+from conftest import cli_runner
 from deepfusion.cli import main
 from deepfusion.config import FEATURE_KEYS, FeatureConfig
 
@@ -63,19 +63,12 @@ def _write(path: Path, y: np.ndarray, sr: int = SR, **kwargs) -> Path:
     return path
 
 
-def _runner() -> CliRunner:
-    try:
-        return CliRunner(mix_stderr=False)  # click < 8.2 mixes stderr into stdout by default
-    except TypeError:
-        return CliRunner()
-
-
 def _extract(audio: Path, out: Path, cache: Path, *extra: str, jobs: int = 2,
              duration: float = DURATION):
     """Run ``deepfusion extract`` in-process; a crash (not a clean exit) fails the test."""
     args = ["extract", "--audio-dir", str(audio), "--out", str(out), "--cache-dir", str(cache),
             "--jobs", str(jobs), "--quiet", "--duration", str(duration), *extra]
-    result = _runner().invoke(main, args)
+    result = cli_runner().invoke(main, args)
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise AssertionError(f"extract crashed: {result.exception!r}\n{result.output}") \
             from result.exception
@@ -282,7 +275,7 @@ def test_bad_audio_dir_is_a_usage_error(tmp_path, case):
     args = ["extract", "--out", str(tmp_path / "f.pkl"), "--cache-dir", str(tmp_path / "c")]
     if case != "no-option":
         args += ["--audio-dir", str(target)]
-    result = _runner().invoke(main, args)
+    result = cli_runner().invoke(main, args)
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)

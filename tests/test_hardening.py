@@ -26,9 +26,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
-from deepfusion.cli import main
+from conftest import invoke, one_error_line
 from deepfusion.config import FEATURE_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,23 +61,6 @@ def _run(*args, timeout: float = 300) -> subprocess.CompletedProcess:
     """The real command, to completion; a hang fails the test after ``timeout`` seconds."""
     return subprocess.run(_cli(*args), env=_env(), capture_output=True, text=True,
                           timeout=timeout)
-
-
-def _invoke(*args):
-    """The command in-process (so that monkeypatches apply); stderr kept apart."""
-    try:
-        runner = CliRunner(mix_stderr=False)  # click < 8.2 mixes stderr into stdout by default
-    except TypeError:
-        runner = CliRunner()
-    return runner.invoke(main, [str(a) for a in args])
-
-
-def _one_error_line(stderr: str) -> str:
-    """The single ``Error: ...`` line a refused input or an impossible output must produce."""
-    assert "Traceback" not in stderr, stderr
-    lines = [ln for ln in stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), stderr
-    return lines[0]
 
 
 def _leftovers(*folders: Path) -> list[Path]:
@@ -257,9 +239,9 @@ def test_malicious_features_pickle_is_refused_by_train_and_evaluate(tmp_path, tr
                      "--split", "all", "--out-dir", tmp_path / "report"),
     }
     for name, args in runs.items():
-        result = _invoke(*args)
+        result = invoke(*args)
         assert result.exit_code != 0, (name, result.output)
-        line = _one_error_line(result.stderr)
+        line = one_error_line(result.stderr)
         assert str(evil) in line and "refused" in line and "unsafe pickle" in line, (name, line)
         assert not marker.exists(), f"{name} ran the payload"
     assert not (tmp_path / "m" / "last.pth").exists()
@@ -282,9 +264,9 @@ def test_malicious_checkpoint_is_refused_by_evaluate_predict_and_resume(
                            "--resume"),
     }
     for name, args in runs.items():
-        result = _invoke(*args)
+        result = invoke(*args)
         assert result.exit_code != 0, (name, result.output)
-        line = _one_error_line(result.stderr)
+        line = one_error_line(result.stderr)
         assert "refused" in line and "objects other than tensors" in line, (name, line)
         assert ("posix.system" if payload == "os.system" else "exec") in line, (name, line)
         assert not marker.exists(), f"{name} ran the payload"
@@ -401,9 +383,9 @@ def test_split_file_paths_cannot_leave_the_dataset_root(tmp_path, trained):
                   "--backbone", "light", "--no-pretrained", "--epochs", "1", "--split-file", split),
                  ("evaluate", "--checkpoint", trained["checkpoint"], "--split-file", split,
                   "--out-dir", tmp_path / "report")):
-        result = _invoke(*args)
+        result = invoke(*args)
         assert result.exit_code != 0
-        line = _one_error_line(result.stderr)
+        line = one_error_line(result.stderr)
         assert "line 3" in line and "'../../etc/passwd'" in line and "leaves the dataset root" in line
 
 
@@ -466,12 +448,12 @@ def test_a_header_claiming_1_hz_is_an_invalid_header(tmp_path, trained):
     fine = _damage.encode(_damage.clip(1, seconds=3.0), "WAV", "PCM_16")
     (tmp_path / "rock" / "fine.wav").write_bytes(fine)
     t0 = time.perf_counter()
-    result = _invoke("predict", tmp_path / "rock", "--checkpoint", trained["checkpoint"])
+    result = invoke("predict", tmp_path / "rock", "--checkpoint", trained["checkpoint"])
     assert time.perf_counter() - t0 < 60
     assert result.exit_code == 0, result.output
     assert f"skipped {tmp_path / 'rock' / 'one_hz.wav'}: invalid header (1 channels at 1 Hz)" \
         in result.stderr
-    result = _invoke(*_extract_args(tmp_path, tmp_path / "f.pkl", tmp_path / "cache", jobs=1))
+    result = invoke(*_extract_args(tmp_path, tmp_path / "f.pkl", tmp_path / "cache", jobs=1))
     assert result.exit_code == 0, result.output
     assert "skipped rock/one_hz.wav: invalid header (1 channels at 1 Hz)" in result.stderr
 
@@ -495,7 +477,7 @@ def test_timeout_abandons_a_decode_that_hangs(tmp_path, monkeypatch):
     for i, name in enumerate(["a.wav", "stuck.wav", "z.wav"]):
         (root / name).write_bytes(_damage.encode(_damage.clip(i, seconds=2.0), "WAV", "PCM_16"))
     t0 = time.perf_counter()
-    result = _invoke("extract", "--audio-dir", tmp_path / "audio", "--out", tmp_path / "f.pkl",
+    result = invoke("extract", "--audio-dir", tmp_path / "audio", "--out", tmp_path / "f.pkl",
                      "--cache-dir", tmp_path / "cache", "--jobs", "1", "--quiet",
                      "--duration", "2", "--timeout", "1.5")
     assert time.perf_counter() - t0 < 60
@@ -564,6 +546,42 @@ def test_kill_9_during_extract_then_rerun_equals_uninterrupted(work, dataset, ex
         assert sorted(p.name for p in out.parent.iterdir()) == \
             [".features.pkl.extract.json", "extract_errors.csv", "features.pkl"]
         assert _check_cache(cache) == 16
+    assert killed >= 1, "every run ended before its kill: nothing was tested"
+
+
+def test_kill_9_while_a_feature_store_is_written_then_rerun_equals_uninterrupted(
+        work, dataset, extracted):
+    """Kills land while the store's arrays are written (progress: a version folder exists) or
+    just after; the re-run's store must hold what the uninterrupted pickle holds, in one
+    version folder, with no temporary file left. (How many kills land mid-write depends on
+    the machine's speed; test_store.py kills a writer mid-write deterministically.)"""
+    from deepfusion.data import load_feature_set, open_store
+
+    reference = load_feature_set(extracted["out"])
+    rng = random.Random(13)
+    killed = 0
+    for trial in range(EXTRACT_TRIALS):
+        out, cache = work / f"kill-store-{trial}" / "features.store", work / f"kill-store-cache-{trial}"
+        args = [*_extract_args(dataset, out, cache), "--format", "store"]
+        if trial:   # later trials start from a complete store and update it (a new --n-mfcc)
+            assert _run(*args, "--n-mfcc", "13").returncode == 0
+
+        def writing():
+            return int(out.is_dir() and any(p.name.startswith("v.") and p.stat().st_mtime_ns >
+                                             started for p in out.iterdir()))
+        started = time.time_ns()
+        killed += _kill_when(_cli(*args), writing, 1, rng.uniform(0, 0.01))
+        if (out / "meta.json").exists():     # whatever the kill hit, the store reads whole
+            before = open_store(out)
+            assert before.rows()["mfcc"] in (13, 20) and len(before) == 16
+        proc = _run(*args)
+        assert proc.returncode == 0, proc.stderr
+        store = open_store(out)
+        assert store.paths == reference.paths and (store.groups == reference.groups).all()
+        for key in FEATURE_KEYS:
+            np.testing.assert_array_equal(store.arrays[key], reference.arrays[key])
+        assert _leftovers(out.parent, cache) == []
+        assert sorted(p.name.startswith("v.") for p in out.iterdir()) == [False, True]
     assert killed >= 1, "every run ended before its kill: nothing was tested"
 
 
@@ -767,9 +785,9 @@ def test_output_on_a_read_only_file_system_fails_before_any_work(tmp_path, datas
                                folder / "report"],
     }[stage]
     t0 = time.perf_counter()
-    result = _invoke(*args)
+    result = invoke(*args)
     assert result.exit_code != 0
-    line = _one_error_line(result.stderr)
+    line = one_error_line(result.stderr)
     assert str(folder) in line and ("cannot write" in line or "cannot create" in line), line
     assert time.perf_counter() - t0 < 30
     assert not cache.exists() and not (tmp_path / "features.pkl").exists()
@@ -808,7 +826,7 @@ class _NoSpace(io.FileIO):
 
 def _assert_disk_full_error(result, path: Path) -> None:
     assert result.exit_code != 0
-    line = _one_error_line(result.stderr)
+    line = one_error_line(result.stderr)
     assert str(path) in line and "cannot write (disk full)" in line, line
 
 
@@ -816,12 +834,12 @@ def test_full_disk_keeps_the_previous_features_and_cache(tmp_path, dataset, extr
     import deepfusion.fileio
 
     out, cache = tmp_path / "out" / "features.pkl", tmp_path / "cache"
-    ok = _invoke(*_extract_args(dataset, out, cache, jobs=1))
+    ok = invoke(*_extract_args(dataset, out, cache, jobs=1))
     assert ok.exit_code == 0, ok.output
     before = out.read_bytes()
     full = _FullDisk("features.pkl")
     monkeypatch.setattr(deepfusion.fileio, "open", full, raising=False)
-    again = _invoke(*_extract_args(dataset, out, cache, jobs=1), "--chroma-tuning", "0")  # new work
+    again = invoke(*_extract_args(dataset, out, cache, jobs=1), "--chroma-tuning", "0")  # new work
     assert full.hits >= 1
     _assert_disk_full_error(again, out)
     assert out.read_bytes() == before                      # the previous file is untouched
@@ -829,9 +847,9 @@ def test_full_disk_keeps_the_previous_features_and_cache(tmp_path, dataset, extr
     assert _check_cache(cache) == 32                       # the new entries were all kept
     full = _FullDisk(".npz")                               # and a full disk while caching
     monkeypatch.setattr(deepfusion.fileio, "open", full, raising=False)
-    third = _invoke(*_extract_args(dataset, out, cache, jobs=1), "--hop-length", "256")
+    third = invoke(*_extract_args(dataset, out, cache, jobs=1), "--hop-length", "256")
     assert full.hits >= 1
-    assert third.exit_code != 0 and "cannot write (disk full)" in _one_error_line(third.stderr)
+    assert third.exit_code != 0 and "cannot write (disk full)" in one_error_line(third.stderr)
     assert out.read_bytes() == before and _leftovers(out.parent, cache) == []
 
 
@@ -844,13 +862,13 @@ def test_full_disk_during_training_stops_cleanly_and_resume_finishes(tmp_path, t
     threads = torch.get_num_threads()
     torch.set_num_threads(1)                         # as the reference run (OMP_NUM_THREADS=1)
     try:
-        result = _invoke(*_train_args(trained["features"], model_dir))
+        result = invoke(*_train_args(trained["features"], model_dir))
         _assert_disk_full_error(result, model_dir / "last.pth")
         assert full.hits == 2
         assert torch.load(model_dir / "last.pth", weights_only=True)["epoch"] == 1
         assert _leftovers(model_dir) == []
         monkeypatch.undo()
-        resumed = _invoke("train", "--features", trained["features"], "--model-dir", model_dir,
+        resumed = invoke("train", "--features", trained["features"], "--model-dir", model_dir,
                           "--resume", "--quiet")
     finally:
         torch.set_num_threads(threads)
