@@ -125,6 +125,30 @@ def _write_history(path: Path, history: list[dict]) -> None:
     write_csv(path, HISTORY_FIELDS, ([row[k] for k in HISTORY_FIELDS] for row in history))
 
 
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def epoch_estimate(batch_ends: list[float], n_batches: int, n_val_segments: int,
+                   batch_size: int) -> float:
+    """Seconds one epoch will take, from the end times of its first training batches.
+
+    The first batch pays for warm-up (oneDNN builds its kernels; about 10x a later batch for
+    resnet50 in bf16 here), so the rate comes from the batches after it when there are any.
+    A validation segment is counted as 0.25 of a training sample: inference has no backward
+    pass (``benchmarks/train_speed.py``: 0.21-0.36 of a training step's time per sample).
+    """
+    if len(batch_ends) > 1:
+        per_batch = (batch_ends[-1] - batch_ends[0]) / (len(batch_ends) - 1)
+    else:
+        per_batch = batch_ends[0]
+    return per_batch * (n_batches + 0.25 * n_val_segments / batch_size)
+
+
 def train_one_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, *, device, amp: bool,
                     progress=None, on_batch: Optional[Callable[[int, float], None]] = None
                     ) -> tuple[float, float]:
@@ -281,17 +305,20 @@ def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConf
         "versions": library_versions(),
     }
 
-    timed_batches = min(4, len(loader))   # the first batch pays for warm-up; a few more dilute it
+    batch_ends: list[float] = []
+    n_val = len(val_idx) * segments_per_clip(fs.n_frames, seg)
 
     def estimate(batch: int, elapsed: float) -> None:
-        if batch == timed_batches - 1:
-            per_batch = elapsed / timed_batches
-            n_val = len(val_idx) * segments_per_clip(fs.n_frames, seg)
-            guess = per_batch * (len(loader) + 0.4 * n_val / config.batch_size)
-            echo(f"estimated {guess:.0f} s per epoch ({len(loader)} batches of {config.batch_size})")
-            if device.type == "cpu" and backbone != "light" and guess > 120:
-                echo(f"{backbone} on a CPU costs about {guess * config.epochs / 3600:.1f} h for "
-                     f"{config.epochs} epochs; --backbone light trains far faster")
+        batch_ends.append(elapsed)
+        if batch == min(4, len(loader) - 1):
+            guess = epoch_estimate(batch_ends, len(loader), n_val, config.batch_size)
+            total = guess * (last_epoch - start_epoch + 1)
+            echo(f"estimated {guess:.0f} s per epoch ({len(loader)} batch"
+                 f"{'es' if len(loader) != 1 else ''} of {config.batch_size}); "
+                 f"{_duration(total)} for the {last_epoch - start_epoch + 1} epochs to go "
+                 "unless it stops early")
+            if device.type == "cpu" and backbone != "light" and total > 1800:
+                echo(f"{backbone} on a CPU costs hours; --backbone light trains far faster")
 
     epoch = start_epoch - 1
     for epoch in range(start_epoch, last_epoch + 1):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from deepfusion.config import FEATURE_KEYS, ModelConfig
 from deepfusion.data import check_split, fit_normalization, load_feature_set, make_split
 from deepfusion.errors import DatasetError
 from deepfusion.models import MultiModalNet, count_parameters
+from deepfusion.train import epoch_estimate
 
 ROWS = {"mel_spec_orig": 32, "mel_spec_harm": 32, "mel_spec_perc": 32, "mfcc": 20,
         "chroma": 12, "tempogram": 48}
@@ -114,6 +116,8 @@ def test_train_command_writes_checkpoints_logs_and_curves(tiny_features, tmp_pat
                   "--val-size", "0.2", "--test-size", "0.2", "--quiet")
     assert result.exit_code == 0, result.output
     assert "best validation clip accuracy" in result.output
+    assert re.search(r"^estimated \d+ s per epoch \(1 batch of 8\); \d+ s for the 2 epochs to go "
+                     r"unless it stops early$", result.output, re.M), result.output
     for name in ("best.pth", "last.pth", "training_history.csv", "training_history.png"):
         assert (out / name).is_file(), name
     rows = list(csv.DictReader(open(out / "training_history.csv")))
@@ -122,6 +126,13 @@ def test_train_command_writes_checkpoints_logs_and_curves(tiny_features, tmp_pat
     import matplotlib.image
     assert matplotlib.image.imread(out / "training_history.png").shape[0] > 100
     assert not list(out.glob(".*.tmp"))
+
+
+def test_epoch_estimate_leaves_out_the_warm_up_batch():
+    # a 10-s warm-up batch, then 1 s per batch: 20 training batches and 80 validation
+    # segments of batch 8 (= 10 batches at 0.25 of a training step's cost)
+    assert epoch_estimate([10.0, 11.0, 12.0, 13.0, 14.0], 20, 80, 8) == pytest.approx(22.5)
+    assert epoch_estimate([3.0], 1, 0, 8) == pytest.approx(3.0)   # one batch: all there is
 
 
 def test_checkpoint_is_self_contained(trained_model_dir, tiny_features):
