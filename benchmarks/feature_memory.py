@@ -16,7 +16,7 @@ pickle it grows with the collection, for a store it does not. Finally it checks 
 training runs wrote the same history (timings aside).
 
 Usage: python benchmarks/feature_memory.py [--audio-dir DIR] [--manifest CSV] [--epochs 2]
-About 1 minute on 2 cores for minigenres (80 clips, 331 MB of features).
+About 1 minute on 2 cores for minigenres (80 clips, 315 MiB of features).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def _status_kb(pid: int) -> dict[str, int]:
 
 
 def measure(cmd: list[str]) -> dict[str, float]:
-    """Run ``cmd``; peak RssAnon / RssFile / VmRSS in MB (5-ms samples) and wall seconds."""
+    """Run ``cmd``; peak RssAnon / RssFile / VmRSS in MiB (5-ms samples) and wall seconds."""
     peak = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0}
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -107,7 +107,7 @@ def main() -> None:
                  "--backbone", "light", "--no-pretrained", "--epochs", str(args.epochs),
                  "--batch-size", "16", "--lr", "1e-3", "--val-size", "0.2", "--test-size", "0.2",
                  "--quiet"])
-        print(f"features: {feature_mb:.0f} MB as a pickle; peak memory per command (MB), "
+        print(f"features: {feature_mb:.0f} MiB as a pickle; peak memory per command (MiB), "
               f"5-ms samples, cache-hot:")
         print(f"{'command':24s} {'anonymous':>10s} {'file pages':>11s} {'total RSS':>10s} {'wall s':>7s}")
         for name, r in rows.items():
@@ -115,7 +115,7 @@ def main() -> None:
         for step in ("extract", "train on the"):
             a = rows[f"{step} --format pickle" if step == "extract" else f"{step} pickle"]
             b = rows[f"{step} --format store" if step == "extract" else f"{step} store"]
-            print(f"{step.split()[0]}: anonymous memory store - pickle = {b['anon'] - a['anon']:+.0f} MB "
+            print(f"{step.split()[0]}: anonymous memory store - pickle = {b['anon'] - a['anon']:+.0f} MiB "
                   f"({(a['anon'] - b['anon']) / feature_mb:.2f}x the feature bytes saved)")
         same = _history(work / "model-pickle") == _history(work / "model-store")
         print(f"training histories identical (timings aside): {same}")

@@ -135,10 +135,10 @@ def extract(audio_dir: Path, out: Path | None, fmt: str, cache_dir: Path, manife
     Writes OUT (a pickle: a list of dicts with 'features', 'label', 'path', ...; or a feature
     store folder) and extract_errors.csv beside it.
     """
-    from .extract import default_out, extract as run_extract
+    from .extract import extract as run_extract
 
     config = _feature_config(kwargs)
-    result = run_extract(audio_dir, out=out or default_out(fmt), fmt=fmt, cache_dir=cache_dir,
+    result = run_extract(audio_dir, out=out, fmt=fmt, cache_dir=cache_dir,
                          jobs=jobs, config=config, manifest=manifest, quiet=quiet,
                          timeout=timeout or None)
     for path, reason in result.errors:

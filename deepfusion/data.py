@@ -18,7 +18,7 @@ from typing import Any, Optional
 import numpy as np
 
 from .config import FEATURE_KEYS, MEL_KEYS, FeatureConfig
-from .errors import DatasetError, FeaturesFileError
+from .errors import DatasetError, DeepFusionError, FeaturesFileError
 
 SPLITS = ("train", "val", "test")
 
@@ -38,6 +38,21 @@ class FeatureSet:
     feature_config: Optional[dict[str, Any]] = None
     source: str = ""
     label_names: list[str] = field(default_factory=list)   # each clip's label as written
+    sha256: str = ""                     # identity of the file or store it came from
+    mapped: dict[str, str] = field(default_factory=dict)   # key -> .npy file memory-mapped
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Worker processes started by spawn (macOS, Windows) receive the dataset pickled:
+        # memory-mapped views travel as file names and are mapped again, not copied.
+        state = dict(self.__dict__)
+        state["arrays"] = {k: None if k in self.mapped else a for k, a in self.arrays.items()}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        arrays = state["arrays"]
+        for key, filename in state["mapped"].items():
+            arrays[key] = np.load(filename, mmap_mode="r", allow_pickle=False)
+        self.__dict__.update(state)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -79,12 +94,17 @@ def load_features(path: Path, *, class_names: Optional[list[str]] = None) -> Fea
     return load_feature_set(path, class_names=class_names)
 
 
-def features_digest(path: Path) -> str:
-    """SHA-256 identity of a features pickle or a feature store (recorded in checkpoints)."""
-    from .cache import file_digest
-    from .store import digest, is_store
-
-    return digest(path) if is_store(path) else file_digest(path)
+def _checked_feature_config(config: Any, source: Path) -> Optional[dict[str, Any]]:
+    """``config`` if it is None or a valid :class:`FeatureConfig` dict; else one clear error."""
+    if config is None:
+        return None
+    try:
+        if not isinstance(config, dict):
+            raise TypeError(f"expected a dict, found {type(config).__name__}")
+        FeatureConfig.from_dict(config)
+    except (DeepFusionError, TypeError, ValueError) as exc:
+        raise FeaturesFileError(f"{source}: invalid feature_config ({exc})") from None
+    return config
 
 
 def load_feature_set(path: Path, *, class_names: Optional[list[str]] = None) -> FeatureSet:
@@ -108,7 +128,13 @@ def load_feature_set(path: Path, *, class_names: Optional[list[str]] = None) -> 
     """
     from .cache import read_features_file
 
+    from .cache import file_digest
+
     path = Path(path)
+    try:
+        sha256 = file_digest(path)
+    except OSError:
+        sha256 = ""          # read_features_file reports the missing or unreadable file
     items = read_features_file(path)
     if not isinstance(items, list):
         raise FeaturesFileError(f"{path}: expected a list of clips, found {type(items).__name__}")
@@ -141,6 +167,11 @@ def load_feature_set(path: Path, *, class_names: Optional[list[str]] = None) -> 
             t = a.shape[1]
         frames.append(t)
         names.append(_label_name(item["label"], where))
+        for key in ("group", "duplicate_group"):
+            value = item.get(key)
+            if not (value is None or isinstance(value, (str, int, float))) or isinstance(value, bool):
+                raise FeaturesFileError(f"{where}: {key} must be a string or a number, got "
+                                        f"{type(value).__name__}")
     if rows[MEL_KEYS[0]] != rows[MEL_KEYS[1]] or rows[MEL_KEYS[0]] != rows[MEL_KEYS[2]]:
         raise FeaturesFileError(f"{path}: the three mel views must have the same number of bands")
 
@@ -164,8 +195,10 @@ def load_feature_set(path: Path, *, class_names: Optional[list[str]] = None) -> 
     labels = np.array([index.get(name, -1) for name in names], np.int64)
     paths = [str(it.get("path") or it.get("original_file") or "") for it in items]
     groups = _merge_groups(items)
-    feature_config = next((it.get("feature_config") for it in items if it.get("feature_config")), None)
-    return FeatureSet(arrays, labels, list(class_names), paths, groups, feature_config, str(path), names)
+    feature_config = _checked_feature_config(
+        next((it.get("feature_config") for it in items if it.get("feature_config")), None), path)
+    return FeatureSet(arrays, labels, list(class_names), paths, groups, feature_config, str(path),
+                      names, sha256)
 
 
 def _merge_groups(items: list[dict]) -> np.ndarray:
@@ -326,36 +359,48 @@ def eval_segments(indices: np.ndarray, n_frames: int, seg: int) -> tuple[np.ndar
     return clips, starts
 
 
+class SegmentDataset:
+    """Normalised segments of clips: ``(views, label, clip index)`` per item.
+
+    A map-style dataset (all torch's DataLoader needs is ``__len__`` and ``__getitem__``),
+    defined at module level so that worker processes started by spawn can unpickle it.
+    """
+
+    def __init__(self, fs: FeatureSet, norm: dict, clips: np.ndarray, *, seg: int,
+                 starts: Optional[np.ndarray] = None, seed: int = 0):
+        self.fs, self.norm, self.clips, self.seg = fs, norm, clips, seg
+        self.starts, self.seed = starts, seed
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, key):
+        import torch
+
+        i, epoch = key if isinstance(key, tuple) else (key, 0)
+        c, seg = int(self.clips[i]), self.seg
+        if self.starts is not None:
+            s = int(self.starts[i])
+        else:
+            span = self.fs.n_frames - seg
+            s = int(np.random.default_rng([self.seed, epoch, i]).integers(0, span + 1)) if span > 0 else 0
+        x = {}
+        for k, arr in self.fs.arrays.items():
+            m, sd = self.norm[k]["mean"], self.norm[k]["std"]
+            x[k] = torch.from_numpy((arr[c, :, s:s + seg] - m[:, None]) / sd[:, None])
+        return x, int(self.fs.labels[c]), c
+
+
 def make_torch_dataset(fs: FeatureSet, norm: dict, clips: np.ndarray, *, seg: int,
-                       starts: Optional[np.ndarray] = None, seed: int = 0):
-    """A torch Dataset of normalised segments: ``(views, label, clip index)`` per item.
+                       starts: Optional[np.ndarray] = None, seed: int = 0) -> SegmentDataset:
+    """A dataset of normalised segments (see :class:`SegmentDataset`).
 
     With ``starts`` item ``i`` is the fixed segment ``starts[i]`` of ``clips[i]`` (evaluation).
     Without, items are indexed by ``(i, epoch)`` pairs (see :func:`make_train_loader`) and are
     a random crop of ``seg`` frames drawn from ``(seed, epoch, i)`` alone, so that crops do not
     depend on worker processes and a resumed run sees the same ones.
     """
-    import torch
-
-    class SegmentDataset(torch.utils.data.Dataset):
-        def __len__(self) -> int:
-            return len(clips)
-
-        def __getitem__(self, key):
-            i, epoch = key if isinstance(key, tuple) else (key, 0)
-            c = int(clips[i])
-            if starts is not None:
-                s = int(starts[i])
-            else:
-                span = fs.n_frames - seg
-                s = int(np.random.default_rng([seed, epoch, i]).integers(0, span + 1)) if span > 0 else 0
-            x = {}
-            for k, arr in fs.arrays.items():
-                m, sd = norm[k]["mean"], norm[k]["std"]
-                x[k] = torch.from_numpy((arr[c, :, s:s + seg] - m[:, None]) / sd[:, None])
-            return x, int(fs.labels[c]), c
-
-    return SegmentDataset()
+    return SegmentDataset(fs, norm, clips, seg=seg, starts=starts, seed=seed)
 
 
 def make_train_loader(fs: FeatureSet, norm: dict, clips: np.ndarray, *, seg: int,
@@ -406,21 +451,27 @@ def save_store(fs: FeatureSet, folder: Path) -> None:
 def open_store(folder: Path, *, class_names: Optional[list[str]] = None) -> FeatureSet:
     """A FeatureSet over a feature store, its arrays memory-mapped read-only.
 
+    Every value is checked to be finite while the store's identity (``sha256``) is computed,
+    in one pass over the arrays.
+
     Raises
     ------
     FeaturesFileError
-        Not a store, damaged, or (without ``class_names``) fewer than two classes.
+        Not a store, damaged, NaN or infinite values, or (without ``class_names``) fewer than
+        two classes.
     """
-    from .store import open_arrays, read_meta
+    from .store import open_consistent, scan
 
     folder = Path(folder)
-    meta = read_meta(folder)
-    arrays = open_arrays(folder, meta)
+    meta, arrays = open_consistent(folder)
+    feature_config = _checked_feature_config(meta.get("feature_config"), folder)
     clips = meta["clips"]
     names = [str(c["label"]) for c in clips]
     if class_names is None:
         class_names = _class_names(names, folder)
     index = {name: i for i, name in enumerate(class_names)}
     labels = np.array([index.get(name, -1) for name in names], np.int64)
+    sha256 = scan(folder, meta, arrays)
     return FeatureSet(arrays, labels, list(class_names), [c["path"] for c in clips],
-                      _merge_groups(clips), meta.get("feature_config"), str(folder), names)
+                      _merge_groups(clips), feature_config, str(folder), names, sha256,
+                      mapped={k: str(a.filename) for k, a in arrays.items()})

@@ -231,7 +231,7 @@ def evaluate(checkpoint: Path, *, features: Optional[Path] = None, split: str = 
     from .cache import file_digest
     from .checkpoint import load_checkpoint, model_from_checkpoint, normalization_of
     from .config import AUX_KEYS, MEL_KEYS, FeatureConfig, TrainConfig
-    from .data import features_digest, load_features, segment_frames
+    from .data import load_features, segment_frames
     from .errors import DatasetError, FeaturesFileError
     from .fileio import atomic_write, check_writable
     from .plots import plot_attention, plot_confusion
@@ -252,7 +252,7 @@ def evaluate(checkpoint: Path, *, features: Optional[Path] = None, split: str = 
         raise FeaturesFileError(f"{features}: features do not fit the model: {'; '.join(wrong)}")
     if fs.feature_config and fs.feature_config != ckpt["feature_config"]:
         echo(f"warning: {features} was extracted with other feature settings than the model was trained on")
-    features_sha = features_digest(features)
+    features_sha = fs.sha256
     same_file = features_sha == ckpt.get("features_sha256")
 
     unknown: dict[str, int] = {}

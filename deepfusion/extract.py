@@ -159,7 +159,7 @@ def compute_entry(path: str, key: str, cache_dir: str, config_dict: dict,
     return None
 
 
-def extract(audio_dir: Path, *, out: Path = DEFAULT_FEATURES, fmt: str = "pickle",
+def extract(audio_dir: Path, *, out: Optional[Path] = None, fmt: str = "pickle",
             cache_dir: Path = DEFAULT_CACHE_DIR, jobs: Optional[int] = None,
             config: FeatureConfig = FeatureConfig(), manifest: Optional[Path] = None,
             quiet: bool = False, timeout: Optional[float] = DEFAULT_TIMEOUT) -> ExtractResult:
@@ -170,9 +170,9 @@ def extract(audio_dir: Path, *, out: Path = DEFAULT_FEATURES, fmt: str = "pickle
     audio_dir : Path
         Dataset root in GTZAN layout (``genre/genre.00042.wav``), or the root that the paths
         of ``manifest`` are relative to.
-    out : Path
+    out : Path, optional
         Features to write: a pickle (see :func:`deepfusion.cache.write_features_file`) or a
-        store folder. ``extract_errors.csv`` is written beside it.
+        store folder; default :func:`default_out`. ``extract_errors.csv`` is written beside it.
     fmt : {'pickle', 'store'}
         ``store`` writes a feature store (:mod:`deepfusion.store`) that train memory-maps;
         clips are copied one at a time from the cache, so extract holds one clip in memory.
@@ -203,16 +203,18 @@ def extract(audio_dir: Path, *, out: Path = DEFAULT_FEATURES, fmt: str = "pickle
     from joblib import Parallel, delayed
 
     t0 = time.perf_counter()
-    out, cache_dir = Path(out), Path(cache_dir)
     if fmt not in FORMATS:
         raise ParameterError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    out, cache_dir = Path(out if out is not None else default_out(fmt)), Path(cache_dir)
     items = discover(Path(audio_dir), manifest=manifest)
     if out.name == ERRORS_CSV:
         raise ParameterError(f"{out}: that name is reserved for the error report; choose another --out")
     if fmt == "pickle" and out.is_dir():
         raise OutputError(f"{out}: is a folder (a feature store?); give --format store, or a file for --out")
-    if fmt == "store" and out.exists() and not out.is_dir():
-        raise OutputError(f"{out}: is a file; a feature store is a folder: give another --out")
+    if fmt == "store":
+        from .store import check_destination
+
+        check_destination(out)
     check_writable(out / "meta.json" if fmt == "store" and out.is_dir() else out)
     remove_stale_temps(out.parent)
     cache = FeatureCache(cache_dir, config)
@@ -339,11 +341,20 @@ def _write_store(out: Path, assembled: list[dict[str, Any]], cache: FeatureCache
         writer.commit(assembled, feature_config=config_dict, source=str(out))
 
 
-def _stamp_path(out: Path) -> Path:
-    """The file whose size and mtime identify what extract wrote to ``out``."""
-    from .store import META, is_store
+def _stamp(out: Path) -> list:
+    """Size and mtime of every file extract wrote to ``out`` (a store: meta.json and the
+    arrays it names), to tell whether the output was touched since."""
+    from .store import META, is_store, read_meta
 
-    return out / META if is_store(out) else out
+    if not is_store(out):
+        files = [out]
+    else:
+        try:
+            version = read_meta(out)["data"]
+        except DeepFusionError:
+            raise FileNotFoundError(out) from None
+        files = [out / META, *sorted((out / version).iterdir())]
+    return [[f.name, st.st_size, st.st_mtime_ns] for f in files for st in [f.stat()]]
 
 
 def _state_path(out: Path) -> Path:
@@ -364,23 +375,20 @@ def _up_to_date(out: Path, fingerprint: str) -> Optional[dict]:
     try:
         with open(_state_path(out)) as fh:
             state = json.load(fh)
-        st = _stamp_path(out).stat()
+        stamp = _stamp(out)
     except (OSError, ValueError):
         return None
-    if (state.get("fingerprint") == fingerprint and state.get("size") == st.st_size
-            and state.get("mtime_ns") == st.st_mtime_ns
+    if (state.get("fingerprint") == fingerprint and state.get("stamp") == stamp
             and _state_path(out).with_name(ERRORS_CSV).exists()):
         return state["summary"]
     return None
 
 
 def _record_state(out: Path, fingerprint: str, result: ExtractResult) -> None:
-    st = _stamp_path(out).stat()
     summary = {"n_items": result.n_items, "errors": result.errors,
                "duplicate_groups": result.duplicate_groups, "labels": result.labels}
     with atomic_write(_state_path(out), "w") as fh:
-        json.dump({"fingerprint": fingerprint, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                   "summary": summary}, fh)
+        json.dump({"fingerprint": fingerprint, "stamp": _stamp(out), "summary": summary}, fh)
 
 
 def _compute_keyed(key: str, path: str, cache_dir: str, config_dict: dict, timeout):

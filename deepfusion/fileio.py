@@ -101,15 +101,17 @@ def pid_alive(pid: int) -> bool:
 
     A killed worker whose parent died too is re-parented to PID 1; where PID 1 does not reap
     (many containers), it stays a zombie forever. ``kill(pid, 0)`` succeeds on zombies, so they
-    are recognised from ``/proc`` where there is one.
+    are recognised from ``/proc`` where there is one. When in doubt the answer is True (the
+    file stays): on Windows, where ``os.kill(pid, 0)`` would send Ctrl-C, and for numbers that
+    are no process id.
     """
-    if pid == os.getpid():
+    if pid == os.getpid() or os.name == "nt" or not 0 < pid < 2**31:
         return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except (PermissionError, OverflowError):
         return True
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()

@@ -10,19 +10,26 @@ larger than RAM train, and worker processes share one copy. Layout::
             mel_spec_orig.npy  mel_spec_harm.npy  mel_spec_perc.npy
             mfcc.npy  chroma.npy  tempogram.npy
 
-A write fills a new version folder with plain sequential writes (a full disk is an error, not a
-crash) and then replaces ``meta.json`` with one atomic rename: a reader sees the old store or
-the new one, never a mix, and a write killed half-way leaves a folder that the next write
-removes. Version folders of writers that still run are left alone.
+A write holds an exclusive lock on ``.lock`` (two writers take turns), fills a new version
+folder with plain sequential writes (a full disk is an error, not a crash) and then replaces
+``meta.json`` with one atomic rename: a reader sees the old store or the new one, never a mix,
+and a write killed half-way leaves a folder that the next write removes. A writer only ever
+deletes inside a folder that holds nothing but a store.
+
+The store's identity (:func:`open_store`'s ``sha256``) covers what it holds, the clips'
+metadata and the arrays' values, not where or when it was written: an identical re-extract
+keeps it, so ``--resume`` and evaluate accept it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,15 +37,19 @@ import numpy as np
 
 from .config import FEATURE_KEYS, MEL_KEYS
 from .errors import FeaturesFileError, OutputError
-from .fileio import atomic_write, os_error_reason, pid_alive, remove_stale_temps
+from .fileio import atomic_write, os_error_reason, remove_stale_temps
 
 FORMAT = "deepfusion-feature-store"
 VERSION = 1
 META = "meta.json"
-_VERSION_RE = re.compile(r"^v\.(\d+)\.[0-9a-f]{8}$")
+LOCK = ".lock"
+_VERSION_RE = re.compile(r"v\.\d{1,10}\.[0-9a-f]{8}")
+_META_TMP_RE = re.compile(r"\.meta\.json\.\d+\.[0-9a-f]{8}\.tmp")
+_ARRAY_FILES = {f"{key}.npy" for key in FEATURE_KEYS}
 #: per-clip fields kept in meta.json (the pickle's item keys other than 'features')
 CLIP_FIELDS = ("path", "label", "group", "duplicate_group", "file_sha", "audio_sha",
                "source_sr", "channels", "source_seconds")
+_SCAN_BYTES = 64 << 20          # identity and finiteness are checked this many bytes at a time
 
 
 def is_store(path: Path) -> bool:
@@ -46,18 +57,64 @@ def is_store(path: Path) -> bool:
     return Path(path).is_dir()
 
 
-_WRITING: set[str] = set()   # version folders this process is writing now
+def _is_version_folder(path: Path) -> bool:
+    return (_VERSION_RE.fullmatch(path.name) is not None and path.is_dir()
+            and all(f.name in _ARRAY_FILES for f in path.iterdir()))
 
 
-def _remove_dead_versions(root: Path, keep: Optional[str]) -> None:
-    """Delete version folders other than ``keep`` that no writer is filling any more."""
-    for child in root.iterdir():
-        match = _VERSION_RE.match(child.name)
-        if not match or child.name == keep or child.name in _WRITING or not child.is_dir():
-            continue
-        pid = int(match.group(1))
-        if pid == os.getpid() or not pid_alive(pid):
-            shutil.rmtree(child, ignore_errors=True)
+def check_destination(dest: Path) -> None:
+    """Refuse, before any work, a ``dest`` that is a file or a folder holding anything but a
+    store (a writer deletes old versions inside it, so it must never be the user's folder).
+
+    Raises
+    ------
+    OutputError
+    """
+    dest = Path(dest)
+    if dest.exists() and not dest.is_dir():
+        raise OutputError(f"{dest}: is a file; a feature store is a folder: give another --out "
+                          "(or --format pickle)")
+    if not dest.is_dir():
+        return
+    try:
+        foreign = sorted(c.name for c in dest.iterdir() if not (
+            c.name in (META, LOCK) or _META_TMP_RE.fullmatch(c.name) or _is_version_folder(c)))
+    except OSError as exc:
+        raise OutputError(f"{dest}: cannot read the folder ({os_error_reason(exc)})") from None
+    ours = True
+    if (dest / META).exists():
+        try:
+            meta = json.loads((dest / META).read_text(encoding="utf-8"))
+            ours = isinstance(meta, dict) and meta.get("format") == FORMAT
+        except (OSError, ValueError):
+            ours = False
+    if foreign or not ours:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "") if foreign else META
+        raise OutputError(f"{dest}: is a folder holding other files ({shown}), not a feature "
+                          "store; give another --out")
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """Hold an exclusive lock on ``lock_path`` (waiting for another writer to finish)."""
+    fh = open(lock_path, "a+b")
+    try:
+        try:
+            import fcntl
+        except ImportError:          # Windows
+            import msvcrt
+            fh.seek(0)
+            while True:
+                try:
+                    msvcrt.locking(fh.fileno(), msvcrt.LK_NBLCK, 1)
+                    break
+                except OSError:
+                    time.sleep(0.2)
+        else:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        yield
+    finally:
+        fh.close()                   # closing releases the lock
 
 
 def _current_version(root: Path) -> Optional[str]:
@@ -67,6 +124,13 @@ def _current_version(root: Path) -> Optional[str]:
     except (OSError, ValueError, AttributeError):
         return None
     return version if isinstance(version, str) else None
+
+
+def _remove_other_versions(root: Path, keep: Optional[str]) -> None:
+    """Delete version folders other than ``keep`` (under the lock: no writer is filling them)."""
+    for child in root.iterdir():
+        if child.name != keep and _is_version_folder(child):
+            shutil.rmtree(child, ignore_errors=True)
 
 
 class StoreWriter:
@@ -79,30 +143,33 @@ class StoreWriter:
     Raises
     ------
     OutputError
-        The folder cannot be created or written (read-only, a file in the way, disk full).
+        The folder cannot be created or written (read-only, a file in the way, disk full), or
+        holds other files than a store.
     """
 
     def __init__(self, dest: Path, *, n_clips: int, rows: dict[str, int], frames: int):
         self.dest = Path(dest)
         self.n_clips, self.rows, self.frames = int(n_clips), dict(rows), int(frames)
         self.version = f"v.{os.getpid()}.{os.urandom(4).hex()}"
-        self.folder = self.dest / self.version
+        self.folder: Optional[Path] = None
         self._files: dict[str, Any] = {}
+        self._lock: Optional[contextlib.ExitStack] = None
         self._next = 0
 
     def _fail(self, exc: OSError) -> OutputError:
         return OutputError(f"{self.dest}: cannot write the feature store ({os_error_reason(exc)})")
 
     def __enter__(self) -> "StoreWriter":
-        if self.dest.exists() and not self.dest.is_dir():
-            raise OutputError(f"{self.dest}: is a file, not a feature store folder; "
-                              "choose another --out or --format pickle")
+        check_destination(self.dest)
         try:
             self.dest.mkdir(parents=True, exist_ok=True)
-            remove_stale_temps(self.dest)            # a meta.json write that was killed
-            _remove_dead_versions(self.dest, keep=_current_version(self.dest))
+            self._lock = contextlib.ExitStack()
+            self._lock.enter_context(_exclusive(self.dest / LOCK))
+            check_destination(self.dest)            # as another writer may have left it
+            remove_stale_temps(self.dest)           # a meta.json write that was killed
+            _remove_other_versions(self.dest, keep=_current_version(self.dest))
+            self.folder = self.dest / self.version
             self.folder.mkdir()
-            _WRITING.add(self.version)
             for key in FEATURE_KEYS:
                 fh = self._files[key] = open(self.folder / f"{key}.npy", "wb")
                 np.lib.format.write_array_header_1_0(fh, {
@@ -164,28 +231,33 @@ class StoreWriter:
                 fh.close()
         except OSError as exc:
             raise self._fail(exc) from None
+        self._files = {}
         meta = {"format": FORMAT, "version": VERSION, "data": self.version,
                 "n_clips": self.n_clips, "frames": self.frames, "rows": self.rows,
                 "feature_config": feature_config, "source": source,
                 "clips": [{k: c[k] for k in CLIP_FIELDS if c.get(k) is not None} for c in clips]}
         with atomic_write(self.dest / META, "w") as fh:
             json.dump(meta, fh)
-        self._files = {}
-        _WRITING.discard(self.version)
-        self.folder = None
-        _remove_dead_versions(self.dest, keep=self.version)
+        self.folder = None                   # published: no longer ours to remove
+        _remove_other_versions(self.dest, keep=self.version)
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def _abort(self) -> None:
         for fh in self._files.values():
             fh.close()
         self._files = {}
-        _WRITING.discard(self.version)
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
+        self._release()
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self.folder is not None:
-            self._abort()
+        self._abort()
 
 
 def read_meta(root: Path) -> dict[str, Any]:
@@ -208,26 +280,36 @@ def read_meta(root: Path) -> dict[str, Any]:
     def bad(why: str) -> FeaturesFileError:
         return FeaturesFileError(f"{root}: not a valid feature store ({why})")
 
+    def count(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+    def scalar(x: Any) -> bool:
+        return x is None or (isinstance(x, (str, int, float)) and not isinstance(x, bool))
+
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise bad(f"{META} does not describe a {FORMAT}")
     if meta.get("version") != VERSION:
         raise bad(f"version {meta.get('version')!r}; this deepfusion reads version {VERSION}")
-    if not isinstance(meta.get("data"), str) or not _VERSION_RE.match(meta["data"]):
+    if not isinstance(meta.get("data"), str) or not _VERSION_RE.fullmatch(meta["data"]):
         raise bad("'data' must name a version folder")
     n, frames, rows = meta.get("n_clips"), meta.get("frames"), meta.get("rows")
-    if not (isinstance(n, int) and n > 0 and isinstance(frames, int) and frames > 0):
+    if not (count(n) and count(frames)):
         raise bad("'n_clips' and 'frames' must be positive integers")
-    if not isinstance(rows, dict) or set(rows) != set(FEATURE_KEYS) or \
-            not all(isinstance(r, int) and r > 0 for r in rows.values()):
+    if not isinstance(rows, dict) or set(rows) != set(FEATURE_KEYS) or not all(map(count, rows.values())):
         raise bad(f"'rows' must give a positive row count for each of {', '.join(FEATURE_KEYS)}")
     if len({rows[k] for k in MEL_KEYS}) != 1:
         raise bad("the three mel views must have the same number of bands")
+    if not (meta.get("feature_config") is None or isinstance(meta["feature_config"], dict)):
+        raise bad("'feature_config' must be an object")
     clips = meta.get("clips")
-    if not isinstance(clips, list) or len(clips) != n or not all(
-            isinstance(c, dict) and isinstance(c.get("path"), str)
-            and isinstance(c.get("label"), (str, int)) and not isinstance(c.get("label"), bool)
-            for c in clips):
-        raise bad(f"'clips' must list {n} clips, each with a path and a label")
+    if not isinstance(clips, list) or len(clips) != n:
+        raise bad(f"'clips' must list {n} clips")
+    for i, c in enumerate(clips):
+        if not (isinstance(c, dict) and isinstance(c.get("path"), str)
+                and isinstance(c.get("label"), (str, int)) and not isinstance(c.get("label"), bool)):
+            raise bad(f"clip {i} needs a path and a label")
+        if not all(scalar(c.get(k)) for k in ("group", "duplicate_group")):
+            raise bad(f"clip {i}: 'group' and 'duplicate_group' must be strings or numbers")
     return meta
 
 
@@ -240,8 +322,8 @@ def open_arrays(root: Path, meta: dict[str, Any]) -> dict[str, np.ndarray]:
         try:
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
         except FileNotFoundError:
-            raise FeaturesFileError(f"{root}: {meta['data']}/{key}.npy is missing (the store "
-                                    "changed while it was read, or was damaged; run extract again)") from None
+            raise FeaturesFileError(f"{root}: {meta['data']}/{key}.npy is missing (the store was "
+                                    "damaged; run extract again)") from None
         except (OSError, ValueError) as exc:
             raise FeaturesFileError(f"{root}: {meta['data']}/{key}.npy is unreadable ({exc})") from None
         expected = (meta["n_clips"], meta["rows"][key], meta["frames"])
@@ -252,19 +334,42 @@ def open_arrays(root: Path, meta: dict[str, Any]) -> dict[str, np.ndarray]:
     return arrays
 
 
-def digest(root: Path) -> str:
-    """SHA-256 over ``meta.json`` and the arrays it names: the store's identity."""
-    from .cache import file_digest
-
-    root = Path(root)
-    meta = read_meta(root)
-    h = hashlib.sha256()
-    h.update(file_digest(root / META).encode())
-    for key in FEATURE_KEYS:
-        path = root / meta["data"] / f"{key}.npy"
+def open_consistent(root: Path, *, attempts: int = 3) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """``meta.json`` and the arrays it names, read as one version even while a writer replaces
+    the store (a version deleted between the two reads is read again from the new meta)."""
+    for attempt in range(attempts):
+        meta = read_meta(root)
         try:
-            h.update(file_digest(path).encode())
-        except OSError as exc:
-            raise FeaturesFileError(f"{root}: {meta['data']}/{key}.npy is unreadable "
-                                    f"({os_error_reason(exc)})") from None
+            return meta, open_arrays(root, meta)
+        except FeaturesFileError:
+            if attempt == attempts - 1 or _current_version(Path(root)) == meta["data"]:
+                raise
+    raise AssertionError("unreachable")
+
+
+def scan(root: Path, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> str:
+    """Check that every value is finite and return the store's SHA-256 identity.
+
+    The identity hashes ``meta.json`` without the version folder's name and the path it was
+    written to, then each array's values: equal for equal content wherever and whenever it
+    was written.
+
+    Raises
+    ------
+    FeaturesFileError
+        A value is NaN or infinite (the message names the clip and the view).
+    """
+    content = {k: v for k, v in meta.items() if k not in ("data", "source")}
+    h = hashlib.sha256(json.dumps(content, sort_keys=True).encode())
+    for key in FEATURE_KEYS:
+        arr = arrays[key]
+        step = max(1, _SCAN_BYTES // max(1, arr[0].nbytes))
+        for start in range(0, len(arr), step):
+            block = arr[start:start + step]
+            finite = np.isfinite(block).all(axis=(1, 2))
+            if not finite.all():
+                i = start + int(np.argmin(finite))
+                raise FeaturesFileError(f"{root}: clip {i} ({meta['clips'][i]['path']}): {key} "
+                                        "holds NaN or infinite values")
+            h.update(memoryview(np.ascontiguousarray(block)).cast("B"))
     return h.hexdigest()

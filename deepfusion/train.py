@@ -22,7 +22,7 @@ import torch
 
 from .checkpoint import library_versions, load_checkpoint, save_checkpoint
 from .config import AUX_KEYS, FeatureConfig, ModelConfig, TrainConfig
-from .data import (FeatureSet, check_split, features_digest, fit_normalization, load_features,
+from .data import (FeatureSet, check_split, fit_normalization, load_features,
                    make_split, make_train_loader, read_split_file, segment_frames,
                    segments_per_clip)
 from .errors import CheckpointError, DatasetError, ParameterError
@@ -222,7 +222,7 @@ def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConf
     remove_stale_temps(model_dir)  # leftovers of a run killed while writing
 
     fs = load_features(features)
-    features_sha = features_digest(features)
+    features_sha = fs.sha256
     if state is not None and state["features_sha256"] != features_sha:
         raise CheckpointError(f"{last_path}: was trained on another features file than {features}; "
                               "start a new run in another --model-dir")

@@ -37,6 +37,7 @@ def one_error_line(stderr: str) -> str:
     assert "Traceback" not in stderr, stderr
     lines = [ln for ln in stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error: "), stderr
+    assert "internal error" not in lines[0], stderr      # a bug, not a refused input
     return lines[0]
 
 
