@@ -26,6 +26,27 @@ SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {"gtzan-fault-filtered": "gtzan_fault_filtered.csv"}
 
 
+@dataclass(frozen=True)
+class _MappedFile:
+    """A memory-mapped ``.npy`` array by name, as a FeatureSet is pickled for a worker."""
+
+    filename: str
+    shape: tuple
+    dtype: str
+
+    def open(self, source: str) -> np.ndarray:
+        try:
+            arr = np.load(self.filename, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            arr, why = None, str(exc)
+        else:
+            why = f"it now holds {arr.dtype} {arr.shape}"
+        if arr is None or arr.shape != tuple(self.shape) or arr.dtype.str != self.dtype:
+            raise FeaturesFileError(f"{source}: {self.filename} changed while it was in use "
+                                    f"({why}); was the store rewritten? start again")
+        return arr
+
+
 @dataclass
 class FeatureSet:
     """All clips of a features file, stacked per view."""
@@ -39,19 +60,23 @@ class FeatureSet:
     source: str = ""
     label_names: list[str] = field(default_factory=list)   # each clip's label as written
     sha256: str = ""                     # identity of the file or store it came from
-    mapped: dict[str, str] = field(default_factory=dict)   # key -> .npy file memory-mapped
 
     def __getstate__(self) -> dict[str, Any]:
-        # Worker processes started by spawn (macOS, Windows) receive the dataset pickled:
-        # memory-mapped views travel as file names and are mapped again, not copied.
+        # Worker processes started by spawn (macOS, Windows) receive the dataset pickled: an
+        # array that is a whole memory-mapped .npy file travels as its file name and is mapped
+        # again, not copied. Slices and in-memory arrays travel by value.
+        import mmap
+
         state = dict(self.__dict__)
-        state["arrays"] = {k: None if k in self.mapped else a for k, a in self.arrays.items()}
+        state["arrays"] = {
+            k: _MappedFile(a.filename, a.shape, a.dtype.str)
+            if isinstance(a, np.memmap) and isinstance(a.base, mmap.mmap) and a.filename else a
+            for k, a in self.arrays.items()}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        arrays = state["arrays"]
-        for key, filename in state["mapped"].items():
-            arrays[key] = np.load(filename, mmap_mode="r", allow_pickle=False)
+        state["arrays"] = {k: a.open(state.get("source", "")) if isinstance(a, _MappedFile) else a
+                           for k, a in state["arrays"].items()}
         self.__dict__.update(state)
 
     def __len__(self) -> int:
@@ -169,7 +194,8 @@ def load_feature_set(path: Path, *, class_names: Optional[list[str]] = None) -> 
         names.append(_label_name(item["label"], where))
         for key in ("group", "duplicate_group"):
             value = item.get(key)
-            if not (value is None or isinstance(value, (str, int, float))) or isinstance(value, bool):
+            if not (value is None or isinstance(value, (str, int, float, np.integer, np.floating))) \
+                    or isinstance(value, (bool, np.bool_)):
                 raise FeaturesFileError(f"{where}: {key} must be a string or a number, got "
                                         f"{type(value).__name__}")
     if rows[MEL_KEYS[0]] != rows[MEL_KEYS[1]] or rows[MEL_KEYS[0]] != rows[MEL_KEYS[2]]:
@@ -473,5 +499,4 @@ def open_store(folder: Path, *, class_names: Optional[list[str]] = None) -> Feat
     labels = np.array([index.get(name, -1) for name in names], np.int64)
     sha256 = scan(folder, meta, arrays)
     return FeatureSet(arrays, labels, list(class_names), [c["path"] for c in clips],
-                      _merge_groups(clips), feature_config, str(folder), names, sha256,
-                      mapped={k: str(a.filename) for k, a in arrays.items()})
+                      _merge_groups(clips), feature_config, str(folder), names, sha256)

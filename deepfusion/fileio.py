@@ -101,12 +101,14 @@ def pid_alive(pid: int) -> bool:
 
     A killed worker whose parent died too is re-parented to PID 1; where PID 1 does not reap
     (many containers), it stays a zombie forever. ``kill(pid, 0)`` succeeds on zombies, so they
-    are recognised from ``/proc`` where there is one. When in doubt the answer is True (the
-    file stays): on Windows, where ``os.kill(pid, 0)`` would send Ctrl-C, and for numbers that
-    are no process id.
+    are recognised from ``/proc`` where there is one. On Windows (where ``os.kill(pid, 0)``
+    would send Ctrl-C) the process is asked for its exit code. When in doubt the answer is True
+    (the file stays), as for numbers that are no process id.
     """
-    if pid == os.getpid() or os.name == "nt" or not 0 < pid < 2**31:
+    if pid == os.getpid() or not 0 < pid < 2**31:
         return True
+    if os.name == "nt":
+        return _windows_pid_alive(pid)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -119,6 +121,22 @@ def pid_alive(pid: int) -> bool:
         return not Path("/proc/self").exists()
     state = stat[stat.rfind(")") + 2:][:1]   # the field after "(comm)", which may hold spaces
     return state not in ("Z", "X", "x")
+
+
+def _windows_pid_alive(pid: int) -> bool:
+    import ctypes
+
+    kernel32 = ctypes.windll.kernel32
+    handle = kernel32.OpenProcess(0x1000, False, pid)    # PROCESS_QUERY_LIMITED_INFORMATION
+    if not handle:
+        return ctypes.GetLastError() == 5                # access denied: it exists
+    try:
+        code = ctypes.c_ulong()
+        if not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)):
+            return True
+        return code.value == 259                         # STILL_ACTIVE
+    finally:
+        kernel32.CloseHandle(handle)
 
 
 def remove_stale_temps(folder: Path, *, recursive: bool = False) -> int:

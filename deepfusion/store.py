@@ -44,7 +44,6 @@ VERSION = 1
 META = "meta.json"
 LOCK = ".lock"
 _VERSION_RE = re.compile(r"v\.\d{1,10}\.[0-9a-f]{8}")
-_META_TMP_RE = re.compile(r"\.meta\.json\.\d+\.[0-9a-f]{8}\.tmp")
 _ARRAY_FILES = {f"{key}.npy" for key in FEATURE_KEYS}
 #: per-clip fields kept in meta.json (the pickle's item keys other than 'features')
 CLIP_FIELDS = ("path", "label", "group", "duplicate_group", "file_sha", "audio_sha",
@@ -59,7 +58,7 @@ def is_store(path: Path) -> bool:
 
 def _is_version_folder(path: Path) -> bool:
     return (_VERSION_RE.fullmatch(path.name) is not None and path.is_dir()
-            and all(f.name in _ARRAY_FILES for f in path.iterdir()))
+            and all(f.name in _ARRAY_FILES and f.is_file() for f in path.iterdir()))
 
 
 def check_destination(dest: Path) -> None:
@@ -77,8 +76,9 @@ def check_destination(dest: Path) -> None:
     if not dest.is_dir():
         return
     try:
+        # hidden files (.DS_Store, .lock, temporaries) are left alone whatever they are
         foreign = sorted(c.name for c in dest.iterdir() if not (
-            c.name in (META, LOCK) or _META_TMP_RE.fullmatch(c.name) or _is_version_folder(c)))
+            c.name == META or c.name.startswith(".") or _is_version_folder(c)))
     except OSError as exc:
         raise OutputError(f"{dest}: cannot read the folder ({os_error_reason(exc)})") from None
     ours = True
@@ -87,17 +87,29 @@ def check_destination(dest: Path) -> None:
             meta = json.loads((dest / META).read_text(encoding="utf-8"))
             ours = isinstance(meta, dict) and meta.get("format") == FORMAT
         except (OSError, ValueError):
-            ours = False
+            ours = (dest / LOCK).exists()   # a damaged store's meta.json: a writer was here
     if foreign or not ours:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "") if foreign else META
         raise OutputError(f"{dest}: is a folder holding other files ({shown}), not a feature "
                           "store; give another --out")
 
 
+_HELD: set[str] = set()         # store folders this process holds the lock of
+
+
 @contextlib.contextmanager
-def _exclusive(lock_path: Path):
-    """Hold an exclusive lock on ``lock_path`` (waiting for another writer to finish)."""
-    fh = open(lock_path, "a+b")
+def _exclusive(root: Path):
+    """Hold the exclusive lock of store ``root`` (waiting while another process writes it).
+
+    Raises
+    ------
+    OutputError
+        This process already writes ``root`` (waiting would never end).
+    """
+    key = os.path.realpath(root)
+    if key in _HELD:
+        raise OutputError(f"{root}: this process is already writing this feature store")
+    fh = open(root / LOCK, "a+b")
     try:
         try:
             import fcntl
@@ -110,11 +122,19 @@ def _exclusive(lock_path: Path):
                     break
                 except OSError:
                     time.sleep(0.2)
+            unlock = lambda: (fh.seek(0), msvcrt.locking(fh.fileno(), msvcrt.LK_UNLCK, 1))  # noqa: E731
         else:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        yield
+            unlock = lambda: fcntl.flock(fh.fileno(), fcntl.LOCK_UN)  # noqa: E731
+        _HELD.add(key)
+        try:
+            yield
+        finally:
+            _HELD.discard(key)
+            with contextlib.suppress(OSError):
+                unlock()
     finally:
-        fh.close()                   # closing releases the lock
+        fh.close()
 
 
 def _current_version(root: Path) -> Optional[str]:
@@ -164,7 +184,7 @@ class StoreWriter:
         try:
             self.dest.mkdir(parents=True, exist_ok=True)
             self._lock = contextlib.ExitStack()
-            self._lock.enter_context(_exclusive(self.dest / LOCK))
+            self._lock.enter_context(_exclusive(self.dest))
             check_destination(self.dest)            # as another writer may have left it
             remove_stale_temps(self.dest)           # a meta.json write that was killed
             _remove_other_versions(self.dest, keep=_current_version(self.dest))
@@ -248,13 +268,17 @@ class StoreWriter:
             self._lock = None
 
     def _abort(self) -> None:
-        for fh in self._files.values():
-            fh.close()
-        self._files = {}
-        if self.folder is not None:
-            shutil.rmtree(self.folder, ignore_errors=True)
-            self.folder = None
-        self._release()
+        """Remove the unpublished version and release the lock, whatever fails on the way."""
+        try:
+            for fh in self._files.values():
+                with contextlib.suppress(OSError):   # closing flushes: a full disk fails again
+                    fh.close()
+            self._files = {}
+            if self.folder is not None:
+                shutil.rmtree(self.folder, ignore_errors=True)
+                self.folder = None
+        finally:
+            self._release()
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self._abort()

@@ -312,13 +312,15 @@ def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConf
         batch_ends.append(elapsed)
         if batch == min(4, len(loader) - 1):
             guess = epoch_estimate(batch_ends, len(loader), n_val, config.batch_size)
-            total = guess * (last_epoch - start_epoch + 1)
+            to_go = last_epoch - start_epoch + 1
+            total = guess * to_go
             echo(f"estimated {guess:.0f} s per epoch ({len(loader)} batch"
                  f"{'es' if len(loader) != 1 else ''} of {config.batch_size}); "
-                 f"{_duration(total)} for the {last_epoch - start_epoch + 1} epochs to go "
+                 f"{_duration(total)} for the {to_go} epoch{'s' if to_go != 1 else ''} to go "
                  "unless it stops early")
             if device.type == "cpu" and backbone != "light" and total > 1800:
-                echo(f"{backbone} on a CPU costs hours; --backbone light trains far faster")
+                echo(f"{backbone} on a CPU: about {_duration(total)}; --backbone light trains "
+                     "far faster")
 
     epoch = start_epoch - 1
     for epoch in range(start_epoch, last_epoch + 1):

@@ -10,7 +10,6 @@ import pickle
 import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -164,21 +163,92 @@ def test_leftovers_of_dead_writers_go_and_writers_take_turns(tiny_features, tmp_
     save_store(fs, out)
     assert not any(p.exists() for p in leftovers) and len(_versions(out)) == 1
 
-    # a second writer waits for the first (which holds the lock while it writes), then both
-    # publish in turn and the store holds the last one's clips
-    halves = {}
+    # another process's writer waits for this one (which holds the lock while it writes);
+    # both publish in turn and the store holds the last one's clips
     first = StoreWriter(out, n_clips=len(fs), rows=fs.rows(), frames=fs.n_frames).__enter__()
-    second = threading.Thread(target=lambda: halves.update(
-        done=save_store(load_features(tiny_features), out) or True))
-    second.start()
-    second.join(timeout=1.0)
-    assert second.is_alive() and len(_versions(out)) == 2   # the old version and the first's
-    for i in range(len(fs)):
-        first.put({k: fs.arrays[k][i] * 3 for k in FEATURE_KEYS})
-    first.commit([{"path": p, "label": n} for p, n in zip(fs.paths, fs.label_names)])
-    second.join(timeout=60)
-    assert halves == {"done": True} and len(_versions(out)) == 1
+    second = subprocess.Popen([sys.executable, "-c", (
+        "from deepfusion.data import load_features, save_store; "
+        f"save_store(load_features({str(tiny_features)!r}), {str(out)!r})")])
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            second.wait(timeout=5)                    # blocked on the lock
+        assert len(_versions(out)) == 2               # the old version and the first's
+        with pytest.raises(OutputError, match="this process is already writing this feature store"):
+            save_store(fs, out)                       # not a wait that would never end
+        for i in range(len(fs)):
+            first.put({k: fs.arrays[k][i] * 3 for k in FEATURE_KEYS})
+        first.commit([{"path": p, "label": n} for p, n in zip(fs.paths, fs.label_names)])
+        assert second.wait(timeout=120) == 0
+    finally:
+        if second.poll() is None:
+            second.kill()
+    assert len(_versions(out)) == 1
     np.testing.assert_array_equal(open_store(out).arrays["mfcc"], fs.arrays["mfcc"])
+
+
+def test_a_failure_while_closing_still_releases_the_lock(tiny_features, tmp_path, monkeypatch):
+    """Closing a file flushes it; on a full disk that fails again. The half-written version
+    must still go and the lock be released (a later write in this process hung before)."""
+    import deepfusion.store
+
+    fs = load_feature_set(tiny_features)
+    out = tmp_path / "f.store"
+    save_store(fs, out)
+    real_open = open
+
+    class FailsOnClose:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def close(self):
+            self.fh.close()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def flush(self):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+    monkeypatch.setattr(deepfusion.store, "open", lambda path, mode="r", **kw: FailsOnClose(
+        real_open(path, mode, **kw)) if str(path).endswith(".npy") else real_open(path, mode, **kw),
+        raising=False)
+    with pytest.raises(OutputError, match="disk full"):
+        save_store(fs, out)
+    monkeypatch.undo()
+    assert len(_versions(out)) == 1
+    save_store(fs, out)                               # the lock is free again
+    assert len(open_store(out)) == len(fs)
+
+
+def test_clutter_is_ignored_and_a_damaged_meta_json_is_repaired(tiny_audio, tiny_features, tmp_path):
+    out = tmp_path / "f.store"
+
+    def run():
+        return extract(tiny_audio, out=out, fmt="store", cache_dir=tiny_features.parent / "cache",
+                       jobs=1, config=TINY_FEATURES, quiet=True)
+
+    run()
+    identity = open_store(out).sha256
+    (out / ".DS_Store").write_bytes(b"finder")
+    assert run().n_items == 18 and (out / ".DS_Store").exists()
+    (out / META).write_text('{"format": "deepfusion-feature-st')    # damaged by hand
+    with pytest.raises(FeaturesFileError, match="unreadable meta.json"):
+        open_store(out)
+    assert run().n_items == 18 and open_store(out).sha256 == identity
+
+
+def test_pickled_feature_sets_map_whole_files_and_copy_the_rest(store, tiny_features):
+    import dataclasses
+
+    fs = open_store(store)
+    sliced = dataclasses.replace(fs, arrays={k: a[:2] for k, a in fs.arrays.items()})
+    zeroed = dataclasses.replace(fs, arrays={k: np.zeros_like(a) for k, a in fs.arrays.items()})
+    for original in (sliced, zeroed, load_feature_set(tiny_features)):
+        back = pickle.loads(pickle.dumps(original))
+        for key in FEATURE_KEYS:
+            assert getattr(back.arrays[key], "filename", None) is None      # a copy, not a map
+            np.testing.assert_array_equal(back.arrays[key], original.arrays[key])
 
 
 def test_a_folder_that_is_not_a_store_is_never_touched(tiny_audio, tmp_path):
@@ -305,6 +375,27 @@ def test_malformed_groups_and_feature_config_in_a_pickle_get_one_line(tiny_featu
         line = _refused(invoke("train", "--features", path, "--model-dir", tmp_path / "m",
                                "--backbone", "light", "--no-pretrained"))
         assert str(path) in line and message in line, (name, line)
+
+
+def test_numpy_group_values_in_a_pickle_are_accepted(tiny_features, tmp_path):
+    with open(tiny_features, "rb") as fh:
+        items = pickle.load(fh)
+    for i, it in enumerate(items):
+        it["group"], it["duplicate_group"] = np.int64(i // 2), np.int32(it["duplicate_group"])
+    path = tmp_path / "numpy-groups.pkl"
+    path.write_bytes(pickle.dumps(items))
+    fs = load_feature_set(path)
+    assert fs.groups[0] == fs.groups[1] != fs.groups[2]
+
+
+def test_a_worker_unpickling_a_replaced_store_gets_one_line(store, tmp_path):
+    copy = tmp_path / "copy.store"
+    shutil.copytree(store, copy)
+    blob = pickle.dumps(open_store(copy))
+    shutil.rmtree(copy / _versions(copy)[0])
+    with pytest.raises(FeaturesFileError, match=r"copy\.store: .*mel_spec_orig\.npy changed while it "
+                                                r"was in use .*was the store rewritten"):
+        pickle.loads(blob)
 
 
 def test_identity_survives_a_rewrite_and_damage_is_repaired_by_a_rerun(store, tiny_audio,
