@@ -540,7 +540,7 @@ def main() -> None:
          "line before any work"),
         ("peak memory, 10-min vs 30-s file", f"extract {mem['extract 10 min']:.0f} vs "
          f"{mem['extract 30 s']:.0f} MB; predict {mem['predict 10 min']:.0f} vs "
-         f"{mem['predict 30 s']:.0f} MB (predict holds the features of every window)"),
+         f"{mem['predict 30 s']:.0f} MB (predict classifies one window at a time)"),
         (f"peak memory, {m['count']:,} vs {f['count']:,} files",
          f"main {m['main']:.0f} vs {f['main']:.0f} MB (+{m['main'] - f['main']:.0f} MB for "
          f"+{m['features'] - f['features']:.0f} MB of features); workers {m['workers']:.0f} vs "
