@@ -1,5 +1,5 @@
-"""Good and damaged audio files, made in memory, for ``tests/test_hardening.py`` and
-``benchmarks/robustness.py``.
+"""Good and damaged audio files, made in memory, and the kill-at-a-moment harness, for
+``tests/test_hardening.py`` and ``benchmarks/robustness.py``.
 
 A good file is a short deterministic clip encoded by soundfile (WAV 8/16/24-bit and float, AU,
 AIFF, FLAC, OGG/Vorbis, MP3 where libsndfile writes it). A damaged file is the bytes of a good
@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import struct
+import subprocess
+import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import soundfile as sf
@@ -285,3 +288,50 @@ def write_long_wav(path: Path, seconds: int, *, sr: int = 48_000, channels: int 
             tone = 0.3 * np.sin(2 * np.pi * 220 * t)[:, None]
             fh.write((tone + 0.01 * rng.standard_normal((t.size, channels))).astype(np.float32))
     return path
+
+
+# Kills at a moment of progress.
+
+def kill_when(cmd: list[str], progress: Callable[[], int], target: int, delay: float, *,
+              env: dict, timeout: float) -> tuple[bool, Optional[int], str]:
+    """Start ``cmd``; once ``progress()`` reaches ``target``, wait ``delay`` s more and SIGKILL
+    its whole process group (the command and its workers, as a crash would).
+
+    Progress-triggered kills land in every phase (start-up, mid-work, the final writes) where
+    kills at uniform times would mostly hit the seconds spent importing. Returns ``(killed,
+    exit status, stderr)``; the status and stderr are those of a run that ended by itself
+    first (None and '' when killed).
+    """
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None and progress() < target and time.monotonic() < deadline:
+            time.sleep(0.005)
+        try:
+            proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return True, None, ""
+        return False, proc.returncode, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        proc.stderr.close()
+
+
+def cache_entries(cache: Path) -> Callable[[], int]:
+    """Progress of an extract: cache entries written."""
+    return lambda: sum(1 for _ in cache.rglob("*.npz")) if cache.exists() else 0
+
+
+def history_epochs(model_dir: Path) -> Callable[[], int]:
+    """Progress of a training run: epochs in its history file."""
+    def count() -> int:
+        try:
+            return len((model_dir / "training_history.csv").read_text().splitlines()) - 1
+        except OSError:
+            return 0
+    return count

@@ -29,7 +29,6 @@ import pickle
 import random
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -120,27 +119,12 @@ def peak_mb(name: str, *args) -> tuple[float, float]:
 
 
 def kill_when(name: str, cmd: list[str], progress, target: int, delay: float) -> bool:
-    """Start ``cmd``; when ``progress()`` reaches ``target`` wait ``delay`` s, then SIGKILL
-    the whole process group. True if it was killed (False: it had finished already)."""
-    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        deadline = time.monotonic() + HARD_LIMIT
-        while proc.poll() is None and progress() < target and time.monotonic() < deadline:
-            time.sleep(0.005)
-        try:
-            proc.wait(timeout=delay)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            return True
-        _judge(name, proc.returncode, proc.stderr.read())
-        return False
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        proc.stderr.close()
+    """:func:`_damage.kill_when`; a run that ended before its kill is judged. True if killed."""
+    killed, code, stderr = _damage.kill_when(cmd, progress, target, delay, env=env(),
+                                             timeout=HARD_LIMIT)
+    if not killed:
+        _judge(name, code, stderr)
+    return killed
 
 
 # ----------------------------------------------------------------------------- checking outputs
@@ -351,11 +335,7 @@ def kill_trials(work: Path, audio: Path, ref_features: Path, ref_model: Path, n_
         out, cache = work / f"kill-x{trial}" / "features.pkl", work / f"kill-xcache{trial}"
         args = extract_args(audio, out, cache)
         target = rng.randint(0, 16)
-
-        def entries(cache=cache) -> int:
-            return sum(1 for _ in cache.rglob("*.npz")) if cache.exists() else 0
-
-        killed["extract"] += kill_when(name, cli(*args), entries, target,
+        killed["extract"] += kill_when(name, cli(*args), _damage.cache_entries(cache), target,
                                        rng.uniform(0, 1.5 if target == 0 else 0.3))
         if run(f"{name}: re-run", *args) is None:
             continue
@@ -367,14 +347,8 @@ def kill_trials(work: Path, audio: Path, ref_features: Path, ref_model: Path, n_
         name = f"train kill trial {trial}"
         model_dir = work / f"kill-t{trial}"
         args = train_args(ref_features, model_dir)
-
-        def epochs(model_dir=model_dir) -> int:
-            try:
-                return len((model_dir / "training_history.csv").read_text().splitlines()) - 1
-            except OSError:
-                return 0
-
-        killed["train"] += kill_when(name, cli(*args), epochs, rng.randint(0, 3), rng.uniform(0, 0.3))
+        killed["train"] += kill_when(name, cli(*args), _damage.history_epochs(model_dir),
+                                     rng.randint(0, 3), rng.uniform(0, 0.3))
         if (model_dir / "last.pth").exists():
             rerun = run(f"{name}: --resume", "train", "--features", ref_features, "--model-dir",
                         model_dir, "--resume", "--quiet")

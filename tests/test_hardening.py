@@ -17,7 +17,6 @@ import os
 import pickle
 import random
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -114,45 +113,9 @@ def _same_training(a: Path, b: Path) -> None:
         assert torch.equal(tensor, cb["model_state"][key]), key
 
 
-def _kill_when(cmd: list[str], progress, target: int, delay: float, timeout: float = 300) -> bool:
-    """Start ``cmd``; once ``progress()`` reaches ``target``, wait ``delay`` s more and SIGKILL
-    its whole process group (the command and its workers, as a crash would). True if killed.
-
-    Progress-triggered kills land in every phase (start-up, mid-work, the final writes) where
-    kills at uniform times would mostly hit the seconds spent importing.
-    """
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        deadline = time.monotonic() + timeout
-        while proc.poll() is None and progress() < target and time.monotonic() < deadline:
-            time.sleep(0.005)
-        try:
-            proc.wait(timeout=delay)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            return True
-        return False
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def _entries(cache: Path):
-    """Progress of an extract: cache entries written."""
-    return lambda: sum(1 for _ in cache.rglob("*.npz")) if cache.exists() else 0
-
-
-def _epochs(model_dir: Path):
-    """Progress of a training run: epochs in its history file."""
-    def count() -> int:
-        try:
-            return len((model_dir / "training_history.csv").read_text().splitlines()) - 1
-        except OSError:
-            return 0
-    return count
+def _kill_when(cmd: list[str], progress, target: int, delay: float) -> bool:
+    """:func:`_damage.kill_when` with this module's environment; True if it killed."""
+    return _damage.kill_when(cmd, progress, target, delay, env=_env(), timeout=300)[0]
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -537,7 +500,7 @@ def test_kill_9_during_extract_then_rerun_equals_uninterrupted(work, dataset, ex
         out, cache = work / f"kill-extract-{trial}" / "features.pkl", work / f"kill-cache-{trial}"
         args = _extract_args(dataset, out, cache)
         target = rng.randint(0, 16)
-        killed += _kill_when(_cli(*args), _entries(cache), target,
+        killed += _kill_when(_cli(*args), _damage.cache_entries(cache), target,
                              rng.uniform(0, 1.5 if target == 0 else 0.3))
         proc = _run(*args)
         assert proc.returncode == 0, proc.stderr
@@ -621,7 +584,8 @@ def test_kill_9_during_train_then_resume_equals_uninterrupted(work, trained):
     for trial in range(TRAIN_TRIALS):
         model_dir = work / f"kill-train-{trial}"
         args = _train_args(trained["features"], model_dir)
-        killed += _kill_when(_cli(*args), _epochs(model_dir), rng.randint(0, 3), rng.uniform(0, 0.3))
+        killed += _kill_when(_cli(*args), _damage.history_epochs(model_dir), rng.randint(0, 3),
+                             rng.uniform(0, 0.3))
         if (model_dir / "last.pth").exists():
             proc = _run("train", "--features", trained["features"], "--model-dir", model_dir,
                         "--resume", "--quiet")
