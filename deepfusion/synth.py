@@ -59,6 +59,22 @@ Deliberate overlaps, each broken by another feature family:
 :func:`synthesize_dataset` writes the GTZAN layout (``out_dir/<genre>/<genre>.00000.wav``,
 16-bit mono WAV); clip ``c`` of genre ``g`` uses the seed derived from ``(seed, g, c)`` by
 :class:`numpy.random.SeedSequence`, so a dataset is byte-identical across runs and machines.
+
+Every function that renders takes a ``domain`` (one of :data:`DOMAINS`). ``"default"`` is the
+production described above. ``"shifted"`` plays the same recipes (patterns, progressions,
+meter, keys, structure) with another production, so that a model trained on one domain and
+tested on the other shows whether it learnt the genre or the mix. Per clip, drawn from its own
+seed (:func:`_shift_production`):
+
+* mix: drums 3-6 dB quieter, bass 2-4 dB louder, pink bed 2-4 dB quieter (chords unchanged);
+* EQ: the whole mix tilted darker by 1-2 dB per octave about 1 kHz (flat below 100 Hz);
+* tempo: the upper half of the genre's range (the drawn position in the range is halved
+  towards the top), so it never leaves the tempos the genre is documented with;
+* timbres: chord and bass timbres swapped for one of similar role (saw <-> square,
+  sine <-> organ, fm <-> pluck, bell -> fm); kick decay x0.6-0.8, snare x1.2-1.5, hats x1.3-1.6.
+
+A shifted clip keeps the key, register, swing and every other value of its default twin (same
+seed), but not the bar-to-bar variation: the events are drawn for another tempo.
 """
 
 from __future__ import annotations
@@ -66,7 +82,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, Hashable, Sequence, Union
 
@@ -100,6 +116,23 @@ _SCALES = {
 _ROMAN = {"i": 0, "ii": 1, "iii": 2, "iv": 3, "v": 4, "vi": 5, "vii": 6}
 _CHORD_SYMBOL = re.compile(r"(?P<roman>[ivIV]+)(?P<size>[579]?)")
 _TIMBRES = ("sine", "saw", "square", "organ", "fm", "bell", "pluck")
+
+#: Productions :func:`render_clip` can render the recipes with (see the module docstring).
+DOMAINS = ("default", "shifted")
+
+# The "shifted" production. A timbre becomes one of similar role (bright analog waveform,
+# sustained additive tone, decaying key or string), so the part still sounds like its part.
+_SHIFTED_TIMBRE = {"saw": "square", "square": "saw", "sine": "organ", "organ": "sine",
+                   "fm": "pluck", "pluck": "fm", "bell": "fm"}
+_SHIFT_DRUM_DB = (-6.0, -3.0)
+_SHIFT_BASS_DB = (2.0, 4.0)
+_SHIFT_NOISE_DB = (-4.0, -2.0)
+_SHIFT_TILT = (-2.0, -1.0)            # dB per octave about _TILT_PIVOT
+_SHIFT_KICK_DECAY = (0.6, 0.8)        # factors on the drawn decays
+_SHIFT_SNARE_DECAY = (1.2, 1.5)
+_SHIFT_HAT_DECAY = (1.3, 1.6)
+_TILT_PIVOT = 1000.0                  # Hz: the tilt leaves this frequency's level alone
+_TILT_FLOOR = 100.0                   # Hz: flat below, so the tilt does not pump the sub-bass
 
 # Paul Kellet's economy pink-noise filter (-3 dB/octave within 0.05 dB above 10 Hz at 44.1 kHz;
 # close enough at 22.05 kHz for a noise bed).
@@ -405,6 +438,8 @@ class ClipParams:
     drive: float
     peak: float           # output peak amplitude
     events_seed: int = field(repr=False)   # seeds the per-bar variation and noise
+    domain: str = "default"   # production (one of DOMAINS)
+    tilt: float = 0.0         # EQ tilt of the mix, dB per octave about 1 kHz (0: flat)
 
 
 # --------------------------------------------------------------------------------------------
@@ -423,11 +458,17 @@ def _check_seed(seed: int) -> int:
     return int(seed)
 
 
-def clip_params(genre: str, *, seed: int) -> ClipParams:
+def _check_domain(domain: str) -> str:
+    if not isinstance(domain, str) or domain not in DOMAINS:
+        raise ParameterError(f"domain must be one of {', '.join(DOMAINS)}, got {domain!r}")
+    return domain
+
+
+def clip_params(genre: str, *, seed: int, domain: str = "default") -> ClipParams:
     """Draw one clip's parameters from the recipe of ``genre``.
 
-    :func:`render_clip` with the same ``genre`` and ``seed`` renders exactly these values, so
-    tests can compare what they measure (tempo, key) with what was drawn.
+    :func:`render_clip` with the same ``genre``, ``seed`` and ``domain`` renders exactly these
+    values, so tests can compare what they measure (tempo, key) with what was drawn.
 
     Parameters
     ----------
@@ -435,19 +476,24 @@ def clip_params(genre: str, *, seed: int) -> ClipParams:
         One of :data:`GENRES`.
     seed : int >= 0
         Seed of the clip.
+    domain : str
+        One of :data:`DOMAINS`: ``"shifted"`` returns the default draw changed by
+        :func:`_shift_production` (same key, register, swing; other levels, tempo, timbres).
 
     Returns
     -------
     ClipParams
     """
     recipe = _check_genre(genre)
-    params_seq, events_seq = np.random.SeedSequence(_check_seed(seed)).spawn(2)
+    _check_domain(domain)
+    # the third child seeds the shift: the first two, hence the default draw, stay as they were
+    params_seq, events_seq, shift_seq = np.random.SeedSequence(_check_seed(seed)).spawn(3)
     rng = np.random.default_rng(params_seq)
 
     def uniform(bounds: Range) -> float:
         return float(rng.uniform(*bounds))
 
-    return ClipParams(
+    p = ClipParams(
         genre=genre,
         tempo=uniform(recipe.tempo),
         tonic=int(rng.choice(recipe.keys)),
@@ -470,6 +516,40 @@ def clip_params(genre: str, *, seed: int) -> ClipParams:
         drive=uniform(recipe.drive),
         peak=float(rng.uniform(0.3, 0.9)),
         events_seed=int(events_seq.generate_state(1)[0]),
+    )
+    if domain == "default":
+        return p
+    return _shift_production(p, recipe, rng=np.random.default_rng(shift_seq))
+
+
+def _shift_production(p: ClipParams, recipe: GenreRecipe, *,
+                      rng: np.random.Generator) -> ClipParams:
+    """The "shifted" domain: ``p`` with the production changed and the genre left alone.
+
+    Only what a producer would choose moves (bus levels, EQ, instrument sounds, drum tuning,
+    and the tempo within the genre's own range); patterns, progression, mode, key and register
+    are the recipe's, so a model that learnt the genre still recognises it. The amounts are
+    drawn per clip (ranges in ``_SHIFT_*``) so the domain is a distribution, not one offset a
+    model could subtract; their direction is fixed so tests can check it.
+    """
+    def db(bounds: Range) -> float:
+        return 10.0 ** (float(rng.uniform(*bounds)) / 20.0)
+
+    hi = recipe.tempo[1]
+    return replace(
+        p,
+        domain="shifted",
+        # the upper half of the range: drawn positions 0..1 map to 0.5..1
+        tempo=hi - (hi - p.tempo) / 2.0,
+        chord_timbre=_SHIFTED_TIMBRE[p.chord_timbre],
+        bass_timbre=_SHIFTED_TIMBRE[p.bass_timbre],
+        kick_decay=p.kick_decay * float(rng.uniform(*_SHIFT_KICK_DECAY)),
+        snare_decay=p.snare_decay * float(rng.uniform(*_SHIFT_SNARE_DECAY)),
+        hat_decay=p.hat_decay * float(rng.uniform(*_SHIFT_HAT_DECAY)),
+        drum_level=p.drum_level * db(_SHIFT_DRUM_DB),
+        bass_level=p.bass_level * db(_SHIFT_BASS_DB),
+        noise_level=p.noise_level * db(_SHIFT_NOISE_DB),
+        tilt=float(rng.uniform(*_SHIFT_TILT)),
     )
 
 
@@ -603,6 +683,19 @@ def _filter(y: np.ndarray, *, sr: int, kind: str, cutoff: float | tuple[float, f
     # transfer-function form is stable at these low orders and twice as fast as sosfilt
     b, a = signal.butter(order, edges if kind == "bandpass" else edges[0], btype=kind, fs=sr)
     return signal.lfilter(b, a, y)
+
+
+def _tilt(y: np.ndarray, *, sr: int, db_per_octave: float) -> np.ndarray:
+    """``y`` with a spectral tilt: ``db_per_octave`` dB per octave about 1 kHz, flat below 100 Hz.
+
+    A mastering-style EQ over the whole mix, exact in every band (applied to the spectrum, zero
+    phase), so a test can measure the slope it asked for; the floor keeps a darkening tilt from
+    boosting the sub-bass without bound.
+    """
+    freqs = np.fft.rfftfreq(y.size, d=1.0 / sr)
+    octaves = np.log2(np.maximum(freqs, _TILT_FLOOR) / _TILT_PIVOT)
+    gain = 10.0 ** (db_per_octave * octaves / 20.0)
+    return np.fft.irfft(np.fft.rfft(y) * gain, n=y.size)
 
 
 def _drive(y: np.ndarray, amount: float) -> np.ndarray:
@@ -848,9 +941,9 @@ def _check_render_args(*, duration: float, sr: int) -> int:
     return n
 
 
-def render_clip(genre: str, *, seed: int, duration: float = 30.0,
-                sr: int = 22050) -> np.ndarray:
-    """Render one clip of ``genre``, deterministically from ``seed``.
+def render_clip(genre: str, *, seed: int, duration: float = 30.0, sr: int = 22050,
+                domain: str = "default") -> np.ndarray:
+    """Render one clip of ``genre``, deterministically from ``seed`` (and ``domain``).
 
     Parameters
     ----------
@@ -862,6 +955,9 @@ def render_clip(genre: str, *, seed: int, duration: float = 30.0,
         Length in seconds.
     sr : int >= 8000
         Sample rate in Hz.
+    domain : str
+        Production, one of :data:`DOMAINS`: ``"default"`` or ``"shifted"`` (same genre,
+        another mix, EQ, tempo sub-range and timbres; see the module docstring).
 
     Returns
     -------
@@ -871,10 +967,10 @@ def render_clip(genre: str, *, seed: int, duration: float = 30.0,
     Raises
     ------
     ParameterError
-        Unknown genre, negative seed, ``duration`` or ``sr`` out of range.
+        Unknown genre or domain, negative seed, ``duration`` or ``sr`` out of range.
     """
     n = _check_render_args(duration=duration, sr=sr)
-    p = clip_params(genre, seed=seed)
+    p = clip_params(genre, seed=seed, domain=domain)
     recipe = RECIPES[genre]
     rng = np.random.default_rng(p.events_seed)
     step_s = 60.0 / p.tempo / STEPS_PER_BEAT
@@ -884,6 +980,8 @@ def render_clip(genre: str, *, seed: int, duration: float = 30.0,
            + p.bass_level * _bass(recipe, p, **kwargs)
            + p.chord_level * _chords(recipe, p, **kwargs)
            + _texture(p, n=n, sr=sr, rng=rng))
+    if p.tilt:
+        mix = _tilt(mix, sr=sr, db_per_octave=p.tilt)
     mix = _drive(mix, p.drive)
     peak = np.abs(mix).max()
     # the pink bed is never silent, so peak > 0; the guard only protects against nan
@@ -927,13 +1025,14 @@ def _write_wav(path: Path, y: np.ndarray, *, sr: int) -> None:
 
 def synthesize_dataset(out_dir: Union[str, os.PathLike], *, genres: int = 4,
                        clips_per_genre: int = 10, duration: float = 30.0, seed: int = 0,
-                       sr: int = 22050) -> list[Path]:
+                       sr: int = 22050, domain: str = "default") -> list[Path]:
     """Write a synthetic dataset in the GTZAN layout and return the written paths, sorted.
 
     Files are ``out_dir/<genre>/<genre>.<5-digit index>.wav``, 16-bit PCM mono at ``sr``,
     for the first ``genres`` names of :data:`GENRES`. Clip ``c`` of genre ``g`` is
-    ``render_clip(GENRES[g], seed=clip_seed(seed, g, c), ...)``, so the same arguments give
-    byte-identical files. Existing files of the same names are replaced.
+    ``render_clip(GENRES[g], seed=clip_seed(seed, g, c), ..., domain=domain)``, so the same
+    arguments give byte-identical files, and the two domains of one seed hold twin clips (same
+    key and register, another production). Existing files of the same names are replaced.
 
     Parameters
     ----------
@@ -947,6 +1046,8 @@ def synthesize_dataset(out_dir: Union[str, os.PathLike], *, genres: int = 4,
     seed : int >= 0
     sr : int >= 8000
         Sample rate in Hz.
+    domain : str
+        Production, one of :data:`DOMAINS` (see :func:`render_clip`).
 
     Returns
     -------
@@ -964,6 +1065,7 @@ def synthesize_dataset(out_dir: Union[str, os.PathLike], *, genres: int = 4,
     _check_count("clips_per_genre", clips_per_genre, low=1)
     _check_seed(seed)
     _check_render_args(duration=duration, sr=sr)
+    _check_domain(domain)
     out_dir = Path(out_dir)
     paths = []
     for g, genre in enumerate(GENRES[:genres]):
@@ -975,7 +1077,8 @@ def synthesize_dataset(out_dir: Union[str, os.PathLike], *, genres: int = 4,
                 from error
         for c in range(clips_per_genre):
             path = folder / f"{genre}.{c:05d}.wav"
-            y = render_clip(genre, seed=clip_seed(seed, g, c), duration=duration, sr=sr)
+            y = render_clip(genre, seed=clip_seed(seed, g, c), duration=duration, sr=sr,
+                            domain=domain)
             _write_wav(path, y, sr=sr)
             paths.append(path)
     return sorted(paths)

@@ -196,3 +196,194 @@ def test_mode_shows_in_chroma(genre, seed, mode):
     r_minor = np.corrcoef(profile, MINOR_PROFILE)[0, 1]
     assert (r_major > r_minor) == (mode == "major"), f"major {r_major:.2f}, minor {r_minor:.2f}"
     assert max(r_major, r_minor) > 0.3, "chroma does not follow the drawn key"
+
+
+# --------------------------------------------------------------------------------------------
+# Domains: the same genres with another production (a generalisation check without real data)
+
+# SHA-256 (first 16 hex digits) of the 16-bit PCM of render_clip(genre, seed=1, duration=0.5),
+# taken from the generator before domains existed. The module promises byte-identical datasets
+# across runs and machines; a mismatch means the default production changed (or numpy/scipy
+# changed a filter's last bits, which breaks that promise too).
+DEFAULT_PCM_SHA256 = {
+    "techno": "2d9b0a88690d8ff3", "rock": "6513bcd8148d2c7f", "waltz": "43683784cb710da8",
+    "reggae": "36dd260fb6587885", "ambient": "afdef82b7283e776", "funk": "c9f00fd3f1f2b3f7",
+    "march": "eefa7f1003897607", "ballad": "1fde43400e768de2", "bossa": "2cef4e23c59cc778",
+    "noise": "2ee4b5761960a1f0",
+}
+
+
+def spectral_centroid(y: np.ndarray) -> float:
+    """Power-weighted mean frequency of the whole clip, Hz."""
+    power = np.abs(np.fft.rfft(y.astype(np.float64))) ** 2
+    return float((power * np.fft.rfftfreq(y.size, 1.0 / SR)).sum() / power.sum())
+
+
+def test_default_domain_is_the_production_of_before():
+    import hashlib
+
+    assert set(DEFAULT_PCM_SHA256) == set(GENRES)
+    for genre in GENRES:
+        y = render_clip(genre, seed=1, duration=0.5)
+        np.testing.assert_array_equal(y, render_clip(genre, seed=1, duration=0.5,
+                                                     domain="default"))
+        pcm = np.round(np.clip(y, -1.0, 1.0) * 32767.0).astype("<i2")
+        assert hashlib.sha256(pcm.tobytes()).hexdigest()[:16] == DEFAULT_PCM_SHA256[genre], genre
+        assert clip_params(genre, seed=1, domain="default") == clip_params(genre, seed=1)
+        assert clip_params(genre, seed=1).tilt == 0.0
+
+
+def test_default_domain_dataset_is_the_dataset_without_the_argument(tmp_path):
+    kwargs = dict(genres=2, clips_per_genre=1, duration=0.5, seed=4)
+    plain = synthesize_dataset(tmp_path / "a", **kwargs)
+    named = synthesize_dataset(tmp_path / "b", domain="default", **kwargs)
+    assert [p.read_bytes() for p in plain] == [p.read_bytes() for p in named]
+
+
+def test_shifted_render_is_deterministic_and_not_the_default():
+    for genre in ("techno", "ambient"):
+        y = render_clip(genre, seed=5, duration=1.0, domain="shifted")
+        np.testing.assert_array_equal(y, render_clip(genre, seed=5, duration=1.0,
+                                                     domain="shifted"))
+        assert not np.array_equal(y, render_clip(genre, seed=5, duration=1.0))
+        assert not np.array_equal(y, render_clip(genre, seed=6, duration=1.0, domain="shifted"))
+
+
+def test_shifted_dataset_is_byte_identical_and_differs_from_default(tmp_path):
+    kwargs = dict(genres=2, clips_per_genre=2, duration=0.5, seed=7)
+    first = synthesize_dataset(tmp_path / "a", domain="shifted", **kwargs)
+    again = synthesize_dataset(tmp_path / "b", domain="shifted", **kwargs)
+    default = synthesize_dataset(tmp_path / "c", **kwargs)
+    assert [p.relative_to(tmp_path / "a") for p in first] == \
+        [p.relative_to(tmp_path / "c") for p in default]
+    data = [p.read_bytes() for p in first]
+    assert data == [p.read_bytes() for p in again]
+    assert all(d != p.read_bytes() for d, p in zip(data, default))
+    # the file is the shifted render of the clip's seed
+    path = tmp_path / "a" / GENRES[1] / f"{GENRES[1]}.00001.wav"
+    assert path in first
+    stored, _ = sf.read(path, dtype="int16")
+    expected = render_clip(GENRES[1], seed=clip_seed(7, 1, 1), duration=0.5, domain="shifted")
+    np.testing.assert_array_equal(stored, np.round(expected * 32767).astype(np.int16))
+
+
+@pytest.mark.parametrize("genre", GENRES)
+def test_shifted_clip_is_valid_audio(genre):
+    y = render_clip(genre, seed=11, duration=1.5, domain="shifted")
+    assert y.dtype == np.float32 and y.shape == (round(1.5 * SR),)
+    assert np.isfinite(y).all()
+    assert 0.3 <= np.abs(y).max() <= 0.9 + 1e-6
+    assert np.sqrt(np.mean(y ** 2)) > 0.02 * np.abs(y).max(), "clip is (nearly) silent"
+
+
+def test_shift_changes_production_not_genre_parameters():
+    db = lambda ratio: 20 * np.log10(ratio)   # noqa: E731
+    timbre_role = {"saw": "square", "square": "saw", "sine": "organ", "organ": "sine",
+                   "fm": "pluck", "pluck": "fm", "bell": "fm"}
+    for genre in GENRES:
+        lo, hi = RECIPES[genre].tempo
+        for seed in range(20):
+            p = clip_params(genre, seed=seed)
+            q = clip_params(genre, seed=seed, domain="shifted")
+            assert q == clip_params(genre, seed=seed, domain="shifted")
+            assert (p.domain, q.domain) == ("default", "shifted")
+            # the genre: key, register, swing, chord level, drives, cutoffs, crackle as drawn
+            for name in ("genre", "tonic", "register", "swing", "chord_level", "drum_drive",
+                         "chord_drive", "drive", "chord_cutoff", "bass_cutoff", "crackle",
+                         "peak", "events_seed"):
+                assert getattr(q, name) == getattr(p, name), name
+            # tempo: the upper half of the genre's own range, never slower than the twin
+            assert (lo + hi) / 2 - 1e-9 <= q.tempo <= hi and q.tempo >= p.tempo
+            assert q.tempo - p.tempo == pytest.approx((hi - p.tempo) / 2)
+            # production
+            assert -6.0 - 1e-9 <= db(q.drum_level / p.drum_level) <= -3.0 + 1e-9
+            assert 2.0 - 1e-9 <= db(q.bass_level / p.bass_level) <= 4.0 + 1e-9
+            assert -4.0 - 1e-9 <= db(q.noise_level / p.noise_level) <= -2.0 + 1e-9
+            assert -2.0 <= q.tilt <= -1.0
+            assert q.chord_timbre == timbre_role[p.chord_timbre]
+            assert q.bass_timbre == timbre_role[p.bass_timbre]
+            assert 0.6 <= q.kick_decay / p.kick_decay <= 0.8
+            assert 1.2 <= q.snare_decay / p.snare_decay <= 1.5
+            assert 1.3 <= q.hat_decay / p.hat_decay <= 1.6
+
+
+def test_tilt_has_the_slope_it_is_asked_for():
+    from deepfusion.synth import _tilt
+
+    noise = np.random.default_rng(0).standard_normal(4 * SR)
+    tilted = _tilt(noise, sr=SR, db_per_octave=-1.5)
+    power = np.abs(np.fft.rfft(tilted)) ** 2 / np.abs(np.fft.rfft(noise)) ** 2
+    freqs = np.fft.rfftfreq(noise.size, 1.0 / SR)
+
+    def level(f0: float) -> float:   # mean gain in dB over a third of an octave about f0
+        band = (freqs >= f0 * 2 ** -(1 / 6)) & (freqs < f0 * 2 ** (1 / 6))
+        return float(10 * np.log10(power[band].mean()))
+
+    assert level(1000.0) == pytest.approx(0.0, abs=0.1)
+    for f0 in (250.0, 500.0, 2000.0, 4000.0, 8000.0):
+        assert level(f0) == pytest.approx(-1.5 * np.log2(f0 / 1000.0), abs=0.2), f0
+    # flat below 100 Hz: 3.3 octaves below the pivot at most
+    assert level(50.0) == pytest.approx(level(80.0), abs=0.2)
+    assert level(50.0) == pytest.approx(-1.5 * np.log2(100.0 / 1000.0), abs=0.2)
+
+
+def test_shifted_mix_is_darker():
+    # the darker tilt and louder bass pull the mix's spectral centroid down; a swapped timbre
+    # can brighten one clip, so the check is on the average of a few
+    ratios = [spectral_centroid(render_clip(genre, seed=100, duration=2.0, domain="shifted"))
+              / spectral_centroid(render_clip(genre, seed=100, duration=2.0))
+              for genre in ("techno", "rock", "waltz", "reggae", "ambient", "bossa")]
+    assert np.exp(np.mean(np.log(ratios))) < 0.7, np.round(ratios, 2)
+    assert sum(r < 1 for r in ratios) >= 5, np.round(ratios, 2)
+
+
+@pytest.mark.parametrize("genre,seed", [("techno", 0), ("reggae", 1), ("rock", 2)])
+def test_shifted_clip_keeps_its_tempo(genre, seed):
+    import librosa
+
+    drawn = clip_params(genre, seed=seed, domain="shifted").tempo
+    env = onset_envelope(render_clip(genre, seed=seed, duration=10.0, domain="shifted"))
+    estimate = float(librosa.feature.tempo(onset_envelope=env, sr=SR, hop_length=HOP)[0])
+    errors = [abs(estimate * octave / drawn - 1) for octave in (0.5, 1.0, 2.0)]
+    assert min(errors) < 0.04, f"{genre}: estimated {estimate:.1f} BPM, drawn {drawn:.1f} BPM"
+
+
+@pytest.mark.parametrize("genre,seed,mode", [("techno", 0, "minor"), ("rock", 0, "major")])
+def test_shifted_clip_keeps_its_mode(genre, seed, mode):
+    import librosa
+
+    tonic = clip_params(genre, seed=seed, domain="shifted").tonic
+    y = render_clip(genre, seed=seed, duration=8.0, domain="shifted")
+    profile = np.roll(librosa.feature.chroma_stft(y=y, sr=SR).mean(axis=1), -tonic)
+    r_major = np.corrcoef(profile, MAJOR_PROFILE)[0, 1]
+    r_minor = np.corrcoef(profile, MINOR_PROFILE)[0, 1]
+    assert (r_major > r_minor) == (mode == "major"), f"major {r_major:.2f}, minor {r_minor:.2f}"
+
+
+@pytest.mark.parametrize("bad", ["loud", "Shifted", "", None, 1])
+def test_unknown_domain_is_a_parameter_error(tmp_path, bad):
+    message = f"got {re.escape(repr(bad))}$"
+    with pytest.raises(ParameterError, match=message):
+        render_clip("techno", seed=0, duration=0.1, domain=bad)
+    with pytest.raises(ParameterError, match=message):
+        clip_params("techno", seed=0, domain=bad)
+    with pytest.raises(ParameterError, match=message):
+        synthesize_dataset(tmp_path / "out", duration=0.1, domain=bad)
+    assert not (tmp_path / "out").exists(), "nothing is written before arguments are checked"
+
+
+def test_cli_synth_writes_the_shifted_domain(tmp_path):
+    from click.testing import CliRunner
+
+    from deepfusion.cli import main
+
+    args = ["synth", "--genres", "1", "--clips-per-genre", "1", "--duration", "0.3"]
+    result = CliRunner().invoke(main, args + ["--out", str(tmp_path / "cli"),
+                                              "--domain", "shifted"])
+    assert result.exit_code == 0, result.output
+    expected = synthesize_dataset(tmp_path / "api", genres=1, clips_per_genre=1, duration=0.3,
+                                  domain="shifted")
+    written = sorted(p for p in (tmp_path / "cli").rglob("*.wav"))
+    assert [p.read_bytes() for p in written] == [p.read_bytes() for p in expected]
+    refused = CliRunner().invoke(main, args + ["--out", str(tmp_path / "x"), "--domain", "loud"])
+    assert refused.exit_code != 0 and not (tmp_path / "x").exists()
