@@ -129,7 +129,12 @@ def model_from_checkpoint(ckpt: dict[str, Any]):
     from .models import MultiModalNet
 
     config = ModelConfig.from_dict({**ckpt["model_config"], "pretrained": False})
-    model = MultiModalNet(config)
+    if config.kind == "probe":
+        from .probe import LinearProbe
+
+        model = LinearProbe(config.n_classes, config.n_mels, config.aux_rows)
+    else:
+        model = MultiModalNet(config)
     try:
         model.load_state_dict(ckpt["model_state"])
     except RuntimeError as exc:

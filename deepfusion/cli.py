@@ -97,12 +97,16 @@ def main() -> None:
 @click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=30.0,
               show_default=True, help="Seconds per clip.")
 @click.option("--seed", type=int, default=0, show_default=True)
-def synth(out: Path, genres: int, clips_per_genre: int, duration: float, seed: int) -> None:
+@click.option("--domain", type=click.Choice(["default", "shifted"]), default="default",
+              show_default=True, help="Production: 'shifted' renders the same genres with "
+                                      "another mix, EQ, tempo sub-range and timbres.")
+def synth(out: Path, genres: int, clips_per_genre: int, duration: float, seed: int,
+          domain: str) -> None:
     """Render a deterministic synthetic genre dataset (WAV, 22,050 Hz, mono)."""
     from .synth import synthesize_dataset
 
     paths = synthesize_dataset(out, genres=genres, clips_per_genre=clips_per_genre,
-                               duration=duration, seed=seed)
+                               duration=duration, seed=seed, domain=domain)
     click.echo(f"wrote {len(paths)} clips ({genres} genres x {clips_per_genre}) to {out}")
 
 
@@ -182,6 +186,19 @@ class _SecondsOrFull(click.ParamType):
         return seconds
 
 
+_AUTO_NOTE = "auto: per backbone, see --help of --lr"
+
+
+def _recipe_defaults():
+    from .config import TrainConfig
+
+    return TrainConfig()
+
+
+#: TrainConfig's defaults: the CLI shows and uses these, never its own copies
+_RECIPE = _recipe_defaults()
+
+
 @main.command()
 @click.option("--features", type=click.Path(path_type=Path),
               default=Path("data/features.pkl"), show_default=True,
@@ -189,19 +206,27 @@ class _SecondsOrFull(click.ParamType):
               "project's pickle).")
 @click.option("--model-dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("models"), show_default=True, help="Where checkpoints and logs go.")
-@click.option("--epochs", type=click.IntRange(1), default=100, show_default=True)
-@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
-              help="Peak learning rate of AdamW (linear warm-up, cosine decay).")
+@click.option("--model", type=click.Choice(["net", "probe"]), default="net", show_default=True,
+              help="net: the multi-modal network; probe: the linear-probe baseline (logistic "
+              "regression on time-pooled statistics of the six views), same checkpoint format.")
+@click.option("--epochs", type=click.IntRange(1), default=None,
+              help=f"Epochs [{_AUTO_NOTE}]. With --resume, a larger value extends the run: the "
+              "cosine schedule becomes that of the longer run from the next epoch on.")
+@click.option("--batch-size", type=click.IntRange(1), default=None, help=f"[{_AUTO_NOTE}]")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Peak learning rate of AdamW (linear warm-up, cosine decay) [default auto: "
+              "light 1e-3, ResNets 3e-4 from scratch, 1e-4 from ImageNet weights].")
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-2, show_default=True)
 @click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.1,
               show_default=True)
 @click.option("--backbone", type=click.Choice(["resnet50", "resnet18", "resnet34", "light"]),
-              default="resnet50", show_default=True,
-              help="CNN of the three mel branches; 'light' is a small CNN for CPUs.")
+              default=None, help="CNN of the three mel branches; 'light' is a small CNN for "
+              "CPUs  [default: resnet50]")
 @click.option("--share-backbone", is_flag=True, help="One set of CNN weights for all three mel views.")
-@click.option("--pretrained/--no-pretrained", default=True, show_default=True,
-              help="Start ResNets from ImageNet weights (local torch cache or --weights-path; never downloaded).")
+@click.option("--pretrained/--no-pretrained", default=None,
+              help="ResNets from ImageNet weights. Default (auto): from --weights-path, the torch "
+              "cache, or torchvision's download; from scratch, said in one line, when they cannot "
+              "be had. --pretrained insists (error without them); --no-pretrained never loads them.")
 @click.option("--weights-path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="File with the torchvision ImageNet weights of the chosen ResNet.")
 @click.option("--device", default="auto", show_default=True,
@@ -216,26 +241,65 @@ class _SecondsOrFull(click.ParamType):
               "shipped alias: gtzan-fault-filtered.")
 @click.option("--val-size", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
 @click.option("--test-size", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
-@click.option("--patience", type=click.IntRange(1), default=20, show_default=True,
-              help="Stop after this many epochs without a better validation accuracy.")
+@click.option("--patience", type=click.IntRange(1), default=None,
+              help=f"Stop after this many epochs without a better validation loss (accuracy with "
+              f"--select val_acc) [{_AUTO_NOTE}]. May be changed with --resume.")
+@click.option("--select", type=click.Choice(["last", "val_loss", "val_acc"]), default=_RECIPE.select,
+              show_default=True, help="Which weights best.pth holds: those after the last epoch, "
+              "or of the epoch with the lowest validation loss / highest validation accuracy.")
+@click.option("--ema", type=click.FloatRange(0, 1, max_open=True), default=_RECIPE.ema, show_default=True,
+              help="Decay per step of an exponential moving average of the weights (0: off).")
+@click.option("--mixup", type=click.FloatRange(min=0), default=_RECIPE.mixup, show_default=True,
+              help="Mixup Beta(a, a) parameter (0: off).")
+@click.option("--freq-mask", type=click.FloatRange(0, 1, max_open=True), default=_RECIPE.freq_mask,
+              show_default=True, help="SpecAugment: mask up to this fraction of mel bands (0: off).")
+@click.option("--time-mask", type=click.FloatRange(0, 1, max_open=True), default=_RECIPE.time_mask,
+              show_default=True, help="SpecAugment: mask up to this fraction of frames (0: off).")
+@click.option("--tilt-db", type=click.FloatRange(min=0), default=_RECIPE.tilt_db, show_default=True,
+              help="Random spectral tilt of up to +-this many dB across the mel range (0: off).")
+@click.option("--probe-c", type=click.FloatRange(min=0, min_open=True), default=_RECIPE.probe_c,
+              show_default=True, help="Inverse regularisation strength of --model probe.")
+@click.option("--folds", type=click.IntRange(2), default=None,
+              help="K-fold grouped, stratified cross-validation into MODEL_DIR/fold-1..K; writes "
+              "cross_validation.csv and cross_validation_predictions.csv.")
 @click.option("--resume", is_flag=True, help="Continue the run in --model-dir from last.pth.")
 @click.option("--num-workers", type=click.IntRange(0), default=0, show_default=True,
               help="DataLoader worker processes.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def train(features: Path, model_dir: Path, backbone: str, share_backbone: bool, pretrained: bool,
-          weights_path: Path | None, resume: bool, quiet: bool, **kwargs: Any) -> None:
+def train(features: Path, model_dir: Path, backbone: str | None, share_backbone: bool,
+          pretrained: bool | None, weights_path: Path | None, folds: int | None, resume: bool,
+          quiet: bool, **kwargs: Any) -> None:
     """Train the multi-modal network; writes best.pth, last.pth, training_history.csv/png."""
     from .config import TrainConfig
-    from .train import train as run_train
 
     if not features.exists():
         raise click.BadParameter(f"{features}: not found", param_hint="--features")
     config = TrainConfig(**kwargs)
-    result = run_train(features, model_dir=model_dir, config=config, backbone=backbone,
-                       share_backbone=share_backbone, pretrained=pretrained,
-                       weights_path=weights_path, resume=resume, quiet=quiet, echo=click.echo)
-    click.echo(f"best validation clip accuracy {result.best_val_acc:.3f} at epoch "
-               f"{result.best_epoch}; {result.epochs_run} epochs in {result.seconds:.0f} s; "
+    mode = {True: "require", False: "never", None: "auto"}[pretrained]
+    common = dict(model_dir=model_dir, config=config, backbone=backbone,
+                  share_backbone=share_backbone, pretrained=mode, weights_path=weights_path,
+                  resume=resume, quiet=quiet, echo=click.echo)
+    if folds:
+        from .crossval import cross_validate
+
+        cv = cross_validate(features, folds=folds, **common)
+        click.echo("fold  clips  clip acc  balanced acc  macro-F1")
+        for row in cv.folds:
+            click.echo(f"{row['fold']:4d}  {row['clips']:5d}  {row['clip_accuracy']:8.3f}  "
+                       f"{row['balanced_accuracy']:12.3f}  {row['macro_f1']:8.3f}")
+        for key, label in (("clip_accuracy", "clip accuracy"),
+                           ("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro-F1")):
+            mean, sd, lo, hi = cv.summary(key)
+            click.echo(f"{label}: {mean:.3f} +- {sd:.3f} over {folds} folds (min {lo:.3f}, max {hi:.3f})")
+        click.echo(f"all {len(cv.predictions)} clips: accuracy {cv.pooled_accuracy:.3f}; wrote "
+                   f"{model_dir / 'cross_validation.csv'} and "
+                   f"{model_dir / 'cross_validation_predictions.csv'}")
+        return
+    from .train import train as run_train
+
+    result = run_train(features, **common)
+    click.echo(f"best.pth: epoch {result.best_epoch} (validation clip accuracy "
+               f"{result.best_val_acc:.3f}); {result.epochs_run} epochs in {result.seconds:.0f} s; "
                f"checkpoint {model_dir / 'best.pth'}")
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Optional
 
 from .errors import ParameterError
@@ -138,6 +138,8 @@ class FeatureConfig:
 
 
 BACKBONES = ("resnet50", "resnet18", "resnet34", "light")
+#: What ``train`` fits: the multi-modal network, or the linear probe baseline.
+MODEL_KINDS = ("net", "probe")
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,8 @@ class ModelConfig:
 
     n_classes: int
     n_mels: int = 128
+    #: "net" (the multi-modal network) or "probe" (the linear probe baseline)
+    kind: str = "net"
     aux_rows: tuple[int, int, int] = (20, 12, 384)
     backbone: str = "resnet50"
     share_backbone: bool = False
@@ -162,6 +166,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
             raise ParameterError(f"backbone must be one of {', '.join(BACKBONES)}, got {self.backbone!r}")
+        if self.kind not in MODEL_KINDS:
+            raise ParameterError(f"model kind must be one of {', '.join(MODEL_KINDS)}, got {self.kind!r}")
         if self.n_classes < 2:
             raise ParameterError(f"need at least 2 classes, got {self.n_classes}")
         if not 0 <= self.dropout < 1:
@@ -178,17 +184,28 @@ class ModelConfig:
         return _from_dict(cls, data)
 
 
+#: How ``best.pth`` is chosen: the weights after the last epoch, or those of the epoch with the
+#: lowest validation loss or highest validation clip accuracy.
+SELECTIONS = ("last", "val_loss", "val_acc")
+#: TrainConfig fields whose default depends on the backbone (``None`` in a config: "auto").
+AUTO_FIELDS = ("epochs", "batch_size", "lr", "patience")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """How a model is trained. Saved in every checkpoint."""
+    """How a model is trained (the recipe). Saved in every checkpoint.
 
-    epochs: int = 100
-    batch_size: int = 64
-    lr: float = 1e-4
+    ``epochs``, ``batch_size``, ``lr`` and ``patience`` may be ``None`` ("auto"): train fills
+    them per backbone with :func:`recipe_defaults` and saves the resolved values.
+    """
+
+    epochs: Optional[int] = None
+    batch_size: Optional[int] = None
+    lr: Optional[float] = None
     weight_decay: float = 1e-2
     warmup_epochs: int = 1
     label_smoothing: float = 0.1
-    patience: int = 20
+    patience: Optional[int] = None
     segment_seconds: Optional[float] = 3.0
     val_size: float = 0.1
     test_size: float = 0.1
@@ -198,11 +215,28 @@ class TrainConfig:
     channels_last: bool = True
     num_workers: int = 0
     split_file: Optional[str] = None
+    #: network or linear probe (see :mod:`deepfusion.probe`)
+    model: str = "net"
+    #: how best.pth is chosen (see :data:`SELECTIONS`)
+    select: str = "last"
+    #: decay per step of an exponential moving average of the weights (0: off); the average
+    #: is what is validated and saved
+    ema: float = 0.0
+    #: mixup's Beta(alpha, alpha) (0: off)
+    mixup: float = 0.0
+    #: SpecAugment: up to this fraction of mel bands / of frames masked, twice each (0: off)
+    freq_mask: float = 0.0
+    time_mask: float = 0.0
+    #: random spectral tilt of the mel views (and MFCC), up to +-this many dB across the range
+    tilt_db: float = 0.0
+    #: inverse regularisation strength of the linear probe
+    probe_c: float = 0.05
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
+        if (self.epochs is not None and self.epochs < 1) or \
+                (self.batch_size is not None and self.batch_size < 1):
             raise ParameterError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
-        if not self.lr > 0:
+        if self.lr is not None and not self.lr > 0:
             raise ParameterError(f"lr must be > 0, got {self.lr!r}")
         if not (0 <= self.val_size < 1 and 0 <= self.test_size < 1
                 and self.val_size + self.test_size < 1):
@@ -213,10 +247,29 @@ class TrainConfig:
             raise ParameterError(f"segment_seconds must be > 0, got {self.segment_seconds!r}")
         if not 0 <= self.label_smoothing < 1:
             raise ParameterError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
-        if self.patience < 1:
+        if self.patience is not None and self.patience < 1:
             raise ParameterError(f"patience must be >= 1, got {self.patience!r}")
         if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
             raise ParameterError(f"device must be auto, cpu, cuda[:N] or mps, got {self.device!r}")
+        if self.model not in MODEL_KINDS:
+            raise ParameterError(f"model must be one of {', '.join(MODEL_KINDS)}, got {self.model!r}")
+        if self.select not in SELECTIONS:
+            raise ParameterError(f"select must be one of {', '.join(SELECTIONS)}, got {self.select!r}")
+        if not 0 <= self.ema < 1:
+            raise ParameterError(f"ema must be in [0, 1), got {self.ema!r}")
+        for name in ("mixup", "tilt_db"):
+            if not getattr(self, name) >= 0:
+                raise ParameterError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("freq_mask", "time_mask"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ParameterError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if not self.probe_c > 0:
+            raise ParameterError(f"probe_c must be > 0, got {self.probe_c!r}")
+
+    @property
+    def resolved(self) -> bool:
+        """Whether every "auto" field has a value."""
+        return all(getattr(self, name) is not None for name in AUTO_FIELDS)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -224,3 +277,39 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
         return _from_dict(cls, data)
+
+
+#: Recipe defaults per backbone, chosen with ``benchmarks/generalization.py`` (see the README):
+#: (epochs, batch_size, lr, patience). ResNets starting from ImageNet weights take a lower lr.
+_RECIPES = {
+    "light": (40, 16, 1e-3, 40),
+    "resnet18": (30, 16, 3e-4, 30),
+    "resnet34": (30, 16, 3e-4, 30),
+    "resnet50": (30, 16, 3e-4, 30),
+}
+_PRETRAINED_LR = 1e-4
+
+
+def recipe_defaults(backbone: str, pretrained: bool) -> dict[str, Any]:
+    """The "auto" values of :data:`AUTO_FIELDS` for ``backbone`` (pretrained or not)."""
+    if backbone not in _RECIPES:
+        raise ParameterError(f"backbone must be one of {', '.join(BACKBONES)}, got {backbone!r}")
+    epochs, batch_size, lr, patience = _RECIPES[backbone]
+    if pretrained and backbone != "light":
+        lr = _PRETRAINED_LR
+    return {"epochs": epochs, "batch_size": batch_size, "lr": lr, "patience": patience}
+
+
+def resolve_recipe(config: TrainConfig, backbone: str, pretrained: bool) -> TrainConfig:
+    """``config`` with its "auto" fields filled by :func:`recipe_defaults`."""
+    auto = recipe_defaults(backbone, pretrained)
+    return replace(config, **{k: v for k, v in auto.items() if getattr(config, k) is None})
+
+
+def describe_auto() -> str:
+    """One line per backbone of the "auto" recipe, for --help and the start-up line."""
+    parts = []
+    for name in _RECIPES:
+        d = recipe_defaults(name, False)
+        parts.append(f"{name} {d['epochs']} epochs, batch {d['batch_size']}, lr {d['lr']:g}")
+    return "; ".join(parts) + f" (lr {_PRETRAINED_LR:g} for ImageNet-pretrained ResNets)"

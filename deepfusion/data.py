@@ -385,6 +385,61 @@ def eval_segments(indices: np.ndarray, n_frames: int, seg: int) -> tuple[np.ndar
     return clips, starts
 
 
+@dataclass(frozen=True)
+class Augment:
+    """Random changes to a training segment's views, drawn from the segment's own generator.
+
+    ``tilt_db``: a spectral tilt of up to +-``tilt_db`` dB from the lowest to the highest mel
+    band, added to the three dB mel views and, through the same DCT librosa's MFCC uses, to
+    the MFCC (what another microphone, room or master EQ does to a recording). ``freq_mask``
+    and ``time_mask`` (SpecAugment, Park et al. 2019): two bands of up to that fraction of the
+    mel bands set to the mean in each mel view, and two spans of up to that fraction of the
+    frames set to the mean in every view.
+    """
+
+    tilt_db: float = 0.0
+    freq_mask: float = 0.0
+    time_mask: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.tilt_db > 0 or self.freq_mask > 0 or self.time_mask > 0
+
+    def apply(self, views: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Views (raw, before normalisation) with a random tilt; new arrays, inputs untouched."""
+        if self.tilt_db <= 0:
+            return views
+        from scipy.fft import dct
+
+        tilt = rng.uniform(-self.tilt_db, self.tilt_db)
+        n_mels = views[MEL_KEYS[0]].shape[0]
+        ramp = (tilt * np.linspace(-0.5, 0.5, n_mels)).astype(np.float32)
+        out = dict(views)
+        for k in MEL_KEYS:
+            out[k] = views[k] + ramp[:, None]
+        n_mfcc = views["mfcc"].shape[0]
+        if n_mfcc <= n_mels:
+            out["mfcc"] = views["mfcc"] + dct(ramp, type=2, norm="ortho")[:n_mfcc, None]
+        return out
+
+    def mask(self, x: dict[str, np.ndarray], rng: np.random.Generator) -> None:
+        """SpecAugment masks on normalised views (0 is the training mean), in place."""
+        frames = x[MEL_KEYS[0]].shape[1]
+        if self.time_mask > 0:
+            for _ in range(2):
+                w = int(rng.integers(0, int(self.time_mask * frames) + 1))
+                t0 = int(rng.integers(0, frames - w + 1))
+                for k in x:
+                    x[k][:, t0:t0 + w] = 0.0
+        if self.freq_mask > 0:
+            for k in MEL_KEYS:
+                bands = x[k].shape[0]
+                for _ in range(2):
+                    w = int(rng.integers(0, int(self.freq_mask * bands) + 1))
+                    f0 = int(rng.integers(0, bands - w + 1))
+                    x[k][f0:f0 + w, :] = 0.0
+
+
 class SegmentDataset:
     """Normalised segments of clips: ``(views, label, clip index)`` per item.
 
@@ -393,9 +448,11 @@ class SegmentDataset:
     """
 
     def __init__(self, fs: FeatureSet, norm: dict, clips: np.ndarray, *, seg: int,
-                 starts: Optional[np.ndarray] = None, seed: int = 0):
+                 starts: Optional[np.ndarray] = None, seed: int = 0,
+                 augment: Optional[Augment] = None):
         self.fs, self.norm, self.clips, self.seg = fs, norm, clips, seg
         self.starts, self.seed = starts, seed
+        self.augment = augment if augment is not None and augment.active else None
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -405,20 +462,29 @@ class SegmentDataset:
 
         i, epoch = key if isinstance(key, tuple) else (key, 0)
         c, seg = int(self.clips[i]), self.seg
+        rng = None
         if self.starts is not None:
             s = int(self.starts[i])
         else:
+            rng = np.random.default_rng([self.seed, epoch, i])
             span = self.fs.n_frames - seg
-            s = int(np.random.default_rng([self.seed, epoch, i]).integers(0, span + 1)) if span > 0 else 0
+            s = int(rng.integers(0, span + 1)) if span > 0 else 0
+        views = {k: arr[c, :, s:s + seg] for k, arr in self.fs.arrays.items()}
+        if self.augment is not None and rng is not None:
+            views = self.augment.apply(views, rng)
         x = {}
-        for k, arr in self.fs.arrays.items():
+        for k, view in views.items():
             m, sd = self.norm[k]["mean"], self.norm[k]["std"]
-            x[k] = torch.from_numpy((arr[c, :, s:s + seg] - m[:, None]) / sd[:, None])
-        return x, int(self.fs.labels[c]), c
+            x[k] = (view - m[:, None]) / sd[:, None]
+        if self.augment is not None and rng is not None:
+            self.augment.mask(x, rng)
+        return {k: torch.from_numpy(np.ascontiguousarray(v, np.float32)) for k, v in x.items()}, \
+            int(self.fs.labels[c]), c
 
 
 def make_torch_dataset(fs: FeatureSet, norm: dict, clips: np.ndarray, *, seg: int,
-                       starts: Optional[np.ndarray] = None, seed: int = 0) -> SegmentDataset:
+                       starts: Optional[np.ndarray] = None, seed: int = 0,
+                       augment: Optional[Augment] = None) -> SegmentDataset:
     """A dataset of normalised segments (see :class:`SegmentDataset`).
 
     With ``starts`` item ``i`` is the fixed segment ``starts[i]`` of ``clips[i]`` (evaluation).
@@ -426,11 +492,12 @@ def make_torch_dataset(fs: FeatureSet, norm: dict, clips: np.ndarray, *, seg: in
     a random crop of ``seg`` frames drawn from ``(seed, epoch, i)`` alone, so that crops do not
     depend on worker processes and a resumed run sees the same ones.
     """
-    return SegmentDataset(fs, norm, clips, seg=seg, starts=starts, seed=seed)
+    return SegmentDataset(fs, norm, clips, seg=seg, starts=starts, seed=seed, augment=augment)
 
 
 def make_train_loader(fs: FeatureSet, norm: dict, clips: np.ndarray, *, seg: int,
-                      batch_size: int, seed: int, num_workers: int = 0, pin_memory: bool = False):
+                      batch_size: int, seed: int, num_workers: int = 0, pin_memory: bool = False,
+                      augment: Optional[Augment] = None):
     """The training DataLoader: shuffled random crops, reproducible per epoch.
 
     Call ``loader.sampler.set_epoch(epoch)`` before each epoch: the order and the crops of
@@ -454,7 +521,7 @@ def make_train_loader(fs: FeatureSet, norm: dict, clips: np.ndarray, *, seg: int
             epoch = self.epoch
             return iter([(i, epoch) for i in torch.randperm(self.n, generator=g).tolist()])
 
-    dataset = make_torch_dataset(fs, norm, clips, seg=seg, seed=seed)
+    dataset = make_torch_dataset(fs, norm, clips, seg=seg, seed=seed, augment=augment)
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=EpochSampler(len(clips)),
         num_workers=num_workers, persistent_workers=num_workers > 0,

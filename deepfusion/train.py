@@ -21,12 +21,12 @@ import numpy as np
 import torch
 
 from .checkpoint import library_versions, load_checkpoint, save_checkpoint
-from .config import AUX_KEYS, FeatureConfig, ModelConfig, TrainConfig
-from .data import (FeatureSet, check_split, fit_normalization, load_features,
+from .config import AUX_KEYS, FeatureConfig, ModelConfig, TrainConfig, resolve_recipe
+from .data import (Augment, FeatureSet, check_split, fit_normalization, load_features,
                    make_split, make_train_loader, read_split_file, segment_frames,
                    segments_per_clip)
 from .errors import CheckpointError, DatasetError, ParameterError
-from .evaluate import autocast_dtype, autocast_for, clip_loss, predict_clips
+from .evaluate import ClipPredictions, autocast_dtype, autocast_for, clip_loss, predict_clips
 from .fileio import check_writable, remove_stale_temps, write_csv
 from .progress import progress_bar
 from .models import build_model, count_parameters
@@ -46,6 +46,9 @@ class TrainResult:
     seconds: float
     test_acc: Optional[float] = None
     history: list[dict] = field(default_factory=list)
+    #: the best checkpoint's outputs on the test clips (None without a test split)
+    test_predictions: Optional[ClipPredictions] = None
+    config: Optional[TrainConfig] = None
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -150,26 +153,43 @@ def epoch_estimate(batch_ends: list[float], n_batches: int, n_val_segments: int,
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, *, device, amp: bool,
-                    progress=None, on_batch: Optional[Callable[[int, float], None]] = None
-                    ) -> tuple[float, float]:
-    """One pass over the training crops. Returns (mean loss, accuracy) over segments."""
+                    progress=None, on_batch: Optional[Callable[[int, float], None]] = None,
+                    mixup: float = 0.0, ema=None) -> tuple[float, float]:
+    """One pass over the training crops. Returns (mean loss, accuracy) over segments.
+
+    ``mixup`` > 0 trains on convex mixtures of pairs of segments (weight drawn from
+    Beta(mixup, mixup) per batch, from torch's seeded generator) against the same mixture of
+    their labels; the accuracy is then against the dominant segment's label. ``ema`` (a
+    :class:`torch.optim.swa_utils.AveragedModel`) is updated after every step.
+    """
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     t0 = time.perf_counter()
+    beta = torch.distributions.Beta(mixup, mixup) if mixup > 0 else None
     for b, (x, y, _) in enumerate(loader):
+        lam, perm = 1.0, None
+        if beta is not None and y.shape[0] > 1:
+            lam = float(beta.sample())
+            perm = torch.randperm(y.shape[0])
+            x = {k: lam * v + (1 - lam) * v[perm] for k, v in x.items()}
         x = {k: v.to(device, non_blocking=True) for k, v in x.items()}
         y = y.to(device, non_blocking=True)
         with autocast_for(device, amp):
             logits = model(x)["logits"]
             loss = loss_fn(logits.float(), y)
+            if perm is not None:
+                loss = lam * loss + (1 - lam) * loss_fn(logits.float(), y[perm.to(device)])
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
         n = y.shape[0]
         total_loss += float(loss.detach()) * n
-        correct += int((logits.detach().argmax(1) == y).sum())
+        target = y if perm is None or lam >= 0.5 else y[perm.to(device)]
+        correct += int((logits.detach().argmax(1) == target).sum())
         seen += n
         if progress is not None:
             progress.update(1)
@@ -178,6 +198,61 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, *, dev
         if on_batch is not None:
             on_batch(b, time.perf_counter() - t0)
     return total_loss / max(seen, 1), correct / max(seen, 1)
+
+
+#: Recipe fields a resumed run may change; the runtime fields always come from the new call.
+_RESUME_CHANGEABLE = ("epochs", "patience")
+_RUNTIME_FIELDS = ("device", "amp", "channels_last", "num_workers")
+#: What runs saved before a field existed did (their train_config lacks the key).
+_LEGACY_RECIPE = {"model": "net", "select": "val_acc", "ema": 0.0, "mixup": 0.0,
+                  "freq_mask": 0.0, "time_mask": 0.0, "tilt_db": 0.0}
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def resume_config(stored: dict[str, Any], given: TrainConfig, *, epochs_done: int
+                  ) -> tuple[TrainConfig, list[str]]:
+    """The configuration a resumed run continues with, and one line per thing to say.
+
+    The run keeps its recipe. ``epochs`` and ``patience`` given (not None) replace the stored
+    ones: a larger ``epochs`` extends the run. The runtime settings (device, amp,
+    channels_last, workers) are the new call's, so a run moves between machines. Any other
+    field given with a value other than its default and the run's own is named as ignored.
+    """
+    old = TrainConfig.from_dict({**_LEGACY_RECIPE, **stored})
+    notes: list[str] = []
+    changes: dict[str, Any] = {name: getattr(given, name) for name in _RUNTIME_FIELDS}
+    if given.epochs is not None and given.epochs != old.epochs:
+        if given.epochs < epochs_done:
+            raise ParameterError(f"--epochs {given.epochs} with --resume: the run has already "
+                                 f"trained {epochs_done} epochs")
+        changes["epochs"] = given.epochs
+        notes.append(f"epochs: {old.epochs} -> {given.epochs}; the cosine learning-rate schedule "
+                     f"is that of a {given.epochs}-epoch run from epoch {epochs_done + 1} on")
+    if given.patience is not None and given.patience != old.patience:
+        changes["patience"] = given.patience
+        notes.append(f"patience: {old.patience} -> {given.patience}")
+    default = TrainConfig()
+    ignored = [f"{_option(f)} {getattr(given, f)} (the run's: {getattr(old, f)})"
+               for f in TrainConfig.__dataclass_fields__
+               if f not in _RESUME_CHANGEABLE and f not in _RUNTIME_FIELDS
+               and getattr(given, f) != getattr(default, f) and getattr(given, f) != getattr(old, f)]
+    if ignored:
+        notes.append("ignored with --resume, the run keeps its own settings: " + ", ".join(ignored))
+    return replace(old, **changes), notes
+
+
+def pretrained_mode(pretrained: Any) -> str:
+    """``True`` -> require, ``False`` -> never, or a mode name (auto, require, never)."""
+    if pretrained is True:
+        return "require"
+    if pretrained is False or pretrained is None:
+        return "never" if pretrained is False else "auto"
+    if pretrained not in ("auto", "require", "never"):
+        raise ParameterError(f"pretrained must be auto, require or never, got {pretrained!r}")
+    return pretrained
 
 
 def _infer_feature_config(fs: FeatureSet) -> FeatureConfig:
@@ -192,43 +267,61 @@ def _infer_feature_config(fs: FeatureSet) -> FeatureConfig:
 
 
 def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConfig = TrainConfig(),
-          backbone: str = "resnet50", share_backbone: bool = False, pretrained: bool = True,
+          backbone: Optional[str] = None, share_backbone: bool = False, pretrained: Any = "auto",
           weights_path: Optional[Path] = None, resume: bool = False, quiet: bool = False,
-          echo: Callable[[str], None] = print) -> TrainResult:
-    """Train the multi-modal network on a features file.
+          echo: Callable[[str], None] = print, split: Optional[np.ndarray] = None,
+          feature_set: Optional[FeatureSet] = None) -> TrainResult:
+    """Train the multi-modal network (or the linear probe) on a features file.
 
-    Writes into ``model_dir``: ``best.pth`` (best validation clip accuracy; self-contained),
-    ``last.pth`` (every epoch; with optimizer, scheduler, scaler and RNG states for ``resume``),
-    ``training_history.csv`` and ``training_history.png``.
+    Writes into ``model_dir``: ``best.pth`` (self-contained; chosen by ``config.select``),
+    ``last.pth`` (every epoch; with optimizer, scheduler, scaler, EMA and RNG states for
+    ``resume``), ``training_history.csv`` and ``training_history.png``.
+
+    ``config``'s "auto" fields (None) are filled per backbone (:func:`resolve_recipe`).
+    ``pretrained``: "auto" (ImageNet weights from ``weights_path``, the torch cache or a
+    download; from scratch with one line when they cannot be had), "require"/True (stop when
+    they cannot be had) or "never"/False. ``split`` (an array of 'train'/'val'/'test'/'' per
+    clip) and ``feature_set`` (the loaded ``features``) serve cross-validation.
 
     Raises
     ------
     FeaturesFileError, DatasetError, ParameterError, WeightsNotFoundError, CheckpointError
         Before any training: bad features, impossible split, bad options, missing pretrained
-        weights, nothing to resume.
+        weights (when required), nothing to resume.
     """
+    from .models import resolve_pretrained
+
     t_start = time.perf_counter()
     features, model_dir = Path(features), Path(model_dir)
     last_path, best_path = model_dir / "last.pth", model_dir / "best.pth"
     state = None
+    mode = pretrained_mode(pretrained)
     if resume:
         if not last_path.is_file():
             raise CheckpointError(f"{last_path}: nothing to resume (no last.pth in {model_dir})")
         state = load_checkpoint(last_path)
-        config = TrainConfig.from_dict(state["train_config"])
+        config, notes = resume_config(state["train_config"], config, epochs_done=state["epoch"])
         mc = state["model_config"]
-        backbone, share_backbone, pretrained = mc["backbone"], mc["share_backbone"], mc["pretrained"]
+        if backbone is not None and backbone != mc["backbone"]:
+            notes.append(f"ignored with --resume: --backbone {backbone} (the run's: {mc['backbone']})")
+        backbone, share_backbone = mc["backbone"], mc["share_backbone"]
+        for note in notes:
+            echo(note)
+    backbone = backbone or "resnet50"
     check_writable(best_path)
     remove_stale_temps(model_dir)  # leftovers of a run killed while writing
 
-    fs = load_features(features)
+    fs = feature_set if feature_set is not None else load_features(features)
     features_sha = fs.sha256
     if state is not None and state["features_sha256"] != features_sha:
         raise CheckpointError(f"{last_path}: was trained on another features file than {features}; "
                               "start a new run in another --model-dir")
     feature_config = _infer_feature_config(fs)
 
-    if config.split_file:
+    if split is not None:
+        split = np.asarray(split, dtype=object)
+        check_split(split, fs.groups)
+    elif config.split_file:
         split = read_split_file(config.split_file, fs.paths)
         check_split(split, fs.groups)
     else:
@@ -243,25 +336,48 @@ def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConf
     if missing:
         raise DatasetError(f"{features}: no training clip of genre(s) {', '.join(missing)}")
 
+    if config.model == "probe":
+        if resume:
+            raise CheckpointError(f"{last_path}: a linear probe is fitted in one step; there is "
+                                  "nothing to resume")
+        return _train_probe(fs, features, split, (train_idx, val_idx, test_idx), config=config,
+                            feature_config=feature_config, model_dir=model_dir, echo=echo,
+                            t_start=t_start)
+
+    # ImageNet weights: a resumed run takes its weights from last.pth instead
+    pre_state, pre_source = (None, state.get("pretrained_source", "not used")) if state else \
+        resolve_pretrained(backbone, mode=mode, weights_path=weights_path, echo=echo)
+    was_pretrained = state["model_config"]["pretrained"] if state else pre_state is not None
+    auto = [f for f in ("epochs", "batch_size", "lr", "patience") if getattr(config, f) is None]
+    config = resolve_recipe(config, backbone, was_pretrained)
+    if auto:
+        echo(f"recipe for {backbone}{' (pretrained)' if was_pretrained else ''}: "
+             + ", ".join(f"{f.replace('_', ' ')} {getattr(config, f):g}" for f in auto)
+             + " (auto; set them to change)")
+
     norm = fit_normalization(fs, train_idx)
     seg = segment_frames(config.segment_seconds, feature_config, fs.n_frames)
     model_config = ModelConfig(n_classes=len(fs.class_names), n_mels=fs.rows()["mel_spec_orig"],
                                aux_rows=tuple(fs.rows()[k] for k in AUX_KEYS), backbone=backbone,
-                               share_backbone=share_backbone,
-                               pretrained=pretrained and backbone != "light")
+                               share_backbone=share_backbone, pretrained=was_pretrained)
     _seed_everything(config.seed)
-    # a resumed run takes its weights from last.pth: no need for the ImageNet file again
-    model = build_model(replace(model_config, pretrained=False) if state else model_config,
-                        weights_path=weights_path)
+    model = build_model(replace(model_config, pretrained=False), pretrained_state=pre_state)
     device = resolve_device(config.device)
     amp = use_amp(config, device)
     model.to(device)
     if config.channels_last and device.type != "mps":
         model.to(memory_format=torch.channels_last)
+    ema = None
+    if config.ema > 0:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
+    scored = ema.module if ema is not None else model   # what is validated and saved
+
+    augment = Augment(tilt_db=config.tilt_db, freq_mask=config.freq_mask, time_mask=config.time_mask)
     loader = make_train_loader(fs, norm, train_idx, seg=seg, batch_size=config.batch_size,
                                seed=config.seed, num_workers=config.num_workers,
-                               pin_memory=device.type == "cuda")
+                               pin_memory=device.type == "cuda", augment=augment)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, len(loader)))
     # fp16 needs loss scaling; bf16 has float32's range and does not
@@ -271,24 +387,30 @@ def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConf
     from .plots import plot_history
 
     history: list[dict] = []
-    start_epoch, best_acc, best_epoch, bad_epochs = 1, -1.0, 0, 0
+    start_epoch, best_score, best_epoch, bad_epochs = 1, -math.inf, 0, 0
     last_epoch = config.epochs
     if state is not None:
-        model.load_state_dict(state["model_state"])
+        model.load_state_dict(state["model_state_raw"] if "model_state_raw" in state else state["model_state"])
+        if ema is not None and "ema_state" in state:
+            ema.load_state_dict(state["ema_state"])
         optimizer.load_state_dict(state["optimizer_state"])
         scheduler.load_state_dict(state["scheduler_state"])
         scaler.load_state_dict(state["scaler_state"])
         _set_rng_state(state["rng_state"])
         history = list(state["history"])
         start_epoch = state["epoch"] + 1
-        best_acc, best_epoch, bad_epochs = state["best_val_acc"], state["best_epoch"], state["bad_epochs"]
-        echo(f"resuming after epoch {state['epoch']} (best validation accuracy {best_acc:.3f} "
-             f"at epoch {best_epoch})")
+        best_epoch, bad_epochs = state["best_epoch"], state["bad_epochs"]
+        best_score = state.get("best_score", state.get("best_val_acc", -math.inf))
+        echo(f"resuming after epoch {state['epoch']} (best.pth from epoch {best_epoch})")
         # a kill between last.pth and the history files leaves those an epoch behind
         _write_history(model_dir / "training_history.csv", history)
         plot_history(history, model_dir / "training_history.png")
         if bad_epochs >= config.patience:  # the run had stopped early: only the test is left
             last_epoch = state["epoch"]
+            echo(f"the run stopped early at epoch {state['epoch']} ({bad_epochs} epochs without a "
+                 f"better validation score); give a larger --patience to train on")
+        elif start_epoch > last_epoch:
+            echo(f"the run has its {config.epochs} epochs; give a larger --epochs to train on")
 
     counts = ", ".join(f"{n} {len(i)}" for n, i in (("train", train_idx), ("val", val_idx), ("test", test_idx)))
     echo(f"{len(fs)} clips, {len(fs.class_names)} genres ({', '.join(fs.class_names)}); split: {counts}")
@@ -302,7 +424,7 @@ def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConf
         "normalization": {k: {s: torch.from_numpy(v) for s, v in d.items()} for k, d in norm.items()},
         "split": _split_lists(fs, split), "train_config": config.to_dict(),
         "features_file": str(features.resolve()), "features_sha256": features_sha,
-        "versions": library_versions(),
+        "pretrained_source": pre_source, "versions": library_versions(),
     }
 
     batch_ends: list[float] = []
@@ -332,8 +454,9 @@ def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConf
                           quiet=quiet, leave=False) as bar:
             train_loss, train_acc = train_one_epoch(
                 model, loader, optimizer, scheduler, scaler, loss_fn, device=device, amp=amp,
-                progress=bar, on_batch=estimate if epoch == start_epoch else None)
-        val = predict_clips(model, fs, norm, val_idx, seg=seg, batch_size=config.batch_size,
+                progress=bar, on_batch=estimate if epoch == start_epoch else None,
+                mixup=config.mixup, ema=ema)
+        val = predict_clips(scored, fs, norm, val_idx, seg=seg, batch_size=config.batch_size,
                             device=device, amp=amp)
         val_acc = float((val.predicted == fs.labels[val_idx]).mean())
         row = {"epoch": epoch, "train_loss": round(train_loss, 6), "train_acc": round(train_acc, 6),
@@ -341,30 +464,38 @@ def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConf
                "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 2),
                "val_segment_acc": round(val.segment_correct / max(val.segment_total, 1), 6)}
         history.append(row)
-        improved = val_acc > best_acc
+        # early stopping watches validation accuracy (select val_acc) or loss (otherwise)
+        score = val_acc if config.select == "val_acc" else -row["val_loss"]
+        improved = score > best_score
         if improved:
-            best_acc, best_epoch, bad_epochs = val_acc, epoch, 0
-            save_checkpoint(best_path, {**base_payload, "model_state": model.state_dict(),
-                                        "epoch": epoch, "metrics": {"val": row}})
+            best_score, bad_epochs = score, 0
         else:
             bad_epochs += 1
+        saved = improved if config.select != "last" else True
+        if saved:
+            best_epoch = epoch
+            save_checkpoint(best_path, {**base_payload, "model_state": scored.state_dict(),
+                                        "epoch": epoch, "metrics": {"val": row}})
+        extra = {"ema_state": ema.state_dict(), "model_state_raw": model.state_dict()} if ema else {}
         save_checkpoint(last_path, {
-            **base_payload, "model_state": model.state_dict(), "epoch": epoch,
+            **base_payload, "model_state": scored.state_dict(), "epoch": epoch,
             "optimizer_state": optimizer.state_dict(), "scheduler_state": scheduler.state_dict(),
             "scaler_state": scaler.state_dict(), "rng_state": _rng_state(), "history": history,
-            "best_val_acc": best_acc, "best_epoch": best_epoch, "bad_epochs": bad_epochs})
+            "best_score": best_score, "best_epoch": best_epoch, "bad_epochs": bad_epochs, **extra})
         _write_history(model_dir / "training_history.csv", history)
         plot_history(history, model_dir / "training_history.png")
         echo(f"epoch {epoch:3d}  train loss {train_loss:.4f} acc {train_acc:.3f}  "
              f"val loss {row['val_loss']:.4f} acc {val_acc:.3f} (segments {row['val_segment_acc']:.3f})  "
-             f"{row['seconds']:.1f} s{'  *' if improved else ''}")
+             f"{row['seconds']:.1f} s{'  *' if saved else ''}")
         if bad_epochs >= config.patience:
-            echo(f"early stop: no better validation accuracy for {config.patience} epochs")
+            what = "accuracy" if config.select == "val_acc" else "loss"
+            echo(f"early stop: no better validation {what} for {config.patience} epochs")
             break
 
-    test_acc = None
+    best = load_checkpoint(best_path)
+    best_row = best["metrics"]["val"]
+    test_acc, test = None, None
     if len(test_idx):
-        best = load_checkpoint(best_path)
         model.load_state_dict(best["model_state"])
         test = predict_clips(model, fs, norm, test_idx, seg=seg, batch_size=config.batch_size,
                              device=device, amp=amp)
@@ -372,6 +503,63 @@ def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConf
         best["metrics"]["test"] = {"clip_acc": test_acc, "n_clips": int(len(test_idx)),
                                    "segment_acc": test.segment_correct / max(test.segment_total, 1)}
         save_checkpoint(best_path, {k: v for k, v in best.items() if k != "format_version"})
-        echo(f"test: clip accuracy {test_acc:.3f} on {len(test_idx)} clips (best epoch {best_epoch})")
-    return TrainResult(model_dir, best_epoch, best_acc, epoch, time.perf_counter() - t_start,
-                       test_acc, history)
+        echo(f"test: clip accuracy {test_acc:.3f} on {len(test_idx)} clips (best.pth: epoch "
+             f"{best['epoch']})")
+    return TrainResult(model_dir, int(best["epoch"]), float(best_row["val_acc"]), epoch,
+                       time.perf_counter() - t_start, test_acc, history, test, config)
+
+
+def _train_probe(fs: FeatureSet, features: Path, split: np.ndarray, indices, *,
+                 config: TrainConfig, feature_config: FeatureConfig, model_dir: Path,
+                 echo: Callable[[str], None], t_start: float) -> TrainResult:
+    """Fit the linear probe (logistic regression on time-pooled statistics of the six views,
+    :mod:`deepfusion.probe`) and save it as ``best.pth`` in the network's checkpoint format."""
+    from .plots import plot_history
+    from .probe import fit_probe
+
+    train_idx, val_idx, test_idx = indices
+    config = replace(resolve_recipe(config, "light", False), segment_seconds=None, epochs=1,
+                     ema=0.0, mixup=0.0, freq_mask=0.0, time_mask=0.0, tilt_db=0.0)
+    norm = fit_normalization(fs, train_idx)
+    rows = fs.rows()
+    model_config = ModelConfig(n_classes=len(fs.class_names), n_mels=rows["mel_spec_orig"],
+                               aux_rows=tuple(rows[k] for k in AUX_KEYS), kind="probe",
+                               backbone="light")
+    counts = ", ".join(f"{n} {len(i)}" for n, i in (("train", train_idx), ("val", val_idx), ("test", test_idx)))
+    echo(f"{len(fs)} clips, {len(fs.class_names)} genres ({', '.join(fs.class_names)}); split: {counts}")
+    echo(f"model: linear probe (logistic regression, C={config.probe_c:g}) on the mean and "
+         "standard deviation over time of every row of the six views")
+    t0 = time.perf_counter()
+    model = fit_probe(fs, norm, train_idx, n_mels=model_config.n_mels,
+                      aux_rows=model_config.aux_rows, C=config.probe_c, seed=config.seed)
+    seg = fs.n_frames
+    tr = predict_clips(model, fs, norm, train_idx, seg=seg)
+    val = predict_clips(model, fs, norm, val_idx, seg=seg)
+    val_acc = float((val.predicted == fs.labels[val_idx]).mean())
+    row = {"epoch": 1, "train_loss": round(clip_loss(tr, fs.labels), 6),
+           "train_acc": round(float((tr.predicted == fs.labels[train_idx]).mean()), 6),
+           "val_loss": round(clip_loss(val, fs.labels), 6), "val_acc": round(val_acc, 6),
+           "lr": 0.0, "seconds": round(time.perf_counter() - t0, 2),
+           "val_segment_acc": round(val_acc, 6)}
+    metrics: dict[str, Any] = {"val": row}
+    test, test_acc = None, None
+    if len(test_idx):
+        test = predict_clips(model, fs, norm, test_idx, seg=seg)
+        test_acc = float((test.predicted == fs.labels[test_idx]).mean())
+        metrics["test"] = {"clip_acc": test_acc, "n_clips": int(len(test_idx)), "segment_acc": test_acc}
+    payload = {
+        "model_config": model_config.to_dict(), "class_names": list(fs.class_names),
+        "feature_config": feature_config.to_dict(),
+        "normalization": {k: {s: torch.from_numpy(v) for s, v in d.items()} for k, d in norm.items()},
+        "split": _split_lists(fs, split), "train_config": config.to_dict(),
+        "features_file": str(features.resolve()), "features_sha256": fs.sha256,
+        "pretrained_source": "not used", "versions": library_versions(),
+        "model_state": model.state_dict(), "epoch": 1, "metrics": metrics}
+    save_checkpoint(model_dir / "best.pth", payload)
+    _write_history(model_dir / "training_history.csv", [row])
+    plot_history([row], model_dir / "training_history.png")
+    echo(f"probe: train accuracy {row['train_acc']:.3f}, validation accuracy {val_acc:.3f}")
+    if test_acc is not None:
+        echo(f"test: clip accuracy {test_acc:.3f} on {len(test_idx)} clips")
+    return TrainResult(model_dir, 1, val_acc, 1, time.perf_counter() - t_start, test_acc, [row],
+                       test, config)

@@ -41,6 +41,26 @@ def one_error_line(stderr: str) -> str:
     return lines[0]
 
 
+def closed_port() -> int:
+    """A port on 127.0.0.1 with nothing listening (connections are refused at once)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_weights_download(tmp_path_factory):
+    """No test reaches the internet for ImageNet weights: downloads go to a closed port on
+    127.0.0.1 and the torch cache is an empty folder (tests that need more set their own)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DEEPFUSION_WEIGHTS_URL", f"http://127.0.0.1:{closed_port()}/")
+    mp.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch-home")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def tiny_audio(tmp_path_factory) -> Path:
     """3 genres x 6 clips of 6 s, GTZAN layout."""

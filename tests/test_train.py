@@ -115,7 +115,7 @@ def test_train_command_writes_checkpoints_logs_and_curves(tiny_features, tmp_pat
                   "--no-pretrained", "--epochs", "2", "--batch-size", "8", "--lr", "1e-3",
                   "--val-size", "0.2", "--test-size", "0.2", "--quiet")
     assert result.exit_code == 0, result.output
-    assert "best validation clip accuracy" in result.output
+    assert re.search(r"^best\.pth: epoch 2 \(validation clip accuracy [\d.]+\)", result.output, re.M)
     assert re.search(r"^estimated \d+ s per epoch \(1 batch of 8\); \d+ s for the 2 epochs to go "
                      r"unless it stops early$", result.output, re.M), result.output
     for name in ("best.pth", "last.pth", "training_history.csv", "training_history.png"):
@@ -204,14 +204,33 @@ def test_bad_features_files_get_one_clear_line(tiny_features, tmp_path):
         assert str(path) in lines[0], case
 
 
-def test_missing_pretrained_weights_fail_before_training(tiny_features, tmp_path, monkeypatch):
+def test_insisting_on_missing_pretrained_weights_fails_before_training(tiny_features, tmp_path,
+                                                                        monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
     result = CliRunner().invoke(main, ["train", "--features", str(tiny_features), "--model-dir",
-                                       str(tmp_path / "m"), "--backbone", "resnet18", "--epochs", "1"])
+                                       str(tmp_path / "m"), "--backbone", "resnet18", "--epochs", "1",
+                                       "--pretrained"])
     assert result.exit_code != 0
     line = result.output.strip().splitlines()[-1]
     assert "resnet18" in line and "--no-pretrained" in line and "resnet18-" in line
     assert not (tmp_path / "m" / "last.pth").exists()
+
+
+@pytest.mark.slow
+def test_default_train_trains_from_scratch_when_weights_cannot_be_had(tiny_features, tmp_path,
+                                                                      monkeypatch):
+    # the mission's own command, nothing else: resnet50, pretrained auto, an empty torch cache
+    # and no network (downloads go to a closed port on 127.0.0.1)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "features.pkl").write_bytes(Path(tiny_features).read_bytes())
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
+    result = _run("train", "--epochs", "1", "--batch-size", "8", "--quiet")
+    assert result.exit_code == 0, result.output
+    lines = [ln for ln in result.output.splitlines() if "ImageNet weights" in ln]
+    assert len(lines) == 1 and "training from scratch" in lines[0] and "resnet50" in lines[0]
+    raw = torch.load(tmp_path / "models" / "best.pth", weights_only=True)
+    assert raw["pretrained_source"].startswith("none (") and raw["model_config"]["pretrained"] is False
 
 
 def _history(path: Path) -> list[dict]:
