@@ -56,6 +56,9 @@ def parse_recipe(spec: str) -> tuple[str, dict[str, Any]]:
     overrides: dict[str, Any] = {}
     for part in filter(None, (p.strip() for p in body.split(","))):
         key, _, value = part.partition("=")
+        if key.startswith("model."):            # a ModelConfig field, e.g. model.band_stats=1
+            overrides.setdefault("model_options", {})[key[6:]] = value.lower() in ("1", "true", "yes")
+            continue
         if key not in types:
             raise SystemExit(f"--recipe {spec!r}: {key!r} is not a TrainConfig field")
         current = getattr(defaults, key)
@@ -97,7 +100,7 @@ def fmt(s: dict[str, float]) -> str:
 
 
 def run_cv(features: Path, fs, work: Path, *, folds: int, seeds: list[int], config: TrainConfig,
-           backbone: str, pretrained: str) -> dict[str, Any]:
+           backbone: str, pretrained: str, model_options: Any = None) -> dict[str, Any]:
     """Pooled clip accuracy per seed of K-fold CV (folds drawn from the seed)."""
     per_seed, per_fold, seconds = [], [], []
     for seed in seeds:
@@ -105,7 +108,7 @@ def run_cv(features: Path, fs, work: Path, *, folds: int, seeds: list[int], conf
         cv = cross_validate(features, folds=folds, model_dir=work / f"s{seed}",
                             config=replace(config, seed=seed), feature_set=fs, fold_seed=seed,
                             backbone=backbone, pretrained=pretrained, quiet=True,
-                            echo=lambda s: None)
+                            echo=lambda s: None, model_options=model_options)
         per_seed.append(cv.pooled_accuracy)
         per_fold.append([row["clip_accuracy"] for row in cv.folds])
         seconds.append(time.perf_counter() - t0)
@@ -115,7 +118,8 @@ def run_cv(features: Path, fs, work: Path, *, folds: int, seeds: list[int], conf
 
 
 def shifted_check(work: Path, *, seeds: list[int], recipes: dict[str, TrainConfig],
-                  backbone: str, clips: int, duration: float) -> dict[str, Any]:
+                  backbone: str, clips: int, duration: float,
+                  model_options: Any = None) -> dict[str, Any]:
     """Train on default-production synthetic clips, test on shifted-production ones."""
     from deepfusion.evaluate import evaluate
     from deepfusion.synth import synthesize_dataset
@@ -136,7 +140,8 @@ def shifted_check(work: Path, *, seeds: list[int], recipes: dict[str, TrainConfi
             out = work / f"shift-{seed}"
             r = train(sets["default"], model_dir=out, config=replace(recipe, seed=seed, val_size=0.2,
                                                                       test_size=0.2),
-                      backbone=backbone, pretrained="never", quiet=True, echo=lambda s: None)
+                      backbone=backbone, pretrained="never", quiet=True, echo=lambda s: None,
+                      model_options=(model_options or {}).get(name))
             in_domain.append(r.test_acc)
             report = evaluate(out / "best.pth", features=sets["shifted"], split="all",
                               echo=lambda s: None)
@@ -164,6 +169,7 @@ def main() -> None:
     args = parser.parse_args()
 
     recipes = dict(parse_recipe(r) for r in args.recipe) or {"default": {}}
+    model_options = {name: o.pop("model_options", {}) for name, o in recipes.items()}
     configs = {name: replace(TrainConfig(), **o) for name, o in recipes.items()}
     work = Path(tempfile.mkdtemp(prefix="df-gen-"))
     out: dict[str, Any] = {"folds": args.folds, "seeds": args.seeds, "recipes": recipes}
@@ -190,7 +196,8 @@ def main() -> None:
             for backbone in args.backbones:
                 for name, config in configs.items():
                     r = run_cv(features, fs, work, folds=args.folds, seeds=args.seeds,
-                               config=config, backbone=backbone, pretrained="auto")
+                               config=config, backbone=backbone, pretrained="auto",
+                               model_options=model_options[name])
                     label = f"{backbone} {name}"
                     cv[label] = r
                     print(f"{label:<28} {fmt(r['accuracy'])}   {r['seconds_per_seed']:.0f}", flush=True)
@@ -208,7 +215,8 @@ def main() -> None:
             shift = {}
             for backbone in args.backbones:
                 res = shifted_check(work, seeds=args.seeds, recipes=configs, backbone=backbone,
-                                    clips=args.shift_clips, duration=10.0)
+                                    clips=args.shift_clips, duration=10.0,
+                                    model_options=model_options)
                 for name, r in res.items():
                     label = name if name == "linear probe" else f"{backbone} {name}"
                     if label in shift:

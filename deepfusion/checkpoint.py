@@ -128,7 +128,8 @@ def model_from_checkpoint(ckpt: dict[str, Any]):
     """Rebuild the model of a loaded checkpoint, weights loaded, in eval mode."""
     from .models import MultiModalNet
 
-    config = ModelConfig.from_dict({**ckpt["model_config"], "pretrained": False})
+    # checkpoints written before a field existed were made without it
+    config = ModelConfig.from_dict({"band_stats": False, **ckpt["model_config"], "pretrained": False})
     if config.kind == "probe":
         from .probe import LinearProbe
 

@@ -195,8 +195,15 @@ def _recipe_defaults():
     return TrainConfig()
 
 
-#: TrainConfig's defaults: the CLI shows and uses these, never its own copies
+def _model_defaults():
+    from .config import ModelConfig
+
+    return ModelConfig(n_classes=2)
+
+
+#: TrainConfig's and ModelConfig's defaults: the CLI shows and uses these, never its own copies
 _RECIPE = _recipe_defaults()
+_MODEL = _model_defaults()
 
 
 @main.command()
@@ -223,6 +230,9 @@ _RECIPE = _recipe_defaults()
               default=None, help="CNN of the three mel branches; 'light' is a small CNN for "
               "CPUs  [default: resnet50]")
 @click.option("--share-backbone", is_flag=True, help="One set of CNN weights for all three mel views.")
+@click.option("--band-stats/--no-band-stats", default=_MODEL.band_stats, show_default=True,
+              help="Each mel branch also sees the mean and standard deviation over time of "
+              "every mel band (the long-term spectral shape) beside its CNN's pooled output.")
 @click.option("--pretrained/--no-pretrained", default=None,
               help="ResNets from ImageNet weights. Default (auto): from --weights-path, the torch "
               "cache, or torchvision's download; from scratch, said in one line, when they cannot "
@@ -267,8 +277,8 @@ _RECIPE = _recipe_defaults()
               help="DataLoader worker processes.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def train(features: Path, model_dir: Path, backbone: str | None, share_backbone: bool,
-          pretrained: bool | None, weights_path: Path | None, folds: int | None, resume: bool,
-          quiet: bool, **kwargs: Any) -> None:
+          band_stats: bool, pretrained: bool | None, weights_path: Path | None,
+          folds: int | None, resume: bool, quiet: bool, **kwargs: Any) -> None:
     """Train the multi-modal network; writes best.pth, last.pth, training_history.csv/png."""
     from .config import TrainConfig
 
@@ -278,7 +288,8 @@ def train(features: Path, model_dir: Path, backbone: str | None, share_backbone:
     mode = {True: "require", False: "never", None: "auto"}[pretrained]
     common = dict(model_dir=model_dir, config=config, backbone=backbone,
                   share_backbone=share_backbone, pretrained=mode, weights_path=weights_path,
-                  resume=resume, quiet=quiet, echo=click.echo)
+                  resume=resume, quiet=quiet, echo=click.echo,
+                  model_options={"band_stats": band_stats})
     if folds:
         from .crossval import cross_validate
 

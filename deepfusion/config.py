@@ -162,6 +162,8 @@ class ModelConfig:
     aux_hidden: int = 128
     fusion_hidden: tuple[int, ...] = (512, 256)
     dropout: float = 0.3
+    #: each mel branch also sees the mean and standard deviation over time of every band
+    band_stats: bool = False
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:

@@ -294,11 +294,15 @@ class MelCNN(nn.Module):
     """A CNN over one mel view: (B, n_mels, T) -> (B, embed_dim).
 
     ``backbone`` is a torchvision ResNet with a one-channel stem (pretrained RGB stem weights are
-    summed over colour channels) or ``light``.
+    summed over colour channels) or ``light``. With ``band_stats`` (``n_mels`` > 0) the mean and
+    standard deviation over time of every mel band join the CNN's pooled output before the
+    projection: the long-term spectral shape, which global pooling of the CNN blurs.
     """
 
-    def __init__(self, *, backbone: str, embed_dim: int, pretrained_state: Optional[dict] = None):
+    def __init__(self, *, backbone: str, embed_dim: int, pretrained_state: Optional[dict] = None,
+                 band_stats: int = 0):
         super().__init__()
+        self.band_stats = band_stats
         if backbone == "light":
             self.body, width = _light_cnn()
         else:
@@ -313,13 +317,16 @@ class MelCNN(nn.Module):
             net.conv1.weight.data.copy_(stem)
             net.fc = nn.Identity()
             self.body = net
-        self.proj = nn.Sequential(nn.Linear(width, embed_dim), nn.ReLU(inplace=True))
+        self.proj = nn.Sequential(nn.Linear(width + 2 * band_stats, embed_dim), nn.ReLU(inplace=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # one channel: this tensor is contiguous in channels_last order too, so a
         # channels_last model needs no conversion of its input
-        x = x.unsqueeze(1)                                  # (B, 1, n_mels, T)
-        return self.proj(self.body(x))                      # (B, embed_dim)
+        pooled = self.body(x.unsqueeze(1))                  # (B, width)
+        if self.band_stats:
+            std, mean = torch.std_mean(x.float(), dim=-1, correction=0)     # (B, n_mels) each
+            pooled = torch.cat([pooled, mean.to(pooled.dtype), std.to(pooled.dtype)], dim=-1)
+        return self.proj(pooled)                            # (B, embed_dim)
 
 
 class AuxiliaryFeatureMLP(nn.Module):
@@ -361,7 +368,8 @@ class MultiModalNet(nn.Module):
         self.config = config
         d = config.embed_dim
         def branch():
-            return MelCNN(backbone=config.backbone, embed_dim=d, pretrained_state=pretrained_state)
+            return MelCNN(backbone=config.backbone, embed_dim=d, pretrained_state=pretrained_state,
+                          band_stats=config.n_mels if config.band_stats else 0)
         if config.share_backbone:
             shared = branch()
             self.mel = nn.ModuleDict({k: shared for k in MEL_KEYS})

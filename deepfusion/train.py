@@ -270,7 +270,8 @@ def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConf
           backbone: Optional[str] = None, share_backbone: bool = False, pretrained: Any = "auto",
           weights_path: Optional[Path] = None, resume: bool = False, quiet: bool = False,
           echo: Callable[[str], None] = print, split: Optional[np.ndarray] = None,
-          feature_set: Optional[FeatureSet] = None) -> TrainResult:
+          feature_set: Optional[FeatureSet] = None,
+          model_options: Optional[dict[str, Any]] = None) -> TrainResult:
     """Train the multi-modal network (or the linear probe) on a features file.
 
     Writes into ``model_dir``: ``best.pth`` (self-contained; chosen by ``config.select``),
@@ -281,7 +282,8 @@ def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConf
     ``pretrained``: "auto" (ImageNet weights from ``weights_path``, the torch cache or a
     download; from scratch with one line when they cannot be had), "require"/True (stop when
     they cannot be had) or "never"/False. ``split`` (an array of 'train'/'val'/'test'/'' per
-    clip) and ``feature_set`` (the loaded ``features``) serve cross-validation.
+    clip) and ``feature_set`` (the loaded ``features``) serve cross-validation;
+    ``model_options`` are further :class:`ModelConfig` fields (``band_stats``).
 
     Raises
     ------
@@ -305,6 +307,13 @@ def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConf
         if backbone is not None and backbone != mc["backbone"]:
             notes.append(f"ignored with --resume: --backbone {backbone} (the run's: {mc['backbone']})")
         backbone, share_backbone = mc["backbone"], mc["share_backbone"]
+        stored = {"band_stats": bool(mc.get("band_stats", False))}
+        default_bs = ModelConfig.__dataclass_fields__["band_stats"].default
+        given_bs = (model_options or {}).get("band_stats", default_bs)
+        if given_bs != default_bs and given_bs != stored["band_stats"]:
+            notes.append(f"ignored with --resume: --{'' if given_bs else 'no-'}band-stats "
+                         f"(the run's: {'on' if stored['band_stats'] else 'off'})")
+        model_options = stored
         for note in notes:
             echo(note)
     backbone = backbone or "resnet50"
@@ -359,7 +368,8 @@ def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConf
     seg = segment_frames(config.segment_seconds, feature_config, fs.n_frames)
     model_config = ModelConfig(n_classes=len(fs.class_names), n_mels=fs.rows()["mel_spec_orig"],
                                aux_rows=tuple(fs.rows()[k] for k in AUX_KEYS), backbone=backbone,
-                               share_backbone=share_backbone, pretrained=was_pretrained)
+                               share_backbone=share_backbone, pretrained=was_pretrained,
+                               **(model_options or {}))
     _seed_everything(config.seed)
     model = build_model(replace(model_config, pretrained=False), pretrained_state=pre_state)
     device = resolve_device(config.device)

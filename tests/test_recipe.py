@@ -260,3 +260,26 @@ def test_train_folds_writes_per_fold_figures_and_every_clip_once(tiny_features, 
         assert not tested & set(raw["split"]["train"]) and not tested & set(raw["split"]["val"])
     acc = (pred["true_genre"] == pred["predicted_genre"]).groupby(pred["fold"]).mean()
     np.testing.assert_allclose(acc.values, folds["clip_accuracy"].values, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ band stats
+
+def test_band_stats_branches_train_and_old_checkpoints_still_load(tiny_features, trained_model_dir,
+                                                                  tmp_path):
+    from deepfusion.checkpoint import load_checkpoint, model_from_checkpoint
+
+    out = tmp_path / "bs"
+    result = invoke("train", "--features", tiny_features, "--model-dir", out, "--epochs", "1",
+                    "--band-stats", *COMMON)
+    assert result.exit_code == 0, result.stderr
+    raw = torch.load(out / "best.pth", weights_only=True)
+    assert raw["model_config"]["band_stats"] is True
+    n_mels = raw["model_config"]["n_mels"]
+    proj = raw["model_state"]["mel.mel_spec_orig.proj.0.weight"]
+    assert proj.shape[1] == 128 + 2 * n_mels            # light CNN width + mean and std per band
+    assert invoke("evaluate", "--checkpoint", out / "best.pth").exit_code == 0
+    # a checkpoint written before the field existed
+    old = load_checkpoint(trained_model_dir / "best.pth")
+    old["model_config"] = {k: v for k, v in old["model_config"].items() if k != "band_stats"}
+    model = model_from_checkpoint(old)
+    assert model.mel["mel_spec_orig"].band_stats == 0
