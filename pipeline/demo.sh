@@ -12,8 +12,7 @@ deepfusion synth --out data/demo/audio --genres 4 --clips-per-genre 15 --duratio
 deepfusion extract --audio-dir data/demo/audio --out data/demo/features.pkl \
     --cache-dir data/cache --quiet
 deepfusion train --features data/demo/features.pkl --model-dir models/demo \
-    --backbone light --no-pretrained --device cpu --epochs 20 --patience 8 --batch-size 16 \
-    --lr 1e-3 --val-size 0.2 --test-size 0.2 --seed 0 --quiet
+    --backbone light --device cpu --val-size 0.2 --test-size 0.2 --seed 0 --quiet
 deepfusion evaluate --checkpoint models/demo/best.pth
 clip=$(ls data/demo/audio/*/*.wav | head -n 1)
 deepfusion predict "$clip" --checkpoint models/demo/best.pth --top-k 3
