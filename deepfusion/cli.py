@@ -266,7 +266,8 @@ _MODEL = _model_defaults()
 @click.option("--time-mask", type=click.FloatRange(0, 1, max_open=True), default=_RECIPE.time_mask,
               show_default=True, help="SpecAugment: mask up to this fraction of frames (0: off).")
 @click.option("--tilt-db", type=click.FloatRange(min=0), default=_RECIPE.tilt_db, show_default=True,
-              help="Random spectral tilt of up to +-this many dB across the mel range (0: off).")
+              help="Random spectral tilt of the mel views and MFCC: up to this many dB between the "
+              "lowest and the highest mel band, either way (0: off).")
 @click.option("--probe-c", type=click.FloatRange(min=0, min_open=True), default=_RECIPE.probe_c,
               show_default=True, help="Inverse regularisation strength of --model probe.")
 @click.option("--folds", type=click.IntRange(2), default=None,

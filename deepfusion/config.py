@@ -227,10 +227,11 @@ class TrainConfig:
     #: mixup's Beta(alpha, alpha) (0: off)
     mixup: float = 0.0
     #: SpecAugment: up to this fraction of mel bands / of frames masked, twice each (0: off)
-    freq_mask: float = 0.0
-    time_mask: float = 0.0
-    #: random spectral tilt of the mel views (and MFCC), up to +-this many dB across the range
-    tilt_db: float = 0.0
+    freq_mask: float = 0.15
+    time_mask: float = 0.1
+    #: random spectral tilt of the mel views (and MFCC): this many dB from the lowest to the
+    #: highest band at most, either way (0: off)
+    tilt_db: float = 12.0
     #: inverse regularisation strength of the linear probe
     probe_c: float = 0.05
 
