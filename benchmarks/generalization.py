@@ -119,7 +119,7 @@ def run_cv(features: Path, fs, work: Path, *, folds: int, seeds: list[int], conf
 
 def shifted_check(work: Path, *, seeds: list[int], recipes: dict[str, TrainConfig],
                   backbone: str, clips: int, duration: float,
-                  model_options: Any = None) -> dict[str, Any]:
+                  model_options: Any = None, probe: bool = True) -> dict[str, Any]:
     """Train on default-production synthetic clips, test on shifted-production ones."""
     from deepfusion.evaluate import evaluate
     from deepfusion.synth import synthesize_dataset
@@ -128,13 +128,18 @@ def shifted_check(work: Path, *, seeds: list[int], recipes: dict[str, TrainConfi
     config = FeatureConfig(duration=duration)
     sets = {}
     for domain, seed in (("default", 11), ("shifted", 12)):
+        sets[domain] = work / f"{domain}.pkl"
+        if sets[domain].is_file():           # made for an earlier backbone
+            continue
         audio = work / f"synth-{domain}"
         synthesize_dataset(audio, genres=4, clips_per_genre=clips, duration=duration, seed=seed,
                            domain=domain)
-        sets[domain] = extract(audio, out=work / f"{domain}.pkl", cache_dir=work / "cache",
-                               config=config, quiet=True).out
+        extract(audio, out=sets[domain], cache_dir=work / "cache", config=config, quiet=True)
     results: dict[str, Any] = {}
-    for name, recipe in {**recipes, "linear probe": replace(TrainConfig(), model="probe")}.items():
+    runs = dict(recipes)
+    if probe:
+        runs["linear probe"] = replace(TrainConfig(), model="probe")
+    for name, recipe in runs.items():
         in_domain, shifted = [], []
         for seed in seeds:
             out = work / f"shift-{seed}"
@@ -213,14 +218,13 @@ def main() -> None:
                   f"({args.shift_clips} clips per genre each, 4 genres, 10 s)")
             print(f"{'recipe':<28} {'in domain (held-out clips)':<40} shifted domain")
             shift = {}
-            for backbone in args.backbones:
+            for i, backbone in enumerate(args.backbones):
                 res = shifted_check(work, seeds=args.seeds, recipes=configs, backbone=backbone,
                                     clips=args.shift_clips, duration=10.0,
-                                    model_options=model_options)
+                                    model_options=model_options,
+                                    probe=i == 0 and not args.no_probe)
                 for name, r in res.items():
                     label = name if name == "linear probe" else f"{backbone} {name}"
-                    if label in shift:
-                        continue
                     shift[label] = r
                     print(f"{label:<28} {fmt(r['in_domain']):<40} {fmt(r['shifted'])}")
             out["shift"] = shift

@@ -133,7 +133,7 @@ def model_from_checkpoint(ckpt: dict[str, Any]):
     if config.kind == "probe":
         from .probe import LinearProbe
 
-        model = LinearProbe(config.n_classes, config.n_mels, config.aux_rows)
+        model = LinearProbe.from_config(config)
     else:
         model = MultiModalNet(config)
     try:

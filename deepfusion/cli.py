@@ -286,9 +286,8 @@ def train(features: Path, model_dir: Path, backbone: str | None, share_backbone:
     if not features.exists():
         raise click.BadParameter(f"{features}: not found", param_hint="--features")
     config = TrainConfig(**kwargs)
-    mode = {True: "require", False: "never", None: "auto"}[pretrained]
     common = dict(model_dir=model_dir, config=config, backbone=backbone,
-                  share_backbone=share_backbone, pretrained=mode, weights_path=weights_path,
+                  share_backbone=share_backbone, pretrained=pretrained, weights_path=weights_path,
                   resume=resume, quiet=quiet, echo=click.echo,
                   model_options={"band_stats": band_stats})
     if folds:

@@ -24,23 +24,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import AUX_KEYS, FEATURE_KEYS, MEL_KEYS
+from .config import AUX_KEYS, FEATURE_KEYS, MEL_KEYS, TrainConfig
 from .errors import ParameterError
 
 Array = Union[np.ndarray, torch.Tensor]
 
-#: Default inverse regularisation strength of :func:`fit_probe`. The probe has
-#: ``2 * (3 * n_mels + sum(aux_rows))`` standardised inputs (1,600 with the default features)
-#: and is typically fitted on tens to hundreds of clips, far fewer than inputs, so the L2
-#: penalty is what keeps it from fitting noise. A short look (5-fold CV x 2, norm and probe
-#: fitted per fold) on two synthetic collections, C = 0.001 / 0.01 / 0.1 / 1 / 10:
-#: demo data (4 genres x 15 clips, 30 s) accuracy 0.967 for every C, log-loss
-#: 0.36 / 0.14 / 0.09 / 0.10 / 0.22; 6 genres x 20 clips of 10 s, accuracy
-#: 0.971 / 0.983 / 0.988 / 0.988 / 0.979, log-loss 0.46 / 0.14 / 0.06 / 0.04 / 0.04.
-#: 0.1 is in the flat best region for accuracy on both, with the best or near-best
-#: calibration, and leans to the stronger penalty that suits many inputs and few clips.
-#: Pass another ``C`` (say, chosen on a validation split) for large collections.
-DEFAULT_C = 0.1
+#: The regularisation the train stage uses by default (``TrainConfig.probe_c``): one value
+#: for the command line, the Python API and this function. C 0.01 / 0.05 / 0.1 / 1 gave
+#: 0.871 / 0.879 / 0.879 / 0.875 in grouped 5-fold CV of minigenres (README, Generalisation);
+#: on two synthetic collections accuracy was flat for C 0.01-1 and log-loss lowest near 0.1.
+DEFAULT_C = TrainConfig.probe_c
 
 #: Bias given to a class absent from the training clips: it is never predicted and gets
 #: probability 0 (a finite value, so that averaged logits stay finite).
@@ -131,10 +124,6 @@ class LinearProbe(nn.Module):
         a :class:`~deepfusion.config.ModelConfig`, ...); other fields are ignored."""
         get = config.get if isinstance(config, dict) else (lambda k: getattr(config, k))
         return cls(get("n_classes"), get("n_mels"), get("aux_rows"))
-
-    def config_dict(self) -> dict:
-        """Plain data that rebuilds this probe: ``LinearProbe(**probe.config_dict())``."""
-        return {"n_classes": self.n_classes, "n_mels": self.n_mels, "aux_rows": list(self.aux_rows)}
 
     def forward(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         device_type = self.stat_mean.device.type
@@ -246,15 +235,3 @@ def fit_probe(fs, norm: dict, train_idx: np.ndarray, *, n_mels: int,
                       "train_accuracy": float((clf.predict(z) == y).mean())}
     return probe.eval()
 
-
-def probe_logits(probe: LinearProbe, fs, norm: dict, indices: np.ndarray) -> np.ndarray:
-    """Whole-clip logits of ``probe`` on clips ``indices``, float32 ``(n, n_classes)``.
-
-    A convenience for the setting the probe was fitted in (whole clips); the statistics are
-    computed in numpy, one clip at a time, then standardised and classified in torch.
-    """
-    stats = torch.from_numpy(clip_stats(fs, norm, indices)).float()
-    with torch.no_grad():
-        z = (stats - probe.stat_mean.cpu()) / probe.stat_scale.cpu()
-        w, b = probe.classifier.weight.detach().cpu(), probe.classifier.bias.detach().cpu()
-        return (z @ w.T + b).numpy()

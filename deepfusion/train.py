@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .checkpoint import library_versions, load_checkpoint, save_checkpoint
-from .config import AUX_KEYS, FeatureConfig, ModelConfig, TrainConfig, resolve_recipe
+from .config import AUTO_FIELDS, AUX_KEYS, FeatureConfig, ModelConfig, TrainConfig, resolve_recipe
 from .data import (Augment, FeatureSet, check_split, fit_normalization, load_features,
                    make_split, make_train_loader, read_split_file, segment_frames,
                    segments_per_clip)
@@ -48,7 +48,6 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     #: the best checkpoint's outputs on the test clips (None without a test split)
     test_predictions: Optional[ClipPredictions] = None
-    config: Optional[TrainConfig] = None
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -245,14 +244,30 @@ def resume_config(stored: dict[str, Any], given: TrainConfig, *, epochs_done: in
 
 
 def pretrained_mode(pretrained: Any) -> str:
-    """``True`` -> require, ``False`` -> never, or a mode name (auto, require, never)."""
-    if pretrained is True:
-        return "require"
-    if pretrained is False or pretrained is None:
-        return "never" if pretrained is False else "auto"
-    if pretrained not in ("auto", "require", "never"):
+    """``True`` -> require, ``False`` -> never, ``None`` -> auto, or a mode name as it is."""
+    mode = {True: "require", False: "never", None: "auto"}.get(pretrained, pretrained)
+    if mode not in ("auto", "require", "never"):
         raise ParameterError(f"pretrained must be auto, require or never, got {pretrained!r}")
-    return pretrained
+    return mode
+
+
+def _split_line(fs: FeatureSet, indices) -> str:
+    counts = ", ".join(f"{n} {len(i)}" for n, i in zip(("train", "val", "test"), indices))
+    return f"{len(fs)} clips, {len(fs.class_names)} genres ({', '.join(fs.class_names)}); split: {counts}"
+
+
+def _base_payload(fs: FeatureSet, features: Path, split: np.ndarray, norm: dict, *,
+                  model_config: ModelConfig, feature_config: FeatureConfig, config: TrainConfig,
+                  pretrained_source: str) -> dict[str, Any]:
+    """What every checkpoint of a run holds besides its weights and epoch."""
+    return {
+        "model_config": model_config.to_dict(), "class_names": list(fs.class_names),
+        "feature_config": feature_config.to_dict(),
+        "normalization": {k: {s: torch.from_numpy(v) for s, v in d.items()} for k, d in norm.items()},
+        "split": _split_lists(fs, split), "train_config": config.to_dict(),
+        "features_file": str(features.resolve()), "features_sha256": fs.sha256,
+        "pretrained_source": pretrained_source, "versions": library_versions(),
+    }
 
 
 def _infer_feature_config(fs: FeatureSet) -> FeatureConfig:
@@ -357,7 +372,7 @@ def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConf
     pre_state, pre_source = (None, state.get("pretrained_source", "not used")) if state else \
         resolve_pretrained(backbone, mode=mode, weights_path=weights_path, echo=echo)
     was_pretrained = state["model_config"]["pretrained"] if state else pre_state is not None
-    auto = [f for f in ("epochs", "batch_size", "lr", "patience") if getattr(config, f) is None]
+    auto = [f for f in AUTO_FIELDS if getattr(config, f) is None]
     config = resolve_recipe(config, backbone, was_pretrained)
     if auto:
         echo(f"recipe for {backbone}{' (pretrained)' if was_pretrained else ''}: "
@@ -422,20 +437,14 @@ def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConf
         elif start_epoch > last_epoch:
             echo(f"the run has its {config.epochs} epochs; give a larger --epochs to train on")
 
-    counts = ", ".join(f"{n} {len(i)}" for n, i in (("train", train_idx), ("val", val_idx), ("test", test_idx)))
-    echo(f"{len(fs)} clips, {len(fs.class_names)} genres ({', '.join(fs.class_names)}); split: {counts}")
+    echo(_split_line(fs, (train_idx, val_idx, test_idx)))
     echo(f"model: {backbone}{' (shared)' if share_backbone else ''}, "
          f"{count_parameters(model) / 1e6:.2f} M parameters, on {device.type}"
          f"{f' with {autocast_dtype(device)} autocast' if amp else ''}; segments of {seg} frames")
 
-    base_payload = {
-        "model_config": model_config.to_dict(), "class_names": list(fs.class_names),
-        "feature_config": feature_config.to_dict(),
-        "normalization": {k: {s: torch.from_numpy(v) for s, v in d.items()} for k, d in norm.items()},
-        "split": _split_lists(fs, split), "train_config": config.to_dict(),
-        "features_file": str(features.resolve()), "features_sha256": features_sha,
-        "pretrained_source": pre_source, "versions": library_versions(),
-    }
+    base_payload = _base_payload(fs, features, split, norm, model_config=model_config,
+                                 feature_config=feature_config, config=config,
+                                 pretrained_source=pre_source)
 
     batch_ends: list[float] = []
     n_val = len(val_idx) * segments_per_clip(fs.n_frames, seg)
@@ -516,7 +525,7 @@ def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConf
         echo(f"test: clip accuracy {test_acc:.3f} on {len(test_idx)} clips (best.pth: epoch "
              f"{best['epoch']})")
     return TrainResult(model_dir, int(best["epoch"]), float(best_row["val_acc"]), epoch,
-                       time.perf_counter() - t_start, test_acc, history, test, config)
+                       time.perf_counter() - t_start, test_acc, history, test)
 
 
 def _train_probe(fs: FeatureSet, features: Path, split: np.ndarray, indices, *,
@@ -535,8 +544,7 @@ def _train_probe(fs: FeatureSet, features: Path, split: np.ndarray, indices, *,
     model_config = ModelConfig(n_classes=len(fs.class_names), n_mels=rows["mel_spec_orig"],
                                aux_rows=tuple(rows[k] for k in AUX_KEYS), kind="probe",
                                backbone="light")
-    counts = ", ".join(f"{n} {len(i)}" for n, i in (("train", train_idx), ("val", val_idx), ("test", test_idx)))
-    echo(f"{len(fs)} clips, {len(fs.class_names)} genres ({', '.join(fs.class_names)}); split: {counts}")
+    echo(_split_line(fs, indices))
     echo(f"model: linear probe (logistic regression, C={config.probe_c:g}) on the mean and "
          "standard deviation over time of every row of the six views")
     t0 = time.perf_counter()
@@ -557,19 +565,15 @@ def _train_probe(fs: FeatureSet, features: Path, split: np.ndarray, indices, *,
         test = predict_clips(model, fs, norm, test_idx, seg=seg)
         test_acc = float((test.predicted == fs.labels[test_idx]).mean())
         metrics["test"] = {"clip_acc": test_acc, "n_clips": int(len(test_idx)), "segment_acc": test_acc}
-    payload = {
-        "model_config": model_config.to_dict(), "class_names": list(fs.class_names),
-        "feature_config": feature_config.to_dict(),
-        "normalization": {k: {s: torch.from_numpy(v) for s, v in d.items()} for k, d in norm.items()},
-        "split": _split_lists(fs, split), "train_config": config.to_dict(),
-        "features_file": str(features.resolve()), "features_sha256": fs.sha256,
-        "pretrained_source": "not used", "versions": library_versions(),
-        "model_state": model.state_dict(), "epoch": 1, "metrics": metrics}
-    save_checkpoint(model_dir / "best.pth", payload)
+    payload = _base_payload(fs, features, split, norm, model_config=model_config,
+                            feature_config=feature_config, config=config,
+                            pretrained_source="not used")
+    save_checkpoint(model_dir / "best.pth",
+                    {**payload, "model_state": model.state_dict(), "epoch": 1, "metrics": metrics})
     _write_history(model_dir / "training_history.csv", [row])
     plot_history([row], model_dir / "training_history.png")
     echo(f"probe: train accuracy {row['train_acc']:.3f}, validation accuracy {val_acc:.3f}")
     if test_acc is not None:
         echo(f"test: clip accuracy {test_acc:.3f} on {len(test_idx)} clips")
     return TrainResult(model_dir, 1, val_acc, 1, time.perf_counter() - t_start, test_acc, [row],
-                       test, config)
+                       test)

@@ -10,7 +10,8 @@ import torch
 
 from deepfusion.config import FEATURE_KEYS
 from deepfusion.data import FeatureSet, fit_normalization
-from deepfusion.probe import LinearProbe, clip_stats, fit_probe, pooled_stats, probe_logits
+from deepfusion.evaluate import predict_clips
+from deepfusion.probe import LinearProbe, clip_stats, fit_probe, pooled_stats
 
 N_MELS, AUX_ROWS, T = 8, (5, 4, 6), 40
 
@@ -85,12 +86,15 @@ def test_logits_equal_sklearn_decision_function():
     expected = clf.decision_function(scaler.transform(clip_stats(fs, norm, every)))
     assert out["logits"].dtype == torch.float32 and out["logits"].shape == (24, 3)
     np.testing.assert_allclose(out["logits"].numpy(), expected, atol=1e-4, rtol=1e-4)
-    np.testing.assert_allclose(probe_logits(probe, fs, norm, every), expected, atol=1e-4, rtol=1e-4)
+    # the path evaluate and predict take: whole clips through predict_clips
+    np.testing.assert_allclose(predict_clips(probe, fs, norm, every, seg=fs.n_frames).logits,
+                               expected, atol=1e-4, rtol=1e-4)
     assert torch.allclose(out["attention"], torch.full((24, 6), 1 / 6))
     assert probe.classifier.out_features == 3
     from deepfusion.config import ModelConfig
-    assert LinearProbe.from_config(ModelConfig(3, n_mels=N_MELS, aux_rows=AUX_ROWS)).config_dict() \
-        == probe.config_dict() == {"n_classes": 3, "n_mels": N_MELS, "aux_rows": list(AUX_ROWS)}
+    rebuilt = LinearProbe.from_config(ModelConfig(3, n_mels=N_MELS, aux_rows=AUX_ROWS))
+    for p in (rebuilt, probe):
+        assert (p.n_classes, p.n_mels, p.aux_rows) == (3, N_MELS, tuple(AUX_ROWS))
     assert probe.fit_info["converged"] and probe.fit_info["n_train"] == 18
 
 
@@ -144,7 +148,9 @@ def test_state_dict_round_trips_through_a_weights_only_checkpoint():
     norm = fit_normalization(fs, idx)
     probe = fit_probe(fs, norm, idx, n_mels=N_MELS, aux_rows=AUX_ROWS)
     buf = io.BytesIO()
-    torch.save({"model_state": probe.state_dict(), "model_config": probe.config_dict()}, buf)
+    from deepfusion.config import ModelConfig
+    config = ModelConfig(3, n_mels=N_MELS, aux_rows=AUX_ROWS, kind="probe").to_dict()
+    torch.save({"model_state": probe.state_dict(), "model_config": config}, buf)
     buf.seek(0)
     ckpt = torch.load(buf, map_location="cpu", weights_only=True)
     assert set(ckpt["model_state"]) == {"stat_mean", "stat_scale", "classifier.weight", "classifier.bias"}
@@ -181,13 +187,13 @@ def test_wrong_rows_are_refused():
 
 
 def test_predict_clips_on_whole_clips_gives_the_probe_logits():
-    from deepfusion.evaluate import predict_clips
-
     labels = np.repeat(np.arange(3), 6)
     fs = make_fs(labels, seed=10, shift=1.0)
     idx = np.arange(18)
     norm = fit_normalization(fs, idx[:12])
     probe = fit_probe(fs, norm, idx[:12], n_mels=N_MELS, aux_rows=AUX_ROWS)
     pred = predict_clips(probe, fs, norm, idx, seg=fs.n_frames, batch_size=7, amp=True)
-    np.testing.assert_allclose(pred.logits, probe_logits(probe, fs, norm, idx), atol=1e-4, rtol=1e-4)
+    with torch.no_grad():                               # the probe on whole clips, one batch
+        expected = probe(whole_clips(fs, norm, idx))["logits"].numpy()
+    np.testing.assert_allclose(pred.logits, expected, atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(pred.attention, 1 / 6, rtol=1e-6)
