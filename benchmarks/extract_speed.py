@@ -26,7 +26,28 @@ import numpy as np
 from deepfusion.audio import decode, discover
 from deepfusion.config import FEATURE_KEYS, FeatureConfig
 from deepfusion.extract import extract
-from deepfusion.features import compute_features, naive_recipe, reference_features
+from deepfusion.features import compute_features
+from deepfusion.testing.reference import reference_features
+
+
+def naive_recipe(y: np.ndarray, sr: int = 22050) -> dict[str, np.ndarray]:
+    """The straightforward recipe deepfusion replaces: waveform HPSS, one librosa call per view.
+
+    The baseline of this benchmark only.
+    """
+    import librosa
+
+    y_harm, y_perc = librosa.effects.hpss(y)
+    def mel_db(sig):
+        return librosa.power_to_db(librosa.feature.melspectrogram(y=sig, sr=sr), ref=np.max)
+    return {
+        "mel_spec_orig": mel_db(y),
+        "mel_spec_harm": mel_db(y_harm),
+        "mel_spec_perc": mel_db(y_perc),
+        "mfcc": librosa.feature.mfcc(y=y, sr=sr, n_mfcc=20),
+        "chroma": librosa.feature.chroma_stft(y=y, sr=sr),
+        "tempogram": librosa.feature.tempogram(y=y, sr=sr),
+    }
 
 
 def _clips(audio_dir: Path | None, work: Path) -> Path:

@@ -42,7 +42,7 @@ import numpy as np
 
 from deepfusion.config import FeatureConfig, TrainConfig
 from deepfusion.crossval import cross_validate
-from deepfusion.data import load_features
+from deepfusion.io.features_file import load_features
 from deepfusion.extract import extract
 
 CPU_BACKBONES = ("light",)

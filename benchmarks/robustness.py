@@ -3,7 +3,7 @@
 Everything runs through the real ``deepfusion`` command in subprocesses, each under a hard time
 limit (a limit that expires is a hang; a signal, a traceback or an "internal error" is a crash):
 
-* broken inputs: damaged audio of every kind in ``benchmarks/_damage.py`` (truncated headers,
+* broken inputs: damaged audio of every kind in ``deepfusion.testing.damage`` (truncated headers,
   random bytes, sizes of 0xFFFFFFFF, zero or 65,535 channels, a 0 Hz rate, a valid header over
   garbage, ...) mixed with good files, through ``extract --jobs 2`` and then ``predict``; and
   features pickles and checkpoints that would run code, given to train, evaluate and predict;
@@ -38,11 +38,12 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _damage  # noqa: E402
+from deepfusion.config import FEATURE_KEYS
+from deepfusion.testing import (assert_same_features, assert_same_training, check_cache_entry,
+                                cli_command as cli, leftovers, load_own_pickle as load,
+                                subprocess_env as env)
+from deepfusion.testing import damage
 
-REPO = Path(__file__).resolve().parents[1]
-FEATURE_KEYS = ("mel_spec_orig", "mel_spec_harm", "mel_spec_perc", "mfcc", "chroma", "tempogram")
 SMALL = ("--duration", "3", "--n-mels", "32", "--tempogram-win-length", "32")
 TINY = ("--duration", "1.5", "--min-duration", "0.5", "--sr", "11025", "--n-fft", "1024",
         "--hop-length", "512", "--n-mels", "16", "--n-mfcc", "13", "--tempogram-win-length", "16")
@@ -67,17 +68,6 @@ TALLY = Tally()
 
 # ----------------------------------------------------------------------------- running commands
 
-def env() -> dict[str, str]:
-    out = {k: v for k, v in os.environ.items() if k != "DEEPFUSION_CACHE"}
-    out["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), out.get("PYTHONPATH")]))
-    out.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return out
-
-
-def cli(*args) -> list[str]:
-    return [sys.executable, "-m", "deepfusion", *map(str, args)]
-
-
 def _judge(name: str, returncode: int, stderr: str, ok_codes=(0,)) -> bool:
     """Count a finished run; True when it ended as it should."""
     TALLY.runs += 1
@@ -101,7 +91,7 @@ def run(name: str, *args, ok_codes=(0,), timeout: float = HARD_LIMIT):
     return proc
 
 
-_MAXRSS = _damage.MAXRSS_SCRIPT
+_MAXRSS = damage.MAXRSS_SCRIPT
 
 
 def peak_mb(name: str, *args) -> tuple[float, float]:
@@ -119,8 +109,8 @@ def peak_mb(name: str, *args) -> tuple[float, float]:
 
 
 def kill_when(name: str, cmd: list[str], progress, target: int, delay: float) -> bool:
-    """:func:`_damage.kill_when`; a run that ended before its kill is judged. True if killed."""
-    killed, code, stderr = _damage.kill_when(cmd, progress, target, delay, env=env(),
+    """:func:`damage.kill_when`; a run that ended before its kill is judged. True if killed."""
+    killed, code, stderr = damage.kill_when(cmd, progress, target, delay, env=env(),
                                              timeout=HARD_LIMIT)
     if not killed:
         _judge(name, code, stderr)
@@ -129,18 +119,12 @@ def kill_when(name: str, cmd: list[str], progress, target: int, delay: float) ->
 
 # ----------------------------------------------------------------------------- checking outputs
 
-def leftovers(*folders: Path) -> list[Path]:
-    return [p for f in folders if f.exists() for p in f.rglob("*") if p.name.endswith(".tmp")]
-
-
 def check_cache(name: str, cache: Path, expected: int) -> int:
     """Count cache entries that load with six float32 views and metadata; report the rest."""
     good = 0
     for entry in cache.rglob("*.npz"):
         try:
-            with np.load(entry, allow_pickle=False) as npz:
-                assert set(npz.files) == {*FEATURE_KEYS, "__meta__"}
-                assert all(np.isfinite(npz[k]).all() for k in FEATURE_KEYS)
+            check_cache_entry(entry)
             good += 1
         except Exception as exc:  # noqa: BLE001 - any failure is a corrupt entry
             TALLY.lose(f"{name}: corrupt cache entry {entry.name} ({exc})")
@@ -149,41 +133,16 @@ def check_cache(name: str, cache: Path, expected: int) -> int:
     return good
 
 
-def load(path: Path) -> list[dict]:
-    with open(path, "rb") as fh:
-        return pickle.load(fh)
-
-
 def same_features(name: str, out: Path, reference: Path) -> None:
     try:
-        got, want = load(out), load(reference)
-        assert [(i["path"], i["label"]) for i in got] == [(i["path"], i["label"]) for i in want]
-        for x, y in zip(got, want):
-            for key in FEATURE_KEYS:
-                assert np.array_equal(x["features"][key], y["features"][key]), (x["path"], key)
-            for meta in ("audio_sha", "file_sha", "source_sr", "channels", "duplicate_group"):
-                assert x[meta] == y[meta], (x["path"], meta)
-        assert out.with_name("extract_errors.csv").read_text() == \
-            reference.with_name("extract_errors.csv").read_text()
+        assert_same_features(out, reference)
     except (AssertionError, OSError, pickle.UnpicklingError, EOFError) as exc:
         TALLY.lose(f"{name}: features differ from an uninterrupted run ({exc!r:.200})")
 
 
-def history(model_dir: Path) -> list[dict]:
-    with open(model_dir / "training_history.csv", newline="") as fh:
-        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(fh)]
-
-
 def same_training(name: str, model_dir: Path, reference: Path) -> None:
-    import torch
-
     try:
-        assert history(model_dir) == history(reference), "history"
-        a, b = (torch.load(d / "best.pth", map_location="cpu", weights_only=True)
-                for d in (model_dir, reference))
-        assert a["epoch"] == b["epoch"], "best epoch"
-        for key, tensor in a["model_state"].items():
-            assert torch.equal(tensor, b["model_state"][key]), key
+        assert_same_training(model_dir, reference)
     except (AssertionError, OSError, RuntimeError) as exc:
         TALLY.lose(f"{name}: training differs from an uninterrupted run ({exc!r:.200})")
 
@@ -194,7 +153,7 @@ def write_dataset(root: Path, n: int, seconds: float) -> Path:
     for i in range(n):
         path = root / ("blues", "jazz", "rock", "pop")[i % 4] / f"clip{i:02d}.wav"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(_damage.encode(_damage.clip(i, seconds=seconds), "WAV", "PCM_16"))
+        path.write_bytes(damage.encode(damage.clip(i, seconds=seconds), "WAV", "PCM_16"))
     return root
 
 
@@ -213,8 +172,8 @@ def broken_inputs(work: Path, n_damaged: int, n_good: int, checkpoint: Path) -> 
     """Damaged and good audio through extract and predict: every file accounted for."""
     root = work / "broken" / "mixed"
     root.mkdir(parents=True)
-    good = _damage.good_files(n_good, seed=7)
-    damaged = _damage.damaged_files(n_damaged, seed=7)
+    good = damage.good_files(n_good, seed=7)
+    damaged = damage.damaged_files(n_damaged, seed=7)
     for name, data in good.items():
         (root / name).write_bytes(data)
     for name, (data, _) in damaged.items():
@@ -254,7 +213,7 @@ def broken_inputs(work: Path, n_damaged: int, n_good: int, checkpoint: Path) -> 
             TALLY.lose(f"predict: good file {name} not classified")
         for name in {*good, *damaged} - done - skipped:
             TALLY.lose(f"predict: {name} neither classified nor reported")
-    return {"damaged": n_damaged, "good": n_good, "kinds": len(_damage.DAMAGES),
+    return {"damaged": n_damaged, "good": n_good, "kinds": len(damage.DAMAGES),
             "reported": reported, "decoded": decoded, "predicted": predicted}
 
 
@@ -268,7 +227,7 @@ def malicious_files(work: Path, features: Path, checkpoint: Path, audio: Path, q
     folder.mkdir()
     marker = folder / "MARKER"
     tried = refused = 0
-    payloads = [_damage.RunsShell] if quick else [_damage.RunsShell, _damage.RunsPython]
+    payloads = [damage.RunsShell] if quick else [damage.RunsShell, damage.RunsPython]
     cases = []
     for kind in payloads:
         evil = folder / f"{kind.__name__}.pkl"
@@ -335,7 +294,7 @@ def kill_trials(work: Path, audio: Path, ref_features: Path, ref_model: Path, n_
         out, cache = work / f"kill-x{trial}" / "features.pkl", work / f"kill-xcache{trial}"
         args = extract_args(audio, out, cache)
         target = rng.randint(0, 16)
-        killed["extract"] += kill_when(name, cli(*args), _damage.cache_entries(cache), target,
+        killed["extract"] += kill_when(name, cli(*args), damage.cache_entries(cache), target,
                                        rng.uniform(0, 1.5 if target == 0 else 0.3))
         if run(f"{name}: re-run", *args) is None:
             continue
@@ -347,7 +306,7 @@ def kill_trials(work: Path, audio: Path, ref_features: Path, ref_model: Path, n_
         name = f"train kill trial {trial}"
         model_dir = work / f"kill-t{trial}"
         args = train_args(ref_features, model_dir)
-        killed["train"] += kill_when(name, cli(*args), _damage.history_epochs(model_dir),
+        killed["train"] += kill_when(name, cli(*args), damage.history_epochs(model_dir),
                                      rng.randint(0, 3), rng.uniform(0, 0.3))
         if (model_dir / "last.pth").exists():
             rerun = run(f"{name}: --resume", "train", "--features", ref_features, "--model-dir",
@@ -420,7 +379,7 @@ def unwritable_outputs(work: Path, audio: Path, features: Path, checkpoint: Path
 def memory(work: Path, checkpoint: Path, few: int, many: int) -> dict:
     result = {}
     for name, seconds in (("30 s", 30), ("10 min", 600)):
-        wav = _damage.write_long_wav(work / f"long-{seconds}" / "g" / "clip.wav", seconds)
+        wav = damage.write_long_wav(work / f"long-{seconds}" / "g" / "clip.wav", seconds)
         result[f"extract {name}"] = peak_mb(f"extract ({name} file)", "extract", "--audio-dir",
                                             wav.parent.parent, "--out", work / f"long-{seconds}.pkl",
                                             "--cache-dir", work / f"long-cache-{seconds}", "--quiet")[0]
@@ -430,7 +389,7 @@ def memory(work: Path, checkpoint: Path, few: int, many: int) -> dict:
     for i in range(many):
         path = root / f"g{i % 10}" / f"c{i:05d}.wav"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(_damage.encode(_damage.clip(i, seconds=1.5), "WAV", "PCM_16"))
+        path.write_bytes(damage.encode(damage.clip(i, seconds=1.5), "WAV", "PCM_16"))
     subset = work / "few"
     for path in sorted(root.rglob("*.wav"))[:: many // few]:
         (subset / path.parent.name).mkdir(parents=True, exist_ok=True)

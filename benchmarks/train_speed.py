@@ -38,12 +38,14 @@ import time
 import numpy as np
 import torch
 
-from deepfusion.config import AUX_KEYS, FEATURE_KEYS, FeatureConfig, ModelConfig, TrainConfig
-from deepfusion.data import (FeatureSet, fit_normalization, load_feature_set, make_split,
-                             make_train_loader, segment_frames)
-from deepfusion.evaluate import autocast_for
+from deepfusion.config import (AUX_KEYS, FEATURE_KEYS, FeatureConfig, ModelConfig, RuntimeConfig,
+                               TrainConfig, resolve_recipe)
+from deepfusion.data import fit_normalization, make_split, make_train_loader, segment_frames
+from deepfusion.io.features_file import load_feature_set
+from deepfusion.io.featureset import FeatureSet
 from deepfusion.models import MultiModalNet, count_parameters
-from deepfusion.train import cpu_supports_bf16, train_one_epoch, use_amp
+from deepfusion.runtime import autocast_for, cpu_supports_bf16, use_amp
+from deepfusion.train import train_one_epoch
 
 CPU = torch.device("cpu")
 #: mode name -> (bf16 autocast, channels_last model)
@@ -80,7 +82,7 @@ def _batch(batch: int, rows: dict[str, int], seed: int) -> tuple[dict[str, torch
 def _setup(model: torch.nn.Module, channels_last: bool):
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    config = TrainConfig()
+    config = resolve_recipe(TrainConfig(), "resnet50", False)   # lr does not change the speed
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)   # train.py enables it on fp16 CUDA only
@@ -298,12 +300,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     t0 = time.perf_counter()
-    amp_default = use_amp(TrainConfig(), CPU)
+    amp_default = use_amp(RuntimeConfig().amp, CPU)
     print(f"{_cpu_name()}; {os.cpu_count()} CPUs, torch {torch.__version__} with "
           f"{torch.get_num_threads()} threads")
     print(f"native bf16 (cpu_supports_bf16): {cpu_supports_bf16()}; train --amp default on "
           f"this CPU: {'bf16 autocast' if amp_default else 'fp32'}; "
-          f"TrainConfig.channels_last default: {TrainConfig().channels_last}")
+          f"RuntimeConfig.channels_last default: {RuntimeConfig().channels_last}")
     omp = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY") if k in os.environ}
     print(f"{_load()} at start; OpenMP settings: {omp or 'defaults'}")
 

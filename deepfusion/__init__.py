@@ -27,7 +27,7 @@ _API = {
     "decode": "audio",
     "discover": "audio",
     "ExtractResult": "extract",
-    "read_features_file": "cache",
+    "read_features_file": "io.features_file",
     "synthesize_dataset": "synth",
     "TrainConfig": "config",
     "ModelConfig": "config",

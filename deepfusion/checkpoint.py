@@ -4,8 +4,8 @@ A checkpoint is a dict of tensors and plain data (no classes, no ``Namespace``),
 atomically and loaded with ``torch.load(path, weights_only=True)``, so loading never runs code.
 ``best.pth`` holds everything ``evaluate`` and ``predict`` need: the model state and its
 :class:`ModelConfig`, the class names in logit order, the :class:`FeatureConfig`, the
-normalisation statistics, the split, the :class:`TrainConfig`, the metrics, library versions
-and a format version. ``last.pth`` adds the optimizer, scheduler, scaler and RNG states.
+normalisation statistics, the split, the :class:`TrainConfig` and :class:`RuntimeConfig`, the
+metrics, library versions and a format version. ``last.pth`` adds the optimizer, scheduler, scaler and RNG states.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from .config import FeatureConfig, ModelConfig
+from .config import RUNTIME_FIELDS, FeatureConfig, ModelConfig, RuntimeConfig
 from .errors import CheckpointError
-from .fileio import atomic_write
+from .io.atomic import atomic_write
 
 FORMAT_VERSION = 1
 
@@ -145,6 +145,14 @@ def model_from_checkpoint(ckpt: dict[str, Any]):
 
 def feature_config_of(ckpt: dict[str, Any]) -> FeatureConfig:
     return FeatureConfig.from_dict(ckpt["feature_config"])
+
+
+def runtime_of(ckpt: dict[str, Any]) -> RuntimeConfig:
+    """How the run that wrote ``ckpt`` executed (older checkpoints kept it in train_config)."""
+    stored = ckpt.get("runtime_config")
+    if stored is None:
+        stored = {k: v for k, v in ckpt.get("train_config", {}).items() if k in RUNTIME_FIELDS}
+    return RuntimeConfig.from_dict(stored)
 
 
 def normalization_of(ckpt: dict[str, Any]) -> dict[str, dict[str, Any]]:

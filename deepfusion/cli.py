@@ -10,54 +10,17 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
 from . import __version__
+from .config import (DEFAULT_CACHE_DIR, DEFAULT_FEATURES, DEFAULT_MODEL_DIR, DEFAULT_STORE,
+                     FEATURE_FORMATS, FeatureConfig, RuntimeConfig, TrainConfig)
 from .errors import DeepFusionError
-
-# (FeatureConfig field, option, help). Each option is defined once, here.
-_FEATURE_OPTIONS: list[tuple[str, str, str]] = [
-    ("sample_rate", "--sr", "Sample rate to decode to (Hz)."),
-    ("duration", "--duration", "Clip length in seconds; shorter clips are zero-padded, longer trimmed."),
-    ("min_duration", "--min-duration", "Files shorter than this (seconds) are reported, not used."),
-    ("n_fft", "--n-fft", "STFT frame length."),
-    ("hop_length", "--hop-length", "STFT hop in samples."),
-    ("n_mels", "--n-mels", "Mel bands."),
-    ("fmin", "--fmin", "Lowest mel frequency (Hz)."),
-    ("fmax", "--fmax", "Highest mel frequency (Hz); default sr/2."),
-    ("top_db", "--top-db", "Dynamic range of the dB spectrograms."),
-    ("hpss_kernel", "--hpss-kernel", "Median-filter length of the harmonic/percussive separation."),
-    ("hpss_power", "--hpss-power", "Exponent of the HPSS soft masks."),
-    ("hpss_margin", "--hpss-margin", "HPSS margin (>= 1; 1 splits all energy)."),
-    ("n_mfcc", "--n-mfcc", "MFCC coefficients."),
-    ("n_chroma", "--n-chroma", "Chroma bins."),
-    ("chroma_tuning", "--chroma-tuning", "Tuning offset in chroma bins; default estimated per clip."),
-    ("tempogram_win_length", "--tempogram-win-length", "Tempogram lags (onset frames)."),
-]
-
-
-def feature_options(func: Callable) -> Callable:
-    """Add one option per FeatureConfig field; the command receives ``feature_config``."""
-    from dataclasses import fields
-
-    from .config import FeatureConfig
-
-    defaults = {f.name: f.default for f in fields(FeatureConfig)}
-    for name, flag, help_text in reversed(_FEATURE_OPTIONS):
-        default = defaults[name]
-        kind = float if default is None or isinstance(default, float) else type(default)
-        func = click.option(flag, name, type=kind, default=default, show_default=default is not None,
-                            help=help_text)(func)
-    return func
-
-
-def _feature_config(kwargs: dict[str, Any]):
-    from .config import FeatureConfig
-
-    return FeatureConfig(**{name: kwargs.pop(name) for name, _, _ in _FEATURE_OPTIONS})
-
+from .options import (checkpoint_option, device_option, feature_options, features_option,
+                      model_options, quiet_option, recipe_options, runtime_options,
+                      split_file_option, take, train_features_option)
 
 class _Group(click.Group):
     """Turns deepfusion's own errors into one line and an exit status, never a traceback."""
@@ -115,19 +78,20 @@ def synth(out: Path, genres: int, clips_per_genre: int, duration: float, seed: i
               type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Dataset root: genre folders of audio files (wav, au, flac, ogg, mp3, ...).")
 @click.option("--out", type=click.Path(path_type=Path),
-              help="Features pickle or store folder to write  [default: data/features.pkl, "
-              "data/features.store with --format store].")
-@click.option("--format", "fmt", type=click.Choice(["pickle", "store"]), default="pickle",
+              help=f"Features pickle or store folder to write  [default: {DEFAULT_FEATURES}, "
+              f"{DEFAULT_STORE} with --format store].")
+@click.option("--format", "fmt", type=click.Choice(FEATURE_FORMATS), default=FEATURE_FORMATS[0],
               show_default=True, help="pickle: one file, read whole into RAM by train; store: a "
               "folder of arrays that train memory-maps (collections larger than RAM).")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("data/cache"), show_default=True, envvar="DEEPFUSION_CACHE",
-              help="Per-clip feature cache shared by all stages [env: DEEPFUSION_CACHE].")
+              default=DEFAULT_CACHE_DIR, show_default=True, envvar="DEEPFUSION_CACHE",
+              help="Per-clip feature cache: a file extracted before (same content, same "
+              "settings) is not computed again [env: DEEPFUSION_CACHE].")
 @click.option("--manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="CSV with 'path,label' columns (paths relative to --audio-dir) for other layouts.")
 @click.option("--jobs", "-j", type=click.IntRange(1), default=None,
               help="Worker processes [default: all cores].")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@quiet_option
 @click.option("--strict", is_flag=True, help="Exit non-zero if any file could not be read.")
 @click.option("--timeout", type=click.FloatRange(min=0), default=120.0, show_default=True,
               help="Seconds one file may take before it is abandoned and reported (0: no limit).")
@@ -141,7 +105,7 @@ def extract(audio_dir: Path, out: Path | None, fmt: str, cache_dir: Path, manife
     """
     from .extract import extract as run_extract
 
-    config = _feature_config(kwargs)
+    config = take(FeatureConfig, kwargs)
     result = run_extract(audio_dir, out=out, fmt=fmt, cache_dir=cache_dir,
                          jobs=jobs, config=config, manifest=manifest, quiet=quiet,
                          timeout=timeout or None)
@@ -169,127 +133,37 @@ def extract(audio_dir: Path, out: Path | None, fmt: str, cache_dir: Path, manife
         sys.exit(1)
 
 
-class _SecondsOrFull(click.ParamType):
-    name = "SECONDS|full"
-
-    def convert(self, value, param, ctx):
-        if value is None or isinstance(value, float):
-            return value
-        if str(value).lower() in ("full", "none", "0"):
-            return None
-        try:
-            seconds = float(value)
-        except ValueError:
-            self.fail(f"{value!r} is neither a number of seconds nor 'full'", param, ctx)
-        if seconds <= 0:
-            self.fail(f"{value!r} must be > 0", param, ctx)
-        return seconds
-
-
-_AUTO_NOTE = "auto: per backbone, see --help of --lr"
-
-
-def _recipe_defaults():
-    from .config import TrainConfig
-
-    return TrainConfig()
-
-
-def _model_defaults():
-    from .config import ModelConfig
-
-    return ModelConfig(n_classes=2)
-
-
-#: TrainConfig's and ModelConfig's defaults: the CLI shows and uses these, never its own copies
-_RECIPE = _recipe_defaults()
-_MODEL = _model_defaults()
-
-
 @main.command()
-@click.option("--features", type=click.Path(path_type=Path),
-              default=Path("data/features.pkl"), show_default=True,
-              help="Features pickle or store folder from 'deepfusion extract' (or the original "
-              "project's pickle).")
+@train_features_option
 @click.option("--model-dir", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("models"), show_default=True, help="Where checkpoints and logs go.")
-@click.option("--model", type=click.Choice(["net", "probe"]), default="net", show_default=True,
-              help="net: the multi-modal network; probe: the linear-probe baseline (logistic "
-              "regression on time-pooled statistics of the six views), same checkpoint format.")
-@click.option("--epochs", type=click.IntRange(1), default=None,
-              help=f"Epochs [{_AUTO_NOTE}]. With --resume, a larger value extends the run: the "
-              "cosine schedule becomes that of the longer run from the next epoch on.")
-@click.option("--batch-size", type=click.IntRange(1), default=None, help=f"[{_AUTO_NOTE}]")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Peak learning rate of AdamW (linear warm-up, cosine decay) [default auto: "
-              "light 1e-3, ResNets 3e-4 from scratch, 1e-4 from ImageNet weights].")
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-2, show_default=True)
-@click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.1,
-              show_default=True)
-@click.option("--backbone", type=click.Choice(["resnet50", "resnet18", "resnet34", "light"]),
-              default=None, help="CNN of the three mel branches; 'light' is a small CNN for "
-              "CPUs  [default: resnet50]")
-@click.option("--share-backbone", is_flag=True, help="One set of CNN weights for all three mel views.")
-@click.option("--band-stats/--no-band-stats", default=_MODEL.band_stats, show_default=True,
-              help="Each mel branch also sees the mean and standard deviation over time of "
-              "every mel band (the long-term spectral shape) beside its CNN's pooled output.")
+              default=DEFAULT_MODEL_DIR, show_default=True, help="Where checkpoints and logs go.")
+@recipe_options
+@split_file_option
+@model_options
 @click.option("--pretrained/--no-pretrained", default=None,
               help="ResNets from ImageNet weights. Default (auto): from --weights-path, the torch "
               "cache, or torchvision's download; from scratch, said in one line, when they cannot "
               "be had. --pretrained insists (error without them); --no-pretrained never loads them.")
 @click.option("--weights-path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="File with the torchvision ImageNet weights of the chosen ResNet.")
-@click.option("--device", default="auto", show_default=True,
-              help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps.")
-@click.option("--amp/--no-amp", default=True, show_default=True,
-              help="Mixed precision: fp16/bf16 on CUDA, bf16 on CPUs with native bf16.")
-@click.option("--channels-last/--no-channels-last", default=True, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--segment-seconds", type=_SecondsOrFull(), default="3", show_default=True,
-              help="Train on random crops of this length; 'full' uses whole clips.")
-@click.option("--split-file", help="CSV 'path,split' (train/val/test) imposing the split, or a "
-              "shipped alias: gtzan-fault-filtered.")
-@click.option("--val-size", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
-@click.option("--test-size", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
-@click.option("--patience", type=click.IntRange(1), default=None,
-              help=f"Stop after this many epochs without a better validation loss (accuracy with "
-              f"--select val_acc) [{_AUTO_NOTE}]. May be changed with --resume.")
-@click.option("--select", type=click.Choice(["last", "val_loss", "val_acc"]), default=_RECIPE.select,
-              show_default=True, help="Which weights best.pth holds: those after the last epoch, "
-              "or of the epoch with the lowest validation loss / highest validation accuracy.")
-@click.option("--ema", type=click.FloatRange(0, 1, max_open=True), default=_RECIPE.ema, show_default=True,
-              help="Decay per step of an exponential moving average of the weights (0: off).")
-@click.option("--mixup", type=click.FloatRange(min=0), default=_RECIPE.mixup, show_default=True,
-              help="Mixup Beta(a, a) parameter (0: off).")
-@click.option("--freq-mask", type=click.FloatRange(0, 1, max_open=True), default=_RECIPE.freq_mask,
-              show_default=True, help="SpecAugment: mask up to this fraction of mel bands (0: off).")
-@click.option("--time-mask", type=click.FloatRange(0, 1, max_open=True), default=_RECIPE.time_mask,
-              show_default=True, help="SpecAugment: mask up to this fraction of frames (0: off).")
-@click.option("--tilt-db", type=click.FloatRange(min=0), default=_RECIPE.tilt_db, show_default=True,
-              help="Random spectral tilt of the mel views and MFCC: up to this many dB between the "
-              "lowest and the highest mel band, either way (0: off).")
-@click.option("--probe-c", type=click.FloatRange(min=0, min_open=True), default=_RECIPE.probe_c,
-              show_default=True, help="Inverse regularisation strength of --model probe.")
+@device_option
+@runtime_options
 @click.option("--folds", type=click.IntRange(2), default=None,
               help="K-fold grouped, stratified cross-validation into MODEL_DIR/fold-1..K; writes "
               "cross_validation.csv and cross_validation_predictions.csv.")
-@click.option("--resume", is_flag=True, help="Continue the run in --model-dir from last.pth.")
-@click.option("--num-workers", type=click.IntRange(0), default=0, show_default=True,
-              help="DataLoader worker processes.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def train(features: Path, model_dir: Path, backbone: str | None, share_backbone: bool,
-          band_stats: bool, pretrained: bool | None, weights_path: Path | None,
+@click.option("--resume", is_flag=True, help="Continue the run in --model-dir from last.pth: "
+              "its recipe, with this call's --device, --amp, --channels-last and --num-workers.")
+@quiet_option
+def train(features: Path, model_dir: Path, pretrained: bool | None, weights_path: Path | None,
           folds: int | None, resume: bool, quiet: bool, **kwargs: Any) -> None:
     """Train the multi-modal network; writes best.pth, last.pth, training_history.csv/png."""
-    from .config import TrainConfig
-
     if not features.exists():
         raise click.BadParameter(f"{features}: not found", param_hint="--features")
-    config = TrainConfig(**kwargs)
-    common = dict(model_dir=model_dir, config=config, backbone=backbone,
-                  share_backbone=share_backbone, pretrained=pretrained, weights_path=weights_path,
-                  resume=resume, quiet=quiet, echo=click.echo,
-                  model_options={"band_stats": band_stats})
+    config, runtime = take(TrainConfig, kwargs), take(RuntimeConfig, kwargs)
+    common = dict(model_dir=model_dir, config=config, runtime=runtime,
+                  backbone=kwargs.pop("backbone"), share_backbone=kwargs.pop("share_backbone"),
+                  pretrained=pretrained, weights_path=weights_path, resume=resume, quiet=quiet,
+                  echo=click.echo, model_options={"band_stats": kwargs.pop("band_stats")})
     if folds:
         from .crossval import cross_validate
 
@@ -314,25 +188,16 @@ def train(features: Path, model_dir: Path, backbone: str | None, share_backbone:
                f"checkpoint {model_dir / 'best.pth'}")
 
 
-_CHECKPOINT = click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path),
-                           default=Path("models/best.pth"), show_default=True,
-                           help="A checkpoint written by 'deepfusion train'.")
-_DEVICE = click.option("--device", default="auto", show_default=True,
-                       help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps.")
-
-
 @main.command()
-@_CHECKPOINT
-@click.option("--features", type=click.Path(path_type=Path),
-              help="Features pickle or store to evaluate [default: the one the checkpoint was "
-              "trained on].")
+@checkpoint_option
+@features_option(default=None, help_default="the one the checkpoint was trained on")
 @click.option("--split", type=click.Choice(["test", "val", "train", "all"]), default="test",
               show_default=True, help="Which clips: a split of the checkpoint (or --split-file), or all.")
-@click.option("--split-file", help="CSV 'path,split' overriding the checkpoint's split, or a shipped alias.")
+@split_file_option
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where the report files go [default: beside the checkpoint].")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
-@_DEVICE
+@device_option
 def evaluate(checkpoint: Path, features: Path | None, split: str, split_file: str | None,
              out_dir: Path | None, batch_size: int, device: str) -> None:
     """Report what a checkpoint does on held-out clips (table, CSVs, JSON, figures)."""
@@ -347,10 +212,10 @@ def evaluate(checkpoint: Path, features: Path | None, split: str, split_file: st
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@_CHECKPOINT
+@checkpoint_option
 @click.option("--top-k", type=click.IntRange(1), default=3, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per file.")
-@_DEVICE
+@device_option
 def predict(inputs: tuple[Path, ...], checkpoint: Path, top_k: int, as_json: bool, device: str) -> None:
     """Top genres of audio files (or every audio file under a folder)."""
     import json

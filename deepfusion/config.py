@@ -1,7 +1,10 @@
 """One dataclass per concern.
 
-Each config is saved with :func:`dataclasses.asdict` and rebuilt with ``Config(**d)``, so that
-features files and checkpoints carry plain dicts, never code.
+:class:`FeatureConfig` (what the features are), :class:`ModelConfig` (the network),
+:class:`TrainConfig` (the recipe) and :class:`RuntimeConfig` (where and how a run executes).
+Each is saved with :func:`dataclasses.asdict` and rebuilt with ``Config(**d)``, so that
+features files and checkpoints carry plain dicts, never code. The CLI generates its options
+from these dataclasses, so a default lives here and nowhere else.
 """
 
 from __future__ import annotations
@@ -9,9 +12,18 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 from typing import Any, Optional
 
 from .errors import ParameterError
+
+#: Where the stages read and write when not told otherwise (relative to the working folder).
+DEFAULT_FEATURES = Path("data/features.pkl")
+DEFAULT_STORE = Path("data/features.store")
+DEFAULT_CACHE_DIR = Path("data/cache")
+DEFAULT_MODEL_DIR = Path("models")
+#: Formats extract writes: a pickle read whole, or a store folder that train memory-maps.
+FEATURE_FORMATS = ("pickle", "store")
 
 #: Bump whenever the feature code changes what it computes; part of every cache key.
 FEATURE_CODE_VERSION = 1
@@ -212,10 +224,6 @@ class TrainConfig:
     val_size: float = 0.1
     test_size: float = 0.1
     seed: int = 0
-    device: str = "auto"
-    amp: bool = True
-    channels_last: bool = True
-    num_workers: int = 0
     split_file: Optional[str] = None
     #: network or linear probe (see :mod:`deepfusion.probe`)
     model: str = "net"
@@ -252,8 +260,6 @@ class TrainConfig:
             raise ParameterError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
         if self.patience is not None and self.patience < 1:
             raise ParameterError(f"patience must be >= 1, got {self.patience!r}")
-        if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
-            raise ParameterError(f"device must be auto, cpu, cuda[:N] or mps, got {self.device!r}")
         if self.model not in MODEL_KINDS:
             raise ParameterError(f"model must be one of {', '.join(MODEL_KINDS)}, got {self.model!r}")
         if self.select not in SELECTIONS:
@@ -279,7 +285,40 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        """Rebuild a saved recipe; runs saved before :class:`RuntimeConfig` existed kept the
+        runtime fields here, and they are dropped (they never change what is learnt)."""
+        return _from_dict(cls, {k: v for k, v in data.items() if k not in RUNTIME_FIELDS})
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where and how a run executes, apart from the recipe: never part of what is learnt, so
+    a resumed run takes the new call's (a run started on a GPU continues on a CPU)."""
+
+    #: auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps
+    device: str = "auto"
+    #: mixed precision where it pays: fp16/bf16 on CUDA, bf16 on CPUs with native bf16
+    amp: bool = True
+    #: channels-last memory format for the CNNs (not on MPS)
+    channels_last: bool = True
+    #: DataLoader worker processes
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
+            raise ParameterError(f"device must be auto, cpu, cuda[:N] or mps, got {self.device!r}")
+        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise ParameterError(f"num_workers must be >= 0, got {self.num_workers!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RuntimeConfig":
         return _from_dict(cls, data)
+
+
+RUNTIME_FIELDS = tuple(f.name for f in fields(RuntimeConfig))
 
 
 #: Recipe defaults per backbone, chosen with ``benchmarks/generalization.py`` (see the README):
@@ -316,3 +355,54 @@ def describe_auto() -> str:
         d = recipe_defaults(name, False)
         parts.append(f"{name} {d['epochs']} epochs, batch {d['batch_size']}, lr {d['lr']:g}")
     return "; ".join(parts) + f" (lr {_PRETRAINED_LR:g} for ImageNet-pretrained ResNets)"
+
+
+# ----------------------------------------------------------------------------------- resuming
+
+#: Recipe fields a resumed run may change.
+RESUME_CHANGEABLE = ("epochs", "patience")
+#: What runs saved before a field existed did (their train_config lacks the key).
+_LEGACY_RECIPE = {"model": "net", "select": "val_acc", "ema": 0.0, "mixup": 0.0,
+                  "freq_mask": 0.0, "time_mask": 0.0, "tilt_db": 0.0}
+
+
+def option_name(field_name: str) -> str:
+    """The command-line spelling of a config field (``batch_size`` -> ``--batch-size``)."""
+    return "--" + field_name.replace("_", "-")
+
+
+def resume_recipe(stored: dict[str, Any], given: TrainConfig, *, epochs_done: int
+                  ) -> tuple[TrainConfig, list[str]]:
+    """The recipe a resumed run continues with, and one line per thing to say.
+
+    The run keeps its recipe. ``epochs`` and ``patience`` given (not None) replace the stored
+    ones: a larger ``epochs`` extends the run. Any other field given with a value other than
+    its default and the run's own is named as ignored. (The :class:`RuntimeConfig` is not part
+    of the recipe: a resumed run always takes the new call's.)
+
+    Raises
+    ------
+    ParameterError
+        ``epochs`` below the epochs already trained.
+    """
+    old = TrainConfig.from_dict({**_LEGACY_RECIPE, **stored})
+    notes: list[str] = []
+    changes: dict[str, Any] = {}
+    if given.epochs is not None and given.epochs != old.epochs:
+        if given.epochs < epochs_done:
+            raise ParameterError(f"--epochs {given.epochs} with --resume: the run has already "
+                                 f"trained {epochs_done} epochs")
+        changes["epochs"] = given.epochs
+        notes.append(f"epochs: {old.epochs} -> {given.epochs}; the cosine learning-rate schedule "
+                     f"is that of a {given.epochs}-epoch run from epoch {epochs_done + 1} on")
+    if given.patience is not None and given.patience != old.patience:
+        changes["patience"] = given.patience
+        notes.append(f"patience: {old.patience} -> {given.patience}")
+    default = TrainConfig()
+    ignored = [f"{option_name(f.name)} {getattr(given, f.name)} (the run's: {getattr(old, f.name)})"
+               for f in fields(TrainConfig) if f.name not in RESUME_CHANGEABLE
+               and getattr(given, f.name) != getattr(default, f.name)
+               and getattr(given, f.name) != getattr(old, f.name)]
+    if ignored:
+        notes.append("ignored with --resume, the run keeps its own settings: " + ", ".join(ignored))
+    return replace(old, **changes), notes

@@ -17,8 +17,10 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from .config import TrainConfig
-from .data import FeatureSet, load_features, make_split
+from .data import make_split
 from .errors import DatasetError, ParameterError
+from .io.features_file import load_features
+from .io.featureset import FeatureSet
 
 FOLD_FIELDS = ("fold", "clips", "clip_accuracy", "balanced_accuracy", "macro_f1", "best_epoch")
 
@@ -99,8 +101,8 @@ def cross_validate(features: Path, *, folds: int, model_dir: Path = Path("models
     """
     import pandas as pd
 
-    from .evaluate import summary_metrics
-    from .fileio import atomic_write, check_writable
+    from .io.atomic import atomic_write, check_writable
+    from .metrics import summary_metrics
     from .train import train
 
     features, model_dir = Path(features), Path(model_dir)

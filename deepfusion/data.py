@@ -1,253 +1,28 @@
-"""Features files to training data: validation, splits, normalisation and the torch Dataset.
+"""Training data from a loaded features file: splits, normalisation, segments, augmentation
+and the torch Dataset.
 
-The features of all clips are held once, as one C-contiguous float32 array per view of shape
-``(n_clips, rows, frames)``: read into memory from a features pickle, or memory-mapped from a
-feature store folder (:mod:`deepfusion.store`, for collections larger than RAM). Datasets index
-into these arrays; nothing is copied per epoch or per worker.
+A :class:`~deepfusion.io.featureset.FeatureSet` (read by :mod:`deepfusion.io`) holds every
+clip's views; the datasets here index into its arrays and copy nothing per epoch or worker.
 """
 
 from __future__ import annotations
 
 import csv
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 
-from .config import FEATURE_KEYS, MEL_KEYS, FeatureConfig
-from .errors import DatasetError, DeepFusionError, FeaturesFileError
+from .config import MEL_KEYS, FeatureConfig
+from .errors import DatasetError
+from .io.featureset import FeatureSet
 
 SPLITS = ("train", "val", "test")
 
 #: Split files shipped with deepfusion, by alias.
 SPLIT_ALIASES = {"gtzan-fault-filtered": "gtzan_fault_filtered.csv"}
-
-
-@dataclass(frozen=True)
-class _MappedFile:
-    """A memory-mapped ``.npy`` array by name, as a FeatureSet is pickled for a worker."""
-
-    filename: str
-    shape: tuple
-    dtype: str
-
-    def open(self, source: str) -> np.ndarray:
-        try:
-            arr = np.load(self.filename, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            arr, why = None, str(exc)
-        else:
-            why = f"it now holds {arr.dtype} {arr.shape}"
-        if arr is None or arr.shape != tuple(self.shape) or arr.dtype.str != self.dtype:
-            raise FeaturesFileError(f"{source}: {self.filename} changed while it was in use "
-                                    f"({why}); was the store rewritten? start again")
-        return arr
-
-
-@dataclass
-class FeatureSet:
-    """All clips of a features file, stacked per view."""
-
-    arrays: dict[str, np.ndarray]        # key -> (n_clips, rows, frames) float32
-    labels: np.ndarray                   # (n_clips,) int64 index into class_names
-    class_names: list[str]               # in logit order (sorted)
-    paths: list[str]                     # relative paths ('' when the file has none)
-    groups: np.ndarray                   # (n_clips,) int64; clips of one group share a split
-    feature_config: Optional[dict[str, Any]] = None
-    source: str = ""
-    label_names: list[str] = field(default_factory=list)   # each clip's label as written
-    sha256: str = ""                     # identity of the file or store it came from
-
-    def __getstate__(self) -> dict[str, Any]:
-        # Worker processes started by spawn (macOS, Windows) receive the dataset pickled: an
-        # array that is a whole memory-mapped .npy file travels as its file name and is mapped
-        # again, not copied. Slices and in-memory arrays travel by value.
-        import mmap
-
-        state = dict(self.__dict__)
-        state["arrays"] = {
-            k: _MappedFile(a.filename, a.shape, a.dtype.str)
-            if isinstance(a, np.memmap) and isinstance(a.base, mmap.mmap) and a.filename else a
-            for k, a in self.arrays.items()}
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        state["arrays"] = {k: a.open(state.get("source", "")) if isinstance(a, _MappedFile) else a
-                           for k, a in state["arrays"].items()}
-        self.__dict__.update(state)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    @property
-    def n_frames(self) -> int:
-        return self.arrays[FEATURE_KEYS[0]].shape[-1]
-
-    def rows(self) -> dict[str, int]:
-        return {k: v.shape[1] for k, v in self.arrays.items()}
-
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.arrays.values())
-
-
-def _label_name(label: Any, where: str) -> str:
-    if isinstance(label, (str, int, np.integer)) and not isinstance(label, bool):
-        return str(label)
-    raise FeaturesFileError(f"{where}: label must be a string or an integer, got {type(label).__name__}")
-
-
-def _class_names(names: list[str], source: Path) -> list[str]:
-    """Distinct labels in logit order: numbers numerically, then names alphabetically."""
-    distinct = sorted(set(names), key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
-    if len(distinct) < 2:
-        raise FeaturesFileError(f"{source}: only one class ({distinct[0]!r}); need at least two genres")
-    return distinct
-
-
-def load_features(path: Path, *, class_names: Optional[list[str]] = None) -> FeatureSet:
-    """A features pickle (read into memory) or a feature store folder (memory-mapped).
-
-    See :func:`load_feature_set` and :func:`open_store`; both raise :class:`FeaturesFileError`.
-    """
-    from .store import is_store
-
-    if is_store(path):
-        return open_store(path, class_names=class_names)
-    return load_feature_set(path, class_names=class_names)
-
-
-def _checked_feature_config(config: Any, source: Path) -> Optional[dict[str, Any]]:
-    """``config`` if it is None or a valid :class:`FeatureConfig` dict; else one clear error."""
-    if config is None:
-        return None
-    try:
-        if not isinstance(config, dict):
-            raise TypeError(f"expected a dict, found {type(config).__name__}")
-        FeatureConfig.from_dict(config)
-    except (DeepFusionError, TypeError, ValueError) as exc:
-        raise FeaturesFileError(f"{source}: invalid feature_config ({exc})") from None
-    return config
-
-
-def load_feature_set(path: Path, *, class_names: Optional[list[str]] = None) -> FeatureSet:
-    """Read and validate a features file (deepfusion's or the original project's format).
-
-    Each item needs ``features`` (the six views, 2-D numeric arrays with the same rows in
-    every item) and ``label`` (genre name or integer). Clips whose frame count differs from the
-    most common one (GTZAN clips run 29.9-30.6 s) are trimmed or padded with their minimum.
-    Items are freed as they are stacked, so the peak memory is about one copy of the features.
-
-    Parameters
-    ----------
-    class_names : list of str, optional
-        Fix the label order (a checkpoint's); by default the sorted distinct labels.
-
-    Raises
-    ------
-    FeaturesFileError
-        Unreadable or unsafe file, empty, missing keys, wrong shapes, non-finite values, or
-        (without ``class_names``) fewer than two classes. The message names the file and item.
-    """
-    from .cache import read_features_file
-
-    from .cache import file_digest
-
-    path = Path(path)
-    try:
-        sha256 = file_digest(path)
-    except OSError:
-        sha256 = ""          # read_features_file reports the missing or unreadable file
-    items = read_features_file(path)
-    if not isinstance(items, list):
-        raise FeaturesFileError(f"{path}: expected a list of clips, found {type(items).__name__}")
-    if not items:
-        raise FeaturesFileError(f"{path}: holds no clips")
-    rows: dict[str, int] = {}
-    frames: list[int] = []
-    names: list[str] = []
-    for i, item in enumerate(items):
-        where = f"{path}: item {i}"
-        if not isinstance(item, dict) or "features" not in item or "label" not in item:
-            raise FeaturesFileError(f"{where}: needs 'features' and 'label'")
-        feats = item["features"]
-        if not isinstance(feats, dict):
-            raise FeaturesFileError(f"{where}: 'features' must be a dict of arrays")
-        missing = [k for k in FEATURE_KEYS if k not in feats]
-        if missing:
-            raise FeaturesFileError(f"{where}: missing feature(s) {', '.join(missing)}")
-        t = None
-        for k in FEATURE_KEYS:
-            a = feats[k]
-            if not isinstance(a, np.ndarray) or a.ndim != 2 or a.dtype.kind not in "fiu" or min(a.shape) == 0:
-                shape = getattr(a, "shape", None)
-                raise FeaturesFileError(f"{where}: {k} must be a non-empty 2-D numeric array, got shape {shape}")
-            expected = rows.setdefault(k, a.shape[0])
-            if a.shape[0] != expected:
-                raise FeaturesFileError(f"{where}: {k} has {a.shape[0]} rows, other clips {expected}")
-            if t is not None and a.shape[1] != t:
-                raise FeaturesFileError(f"{where}: {k} has {a.shape[1]} frames, {FEATURE_KEYS[0]} {t}")
-            t = a.shape[1]
-        frames.append(t)
-        names.append(_label_name(item["label"], where))
-        for key in ("group", "duplicate_group"):
-            value = item.get(key)
-            if not (value is None or isinstance(value, (str, int, float, np.integer, np.floating))) \
-                    or isinstance(value, (bool, np.bool_)):
-                raise FeaturesFileError(f"{where}: {key} must be a string or a number, got "
-                                        f"{type(value).__name__}")
-    if rows[MEL_KEYS[0]] != rows[MEL_KEYS[1]] or rows[MEL_KEYS[0]] != rows[MEL_KEYS[2]]:
-        raise FeaturesFileError(f"{path}: the three mel views must have the same number of bands")
-
-    if class_names is None:
-        class_names = _class_names(names, path)
-    index = {name: i for i, name in enumerate(class_names)}
-
-    n, t = len(items), Counter(frames).most_common(1)[0][0]
-    arrays = {k: np.empty((n, rows[k], t), np.float32) for k in FEATURE_KEYS}
-    for i, item in enumerate(items):
-        for k in FEATURE_KEYS:
-            a = item["features"][k]
-            if not np.isfinite(a).all():
-                raise FeaturesFileError(f"{path}: item {i}: {k} holds NaN or infinite values")
-            m = min(t, a.shape[1])
-            arrays[k][i, :, :m] = a[:, :m]
-            if m < t:
-                arrays[k][i, :, m:] = a.min()
-        item["features"] = None   # free this clip's copy as soon as it is stacked
-
-    labels = np.array([index.get(name, -1) for name in names], np.int64)
-    paths = [str(it.get("path") or it.get("original_file") or "") for it in items]
-    groups = _merge_groups(items)
-    feature_config = _checked_feature_config(
-        next((it.get("feature_config") for it in items if it.get("feature_config")), None), path)
-    return FeatureSet(arrays, labels, list(class_names), paths, groups, feature_config, str(path),
-                      names, sha256)
-
-
-def _merge_groups(items: list[dict]) -> np.ndarray:
-    """Group ids such that clips sharing a duplicate group or a track/artist group coincide."""
-    parent = list(range(len(items)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for key in ("duplicate_group", "group"):
-        first: dict[Any, int] = {}
-        for i, it in enumerate(items):
-            value = it.get(key)
-            if value is None:
-                continue
-            j = first.setdefault(value, i)
-            parent[find(i)] = find(j)
-    roots = [find(i) for i in range(len(items))]
-    ids: dict[int, int] = {}
-    return np.array([ids.setdefault(r, len(ids)) for r in roots], np.int64)
 
 
 # ------------------------------------------------------------------------------------- splits
@@ -528,42 +303,3 @@ def make_train_loader(fs: FeatureSet, norm: dict, clips: np.ndarray, *, seg: int
         drop_last=len(clips) > batch_size, pin_memory=pin_memory)
 
 
-def save_store(fs: FeatureSet, folder: Path) -> None:
-    """Write a FeatureSet as a feature store (see :mod:`deepfusion.store`), one clip at a time."""
-    from .store import StoreWriter
-
-    names = fs.label_names or [fs.class_names[c] for c in fs.labels]
-    with StoreWriter(Path(folder), n_clips=len(fs), rows=fs.rows(), frames=fs.n_frames) as writer:
-        for i in range(len(fs)):
-            writer.put({k: fs.arrays[k][i] for k in FEATURE_KEYS})
-        writer.commit([{"path": p, "label": n, "group": int(g)}
-                       for p, n, g in zip(fs.paths, names, fs.groups)],
-                      feature_config=fs.feature_config, source=fs.source)
-
-
-def open_store(folder: Path, *, class_names: Optional[list[str]] = None) -> FeatureSet:
-    """A FeatureSet over a feature store, its arrays memory-mapped read-only.
-
-    Every value is checked to be finite while the store's identity (``sha256``) is computed,
-    in one pass over the arrays.
-
-    Raises
-    ------
-    FeaturesFileError
-        Not a store, damaged, NaN or infinite values, or (without ``class_names``) fewer than
-        two classes.
-    """
-    from .store import open_consistent, scan
-
-    folder = Path(folder)
-    meta, arrays = open_consistent(folder)
-    feature_config = _checked_feature_config(meta.get("feature_config"), folder)
-    clips = meta["clips"]
-    names = [str(c["label"]) for c in clips]
-    if class_names is None:
-        class_names = _class_names(names, folder)
-    index = {name: i for i, name in enumerate(class_names)}
-    labels = np.array([index.get(name, -1) for name in names], np.int64)
-    sha256 = scan(folder, meta, arrays)
-    return FeatureSet(arrays, labels, list(class_names), [c["path"] for c in clips],
-                      _merge_groups(clips), feature_config, str(folder), names, sha256)

@@ -1,4 +1,4 @@
-"""Running a model over clips, and the metrics reported on them."""
+"""The evaluate stage: what a checkpoint does on held-out clips, as a table and report files."""
 
 from __future__ import annotations
 
@@ -7,139 +7,18 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import torch
 
-from .data import FeatureSet, eval_segments, make_torch_dataset
-
-
-@dataclass
-class ClipPredictions:
-    """Per-clip outputs of a model over all non-overlapping segments of each clip."""
-
-    clips: np.ndarray           # (n,) clip indices into the FeatureSet
-    logits: np.ndarray          # (n, n_classes) mean of segment logits
-    attention: np.ndarray       # (n, 6) mean modality attention
-    segment_correct: int
-    segment_total: int
-
-    @property
-    def predicted(self) -> np.ndarray:
-        return self.logits.argmax(axis=1)
-
-    def probabilities(self) -> np.ndarray:
-        z = self.logits - self.logits.max(axis=1, keepdims=True)
-        e = np.exp(z)
-        return e / e.sum(axis=1, keepdims=True)
-
-
-def autocast_dtype(device: torch.device) -> Optional[str]:
-    """The reduced precision deepfusion uses on ``device``: bf16 on CPUs and recent GPUs,
-    fp16 on older GPUs, none on MPS."""
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if device.type == "cpu" else None
-
-
-def autocast_for(device: torch.device, enabled: bool):
-    """The autocast context deepfusion uses on ``device`` (see :func:`autocast_dtype`)."""
-    import contextlib
-
-    name = autocast_dtype(device) if enabled else None
-    if name is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if name == "bf16" else torch.float16)
-
-
-@torch.inference_mode()
-def predict_clips(model: torch.nn.Module, fs: FeatureSet, norm: dict, clips: np.ndarray, *,
-                  seg: int, batch_size: int = 64, device: torch.device = torch.device("cpu"),
-                  amp: bool = False, labels: Optional[np.ndarray] = None) -> ClipPredictions:
-    """Mean logits and attention over all non-overlapping segments of each clip.
-
-    ``labels`` (default the FeatureSet's) only serve the segment-level accuracy.
-    """
-    labels = fs.labels if labels is None else labels
-    seg_clips, starts = eval_segments(clips, fs.n_frames, seg)
-    ds = make_torch_dataset(fs, norm, seg_clips, seg=seg, starts=starts)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False)
-    position = {int(c): i for i, c in enumerate(clips)}
-    n_classes = model.classifier.out_features
-    logit_sum = np.zeros((len(clips), n_classes), np.float64)
-    att_sum = np.zeros((len(clips), 6), np.float64)
-    count = np.zeros(len(clips), np.int64)
-    correct = total = 0
-    model.eval()
-    for x, _, c in loader:
-        x = {k: v.to(device, non_blocking=True) for k, v in x.items()}
-        with autocast_for(device, amp):
-            out = model(x)
-        logits = out["logits"].float().cpu().numpy()
-        att = out["attention"].float().cpu().numpy()
-        rows = np.array([position[int(i)] for i in c])
-        np.add.at(logit_sum, rows, logits)
-        np.add.at(att_sum, rows, att)
-        np.add.at(count, rows, 1)
-        truth = labels[c.numpy()]
-        known = truth >= 0
-        correct += int((logits.argmax(1)[known] == truth[known]).sum())
-        total += int(known.sum())
-    count = np.maximum(count, 1)[:, None]
-    return ClipPredictions(np.asarray(clips), (logit_sum / count).astype(np.float32),
-                           (att_sum / count).astype(np.float32), correct, total)
-
-
-def clip_loss(pred: ClipPredictions, labels: np.ndarray) -> float:
-    """Cross-entropy of the mean clip logits."""
-    p = pred.probabilities()
-    truth = labels[pred.clips]
-    return float(-np.log(np.clip(p[np.arange(len(truth)), truth], 1e-12, None)).mean())
-
-
-# ------------------------------------------------------------------------------------ metrics
-
-def confusion_matrix(truth: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
-    """Counts ``[true, predicted]``, shape (n_classes, n_classes)."""
-    cm = np.zeros((n_classes, n_classes), np.int64)
-    np.add.at(cm, (truth, predicted), 1)
-    return cm
-
-
-def per_class_scores(cm: np.ndarray) -> dict[str, np.ndarray]:
-    """Precision, recall, F1 and support per class from a confusion matrix.
-
-    A class never predicted has precision 0 (and F1 0), as does a class without support.
-    """
-    tp = np.diag(cm).astype(np.float64)
-    predicted = cm.sum(axis=0).astype(np.float64)
-    support = cm.sum(axis=1).astype(np.float64)
-    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
-    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
-    denom = precision + recall
-    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
-    return {"precision": precision, "recall": recall, "f1": f1, "support": support.astype(np.int64)}
-
-
-def summary_metrics(truth: np.ndarray, predicted: np.ndarray, n_classes: int) -> dict[str, float]:
-    """Accuracy, balanced accuracy (mean recall over classes present) and macro-F1 (same classes)."""
-    cm = confusion_matrix(truth, predicted, n_classes)
-    scores = per_class_scores(cm)
-    present = scores["support"] > 0
-    return {"accuracy": float((truth == predicted).mean()) if len(truth) else float("nan"),
-            "balanced_accuracy": float(scores["recall"][present].mean()),
-            "macro_f1": float(scores["f1"][present].mean())}
-
-
-def bootstrap_interval(correct: np.ndarray, *, n_boot: int = 2000, level: float = 0.95,
-                       seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of ``correct`` (0/1 per clip)."""
-    correct = np.asarray(correct, np.float64)
-    if len(correct) == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = correct[rng.integers(0, len(correct), size=(n_boot, len(correct)))].mean(axis=1)
-    alpha = (1 - level) / 2
-    low, high = np.quantile(means, [alpha, 1 - alpha])
-    return float(low), float(high)
+from .checkpoint import load_checkpoint, model_from_checkpoint, normalization_of, runtime_of
+from .config import AUX_KEYS, MEL_KEYS, FeatureConfig, TrainConfig
+from .data import read_split_file, segment_frames
+from .errors import DatasetError, FeaturesFileError
+from .inference import predict_clips
+from .io.atomic import atomic_write, check_writable
+from .io.cache import file_digest
+from .io.features_file import load_features
+from .io.featureset import FeatureSet
+from .metrics import bootstrap_interval, confusion_matrix, per_class_scores, summary_metrics
+from .runtime import resolve_device, use_amp
 
 
 # --------------------------------------------------------------------------- the evaluate stage
@@ -186,9 +65,6 @@ class EvaluationReport:
 
 def _select(fs: FeatureSet, ckpt: dict, split: str, split_file: Optional[str], same_file: bool) -> np.ndarray:
     """Indices of the clips to evaluate (known labels only)."""
-    from .data import read_split_file
-    from .errors import DatasetError
-
     known = fs.labels >= 0
     if split == "all":
         return np.flatnonzero(known)
@@ -228,14 +104,7 @@ def evaluate(checkpoint: Path, *, features: Optional[Path] = None, split: str = 
 
     import pandas as pd
 
-    from .cache import file_digest
-    from .checkpoint import load_checkpoint, model_from_checkpoint, normalization_of
-    from .config import AUX_KEYS, MEL_KEYS, FeatureConfig, TrainConfig
-    from .data import load_features, segment_frames
-    from .errors import DatasetError, FeaturesFileError
-    from .fileio import atomic_write, check_writable
     from .plots import plot_attention, plot_confusion
-    from .train import resolve_device, use_amp
 
     checkpoint = Path(checkpoint)
     ckpt = load_checkpoint(checkpoint)
@@ -271,7 +140,7 @@ def evaluate(checkpoint: Path, *, features: Optional[Path] = None, split: str = 
     seg = segment_frames(train_config.segment_seconds, FeatureConfig.from_dict(ckpt["feature_config"]), fs.n_frames)
     model = model_from_checkpoint(ckpt).to(dev)
     pred = predict_clips(model, fs, normalization_of(ckpt), idx, seg=seg, batch_size=batch_size,
-                         device=dev, amp=use_amp(train_config, dev))
+                         device=dev, amp=use_amp(runtime_of(ckpt).amp, dev))
     truth, guess = fs.labels[idx], pred.predicted
     n_classes = len(class_names)
     metrics = summary_metrics(truth, guess, n_classes)

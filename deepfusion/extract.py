@@ -20,16 +20,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .audio import AudioItem, check_file, discover
-from .cache import FeatureCache, file_digest, write_features_file
-from .config import FeatureConfig
+from .io.cache import FeatureCache, file_digest
+from .config import (DEFAULT_CACHE_DIR, DEFAULT_FEATURES, DEFAULT_STORE, FEATURE_FORMATS,
+                     FeatureConfig)
 from .errors import AudioError, DeepFusionError, OutputError, ParameterError
-from .fileio import atomic_write, check_writable, remove_stale_temps, write_csv
+from .io.atomic import atomic_write, check_writable, remove_stale_temps, write_csv
+from .io.features_file import write_features_file
 from .progress import progress_bar
 
-DEFAULT_FEATURES = Path("data/features.pkl")
-DEFAULT_STORE = Path("data/features.store")
-FORMATS = ("pickle", "store")
-DEFAULT_CACHE_DIR = Path("data/cache")
 ERRORS_CSV = "extract_errors.csv"
 
 
@@ -131,7 +129,7 @@ def compute_entry(path: str, key: str, cache_dir: str, config_dict: dict,
     from threadpoolctl import threadpool_limits
 
     from .audio import decode
-    from .cache import audio_digest
+    from .io.cache import audio_digest
     from .features import compute_features
 
     config = FeatureConfig.from_dict(config_dict)
@@ -171,10 +169,10 @@ def extract(audio_dir: Path, *, out: Optional[Path] = None, fmt: str = "pickle",
         Dataset root in GTZAN layout (``genre/genre.00042.wav``), or the root that the paths
         of ``manifest`` are relative to.
     out : Path, optional
-        Features to write: a pickle (see :func:`deepfusion.cache.write_features_file`) or a
+        Features to write: a pickle (see :func:`deepfusion.io.features_file.write_features_file`) or a
         store folder; default :func:`default_out`. ``extract_errors.csv`` is written beside it.
     fmt : {'pickle', 'store'}
-        ``store`` writes a feature store (:mod:`deepfusion.store`) that train memory-maps;
+        ``store`` writes a feature store (:mod:`deepfusion.io.store`) that train memory-maps;
         clips are copied one at a time from the cache, so extract holds one clip in memory.
     cache_dir : Path
         Where per-clip features are kept between runs.
@@ -203,8 +201,8 @@ def extract(audio_dir: Path, *, out: Optional[Path] = None, fmt: str = "pickle",
     from joblib import Parallel, delayed
 
     t0 = time.perf_counter()
-    if fmt not in FORMATS:
-        raise ParameterError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if fmt not in FEATURE_FORMATS:
+        raise ParameterError(f"format must be one of {', '.join(FEATURE_FORMATS)}, got {fmt!r}")
     out, cache_dir = Path(out if out is not None else default_out(fmt)), Path(cache_dir)
     items = discover(Path(audio_dir), manifest=manifest)
     if out.name == ERRORS_CSV:
@@ -212,7 +210,7 @@ def extract(audio_dir: Path, *, out: Optional[Path] = None, fmt: str = "pickle",
     if fmt == "pickle" and out.is_dir():
         raise OutputError(f"{out}: is a folder (a feature store?); give --format store, or a file for --out")
     if fmt == "store":
-        from .store import check_destination
+        from .io.store import check_destination
 
         check_destination(out)
     check_writable(out / "meta.json" if fmt == "store" and out.is_dir() else out)
@@ -327,7 +325,7 @@ def extract(audio_dir: Path, *, out: Optional[Path] = None, fmt: str = "pickle",
 def _write_store(out: Path, assembled: list[dict[str, Any]], cache: FeatureCache,
                  shapes: dict[str, tuple], config_dict: dict) -> None:
     """Copy the clips' cache entries into a feature store, one clip in memory at a time."""
-    from .store import StoreWriter
+    from .io.store import StoreWriter
 
     rows = {k: int(shape[0]) for k, shape in shapes.items()}
     with StoreWriter(out, n_clips=len(assembled), rows=rows, frames=int(shapes["mel_spec_orig"][1])) as writer:
@@ -344,7 +342,7 @@ def _write_store(out: Path, assembled: list[dict[str, Any]], cache: FeatureCache
 def _stamp(out: Path) -> list:
     """Size and mtime of every file extract wrote to ``out`` (a store: meta.json and the
     arrays it names), to tell whether the output was touched since."""
-    from .store import META, is_store, read_meta
+    from .io.store import META, is_store, read_meta
 
     if not is_store(out):
         files = [out]

@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .fileio import atomic_write  # noqa: E402
+from .io.atomic import atomic_write  # noqa: E402
 
 
 def _save(fig, path: Path) -> None:

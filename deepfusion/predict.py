@@ -16,8 +16,15 @@ from typing import Iterable, Iterator, Union
 import numpy as np
 
 from .audio import AUDIO_EXTENSIONS, decode_windows, discover
-from .data import segments_per_clip
+from .checkpoint import (feature_config_of, load_checkpoint, model_from_checkpoint,
+                         normalization_of, runtime_of)
+from .config import TrainConfig
+from .data import segment_frames, segments_per_clip
 from .errors import AudioError, DatasetError
+from .inference import predict_clips
+from .io.featureset import FeatureSet
+from .metrics import softmax
+from .runtime import resolve_device, use_amp
 
 
 @dataclass
@@ -39,18 +46,13 @@ class Predictor:
     """A checkpoint loaded once, ready to classify any number of files."""
 
     def __init__(self, checkpoint: Path, *, device: str = "auto", batch_size: int = 64):
-        from .checkpoint import (feature_config_of, load_checkpoint, model_from_checkpoint,
-                                 normalization_of)
-        from .config import TrainConfig
-        from .train import resolve_device, use_amp
-
         self.ckpt = load_checkpoint(Path(checkpoint))
         self.class_names = list(self.ckpt["class_names"])
         self.feature_config = feature_config_of(self.ckpt)
         self.norm = normalization_of(self.ckpt)
         self.train_config = TrainConfig.from_dict(self.ckpt["train_config"])
         self.device = resolve_device(device)
-        self.amp = use_amp(self.train_config, self.device)
+        self.amp = use_amp(runtime_of(self.ckpt).amp, self.device)
         self.model = model_from_checkpoint(self.ckpt).to(self.device)
         self.batch_size = batch_size
 
@@ -71,19 +73,12 @@ class Predictor:
                 feats = compute_features(y, cfg)
             yield seconds, feats
 
-    def window_features(self, path: Path) -> list[dict[str, np.ndarray]]:
-        """The six views of every window of ``path`` (see :meth:`iter_window_features`)."""
-        return [feats for _, feats in self.iter_window_features(path)]
-
     def predict_file(self, path: Path, *, top_k: int = 3) -> Prediction:
         """Top-k genres of one file. Raises :class:`AudioError` for unreadable files.
 
         Windows are classified as they are decoded, so memory holds one window whatever the
         file's length.
         """
-        from .data import FeatureSet, segment_frames
-        from .evaluate import ClipPredictions, predict_clips
-
         logit_sum, windows, segments, seconds = None, 0, 0, 0.0
         for seconds, feats in self.iter_window_features(path):
             fs = FeatureSet({k: v[None] for k, v in feats.items()}, np.full(1, -1, np.int64),
@@ -94,8 +89,7 @@ class Predictor:
             logit_sum = pred.logits[0] if logit_sum is None else logit_sum + pred.logits[0]
             windows += 1
             segments += segments_per_clip(fs.n_frames, seg)
-        mean = ClipPredictions(np.zeros(1), (logit_sum / windows)[None], np.zeros((1, 6)), 0, 0)
-        p = mean.probabilities()[0]
+        p = softmax((logit_sum / windows)[None])[0]
         order = np.argsort(-p)[:max(1, top_k)]
         return Prediction(str(path), [(self.class_names[i], float(p[i])) for i in order],
                           windows, segments, seconds)

@@ -2,7 +2,7 @@
 
 The loop reads top to bottom: load and validate the features, split (groups kept together),
 fit normalisation on the training clips, build the model, then per epoch
-:func:`train_one_epoch`, :func:`~deepfusion.evaluate.predict_clips` on the validation clips,
+:func:`train_one_epoch`, :func:`~deepfusion.inference.predict_clips` on the validation clips,
 checkpoints, CSV and plot. ``last.pth`` after every epoch makes ``resume`` continue exactly
 where a run stopped; the crops, shuffles and dropout of epoch *e* are seeded by (seed, e), so a
 resumed run on the CPU repeats the uninterrupted one.
@@ -11,7 +11,6 @@ resumed run on the CPU repeats the uninterrupted one.
 from __future__ import annotations
 
 import math
-import random
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,15 +20,20 @@ import numpy as np
 import torch
 
 from .checkpoint import library_versions, load_checkpoint, save_checkpoint
-from .config import AUTO_FIELDS, AUX_KEYS, FeatureConfig, ModelConfig, TrainConfig, resolve_recipe
-from .data import (Augment, FeatureSet, check_split, fit_normalization, load_features,
-                   make_split, make_train_loader, read_split_file, segment_frames,
-                   segments_per_clip)
+from .config import (AUTO_FIELDS, AUX_KEYS, FeatureConfig, ModelConfig, RuntimeConfig, TrainConfig,
+                     resolve_recipe, resume_recipe)
+from .data import (Augment, check_split, fit_normalization, make_split, make_train_loader,
+                   read_split_file, segment_frames, segments_per_clip)
 from .errors import CheckpointError, DatasetError, ParameterError
-from .evaluate import ClipPredictions, autocast_dtype, autocast_for, clip_loss, predict_clips
-from .fileio import check_writable, remove_stale_temps, write_csv
-from .progress import progress_bar
+from .inference import ClipPredictions, clip_loss, predict_clips
+from .io.atomic import check_writable, remove_stale_temps, write_csv
+from .io.features_file import load_features
+from .io.featureset import FeatureSet
 from .models import build_model, count_parameters
+from .progress import duration_text, epoch_estimate, progress_bar
+from .runtime import (autocast_dtype, autocast_for, resolve_device, rng_state, seed_everything,
+                      set_rng_state, use_amp)
+from .weights import resolve_pretrained
 
 HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds",
                   "val_segment_acc")
@@ -50,37 +54,6 @@ class TrainResult:
     test_predictions: Optional[ClipPredictions] = None
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto``: cuda when available, else mps, else cpu."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ParameterError(f"device {name!r} asked for, but CUDA is not available here")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ParameterError("device 'mps' asked for, but MPS is not available here")
-    return torch.device(name)
-
-
-def cpu_supports_bf16() -> bool:
-    """Whether this CPU has native bf16 arithmetic (AVX-512 BF16 or AMX)."""
-    cpu = getattr(torch, "cpu", None)
-    return bool(cpu and (getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
-                         or getattr(cpu, "_is_amx_tile_supported", lambda: False)()))
-
-
-def use_amp(config: TrainConfig, device: torch.device) -> bool:
-    """Mixed precision on CUDA; bf16 autocast on CPUs with native bf16; never on MPS."""
-    if not config.amp:
-        return False
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and cpu_supports_bf16()
-
-
 def _lr_lambda(config: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
     warmup = max(1, config.warmup_epochs * steps_per_epoch)
     total = max(warmup + 1, config.epochs * steps_per_epoch)
@@ -90,27 +63,6 @@ def _lr_lambda(config: TrainConfig, steps_per_epoch: int) -> Callable[[int], flo
             return (step + 1) / warmup
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / (total - warmup))))
     return factor
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-             "python_version": random.getstate()[0], "python_gauss": random.getstate()[2]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _split_lists(fs: FeatureSet, split: np.ndarray) -> dict[str, Any]:
@@ -125,30 +77,6 @@ def _split_lists(fs: FeatureSet, split: np.ndarray) -> dict[str, Any]:
 
 def _write_history(path: Path, history: list[dict]) -> None:
     write_csv(path, HISTORY_FIELDS, ([row[k] for k in HISTORY_FIELDS] for row in history))
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
-def epoch_estimate(batch_ends: list[float], n_batches: int, n_val_segments: int,
-                   batch_size: int) -> float:
-    """Seconds one epoch will take, from the end times of its first training batches.
-
-    The first batch pays for warm-up (oneDNN builds its kernels; about 10x a later batch for
-    resnet50 in bf16 here), so the rate comes from the batches after it when there are any.
-    A validation segment is counted as 0.25 of a training sample: inference has no backward
-    pass (``benchmarks/train_speed.py``: 0.21-0.36 of a training step's time per sample).
-    """
-    if len(batch_ends) > 1:
-        per_batch = (batch_ends[-1] - batch_ends[0]) / (len(batch_ends) - 1)
-    else:
-        per_batch = batch_ends[0]
-    return per_batch * (n_batches + 0.25 * n_val_segments / batch_size)
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, *, device, amp: bool,
@@ -199,50 +127,6 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, *, dev
     return total_loss / max(seen, 1), correct / max(seen, 1)
 
 
-#: Recipe fields a resumed run may change; the runtime fields always come from the new call.
-_RESUME_CHANGEABLE = ("epochs", "patience")
-_RUNTIME_FIELDS = ("device", "amp", "channels_last", "num_workers")
-#: What runs saved before a field existed did (their train_config lacks the key).
-_LEGACY_RECIPE = {"model": "net", "select": "val_acc", "ema": 0.0, "mixup": 0.0,
-                  "freq_mask": 0.0, "time_mask": 0.0, "tilt_db": 0.0}
-
-
-def _option(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def resume_config(stored: dict[str, Any], given: TrainConfig, *, epochs_done: int
-                  ) -> tuple[TrainConfig, list[str]]:
-    """The configuration a resumed run continues with, and one line per thing to say.
-
-    The run keeps its recipe. ``epochs`` and ``patience`` given (not None) replace the stored
-    ones: a larger ``epochs`` extends the run. The runtime settings (device, amp,
-    channels_last, workers) are the new call's, so a run moves between machines. Any other
-    field given with a value other than its default and the run's own is named as ignored.
-    """
-    old = TrainConfig.from_dict({**_LEGACY_RECIPE, **stored})
-    notes: list[str] = []
-    changes: dict[str, Any] = {name: getattr(given, name) for name in _RUNTIME_FIELDS}
-    if given.epochs is not None and given.epochs != old.epochs:
-        if given.epochs < epochs_done:
-            raise ParameterError(f"--epochs {given.epochs} with --resume: the run has already "
-                                 f"trained {epochs_done} epochs")
-        changes["epochs"] = given.epochs
-        notes.append(f"epochs: {old.epochs} -> {given.epochs}; the cosine learning-rate schedule "
-                     f"is that of a {given.epochs}-epoch run from epoch {epochs_done + 1} on")
-    if given.patience is not None and given.patience != old.patience:
-        changes["patience"] = given.patience
-        notes.append(f"patience: {old.patience} -> {given.patience}")
-    default = TrainConfig()
-    ignored = [f"{_option(f)} {getattr(given, f)} (the run's: {getattr(old, f)})"
-               for f in TrainConfig.__dataclass_fields__
-               if f not in _RESUME_CHANGEABLE and f not in _RUNTIME_FIELDS
-               and getattr(given, f) != getattr(default, f) and getattr(given, f) != getattr(old, f)]
-    if ignored:
-        notes.append("ignored with --resume, the run keeps its own settings: " + ", ".join(ignored))
-    return replace(old, **changes), notes
-
-
 def pretrained_mode(pretrained: Any) -> str:
     """``True`` -> require, ``False`` -> never, ``None`` -> auto, or a mode name as it is."""
     mode = {True: "require", False: "never", None: "auto"}.get(pretrained, pretrained)
@@ -258,13 +142,14 @@ def _split_line(fs: FeatureSet, indices) -> str:
 
 def _base_payload(fs: FeatureSet, features: Path, split: np.ndarray, norm: dict, *,
                   model_config: ModelConfig, feature_config: FeatureConfig, config: TrainConfig,
-                  pretrained_source: str) -> dict[str, Any]:
+                  runtime: RuntimeConfig, pretrained_source: str) -> dict[str, Any]:
     """What every checkpoint of a run holds besides its weights and epoch."""
     return {
         "model_config": model_config.to_dict(), "class_names": list(fs.class_names),
         "feature_config": feature_config.to_dict(),
         "normalization": {k: {s: torch.from_numpy(v) for s, v in d.items()} for k, d in norm.items()},
         "split": _split_lists(fs, split), "train_config": config.to_dict(),
+        "runtime_config": runtime.to_dict(),
         "features_file": str(features.resolve()), "features_sha256": fs.sha256,
         "pretrained_source": pretrained_source, "versions": library_versions(),
     }
@@ -282,7 +167,7 @@ def _infer_feature_config(fs: FeatureSet) -> FeatureConfig:
 
 
 def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConfig = TrainConfig(),
-          backbone: Optional[str] = None, share_backbone: bool = False, pretrained: Any = "auto",
+          runtime: RuntimeConfig = RuntimeConfig(), backbone: Optional[str] = None, share_backbone: bool = False, pretrained: Any = "auto",
           weights_path: Optional[Path] = None, resume: bool = False, quiet: bool = False,
           echo: Callable[[str], None] = print, split: Optional[np.ndarray] = None,
           feature_set: Optional[FeatureSet] = None,
@@ -294,6 +179,8 @@ def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConf
     ``resume``), ``training_history.csv`` and ``training_history.png``.
 
     ``config``'s "auto" fields (None) are filled per backbone (:func:`resolve_recipe`).
+    ``runtime`` says where the run executes (device, mixed precision, workers); with
+    ``resume`` the recipe is the stored run's and the runtime this call's.
     ``pretrained``: "auto" (ImageNet weights from ``weights_path``, the torch cache or a
     download; from scratch with one line when they cannot be had), "require"/True (stop when
     they cannot be had) or "never"/False. ``split`` (an array of 'train'/'val'/'test'/'' per
@@ -306,8 +193,6 @@ def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConf
         Before any training: bad features, impossible split, bad options, missing pretrained
         weights (when required), nothing to resume.
     """
-    from .models import resolve_pretrained
-
     t_start = time.perf_counter()
     features, model_dir = Path(features), Path(model_dir)
     last_path, best_path = model_dir / "last.pth", model_dir / "best.pth"
@@ -317,7 +202,7 @@ def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConf
         if not last_path.is_file():
             raise CheckpointError(f"{last_path}: nothing to resume (no last.pth in {model_dir})")
         state = load_checkpoint(last_path)
-        config, notes = resume_config(state["train_config"], config, epochs_done=state["epoch"])
+        config, notes = resume_recipe(state["train_config"], config, epochs_done=state["epoch"])
         mc = state["model_config"]
         if backbone is not None and backbone != mc["backbone"]:
             notes.append(f"ignored with --resume: --backbone {backbone} (the run's: {mc['backbone']})")
@@ -331,7 +216,7 @@ def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConf
         model_options = stored
         for note in notes:
             echo(note)
-    backbone = backbone or "resnet50"
+    backbone = backbone or ModelConfig.backbone
     check_writable(best_path)
     remove_stale_temps(model_dir)  # leftovers of a run killed while writing
 
@@ -385,12 +270,12 @@ def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConf
                                aux_rows=tuple(fs.rows()[k] for k in AUX_KEYS), backbone=backbone,
                                share_backbone=share_backbone, pretrained=was_pretrained,
                                **(model_options or {}))
-    _seed_everything(config.seed)
+    seed_everything(config.seed)
     model = build_model(replace(model_config, pretrained=False), pretrained_state=pre_state)
-    device = resolve_device(config.device)
-    amp = use_amp(config, device)
+    device = resolve_device(runtime.device)
+    amp = use_amp(runtime.amp, device)
     model.to(device)
-    if config.channels_last and device.type != "mps":
+    if runtime.channels_last and device.type != "mps":
         model.to(memory_format=torch.channels_last)
     ema = None
     if config.ema > 0:
@@ -401,7 +286,7 @@ def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConf
 
     augment = Augment(tilt_db=config.tilt_db, freq_mask=config.freq_mask, time_mask=config.time_mask)
     loader = make_train_loader(fs, norm, train_idx, seg=seg, batch_size=config.batch_size,
-                               seed=config.seed, num_workers=config.num_workers,
+                               seed=config.seed, num_workers=runtime.num_workers,
                                pin_memory=device.type == "cuda", augment=augment)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, len(loader)))
@@ -421,7 +306,7 @@ def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConf
         optimizer.load_state_dict(state["optimizer_state"])
         scheduler.load_state_dict(state["scheduler_state"])
         scaler.load_state_dict(state["scaler_state"])
-        _set_rng_state(state["rng_state"])
+        set_rng_state(state["rng_state"])
         history = list(state["history"])
         start_epoch = state["epoch"] + 1
         best_epoch, bad_epochs = state["best_epoch"], state["bad_epochs"]
@@ -443,7 +328,7 @@ def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConf
          f"{f' with {autocast_dtype(device)} autocast' if amp else ''}; segments of {seg} frames")
 
     base_payload = _base_payload(fs, features, split, norm, model_config=model_config,
-                                 feature_config=feature_config, config=config,
+                                 feature_config=feature_config, config=config, runtime=runtime,
                                  pretrained_source=pre_source)
 
     batch_ends: list[float] = []
@@ -457,10 +342,10 @@ def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConf
             total = guess * to_go
             echo(f"estimated {guess:.0f} s per epoch ({len(loader)} batch"
                  f"{'es' if len(loader) != 1 else ''} of {config.batch_size}); "
-                 f"{_duration(total)} for the {to_go} epoch{'s' if to_go != 1 else ''} to go "
+                 f"{duration_text(total)} for the {to_go} epoch{'s' if to_go != 1 else ''} to go "
                  "unless it stops early")
             if device.type == "cpu" and backbone != "light" and total > 1800:
-                echo(f"{backbone} on a CPU: about {_duration(total)}; --backbone light trains "
+                echo(f"{backbone} on a CPU: about {duration_text(total)}; --backbone light trains "
                      "far faster")
 
     epoch = start_epoch - 1
@@ -499,7 +384,7 @@ def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConf
         save_checkpoint(last_path, {
             **base_payload, "model_state": scored.state_dict(), "epoch": epoch,
             "optimizer_state": optimizer.state_dict(), "scheduler_state": scheduler.state_dict(),
-            "scaler_state": scaler.state_dict(), "rng_state": _rng_state(), "history": history,
+            "scaler_state": scaler.state_dict(), "rng_state": rng_state(), "history": history,
             "best_score": best_score, "best_epoch": best_epoch, "bad_epochs": bad_epochs, **extra})
         _write_history(model_dir / "training_history.csv", history)
         plot_history(history, model_dir / "training_history.png")
@@ -567,6 +452,7 @@ def _train_probe(fs: FeatureSet, features: Path, split: np.ndarray, indices, *,
         metrics["test"] = {"clip_acc": test_acc, "n_clips": int(len(test_idx)), "segment_acc": test_acc}
     payload = _base_payload(fs, features, split, norm, model_config=model_config,
                             feature_config=feature_config, config=config,
+                            runtime=RuntimeConfig(device="cpu", amp=False),
                             pretrained_source="not used")
     save_checkpoint(model_dir / "best.pth",
                     {**payload, "model_state": model.state_dict(), "epoch": 1, "metrics": metrics})

@@ -1,7 +1,8 @@
 """Shared fixtures: a tiny synthetic dataset, its features file and a trained checkpoint.
 
 Everything is generated in temporary folders by the project's own synthetic generator, so the
-suite needs no data outside the repository.
+suite needs no data outside the repository. Helpers shared with the benchmarks (running the
+command, comparing outputs) are in :mod:`deepfusion.testing`.
 """
 
 from __future__ import annotations
@@ -9,45 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from deepfusion.config import FeatureConfig
-
-TINY = dict(genres=3, clips_per_genre=6, duration=6.0, seed=0)
-TINY_FEATURES = FeatureConfig(duration=6.0)
-
-
-def cli_runner() -> CliRunner:
-    """A CliRunner that keeps stderr apart from stdout."""
-    try:
-        return CliRunner(mix_stderr=False)  # click < 8.2 mixes stderr into stdout by default
-    except TypeError:
-        return CliRunner()
-
-
-def invoke(*args):
-    """The command in-process (so that monkeypatches apply); stderr kept apart."""
-    from deepfusion.cli import main
-
-    return cli_runner().invoke(main, [str(a) for a in args])
-
-
-def one_error_line(stderr: str) -> str:
-    """The single ``Error: ...`` line a refused input or an impossible output must produce."""
-    assert "Traceback" not in stderr, stderr
-    lines = [ln for ln in stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), stderr
-    assert "internal error" not in lines[0], stderr      # a bug, not a refused input
-    return lines[0]
-
-
-def closed_port() -> int:
-    """A port on 127.0.0.1 with nothing listening (connections are refused at once)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from deepfusion.testing import TINY_DATASET, TINY_FEATURES, closed_port
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -67,7 +31,7 @@ def tiny_audio(tmp_path_factory) -> Path:
     from deepfusion.synth import synthesize_dataset
 
     root = tmp_path_factory.mktemp("audio")
-    synthesize_dataset(root, **TINY)
+    synthesize_dataset(root, **TINY_DATASET)
     return root
 
 

@@ -9,19 +9,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from click.testing import CliRunner
 
-from deepfusion.cli import main
 from deepfusion.config import FeatureConfig
-from deepfusion.evaluate import bootstrap_interval, confusion_matrix, per_class_scores, summary_metrics
+from deepfusion.metrics import bootstrap_interval, confusion_matrix, per_class_scores, summary_metrics
+from deepfusion.testing import invoke
 
 GENRES = ["rock", "techno", "waltz"]          # the fixture's classes, in logit order
 REPORT_FILES = ("evaluation.json", "classification_report.csv", "predictions.csv",
                 "confusion_matrix.png", "attention.png")
 
 
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 # ------------------------------------------------------------------------------------ metrics
@@ -87,7 +84,7 @@ def default_run(trained_model_dir, tmp_path_factory):
     """``deepfusion evaluate --checkpoint best.pth --out-dir ...``, run once for this module."""
     out = tmp_path_factory.mktemp("evaluation")
     before = listing(trained_model_dir)
-    result = run("evaluate", "--checkpoint", trained_model_dir / "best.pth", "--out-dir", out)
+    result = invoke("evaluate", "--checkpoint", trained_model_dir / "best.pth", "--out-dir", out)
     assert listing(trained_model_dir) == before, "evaluate --out-dir wrote beside the checkpoint"
     return result, out
 
@@ -120,7 +117,7 @@ def check_predictions(folder: Path, n: int, known_only: bool = True) -> pd.DataF
 
 
 def test_evaluate_with_only_the_checkpoint(default_run, trained_model_dir, tiny_features):
-    from deepfusion.cache import file_digest
+    from deepfusion.io.cache import file_digest
     from deepfusion.checkpoint import load_checkpoint
 
     result, out = default_run
@@ -169,7 +166,7 @@ def test_evaluate_with_only_the_checkpoint(default_run, trained_model_dir, tiny_
 def test_evaluate_writes_beside_the_checkpoint_by_default(trained_model_dir, tmp_path):
     copy = tmp_path / "model"
     shutil.copytree(trained_model_dir, copy)
-    result = run("evaluate", "--checkpoint", copy / "best.pth")
+    result = invoke("evaluate", "--checkpoint", copy / "best.pth")
     assert result.exit_code == 0, result.output
     for name in REPORT_FILES:
         assert (copy / name).is_file(), name
@@ -181,7 +178,7 @@ def test_evaluate_writes_beside_the_checkpoint_by_default(trained_model_dir, tmp
 def test_evaluate_other_splits(split, trained_model_dir, tmp_path):
     from deepfusion.checkpoint import load_checkpoint
 
-    result = run("evaluate", "--checkpoint", trained_model_dir / "best.pth", "--split", split,
+    result = invoke("evaluate", "--checkpoint", trained_model_dir / "best.pth", "--split", split,
                  "--out-dir", tmp_path)
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "evaluation.json").read_text())
@@ -226,7 +223,7 @@ def foreign_features(tiny_audio, tmp_path_factory):
 
 
 def test_evaluate_skips_genres_the_model_does_not_know(foreign_features, trained_model_dir, tmp_path):
-    result = run("evaluate", "--checkpoint", trained_model_dir / "best.pth",
+    result = invoke("evaluate", "--checkpoint", trained_model_dir / "best.pth",
                  "--features", foreign_features["mixed"], "--split", "all", "--out-dir", tmp_path)
     assert result.exit_code == 0, result.output
     mentions = [ln for ln in result.output.splitlines() if "polka" in ln]
@@ -243,7 +240,7 @@ def test_evaluate_skips_genres_the_model_does_not_know(foreign_features, trained
 
 
 def test_evaluate_on_unknown_genres_only_fails_clearly(foreign_features, trained_model_dir, tmp_path):
-    result = run("evaluate", "--checkpoint", trained_model_dir / "best.pth",
+    result = invoke("evaluate", "--checkpoint", trained_model_dir / "best.pth",
                  "--features", foreign_features["alone"], "--split", "all", "--out-dir", tmp_path)
     assert result.exit_code != 0
     assert "Traceback" not in result.output
@@ -264,10 +261,11 @@ def test_bad_checkpoints_give_one_error_line(tmp_path):
     noise.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
     other = tmp_path / "other.pth"
     torch.save({"weights": torch.zeros(3)}, other)
-    cases = {tmp_path / "missing.pth": "not found", text: "checkpoint", noise: "",
+    cases = {tmp_path / "missing.pth": "not found", text: "checkpoint",
+             noise: "not a PyTorch checkpoint file",
              other: "not a deepfusion checkpoint"}
     for path, words in cases.items():
-        result = run("evaluate", "--checkpoint", path, "--out-dir", tmp_path / "out")
+        result = invoke("evaluate", "--checkpoint", path, "--out-dir", tmp_path / "out")
         assert result.exit_code != 0, path
         assert "Traceback" not in result.output and "internal error" not in result.output, path
         lines = [ln for ln in result.output.splitlines() if ln.strip()]
@@ -278,7 +276,7 @@ def test_bad_checkpoints_give_one_error_line(tmp_path):
 def test_random_bytes_are_called_unreadable_not_unsafe(tmp_path):
     noise = tmp_path / "noise.pth"
     noise.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
-    result = run("evaluate", "--checkpoint", noise, "--out-dir", tmp_path / "out")
+    result = invoke("evaluate", "--checkpoint", noise, "--out-dir", tmp_path / "out")
     assert result.exit_code != 0
     assert "not a PyTorch checkpoint file" in result.stderr, result.stderr
     assert "refused" not in result.stderr

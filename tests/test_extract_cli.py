@@ -26,9 +26,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import cli_runner
-from deepfusion.cli import main
 from deepfusion.config import FEATURE_KEYS, FeatureConfig
+from deepfusion.testing import cli_command, invoke, subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 SR = 22050
@@ -68,7 +67,7 @@ def _extract(audio: Path, out: Path, cache: Path, *extra: str, jobs: int = 2,
     """Run ``deepfusion extract`` in-process; a crash (not a clean exit) fails the test."""
     args = ["extract", "--audio-dir", str(audio), "--out", str(out), "--cache-dir", str(cache),
             "--jobs", str(jobs), "--quiet", "--duration", str(duration), *extra]
-    result = cli_runner().invoke(main, args)
+    result = invoke(*args)
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise AssertionError(f"extract crashed: {result.exception!r}\n{result.output}") \
             from result.exception
@@ -275,7 +274,7 @@ def test_bad_audio_dir_is_a_usage_error(tmp_path, case):
     args = ["extract", "--out", str(tmp_path / "f.pkl"), "--cache-dir", str(tmp_path / "c")]
     if case != "no-option":
         args += ["--audio-dir", str(target)]
-    result = cli_runner().invoke(main, args)
+    result = invoke(*args)
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
@@ -494,17 +493,7 @@ def test_manifest_without_label_column(tmp_path):
 
 # ----------------------------------------------------------------------------- 6. crash safety
 
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "DEEPFUSION_CACHE"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env.update(extra)
-    return env
-
-
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "deepfusion", *args]
-
-
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs kill -9")
 def test_kill_9_then_rerun_equals_uninterrupted_run(tmp_path):
     audio = tmp_path / "audio"
@@ -512,10 +501,10 @@ def test_kill_9_then_rerun_equals_uninterrupted_run(tmp_path):
         _write(audio / ("rock", "jazz", "pop")[i % 3] / f"clip{i:02d}.wav", _clip(80 + i, seconds=4))
     duration = "20"         # clips padded to 20 s: each takes long enough to kill in between
     cache, out = tmp_path / "cache", tmp_path / "out" / "features.pkl"
-    cmd = _cli("extract", "--audio-dir", str(audio), "--out", str(out), "--cache-dir",
+    cmd = cli_command("extract", "--audio-dir", str(audio), "--out", str(out), "--cache-dir",
                str(cache), "--jobs", "1", "--quiet", "--duration", duration)
 
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
     try:
         deadline = time.monotonic() + 120
@@ -547,7 +536,7 @@ def test_kill_9_then_rerun_equals_uninterrupted_run(tmp_path):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"half an entry")
 
-    rerun = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert "Traceback" not in rerun.stderr
     assert re.search(rf"^12 clips \({12 - done} computed, {done} from cache\)", rerun.stdout, re.M), \
@@ -623,8 +612,8 @@ def test_non_ascii_names_under_c_locale(tmp_path):
     _write(audio / "música/canción.wav", _clip(91))
     (audio / "música/rota ñ.wav").write_bytes(np.random.default_rng(5).bytes(3000))
     out = tmp_path / "out" / "features.pkl"
-    env = _env(LC_ALL="C", LANG="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0")
-    proc = subprocess.run(_cli("extract", "--audio-dir", str(audio), "--out", str(out),
+    env = subprocess_env(LC_ALL="C", LANG="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0")
+    proc = subprocess.run(cli_command("extract", "--audio-dir", str(audio), "--out", str(out),
                                "--cache-dir", str(tmp_path / "cache"), "--jobs", "1",
                                "--quiet", "--duration", str(DURATION)),
                           env=env, capture_output=True, timeout=300)

@@ -4,7 +4,7 @@ The sections follow the hardening issue. Where a process must crash, hang, die o
 command runs as ``python -m deepfusion`` in a subprocess (with a hard timeout, so a hang fails
 the test instead of stalling it); where a fault must be injected (a sleeping decoder, a full
 disk) it runs in-process through ``CliRunner`` with a monkeypatch. Damaged audio comes from
-``benchmarks/_damage.py``, which ``benchmarks/robustness.py`` runs at a larger scale.
+``deepfusion.testing.damage``, which ``benchmarks/robustness.py`` runs at a larger scale.
 """
 
 from __future__ import annotations
@@ -26,12 +26,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import invoke, one_error_line
 from deepfusion.config import FEATURE_KEYS
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-import _damage  # noqa: E402
+from deepfusion.testing import (assert_same_features, assert_same_training, check_cache_entry,
+                                cli_command, history_rows, invoke, leftovers, load_own_pickle,
+                                one_error_line, run_command, subprocess_env)
+from deepfusion.testing import damage
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and file systems")
 
@@ -42,80 +41,17 @@ GENRES = ("blues", "jazz", "rock", "pop")
 
 # ----------------------------------------------------------------------------- helpers
 
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "DEEPFUSION_CACHE"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    # one BLAS/OpenMP thread: on a shared machine two spinning threads make torch 30x slower,
-    # and kill trials compare runs bit for bit
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.update(extra)
-    return env
-
-
-def _cli(*args) -> list[str]:
-    return [sys.executable, "-m", "deepfusion", *map(str, args)]
-
-
-def _run(*args, timeout: float = 300) -> subprocess.CompletedProcess:
-    """The real command, to completion; a hang fails the test after ``timeout`` seconds."""
-    return subprocess.run(_cli(*args), env=_env(), capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def _leftovers(*folders: Path) -> list[Path]:
-    """Temporary files (``.name.<pid>.<hex>.tmp``) under ``folders``."""
-    return [p for f in folders if f.exists() for p in f.rglob("*") if p.name.endswith(".tmp")]
-
-
 def _check_cache(cache: Path) -> int:
     """Every cache entry loads and holds the six views and its metadata; returns the count."""
     entries = list(cache.rglob("*.npz"))
     for entry in entries:
-        with np.load(entry, allow_pickle=False) as npz:
-            assert set(npz.files) == {*FEATURE_KEYS, "__meta__"}, entry
-            for key in FEATURE_KEYS:
-                assert npz[key].dtype == np.float32 and np.isfinite(npz[key]).all(), (entry, key)
+        check_cache_entry(entry)
     return len(entries)
 
 
-def _load(path: Path) -> list[dict]:
-    with open(path, "rb") as fh:
-        return pickle.load(fh)   # our own output: a plain load is the reference reader
-
-
-def _same_features(a: Path, b: Path) -> None:
-    items_a, items_b = _load(a), _load(b)
-    assert [(it["path"], it["label"]) for it in items_a] == [(it["path"], it["label"]) for it in items_b]
-    for x, y in zip(items_a, items_b):
-        for key in FEATURE_KEYS:
-            assert np.array_equal(x["features"][key], y["features"][key]), (x["path"], key)
-        for meta in ("audio_sha", "file_sha", "source_sr", "channels", "duplicate_group"):
-            assert x[meta] == y[meta], (x["path"], meta)
-    assert a.with_name("extract_errors.csv").read_text() == b.with_name("extract_errors.csv").read_text()
-
-
-def _history(model_dir: Path) -> list[dict]:
-    with open(model_dir / "training_history.csv", newline="") as fh:
-        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(fh)]
-
-
-def _same_training(a: Path, b: Path) -> None:
-    """Same history (but wall time), same best checkpoint: weights, epoch and metrics."""
-    assert _history(a) == _history(b)
-    ca, cb = (torch.load(d / "best.pth", map_location="cpu", weights_only=True) for d in (a, b))
-
-    def metrics(ckpt):
-        return {**ckpt["metrics"], "val": {k: v for k, v in ckpt["metrics"]["val"].items()
-                                           if k != "seconds"}}
-
-    assert ca["epoch"] == cb["epoch"] and metrics(ca) == metrics(cb)
-    for key, tensor in ca["model_state"].items():
-        assert torch.equal(tensor, cb["model_state"][key]), key
-
-
 def _kill_when(cmd: list[str], progress, target: int, delay: float) -> bool:
-    """:func:`_damage.kill_when` with this module's environment; True if it killed."""
-    return _damage.kill_when(cmd, progress, target, delay, env=_env(), timeout=300)[0]
+    """:func:`damage.kill_when` with this module's environment; True if it killed."""
+    return damage.kill_when(cmd, progress, target, delay, env=subprocess_env(), timeout=300)[0]
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -132,7 +68,7 @@ def dataset(work) -> Path:
     for i in range(16):
         path = root / GENRES[i % 4] / f"clip{i:02d}.wav"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(_damage.encode(_damage.clip(i, seconds=3.0), "WAV", "PCM_16"))
+        path.write_bytes(damage.encode(damage.clip(i, seconds=3.0), "WAV", "PCM_16"))
     return root
 
 
@@ -145,7 +81,7 @@ def _extract_args(audio: Path, out: Path, cache: Path, jobs: int = 2) -> list:
 def extracted(work, dataset) -> dict:
     """An uninterrupted extract of ``dataset``."""
     out = work / "ref-extract" / "features.pkl"
-    proc = _run(*_extract_args(dataset, out, work / "ref-cache"))
+    proc = run_command(*_extract_args(dataset, out, work / "ref-cache"))
     assert proc.returncode == 0, proc.stderr
     return {"out": out}
 
@@ -160,7 +96,7 @@ def _train_args(features: Path, model_dir: Path) -> list:
 def trained(work, extracted) -> dict:
     """An uninterrupted 4-epoch training run on ``extracted``."""
     model_dir = work / "ref-model"
-    proc = _run(*_train_args(extracted["out"], model_dir))
+    proc = run_command(*_train_args(extracted["out"], model_dir))
     assert proc.returncode == 0, proc.stderr
     return {"dir": model_dir, "checkpoint": model_dir / "best.pth", "features": extracted["out"]}
 
@@ -169,7 +105,7 @@ def trained(work, extracted) -> dict:
 
 
 
-PAYLOADS = {"os.system": _damage.RunsShell, "exec": _damage.RunsPython}
+PAYLOADS = {"os.system": damage.RunsShell, "exec": damage.RunsPython}
 
 
 def _evil_features(path: Path, payload: str, marker: Path) -> Path:
@@ -236,109 +172,6 @@ def test_malicious_checkpoint_is_refused_by_evaluate_predict_and_resume(
     assert sorted(p.name for p in resume_dir.iterdir()) == ["last.pth"]
 
 
-def _reduce(rv):
-    """An object that pickles as exactly ``rv`` (a callable, its arguments, a state)."""
-    class Raw:
-        def __reduce__(self):
-            return rv
-    return Raw()
-
-
-def test_hostile_numpy_state_is_refused_not_a_segfault(tmp_path):
-    """numpy trusts the state a pickle hands ``dtype.__setstate__``: a 6-field dtype state
-    crashes the plain (and the formerly restricted) unpickler with SIGSEGV. It names only
-    allowed globals, so refusing it needs the states to be checked, in a process of its own here
-    so that a regression cannot take pytest down with it."""
-    _reconstruct = np.zeros(1).__reduce__()[0]   # numpy.(_)core.multiarray._reconstruct
-
-    dtype = _reduce((np.dtype, ("f4", False, True), (3, "<", None, "ab", -1, 0)))
-    array = _reduce((_reconstruct, (np.ndarray, (0,), b"b"), (1, (3, 4), dtype, False, bytes(48))))
-    hostile = {
-        "dtype-state": [{"features": {"mfcc": array}, "label": "rock"}],
-        "short-data": [_reduce((_reconstruct, (np.ndarray, (0,), b"b"),
-                                (1, (10**6,), np.dtype("f4"), False, bytes(4))))],
-        "object-array": [np.array([1, "x"], dtype=object)],
-        "huge-length": b"\x80\x05\x96" + (2**40).to_bytes(8, "little") + b".",
-        "list-of-range": b"\x80\x02c__builtin__\nlist\nc__builtin__\nxrange\nJ\x00\xca\x9a;\x85R\x85R.",
-    }
-    for name, obj in hostile.items():
-        data = obj if isinstance(obj, bytes) else pickle.dumps(obj, protocol=2)
-        (tmp_path / f"{name}.pkl").write_bytes(data)
-    good = [{"features": {k: np.random.default_rng(i).random((4, 5), np.float32) for k in FEATURE_KEYS},
-             "label": "rock", "path": f"rock/{i}.wav", "source_sr": 22050} for i in range(3)]
-    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
-        (tmp_path / f"good{protocol}.bin").write_bytes(pickle.dumps(good, protocol=protocol))
-    script = f"""
-import random
-from pathlib import Path
-from deepfusion.fileio import safe_pickle_load
-from deepfusion.errors import FeaturesFileError
-
-def outcome(path):
-    try:
-        safe_pickle_load(path)
-        return "loaded"
-    except FeaturesFileError as exc:
-        return "refused" if "refused" in str(exc) else "unreadable"
-
-folder = Path({str(tmp_path)!r})
-for name in {sorted(hostile)!r}:
-    print(name, outcome(folder / (name + ".pkl")))
-rng = random.Random(0)                     # and 300 random mutations of a good features file
-blobs = [path.read_bytes() for path in sorted(folder.glob("good*.bin"))]
-for i in range(300):
-    data = bytearray(rng.choice(blobs))
-    for _ in range(rng.randint(1, 4)):
-        pos = rng.randrange(1, len(data))
-        if rng.random() < 0.7:
-            data[pos] = rng.randrange(256)
-        else:
-            del data[pos:]
-    (folder / "fuzz.pkl").write_bytes(bytes(data))
-    outcome(folder / "fuzz.pkl")
-print("fuzz done")
-"""
-    proc = subprocess.run([sys.executable, "-c", script], env=_env(), capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, f"loader died with {proc.returncode}:\n{proc.stderr[-2000:]}"
-    outcome = dict(line.split(" ", 1) for line in proc.stdout.splitlines())
-    assert outcome.pop("fuzz") == "done"
-    assert outcome == {"dtype-state": "refused", "short-data": "refused", "object-array": "refused",
-                       "huge-length": "unreadable", "list-of-range": "refused"}
-
-
-@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
-def test_safe_loader_reads_what_pickle_writes(tmp_path, protocol):
-    """Every container, scalar and array kind a features file may hold, in every protocol."""
-    import collections
-
-    from deepfusion.fileio import safe_pickle_load
-
-    rng = np.random.default_rng(protocol)
-    data = [{"features": {"c": rng.random((3, 4), np.float32),
-                          "f": np.asfortranarray(rng.random((3, 4))),
-                          "big-endian": np.arange(6, dtype=">i4")[::2],
-                          "empty": np.zeros((0, 3), np.float32),
-                          "text": np.array(["ab", "cé"]), "bytes": np.array([b"x"]),
-                          "bool": np.array([True, False]),
-                          "complex": np.array([1 + 2j], np.complex64)},
-             "label": "rock", "label_id": np.int64(3), "seconds": np.float32(1.5),
-             "name": np.str_("hé"),
-             "pair": (1, 2.5), "tags": {"a", "b"}, "frozen": frozenset([3]), "raw": b"\x00\xff",
-             "buffer": bytearray(b"ab"), "z": complex(1, 2), "ordered": collections.OrderedDict(a=1),
-             "none": None, "huge": 2**100, "window": slice(1, 2)}]
-    blob = pickle.dumps(data, protocol=protocol)
-    (tmp_path / "ok.pkl").write_bytes(blob)
-    got, want = safe_pickle_load(tmp_path / "ok.pkl")[0], pickle.loads(blob)[0]
-    for key, value in want.items():
-        if key == "features":
-            for name, array in value.items():
-                assert got[key][name].dtype == array.dtype and got[key][name].shape == array.shape
-                assert np.array_equal(got[key][name], array), name
-        else:
-            assert got[key] == value and type(got[key]) is type(value), key
-
-
 def test_split_file_paths_cannot_leave_the_dataset_root(tmp_path, trained):
     split = tmp_path / "split.csv"
     split.write_text("path,split\nrock/clip02.wav,train\n../../etc/passwd,test\n")
@@ -357,25 +190,26 @@ def test_split_file_paths_cannot_leave_the_dataset_root(tmp_path, trained):
 N_DAMAGED, N_GOOD = 520, 40
 
 
+@pytest.mark.slow
 def test_hundreds_of_damaged_files_neither_crash_nor_hang_extract_or_predict(tmp_path, trained):
     root = tmp_path / "audio" / "mixed"
     root.mkdir(parents=True)
-    good = _damage.good_files(N_GOOD, seed=1)
-    damaged = _damage.damaged_files(N_DAMAGED, seed=1)
+    good = damage.good_files(N_GOOD, seed=1)
+    damaged = damage.damaged_files(N_DAMAGED, seed=1)
     for name, data in good.items():
         (root / name).write_bytes(data)
     for name, (data, _) in damaged.items():
         (root / name).write_bytes(data)
-    assert len(set(d for _, d in damaged.values())) == len(_damage.DAMAGES)
+    assert len(set(d for _, d in damaged.values())) == len(damage.DAMAGES)
     out = tmp_path / "out" / "features.pkl"
-    proc = _run("extract", "--audio-dir", tmp_path / "audio", "--out", out, "--cache-dir",
+    proc = run_command("extract", "--audio-dir", tmp_path / "audio", "--out", out, "--cache-dir",
                 tmp_path / "cache", "--jobs", "2", "--quiet", "--duration", "2",
                 "--min-duration", "0.5", "--timeout", "30", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert not [ln for ln in proc.stderr.splitlines() if ln.startswith("Error: ")]
 
-    items = {it["path"]: it for it in _load(out)}
+    items = {it["path"]: it for it in load_own_pickle(out)}
     with open(out.with_name("extract_errors.csv"), newline="") as fh:
         errors = {row["path"]: row["reason"] for row in csv.DictReader(fh)}
     skipped = dict(ln[len("skipped "):].split(": ", 1) for ln in proc.stderr.splitlines()
@@ -392,7 +226,7 @@ def test_hundreds_of_damaged_files_neither_crash_nor_hang_extract_or_predict(tmp
 
     # predict decodes the same files window by window, with seeks: another path through
     # libsndfile (a header claiming 1 Hz used to turn one damaged file into hours of windows)
-    proc = _run("predict", root, "--checkpoint", trained["checkpoint"], "--json", timeout=300)
+    proc = run_command("predict", root, "--checkpoint", trained["checkpoint"], "--json", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert not [ln for ln in proc.stderr.splitlines() if ln.startswith("Error: ")]
@@ -405,10 +239,10 @@ def test_hundreds_of_damaged_files_neither_crash_nor_hang_extract_or_predict(tmp
 
 def test_a_header_claiming_1_hz_is_an_invalid_header(tmp_path, trained):
     """Its few kilobytes would "last" hours: thousands of predict windows for one bad file."""
-    data = _damage.DAMAGES["wav_rate_one"][1](None, _damage.encode(_damage.clip(0), "WAV", "PCM_16"))
+    data = damage.DAMAGES["wav_rate_one"][1](None, damage.encode(damage.clip(0), "WAV", "PCM_16"))
     (tmp_path / "rock").mkdir()
     (tmp_path / "rock" / "one_hz.wav").write_bytes(data)
-    fine = _damage.encode(_damage.clip(1, seconds=3.0), "WAV", "PCM_16")
+    fine = damage.encode(damage.clip(1, seconds=3.0), "WAV", "PCM_16")
     (tmp_path / "rock" / "fine.wav").write_bytes(fine)
     t0 = time.perf_counter()
     result = invoke("predict", tmp_path / "rock", "--checkpoint", trained["checkpoint"])
@@ -438,7 +272,7 @@ def test_timeout_abandons_a_decode_that_hangs(tmp_path, monkeypatch):
     root = tmp_path / "audio" / "rock"
     root.mkdir(parents=True)
     for i, name in enumerate(["a.wav", "stuck.wav", "z.wav"]):
-        (root / name).write_bytes(_damage.encode(_damage.clip(i, seconds=2.0), "WAV", "PCM_16"))
+        (root / name).write_bytes(damage.encode(damage.clip(i, seconds=2.0), "WAV", "PCM_16"))
     t0 = time.perf_counter()
     result = invoke("extract", "--audio-dir", tmp_path / "audio", "--out", tmp_path / "f.pkl",
                      "--cache-dir", tmp_path / "cache", "--jobs", "1", "--quiet",
@@ -446,9 +280,10 @@ def test_timeout_abandons_a_decode_that_hangs(tmp_path, monkeypatch):
     assert time.perf_counter() - t0 < 60
     assert result.exit_code == 0, result.output
     assert "skipped rock/stuck.wav: gave up after 1.5 s (--timeout)" in result.stderr
-    assert [it["path"] for it in _load(tmp_path / "f.pkl")] == ["rock/a.wav", "rock/z.wav"]
+    assert [it["path"] for it in load_own_pickle(tmp_path / "f.pkl")] == ["rock/a.wav", "rock/z.wav"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_timeout_during_first_imports_does_not_break_later_files(tmp_path):
     """A limit that expired while librosa's lazy imports (scipy.ndimage, numba) ran left
@@ -457,7 +292,7 @@ def test_timeout_during_first_imports_does_not_break_later_files(tmp_path):
     first file limits that expire at different moments of those imports; their second file must
     then work."""
     for i in range(2):
-        (tmp_path / f"{i}.wav").write_bytes(_damage.encode(_damage.clip(i, seconds=2.0), "WAV", "PCM_16"))
+        (tmp_path / f"{i}.wav").write_bytes(damage.encode(damage.clip(i, seconds=2.0), "WAV", "PCM_16"))
     script = f"""
 import os
 from deepfusion.config import FeatureConfig
@@ -477,7 +312,7 @@ for limit in (0.05, 0.1, 0.2, 0.3, 0.5, 0.8):
 for pid in children:
     os.waitpid(pid, 0)
 """
-    proc = subprocess.run([sys.executable, "-c", script], env=_env(), capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", script], env=subprocess_env(), capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
@@ -493,6 +328,7 @@ for pid in children:
 EXTRACT_TRIALS, TRAIN_TRIALS = 3, 2
 
 
+@pytest.mark.slow
 def test_kill_9_during_extract_then_rerun_equals_uninterrupted(work, dataset, extracted):
     rng = random.Random(11)
     killed = 0
@@ -500,25 +336,27 @@ def test_kill_9_during_extract_then_rerun_equals_uninterrupted(work, dataset, ex
         out, cache = work / f"kill-extract-{trial}" / "features.pkl", work / f"kill-cache-{trial}"
         args = _extract_args(dataset, out, cache)
         target = rng.randint(0, 16)
-        killed += _kill_when(_cli(*args), _damage.cache_entries(cache), target,
+        killed += _kill_when(cli_command(*args), damage.cache_entries(cache), target,
                              rng.uniform(0, 1.5 if target == 0 else 0.3))
-        proc = _run(*args)
+        proc = run_command(*args)
         assert proc.returncode == 0, proc.stderr
-        _same_features(out, extracted["out"])
-        assert _leftovers(out.parent, cache) == []
+        assert_same_features(out, extracted["out"])
+        assert leftovers(out.parent, cache) == []
         assert sorted(p.name for p in out.parent.iterdir()) == \
             [".features.pkl.extract.json", "extract_errors.csv", "features.pkl"]
         assert _check_cache(cache) == 16
     assert killed >= 1, "every run ended before its kill: nothing was tested"
 
 
+@pytest.mark.slow
 def test_kill_9_while_a_feature_store_is_written_then_rerun_equals_uninterrupted(
         work, dataset, extracted):
     """Kills land while the store's arrays are written (progress: a version folder exists) or
     just after; the re-run's store must hold what the uninterrupted pickle holds, in one
     version folder, with no temporary file left. (How many kills land mid-write depends on
     the machine's speed; test_store.py kills a writer mid-write deterministically.)"""
-    from deepfusion.data import load_feature_set, open_store
+    from deepfusion.io.features_file import load_feature_set
+    from deepfusion.io.store import open_store
 
     reference = load_feature_set(extracted["out"])
     rng = random.Random(13)
@@ -527,7 +365,7 @@ def test_kill_9_while_a_feature_store_is_written_then_rerun_equals_uninterrupted
         out, cache = work / f"kill-store-{trial}" / "features.store", work / f"kill-store-cache-{trial}"
         args = [*_extract_args(dataset, out, cache), "--format", "store"]
         if trial:   # later trials start from a complete store and update it (a new --n-mfcc)
-            assert _run(*args, "--n-mfcc", "13").returncode == 0
+            assert run_command(*args, "--n-mfcc", "13").returncode == 0
 
         def writing():
             try:
@@ -536,17 +374,17 @@ def test_kill_9_while_a_feature_store_is_written_then_rerun_equals_uninterrupted
             except OSError:       # not there yet, or an old version removed while listed
                 return 0
         started = time.time_ns()
-        killed += _kill_when(_cli(*args), writing, 1, rng.uniform(0, 0.01))
+        killed += _kill_when(cli_command(*args), writing, 1, rng.uniform(0, 0.01))
         if (out / "meta.json").exists():     # whatever the kill hit, the store reads whole
             before = open_store(out)
             assert before.rows()["mfcc"] in (13, 20) and len(before) == 16
-        proc = _run(*args)
+        proc = run_command(*args)
         assert proc.returncode == 0, proc.stderr
         store = open_store(out)
         assert store.paths == reference.paths and (store.groups == reference.groups).all()
         for key in FEATURE_KEYS:
             np.testing.assert_array_equal(store.arrays[key], reference.arrays[key])
-        assert _leftovers(out.parent, cache) == []
+        assert leftovers(out.parent, cache) == []
         names = sorted(p.name for p in out.iterdir())
         assert names[:2] == [".lock", "meta.json"] and len(names) == 3 and names[2].startswith("v.")
     assert killed >= 1, "every run ended before its kill: nothing was tested"
@@ -558,7 +396,7 @@ def test_temp_file_of_a_killed_worker_left_as_a_zombie_is_removed(tmp_path):
     re-parented to PID 1, and where PID 1 does not reap (containers) it stays a zombie;
     ``kill(pid, 0)`` succeeds on zombies, so its temporary file counted as still being
     written and survived the re-run. The zombie is made here by not reaping a child."""
-    from deepfusion.fileio import remove_stale_temps
+    from deepfusion.io.atomic import remove_stale_temps
 
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     try:
@@ -578,27 +416,29 @@ def test_temp_file_of_a_killed_worker_left_as_a_zombie_is_removed(tmp_path):
         child.wait()
 
 
+@pytest.mark.slow
 def test_kill_9_during_train_then_resume_equals_uninterrupted(work, trained):
     rng = random.Random(12)
     killed = 0
     for trial in range(TRAIN_TRIALS):
         model_dir = work / f"kill-train-{trial}"
         args = _train_args(trained["features"], model_dir)
-        killed += _kill_when(_cli(*args), _damage.history_epochs(model_dir), rng.randint(0, 3),
+        killed += _kill_when(cli_command(*args), damage.history_epochs(model_dir), rng.randint(0, 3),
                              rng.uniform(0, 0.3))
         if (model_dir / "last.pth").exists():
-            proc = _run("train", "--features", trained["features"], "--model-dir", model_dir,
+            proc = run_command("train", "--features", trained["features"], "--model-dir", model_dir,
                         "--resume", "--quiet")
         else:  # killed before the first epoch was saved: nothing to resume, start again
-            proc = _run(*args)
+            proc = run_command(*args)
         assert proc.returncode == 0, proc.stderr
-        _same_training(model_dir, trained["dir"])
-        assert _leftovers(model_dir) == []
+        assert_same_training(model_dir, trained["dir"])
+        assert leftovers(model_dir) == []
         assert sorted(p.name for p in model_dir.iterdir()) == \
             ["best.pth", "last.pth", "training_history.csv", "training_history.png"]
     assert killed >= 1, "every run ended before its kill: nothing was tested"
 
 
+@pytest.mark.slow
 def test_resume_repairs_history_and_respects_an_early_stop(tmp_path, trained):
     """Two ways a resumed run used to differ from an uninterrupted one: a kill between last.pth
     and training_history.csv left the CSV an epoch short for good, and a run that had stopped
@@ -608,21 +448,21 @@ def test_resume_repairs_history_and_respects_an_early_stop(tmp_path, trained):
     args[args.index("--epochs") + 1] = "6"
     args[args.index("--lr") + 1] = "1e-9"           # nothing improves: early stop after 2 epochs
     # (on validation accuracy: the validation loss still drifts with BatchNorm's statistics)
-    proc = _run(*args, "--patience", "1", "--select", "val_acc")
+    proc = run_command(*args, "--patience", "1", "--select", "val_acc")
     assert proc.returncode == 0, proc.stderr
     assert "early stop" in proc.stdout
-    full = _history(model_dir)
+    full = history_rows(model_dir)
     assert len(full) == 2
     best = (model_dir / "best.pth").read_bytes()
     # the CSV as a kill right after last.pth was written leaves it
     lines = (model_dir / "training_history.csv").read_text().splitlines(keepends=True)
     (model_dir / "training_history.csv").write_text("".join(lines[:-1]))
     (model_dir / "training_history.png").unlink()
-    proc = _run("train", "--features", trained["features"], "--model-dir", model_dir, "--resume",
+    proc = run_command("train", "--features", trained["features"], "--model-dir", model_dir, "--resume",
                 "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert "epoch   3" not in proc.stdout
-    assert _history(model_dir) == full
+    assert history_rows(model_dir) == full
     assert (model_dir / "training_history.png").is_file()
     after = torch.load(model_dir / "best.pth", weights_only=True)
     before = torch.load(io.BytesIO(best), weights_only=True)
@@ -633,12 +473,13 @@ def test_resume_repairs_history_and_respects_an_early_stop(tmp_path, trained):
 
 # ============================================================================= 4. concurrency
 
+@pytest.mark.slow
 @pytest.mark.parametrize("outputs", ["separate", "same"])
 def test_two_extracts_on_one_cache_at_once(tmp_path, dataset, extracted, outputs):
     cache = tmp_path / "cache"
     outs = [tmp_path / "a" / "features.pkl",
             tmp_path / ("b" if outputs == "separate" else "a") / "features.pkl"]
-    procs = [subprocess.Popen(_cli(*_extract_args(dataset, out, cache)), env=_env(),
+    procs = [subprocess.Popen(cli_command(*_extract_args(dataset, out, cache)), env=subprocess_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for out in outs]
     for proc in procs:
@@ -647,9 +488,9 @@ def test_two_extracts_on_one_cache_at_once(tmp_path, dataset, extracted, outputs
         assert "Traceback" not in stderr
     assert _check_cache(cache) == 16
     for out in set(outs):
-        _same_features(out, extracted["out"])
-        assert _leftovers(out.parent) == []
-    assert _leftovers(cache) == []
+        assert_same_features(out, extracted["out"])
+        assert leftovers(out.parent) == []
+    assert leftovers(cache) == []
 
 
 def test_damaged_cache_entries_are_computed_again(tmp_path, work, dataset, extracted):
@@ -667,28 +508,28 @@ def test_damaged_cache_entries_are_computed_again(tmp_path, work, dataset, extra
         "zeros": lambda d: bytes(len(d)),
         "random bytes": lambda d: np.random.default_rng(0).bytes(len(d)),
     }
-    for entry, damage in zip(entries, damages.values()):
+    for entry, break_it in zip(entries, damages.values()):
         before = entry.read_bytes()
-        entry.write_bytes(damage(before))
+        entry.write_bytes(break_it(before))
         assert entry.read_bytes() != before
     out = tmp_path / "out" / "features.pkl"
-    proc = _run(*_extract_args(dataset, out, cache))
+    proc = run_command(*_extract_args(dataset, out, cache))
     assert proc.returncode == 0, proc.stderr
     assert re.search(rf"^16 clips \({len(damages)} computed, {16 - len(damages)} from cache\)",
                      proc.stdout, re.M), proc.stdout
-    _same_features(out, extracted["out"])
+    assert_same_features(out, extracted["out"])
     assert _check_cache(cache) == 16
 
 
 # ================================================================================= 5. limits
 
-_MAXRSS = _damage.MAXRSS_SCRIPT
+_MAXRSS = damage.MAXRSS_SCRIPT
 
 
 def peak_rss_mb(*args, timeout: float = 600) -> tuple[float, float]:
     """Run a deepfusion command; the peak resident memory (MB) of its main process and of its
     largest worker."""
-    proc = subprocess.run([sys.executable, "-c", _MAXRSS, *map(str, args)], env=_env(),
+    proc = subprocess.run([sys.executable, "-c", _MAXRSS, *map(str, args)], env=subprocess_env(),
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-2000:]
     own, workers = re.search(r"MAXRSS_KB (\d+) (\d+)", proc.stderr).groups()
@@ -697,9 +538,10 @@ def peak_rss_mb(*args, timeout: float = 600) -> tuple[float, float]:
 
 
 
+@pytest.mark.slow
 def test_a_ten_minute_file_is_read_in_bounded_memory(tmp_path):
-    long = _damage.write_long_wav(tmp_path / "long" / "g" / "long.wav", 600)       # 115 MB of PCM
-    _damage.write_long_wav(tmp_path / "short" / "g" / "short.wav", 30)
+    long = damage.write_long_wav(tmp_path / "long" / "g" / "long.wav", 600)       # 115 MB of PCM
+    damage.write_long_wav(tmp_path / "short" / "g" / "short.wav", 30)
     peaks = {}
     for name in ("long", "short"):
         peaks[name], _ = peak_rss_mb(*_extract_args(tmp_path / name, tmp_path / f"{name}.pkl",
@@ -709,6 +551,7 @@ def test_a_ten_minute_file_is_read_in_bounded_memory(tmp_path):
     assert peaks["long"] - peaks["short"] < 25, peaks
 
 
+@pytest.mark.slow
 def test_many_files_cost_no_memory_beyond_their_features(tmp_path):
     """Peak memory over 200 and 800 short files: it grows by about the features, nothing more
     (a decoded clip kept per file would add 66 kB each, 40 MB here)."""
@@ -717,7 +560,7 @@ def test_many_files_cost_no_memory_beyond_their_features(tmp_path):
     for i in range(800):
         path = tmp_path / "audio" / f"g{i % 8}" / f"c{i:04d}.wav"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(_damage.encode(_damage.clip(i, seconds=1.5), "WAV", "PCM_16"))
+        path.write_bytes(damage.encode(damage.clip(i, seconds=1.5), "WAV", "PCM_16"))
     few = tmp_path / "few"
     for path in sorted((tmp_path / "audio").rglob("*.wav"))[::4]:
         (few / path.parent.name).mkdir(parents=True, exist_ok=True)
@@ -728,7 +571,7 @@ def test_many_files_cost_no_memory_beyond_their_features(tmp_path):
         peaks[name] = peak_rss_mb("extract", "--audio-dir", folder, "--out", out, "--cache-dir",
                                   tmp_path / f"cache-{name}", "--jobs", "2", "--quiet", *small)
         sizes[name] = out.stat().st_size / 2**20
-        assert len(_load(out)) == (200 if name == "few" else 800)
+        assert len(load_own_pickle(out)) == (200 if name == "few" else 800)
     growth = peaks["many"][0] - peaks["few"][0]
     results = sizes["many"] - sizes["few"]
     assert growth < 2 * results + 12, (peaks, sizes)
@@ -763,7 +606,7 @@ def test_output_on_a_read_only_file_system_fails_before_any_work(tmp_path, datas
 
 
 class _FullDisk:
-    """Patches deepfusion.fileio's ``open``: after ``after`` writes of files named like
+    """Patches deepfusion.io.atomic's ``open``: after ``after`` writes of files named like
     ``target`` have succeeded, the next ones take ``room`` bytes and then fail with ENOSPC."""
 
     def __init__(self, target: str, *, after: int = 0, room: int = 4096):
@@ -800,33 +643,33 @@ def _assert_disk_full_error(result, path: Path) -> None:
 
 
 def test_full_disk_keeps_the_previous_features_and_cache(tmp_path, dataset, extracted, monkeypatch):
-    import deepfusion.fileio
+    import deepfusion.io.atomic
 
     out, cache = tmp_path / "out" / "features.pkl", tmp_path / "cache"
     ok = invoke(*_extract_args(dataset, out, cache, jobs=1))
     assert ok.exit_code == 0, ok.output
     before = out.read_bytes()
     full = _FullDisk("features.pkl")
-    monkeypatch.setattr(deepfusion.fileio, "open", full, raising=False)
+    monkeypatch.setattr(deepfusion.io.atomic, "open", full, raising=False)
     again = invoke(*_extract_args(dataset, out, cache, jobs=1), "--chroma-tuning", "0")  # new work
     assert full.hits >= 1
     _assert_disk_full_error(again, out)
     assert out.read_bytes() == before                      # the previous file is untouched
-    assert _leftovers(out.parent, cache) == []
+    assert leftovers(out.parent, cache) == []
     assert _check_cache(cache) == 32                       # the new entries were all kept
     full = _FullDisk(".npz")                               # and a full disk while caching
-    monkeypatch.setattr(deepfusion.fileio, "open", full, raising=False)
+    monkeypatch.setattr(deepfusion.io.atomic, "open", full, raising=False)
     third = invoke(*_extract_args(dataset, out, cache, jobs=1), "--hop-length", "256")
     assert full.hits >= 1
     assert third.exit_code != 0 and "cannot write (disk full)" in one_error_line(third.stderr)
-    assert out.read_bytes() == before and _leftovers(out.parent, cache) == []
+    assert out.read_bytes() == before and leftovers(out.parent, cache) == []
 
 
 def test_full_disk_during_training_stops_cleanly_and_resume_finishes(tmp_path, trained, monkeypatch):
-    import deepfusion.fileio
+    import deepfusion.io.atomic
 
     full = _FullDisk("last.pth", after=1)            # epoch 1 fits on the disk, epoch 2 does not
-    monkeypatch.setattr(deepfusion.fileio, "open", full, raising=False)
+    monkeypatch.setattr(deepfusion.io.atomic, "open", full, raising=False)
     model_dir = tmp_path / "m"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)                         # as the reference run (OMP_NUM_THREADS=1)
@@ -835,7 +678,7 @@ def test_full_disk_during_training_stops_cleanly_and_resume_finishes(tmp_path, t
         _assert_disk_full_error(result, model_dir / "last.pth")
         assert full.hits == 2
         assert torch.load(model_dir / "last.pth", weights_only=True)["epoch"] == 1
-        assert _leftovers(model_dir) == []
+        assert leftovers(model_dir) == []
         monkeypatch.undo()
         resumed = invoke("train", "--features", trained["features"], "--model-dir", model_dir,
                           "--resume", "--quiet")
@@ -843,4 +686,4 @@ def test_full_disk_during_training_stops_cleanly_and_resume_finishes(tmp_path, t
         torch.set_num_threads(threads)
     assert resumed.exit_code == 0, resumed.output
     assert "resuming after epoch 1" in resumed.stdout
-    _same_training(model_dir, trained["dir"])
+    assert_same_training(model_dir, trained["dir"])

@@ -8,19 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from deepfusion.cli import main
 from deepfusion.config import FEATURE_KEYS
 from deepfusion.audio import window_starts
+from deepfusion.testing import invoke
 
 GENRES = {"rock", "techno", "waltz"}
 SR = 22050
 LINE = re.compile(r"^(?P<path>.+): (?P<top>\w+ \d\.\d{3}(, \w+ \d\.\d{3})*)$")
 
 
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def parse_top(line: str) -> tuple[str, list[tuple[str, float]]]:
@@ -56,7 +53,7 @@ def checkpoint(trained_model_dir) -> Path:
 
 
 def test_predict_prints_top3(clip, checkpoint):
-    result = run("predict", clip, "--checkpoint", checkpoint)
+    result = invoke("predict", clip, "--checkpoint", checkpoint)
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert len(lines) == 1
@@ -70,7 +67,7 @@ def test_predict_prints_top3(clip, checkpoint):
 
 def test_predict_json_one_object_per_file(tiny_audio, checkpoint):
     files = [tiny_audio / "techno" / "techno.00001.wav", tiny_audio / "waltz" / "waltz.00002.wav"]
-    result = run("predict", *files, "--checkpoint", checkpoint, "--json", "--top-k", "2")
+    result = invoke("predict", *files, "--checkpoint", checkpoint, "--json", "--top-k", "2")
     assert result.exit_code == 0, result.output
     objects = [json.loads(ln) for ln in result.stdout.splitlines()]
     assert [o["path"] for o in objects] == [str(f) for f in files]
@@ -89,7 +86,7 @@ def test_predict_a_folder_lists_its_files(tiny_audio, checkpoint, tmp_path):
     for rel in ("waltz/waltz.00001.wav", "rock/rock.00002.wav"):
         (tmp_path / rel).parent.mkdir()
         shutil.copy(tiny_audio / rel, tmp_path / rel)
-    result = run("predict", tmp_path, "--checkpoint", checkpoint, "--top-k", "1")
+    result = invoke("predict", tmp_path, "--checkpoint", checkpoint, "--top-k", "1")
     assert result.exit_code == 0, result.output
     found = [parse_top(ln) for ln in result.stdout.splitlines()]
     assert [path for path, _ in found] == [str(tmp_path / "rock" / "rock.00002.wav"),
@@ -123,7 +120,7 @@ def test_predict_stereo_ogg_long_file_and_a_corrupt_one(odd_files, clip, checkpo
     info = sf.info(odd_files["stereo"])
     assert (info.channels, info.samplerate, info.format) == (2, 44100, "OGG")
     inputs = [odd_files["stereo"], odd_files["corrupt"], odd_files["long"], clip]
-    result = run("predict", *inputs, "--checkpoint", checkpoint, "--json")
+    result = invoke("predict", *inputs, "--checkpoint", checkpoint, "--json")
     assert result.exit_code == 0, result.output
     objects = {o["path"]: o for o in map(json.loads, result.stdout.splitlines())}
     assert set(objects) == {str(odd_files["stereo"]), str(odd_files["long"]), str(clip)}
@@ -146,7 +143,7 @@ def test_predict_stereo_ogg_long_file_and_a_corrupt_one(odd_files, clip, checkpo
 
 
 def test_predict_all_bad_inputs_fail(odd_files, tmp_path, checkpoint):
-    result = run("predict", odd_files["corrupt"], tmp_path / "missing.wav", "--checkpoint", checkpoint)
+    result = invoke("predict", odd_files["corrupt"], tmp_path / "missing.wav", "--checkpoint", checkpoint)
     assert result.exit_code != 0
     assert result.stdout == ""
     lines = result.stderr.splitlines()
@@ -159,20 +156,20 @@ def test_predict_with_a_bad_checkpoint(clip, tmp_path):
     junk = tmp_path / "junk.pth"
     junk.write_text("no\n")
     for path in (tmp_path / "missing.pth", junk):
-        result = run("predict", clip, "--checkpoint", path)
+        result = invoke("predict", clip, "--checkpoint", path)
         assert result.exit_code != 0
         lines = [ln for ln in result.output.splitlines() if ln.strip()]
         assert len(lines) == 1 and lines[0].startswith("Error:") and str(path) in lines[0], result.output
 
 
 def test_predict_features_equal_extract_features(tiny_audio, tiny_features, checkpoint):
-    from deepfusion.cache import read_features_file
+    from deepfusion.io.features_file import read_features_file
     from deepfusion.predict import Predictor
 
     items = {it["path"]: it for it in read_features_file(tiny_features)}
     predictor = Predictor(checkpoint, device="cpu")
     for rel in ("rock/rock.00000.wav", "techno/techno.00003.wav"):
-        windows = predictor.window_features(tiny_audio / rel)
+        windows = [feats for _, feats in predictor.iter_window_features(tiny_audio / rel)]
         assert len(windows) == 1
         cached = items[rel]["features"]
         assert set(windows[0]) == set(FEATURE_KEYS)

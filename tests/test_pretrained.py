@@ -23,10 +23,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from deepfusion import models
+from deepfusion import weights
 from deepfusion.config import ModelConfig
 from deepfusion.errors import ParameterError, WeightsNotFoundError
-from deepfusion.models import build_model, pretrained_weights_file, resolve_pretrained
+from deepfusion.models import build_model
+from deepfusion.weights import pretrained_weights_file, resolve_pretrained
 
 REAL_URL = "https://download.pytorch.org/models"
 
@@ -52,7 +53,7 @@ def torch_home(tmp_path, monkeypatch) -> Path:
     home = tmp_path / "torch-home"
     monkeypatch.setenv("TORCH_HOME", str(home))
     monkeypatch.setattr(torch.hub, "_hub_dir", None)      # in case anyone called set_dir
-    monkeypatch.delenv(models.WEIGHTS_URL_ENV, raising=False)
+    monkeypatch.delenv(weights.WEIGHTS_URL_ENV, raising=False)
     return home / "hub" / "checkpoints"
 
 
@@ -61,7 +62,7 @@ def fake(monkeypatch, torch_home) -> SimpleNamespace:
     """resnet18's weights enum replaced by a tiny file's name (its hash prefix is right)."""
     data = _fake_bytes()
     name = _hub_name(data)
-    monkeypatch.setattr(models, "_weights_enum", lambda backbone: SimpleNamespace(url=f"{REAL_URL}/{name}"))
+    monkeypatch.setattr(weights, "_weights_enum", lambda backbone: SimpleNamespace(url=f"{REAL_URL}/{name}"))
     return SimpleNamespace(data=data, name=name, cached=torch_home / name)
 
 
@@ -164,7 +165,7 @@ def _assert_one_failure_line(echo: Echo, backbone: str = "resnet18") -> str:
 # ------------------------------------------------------------------------- the three sources
 
 def test_weights_path_is_loaded(fake, tmp_path, monkeypatch, closed_port_url):
-    monkeypatch.setenv(models.WEIGHTS_URL_ENV, closed_port_url)   # no network even if it tried
+    monkeypatch.setenv(weights.WEIGHTS_URL_ENV, closed_port_url)   # no network even if it tried
     path = tmp_path / "my-weights.pth"
     path.write_bytes(_fake_bytes(3.0))
     echo = Echo()
@@ -187,7 +188,7 @@ def test_missing_or_bad_weights_path_fails_even_in_auto(fake, tmp_path):
 
 
 def test_torch_cache_is_used(fake, monkeypatch, closed_port_url):
-    monkeypatch.setenv(models.WEIGHTS_URL_ENV, closed_port_url)
+    monkeypatch.setenv(weights.WEIGHTS_URL_ENV, closed_port_url)
     fake.cached.parent.mkdir(parents=True)
     fake.cached.write_bytes(fake.data)
     assert pretrained_weights_file("resnet18") == fake.cached
@@ -201,7 +202,7 @@ def test_torch_cache_is_used(fake, monkeypatch, closed_port_url):
 def test_download_from_local_server_lands_in_cache(fake, http_server, monkeypatch):
     root, base = http_server
     (root / fake.name).write_bytes(fake.data)
-    monkeypatch.setenv(models.WEIGHTS_URL_ENV, base)
+    monkeypatch.setenv(weights.WEIGHTS_URL_ENV, base)
     echo = Echo()
     state, source = resolve_pretrained("resnet18", mode="auto", progress=False, echo=echo)
     assert torch.equal(state["w"], torch.ones(2))
@@ -215,13 +216,13 @@ def test_download_from_local_server_lands_in_cache(fake, http_server, monkeypatc
 
 
 def test_url_env_keeps_file_name(monkeypatch):
-    monkeypatch.setenv(models.WEIGHTS_URL_ENV, "http://127.0.0.1:8123/mirror/")
-    name = Path(models._weights_enum("resnet50").url).name
-    assert models.pretrained_weights_url("resnet50") == f"http://127.0.0.1:8123/mirror/{name}"
-    monkeypatch.setenv(models.WEIGHTS_URL_ENV, "http://127.0.0.1:8123/mirror")
-    assert models.pretrained_weights_url("resnet50") == f"http://127.0.0.1:8123/mirror/{name}"
-    monkeypatch.delenv(models.WEIGHTS_URL_ENV)
-    assert models.pretrained_weights_url("resnet50").startswith("https://download.pytorch.org/")
+    monkeypatch.setenv(weights.WEIGHTS_URL_ENV, "http://127.0.0.1:8123/mirror/")
+    name = Path(weights._weights_enum("resnet50").url).name
+    assert weights.pretrained_weights_url("resnet50") == f"http://127.0.0.1:8123/mirror/{name}"
+    monkeypatch.setenv(weights.WEIGHTS_URL_ENV, "http://127.0.0.1:8123/mirror")
+    assert weights.pretrained_weights_url("resnet50") == f"http://127.0.0.1:8123/mirror/{name}"
+    monkeypatch.delenv(weights.WEIGHTS_URL_ENV)
+    assert weights.pretrained_weights_url("resnet50").startswith("https://download.pytorch.org/")
 
 
 # ---------------------------------------------------------------------------------- failures
@@ -229,7 +230,7 @@ def test_url_env_keeps_file_name(monkeypatch):
 def test_wrong_hash_auto_and_require(fake, http_server, monkeypatch):
     root, base = http_server
     (root / fake.name).write_bytes(_fake_bytes(2.0))      # content does not match the name's hash
-    monkeypatch.setenv(models.WEIGHTS_URL_ENV, base)
+    monkeypatch.setenv(weights.WEIGHTS_URL_ENV, base)
     echo = Echo()
     state, source = resolve_pretrained("resnet18", mode="auto", progress=False, echo=echo)
     assert state is None and source.startswith("none (hash mismatch")
@@ -246,7 +247,7 @@ def test_wrong_hash_auto_and_require(fake, http_server, monkeypatch):
 
 def test_http_error(fake, http_server, monkeypatch):
     _, base = http_server                                   # serves nothing: 404
-    monkeypatch.setenv(models.WEIGHTS_URL_ENV, base)
+    monkeypatch.setenv(weights.WEIGHTS_URL_ENV, base)
     echo = Echo()
     state, source = resolve_pretrained("resnet18", progress=False, echo=echo)
     assert state is None and source == "none (HTTP 404 File not found)"
@@ -255,7 +256,7 @@ def test_http_error(fake, http_server, monkeypatch):
 
 
 def test_server_that_never_answers_times_out(fake, silent_server, monkeypatch):
-    monkeypatch.setenv(models.WEIGHTS_URL_ENV, silent_server)
+    monkeypatch.setenv(weights.WEIGHTS_URL_ENV, silent_server)
     echo = Echo()
     start = time.monotonic()
     state, source = resolve_pretrained("resnet18", mode="auto", timeout=1, progress=False, echo=echo)
@@ -272,7 +273,7 @@ def test_server_that_never_answers_times_out(fake, silent_server, monkeypatch):
 
 
 def test_trickling_download_hits_the_wall_clock_bound(fake, trickle_server, monkeypatch):
-    monkeypatch.setenv(models.WEIGHTS_URL_ENV, trickle_server)
+    monkeypatch.setenv(weights.WEIGHTS_URL_ENV, trickle_server)
     echo = Echo()
     start = time.monotonic()
     state, source = resolve_pretrained("resnet18", timeout=0.5, progress=False, echo=echo)
@@ -284,7 +285,7 @@ def test_trickling_download_hits_the_wall_clock_bound(fake, trickle_server, monk
 
 
 def test_connection_refused(fake, closed_port_url, monkeypatch):
-    monkeypatch.setenv(models.WEIGHTS_URL_ENV, closed_port_url)
+    monkeypatch.setenv(weights.WEIGHTS_URL_ENV, closed_port_url)
     echo = Echo()
     state, source = resolve_pretrained("resnet18", timeout=5, progress=False, echo=echo)
     assert state is None and source == "none (connection refused)"
@@ -297,7 +298,7 @@ def test_connection_refused(fake, closed_port_url, monkeypatch):
 def test_unwritable_cache_is_one_line(fake, http_server, monkeypatch, tmp_path):
     root, base = http_server
     (root / fake.name).write_bytes(fake.data)
-    monkeypatch.setenv(models.WEIGHTS_URL_ENV, base)
+    monkeypatch.setenv(weights.WEIGHTS_URL_ENV, base)
     blocker = tmp_path / "torch-home"
     blocker.write_text("a file where the cache folder should be")
     echo = Echo()
@@ -307,7 +308,7 @@ def test_unwritable_cache_is_one_line(fake, http_server, monkeypatch, tmp_path):
 
 
 def test_unreadable_cached_file(fake, monkeypatch, closed_port_url):
-    monkeypatch.setenv(models.WEIGHTS_URL_ENV, closed_port_url)
+    monkeypatch.setenv(weights.WEIGHTS_URL_ENV, closed_port_url)
     fake.cached.parent.mkdir(parents=True)
     fake.cached.write_bytes(b"truncated")
     echo = Echo()
@@ -324,7 +325,7 @@ def test_never_and_light_are_not_used(fake, monkeypatch, tmp_path):
     def no_network(*args, **kwargs):
         raise AssertionError("network used")
 
-    monkeypatch.setattr(models, "_download", no_network)
+    monkeypatch.setattr(weights, "_download", no_network)
     monkeypatch.setattr(socket, "create_connection", no_network)
     echo = Echo()
     given = tmp_path / "given.pth"
@@ -347,12 +348,13 @@ def test_bad_mode_and_timeout():
 
 # ---------------------------------------------------------------------- atomic cache, leftovers
 
+@pytest.mark.slow
 def test_killed_download_leaves_nothing_taken_as_weights(torch_home, trickle_server, closed_port_url,
                                                          monkeypatch):
     """A run killed mid-download (real resnet18 name) leaves no file at the cache name."""
     env = dict(os.environ, TORCH_HOME=str(torch_home.parent.parent),
-               **{models.WEIGHTS_URL_ENV: trickle_server})
-    code = ("from deepfusion.models import resolve_pretrained; "
+               **{weights.WEIGHTS_URL_ENV: trickle_server})
+    code = ("from deepfusion.weights import resolve_pretrained; "
             "resolve_pretrained('resnet18', mode='require', progress=False)")
     proc = subprocess.Popen([sys.executable, "-c", code], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -369,11 +371,11 @@ def test_killed_download_leaves_nothing_taken_as_weights(torch_home, trickle_ser
     finally:
         proc.kill()
         proc.wait(10)
-    cached = torch_home / Path(models._weights_enum("resnet18").url).name
+    cached = torch_home / Path(weights._weights_enum("resnet18").url).name
     assert not cached.exists()
     leftovers = list(torch_home.glob(".deepfusion-download-*"))
     assert leftovers                         # killed: its private folder stays, under another name
-    monkeypatch.setenv(models.WEIGHTS_URL_ENV, closed_port_url)     # the next run, offline
+    monkeypatch.setenv(weights.WEIGHTS_URL_ENV, closed_port_url)     # the next run, offline
     state, source = resolve_pretrained("resnet18", timeout=5, progress=False, echo=Echo())
     assert state is None and source == "none (connection refused)"
     assert not cached.exists()
@@ -382,7 +384,7 @@ def test_killed_download_leaves_nothing_taken_as_weights(torch_home, trickle_ser
 def test_stale_download_folders_are_removed(fake, http_server, monkeypatch):
     root, base = http_server
     (root / fake.name).write_bytes(fake.data)
-    monkeypatch.setenv(models.WEIGHTS_URL_ENV, base)
+    monkeypatch.setenv(weights.WEIGHTS_URL_ENV, base)
     stale, fresh = (fake.cached.parent / f".deepfusion-download-{n}" for n in ("stale", "fresh"))
     for folder in (stale, fresh):
         folder.mkdir(parents=True)
@@ -432,14 +434,14 @@ def test_build_model_legacy_path_never_downloads(torch_home, monkeypatch):
     def no_download(*args, **kwargs):
         raise AssertionError("downloaded")
 
-    monkeypatch.setattr(models, "_download", no_download)
+    monkeypatch.setattr(weights, "_download", no_download)
     with pytest.raises(WeightsNotFoundError, match="resnet18-.*--no-pretrained"):
         build_model(_small(pretrained=True))
 
 
 def test_dns_failure_and_dns_hang(fake, monkeypatch):
     """Offline: name resolution fails at once, or hangs (socket time-outs do not cover it)."""
-    monkeypatch.setenv(models.WEIGHTS_URL_ENV, "http://weights.invalid/")
+    monkeypatch.setenv(weights.WEIGHTS_URL_ENV, "http://weights.invalid/")
     real_getaddrinfo = socket.getaddrinfo
 
     def failing(host, *args, **kwargs):

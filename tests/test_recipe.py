@@ -12,11 +12,12 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import invoke
 from deepfusion.config import FEATURE_KEYS, MEL_KEYS, TrainConfig, resolve_recipe
 from deepfusion.crossval import grouped_folds
-from deepfusion.data import Augment, FeatureSet, make_torch_dataset
+from deepfusion.data import Augment, make_torch_dataset
+from deepfusion.io.featureset import FeatureSet
 from deepfusion.errors import DatasetError, ParameterError
+from deepfusion.testing import invoke
 
 COMMON = ("--backbone", "light", "--no-pretrained", "--batch-size", "8", "--lr", "3e-3",
           "--val-size", "0.2", "--test-size", "0.2", "--quiet")
@@ -111,6 +112,7 @@ def test_train_help_says_what_auto_means():
 
 # ------------------------------------------------------------------------ training and resume
 
+@pytest.mark.slow
 def test_ema_mixup_and_augmentation_train_and_resume_exactly(tiny_features, tmp_path):
     """An interrupted run of the full recipe resumes to the same weights as an uninterrupted one."""
     from deepfusion.train import train
@@ -139,6 +141,7 @@ def test_ema_mixup_and_augmentation_train_and_resume_exactly(tiny_features, tmp_
     assert a["train_config"]["ema"] == 0.9 and a["epoch"] == 4       # select last: epoch 4
 
 
+@pytest.mark.slow
 def test_resume_with_more_epochs_extends_the_run(tiny_features, tmp_path):
     short, long_ = tmp_path / "short", tmp_path / "long"
     assert invoke("train", "--features", tiny_features, "--model-dir", short, "--epochs", "2",
@@ -176,7 +179,39 @@ def test_resume_names_options_it_ignores_and_takes_the_new_device(tiny_features,
     assert any("--backbone resnet18" in ln for ln in ignored)
     assert "patience: 40 -> 7" in result.output
     raw = torch.load(out / "last.pth", weights_only=True)
-    assert raw["train_config"]["lr"] == 3e-3 and raw["train_config"]["device"] == "cpu"
+    assert raw["train_config"]["lr"] == 3e-3 and raw["runtime_config"]["device"] == "cpu"
+    assert "device" not in raw["train_config"]                # the recipe holds no runtime
+
+
+@pytest.mark.parametrize("stored", ["runtime_config", "legacy train_config"])
+def test_resume_with_device_cpu_continues_a_run_stored_on_another_device(tiny_features, tmp_path,
+                                                                         stored):
+    """A run started on a GPU (its last.pth says cuda:1, amp on, 4 workers) continues on this
+    CPU-only machine with --device cpu; runs saved before RuntimeConfig existed kept the
+    runtime fields inside train_config and resume as well."""
+    out = tmp_path / "m"
+    assert invoke("train", "--features", tiny_features, "--model-dir", out, "--epochs", "1",
+                  *COMMON).exit_code == 0
+    raw = torch.load(out / "last.pth", weights_only=True)
+    elsewhere = {"device": "cuda:1", "amp": True, "channels_last": True, "num_workers": 4}
+    if stored == "runtime_config":
+        raw["runtime_config"] = elsewhere
+    else:
+        del raw["runtime_config"]
+        raw["train_config"].update(elsewhere)
+    torch.save(raw, out / "last.pth")
+    result = invoke("train", "--features", tiny_features, "--model-dir", out, "--resume",
+                    "--device", "cpu", "--epochs", "2", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "resuming after epoch 1" in result.output and "on cpu" in result.output
+    assert "ignored" not in result.output                      # runtime is never "ignored"
+    resumed = torch.load(out / "last.pth", weights_only=True)
+    assert resumed["epoch"] == 2
+    assert resumed["runtime_config"] == {"device": "cpu", "amp": True, "channels_last": True,
+                                         "num_workers": 0}
+    report = invoke("evaluate", "--checkpoint", out / "best.pth", "--device", "cpu",
+                    "--out-dir", tmp_path / "report")
+    assert report.exit_code == 0, report.output
 
 
 @pytest.mark.parametrize("select", ["val_loss", "val_acc"])

@@ -16,12 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_FEATURES, invoke, one_error_line
 from deepfusion.config import FEATURE_KEYS
-from deepfusion.data import load_feature_set, load_features, open_store, save_store
+from deepfusion.io.features_file import load_feature_set, load_features
+from deepfusion.io.store import open_store
+from deepfusion.testing import TINY_FEATURES, invoke, one_error_line, save_store
 from deepfusion.errors import FeaturesFileError, OutputError
 from deepfusion.extract import extract
-from deepfusion.store import META, StoreWriter
+from deepfusion.io.store import META, StoreWriter
 
 
 def _refused(result) -> str:
@@ -122,7 +123,7 @@ def test_a_failed_write_leaves_the_previous_store(tiny_features, tmp_path, monke
             writer.put(bad)
     assert _versions(out) == before and (out / META).read_bytes() == meta
 
-    import deepfusion.store
+    import deepfusion.io.store
 
     real_open = open
 
@@ -143,13 +144,14 @@ def test_a_failed_write_leaves_the_previous_store(tiny_features, tmp_path, monke
         fh = real_open(path, mode, **kwargs)
         return FullDisk(fh) if "w" in mode else fh
 
-    monkeypatch.setattr(deepfusion.store, "open", full_disk_open, raising=False)
+    monkeypatch.setattr(deepfusion.io.store, "open", full_disk_open, raising=False)
     with pytest.raises(OutputError, match=r"f\.store: cannot write the feature store \(disk full\)"):
         save_store(fs, out)
     assert _versions(out) == before and (out / META).read_bytes() == meta
     np.testing.assert_array_equal(open_store(out).arrays["mfcc"], fs.arrays["mfcc"])
 
 
+@pytest.mark.slow
 def test_leftovers_of_dead_writers_go_and_writers_take_turns(tiny_features, tmp_path):
     fs = load_feature_set(tiny_features)
     out = tmp_path / "f.store"
@@ -167,7 +169,7 @@ def test_leftovers_of_dead_writers_go_and_writers_take_turns(tiny_features, tmp_
     # both publish in turn and the store holds the last one's clips
     first = StoreWriter(out, n_clips=len(fs), rows=fs.rows(), frames=fs.n_frames).__enter__()
     second = subprocess.Popen([sys.executable, "-c", (
-        "from deepfusion.data import load_features, save_store; "
+        "from deepfusion.io.features_file import load_features; from deepfusion.testing import save_store; "
         f"save_store(load_features({str(tiny_features)!r}), {str(out)!r})")])
     try:
         with pytest.raises(subprocess.TimeoutExpired):
@@ -189,7 +191,7 @@ def test_leftovers_of_dead_writers_go_and_writers_take_turns(tiny_features, tmp_
 def test_a_failure_while_closing_still_releases_the_lock(tiny_features, tmp_path, monkeypatch):
     """Closing a file flushes it; on a full disk that fails again. The half-written version
     must still go and the lock be released (a later write in this process hung before)."""
-    import deepfusion.store
+    import deepfusion.io.store
 
     fs = load_feature_set(tiny_features)
     out = tmp_path / "f.store"
@@ -210,7 +212,7 @@ def test_a_failure_while_closing_still_releases_the_lock(tiny_features, tmp_path
         def __getattr__(self, name):
             return getattr(self.fh, name)
 
-    monkeypatch.setattr(deepfusion.store, "open", lambda path, mode="r", **kw: FailsOnClose(
+    monkeypatch.setattr(deepfusion.io.store, "open", lambda path, mode="r", **kw: FailsOnClose(
         real_open(path, mode, **kw)) if str(path).endswith(".npy") else real_open(path, mode, **kw),
         raising=False)
     with pytest.raises(OutputError, match="disk full"):
@@ -279,9 +281,9 @@ def test_a_writer_that_dies_leaves_a_readable_store(tiny_features, tmp_path, die
     save_store(fs, out)
     script = f"""
 import os
-import deepfusion.store as store
+import deepfusion.io.store as store
 from deepfusion.config import FEATURE_KEYS
-from deepfusion.data import load_feature_set
+from deepfusion.io.features_file import load_feature_set
 fs = load_feature_set({str(tiny_features)!r})
 writer = store.StoreWriter({str(out)!r}, n_clips=len(fs), rows=fs.rows(), frames=fs.n_frames)
 writer.__enter__()

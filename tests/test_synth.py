@@ -29,9 +29,17 @@ def onset_envelope(y: np.ndarray) -> np.ndarray:
     return librosa.onset.onset_strength(y=y, sr=SR, hop_length=HOP)
 
 
-def test_every_genre_has_a_recipe():
+def test_every_genre_has_a_recipe(tmp_path):
     assert 1 <= len(GENRES) <= 10
-    assert GENRES == tuple(RECIPES)
+    # all of GENRES is a dataset: one folder per name, clip 0 of GENRES[g] seeded by index g
+    paths = synthesize_dataset(tmp_path, genres=len(GENRES), clips_per_genre=1, duration=0.5,
+                               sr=8000, seed=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(GENRES)
+    assert paths == sorted(tmp_path / g / f"{g}.00000.wav" for g in GENRES)
+    for g, genre in enumerate(GENRES):
+        expected = render_clip(genre, seed=clip_seed(0, g, 0), duration=0.5, sr=8000)
+        stored, _ = sf.read(tmp_path / genre / f"{genre}.00000.wav", dtype="int16")
+        np.testing.assert_array_equal(stored, np.round(expected * 32767).astype(np.int16))
     for name, recipe in RECIPES.items():
         assert name.isascii() and name.isalpha() and name.islower()
         lo, hi = recipe.tempo
@@ -308,7 +316,7 @@ def test_shift_changes_production_not_genre_parameters():
 
 
 def test_tilt_has_the_slope_it_is_asked_for():
-    from deepfusion.synth import _tilt
+    from deepfusion.synth.dsp import _tilt
 
     noise = np.random.default_rng(0).standard_normal(4 * SR)
     tilted = _tilt(noise, sr=SR, db_per_octave=-1.5)
@@ -373,17 +381,14 @@ def test_unknown_domain_is_a_parameter_error(tmp_path, bad):
 
 
 def test_cli_synth_writes_the_shifted_domain(tmp_path):
-    from click.testing import CliRunner
-
-    from deepfusion.cli import main
+    from deepfusion.testing import invoke
 
     args = ["synth", "--genres", "1", "--clips-per-genre", "1", "--duration", "0.3"]
-    result = CliRunner().invoke(main, args + ["--out", str(tmp_path / "cli"),
-                                              "--domain", "shifted"])
+    result = invoke(*args, "--out", tmp_path / "cli", "--domain", "shifted")
     assert result.exit_code == 0, result.output
     expected = synthesize_dataset(tmp_path / "api", genres=1, clips_per_genre=1, duration=0.3,
                                   domain="shifted")
     written = sorted(p for p in (tmp_path / "cli").rglob("*.wav"))
     assert [p.read_bytes() for p in written] == [p.read_bytes() for p in expected]
-    refused = CliRunner().invoke(main, args + ["--out", str(tmp_path / "x"), "--domain", "loud"])
+    refused = invoke(*args, "--out", tmp_path / "x", "--domain", "loud")
     assert refused.exit_code != 0 and not (tmp_path / "x").exists()

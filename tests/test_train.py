@@ -3,27 +3,25 @@
 from __future__ import annotations
 
 import csv
-import os
 import pickle
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 from deepfusion.checkpoint import load_checkpoint, model_from_checkpoint, normalization_of
-from deepfusion.cli import main
 from deepfusion.config import FEATURE_KEYS, ModelConfig
-from deepfusion.data import check_split, fit_normalization, load_feature_set, make_split
+from deepfusion.data import check_split, fit_normalization, make_split
+from deepfusion.io.features_file import load_feature_set
 from deepfusion.errors import DatasetError
 from deepfusion.models import MultiModalNet, count_parameters
-from deepfusion.train import epoch_estimate
+from deepfusion.progress import epoch_estimate
+from deepfusion.testing import cli_command, invoke, subprocess_env
 
 ROWS = {"mel_spec_orig": 32, "mel_spec_harm": 32, "mel_spec_perc": 32, "mfcc": 20,
         "chroma": 12, "tempogram": 48}
@@ -105,13 +103,11 @@ def test_normalization_uses_training_clips_only(tiny_features):
     assert np.allclose(fit_normalization(fs, train_idx)["mfcc"]["mean"], stats["mfcc"]["mean"])
 
 
-def _run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 def test_train_command_writes_checkpoints_logs_and_curves(tiny_features, tmp_path):
     out = tmp_path / "m"
-    result = _run("train", "--features", tiny_features, "--model-dir", out, "--backbone", "light",
+    result = invoke("train", "--features", tiny_features, "--model-dir", out, "--backbone", "light",
                   "--no-pretrained", "--epochs", "2", "--batch-size", "8", "--lr", "1e-3",
                   "--val-size", "0.2", "--test-size", "0.2", "--quiet")
     assert result.exit_code == 0, result.output
@@ -166,7 +162,7 @@ def test_seed_format_pickle_is_accepted(tiny_features, tmp_path):
     seed = [{"features": it["features"], "label": names.index(it["label"])} for it in items]
     path = tmp_path / "seed.pkl"
     path.write_bytes(pickle.dumps(seed))
-    result = _run("train", "--features", path, "--model-dir", tmp_path / "m", "--backbone", "light",
+    result = invoke("train", "--features", path, "--model-dir", tmp_path / "m", "--backbone", "light",
                   "--no-pretrained", "--epochs", "1", "--batch-size", "8", "--quiet")
     assert result.exit_code == 0, result.output
     raw = torch.load(tmp_path / "m" / "best.pth", weights_only=True)
@@ -194,9 +190,9 @@ def _bad_files(tiny_features, tmp_path):
 
 def test_bad_features_files_get_one_clear_line(tiny_features, tmp_path):
     for case, (path, expected) in _bad_files(tiny_features, tmp_path).items():
-        result = CliRunner().invoke(main, ["train", "--features", str(path), "--model-dir",
-                                           str(tmp_path / "m"), "--backbone", "light",
-                                           "--no-pretrained", "--epochs", "1"])
+        result = invoke("train", "--features", path, "--model-dir",
+                                           tmp_path / "m", "--backbone", "light",
+                                           "--no-pretrained", "--epochs", "1")
         assert result.exit_code != 0, case
         assert "Traceback" not in result.output, case
         lines = [ln for ln in result.output.splitlines() if ln.strip()]
@@ -207,9 +203,9 @@ def test_bad_features_files_get_one_clear_line(tiny_features, tmp_path):
 def test_insisting_on_missing_pretrained_weights_fails_before_training(tiny_features, tmp_path,
                                                                         monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
-    result = CliRunner().invoke(main, ["train", "--features", str(tiny_features), "--model-dir",
-                                       str(tmp_path / "m"), "--backbone", "resnet18", "--epochs", "1",
-                                       "--pretrained"])
+    result = invoke("train", "--features", tiny_features, "--model-dir",
+                                       tmp_path / "m", "--backbone", "resnet18", "--epochs", "1",
+                                       "--pretrained")
     assert result.exit_code != 0
     line = result.output.strip().splitlines()[-1]
     assert "resnet18" in line and "--no-pretrained" in line and "resnet18-" in line
@@ -225,7 +221,7 @@ def test_default_train_trains_from_scratch_when_weights_cannot_be_had(tiny_featu
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "features.pkl").write_bytes(Path(tiny_features).read_bytes())
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
-    result = _run("train", "--epochs", "1", "--batch-size", "8", "--quiet")
+    result = invoke("train", "--epochs", "1", "--batch-size", "8", "--quiet")
     assert result.exit_code == 0, result.output
     lines = [ln for ln in result.output.splitlines() if "ImageNet weights" in ln]
     assert len(lines) == 1 and "training from scratch" in lines[0] and "resnet50" in lines[0]
@@ -237,15 +233,16 @@ def _history(path: Path) -> list[dict]:
     return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(open(path))]
 
 
+@pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted_run(tiny_features, tmp_path):
-    args = ["-m", "deepfusion", "train", "--features", str(tiny_features), "--backbone", "light",
+    args = ["train", "--features", tiny_features, "--backbone", "light",
             "--no-pretrained", "--epochs", "5", "--batch-size", "8", "--lr", "1e-3", "--quiet",
             "--val-size", "0.2", "--test-size", "0.2", "--seed", "3"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = subprocess_env()
     full, killed = tmp_path / "full", tmp_path / "killed"
-    subprocess.run([sys.executable, *args, "--model-dir", str(full)], check=True, env=env,
+    subprocess.run(cli_command(*args, "--model-dir", full), check=True, env=env,
                    capture_output=True)
-    proc = subprocess.Popen([sys.executable, *args, "--model-dir", str(killed)], env=env,
+    proc = subprocess.Popen(cli_command(*args, "--model-dir", killed), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (killed / "last.pth").exists() and time.time() < deadline and proc.poll() is None:
@@ -256,8 +253,8 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_features, tmp_path):
     assert done < 5, "the run finished before it could be killed"
     # the resumed leg runs in a fresh process too, as both legs do in use: the pytest process
     # carries thread and library state from earlier tests that can move the last digit
-    result = subprocess.run([sys.executable, "-m", "deepfusion", "train", "--features",
-                             str(tiny_features), "--model-dir", str(killed), "--resume", "--quiet"],
+    result = subprocess.run(cli_command("train", "--features", tiny_features, "--model-dir", killed,
+                                        "--resume", "--quiet"),
                             env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert f"resuming after epoch {done}" in result.stdout
@@ -270,13 +267,14 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_features, tmp_path):
 
 
 def test_resume_without_last_checkpoint_is_a_clear_error(tiny_features, tmp_path):
-    result = CliRunner().invoke(main, ["train", "--features", str(tiny_features), "--model-dir",
-                                       str(tmp_path / "none"), "--resume"])
+    result = invoke("train", "--features", tiny_features, "--model-dir",
+                                       tmp_path / "none", "--resume")
     assert result.exit_code != 0 and "nothing to resume" in result.output
 
 
 def test_feature_store_memory_maps_the_same_arrays(tiny_features, tmp_path):
-    from deepfusion.data import open_store, save_store
+    from deepfusion.io.store import open_store
+    from deepfusion.testing import save_store
 
     fs = load_feature_set(tiny_features)
     save_store(fs, tmp_path / "store")

@@ -35,9 +35,10 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .config import FEATURE_KEYS, MEL_KEYS
-from .errors import FeaturesFileError, OutputError
-from .fileio import atomic_write, os_error_reason, remove_stale_temps
+from ..config import FEATURE_KEYS, MEL_KEYS
+from ..errors import FeaturesFileError, OutputError
+from .atomic import atomic_write, os_error_reason, remove_stale_temps
+from .featureset import FeatureSet, checked_feature_config, class_names_of, merge_groups
 
 FORMAT = "deepfusion-feature-store"
 VERSION = 1
@@ -397,3 +398,29 @@ def scan(root: Path, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> str
                                         "holds NaN or infinite values")
             h.update(memoryview(np.ascontiguousarray(block)).cast("B"))
     return h.hexdigest()
+
+
+def open_store(folder: Path, *, class_names: Optional[list[str]] = None) -> FeatureSet:
+    """A FeatureSet over a feature store, its arrays memory-mapped read-only.
+
+    Every value is checked to be finite while the store's identity (``sha256``) is computed,
+    in one pass over the arrays.
+
+    Raises
+    ------
+    FeaturesFileError
+        Not a store, damaged, NaN or infinite values, or (without ``class_names``) fewer than
+        two classes.
+    """
+    folder = Path(folder)
+    meta, arrays = open_consistent(folder)
+    feature_config = checked_feature_config(meta.get("feature_config"), folder)
+    clips = meta["clips"]
+    names = [str(c["label"]) for c in clips]
+    if class_names is None:
+        class_names = class_names_of(names, folder)
+    index = {name: i for i, name in enumerate(class_names)}
+    labels = np.array([index.get(name, -1) for name in names], np.int64)
+    sha256 = scan(folder, meta, arrays)
+    return FeatureSet(arrays, labels, list(class_names), [c["path"] for c in clips],
+                      merge_groups(clips), feature_config, str(folder), names, sha256)

@@ -1,4 +1,4 @@
-"""The on-disk feature cache shared by every stage, and the features file.
+"""The on-disk per-clip feature cache that extract fills and reuses.
 
 Cache layout::
 
@@ -17,16 +17,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
-from .config import FEATURE_KEYS, FeatureConfig
-from .errors import OutputError
-from .fileio import atomic_write, remove_stale_temps, safe_pickle_load
+from ..config import FEATURE_KEYS, FeatureConfig
+from ..errors import OutputError
+from .atomic import atomic_write, remove_stale_temps
 
 _META = "__meta__"
 _META_KEYS = {"audio_sha", "source_sr", "channels", "source_seconds"}
@@ -107,14 +106,3 @@ class FeatureCache:
         arrays[_META] = np.array(json.dumps(meta, sort_keys=True))
         with atomic_write(self.path(key)) as fh:
             np.savez(fh, **arrays)
-
-
-def write_features_file(path: Path, items: list[dict[str, Any]]) -> None:
-    """Write the features file atomically: a plain pickle of a list of dicts."""
-    with atomic_write(Path(path)) as fh:
-        pickle.dump(items, fh, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def read_features_file(path: Path) -> list[dict[str, Any]]:
-    """Load a features file without running code in it (see :func:`safe_pickle_load`)."""
-    return safe_pickle_load(Path(path))

@@ -1,0 +1,80 @@
+"""A model over clips: the logits of every non-overlapping segment, averaged per clip.
+
+Train (validation and test), evaluate and predict all classify clips through
+:func:`predict_clips`, so a clip gets the same answer whichever stage asks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .data import eval_segments, make_torch_dataset
+from .io.featureset import FeatureSet
+from .metrics import log_loss, softmax
+from .runtime import autocast_for
+
+
+@dataclass
+class ClipPredictions:
+    """Per-clip outputs of a model over all non-overlapping segments of each clip."""
+
+    clips: np.ndarray           # (n,) clip indices into the FeatureSet
+    logits: np.ndarray          # (n, n_classes) mean of segment logits
+    attention: np.ndarray       # (n, 6) mean modality attention
+    segment_correct: int
+    segment_total: int
+
+    @property
+    def predicted(self) -> np.ndarray:
+        return self.logits.argmax(axis=1)
+
+    def probabilities(self) -> np.ndarray:
+        """Softmax of the mean logits, shape (n, n_classes)."""
+        return softmax(self.logits)
+
+
+@torch.inference_mode()
+def predict_clips(model: torch.nn.Module, fs: FeatureSet, norm: dict, clips: np.ndarray, *,
+                  seg: int, batch_size: int = 64, device: torch.device = torch.device("cpu"),
+                  amp: bool = False, labels: Optional[np.ndarray] = None) -> ClipPredictions:
+    """Mean logits and attention over all non-overlapping segments of each clip.
+
+    ``labels`` (default the FeatureSet's) only serve the segment-level accuracy.
+    """
+    labels = fs.labels if labels is None else labels
+    seg_clips, starts = eval_segments(clips, fs.n_frames, seg)
+    ds = make_torch_dataset(fs, norm, seg_clips, seg=seg, starts=starts)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False)
+    position = {int(c): i for i, c in enumerate(clips)}
+    n_classes = model.classifier.out_features
+    logit_sum = np.zeros((len(clips), n_classes), np.float64)
+    att_sum = np.zeros((len(clips), 6), np.float64)
+    count = np.zeros(len(clips), np.int64)
+    correct = total = 0
+    model.eval()
+    for x, _, c in loader:
+        x = {k: v.to(device, non_blocking=True) for k, v in x.items()}
+        with autocast_for(device, amp):
+            out = model(x)
+        logits = out["logits"].float().cpu().numpy()
+        att = out["attention"].float().cpu().numpy()
+        rows = np.array([position[int(i)] for i in c])
+        np.add.at(logit_sum, rows, logits)
+        np.add.at(att_sum, rows, att)
+        np.add.at(count, rows, 1)
+        truth = labels[c.numpy()]
+        known = truth >= 0
+        correct += int((logits.argmax(1)[known] == truth[known]).sum())
+        total += int(known.sum())
+    count = np.maximum(count, 1)[:, None]
+    return ClipPredictions(np.asarray(clips), (logit_sum / count).astype(np.float32),
+                           (att_sum / count).astype(np.float32), correct, total)
+
+
+def clip_loss(pred: ClipPredictions, labels: np.ndarray) -> float:
+    """Cross-entropy of the mean clip logits against ``labels`` (indexed by clip)."""
+    return log_loss(pred.probabilities(), labels[pred.clips])

@@ -1,0 +1,140 @@
+"""The features file: deepfusion's (and the original project's) pickle of a list of clips.
+
+Written atomically by extract; read without running code (:mod:`deepfusion.io.unpickle`) and
+validated item by item into a :class:`~deepfusion.io.featureset.FeatureSet`.
+:func:`load_features` is the one entry point of every stage: it reads a pickle or opens a store.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections import Counter
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from ..config import FEATURE_KEYS, MEL_KEYS
+from ..errors import FeaturesFileError
+from .atomic import atomic_write
+from .cache import file_digest
+from .featureset import (FeatureSet, checked_feature_config, class_names_of, label_name,
+                         merge_groups)
+from .unpickle import safe_pickle_load
+
+
+def write_features_file(path: Path, items: list[dict[str, Any]]) -> None:
+    """Write the features file atomically: a plain pickle of a list of dicts."""
+    with atomic_write(Path(path)) as fh:
+        pickle.dump(items, fh, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def read_features_file(path: Path) -> list[dict[str, Any]]:
+    """Load a features file without running code in it (see :func:`safe_pickle_load`)."""
+    return safe_pickle_load(Path(path))
+
+
+def load_features(path: Path, *, class_names: Optional[list[str]] = None) -> FeatureSet:
+    """A features pickle (read into memory) or a feature store folder (memory-mapped).
+
+    See :func:`load_feature_set` and :func:`~deepfusion.io.store.open_store`; both raise :class:`FeaturesFileError`.
+    """
+    from .store import is_store, open_store
+
+    if is_store(path):
+        return open_store(path, class_names=class_names)
+    return load_feature_set(path, class_names=class_names)
+
+
+
+def load_feature_set(path: Path, *, class_names: Optional[list[str]] = None) -> FeatureSet:
+    """Read and validate a features file (deepfusion's or the original project's format).
+
+    Each item needs ``features`` (the six views, 2-D numeric arrays with the same rows in
+    every item) and ``label`` (genre name or integer). Clips whose frame count differs from the
+    most common one (GTZAN clips run 29.9-30.6 s) are trimmed or padded with their minimum.
+    Items are freed as they are stacked, so the peak memory is about one copy of the features.
+
+    Parameters
+    ----------
+    class_names : list of str, optional
+        Fix the label order (a checkpoint's); by default the sorted distinct labels.
+
+    Raises
+    ------
+    FeaturesFileError
+        Unreadable or unsafe file, empty, missing keys, wrong shapes, non-finite values, or
+        (without ``class_names``) fewer than two classes. The message names the file and item.
+    """
+    path = Path(path)
+    try:
+        sha256 = file_digest(path)
+    except OSError:
+        sha256 = ""          # read_features_file reports the missing or unreadable file
+    items = read_features_file(path)
+    if not isinstance(items, list):
+        raise FeaturesFileError(f"{path}: expected a list of clips, found {type(items).__name__}")
+    if not items:
+        raise FeaturesFileError(f"{path}: holds no clips")
+    rows: dict[str, int] = {}
+    frames: list[int] = []
+    names: list[str] = []
+    for i, item in enumerate(items):
+        where = f"{path}: item {i}"
+        if not isinstance(item, dict) or "features" not in item or "label" not in item:
+            raise FeaturesFileError(f"{where}: needs 'features' and 'label'")
+        feats = item["features"]
+        if not isinstance(feats, dict):
+            raise FeaturesFileError(f"{where}: 'features' must be a dict of arrays")
+        missing = [k for k in FEATURE_KEYS if k not in feats]
+        if missing:
+            raise FeaturesFileError(f"{where}: missing feature(s) {', '.join(missing)}")
+        t = None
+        for k in FEATURE_KEYS:
+            a = feats[k]
+            if not isinstance(a, np.ndarray) or a.ndim != 2 or a.dtype.kind not in "fiu" or min(a.shape) == 0:
+                shape = getattr(a, "shape", None)
+                raise FeaturesFileError(f"{where}: {k} must be a non-empty 2-D numeric array, got shape {shape}")
+            expected = rows.setdefault(k, a.shape[0])
+            if a.shape[0] != expected:
+                raise FeaturesFileError(f"{where}: {k} has {a.shape[0]} rows, other clips {expected}")
+            if t is not None and a.shape[1] != t:
+                raise FeaturesFileError(f"{where}: {k} has {a.shape[1]} frames, {FEATURE_KEYS[0]} {t}")
+            t = a.shape[1]
+        frames.append(t)
+        names.append(label_name(item["label"], where))
+        for key in ("group", "duplicate_group"):
+            value = item.get(key)
+            if not (value is None or isinstance(value, (str, int, float, np.integer, np.floating))) \
+                    or isinstance(value, (bool, np.bool_)):
+                raise FeaturesFileError(f"{where}: {key} must be a string or a number, got "
+                                        f"{type(value).__name__}")
+    if rows[MEL_KEYS[0]] != rows[MEL_KEYS[1]] or rows[MEL_KEYS[0]] != rows[MEL_KEYS[2]]:
+        raise FeaturesFileError(f"{path}: the three mel views must have the same number of bands")
+
+    if class_names is None:
+        class_names = class_names_of(names, path)
+    index = {name: i for i, name in enumerate(class_names)}
+
+    n, t = len(items), Counter(frames).most_common(1)[0][0]
+    arrays = {k: np.empty((n, rows[k], t), np.float32) for k in FEATURE_KEYS}
+    for i, item in enumerate(items):
+        for k in FEATURE_KEYS:
+            a = item["features"][k]
+            if not np.isfinite(a).all():
+                raise FeaturesFileError(f"{path}: item {i}: {k} holds NaN or infinite values")
+            m = min(t, a.shape[1])
+            arrays[k][i, :, :m] = a[:, :m]
+            if m < t:
+                arrays[k][i, :, m:] = a.min()
+        item["features"] = None   # free this clip's copy as soon as it is stacked
+
+    labels = np.array([index.get(name, -1) for name in names], np.int64)
+    paths = [str(it.get("path") or it.get("original_file") or "") for it in items]
+    groups = merge_groups(items)
+    feature_config = checked_feature_config(
+        next((it.get("feature_config") for it in items if it.get("feature_config")), None), path)
+    return FeatureSet(arrays, labels, list(class_names), paths, groups, feature_config, str(path),
+                      names, sha256)
+
+

@@ -1,0 +1,138 @@
+"""The in-memory form of a features file or store: all clips, stacked per view.
+
+The features of all clips are held once, as one C-contiguous float32 array per view of shape
+``(n_clips, rows, frames)``: read into memory from a features pickle
+(:mod:`deepfusion.io.features_file`), or memory-mapped from a feature store folder
+(:mod:`deepfusion.io.store`, for collections larger than RAM). Datasets index into these
+arrays; nothing is copied per epoch or per worker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from ..config import FEATURE_KEYS, FeatureConfig
+from ..errors import DeepFusionError, FeaturesFileError
+
+
+@dataclass(frozen=True)
+class _MappedFile:
+    """A memory-mapped ``.npy`` array by name, as a FeatureSet is pickled for a worker."""
+
+    filename: str
+    shape: tuple
+    dtype: str
+
+    def open(self, source: str) -> np.ndarray:
+        try:
+            arr = np.load(self.filename, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            arr, why = None, str(exc)
+        else:
+            why = f"it now holds {arr.dtype} {arr.shape}"
+        if arr is None or arr.shape != tuple(self.shape) or arr.dtype.str != self.dtype:
+            raise FeaturesFileError(f"{source}: {self.filename} changed while it was in use "
+                                    f"({why}); was the store rewritten? start again")
+        return arr
+
+
+@dataclass
+class FeatureSet:
+    """All clips of a features file, stacked per view."""
+
+    arrays: dict[str, np.ndarray]        # key -> (n_clips, rows, frames) float32
+    labels: np.ndarray                   # (n_clips,) int64 index into class_names
+    class_names: list[str]               # in logit order (sorted)
+    paths: list[str]                     # relative paths ('' when the file has none)
+    groups: np.ndarray                   # (n_clips,) int64; clips of one group share a split
+    feature_config: Optional[dict[str, Any]] = None
+    source: str = ""
+    label_names: list[str] = field(default_factory=list)   # each clip's label as written
+    sha256: str = ""                     # identity of the file or store it came from
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Worker processes started by spawn (macOS, Windows) receive the dataset pickled: an
+        # array that is a whole memory-mapped .npy file travels as its file name and is mapped
+        # again, not copied. Slices and in-memory arrays travel by value.
+        import mmap
+
+        state = dict(self.__dict__)
+        state["arrays"] = {
+            k: _MappedFile(a.filename, a.shape, a.dtype.str)
+            if isinstance(a, np.memmap) and isinstance(a.base, mmap.mmap) and a.filename else a
+            for k, a in self.arrays.items()}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state["arrays"] = {k: a.open(state.get("source", "")) if isinstance(a, _MappedFile) else a
+                           for k, a in state["arrays"].items()}
+        self.__dict__.update(state)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def n_frames(self) -> int:
+        return self.arrays[FEATURE_KEYS[0]].shape[-1]
+
+    def rows(self) -> dict[str, int]:
+        return {k: v.shape[1] for k, v in self.arrays.items()}
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+
+def label_name(label: Any, where: str) -> str:
+    if isinstance(label, (str, int, np.integer)) and not isinstance(label, bool):
+        return str(label)
+    raise FeaturesFileError(f"{where}: label must be a string or an integer, got {type(label).__name__}")
+
+
+def class_names_of(names: list[str], source: Path) -> list[str]:
+    """Distinct labels in logit order: numbers numerically, then names alphabetically."""
+    distinct = sorted(set(names), key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
+    if len(distinct) < 2:
+        raise FeaturesFileError(f"{source}: only one class ({distinct[0]!r}); need at least two genres")
+    return distinct
+
+
+def checked_feature_config(config: Any, source: Path) -> Optional[dict[str, Any]]:
+    """``config`` if it is None or a valid :class:`FeatureConfig` dict; else one clear error."""
+    if config is None:
+        return None
+    try:
+        if not isinstance(config, dict):
+            raise TypeError(f"expected a dict, found {type(config).__name__}")
+        FeatureConfig.from_dict(config)
+    except (DeepFusionError, TypeError, ValueError) as exc:
+        raise FeaturesFileError(f"{source}: invalid feature_config ({exc})") from None
+    return config
+
+
+def merge_groups(items: list[dict]) -> np.ndarray:
+    """Group ids such that clips sharing a duplicate group or a track/artist group coincide."""
+    parent = list(range(len(items)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for key in ("duplicate_group", "group"):
+        first: dict[Any, int] = {}
+        for i, it in enumerate(items):
+            value = it.get(key)
+            if value is None:
+                continue
+            j = first.setdefault(value, i)
+            parent[find(i)] = find(j)
+    roots = [find(i) for i in range(len(items))]
+    ids: dict[int, int] = {}
+    return np.array([ids.setdefault(r, len(ids)) for r in roots], np.int64)
+
+

@@ -1,0 +1,201 @@
+"""Every command-line option, defined once (as pip-tools' ``scripts/options.py`` does).
+
+Options that set a config field are generated from the dataclasses of :mod:`deepfusion.config`:
+the default is the field's default, the flag its name (``batch_size`` -> ``--batch-size``),
+a boolean becomes ``--x/--no-x``; only the help text and, where a range matters, the click type
+are written here. A command gets the fields back in its keyword arguments and rebuilds the
+config with :func:`take`. Options several commands share (``--device``, ``--quiet``,
+``--features``, ``--checkpoint``, ``--split-file``) are one decorator each.
+
+Only :mod:`deepfusion.config` (dataclasses, no numpy) is imported, so ``--help`` stays instant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import click
+
+from .config import (BACKBONES, DEFAULT_FEATURES, MODEL_KINDS, SELECTIONS, FeatureConfig,
+                     ModelConfig, RuntimeConfig, TrainConfig, describe_auto, option_name)
+
+
+@dataclass(frozen=True)
+class Opt:
+    """How one config field appears on the command line."""
+
+    field: str
+    help: str = ""
+    type: Any = None              # a click type; default: the type of the field's default
+    flag: Optional[str] = None    # default: option_name(field)
+    short: Optional[str] = None   # e.g. "-q"
+    auto: Optional[str] = None    # the field's None default means "auto": this text says what
+
+
+def config_options(cls: type, specs: list[Opt]) -> Callable[[Callable], Callable]:
+    """A decorator adding one option per spec, with the default of ``cls``'s field."""
+    defaults = {f.name: f.default for f in fields(cls)}
+
+    def decorate(func: Callable) -> Callable:
+        for spec in reversed(specs):
+            # "auto" options default to None (the call did not choose) whatever the field's
+            # own default: train resolves them, and --resume can tell given from not given
+            default = None if spec.auto else defaults[spec.field]
+            assert default is not MISSING, spec.field   # a required field is not an option
+            flag = spec.flag or option_name(spec.field)
+            kwargs: dict[str, Any] = {"default": default, "help": spec.help}
+            if isinstance(default, bool):
+                decls = [f"{flag}/--no-{flag[2:]}"]
+            else:
+                decls = [flag] + ([spec.short] if spec.short else [])
+                kwargs["type"] = spec.type or (
+                    float if default is None or isinstance(default, float) else type(default))
+            if spec.auto:
+                kwargs["help"] = f"{spec.help}  [default: {spec.auto}]".strip()
+            else:
+                kwargs["show_default"] = default is not None
+            func = click.option(*decls, spec.field, **kwargs)(func)
+        return func
+    return decorate
+
+
+def take(cls: type, kwargs: dict[str, Any]):
+    """Pop ``cls``'s fields out of a command's keyword arguments and build the config."""
+    return cls(**{f.name: kwargs.pop(f.name) for f in fields(cls) if f.name in kwargs})
+
+
+class SecondsOrFull(click.ParamType):
+    """A positive number of seconds, or ``full`` (None: whole clips)."""
+
+    name = "SECONDS|full"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, float):
+            return value
+        if str(value).lower() in ("full", "none", "0"):
+            return None
+        try:
+            seconds = float(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither a number of seconds nor 'full'", param, ctx)
+        if seconds <= 0:
+            self.fail(f"{value!r} must be > 0", param, ctx)
+        return seconds
+
+
+# ----------------------------------------------------------------------------- FeatureConfig
+
+feature_options = config_options(FeatureConfig, [
+    Opt("sample_rate", "Sample rate to decode to (Hz).", flag="--sr"),
+    Opt("duration", "Clip length in seconds; shorter clips are zero-padded, longer trimmed."),
+    Opt("min_duration", "Files shorter than this (seconds) are reported, not used."),
+    Opt("n_fft", "STFT frame length."),
+    Opt("hop_length", "STFT hop in samples."),
+    Opt("n_mels", "Mel bands."),
+    Opt("fmin", "Lowest mel frequency (Hz)."),
+    Opt("fmax", "Highest mel frequency (Hz).", auto="sr/2"),
+    Opt("top_db", "Dynamic range of the dB spectrograms."),
+    Opt("hpss_kernel", "Median-filter length of the harmonic/percussive separation."),
+    Opt("hpss_power", "Exponent of the HPSS soft masks."),
+    Opt("hpss_margin", "HPSS margin (>= 1; 1 splits all energy)."),
+    Opt("n_mfcc", "MFCC coefficients."),
+    Opt("n_chroma", "Chroma bins."),
+    Opt("chroma_tuning", "Tuning offset in chroma bins.", auto="estimated per clip"),
+    Opt("tempogram_win_length", "Tempogram lags (onset frames)."),
+])
+
+# ------------------------------------------------------------------------------- TrainConfig
+
+_AUTO = "auto per backbone, see --epochs"
+
+recipe_options = config_options(TrainConfig, [
+    Opt("model", "net: the multi-modal network; probe: the linear-probe baseline (logistic "
+        "regression on time-pooled statistics of the six views), same checkpoint format.",
+        type=click.Choice(MODEL_KINDS)),
+    Opt("epochs", "Epochs. With --resume, a larger value extends the run: the cosine schedule "
+        "becomes that of the longer run from the next epoch on.", type=click.IntRange(1),
+        auto=f"auto per backbone: {describe_auto()}"),
+    Opt("batch_size", "Training segments per batch (per optimizer step).",
+        type=click.IntRange(1), auto=_AUTO),
+    Opt("lr", "Peak learning rate of AdamW (linear warm-up, cosine decay).",
+        type=click.FloatRange(min=0, min_open=True),
+        auto="light 1e-3, ResNets 3e-4 from scratch, 1e-4 from ImageNet weights"),
+    Opt("weight_decay", "AdamW weight decay.", type=click.FloatRange(min=0)),
+    Opt("warmup_epochs", "Epochs of linear learning-rate warm-up.", type=click.IntRange(0)),
+    Opt("label_smoothing", "Label smoothing of the cross-entropy.",
+        type=click.FloatRange(0, 1, max_open=True)),
+    Opt("seed", "Seed of the split, the initial weights and every random draw of training."),
+    Opt("segment_seconds", "Train on random crops of this length; 'full' uses whole clips.",
+        type=SecondsOrFull()),
+    Opt("val_size", "Fraction of the clips (by group) held out for validation.",
+        type=click.FloatRange(0, 1, max_open=True)),
+    Opt("test_size", "Fraction of the clips (by group) held out for the test.",
+        type=click.FloatRange(0, 1, max_open=True)),
+    Opt("patience", "Stop after this many epochs without a better validation loss (accuracy "
+        "with --select val_acc). May be changed with --resume.", type=click.IntRange(1),
+        auto=_AUTO),
+    Opt("select", "Which weights best.pth holds: those after the last epoch, or of the epoch "
+        "with the lowest validation loss / highest validation accuracy.",
+        type=click.Choice(SELECTIONS)),
+    Opt("ema", "Decay per step of an exponential moving average of the weights (0: off).",
+        type=click.FloatRange(0, 1, max_open=True)),
+    Opt("mixup", "Mixup Beta(a, a) parameter (0: off).", type=click.FloatRange(min=0)),
+    Opt("freq_mask", "SpecAugment: mask up to this fraction of mel bands (0: off).",
+        type=click.FloatRange(0, 1, max_open=True)),
+    Opt("time_mask", "SpecAugment: mask up to this fraction of frames (0: off).",
+        type=click.FloatRange(0, 1, max_open=True)),
+    Opt("tilt_db", "Random spectral tilt of the mel views and MFCC: up to this many dB between "
+        "the lowest and the highest mel band, either way (0: off).",
+        type=click.FloatRange(min=0)),
+    Opt("probe_c", "Inverse regularisation strength of --model probe.",
+        type=click.FloatRange(min=0, min_open=True)),
+])
+
+# ------------------------------------------------------------------------------- ModelConfig
+
+model_options = config_options(ModelConfig, [
+    Opt("backbone", "CNN of the three mel branches; 'light' is a small CNN for CPUs.",
+        type=click.Choice(BACKBONES), auto="resnet50"),
+    Opt("share_backbone", "One set of CNN weights for all three mel views."),
+    Opt("band_stats", "Each mel branch also sees the mean and standard deviation over time of "
+        "every mel band (the long-term spectral shape) beside its CNN's pooled output."),
+])
+
+# ----------------------------------------------------------------------------- RuntimeConfig
+
+device_option = config_options(RuntimeConfig, [
+    Opt("device", "auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps."),
+])
+
+runtime_options = config_options(RuntimeConfig, [
+    Opt("amp", "Mixed precision: fp16/bf16 on CUDA, bf16 on CPUs with native bf16."),
+    Opt("channels_last", "Channels-last memory format for the CNNs."),
+    Opt("num_workers", "DataLoader worker processes.", type=click.IntRange(0)),
+])
+
+# ---------------------------------------------------------------------- shared plain options
+
+quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+
+split_file_option = click.option(
+    "--split-file", "split_file", default=TrainConfig.split_file,
+    help="CSV 'path,split' (train/val/test) imposing the split, or a shipped alias: "
+    "gtzan-fault-filtered.")
+
+checkpoint_option = click.option(
+    "--checkpoint", type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("models/best.pth"), show_default=True,
+    help="A checkpoint written by 'deepfusion train'.")
+
+
+def features_option(*, default: Optional[Path], help_default: Optional[str] = None):
+    """``--features``: a features pickle or store folder (default given per command)."""
+    text = "Features pickle or store folder from 'deepfusion extract' (or the original project's pickle)."
+    return click.option("--features", type=click.Path(path_type=Path), default=default,
+                        show_default=default is not None,
+                        help=f"{text}  [default: {help_default}]" if help_default else text)
+
+
+train_features_option = features_option(default=DEFAULT_FEATURES)

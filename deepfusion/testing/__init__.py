@@ -1,0 +1,164 @@
+"""Support for deepfusion's test suite and benchmark scripts, as ``numpy.testing`` is numpy's.
+
+One home for what the tests and ``benchmarks/`` share, importable by both without path tricks:
+running the real command (in-process through click's ``CliRunner``, or as ``python -m
+deepfusion`` in a subprocess with a controlled environment), the one-error-line check,
+comparisons of two runs' outputs, and writing a feature store from a loaded FeatureSet.
+:mod:`deepfusion.testing.damage` makes good and damaged audio files and kills commands at a
+chosen moment; :mod:`deepfusion.testing.reference` computes the six views the textbook way.
+Nothing on the extract/train/evaluate/predict path imports this package.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import pickle
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import FEATURE_KEYS, FeatureConfig
+
+#: The suite's tiny dataset: 3 synthetic genres x 6 clips of 6 s, and its feature settings.
+TINY_DATASET = dict(genres=3, clips_per_genre=6, duration=6.0, seed=0)
+TINY_FEATURES = FeatureConfig(duration=6.0)
+
+# ------------------------------------------------------------------------ running the command
+
+
+def invoke(*args: Any):
+    """Run ``deepfusion ARGS`` in this process (monkeypatches apply) through click's
+    ``CliRunner``; the result has ``exit_code``, ``stdout``, ``stderr`` and ``output``."""
+    from click.testing import CliRunner
+
+    from ..cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def one_error_line(stderr: str) -> str:
+    """The single ``Error: ...`` line a refused input or an impossible output must produce.
+
+    Fails (AssertionError) on a traceback, several lines, or an "internal error" (a bug).
+    """
+    assert "Traceback" not in stderr, stderr
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), stderr
+    assert "internal error" not in lines[0], stderr
+    return lines[0]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment of a ``python -m deepfusion`` subprocess.
+
+    No ``DEEPFUSION_CACHE`` from the caller; this checkout first on ``PYTHONPATH``; one
+    BLAS/OpenMP thread (on a shared 2-core machine two spinning threads make torch 30x slower,
+    and kill trials compare runs bit for bit); unbuffered output.
+    """
+    repo = str(Path(__file__).resolve().parents[2])
+    env = {k: v for k, v in os.environ.items() if k != "DEEPFUSION_CACHE"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")]))
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def cli_command(*args: Any) -> list[str]:
+    """``python -m deepfusion ARGS`` as an argument list."""
+    return [sys.executable, "-m", "deepfusion", *map(str, args)]
+
+
+def run_command(*args: Any, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    """The real command in a subprocess, to completion (text output captured).
+
+    Raises ``subprocess.TimeoutExpired`` after ``timeout`` seconds: a hang, never a stall.
+    """
+    return subprocess.run(cli_command(*args), env=subprocess_env(**env), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 with nothing listening (connections are refused at once)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- comparing outputs
+
+def leftovers(*folders: Path) -> list[Path]:
+    """Temporary files (``.name.<pid>.<hex>.tmp``) under ``folders``."""
+    return [p for f in folders if f.exists() for p in f.rglob("*") if p.name.endswith(".tmp")]
+
+
+def check_cache_entry(entry: Path) -> None:
+    """Assert that a cache entry loads with the six finite float32 views and its metadata."""
+    with np.load(entry, allow_pickle=False) as npz:
+        assert set(npz.files) == {*FEATURE_KEYS, "__meta__"}, entry
+        for key in FEATURE_KEYS:
+            assert npz[key].dtype == np.float32 and np.isfinite(npz[key]).all(), (entry, key)
+
+
+def load_own_pickle(path: Path) -> list[dict]:
+    """A features file deepfusion wrote (a plain load is the reference reader of our own output)."""
+    with open(path, "rb") as fh:
+        return pickle.load(fh)
+
+
+def assert_same_features(a: Path, b: Path) -> None:
+    """Two extract outputs hold the same clips, views, metadata and error reports."""
+    items_a, items_b = load_own_pickle(a), load_own_pickle(b)
+    assert [(it["path"], it["label"]) for it in items_a] == \
+        [(it["path"], it["label"]) for it in items_b], "clips"
+    for x, y in zip(items_a, items_b):
+        for key in FEATURE_KEYS:
+            assert np.array_equal(x["features"][key], y["features"][key]), (x["path"], key)
+        for meta in ("audio_sha", "file_sha", "source_sr", "channels", "duplicate_group"):
+            assert x[meta] == y[meta], (x["path"], meta)
+    assert a.with_name("extract_errors.csv").read_text() == \
+        b.with_name("extract_errors.csv").read_text(), "extract_errors.csv"
+
+
+def history_rows(model_dir: Path) -> list[dict]:
+    """``training_history.csv`` without its wall-time column."""
+    with open(model_dir / "training_history.csv", newline="") as fh:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(fh)]
+
+
+def assert_same_training(a: Path, b: Path) -> None:
+    """Two model folders hold the same history (but wall time) and the same best checkpoint:
+    weights, epoch and metrics."""
+    import torch
+
+    assert history_rows(a) == history_rows(b), "history"
+    ca, cb = (torch.load(d / "best.pth", map_location="cpu", weights_only=True) for d in (a, b))
+
+    def metrics(ckpt: dict) -> dict:
+        return {**ckpt["metrics"], "val": {k: v for k, v in ckpt["metrics"]["val"].items()
+                                           if k != "seconds"}}
+
+    assert ca["epoch"] == cb["epoch"], "best epoch"
+    assert metrics(ca) == metrics(cb), "metrics"
+    for key, tensor in ca["model_state"].items():
+        assert torch.equal(tensor, cb["model_state"][key]), key
+
+
+# ------------------------------------------------------------------------------- feature stores
+
+def save_store(fs, folder: Path) -> None:
+    """Write a loaded :class:`~deepfusion.io.featureset.FeatureSet` as a feature store, one
+    clip at a time (extract writes stores from the cache; tests start from a FeatureSet)."""
+    from ..io.store import StoreWriter
+
+    names = fs.label_names or [fs.class_names[c] for c in fs.labels]
+    with StoreWriter(Path(folder), n_clips=len(fs), rows=fs.rows(), frames=fs.n_frames) as writer:
+        for i in range(len(fs)):
+            writer.put({k: fs.arrays[k][i] for k in FEATURE_KEYS})
+        writer.commit([{"path": p, "label": n, "group": int(g)}
+                       for p, n, g in zip(fs.paths, names, fs.groups)],
+                      feature_config=fs.feature_config, source=fs.source)
