@@ -107,7 +107,7 @@ def run_cv(features: Path, fs, work: Path, *, folds: int, seeds: list[int], conf
         t0 = time.perf_counter()
         cv = cross_validate(features, folds=folds, model_dir=work / f"s{seed}",
                             config=replace(config, seed=seed), feature_set=fs, fold_seed=seed,
-                            backbone=backbone, pretrained=pretrained, quiet=True,
+                            backbone=backbone, pretrained=pretrained, quiet=True, overwrite=True,
                             echo=lambda s: None, model_options=model_options)
         per_seed.append(cv.pooled_accuracy)
         per_fold.append([row["clip_accuracy"] for row in cv.folds])
@@ -145,8 +145,8 @@ def shifted_check(work: Path, *, seeds: list[int], recipes: dict[str, TrainConfi
             out = work / f"shift-{seed}"
             r = train(sets["default"], model_dir=out, config=replace(recipe, seed=seed, val_size=0.2,
                                                                       test_size=0.2),
-                      backbone=backbone, pretrained="never", quiet=True, echo=lambda s: None,
-                      model_options=(model_options or {}).get(name))
+                      backbone=backbone, pretrained="never", quiet=True, overwrite=True,
+                      echo=lambda s: None, model_options=(model_options or {}).get(name))
             in_domain.append(r.test_acc)
             report = evaluate(out / "best.pth", features=sets["shifted"], split="all",
                               echo=lambda s: None)

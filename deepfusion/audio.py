@@ -105,8 +105,13 @@ def discover(audio_dir: Path, *, manifest: Optional[Path] = None,
 
 
 def _read_manifest(manifest: Path, root: Path) -> list[AudioItem]:
+    from .io.guard import require_regular_file
+
+    require_regular_file(manifest, what="the manifest", error=DatasetError)
+    seen: dict[str, int] = {}
     try:
-        with open(manifest, newline="", encoding="utf-8") as fh:
+        # utf-8-sig: spreadsheets save "CSV UTF-8" with a byte-order mark
+        with open(manifest, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             fieldnames = reader.fieldnames or []
             label_col = "label" if "label" in fieldnames else "genre"
@@ -121,6 +126,11 @@ def _read_manifest(manifest: Path, root: Path) -> list[AudioItem]:
                 if not rel or not label:
                     raise DatasetError(f"{manifest}: line {line}: empty path or label")
                 path = resolve_inside(root, rel, source=f"{manifest}: line {line}")
+                key = PurePosixPath(rel).as_posix()
+                if key in seen:
+                    raise DatasetError(f"{manifest}: line {line}: {rel!r} is listed again "
+                                       f"(first on line {seen[key]}); list each file once")
+                seen[key] = line
                 group = (row.get(group_col) or "").strip() or None if group_col else None
                 items.append(AudioItem(path, PurePosixPath(rel).as_posix(), label, group))
             return items

@@ -22,10 +22,27 @@ from .options import (checkpoint_option, device_option, feature_options, feature
                       model_options, quiet_option, recipe_options, runtime_options,
                       split_file_option, take, train_features_option)
 
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM (``kill``, a scheduler's time limit, ``docker stop``) ends a command as Ctrl-C
+    does: workers stopped, temporary files removed, finished work kept, the same one line."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM"):
+        return
+
+    def interrupt(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)    # one is enough; clean-up runs now
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 class _Group(click.Group):
     """Turns deepfusion's own errors into one line and an exit status, never a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        _sigterm_as_interrupt()
         try:
             return super().invoke(ctx)
         except DeepFusionError as exc:
@@ -153,16 +170,20 @@ def extract(audio_dir: Path, out: Path | None, fmt: str, cache_dir: Path, manife
               "cross_validation.csv and cross_validation_predictions.csv.")
 @click.option("--resume", is_flag=True, help="Continue the run in --model-dir from last.pth: "
               "its recipe, with this call's --device, --amp, --channels-last and --num-workers.")
+@click.option("--overwrite", is_flag=True, help="Replace the run --model-dir holds (its "
+              "checkpoints, logs and reports are removed first); without it a used folder is "
+              "refused.")
 @quiet_option
 def train(features: Path, model_dir: Path, pretrained: bool | None, weights_path: Path | None,
-          folds: int | None, resume: bool, quiet: bool, **kwargs: Any) -> None:
+          folds: int | None, resume: bool, overwrite: bool, quiet: bool, **kwargs: Any) -> None:
     """Train the multi-modal network; writes best.pth, last.pth, training_history.csv/png."""
     if not features.exists():
         raise click.BadParameter(f"{features}: not found", param_hint="--features")
     config, runtime = take(TrainConfig, kwargs), take(RuntimeConfig, kwargs)
     common = dict(model_dir=model_dir, config=config, runtime=runtime,
                   backbone=kwargs.pop("backbone"), share_backbone=kwargs.pop("share_backbone"),
-                  pretrained=pretrained, weights_path=weights_path, resume=resume, quiet=quiet,
+                  pretrained=pretrained, weights_path=weights_path, resume=resume,
+                  overwrite=overwrite, quiet=quiet,
                   echo=click.echo, model_options={"band_stats": kwargs.pop("band_stats")})
     if folds:
         from .crossval import cross_validate

@@ -90,57 +90,59 @@ class CrossValidation:
 
 def cross_validate(features: Path, *, folds: int, model_dir: Path = Path("models"),
                    config: TrainConfig = TrainConfig(), feature_set: Optional[FeatureSet] = None,
-                   fold_seed: Optional[int] = None, resume: bool = False,
+                   fold_seed: Optional[int] = None, resume: bool = False, overwrite: bool = False,
                    echo: Callable[[str], None] = print, **train_kwargs: Any) -> CrossValidation:
     """K-fold grouped, stratified cross-validation of a training recipe.
 
     ``train_kwargs`` go to :func:`deepfusion.train.train` (backbone, pretrained, quiet, ...).
     The folds depend on ``fold_seed`` (default ``config.seed``) only, so recipes compared
     with the same seed see the same folds. Writes ``cross_validation.csv`` and
-    ``cross_validation_predictions.csv`` into ``model_dir``.
+    ``cross_validation_predictions.csv`` into ``model_dir``, which holds one run as
+    :func:`deepfusion.train.train`'s folder does (``resume`` or ``overwrite`` for a used one).
     """
     import pandas as pd
 
-    from .io.atomic import atomic_write, check_writable
+    from .io.atomic import atomic_write
+    from .io.run_folder import claim_run_folder
     from .metrics import summary_metrics
     from .train import train
 
     features, model_dir = Path(features), Path(model_dir)
-    check_writable(model_dir / "cross_validation.csv")
-    fs = feature_set if feature_set is not None else load_features(features)
-    known = fs.labels >= 0
-    if not known.all():
-        raise DatasetError(f"{features}: {int((~known).sum())} clips have no usable label")
-    seed = config.seed if fold_seed is None else fold_seed
-    fold = grouped_folds(fs.labels, fs.groups, folds, seed=seed)
-    rows: list[dict[str, Any]] = []
-    tables = []
-    n_classes = len(fs.class_names)
-    for f in range(folds):
-        sub = model_dir / f"fold-{f + 1}"
-        split = fold_split(fs.labels, fs.groups, fold, f, val_size=config.val_size, seed=seed)
-        echo(f"fold {f + 1}/{folds}: {int((split == 'test').sum())} test clips")
-        result = train(features, model_dir=sub, config=replace(config, split_file=None),
-                       split=split, feature_set=fs, echo=echo,
-                       resume=resume and (sub / "last.pth").is_file(), **train_kwargs)
-        pred = result.test_predictions
-        truth = fs.labels[pred.clips]
-        m = summary_metrics(truth, pred.predicted, n_classes)
-        rows.append({"fold": f + 1, "clips": int(len(pred.clips)),
-                     "clip_accuracy": round(m["accuracy"], 6),
-                     "balanced_accuracy": round(m["balanced_accuracy"], 6),
-                     "macro_f1": round(m["macro_f1"], 6), "best_epoch": result.best_epoch})
-        probs = pred.probabilities()
-        table = pd.DataFrame({"path": [fs.paths[i] for i in pred.clips],
-                              "true_genre": [fs.class_names[c] for c in truth],
-                              "predicted_genre": [fs.class_names[c] for c in pred.predicted]})
-        for j, g in enumerate(fs.class_names):
-            table[f"p_{g}"] = probs[:, j].round(6)
-        table["fold"] = f + 1
-        tables.append(table)
-    predictions = pd.concat(tables, ignore_index=True)
-    with atomic_write(model_dir / "cross_validation.csv", "w") as fh:
-        pd.DataFrame(rows, columns=list(FOLD_FIELDS)).to_csv(fh, index=False, lineterminator="\n")
-    with atomic_write(model_dir / "cross_validation_predictions.csv", "w") as fh:
-        predictions.to_csv(fh, index=False, lineterminator="\n")
-    return CrossValidation(rows, predictions, model_dir)
+    with claim_run_folder(model_dir, resume=resume, overwrite=overwrite):
+        fs = feature_set if feature_set is not None else load_features(features)
+        known = fs.labels >= 0
+        if not known.all():
+            raise DatasetError(f"{features}: {int((~known).sum())} clips have no usable label")
+        seed = config.seed if fold_seed is None else fold_seed
+        fold = grouped_folds(fs.labels, fs.groups, folds, seed=seed)
+        rows: list[dict[str, Any]] = []
+        tables = []
+        n_classes = len(fs.class_names)
+        for f in range(folds):
+            sub = model_dir / f"fold-{f + 1}"
+            split = fold_split(fs.labels, fs.groups, fold, f, val_size=config.val_size, seed=seed)
+            echo(f"fold {f + 1}/{folds}: {int((split == 'test').sum())} test clips")
+            result = train(features, model_dir=sub, config=replace(config, split_file=None),
+                           split=split, feature_set=fs, echo=echo,
+                           resume=resume and (sub / "last.pth").is_file(), **train_kwargs)
+            pred = result.test_predictions
+            truth = fs.labels[pred.clips]
+            m = summary_metrics(truth, pred.predicted, n_classes)
+            rows.append({"fold": f + 1, "clips": int(len(pred.clips)),
+                         "clip_accuracy": round(m["accuracy"], 6),
+                         "balanced_accuracy": round(m["balanced_accuracy"], 6),
+                         "macro_f1": round(m["macro_f1"], 6), "best_epoch": result.best_epoch})
+            probs = pred.probabilities()
+            table = pd.DataFrame({"path": [fs.paths[i] for i in pred.clips],
+                                  "true_genre": [fs.class_names[c] for c in truth],
+                                  "predicted_genre": [fs.class_names[c] for c in pred.predicted]})
+            for j, g in enumerate(fs.class_names):
+                table[f"p_{g}"] = probs[:, j].round(6)
+            table["fold"] = f + 1
+            tables.append(table)
+        predictions = pd.concat(tables, ignore_index=True)
+        with atomic_write(model_dir / "cross_validation.csv", "w") as fh:
+            pd.DataFrame(rows, columns=list(FOLD_FIELDS)).to_csv(fh, index=False, lineterminator="\n")
+        with atomic_write(model_dir / "cross_validation_predictions.csv", "w") as fh:
+            predictions.to_csv(fh, index=False, lineterminator="\n")
+        return CrossValidation(rows, predictions, model_dir)

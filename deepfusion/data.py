@@ -65,7 +65,10 @@ def resolve_split_file(spec: str | Path) -> Path:
     """A split file path, or a shipped one by alias (``gtzan-fault-filtered``)."""
     if str(spec) in SPLIT_ALIASES:
         return Path(str(resources.files("deepfusion") / "splits" / SPLIT_ALIASES[str(spec)]))
+    from .io.guard import require_regular_file
+
     path = Path(spec)
+    require_regular_file(path, what="the split file", error=DatasetError)
     if not path.is_file():
         aliases = ", ".join(SPLIT_ALIASES)
         raise DatasetError(f"{path}: split file not found (shipped aliases: {aliases})")
@@ -86,8 +89,9 @@ def read_split_file(spec: str | Path, paths: list[str]) -> np.ndarray:
     if not any(paths):
         raise DatasetError(f"{path}: the features file records no clip paths to match")
     wanted: dict[str, str] = {}
+    first_line: dict[str, int] = {}
     try:
-        with open(path, newline="", encoding="utf-8") as fh:
+        with open(path, newline="", encoding="utf-8-sig") as fh:   # a BOM is allowed
             reader = csv.DictReader(fh)
             if not reader.fieldnames or not {"path", "split"} <= set(reader.fieldnames):
                 raise DatasetError(f"{path}: needs 'path' and 'split' columns")
@@ -97,6 +101,10 @@ def read_split_file(spec: str | Path, paths: list[str]) -> np.ndarray:
                 if name not in SPLITS:
                     raise DatasetError(f"{path}: line {line}: split must be train, val or test, got {name!r}")
                 resolve_inside(Path("/dataset-root"), rel, source=f"{path}: line {line}")
+                if rel in first_line:
+                    raise DatasetError(f"{path}: line {line}: {rel!r} is listed again (first on "
+                                       f"line {first_line[rel]}); list each clip once")
+                first_line[rel] = line
                 wanted[rel] = name
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DatasetError(f"{path}: cannot read split file ({exc})") from None

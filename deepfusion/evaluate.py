@@ -16,12 +16,18 @@ from .inference import predict_clips
 from .io.atomic import atomic_write, check_writable
 from .io.cache import file_digest
 from .io.features_file import load_features
+from .io.guard import check_outputs
 from .io.featureset import FeatureSet
 from .metrics import bootstrap_interval, confusion_matrix, per_class_scores, summary_metrics
 from .runtime import resolve_device, use_amp
 
 
 # --------------------------------------------------------------------------- the evaluate stage
+
+#: The files evaluate writes into its output folder.
+REPORT_FILES = ("evaluation.json", "classification_report.csv", "predictions.csv",
+                "confusion_matrix.png", "attention.png")
+
 
 @dataclass
 class EvaluationReport:
@@ -111,6 +117,9 @@ def evaluate(checkpoint: Path, *, features: Optional[Path] = None, split: str = 
     out_dir = Path(out_dir) if out_dir is not None else checkpoint.parent
     check_writable(out_dir / "evaluation.json")
     features = Path(features) if features is not None else Path(ckpt["features_file"])
+    check_outputs({out_dir / name: f"the report {name}" for name in REPORT_FILES},
+                  {checkpoint: "the checkpoint", features: "the features file",
+                   **({Path(split_file): "the --split-file"} if split_file else {})})
     class_names = list(ckpt["class_names"])
     fs = load_features(features, class_names=class_names)
     rows = fs.rows()

@@ -26,6 +26,7 @@ from .config import (DEFAULT_CACHE_DIR, DEFAULT_FEATURES, DEFAULT_STORE, FEATURE
 from .errors import AudioError, DeepFusionError, OutputError, ParameterError
 from .io.atomic import atomic_write, check_writable, remove_stale_temps, write_csv
 from .io.features_file import write_features_file
+from .io.guard import audio_inputs, check_outputs, check_replaceable
 from .progress import progress_bar
 
 ERRORS_CSV = "extract_errors.csv"
@@ -151,6 +152,13 @@ def compute_entry(path: str, key: str, cache_dir: str, config_dict: dict,
         return str(exc)
     except Exception as exc:  # a library failing on odd input must not end the batch
         return f"feature computation failed ({type(exc).__name__}: {exc})"
+    try:
+        unchanged = file_digest(Path(path)) == key
+    except OSError:
+        unchanged = False
+    if not unchanged:  # what was decoded is not what was hashed: never cache it under that key
+        return ("changed while it was read (a copy or download still in progress?); "
+                "run extract again when it is complete")
     meta = {"audio_sha": audio_digest(audio.y), "source_sr": audio.source_sr,
             "channels": audio.channels, "source_seconds": round(audio.source_seconds, 4)}
     cache.store(key, feats, meta)
@@ -209,6 +217,13 @@ def extract(audio_dir: Path, *, out: Optional[Path] = None, fmt: str = "pickle",
         raise ParameterError(f"{out}: that name is reserved for the error report; choose another --out")
     if fmt == "pickle" and out.is_dir():
         raise OutputError(f"{out}: is a folder (a feature store?); give --format store, or a file for --out")
+    outputs = {out: "--out", out.with_name(ERRORS_CSV): "the error report"}
+    check_outputs(outputs, {**audio_inputs(it.path for it in items),
+                            **({Path(manifest): "the --manifest"} if manifest else {})})
+    if fmt == "pickle":
+        check_replaceable(out, name="--out", kind="a features pickle", magic=(b"\x80",))
+    check_replaceable(out.with_name(ERRORS_CSV), name=ERRORS_CSV, kind="an extract error report",
+                      magic=(b"path,reason",))
     if fmt == "store":
         from .io.store import check_destination
 

@@ -26,8 +26,10 @@ from .data import (Augment, check_split, fit_normalization, make_split, make_tra
                    read_split_file, segment_frames, segments_per_clip)
 from .errors import CheckpointError, DatasetError, ParameterError
 from .inference import ClipPredictions, clip_loss, predict_clips
-from .io.atomic import check_writable, remove_stale_temps, write_csv
+from .io.atomic import remove_stale_temps, write_csv
 from .io.features_file import load_features
+from .io.guard import check_outputs
+from .io.run_folder import RUN_FILES, claim_run_folder
 from .io.featureset import FeatureSet
 from .models import build_model, count_parameters
 from .progress import duration_text, epoch_estimate, progress_bar
@@ -168,7 +170,8 @@ def _infer_feature_config(fs: FeatureSet) -> FeatureConfig:
 
 def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConfig = TrainConfig(),
           runtime: RuntimeConfig = RuntimeConfig(), backbone: Optional[str] = None, share_backbone: bool = False, pretrained: Any = "auto",
-          weights_path: Optional[Path] = None, resume: bool = False, quiet: bool = False,
+          weights_path: Optional[Path] = None, resume: bool = False, overwrite: bool = False,
+          quiet: bool = False,
           echo: Callable[[str], None] = print, split: Optional[np.ndarray] = None,
           feature_set: Optional[FeatureSet] = None,
           model_options: Optional[dict[str, Any]] = None) -> TrainResult:
@@ -187,12 +190,35 @@ def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConf
     clip) and ``feature_set`` (the loaded ``features``) serve cross-validation;
     ``model_options`` are further :class:`ModelConfig` fields (``band_stats``).
 
+    One run per folder: a second writer is refused while this one runs, and a folder that
+    holds a run needs ``resume`` (continue it) or ``overwrite`` (replace it).
+
     Raises
     ------
     FeaturesFileError, DatasetError, ParameterError, WeightsNotFoundError, CheckpointError
         Before any training: bad features, impossible split, bad options, missing pretrained
         weights (when required), nothing to resume.
+    OutputError
+        ``model_dir`` cannot be written, is in use, or holds a run not resumed or overwritten.
     """
+    inputs = {Path(p): what for p, what in ((weights_path, "--weights-path"),
+                                             (config.split_file, "the --split-file"),
+                                             (features, "the features file")) if p}
+    check_outputs({Path(model_dir) / name: name for name in RUN_FILES}, inputs)
+    with claim_run_folder(Path(model_dir), resume=resume, overwrite=overwrite):
+        return _train(features, model_dir=model_dir, config=config, runtime=runtime,
+                      backbone=backbone, share_backbone=share_backbone, pretrained=pretrained,
+                      weights_path=weights_path, resume=resume, quiet=quiet, echo=echo,
+                      split=split, feature_set=feature_set, model_options=model_options)
+
+
+def _train(features: Path, *, model_dir: Path = Path("models"), config: TrainConfig = TrainConfig(),
+          runtime: RuntimeConfig = RuntimeConfig(), backbone: Optional[str] = None, share_backbone: bool = False, pretrained: Any = "auto",
+          weights_path: Optional[Path] = None, resume: bool = False, quiet: bool = False,
+          echo: Callable[[str], None] = print, split: Optional[np.ndarray] = None,
+          feature_set: Optional[FeatureSet] = None,
+          model_options: Optional[dict[str, Any]] = None) -> TrainResult:
+    """The run itself, in a folder :func:`train` holds."""
     t_start = time.perf_counter()
     features, model_dir = Path(features), Path(model_dir)
     last_path, best_path = model_dir / "last.pth", model_dir / "best.pth"
@@ -217,7 +243,6 @@ def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConf
         for note in notes:
             echo(note)
     backbone = backbone or ModelConfig.backbone
-    check_writable(best_path)
     remove_stale_temps(model_dir)  # leftovers of a run killed while writing
 
     fs = feature_set if feature_set is not None else load_features(features)

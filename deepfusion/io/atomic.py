@@ -2,8 +2,10 @@
 
 Every file deepfusion writes goes to a temporary name in the destination folder first and is
 renamed over the destination only when complete, so a crash or ``kill -9`` leaves either the old
-file or the new one, never half of one. Temporary names carry the writer's process id, so a
-later run can remove the leftovers of dead processes without touching a live one's.
+file or the new one, never half of one. Temporary names carry the writer's process id and a
+tag of its host and PID namespace, so a later run removes the leftovers of dead processes
+without touching a live one's, even when containers or hosts share the folder (NFS): another
+host's temporary file is removed only after a day.
 """
 
 from __future__ import annotations
@@ -13,16 +15,38 @@ import csv
 import errno
 import os
 import re
+import time
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator, Sequence
 
 from ..errors import OutputError
 
-_TMP_RE = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")
+#: ``.NAME.<pid>.<where>.<random>.tmp``: <where> tags the host and PID namespace of the writer
+_TMP_RE = re.compile(r"^\..+\.(\d+)\.([0-9a-f]{8})\.[0-9a-f]{8}\.tmp$")
+#: names written before the tag existed: ``.NAME.<pid>.<random>.tmp``
+_LEGACY_TMP_RE = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")
+#: a temporary file of another host or container is removed only when older than this: its
+#: writer cannot be asked whether it runs (no atomic write takes a day)
+FOREIGN_TMP_AGE = 24 * 3600
+
+
+def _where() -> str:
+    """A tag of this host and PID namespace: a PID means this process only under both."""
+    import hashlib
+    import socket
+
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        namespace = ""
+    return hashlib.sha256(f"{socket.gethostname()}|{namespace}".encode()).hexdigest()[:8]
+
+
+_WHERE = _where()
 
 
 def _tmp_name(dest: Path) -> Path:
-    return dest.with_name(f".{dest.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    return dest.with_name(f".{dest.name}.{os.getpid()}.{_WHERE}.{os.urandom(4).hex()}.tmp")
 
 
 @contextlib.contextmanager
@@ -132,8 +156,28 @@ def _windows_pid_alive(pid: int) -> bool:
         kernel32.CloseHandle(handle)
 
 
+def _abandoned(path: Path) -> bool:
+    """Whether the temporary file ``path`` provably has no live writer.
+
+    Written on this host and in this PID namespace: when its process no longer runs. Written
+    elsewhere (another container or host sharing the folder over NFS): when it is older than
+    :data:`FOREIGN_TMP_AGE`, since that writer's process cannot be asked about.
+    """
+    match = _TMP_RE.match(path.name)
+    if match:
+        if match.group(2) == _WHERE:
+            return not pid_alive(int(match.group(1)))
+        try:
+            return time.time() - path.stat().st_mtime > FOREIGN_TMP_AGE
+        except OSError:
+            return False
+    legacy = _LEGACY_TMP_RE.match(path.name)
+    return bool(legacy) and not pid_alive(int(legacy.group(1)))
+
+
 def remove_stale_temps(folder: Path, *, recursive: bool = False) -> int:
-    """Delete temporary files left in ``folder`` by processes that no longer run.
+    """Delete temporary files left in ``folder`` by processes that no longer run (see
+    :func:`_abandoned`: a file another host or container may still be writing stays).
 
     Returns the number of files removed.
     """
@@ -143,8 +187,7 @@ def remove_stale_temps(folder: Path, *, recursive: bool = False) -> int:
     removed = 0
     paths = folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp")
     for path in paths:
-        match = _TMP_RE.match(path.name)
-        if match and not pid_alive(int(match.group(1))):
+        if _abandoned(path):
             _unlink_quietly(path)
             removed += 1
     return removed

@@ -39,8 +39,10 @@ def load_features(path: Path, *, class_names: Optional[list[str]] = None) -> Fea
 
     See :func:`load_feature_set` and :func:`~deepfusion.io.store.open_store`; both raise :class:`FeaturesFileError`.
     """
+    from .guard import require_regular_file
     from .store import is_store, open_store
 
+    require_regular_file(path, what="the features file", error=FeaturesFileError)
     if is_store(path):
         return open_store(path, class_names=class_names)
     return load_feature_set(path, class_names=class_names)
@@ -117,6 +119,7 @@ def load_feature_set(path: Path, *, class_names: Optional[list[str]] = None) -> 
     index = {name: i for i, name in enumerate(class_names)}
 
     n, t = len(items), Counter(frames).most_common(1)[0][0]
+    _check_expansion(path, items, n * sum(rows.values()) * t * 4)
     arrays = {k: np.empty((n, rows[k], t), np.float32) for k in FEATURE_KEYS}
     for i, item in enumerate(items):
         for k in FEATURE_KEYS:
@@ -138,3 +141,29 @@ def load_feature_set(path: Path, *, class_names: Optional[list[str]] = None) -> 
                       names, sha256)
 
 
+#: A features file may take this many times its size in memory (float16 data doubles), plus
+#: a fixed allowance; beyond that its items must share arrays through the pickle memo.
+MAX_EXPANSION, EXPANSION_SLACK = 4, 64 << 20
+
+
+def _check_expansion(path: Path, items: list[dict[str, Any]], needed: int) -> None:
+    """Refuse, before allocating, a file whose stacked arrays would dwarf it.
+
+    A pickle can name one array many times (its memo), so a few MB may describe gigabytes.
+
+    Raises
+    ------
+    FeaturesFileError
+    """
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return
+    if needed <= MAX_EXPANSION * size + EXPANSION_SLACK:
+        return
+    distinct = len({id(a) for it in items for a in it["features"].values()})
+    total = sum(len(it["features"]) for it in items)
+    raise FeaturesFileError(
+        f"{path}: refused, its {len(items)} clips would take {needed / 2**30:.1f} GB in memory "
+        f"from a {size / 2**20:.1f} MB file ({distinct} distinct arrays for {total} views: "
+        "items share arrays); write each clip's own arrays")

@@ -29,7 +29,6 @@ import json
 import os
 import re
 import shutil
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -39,6 +38,7 @@ from ..config import FEATURE_KEYS, MEL_KEYS
 from ..errors import FeaturesFileError, OutputError
 from .atomic import atomic_write, os_error_reason, remove_stale_temps
 from .featureset import FeatureSet, checked_feature_config, class_names_of, merge_groups
+from .lock import exclusive
 
 FORMAT = "deepfusion-feature-store"
 VERSION = 1
@@ -95,47 +95,9 @@ def check_destination(dest: Path) -> None:
                           "store; give another --out")
 
 
-_HELD: set[str] = set()         # store folders this process holds the lock of
-
-
-@contextlib.contextmanager
 def _exclusive(root: Path):
-    """Hold the exclusive lock of store ``root`` (waiting while another process writes it).
-
-    Raises
-    ------
-    OutputError
-        This process already writes ``root`` (waiting would never end).
-    """
-    key = os.path.realpath(root)
-    if key in _HELD:
-        raise OutputError(f"{root}: this process is already writing this feature store")
-    fh = open(root / LOCK, "a+b")
-    try:
-        try:
-            import fcntl
-        except ImportError:          # Windows
-            import msvcrt
-            fh.seek(0)
-            while True:
-                try:
-                    msvcrt.locking(fh.fileno(), msvcrt.LK_NBLCK, 1)
-                    break
-                except OSError:
-                    time.sleep(0.2)
-            unlock = lambda: (fh.seek(0), msvcrt.locking(fh.fileno(), msvcrt.LK_UNLCK, 1))  # noqa: E731
-        else:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-            unlock = lambda: fcntl.flock(fh.fileno(), fcntl.LOCK_UN)  # noqa: E731
-        _HELD.add(key)
-        try:
-            yield
-        finally:
-            _HELD.discard(key)
-            with contextlib.suppress(OSError):
-                unlock()
-    finally:
-        fh.close()
+    """Hold the exclusive lock of store ``root``, taking turns with another writer."""
+    return exclusive(root / LOCK, wait=True, what="this feature store")
 
 
 def _current_version(root: Path) -> Optional[str]:

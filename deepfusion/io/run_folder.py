@@ -1,0 +1,70 @@
+"""A model folder holds one run: one writer at a time, and never replaced unasked.
+
+Two ``train`` processes in one ``--model-dir`` would interleave ``best.pth`` of one run with
+``last.pth`` and the history of the other; a new run in a folder that holds one would silently
+replace it. :func:`claim_run_folder` holds the folder's lock (:mod:`deepfusion.io.lock`) for the
+whole run and refuses, in one line, a folder that holds a run unless the call continues it
+(``resume``) or replaces it (``overwrite``, which removes the old run's files first).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+from ..errors import OutputError, ParameterError
+from .atomic import check_writable, os_error_reason
+from .lock import exclusive
+
+LOCK_NAME = ".deepfusion.lock"
+#: What a run writes into its folder (a run is there when any of the first two is).
+RUN_FILES = ("best.pth", "last.pth", "training_history.csv", "training_history.png",
+             "cross_validation.csv", "cross_validation_predictions.csv", "evaluation.json",
+             "classification_report.csv", "predictions.csv", "confusion_matrix.png",
+             "attention.png")
+#: A run is in the folder when one of these is.
+RUN_MARKERS = ("best.pth", "last.pth", "cross_validation.csv")
+
+
+@contextlib.contextmanager
+def claim_run_folder(folder: Path, *, resume: bool, overwrite: bool) -> Iterator[None]:
+    """Hold ``folder`` for one run (see the module docstring).
+
+    Raises
+    ------
+    ParameterError
+        Both ``resume`` and ``overwrite``.
+    OutputError
+        The folder cannot be written, another process runs in it, or it holds a run that the
+        call neither resumes nor overwrites.
+    """
+    if resume and overwrite:
+        raise ParameterError("--resume continues the run in the folder, --overwrite replaces it: "
+                             "give one of them")
+    folder = Path(folder)
+    check_writable(folder / RUN_MARKERS[0])
+    with exclusive(folder / LOCK_NAME, wait=False, what="this model folder (a train run)"):
+        present = [name for name in RUN_MARKERS if (folder / name).exists()]
+        if present and not resume:
+            if not overwrite:
+                raise OutputError(f"{folder}: holds a run ({', '.join(present)}); --resume "
+                                  "continues it, --overwrite replaces it, or give another "
+                                  "--model-dir")
+            _remove_run(folder)
+        yield
+
+
+def _remove_run(folder: Path) -> None:
+    """Delete the files of the run in ``folder`` (and of its folds), nothing else."""
+    targets = [folder / name for name in RUN_FILES]
+    targets += [sub / name for sub in folder.glob("fold-*") if sub.is_dir() for name in RUN_FILES]
+    for path in targets:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot remove the old run's file with --overwrite "
+                              f"({os_error_reason(exc)})") from None
