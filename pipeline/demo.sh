@@ -11,7 +11,7 @@ python3 -m pip install -q -e .
 deepfusion synth --out data/demo/audio --genres 4 --clips-per-genre 15 --duration 30 --seed 0
 deepfusion extract --audio-dir data/demo/audio --out data/demo/features.pkl \
     --cache-dir data/cache --quiet
-deepfusion train --features data/demo/features.pkl --model-dir models/demo \
+deepfusion train --features data/demo/features.pkl --model-dir models/demo --overwrite \
     --backbone light --device cpu --val-size 0.2 --test-size 0.2 --seed 0 --quiet
 deepfusion evaluate --checkpoint models/demo/best.pth
 clip=$(ls data/demo/audio/*/*.wav | head -n 1)

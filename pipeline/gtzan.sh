@@ -19,6 +19,9 @@ deepfusion extract --audio-dir "$gtzan" --format store --out data/gtzan/features
 
 # ImageNet weights: from the torch cache, else downloaded; from scratch (said in one line) offline.
 # Epochs, batch size and learning rate: the auto recipe for resnet50 (train prints it).
+# Run again after an interruption: the run in models/gtzan continues (--resume).
+resume=""
+if [ -f models/gtzan/last.pth ]; then resume="--resume"; fi
 deepfusion train --features data/gtzan/features.store --model-dir models/gtzan \
-    --backbone resnet50 --split-file gtzan-fault-filtered
+    --backbone resnet50 --split-file gtzan-fault-filtered $resume
 deepfusion evaluate --checkpoint models/gtzan/best.pth

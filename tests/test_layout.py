@@ -123,3 +123,10 @@ def test_no_module_over_the_line_limit():
     sizes = {name: len(path.read_text(encoding="utf-8").splitlines())
              for name, path in _modules().items()}
     assert {n: s for n, s in sizes.items() if s > MAX_LINES} == {}
+
+
+def test_every_subpackage_is_a_regular_package():
+    """setup.cfg's find: skips folders without __init__.py: an installed (not editable)
+    deepfusion would lack them."""
+    folders = {p.parent for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts}
+    assert sorted(str(f) for f in folders if not (f / "__init__.py").exists()) == []
