@@ -223,12 +223,12 @@ def evaluate(checkpoint: Path, features: Path | None, split: str, split_file: st
              out_dir: Path | None, batch_size: int, device: str) -> None:
     """Report what a checkpoint does on held-out clips (table, CSVs, JSON, figures)."""
     from .evaluate import evaluate as run_evaluate
+    from .io.run_folder import REPORT_FILES
 
     report = run_evaluate(checkpoint, features=features, split=split, split_file=split_file,
                           out_dir=out_dir, batch_size=batch_size, device=device, echo=click.echo)
     click.echo(report.table())
-    click.echo(f"\nwrote evaluation.json, classification_report.csv, predictions.csv, "
-               f"confusion_matrix.png, attention.png to {report.out_dir}")
+    click.echo(f"\nwrote {', '.join(REPORT_FILES)} to {report.out_dir}")
 
 
 @main.command()

@@ -17,17 +17,13 @@ from .io.atomic import atomic_write, check_writable
 from .io.cache import file_digest
 from .io.features_file import load_features
 from .io.guard import check_outputs
+from .io.run_folder import REPORT_FILES
 from .io.featureset import FeatureSet
 from .metrics import bootstrap_interval, confusion_matrix, per_class_scores, summary_metrics
 from .runtime import resolve_device, use_amp
 
 
 # --------------------------------------------------------------------------- the evaluate stage
-
-#: The files evaluate writes into its output folder.
-REPORT_FILES = ("evaluation.json", "classification_report.csv", "predictions.csv",
-                "confusion_matrix.png", "attention.png")
-
 
 @dataclass
 class EvaluationReport:

@@ -29,7 +29,6 @@ import soundfile as sf
 from deepfusion.config import FEATURE_KEYS, FeatureConfig
 from deepfusion.testing import cli_command, invoke, subprocess_env
 
-REPO = Path(__file__).resolve().parents[1]
 SR = 22050
 DURATION = 3.0          # --duration of most runs: short clips keep the suite fast
 CONFIG = FeatureConfig(duration=DURATION)

@@ -19,11 +19,12 @@ from .atomic import check_writable, os_error_reason
 from .lock import exclusive
 
 LOCK_NAME = ".deepfusion.lock"
-#: What a run writes into its folder (a run is there when any of the first two is).
+#: The files evaluate writes (by default beside the checkpoint, so into the run's folder).
+REPORT_FILES = ("evaluation.json", "classification_report.csv", "predictions.csv",
+                "confusion_matrix.png", "attention.png")
+#: What a run writes into its folder: train's, train --folds', then evaluate's.
 RUN_FILES = ("best.pth", "last.pth", "training_history.csv", "training_history.png",
-             "cross_validation.csv", "cross_validation_predictions.csv", "evaluation.json",
-             "classification_report.csv", "predictions.csv", "confusion_matrix.png",
-             "attention.png")
+             "cross_validation.csv", "cross_validation_predictions.csv", *REPORT_FILES)
 #: A run is in the folder when one of these is.
 RUN_MARKERS = ("best.pth", "last.pth", "cross_validation.csv")
 
