@@ -13,6 +13,9 @@ limit (a limit that expires is a hang; a signal, a traceback or an "internal err
   temporary file;
 * two extract processes at once on one cache, writing separate or the same output;
 * output folders nobody can write (``/proc``, ``/sys``: root ignores chmod);
+* hardening II, a section per class: outputs naming inputs, files changing while read, one run
+  per model folder, bounded inputs (shared-array pickles, forged checkpoints, inputs too small
+  for the backbone, a full disk), shared caches, odd names and links, BOMs and FIFOs, SIGTERM;
 * peak memory of a 10-minute file against a 30-s one, and of 5,000 short files against 1,000.
 
 Usage:
@@ -404,6 +407,321 @@ def memory(work: Path, checkpoint: Path, few: int, many: int) -> dict:
     return result
 
 
+
+# ----------------------------------------------------------------- hardening II (issue 10)
+
+def refused(name: str, args: list, words: str, *, keep=(), timeout: float = HARD_LIMIT,
+            prefix: tuple = ()) -> bool:
+    """The command must end with one ``Error:`` line holding ``words``, files in ``keep``
+    unchanged. ``prefix`` runs it through ``python -c`` instead (a patched module)."""
+    before = {path: path.read_bytes() for path in keep}
+    cmd = [sys.executable, "-c", *prefix, *map(str, args)] if prefix else cli(*args)
+    try:
+        proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        TALLY.runs += 1
+        TALLY.hangs.append(name)
+        return False
+    _judge(name, proc.returncode, proc.stderr, ok_codes=(1, 2))
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    ok = (proc.returncode in (1, 2) and len(lines) == 1 and lines[0].startswith("Error: ")
+          and words in lines[0])
+    if not ok:
+        TALLY.lose(f"{name}: not refused in one line with {words!r}: {proc.stderr.strip()[-300:]}")
+    for path, data in before.items():
+        if not path.exists() or path.read_bytes() != data:
+            TALLY.lose(f"{name}: {path} was changed")
+            ok = False
+    return ok
+
+
+_LOW_DISK = """
+import collections, shutil, sys
+shutil.disk_usage = lambda path: collections.namedtuple("u", "total used free")(2**30, 2**30, 2**20)
+from deepfusion.cli import main
+main(prog_name="deepfusion")
+"""
+
+
+#: What a case of each class must do (the table's words).
+HARD_WORDS = {
+    "outputs over inputs": "outputs naming an input (audio file, link to it, manifest, own "
+                           "file, features) refused in one line, inputs unchanged",
+    "changed while read": "runs with 4 files swapped mid-read: each extracted or reported, every "
+                          "cache entry equal to a clean run's",
+    "one run per model folder": "refused in one line (used folder, live writer), run intact",
+    "bounded inputs": "refused in one line before allocation or work (shared-array pickle, 8 "
+                      "forged checkpoints, 0.05-s segments, full disk)",
+    "shared caches": "extracts left another container's fresh temporary file alone",
+    "names and links": "cases (non-UTF-8 and newline names + symlinked folder and loop, BOM "
+                       "manifest, 3 FIFOs) handled in one line each",
+    "signals": "SIGTERMs mid-extract: exit 130 with the Ctrl-C line, no temporary file, "
+               "re-run equal",
+}
+
+
+def hardening(work: Path, audio: Path, ref_features: Path, ref_model: Path) -> dict:
+    """One entry per class of issue 10: (cases, cases that behaved)."""
+    import torch
+
+    root = work / "hard"
+    root.mkdir()
+    checkpoint = ref_model / "best.pth"
+    clip = sorted(audio.rglob("*.wav"))[0]
+    result: dict[str, list[int]] = {}
+
+    def tally(key: str, ok: bool) -> None:
+        counts = result.setdefault(key, [0, 0])
+        counts[0] += 1
+        counts[1] += int(ok)
+
+    # 1. outputs over inputs
+    manifest = root / "manifest.csv"
+    manifest.write_text("path,label\n" + "".join(f"{p.relative_to(audio).as_posix()},"
+                                                 f"{p.parent.name}\n" for p in audio.rglob("*.wav")))
+    notes = root / "notes.txt"
+    notes.write_text("a user's own file\n")
+    link = root / "link.pkl"
+    link.symlink_to(clip)
+    for target, words in ((clip, "the audio file"), (link, "the audio file"),
+                          (manifest, "the --manifest"), (notes, "not a features pickle")):
+        tally("outputs over inputs", refused(
+            f"extract --out {target.name}", extract_args(audio, target, root / "c1", "--manifest",
+                                                         manifest), words, keep=(target, manifest)))
+    tally("outputs over inputs", _report_over_input(root, checkpoint, ref_features))
+    # 2. what is cached is what was read: files swapped between two contents during extract
+    result["changed while read"] = list(_swapping_files(root, audio))
+    # 3. one run per model folder
+    used = root / "used"
+    shutil.copytree(ref_model, used)
+    tally("one run per model folder", refused(
+        "train in a used folder", train_args(ref_features, used), "--resume continues it",
+        keep=(used / "best.pth", used / "last.pth")))
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(used / ".deepfusion.lock")],
+                              env=env(), stdout=subprocess.PIPE, text=True)
+    try:
+        holder.stdout.readline()
+        tally("one run per model folder", refused(
+            "train --resume while another writes", ["train", "--features", ref_features,
+                                                    "--model-dir", used, "--resume", "--quiet"],
+            "another process is writing this model folder", keep=(used / "last.pth",)))
+    finally:
+        holder.kill()
+        holder.wait()
+    # 4. bounded inputs
+    bomb = root / "bomb.pkl"
+    shared = {k: np.zeros((64, 1000), np.float32) for k in FEATURE_KEYS}
+    bomb.write_bytes(pickle.dumps([{"features": shared, "label": ("rock", "jazz")[i % 2],
+                                    "path": f"{i}.wav"} for i in range(400)], protocol=5))
+    tally("bounded inputs", refused("train on a pickle of shared arrays",
+                                    train_args(bomb, root / "m-bomb"), "items share arrays"))
+    best = torch.load(checkpoint, weights_only=True)
+    forged = {"sample_rate": ("feature_config", "sample_rate", 10**9),
+              "classes": ("class_names", None, [*best["class_names"], "polka"]),
+              "mel bands": ("model_config", "n_mels", 7),
+              "fusion": ("model_config", "fusion_hidden", [10**9])}
+    for name, (part, key, value) in forged.items():
+        ckpt = {k: (dict(v) if isinstance(v, dict) else v) for k, v in best.items()}
+        if key is None:
+            ckpt[part] = value
+        else:
+            ckpt[part][key] = value
+        path = root / f"forged-{name.replace(' ', '-')}.pth"
+        torch.save(ckpt, path)
+        for command in (["evaluate", "--checkpoint", path, "--out-dir", root / "r"],
+                        ["predict", clip, "--checkpoint", path]):
+            tally("bounded inputs", refused(f"{command[0]} of a checkpoint with forged {name}",
+                                            command, "damaged or inconsistent checkpoint"))
+    tally("bounded inputs", refused("train with 0.05-s segments", [
+        *train_args(ref_features, root / "m-short"), "--segment-seconds", "0.05"], "too short"))
+    tally("bounded inputs", refused("train on a full disk", train_args(ref_features, root / "m-full"),
+                                    "MB free", prefix=(_LOW_DISK,)))
+    # 5. shared caches: another container's fresh temporary file stays
+    cache = root / "shared-cache"
+    shutil.copytree(work / "ref-cache", cache)
+    foreign = next(cache.glob("features-*")) / ".x.npz.4242.00000000.0123abcd.tmp"
+    foreign.write_bytes(b"a live writer elsewhere")
+    proc = run("extract on a shared cache", *extract_args(audio, root / "g" / "f.pkl", cache))
+    tally("shared caches", proc is not None and foreign.exists())
+    # 6. names and encodings, links, BOMs, FIFOs
+    tally("names and links", _odd_names(root, clip, checkpoint))
+    bom = root / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + manifest.read_bytes())
+    proc = run("extract with a BOM manifest", *extract_args(audio, root / "bom" / "f.pkl",
+                                                            work / "ref-cache", "--manifest", bom))
+    tally("names and links", proc is not None and proc.returncode == 0)
+    fifo = root / "pipe"
+    os.mkfifo(fifo)
+    for name, args in (("--features", train_args(fifo, root / "m-fifo")),
+                       ("--manifest", extract_args(audio, root / "h" / "f.pkl", root / "c2",
+                                                   "--manifest", fifo)),
+                       ("--split-file", [*train_args(ref_features, root / "m-fifo2"),
+                                         "--split-file", fifo])):
+        tally("names and links", refused(f"a FIFO as {name}", args, "FIFO", timeout=120))
+    # 7. SIGTERM
+    tally("signals", _sigterm(root, audio, ref_features))
+    return result
+
+
+def _report_over_input(root: Path, checkpoint: Path, features: Path) -> bool:
+    """evaluate writing its report where the features file is named like a report file."""
+    folder = root / "over"
+    folder.mkdir()
+    victim = folder / "evaluation.json"
+    shutil.copy(features, victim)
+    return refused("evaluate --out-dir over its features", [
+        "evaluate", "--checkpoint", checkpoint, "--features", victim, "--out-dir", folder,
+        "--split", "all"], "the features file", keep=(victim,))
+
+
+_HOLD = """
+import sys, time
+from pathlib import Path
+from deepfusion.io.lock import exclusive
+with exclusive(Path(sys.argv[1]), wait=False, what="x"):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def _swapping_files(root: Path, audio: Path) -> tuple[int, int]:
+    """Four files flip between two contents (atomic renames) while extract reads them: each
+    is extracted consistently or reported; every cache entry equals a clean run's."""
+    import threading
+
+    folder = root / "swap"
+    shutil.copytree(audio, folder)
+    victims = sorted(folder.rglob("*.wav"))[:4]
+    other = sorted(folder.rglob("*.wav"))[-1].read_bytes()
+    versions = {v: (v.read_bytes(), other[:44] + bytes(reversed(other[44:]))) for v in victims}
+    clean = root / "swap-clean"
+    for v, (a, b) in versions.items():          # a clean cache of every version of every file
+        for i, data in enumerate((a, b)):
+            path = clean / v.parent.name / f"{i}-{v.name}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+    for path in folder.rglob("*.wav"):
+        if path not in versions:
+            target = clean / path.parent.name / path.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, target)
+    run("extract (clean versions)", *extract_args(clean, root / "swap-clean.pkl", root / "swap-ref"))
+    stop = threading.Event()
+
+    def flip():
+        n = 0
+        while not stop.is_set():
+            for v, pair in versions.items():
+                tmp = v.with_name(".swap.tmp")
+                tmp.write_bytes(pair[n % 2])
+                os.replace(tmp, v)
+            n += 1
+            time.sleep(0.01)
+
+    flipper = threading.Thread(target=flip)
+    flipper.start()
+    try:
+        proc = run("extract while files change", *extract_args(folder, root / "swap.pkl",
+                                                               root / "swap-cache"))
+    finally:
+        stop.set()
+        flipper.join()
+    ok = proc is not None
+    reference = {e.name: e for e in (root / "swap-ref").rglob("*.npz")}
+    for entry in (root / "swap-cache").rglob("*.npz"):
+        ref = reference.get(entry.name)
+        if ref is None:
+            TALLY.lose(f"changed while read: cache entry {entry.name} is of no version of any file")
+            ok = False
+            continue
+        with np.load(entry) as got, np.load(ref) as want:
+            if any(not np.array_equal(got[k], want[k]) for k in FEATURE_KEYS):
+                TALLY.lose(f"changed while read: cache entry {entry.name} holds other features")
+                ok = False
+    if proc is not None:
+        items = {it["path"] for it in load(root / "swap.pkl")} if (root / "swap.pkl").exists() else set()
+        for v in victims:
+            rel = v.relative_to(folder).as_posix()
+            if rel not in items and f"skipped {rel}:" not in proc.stderr:
+                TALLY.lose(f"changed while read: {rel} neither extracted nor reported")
+                ok = False
+        print(f"  4 files swapped while read: {len(set(items) & {v.relative_to(folder).as_posix() for v in victims})}"
+              f" extracted, {proc.stderr.count('changed while it was read')} reported changed")
+    return 1, int(ok)
+
+
+def _odd_names(root: Path, clip: Path, checkpoint: Path) -> bool:
+    """Names that are not UTF-8 or hold newlines, a symlinked genre folder and a link loop,
+    through extract and predict on a strict UTF-8 terminal."""
+    folder = root / "odd"
+    names = [b"rock/caf\xe9 \xff,\"q\".wav", b"jazz\xe9/two\nlines.wav", b"rock/broken\xfe.wav"]
+    for name in names:
+        path = os.fsencode(folder) + b"/" + name
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as fh:
+            fh.write(clip.read_bytes() if b"broken" not in name else b"RIFF....")
+    (folder / "linked").symlink_to(clip.parent, target_is_directory=True)
+    (folder / "rock" / "loop").symlink_to("..", target_is_directory=True)
+    strict = {**env(), "PYTHONIOENCODING": "utf-8"}
+    ok = True
+    for args in (extract_args(folder, root / "odd-f" / "features.pkl", root / "odd-cache"),
+                 ["predict", folder, "--checkpoint", checkpoint],
+                 ["predict", folder, "--checkpoint", checkpoint, "--json"]):
+        proc = subprocess.run(cli(*args), env=strict, capture_output=True, text=True,
+                              timeout=HARD_LIMIT)
+        if not _judge(f"{args[0]} of odd names", proc.returncode, proc.stderr):
+            TALLY.lose(f"{args[0]} of odd names: exit {proc.returncode}: {proc.stderr[-300:]}")
+            ok = False
+        elif "broken\\xfe.wav" not in proc.stderr:
+            TALLY.lose(f"{args[0]} of odd names: the broken file was not reported: {proc.stderr[-300:]}")
+            ok = False
+    report = root / "odd-f" / "extract_errors.csv"
+    try:
+        report.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        TALLY.lose(f"extract of odd names: error report not UTF-8 ({exc})")
+        ok = False
+    items = load(root / "odd-f" / "features.pkl") if (root / "odd-f" / "features.pkl").exists() else []
+    n_linked = len(list(clip.parent.glob("*.wav")))
+    if len(items) != 2 + n_linked:
+        TALLY.lose(f"extract of odd names: {len(items)} clips, expected {2 + n_linked} "
+                   "(2 odd names and the symlinked folder, once)")
+        ok = False
+    return ok
+
+
+def _sigterm(root: Path, audio: Path, ref_features: Path) -> bool:
+    """SIGTERM mid-extract: exit 130 with the Ctrl-C line, no temporary file, the re-run equal."""
+    import signal
+
+    out, cache = root / "term" / "features.pkl", root / "term-cache"
+    proc = subprocess.Popen(cli(*extract_args(audio, out, cache)), env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not any(cache.rglob("*.npz")):
+        time.sleep(0.05)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        TALLY.hangs.append("extract after SIGTERM")
+        return False
+    ok = proc.returncode in (0, 130) and "Traceback" not in stderr
+    if proc.returncode == 130 and not stderr.strip().endswith("run the same command again to continue."):
+        ok = False
+    TALLY.runs += 1
+    for path in leftovers(cache, out.parent):
+        TALLY.lose(f"SIGTERM: temporary file left: {path}")
+        ok = False
+    if run("extract after SIGTERM: re-run", *extract_args(audio, out, cache)) is not None:
+        same_features("SIGTERM re-run", out, ref_features)
+    if not ok:
+        TALLY.lose(f"SIGTERM: exit {proc.returncode}: {stderr[-300:]}")
+    return ok
+
+
 # ----------------------------------------------------------------------------- the table
 
 def table(rows: list[tuple[str, str]]) -> str:
@@ -444,6 +762,8 @@ def main() -> None:
         together = concurrent_runs(work, audio, ref_features)
         print("unwritable outputs ...", flush=True)
         unwritable = unwritable_outputs(work, audio, ref_features, checkpoint)
+        print("hardening II ...", flush=True)
+        hard = hardening(work, audio, ref_features, ref_model)
         print("memory ...", flush=True)
         mem = memory(work, checkpoint, few, many)
     finally:
@@ -471,6 +791,7 @@ def main() -> None:
          "(2 at once on one cache, separate and same output)"),
         ("unwritable outputs", f"{unwritable['clear']} of {unwritable['tried']} refused in one "
          "line before any work"),
+        *((f"{key}", f"{ok} of {n} {HARD_WORDS[key]}") for key, (n, ok) in hard.items()),
         ("peak memory, 10-min vs 30-s file", f"extract {mem['extract 10 min']:.0f} vs "
          f"{mem['extract 30 s']:.0f} MB; predict {mem['predict 10 min']:.0f} vs "
          f"{mem['predict 30 s']:.0f} MB (predict classifies one window at a time)"),

@@ -89,7 +89,7 @@ def discover(audio_dir: Path, *, manifest: Optional[Path] = None,
     if manifest is not None:
         items = _read_manifest(Path(manifest), root)
     else:
-        for path in root.rglob("*"):
+        for path in _walk(root):
             rel = path.relative_to(root)
             if path.name.lower().endswith(exts) and not _is_hidden(rel):
                 if len(rel.parts) < 2:
@@ -102,6 +102,26 @@ def discover(audio_dir: Path, *, manifest: Optional[Path] = None,
             f"{audio_dir}: no audio files found (looked for {', '.join(exts)} in genre folders)")
     items.sort(key=lambda it: it.relpath)
     return items
+
+
+def _walk(root: Path) -> Iterator[Path]:
+    """Every file under ``root``, symbolic links to folders followed (a genre folder may be a
+    link), each folder read once: a second route to a folder, a link back up included (a
+    loop), is not followed again. Hidden folders are not entered."""
+    seen: set[tuple[int, int]] = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        try:
+            st = os.stat(folder)
+        except OSError:
+            dirs[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in [*files, *dirs]:    # a folder named x.wav is kept: decoding reports it
+            yield Path(folder, name)
 
 
 def _read_manifest(manifest: Path, root: Path) -> list[AudioItem]:

@@ -21,6 +21,7 @@ import torch
 from .config import RUNTIME_FIELDS, FeatureConfig, ModelConfig, RuntimeConfig
 from .errors import CheckpointError
 from .io.atomic import atomic_write
+from .weights import one_line
 
 FORMAT_VERSION = 1
 
@@ -72,14 +73,22 @@ class _Sink:
             raise
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint without running code in it.
+def expected_sizes(model: torch.nn.Module, *, ema: bool = False) -> tuple[int, int]:
+    """About how many bytes ``best.pth`` and ``last.pth`` of ``model`` take (AdamW: two moments
+    per parameter in ``last.pth``, and the raw weights beside the averaged ones with ``ema``)."""
+    state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    return state + 2**20, state * (2 if ema else 1) + 2 * params + 2**20
+
+
+def load_checkpoint(path: Path, *, resume: bool = False) -> dict[str, Any]:
+    """Load a checkpoint without running code in it, its contents checked (:func:`check_contents`).
 
     Raises
     ------
     CheckpointError
-        Missing, unreadable, holding objects other than tensors and plain data, or of another
-        format version.
+        Missing, unreadable, holding objects other than tensors and plain data, of another
+        format version, or with parts that disagree or lie outside sane ranges.
     """
     path = Path(path)
     if not path.is_file():
@@ -101,7 +110,130 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if ckpt.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {ckpt.get('format_version')!r}, "
                               f"this deepfusion reads format {FORMAT_VERSION}")
+    check_contents(ckpt, path, resume=resume)
     return ckpt
+
+
+#: Ranges a checkpoint's settings must lie in before anything is sized from them: far wider
+#: than any real model, so a value outside is a damaged or forged file, not a choice.
+_FEATURE_LIMITS = {"sample_rate": (1000, 384_000), "duration": (0.01, 3600.0),
+                   "n_fft": (16, 2**16), "n_mels": (1, 1024), "n_mfcc": (1, 1024),
+                   "n_chroma": (1, 120), "tempogram_win_length": (1, 8192),
+                   "hpss_kernel": (1, 1023)}
+_MODEL_LIMITS = {"n_classes": (2, 100_000), "n_mels": (1, 1024), "embed_dim": (1, 8192),
+                 "aux_hidden": (1, 16_384)}
+#: Samples of one decoded clip and values of one clip's six views (each 1 GiB as float32).
+_MAX_SAMPLES = _MAX_VALUES = 2**28
+_RESUME_KEYS = ("epoch", "optimizer_state", "scheduler_state", "scaler_state", "rng_state",
+                "history", "best_epoch", "bad_epochs")
+
+
+def check_contents(ckpt: dict[str, Any], path: Path, *, resume: bool = False) -> None:
+    """Check a loaded checkpoint's parts against each other and against sane ranges.
+
+    Runs before anything is built or allocated from the file: the configs must rebuild, lie in
+    sane ranges and agree (class names against classifier size, mel bands and feature rows
+    against the model, normalisation statistics against the views), and every tensor of the
+    model state must have the shape the model config gives it (checked on the meta device,
+    which allocates nothing). ``resume`` also asks for what ``last.pth`` adds.
+
+    Raises
+    ------
+    CheckpointError
+        Naming ``path`` and the first part that is wrong.
+    """
+    from .config import FEATURE_KEYS, TrainConfig
+    from .errors import ParameterError
+
+    def bad(message: str) -> CheckpointError:
+        return CheckpointError(f"{path}: damaged or inconsistent checkpoint: {message}")
+
+    wanted = ("class_names", "feature_config", "normalization", "train_config",
+              *(_RESUME_KEYS if resume else ()))
+    missing = [k for k in wanted if k not in ckpt]
+    if missing:
+        raise bad(f"no {', '.join(missing)}")
+    configs = {}
+    for name, cls, extra in (("model_config", ModelConfig, {"band_stats": False}),
+                             ("feature_config", FeatureConfig, {}),
+                             ("train_config", TrainConfig, {})):
+        try:
+            configs[name] = cls.from_dict({**extra, **ckpt[name]})
+        except (ParameterError, TypeError, ValueError) as exc:
+            raise bad(f"{name}: {one_line(exc)}") from None
+    mc, fc = configs["model_config"], configs["feature_config"]
+    for source, limits in ((fc, _FEATURE_LIMITS), (mc, _MODEL_LIMITS)):
+        for name, (low, high) in limits.items():
+            value = getattr(source, name)
+            if not low <= value <= high:
+                raise bad(f"{name} {value!r} is outside [{low}, {high}]")
+    if len(mc.fusion_hidden) > 16 or any(not 1 <= h <= 65_536 for h in mc.fusion_hidden):
+        raise bad(f"fusion_hidden {list(mc.fusion_hidden)[:20]} is not 1 to 16 widths of 1 to 65536")
+    if fc.n_samples > _MAX_SAMPLES:
+        raise bad(f"clips of {fc.duration:g} s at {fc.sample_rate} Hz ({fc.n_samples:,} samples) "
+                  f"exceed {_MAX_SAMPLES:,}")
+    shapes = fc.feature_shapes()
+    if sum(r * t for r, t in shapes.values()) > _MAX_VALUES:
+        raise bad(f"one clip's features would hold over {_MAX_VALUES:,} values")
+    rows = {k: r for k, (r, _) in shapes.items()}
+    if (mc.n_mels, *mc.aux_rows) != (rows["mel_spec_orig"], rows["mfcc"], rows["chroma"],
+                                     rows["tempogram"]):
+        raise bad(f"the model takes {mc.n_mels} mel bands and aux rows {list(mc.aux_rows)}, "
+                  f"the feature config makes {rows['mel_spec_orig']} and "
+                  f"{[rows['mfcc'], rows['chroma'], rows['tempogram']]}")
+    names = ckpt["class_names"]
+    if (not isinstance(names, (list, tuple)) or not all(isinstance(n, str) and n for n in names)
+            or len(set(names)) != len(names)):
+        raise bad("class_names is not a list of distinct non-empty names")
+    if len(names) != mc.n_classes:
+        raise bad(f"{len(names)} class names for a classifier of {mc.n_classes} classes")
+    _check_normalization(ckpt["normalization"], rows, FEATURE_KEYS, bad)
+    _check_state(ckpt["model_state"], mc, bad)
+    if resume:
+        epoch = ckpt["epoch"]
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or not 0 < epoch <= 100_000:
+            raise bad(f"epoch {epoch!r} is not a positive whole number")
+        if not isinstance(ckpt["history"], list) or len(ckpt["history"]) != epoch:
+            raise bad(f"the history does not hold one row per epoch up to epoch {epoch}")
+
+
+def _check_normalization(norm: Any, rows: dict[str, int], keys, bad) -> None:
+    if not isinstance(norm, dict) or set(norm) != set(keys):
+        raise bad(f"normalization does not hold the six views ({', '.join(keys)})")
+    for key in keys:
+        stats = norm[key]
+        for stat in ("mean", "std"):
+            value = stats.get(stat) if isinstance(stats, dict) else None
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) != (rows[key],):
+                raise bad(f"normalization {key} {stat} is not a vector of {rows[key]} values")
+            if not value.is_floating_point() or not bool(torch.isfinite(value).all()):
+                raise bad(f"normalization {key} {stat} holds non-finite or non-float values")
+        if not bool((stats["std"] > 0).all()):
+            raise bad(f"normalization {key} std is not positive")
+
+
+def _check_state(state: Any, config: ModelConfig, bad) -> None:
+    """The state's tensors against a model built on the meta device (nothing allocated)."""
+    from .models import MultiModalNet
+    from .probe import LinearProbe
+
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise bad("model_state is not a dict of tensors")
+    with torch.device("meta"):
+        model = (LinearProbe.from_config(config) if config.kind == "probe"
+                 else MultiModalNet(config.__class__.from_dict({**config.to_dict(), "pretrained": False})))
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise bad(f"model_state does not fit its {config.backbone} config "
+                  f"({len(missing)} missing, {len(unexpected)} unexpected: "
+                  f"{', '.join((missing + unexpected)[:3])})")
+    for key, shape in expected.items():
+        if tuple(state[key].shape) != shape:
+            raise bad(f"model_state {key} has shape {list(state[key].shape)}, the config makes {list(shape)}")
+        if state[key].is_floating_point() and not bool(torch.isfinite(state[key]).all()):
+            raise bad(f"model_state {key} holds non-finite values")
 
 
 #: How torch's weights-only unpickler names what it would not load (wordings vary by version).

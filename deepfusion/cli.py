@@ -18,9 +18,16 @@ from . import __version__
 from .config import (DEFAULT_CACHE_DIR, DEFAULT_FEATURES, DEFAULT_MODEL_DIR, DEFAULT_STORE,
                      FEATURE_FORMATS, FeatureConfig, RuntimeConfig, TrainConfig)
 from .errors import DeepFusionError
+from .io.names import escape_bytes, shown
 from .options import (checkpoint_option, device_option, feature_options, features_option,
                       model_options, quiet_option, recipe_options, runtime_options,
                       split_file_option, take, train_features_option)
+
+def echo(message: object = "", **kwargs: Any) -> None:
+    """click.echo that never fails on a file name: bytes that are not UTF-8 and control
+    characters other than newlines and tabs are escaped (:mod:`deepfusion.io.names`)."""
+    click.echo(shown(message, keep="\n\t"), **kwargs)
+
 
 def _sigterm_as_interrupt() -> None:
     """SIGTERM (``kill``, a scheduler's time limit, ``docker stop``) ends a command as Ctrl-C
@@ -46,10 +53,10 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except DeepFusionError as exc:
-            click.echo(f"Error: {exc}", err=True)
+            echo(f"Error: {shown(exc)}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
-            click.echo("Interrupted: finished work is kept; run the same command again to continue.",
+            echo("Interrupted: finished work is kept; run the same command again to continue.",
                        err=True)
             sys.exit(130)
         except (click.exceptions.Exit, click.ClickException, SystemExit):
@@ -57,7 +64,7 @@ class _Group(click.Group):
         except Exception as exc:  # a bug, not a user error: one line unless debugging
             if os.environ.get("DEEPFUSION_DEBUG"):
                 raise
-            click.echo(f"Error: internal error {type(exc).__name__}: {exc} "
+            echo(f"Error: internal error {type(exc).__name__}: {shown(exc)} "
                        "(set DEEPFUSION_DEBUG=1 for the traceback, and please report it)", err=True)
             sys.exit(70)
 
@@ -87,7 +94,7 @@ def synth(out: Path, genres: int, clips_per_genre: int, duration: float, seed: i
 
     paths = synthesize_dataset(out, genres=genres, clips_per_genre=clips_per_genre,
                                duration=duration, seed=seed, domain=domain)
-    click.echo(f"wrote {len(paths)} clips ({genres} genres x {clips_per_genre}) to {out}")
+    echo(f"wrote {len(paths)} clips ({genres} genres x {clips_per_genre}) to {out}")
 
 
 @main.command()
@@ -127,24 +134,24 @@ def extract(audio_dir: Path, out: Path | None, fmt: str, cache_dir: Path, manife
                          jobs=jobs, config=config, manifest=manifest, quiet=quiet,
                          timeout=timeout or None)
     for path, reason in result.errors:
-        click.echo(f"skipped {path}: {reason}", err=True)
+        echo(f"skipped {shown(path)}: {shown(reason)}", err=True)
     genres = ", ".join(f"{k} {v}" for k, v in result.labels.items())
-    click.echo(f"{result.n_items} clips ({result.computed} computed, {result.cached} from cache) "
+    echo(f"{result.n_items} clips ({result.computed} computed, {result.cached} from cache) "
                f"in {result.seconds:.1f} s -> {result.out}")
     if genres:
-        click.echo(f"genres: {genres}")
+        echo(f"genres: {genres}")
     if result.duplicate_groups:
         n = sum(len(g) for g in result.duplicate_groups)
         groups = len(result.duplicate_groups)
-        click.echo(f"{groups} group{'s' if groups > 1 else ''} of identical audio ({n} clips); "
+        echo(f"{groups} group{'s' if groups > 1 else ''} of identical audio ({n} clips); "
                    "splits keep each group together:")
         for group in result.duplicate_groups:
-            click.echo("  " + " = ".join(group))
+            echo("  " + " = ".join(map(shown, group)))
     if result.errors:
-        click.echo(f"{len(result.errors)} file(s) could not be read; see {result.errors_csv}",
+        echo(f"{len(result.errors)} file(s) could not be read; see {result.errors_csv}",
                    err=True)
     if result.n_items == 0:
-        click.echo("Error: no file could be read", err=True)
+        echo("Error: no file could be read", err=True)
         sys.exit(1)
     if strict and result.errors:
         sys.exit(1)
@@ -184,27 +191,27 @@ def train(features: Path, model_dir: Path, pretrained: bool | None, weights_path
                   backbone=kwargs.pop("backbone"), share_backbone=kwargs.pop("share_backbone"),
                   pretrained=pretrained, weights_path=weights_path, resume=resume,
                   overwrite=overwrite, quiet=quiet,
-                  echo=click.echo, model_options={"band_stats": kwargs.pop("band_stats")})
+                  echo=echo, model_options={"band_stats": kwargs.pop("band_stats")})
     if folds:
         from .crossval import cross_validate
 
         cv = cross_validate(features, folds=folds, **common)
-        click.echo("fold  clips  clip acc  balanced acc  macro-F1")
+        echo("fold  clips  clip acc  balanced acc  macro-F1")
         for row in cv.folds:
-            click.echo(f"{row['fold']:4d}  {row['clips']:5d}  {row['clip_accuracy']:8.3f}  "
+            echo(f"{row['fold']:4d}  {row['clips']:5d}  {row['clip_accuracy']:8.3f}  "
                        f"{row['balanced_accuracy']:12.3f}  {row['macro_f1']:8.3f}")
         for key, label in (("clip_accuracy", "clip accuracy"),
                            ("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro-F1")):
             mean, sd, lo, hi = cv.summary(key)
-            click.echo(f"{label}: {mean:.3f} +- {sd:.3f} over {folds} folds (min {lo:.3f}, max {hi:.3f})")
-        click.echo(f"all {len(cv.predictions)} clips: accuracy {cv.pooled_accuracy:.3f}; wrote "
+            echo(f"{label}: {mean:.3f} +- {sd:.3f} over {folds} folds (min {lo:.3f}, max {hi:.3f})")
+        echo(f"all {len(cv.predictions)} clips: accuracy {cv.pooled_accuracy:.3f}; wrote "
                    f"{model_dir / 'cross_validation.csv'} and "
                    f"{model_dir / 'cross_validation_predictions.csv'}")
         return
     from .train import train as run_train
 
     result = run_train(features, **common)
-    click.echo(f"best.pth: epoch {result.best_epoch} (validation clip accuracy "
+    echo(f"best.pth: epoch {result.best_epoch} (validation clip accuracy "
                f"{result.best_val_acc:.3f}); {result.epochs_run} epochs in {result.seconds:.0f} s; "
                f"checkpoint {model_dir / 'best.pth'}")
 
@@ -226,9 +233,9 @@ def evaluate(checkpoint: Path, features: Path | None, split: str, split_file: st
     from .io.run_folder import REPORT_FILES
 
     report = run_evaluate(checkpoint, features=features, split=split, split_file=split_file,
-                          out_dir=out_dir, batch_size=batch_size, device=device, echo=click.echo)
-    click.echo(report.table())
-    click.echo(f"\nwrote {', '.join(REPORT_FILES)} to {report.out_dir}")
+                          out_dir=out_dir, batch_size=batch_size, device=device, echo=echo)
+    echo(report.table())
+    echo(f"\nwrote {', '.join(REPORT_FILES)} to {report.out_dir}")
 
 
 @main.command()
@@ -247,14 +254,17 @@ def predict(inputs: tuple[Path, ...], checkpoint: Path, top_k: int, as_json: boo
     for result in run_predict(inputs, checkpoint=checkpoint, top_k=top_k, device=device):
         if isinstance(result, tuple):
             failed += 1
-            click.echo(f"skipped {result[0]}: {result[1]}", err=True)
+            echo(f"skipped {shown(result[0])}: {shown(result[1])}", err=True)
             continue
         done += 1
         if as_json:
-            click.echo(json.dumps(result.to_dict(), ensure_ascii=False))
+            line = json.dumps(result.to_dict(), ensure_ascii=False)
+            if escape_bytes(line) != line:   # a name that is not UTF-8: JSON's \udcNN escapes
+                line = json.dumps(result.to_dict())   # keep it exact (json.loads, os.fsencode)
+            echo(line)
         else:
             top = ", ".join(f"{g} {p:.3f}" for g, p in result.top)
-            click.echo(f"{result.path}: {top}")
+            echo(f"{shown(result.path)}: {top}")
     if done == 0:
-        click.echo("Error: no file could be classified", err=True)
+        echo("Error: no file could be classified", err=True)
         sys.exit(1)

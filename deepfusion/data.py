@@ -11,7 +11,7 @@ import csv
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -145,6 +145,16 @@ def fit_normalization(fs: FeatureSet, indices: np.ndarray) -> dict[str, dict[str
         std = np.sqrt(np.maximum(sq / count - mean * mean, 0.0))
         stats[k] = {"mean": mean.astype(np.float32), "std": np.maximum(std, 1e-5).astype(np.float32)}
     return stats
+
+
+def split_lists(fs: FeatureSet, split: np.ndarray) -> dict[str, Any]:
+    """The split as saved with a run: relative paths per split (indices when paths are absent)."""
+    use_paths = all(fs.paths) and len(set(fs.paths)) == len(fs.paths)
+    out: dict[str, Any] = {"by": "path" if use_paths else "index"}
+    for name in ("train", "val", "test"):
+        idx = np.flatnonzero(split == name)
+        out[name] = [fs.paths[i] for i in idx] if use_paths else idx.tolist()
+    return out
 
 
 def segment_frames(segment_seconds: Optional[float], feature_config: FeatureConfig, n_frames: int) -> int:

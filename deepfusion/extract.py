@@ -26,7 +26,7 @@ from .config import (DEFAULT_CACHE_DIR, DEFAULT_FEATURES, DEFAULT_STORE, FEATURE
 from .errors import AudioError, DeepFusionError, OutputError, ParameterError
 from .io.atomic import atomic_write, check_writable, remove_stale_temps, write_csv
 from .io.features_file import write_features_file
-from .io.guard import audio_inputs, check_outputs, check_replaceable
+from .io.guard import audio_inputs, check_free_space, check_outputs, check_replaceable
 from .progress import progress_bar
 
 ERRORS_CSV = "extract_errors.csv"
@@ -144,6 +144,10 @@ def compute_entry(path: str, key: str, cache_dir: str, config_dict: dict,
             audio = decode(Path(path), sr=config.sample_rate, duration=config.duration,
                            min_duration=config.min_duration)
             feats = compute_features(audio.y, config)
+            try:
+                unchanged = file_digest(Path(path)) == key
+            except OSError:
+                unchanged = False
     except _FileTimeout:
         return f"gave up after {timeout:g} s (--timeout)"
     except AudioError as exc:
@@ -152,10 +156,6 @@ def compute_entry(path: str, key: str, cache_dir: str, config_dict: dict,
         return str(exc)
     except Exception as exc:  # a library failing on odd input must not end the batch
         return f"feature computation failed ({type(exc).__name__}: {exc})"
-    try:
-        unchanged = file_digest(Path(path)) == key
-    except OSError:
-        unchanged = False
     if not unchanged:  # what was decoded is not what was hashed: never cache it under that key
         return ("changed while it was read (a copy or download still in progress?); "
                 "run extract again when it is complete")
@@ -229,6 +229,10 @@ def extract(audio_dir: Path, *, out: Optional[Path] = None, fmt: str = "pickle",
 
         check_destination(out)
     check_writable(out / "meta.json" if fmt == "store" and out.is_dir() else out)
+    clip_bytes = 4 * sum(r * t for r, t in config.feature_shapes().values())
+    # the new file is written beside the old one, which goes only when it is complete
+    check_free_space(out.parent, len(items) * clip_bytes + 2**20,
+                     f"the features of {len(items):,} clips")
     remove_stale_temps(out.parent)
     cache = FeatureCache(cache_dir, config)
     cache.prepare()
@@ -239,7 +243,11 @@ def extract(audio_dir: Path, *, out: Optional[Path] = None, fmt: str = "pickle",
     for item in items:
         try:
             check_file(item.path)
-            key = file_digest(item.path)
+            with _time_limit(timeout):   # a huge or stalled file (a network mount) is a file
+                key = file_digest(item.path)   # that takes too long, like a slow decode
+        except _FileTimeout:
+            errors[item.relpath] = f"gave up reading it after {timeout:g} s (--timeout)"
+            continue
         except AudioError as exc:
             errors[item.relpath] = exc.reason
             continue

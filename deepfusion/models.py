@@ -12,6 +12,7 @@ and classified by fully-connected fusion layers. ``forward`` returns ``{'logits'
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -31,6 +32,42 @@ def _light_cnn() -> tuple[nn.Module, int]:
                    nn.ReLU(inplace=True), nn.MaxPool2d(2)]
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
     return nn.Sequential(*layers), channels[-1]
+
+
+#: The smallest mel view (bands and frames) each backbone takes: the light CNN halves both four
+#: times. A ResNet takes any size, but in training its last BatchNorm needs more than one value
+#: per channel, so a batch of one segment needs a view over 32 x 32.
+MIN_MEL_SIZE = {"light": 16}
+
+
+def check_input_size(backbone: str, *, n_mels: int, frames: int, clip_frames: int,
+                     batch: int, frame_seconds: float) -> None:
+    """Refuse, before any work, mel views the backbone cannot take.
+
+    ``frames`` is the segment length (at most ``clip_frames``, a whole clip), ``batch`` the
+    largest training batch, ``frame_seconds`` the hop in seconds (for the advice).
+
+    Raises
+    ------
+    ParameterError
+        Saying what to change: more mel bands, longer segments or clips, or a larger batch.
+    """
+    need = MIN_MEL_SIZE.get(backbone, 1)
+    if n_mels < need:
+        raise ParameterError(f"the features have {n_mels} mel bands; backbone {backbone} needs at "
+                             f"least {need} (extract with --n-mels {need} or more)")
+    if frames < need:
+        if frames >= clip_frames:
+            advice = f"extract with --duration {need * frame_seconds:.2f} or more"
+        else:
+            advice = f"use --segment-seconds {math.ceil(need * frame_seconds * 100) / 100:g} or more"
+        raise ParameterError(f"segments of {frames} frames ({frames * frame_seconds:.3f} s) are "
+                             f"too short for backbone {backbone}, which needs at least {need}; "
+                             + advice)
+    if backbone != "light" and batch * math.ceil(n_mels / 32) * math.ceil(frames / 32) < 2:
+        raise ParameterError(f"backbone {backbone} cannot train on batches of one {n_mels} x "
+                             f"{frames} segment (its last BatchNorm would see one value); use "
+                             "--batch-size 2 or more (and at least 2 training clips)")
 
 
 class MelCNN(nn.Module):

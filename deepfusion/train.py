@@ -19,19 +19,19 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from .checkpoint import library_versions, load_checkpoint, save_checkpoint
+from .checkpoint import expected_sizes, library_versions, load_checkpoint, save_checkpoint
 from .config import (AUTO_FIELDS, AUX_KEYS, FeatureConfig, ModelConfig, RuntimeConfig, TrainConfig,
                      resolve_recipe, resume_recipe)
 from .data import (Augment, check_split, fit_normalization, make_split, make_train_loader,
-                   read_split_file, segment_frames, segments_per_clip)
+                   read_split_file, segment_frames, segments_per_clip, split_lists)
 from .errors import CheckpointError, DatasetError, ParameterError
 from .inference import ClipPredictions, clip_loss, predict_clips
 from .io.atomic import remove_stale_temps, write_csv
 from .io.features_file import load_features
-from .io.guard import check_outputs
+from .io.guard import check_free_space, check_outputs
 from .io.run_folder import RUN_FILES, claim_run_folder
 from .io.featureset import FeatureSet
-from .models import build_model, count_parameters
+from .models import build_model, check_input_size, count_parameters
 from .progress import duration_text, epoch_estimate, progress_bar
 from .runtime import (autocast_dtype, autocast_for, resolve_device, rng_state, seed_everything,
                       set_rng_state, use_amp)
@@ -65,16 +65,6 @@ def _lr_lambda(config: TrainConfig, steps_per_epoch: int) -> Callable[[int], flo
             return (step + 1) / warmup
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / (total - warmup))))
     return factor
-
-
-def _split_lists(fs: FeatureSet, split: np.ndarray) -> dict[str, Any]:
-    """The split as saved with a run: relative paths per split (indices when paths are absent)."""
-    use_paths = all(fs.paths) and len(set(fs.paths)) == len(fs.paths)
-    out: dict[str, Any] = {"by": "path" if use_paths else "index"}
-    for name in ("train", "val", "test"):
-        idx = np.flatnonzero(split == name)
-        out[name] = [fs.paths[i] for i in idx] if use_paths else idx.tolist()
-    return out
 
 
 def _write_history(path: Path, history: list[dict]) -> None:
@@ -150,7 +140,7 @@ def _base_payload(fs: FeatureSet, features: Path, split: np.ndarray, norm: dict,
         "model_config": model_config.to_dict(), "class_names": list(fs.class_names),
         "feature_config": feature_config.to_dict(),
         "normalization": {k: {s: torch.from_numpy(v) for s, v in d.items()} for k, d in norm.items()},
-        "split": _split_lists(fs, split), "train_config": config.to_dict(),
+        "split": split_lists(fs, split), "train_config": config.to_dict(),
         "runtime_config": runtime.to_dict(),
         "features_file": str(features.resolve()), "features_sha256": fs.sha256,
         "pretrained_source": pretrained_source, "versions": library_versions(),
@@ -227,7 +217,7 @@ def _train(features: Path, *, model_dir: Path = Path("models"), config: TrainCon
     if resume:
         if not last_path.is_file():
             raise CheckpointError(f"{last_path}: nothing to resume (no last.pth in {model_dir})")
-        state = load_checkpoint(last_path)
+        state = load_checkpoint(last_path, resume=True)
         config, notes = resume_recipe(state["train_config"], config, epochs_done=state["epoch"])
         mc = state["model_config"]
         if backbone is not None and backbone != mc["backbone"]:
@@ -278,6 +268,10 @@ def _train(features: Path, *, model_dir: Path = Path("models"), config: TrainCon
                             feature_config=feature_config, model_dir=model_dir, echo=echo,
                             t_start=t_start)
 
+    seg = segment_frames(config.segment_seconds, feature_config, fs.n_frames)
+    check_input_size(backbone, n_mels=fs.rows()["mel_spec_orig"], frames=seg, clip_frames=fs.n_frames,
+                     batch=min(resolve_recipe(config, backbone, False).batch_size, len(train_idx)),
+                     frame_seconds=feature_config.hop_length / feature_config.sample_rate)
     # ImageNet weights: a resumed run takes its weights from last.pth instead
     pre_state, pre_source = (None, state.get("pretrained_source", "not used")) if state else \
         resolve_pretrained(backbone, mode=mode, weights_path=weights_path, echo=echo)
@@ -290,7 +284,6 @@ def _train(features: Path, *, model_dir: Path = Path("models"), config: TrainCon
              + " (auto; set them to change)")
 
     norm = fit_normalization(fs, train_idx)
-    seg = segment_frames(config.segment_seconds, feature_config, fs.n_frames)
     model_config = ModelConfig(n_classes=len(fs.class_names), n_mels=fs.rows()["mel_spec_orig"],
                                aux_rows=tuple(fs.rows()[k] for k in AUX_KEYS), backbone=backbone,
                                share_backbone=share_backbone, pretrained=was_pretrained,
@@ -355,6 +348,9 @@ def _train(features: Path, *, model_dir: Path = Path("models"), config: TrainCon
     base_payload = _base_payload(fs, features, split, norm, model_config=model_config,
                                  feature_config=feature_config, config=config, runtime=runtime,
                                  pretrained_source=pre_source)
+    best_bytes, last_bytes = expected_sizes(scored, ema=ema is not None)
+    check_free_space(model_dir, best_bytes + 2 * last_bytes + 2**23, "this run's checkpoints "
+                     "and logs", replaced=(best_path, last_path))
 
     batch_ends: list[float] = []
     n_val = len(val_idx) * segments_per_clip(fs.n_frames, seg)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import IO, Any, Iterable, Iterator, Sequence
 
 from ..errors import OutputError
+from .names import escape_bytes
 
 #: ``.NAME.<pid>.<where>.<random>.tmp``: <where> tags the host and PID namespace of the writer
 _TMP_RE = re.compile(r"^\..+\.(\d+)\.([0-9a-f]{8})\.[0-9a-f]{8}\.tmp$")
@@ -61,10 +62,10 @@ def atomic_write(dest: Path, mode: str = "wb") -> Iterator[IO[Any]]:
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         text = "b" not in mode
-        # UTF-8 whatever the locale: reports name files (genre/canción.wav); surrogateescape
-        # writes back the raw bytes of a file name that is not valid UTF-8.
+        # UTF-8 whatever the locale: reports name files (genre/canción.wav); what is not
+        # valid UTF-8 (the bytes of a file name, see io.names) is escaped, never written raw
         with open(tmp, mode, newline="" if text else None, encoding="utf-8" if text else None,
-                  errors="surrogateescape" if text else None) as fh:
+                  errors="backslashreplace" if text else None) as fh:
             yield fh
         os.replace(tmp, dest)
     except OSError as exc:
@@ -83,11 +84,12 @@ def os_error_reason(exc: OSError) -> str:
 
 
 def write_csv(dest: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-    """Write a UTF-8 CSV atomically (``\\n`` line ends)."""
+    """Write a UTF-8 CSV atomically (``\\n`` line ends; quoted as needed, so names may hold
+    commas, quotes and newlines; bytes of names that are not UTF-8 as ``\\xNN``)."""
     with atomic_write(Path(dest), "w") as fh:
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(header)
-        writer.writerows(rows)
+        writer.writerows([escape_bytes(c) if isinstance(c, str) else c for c in row] for row in rows)
 
 
 def check_writable(dest: Path) -> None:

@@ -93,3 +93,31 @@ def require_regular_file(path: Path, *, what: str, error: type = OutputError) ->
         kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
                 else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
         raise error(f"{path}: {what} is {kind}, not a file; give a regular file")
+
+
+def check_free_space(folder: Path, need: int, what: str, *, replaced: Iterable[Path] = ()) -> None:
+    """Refuse, before the work, to start what would fill the disk of ``folder``.
+
+    ``need`` bytes will be written there (``what`` says what, for the message); files in
+    ``replaced`` will be overwritten, and the space they hold counts as free (an atomic
+    replacement needs the new copy beside the old one, which ``need`` must include).
+
+    Raises
+    ------
+    OutputError
+    """
+    import shutil
+
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        return          # a file system that cannot say: the atomic writes still protect
+    held = sum(p.stat().st_size for p in map(Path, replaced) if p.is_file())
+    if free + held < need:
+        raise OutputError(f"{folder}: {free / 2**20:,.0f} MB free, {what} need about "
+                          f"{(need - held) / 2**20:,.0f} MB more; free some space or choose "
+                          "another folder")
