@@ -107,6 +107,10 @@ def synth(out: Path, genres: int, clips_per_genre: int, duration: float, seed: i
 @click.option("--format", "fmt", type=click.Choice(FEATURE_FORMATS), default=FEATURE_FORMATS[0],
               show_default=True, help="pickle: one file, read whole into RAM by train; store: a "
               "folder of arrays that train memory-maps (collections larger than RAM).")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32",
+              show_default=True, help="How a store holds the views: float16 halves its disk "
+              "and page cache (the model computes in float32; see the README for the effect on "
+              "accuracy). Needs --format store.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
               default=DEFAULT_CACHE_DIR, show_default=True, envvar="DEEPFUSION_CACHE",
               help="Per-clip feature cache: a file extracted before (same content, same "
@@ -115,13 +119,20 @@ def synth(out: Path, genres: int, clips_per_genre: int, duration: float, seed: i
               help="CSV with 'path,label' columns (paths relative to --audio-dir) for other layouts.")
 @click.option("--jobs", "-j", type=click.IntRange(1), default=None,
               help="Worker processes [default: all cores].")
+@click.option("--scheduler", envvar="DEEPFUSION_SCHEDULER", metavar="ADDRESS",
+              help="Run the per-clip work on a Dask cluster: a scheduler address "
+              "(tcp://host:8786) or local:N for N local worker processes; --cache-dir must be "
+              "a folder every worker shares. Needs pip install 'deepfusion[distributed]' "
+              "[env: DEEPFUSION_SCHEDULER].")
 @quiet_option
 @click.option("--strict", is_flag=True, help="Exit non-zero if any file could not be read.")
 @click.option("--timeout", type=click.FloatRange(min=0), default=120.0, show_default=True,
               help="Seconds one file may take before it is abandoned and reported (0: no limit).")
 @feature_options
-def extract(audio_dir: Path, out: Path | None, fmt: str, cache_dir: Path, manifest: Path | None,
-            jobs: int | None, quiet: bool, strict: bool, timeout: float, **kwargs: Any) -> None:
+def extract(audio_dir: Path, out: Path | None, fmt: str, dtype: str, cache_dir: Path,
+            manifest: Path | None,
+            jobs: int | None, scheduler: str | None, quiet: bool, strict: bool, timeout: float,
+            **kwargs: Any) -> None:
     """Compute the six feature views of every clip, in parallel and cached.
 
     Writes OUT (a pickle: a list of dicts with 'features', 'label', 'path', ...; or a feature
@@ -132,7 +143,7 @@ def extract(audio_dir: Path, out: Path | None, fmt: str, cache_dir: Path, manife
     config = take(FeatureConfig, kwargs)
     result = run_extract(audio_dir, out=out, fmt=fmt, cache_dir=cache_dir,
                          jobs=jobs, config=config, manifest=manifest, quiet=quiet,
-                         timeout=timeout or None)
+                         timeout=timeout or None, scheduler=scheduler or None, dtype=dtype)
     for path, reason in result.errors:
         echo(f"skipped {shown(path)}: {shown(reason)}", err=True)
     genres = ", ".join(f"{k} {v}" for k, v in result.labels.items())
@@ -140,6 +151,8 @@ def extract(audio_dir: Path, out: Path | None, fmt: str, cache_dir: Path, manife
                f"in {result.seconds:.1f} s -> {result.out}")
     if genres:
         echo(f"genres: {genres}")
+    if result.workers:
+        echo("files per Dask worker: " + ", ".join(f"{w} {n}" for w, n in result.workers.items()))
     if result.duplicate_groups:
         n = sum(len(g) for g in result.duplicate_groups)
         groups = len(result.duplicate_groups)

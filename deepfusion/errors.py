@@ -52,3 +52,8 @@ class WeightsNotFoundError(DeepFusionError):
 
 class OutputError(DeepFusionError):
     """An output file cannot be written (read-only folder, full disk, ...)."""
+
+
+class ClusterError(DeepFusionError):
+    """A compute cluster cannot be used (package missing, scheduler unreachable, no shared
+    folder)."""

@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from .audio import AudioItem, check_file, discover
 from .io.cache import FeatureCache, file_digest
@@ -45,6 +45,7 @@ class ExtractResult:
     errors: list[tuple[str, str]] = field(default_factory=list)          # (path, reason)
     duplicate_groups: list[list[str]] = field(default_factory=list)     # paths, >= 2 each
     labels: dict[str, int] = field(default_factory=dict)                # clips per genre
+    workers: dict[str, int] = field(default_factory=dict)   # Dask worker -> files it processed
 
 
 def default_out(fmt: str = "pickle") -> Path:
@@ -168,7 +169,8 @@ def compute_entry(path: str, key: str, cache_dir: str, config_dict: dict,
 def extract(audio_dir: Path, *, out: Optional[Path] = None, fmt: str = "pickle",
             cache_dir: Path = DEFAULT_CACHE_DIR, jobs: Optional[int] = None,
             config: FeatureConfig = FeatureConfig(), manifest: Optional[Path] = None,
-            quiet: bool = False, timeout: Optional[float] = DEFAULT_TIMEOUT) -> ExtractResult:
+            quiet: bool = False, timeout: Optional[float] = DEFAULT_TIMEOUT,
+            scheduler: Optional[str] = None, dtype: str = "float32") -> ExtractResult:
     """Compute (or fetch from the cache) the features of every clip under ``audio_dir``.
 
     Parameters
@@ -193,6 +195,13 @@ def extract(audio_dir: Path, *, out: Optional[Path] = None, fmt: str = "pickle",
         No progress bar.
     timeout : float, optional
         Seconds one file may take before it is abandoned and reported (None: no limit).
+    scheduler : str, optional
+        Run the per-clip work on a Dask cluster instead of ``jobs`` local processes: a
+        scheduler address (``tcp://host:8786``) or ``local:N`` (see :mod:`deepfusion.cluster`).
+        ``cache_dir`` must then be a folder every worker shares.
+    dtype : {'float32', 'float16'}
+        How a store holds the views (``float16``: half the disk and page cache); a pickle is
+        always float32.
 
     Returns
     -------
@@ -205,12 +214,15 @@ def extract(audio_dir: Path, *, out: Optional[Path] = None, fmt: str = "pickle",
         ``audio_dir`` missing or holding no audio files.
     OutputError
         ``out`` cannot be written (checked before any work).
+    ClusterError
+        ``scheduler`` unreachable, ``distributed`` missing, or a worker cannot use ``cache_dir``.
     """
-    from joblib import Parallel, delayed
-
     t0 = time.perf_counter()
     if fmt not in FEATURE_FORMATS:
         raise ParameterError(f"format must be one of {', '.join(FEATURE_FORMATS)}, got {fmt!r}")
+    if dtype not in ("float32", "float16") or (dtype != "float32" and fmt != "store"):
+        raise ParameterError(f"--dtype {dtype}: a store holds float32 or float16, a pickle "
+                             "float32 (give --format store)")
     out, cache_dir = Path(out if out is not None else default_out(fmt)), Path(cache_dir)
     items = discover(Path(audio_dir), manifest=manifest)
     if out.name == ERRORS_CSV:
@@ -237,101 +249,88 @@ def extract(audio_dir: Path, *, out: Optional[Path] = None, fmt: str = "pickle",
     cache = FeatureCache(cache_dir, config)
     cache.prepare()
 
+    fingerprint = _fingerprint(config, items, fmt, dtype)
+    done = _up_to_date(out, fingerprint)
+    if done is not None:  # same files (by their stat), same config, output untouched
+        return ExtractResult(out=out, errors_csv=out.with_name(ERRORS_CSV), n_items=done["n_items"],
+                             computed=0, cached=done["n_items"], seconds=time.perf_counter() - t0,
+                             errors=[tuple(e) for e in done["errors"]],
+                             duplicate_groups=done["duplicate_groups"], labels=done["labels"])
+
     errors: dict[str, str] = {}
-    keys: dict[str, str] = {}               # relpath -> content key
-    todo: dict[str, AudioItem] = {}         # key -> first item with that content
+    todo: list[AudioItem] = []
     for item in items:
         try:
-            check_file(item.path)
-            with _time_limit(timeout):   # a huge or stalled file (a network mount) is a file
-                key = file_digest(item.path)   # that takes too long, like a slow decode
-        except _FileTimeout:
-            errors[item.relpath] = f"gave up reading it after {timeout:g} s (--timeout)"
-            continue
+            check_file(item.path)           # a stat: no byte is read on the driver
         except AudioError as exc:
             errors[item.relpath] = exc.reason
             continue
         except OSError as exc:
             errors[item.relpath] = f"cannot read ({os.strerror(exc.errno or 0)})"
             continue
-        keys[item.relpath] = key
-        if key not in todo and not cache.has(key):
-            todo[key] = item
+        todo.append(item)
 
-    fingerprint = _fingerprint(config, items, keys, errors, fmt)
-    if not todo:
-        done = _up_to_date(out, fingerprint)
-        if done is not None:  # same inputs, same config, output untouched: nothing to do
-            return ExtractResult(out=out, errors_csv=out.with_name(ERRORS_CSV), n_items=done["n_items"],
-                                 computed=0, cached=done["n_items"],
-                                 seconds=time.perf_counter() - t0,
-                                 errors=[tuple(e) for e in done["errors"]],
-                                 duplicate_groups=done["duplicate_groups"], labels=done["labels"])
-
-    jobs = default_jobs() if jobs is None else max(1, int(jobs))
-    failed_keys: dict[str, str] = {}
-    recomputed = 0                          # entries found damaged and computed again below
+    # Workers hash each file, and decode and analyse it unless its content is cached: the
+    # driver never reads the audio (a cluster's driver may sit far from the files). A store
+    # is preallocated and filled as results arrive, not copied after the fact.
     config_dict = config.to_dict()
-    if todo:
-        tasks = list(todo.items())
-        with progress_bar(len(tasks), desc="extract", unit="clip", quiet=quiet) as bar:
-            runner = Parallel(n_jobs=min(jobs, len(tasks)), return_as="generator_unordered",
-                              batch_size=1, pre_dispatch="2*n_jobs")
-            results = runner(delayed(_compute_keyed)(key, str(item.path), str(cache_dir),
-                                                     config_dict, timeout) for key, item in tasks)
-            for key, reason in results:
-                if reason is not None:
-                    failed_keys[key] = reason
-                bar.update(1)
+    computed = 0
+    workers: dict[str, int] = {}
+    found: dict[int, tuple[str, Any]] = {}       # todo index -> (key, cache entry metadata)
+    tasks = [(str(item.path), str(cache_dir), config_dict, timeout) for item in todo]
+    with contextlib.ExitStack() as stack:
+        writer = None
+        if fmt == "store" and todo:
+            from .io.store import StoreWriter
 
-    assembled: list[dict[str, Any]] = []
-    shapes: Optional[dict[str, tuple]] = None
-    by_audio: dict[str, list[str]] = {}
-    group_ids: dict[str, int] = {}
-    for item in items:
-        key = keys.get(item.relpath)
-        if key is None:
-            continue
-        if key in failed_keys:
-            errors[item.relpath] = failed_keys[key]
-            continue
-        entry = cache.load(key)
-        if entry is None:  # vanished or damaged since it was written: recompute in-process
-            reason = compute_entry(str(item.path), key, str(cache_dir), config_dict, timeout)
-            entry = None if reason else cache.load(key)
+            shapes = config.feature_shapes()
+            writer = stack.enter_context(StoreWriter(
+                out, n_clips=len(todo), rows={k: r for k, (r, _) in shapes.items()},
+                frames=config.n_frames, dtype=dtype))
+        bar = stack.enter_context(progress_bar(len(tasks), desc="extract", unit="clip", quiet=quiet))
+        for index, (key, reason, fresh) in _run_tasks(tasks, jobs, scheduler, cache_dir, workers):
+            bar.update(1)
+            entry = None
+            if reason is None:
+                entry = cache.load(key)
+                if entry is None:  # vanished or damaged since it was written: again, here
+                    reason = compute_entry(str(todo[index].path), key, str(cache_dir),
+                                           config_dict, timeout)
+                    entry = None if reason else cache.load(key)
+                    fresh = True
             if entry is None:
-                errors[item.relpath] = reason or "cache entry could not be read back"
+                errors[todo[index].relpath] = reason or "cache entry could not be read back"
                 continue
-            recomputed += 1
-        sha = entry.meta["audio_sha"]
-        group = group_ids.setdefault(sha, len(group_ids))
-        by_audio.setdefault(sha, []).append(item.relpath)
-        if shapes is None:
-            shapes = {k: v.shape for k, v in entry.features.items()}
-        assembled.append({
-            "features": entry.features if fmt == "pickle" else None,  # a store re-reads them
-            "label": item.label,
-            "path": item.relpath,
-            "duplicate_group": group,
-            "group": item.group,
-            "audio_sha": sha,
-            "file_sha": key,
-            "source_sr": entry.meta["source_sr"],
-            "channels": entry.meta["channels"],
-            "source_seconds": entry.meta["source_seconds"],
-            "feature_config": config_dict,
-        })
+            computed += fresh
+            found[index] = (key, entry.meta, entry.features if fmt == "pickle" else None)
+            if writer is not None:
+                writer.put_at(index, entry.features)
+
+        assembled: list[dict[str, Any]] = []
+        by_audio: dict[str, list[str]] = {}
+        group_ids: dict[str, int] = {}
+        for index in sorted(found):
+            item, (key, meta, features) = todo[index], found[index]
+            sha = meta["audio_sha"]
+            by_audio.setdefault(sha, []).append(item.relpath)
+            assembled.append({
+                "features": features, "label": item.label, "path": item.relpath,
+                "duplicate_group": group_ids.setdefault(sha, len(group_ids)),
+                "group": item.group, "audio_sha": sha, "file_sha": key,
+                "source_sr": meta["source_sr"], "channels": meta["channels"],
+                "source_seconds": meta["source_seconds"], "feature_config": config_dict,
+            })
+        if writer is not None and assembled:
+            writer.keep_only(sorted(found))
+            writer.commit(assembled, feature_config=config_dict, source=str(out))
+        elif assembled:
+            write_features_file(out, assembled)
 
     errors_csv = out.with_name(ERRORS_CSV)
-    if assembled and fmt == "store":
-        _write_store(out, assembled, cache, shapes, config_dict)
-    elif assembled:
-        write_features_file(out, assembled)
     write_csv(errors_csv, ["path", "reason"], sorted(errors.items()))
     labels: dict[str, int] = {}
     for it in assembled:
         labels[it["label"]] = labels.get(it["label"], 0) + 1
-    computed = len(todo) - len(failed_keys) + recomputed
     result = ExtractResult(
         out=out, errors_csv=errors_csv, n_items=len(assembled),
         computed=computed, cached=len(assembled) - computed,
@@ -339,27 +338,11 @@ def extract(audio_dir: Path, *, out: Optional[Path] = None, fmt: str = "pickle",
         errors=sorted(errors.items()),
         duplicate_groups=[paths for paths in by_audio.values() if len(paths) > 1],
         labels=dict(sorted(labels.items())),
+        workers=dict(sorted(workers.items())),
     )
-    if assembled and not failed_keys:
+    if assembled and not any(reason for reason in errors.values() if _transient(reason)):
         _record_state(out, fingerprint, result)
     return result
-
-
-def _write_store(out: Path, assembled: list[dict[str, Any]], cache: FeatureCache,
-                 shapes: dict[str, tuple], config_dict: dict) -> None:
-    """Copy the clips' cache entries into a feature store, one clip in memory at a time."""
-    from .io.store import StoreWriter
-
-    rows = {k: int(shape[0]) for k, shape in shapes.items()}
-    with StoreWriter(out, n_clips=len(assembled), rows=rows, frames=int(shapes["mel_spec_orig"][1])) as writer:
-        for it in assembled:
-            entry = cache.load(it["file_sha"])
-            if entry is None:
-                raise OutputError(f"{cache.path(it['file_sha'])}: cache entry of {it['path']} vanished "
-                                  "while the store was written (another process cleaning the cache?); "
-                                  "run extract again")
-            writer.put(entry.features)
-        writer.commit(assembled, feature_config=config_dict, source=str(out))
 
 
 def _stamp(out: Path) -> list:
@@ -382,12 +365,18 @@ def _state_path(out: Path) -> Path:
     return out.with_name(f".{out.name}.extract.json")
 
 
-def _fingerprint(config: FeatureConfig, items: list[AudioItem], keys: dict[str, str],
-                 errors: dict[str, str], fmt: str) -> str:
-    """Identity of an extract run: format, config, every (path, label, content) and errors."""
-    payload = json.dumps([fmt, config.fingerprint(),
-                          [(it.relpath, it.label, it.group, keys.get(it.relpath)) for it in items],
-                          sorted(errors.items())])
+def _fingerprint(config: FeatureConfig, items: list[AudioItem], fmt: str, dtype: str) -> str:
+    """Identity of an extract run's inputs without reading them: format, config, and every
+    file's path, label, group and stat (size, modification and change times, inode; the
+    change time moves on any write and cannot be set back by users)."""
+    def stat(path: Path):
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            return exc.errno
+        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_mode]
+    payload = json.dumps([fmt, dtype, config.fingerprint(),
+                          [(it.relpath, it.label, it.group, stat(it.path)) for it in items]])
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -412,5 +401,51 @@ def _record_state(out: Path, fingerprint: str, result: ExtractResult) -> None:
         json.dump({"fingerprint": fingerprint, "stamp": _stamp(out), "summary": summary}, fh)
 
 
-def _compute_keyed(key: str, path: str, cache_dir: str, config_dict: dict, timeout):
-    return key, compute_entry(path, key, cache_dir, config_dict, timeout)
+def hash_and_compute(path: str, cache_dir: str, config_dict: dict,
+                     timeout: Optional[float]) -> tuple[Optional[str], Optional[str], bool]:
+    """One file's task (in a worker): ``(content key, None, computed)`` or ``(None, reason,
+    False)``. The file is hashed, and decoded and analysed only when the cache lacks its
+    content; ``timeout`` bounds the hashing as it bounds the decoding."""
+    try:
+        with _time_limit(timeout):   # a huge or stalled file (a network mount) is a file
+            key = file_digest(Path(path))   # that takes too long, like a slow decode
+    except _FileTimeout:
+        return None, f"gave up reading it after {timeout:g} s (--timeout)", False
+    except OSError as exc:
+        return None, f"cannot read ({os.strerror(exc.errno or 0)})", False
+    if FeatureCache(Path(cache_dir), FeatureConfig.from_dict(config_dict)).has(key):
+        return key, None, False
+    reason = compute_entry(path, key, cache_dir, config_dict, timeout)
+    return (None, reason, False) if reason else (key, None, True)
+
+
+def _run_tasks(tasks: list[tuple], jobs: Optional[int], scheduler: Optional[str],
+               cache_dir: Path, workers: dict[str, int]) -> Iterator[tuple[int, tuple]]:
+    """``(index, hash_and_compute(*tasks[index]))`` as tasks finish, on joblib workers or on
+    a Dask cluster (``scheduler``, see :mod:`deepfusion.cluster`; ``workers`` counts the
+    tasks each Dask worker ran)."""
+    if not tasks:
+        return
+    indexed = [(i, *task) for i, task in enumerate(tasks)]
+    if scheduler:
+        from .cluster import check_shared, connect, map_unordered
+
+        with connect(scheduler) as client:
+            check_shared(client, cache_dir)
+            yield from map_unordered(client, _indexed, indexed, per_worker=workers)
+        return
+    from joblib import Parallel, delayed
+
+    jobs = default_jobs() if jobs is None else max(1, int(jobs))
+    runner = Parallel(n_jobs=min(jobs, len(tasks)), return_as="generator_unordered",
+                      batch_size=1, pre_dispatch="2*n_jobs")
+    yield from runner(delayed(_indexed)(*task) for task in indexed)
+
+
+def _indexed(index: int, *task) -> tuple[int, tuple]:
+    return index, hash_and_compute(*task)
+
+
+def _transient(reason: str) -> bool:
+    """A failure that may not recur (a time-out, a file still being written)."""
+    return "--timeout" in reason or "changed while it was read" in reason

@@ -450,3 +450,64 @@ def test_a_store_travels_to_spawned_workers_by_name(store):
     for key in FEATURE_KEYS:
         torch.testing.assert_close(spawned[0][key], in_process[0][key], rtol=0, atol=0)
     assert spawned[1].tolist() == in_process[1].tolist()
+
+
+# ------------------------------------------------------------ filled as results arrive (issue 11)
+
+def test_a_store_with_failed_files_is_compacted_in_place(tiny_audio, tiny_features, tmp_path):
+    """Slots are allocated before the work; files that fail leave no gap and no zero clip."""
+    audio = tmp_path / "audio"
+    shutil.copytree(tiny_audio, audio)
+    for name in ("rock/aaa-broken.wav", "techno/techno.00003-broken.wav", "waltz/zzz-broken.wav"):
+        (audio / name).write_bytes(b"RIFF" + bytes(200))          # first, middle and last
+    out = tmp_path / "f.store"
+    result = extract(audio, out=out, fmt="store", cache_dir=tiny_features.parent / "cache",
+                     jobs=2, config=TINY_FEATURES, quiet=True)
+    assert (result.n_items, len(result.errors)) == (18, 3)
+    fs, reference = open_store(out), load_features(tiny_features)
+    assert fs.paths == reference.paths
+    for key in FEATURE_KEYS:
+        assert np.array_equal(np.asarray(fs.arrays[key]), reference.arrays[key]), key
+    arrays = {p.name: np.load(p) for p in next(out.glob("v.*")).iterdir()}   # plain numpy reads
+    assert all(a.shape[0] == 18 for a in arrays.values())
+
+
+def test_a_float16_store_halves_the_bytes_and_trains(tiny_audio, tiny_features, tmp_path):
+    out = tmp_path / "half.store"
+    result = invoke("extract", "--audio-dir", tiny_audio, "--out", out, "--format", "store",
+                    "--dtype", "float16", "--cache-dir", tiny_features.parent / "cache",
+                    "--jobs", "1", "--quiet", "--duration", "6")
+    assert result.exit_code == 0, result.output
+    half, full = open_store(out), load_features(tiny_features)
+    for key in FEATURE_KEYS:
+        assert half.arrays[key].dtype == np.float16
+        assert np.array_equal(np.asarray(half.arrays[key]), full.arrays[key].astype(np.float16))
+    size = sum(f.stat().st_size for f in next(out.glob("v.*")).iterdir())
+    assert size < 0.51 * sum(a.nbytes for a in full.arrays.values()) + 6 * 256
+    result = invoke("train", "--features", out, "--model-dir", tmp_path / "m", "--backbone",
+                    "light", "--no-pretrained", "--epochs", "1", "--batch-size", "8", "--quiet")
+    assert result.exit_code == 0, result.output
+    refused = invoke("extract", "--audio-dir", tiny_audio, "--out", tmp_path / "f.pkl",
+                     "--dtype", "float16", "--quiet")
+    assert refused.exit_code == 2 and "give --format store" in one_error_line(refused.stderr)
+
+
+def test_an_unchanged_collection_is_not_read_again(tiny_audio, tmp_path, monkeypatch):
+    """Up to date by the files' stat: a rerun hashes nothing; a touched file is read again."""
+    import deepfusion.extract as extract_module
+
+    audio = tmp_path / "audio"
+    shutil.copytree(tiny_audio, audio)
+    out, cache = tmp_path / "f.store", tmp_path / "cache"
+    extract(audio, out=out, fmt="store", cache_dir=cache, jobs=1, config=TINY_FEATURES, quiet=True)
+    hashed = []
+    real = extract_module.file_digest
+    monkeypatch.setattr(extract_module, "file_digest", lambda p: hashed.append(p) or real(p))
+    again = extract(audio, out=out, fmt="store", cache_dir=cache, jobs=1, config=TINY_FEATURES,
+                    quiet=True)
+    assert (again.n_items, again.computed, hashed) == (18, 0, [])
+    victim = audio / "rock" / "rock.00002.wav"
+    victim.write_bytes(victim.read_bytes())                     # same bytes, a new write
+    third = extract(audio, out=out, fmt="store", cache_dir=cache, jobs=1, config=TINY_FEATURES,
+                    quiet=True)
+    assert (third.n_items, third.computed) == (18, 0) and len(hashed) == 18

@@ -6,7 +6,7 @@ larger than RAM train, and worker processes share one copy. Layout::
 
     features.store/
         meta.json                 what the arrays hold, and which version folder holds them
-        v.<pid>.<hex>/            float32 arrays (n_clips, rows, frames), one per view:
+        v.<pid>.<hex>/            float32 (or float16) arrays (n_clips, rows, frames), one per view:
             mel_spec_orig.npy  mel_spec_harm.npy  mel_spec_perc.npy
             mfcc.npy  chroma.npy  tempogram.npy
 
@@ -49,6 +49,9 @@ _ARRAY_FILES = {f"{key}.npy" for key in FEATURE_KEYS}
 #: per-clip fields kept in meta.json (the pickle's item keys other than 'features')
 CLIP_FIELDS = ("path", "label", "group", "duplicate_group", "file_sha", "audio_sha",
                "source_sr", "channels", "source_seconds")
+#: What a store may hold its views as: float16 halves the disk and page cache (the model
+#: computes in float32 either way; see the README for its effect on accuracy).
+DTYPES = ("float32", "float16")
 _SCAN_BYTES = 64 << 20          # identity and finiteness are checked this many bytes at a time
 
 
@@ -130,9 +133,15 @@ class StoreWriter:
         holds other files than a store.
     """
 
-    def __init__(self, dest: Path, *, n_clips: int, rows: dict[str, int], frames: int):
+    def __init__(self, dest: Path, *, n_clips: int, rows: dict[str, int], frames: int,
+                 dtype: str = "float32"):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         self.dest = Path(dest)
         self.n_clips, self.rows, self.frames = int(n_clips), dict(rows), int(frames)
+        self.dtype = np.dtype(dtype)
+        self._header: dict[str, int] = {}      # view -> bytes before the first clip
+        self._filled: set[int] = set()
         self.version = f"v.{os.getpid()}.{os.urandom(4).hex()}"
         self.folder: Optional[Path] = None
         self._files: dict[str, Any] = {}
@@ -154,11 +163,12 @@ class StoreWriter:
             self.folder = self.dest / self.version
             self.folder.mkdir()
             for key in FEATURE_KEYS:
-                fh = self._files[key] = open(self.folder / f"{key}.npy", "wb")
-                np.lib.format.write_array_header_1_0(fh, {
-                    "descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
-                    "fortran_order": False,
-                    "shape": (self.n_clips, self.rows[key], self.frames)})
+                fh = self._files[key] = open(self.folder / f"{key}.npy", "w+b")
+                np.lib.format.write_array_header_1_0(fh, self._header_dict(key, self.n_clips))
+                self._header[key] = fh.tell()
+                # preallocated (sparse where the file system allows): clips may arrive in any
+                # order (put_at), as a cluster's workers finish them
+                fh.truncate(self._header[key] + self.n_clips * self._clip_bytes(key))
         except OSError as exc:
             self._abort()
             raise self._fail(exc) from None
@@ -167,17 +177,31 @@ class StoreWriter:
             raise
         return self
 
+    def _header_dict(self, key: str, n_clips: int) -> dict[str, Any]:
+        return {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+                "shape": (n_clips, self.rows[key], self.frames)}
+
+    def _clip_bytes(self, key: str) -> int:
+        return self.rows[key] * self.frames * self.dtype.itemsize
+
     def put(self, features: dict[str, np.ndarray]) -> None:
-        """Append the next clip: the six views, padded with their minimum or trimmed to
-        ``frames`` frames.
+        """Write the next clip (``put_at`` the first index not yet given)."""
+        while self._next in self._filled:
+            self._next += 1
+        self.put_at(self._next, features)
+
+    def put_at(self, index: int, features: dict[str, np.ndarray]) -> None:
+        """Write clip ``index``: the six views, padded with their minimum or trimmed to
+        ``frames`` frames, stored in the writer's dtype.
 
         Raises
         ------
         FeaturesFileError
             A view has the wrong number of rows or holds NaN or infinite values.
         """
-        if self._next >= self.n_clips:
-            raise ValueError(f"store holds {self.n_clips} clips; one more was given")
+        if not 0 <= index < self.n_clips or index in self._filled:
+            raise ValueError(f"clip {index}: outside the store's {self.n_clips} clips or given twice")
+        self._next = index
         block: dict[str, np.ndarray] = {}
         for key in FEATURE_KEYS:
             a = np.asarray(features[key], dtype=np.float32)
@@ -186,17 +210,51 @@ class StoreWriter:
                                         f"the store {self.rows[key]} rows")
             if not np.isfinite(a).all():
                 raise FeaturesFileError(f"{self.dest}: clip {self._next}: {key} holds NaN or infinite values")
-            out = np.empty((self.rows[key], self.frames), np.float32)
+            out = np.empty((self.rows[key], self.frames), self.dtype)
             m = min(self.frames, a.shape[1])
             out[:, :m] = a[:, :m]
             out[:, m:] = a.min()
             block[key] = out
         try:
             for key in FEATURE_KEYS:
-                self._files[key].write(block[key].tobytes())
+                fh = self._files[key]
+                fh.seek(self._header[key] + index * self._clip_bytes(key))
+                fh.write(block[key].tobytes())
         except OSError as exc:
             raise self._fail(exc) from None
-        self._next += 1
+        self._filled.add(index)
+
+    def keep_only(self, indices: list[int]) -> None:
+        """Drop every clip not in ``indices`` (sorted), moving the rest down in place: the
+        clips that failed after their slots were allocated. Only the clips after the first
+        gap move, one at a time."""
+        indices = sorted(indices)
+        if indices == list(range(self.n_clips)):
+            return
+        try:
+            for key in FEATURE_KEYS:
+                fh, size, start = self._files[key], self._clip_bytes(key), self._header[key]
+                for target, source in enumerate(indices):
+                    if target != source:
+                        fh.seek(start + source * size)
+                        data = fh.read(size)
+                        fh.seek(start + target * size)
+                        fh.write(data)
+                fh.truncate(start + len(indices) * size)
+                self._rewrite_header(fh, key, len(indices))
+        except OSError as exc:
+            raise self._fail(exc) from None
+        self.n_clips = len(indices)
+        self._filled = set(range(self.n_clips))
+
+    def _rewrite_header(self, fh, key: str, n_clips: int) -> None:
+        """The ``.npy`` header with a new clip count, padded to the same length (the data
+        stays where it is, aligned as numpy wrote it)."""
+        length = self._header[key]
+        text = repr(self._header_dict(key, n_clips))
+        body = text + " " * (length - 10 - len(text) - 1) + "\n"
+        fh.seek(0)
+        fh.write(b"\x93NUMPY\x01\x00" + len(body).to_bytes(2, "little") + body.encode("latin1"))
 
     def commit(self, clips: list[dict[str, Any]], *, feature_config: Optional[dict] = None,
                source: str = "") -> None:
@@ -204,8 +262,8 @@ class StoreWriter:
 
         ``clips`` holds one dict per clip with the fields of :data:`CLIP_FIELDS` it has.
         """
-        if self._next != self.n_clips or len(clips) != self.n_clips:
-            raise ValueError(f"{self.n_clips} clips announced, {self._next} written, "
+        if len(self._filled) != self.n_clips or len(clips) != self.n_clips:
+            raise ValueError(f"{self.n_clips} clips announced, {len(self._filled)} written, "
                              f"{len(clips)} described")
         try:
             for fh in self._files.values():
@@ -217,6 +275,7 @@ class StoreWriter:
         self._files = {}
         meta = {"format": FORMAT, "version": VERSION, "data": self.version,
                 "n_clips": self.n_clips, "frames": self.frames, "rows": self.rows,
+                "dtype": self.dtype.name,
                 "feature_config": feature_config, "source": source,
                 "clips": [{k: c[k] for k in CLIP_FIELDS if c.get(k) is not None} for c in clips]}
         with atomic_write(self.dest / META, "w") as fh:
@@ -284,6 +343,8 @@ def read_meta(root: Path) -> dict[str, Any]:
         raise bad("'n_clips' and 'frames' must be positive integers")
     if not isinstance(rows, dict) or set(rows) != set(FEATURE_KEYS) or not all(map(count, rows.values())):
         raise bad(f"'rows' must give a positive row count for each of {', '.join(FEATURE_KEYS)}")
+    if meta.get("dtype", "float32") not in DTYPES:
+        raise bad(f"'dtype' must be one of {', '.join(DTYPES)}")
     if len({rows[k] for k in MEL_KEYS}) != 1:
         raise bad("the three mel views must have the same number of bands")
     if not (meta.get("feature_config") is None or isinstance(meta["feature_config"], dict)):
@@ -314,9 +375,10 @@ def open_arrays(root: Path, meta: dict[str, Any]) -> dict[str, np.ndarray]:
         except (OSError, ValueError) as exc:
             raise FeaturesFileError(f"{root}: {meta['data']}/{key}.npy is unreadable ({exc})") from None
         expected = (meta["n_clips"], meta["rows"][key], meta["frames"])
-        if arr.dtype != np.float32 or arr.shape != expected:
+        dtype = meta.get("dtype", "float32")
+        if arr.dtype != np.dtype(dtype) or arr.shape != expected:
             raise FeaturesFileError(f"{root}: {key}.npy holds {arr.dtype} {arr.shape}, "
-                                    f"{META} says float32 {expected}")
+                                    f"{META} says {dtype} {expected}")
         arrays[key] = arr
     return arrays
 
