@@ -17,7 +17,7 @@ import click
 from . import __version__
 from .config import (DEFAULT_CACHE_DIR, DEFAULT_FEATURES, DEFAULT_MODEL_DIR, DEFAULT_STORE,
                      FEATURE_FORMATS, FeatureConfig, RuntimeConfig, TrainConfig)
-from .errors import DeepFusionError
+from .errors import DeepFusionError, ParameterError
 from .io.names import escape_bytes, shown
 from .options import (checkpoint_option, device_option, feature_options, features_option,
                       model_options, quiet_option, recipe_options, runtime_options,
@@ -45,6 +45,14 @@ def _sigterm_as_interrupt() -> None:
     signal.signal(signal.SIGTERM, interrupt)
 
 
+def _other_rank() -> bool:
+    """A torchrun process other than rank 0 (its errors are rank 0's too)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0
+    except ValueError:
+        return False
+
+
 class _Group(click.Group):
     """Turns deepfusion's own errors into one line and an exit status, never a traceback."""
 
@@ -53,11 +61,13 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except DeepFusionError as exc:
-            echo(f"Error: {shown(exc)}", err=True)
+            if not _other_rank():          # under torchrun rank 0 says it, once
+                echo(f"Error: {shown(exc)}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
-            echo("Interrupted: finished work is kept; run the same command again to continue.",
-                       err=True)
+            if not _other_rank():
+                echo("Interrupted: finished work is kept; run the same command again to continue.",
+                     err=True)
             sys.exit(130)
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
@@ -205,6 +215,9 @@ def train(features: Path, model_dir: Path, pretrained: bool | None, weights_path
                   pretrained=pretrained, weights_path=weights_path, resume=resume,
                   overwrite=overwrite, quiet=quiet,
                   echo=echo, model_options={"band_stats": kwargs.pop("band_stats")})
+    if folds and os.environ.get("WORLD_SIZE", "1") != "1":
+        raise ParameterError("--folds trains its folds one after another in one process; run "
+                             "it without torchrun")
     if folds:
         from .crossval import cross_validate
 

@@ -214,6 +214,7 @@ class TrainConfig:
     """
 
     epochs: Optional[int] = None
+    #: training segments per batch and process: under torchrun a step averages N x batch_size
     batch_size: Optional[int] = None
     lr: Optional[float] = None
     weight_decay: float = 1e-2
@@ -303,6 +304,8 @@ class RuntimeConfig:
     channels_last: bool = True
     #: DataLoader worker processes
     num_workers: int = 0
+    #: under torchrun on GPUs, BatchNorm statistics over all processes' segments (SyncBatchNorm)
+    sync_bn: bool = False
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):

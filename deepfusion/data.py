@@ -157,6 +157,23 @@ def split_lists(fs: FeatureSet, split: np.ndarray) -> dict[str, Any]:
     return out
 
 
+def split_summary(fs: FeatureSet, indices) -> str:
+    """One line: clips, genres and the clips of each split (``indices``: train, val, test)."""
+    counts = ", ".join(f"{n} {len(i)}" for n, i in zip(SPLITS, indices))
+    return f"{len(fs)} clips, {len(fs.class_names)} genres ({', '.join(fs.class_names)}); split: {counts}"
+
+
+def feature_config_of(fs: FeatureSet) -> FeatureConfig:
+    """The FeatureConfig of a features file; guessed from shapes for original-format files."""
+    if fs.feature_config:
+        return FeatureConfig.from_dict(fs.feature_config)
+    rows = fs.rows()
+    base = FeatureConfig()
+    duration = (fs.n_frames - 1) * base.hop_length / base.sample_rate
+    return FeatureConfig(n_mels=rows["mel_spec_orig"], n_mfcc=rows["mfcc"], n_chroma=rows["chroma"],
+                         tempogram_win_length=rows["tempogram"], duration=round(duration, 3))
+
+
 def segment_frames(segment_seconds: Optional[float], feature_config: FeatureConfig, n_frames: int) -> int:
     """Frames per training segment; the whole clip when ``segment_seconds`` is None or longer."""
     if segment_seconds is None:
@@ -288,16 +305,32 @@ def make_torch_dataset(fs: FeatureSet, norm: dict, clips: np.ndarray, *, seg: in
     return SegmentDataset(fs, norm, clips, seg=seg, starts=starts, seed=seed, augment=augment)
 
 
+def epoch_order(n: int, *, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> list[int]:
+    """The training order of epoch ``epoch`` over ``n`` items: a permutation drawn from
+    ``(seed, epoch)`` alone, of which process ``rank`` of ``world_size`` takes its share
+    (:func:`deepfusion.ddp.epoch_share`: the same number of items on every process)."""
+    import torch
+
+    from .ddp import epoch_share
+
+    g = torch.Generator().manual_seed(seed * 1_000_033 + epoch)
+    return epoch_share(torch.randperm(n, generator=g).tolist(), rank, world_size)
+
+
 def make_train_loader(fs: FeatureSet, norm: dict, clips: np.ndarray, *, seg: int,
                       batch_size: int, seed: int, num_workers: int = 0, pin_memory: bool = False,
-                      augment: Optional[Augment] = None):
+                      augment: Optional[Augment] = None, rank: int = 0, world_size: int = 1):
     """The training DataLoader: shuffled random crops, reproducible per epoch.
 
     Call ``loader.sampler.set_epoch(epoch)`` before each epoch: the order and the crops of
-    epoch *e* depend on ``(seed, e)`` only. Worker processes persist across epochs (restarting
-    them every epoch costs more than they save on small machines).
+    epoch *e* depend on ``(seed, e)`` only. Under torchrun each process (``rank`` of
+    ``world_size``) iterates its share of that order (:func:`epoch_order`), ``batch_size``
+    segments per batch. Worker processes persist across epochs (restarting them every epoch
+    costs more than they save on small machines).
     """
     import torch
+
+    share = -(-len(clips) // world_size)    # items per process and epoch
 
     class EpochSampler(torch.utils.data.Sampler):
         def __init__(self, n: int):
@@ -307,17 +340,15 @@ def make_train_loader(fs: FeatureSet, norm: dict, clips: np.ndarray, *, seg: int
             self.epoch = epoch
 
         def __len__(self) -> int:
-            return self.n
+            return share
 
         def __iter__(self):
-            g = torch.Generator().manual_seed(seed * 1_000_033 + self.epoch)
             epoch = self.epoch
-            return iter([(i, epoch) for i in torch.randperm(self.n, generator=g).tolist()])
+            order = epoch_order(self.n, seed=seed, epoch=epoch, rank=rank, world_size=world_size)
+            return iter([(i, epoch) for i in order])
 
     dataset = make_torch_dataset(fs, norm, clips, seg=seg, seed=seed, augment=augment)
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=EpochSampler(len(clips)),
         num_workers=num_workers, persistent_workers=num_workers > 0,
-        drop_last=len(clips) > batch_size, pin_memory=pin_memory)
-
-
+        drop_last=share > batch_size, pin_memory=pin_memory)

@@ -1,7 +1,8 @@
 """A model over clips: the logits of every non-overlapping segment, averaged per clip.
 
 Train (validation and test), evaluate and predict all classify clips through
-:func:`predict_clips`, so a clip gets the same answer whichever stage asks.
+:func:`predict_clips`, so a clip gets the same answer whichever stage asks. Under torchrun
+train splits the clips over the processes and gathers their answers (``shard``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from . import ddp
 from .data import eval_segments, make_torch_dataset
 from .io.featureset import FeatureSet
 from .metrics import log_loss, softmax
@@ -40,11 +42,23 @@ class ClipPredictions:
 @torch.inference_mode()
 def predict_clips(model: torch.nn.Module, fs: FeatureSet, norm: dict, clips: np.ndarray, *,
                   seg: int, batch_size: int = 64, device: torch.device = torch.device("cpu"),
-                  amp: bool = False, labels: Optional[np.ndarray] = None) -> ClipPredictions:
+                  amp: bool = False, labels: Optional[np.ndarray] = None,
+                  shard: bool = False) -> ClipPredictions:
     """Mean logits and attention over all non-overlapping segments of each clip.
 
-    ``labels`` (default the FeatureSet's) only serve the segment-level accuracy.
+    ``labels`` (default the FeatureSet's) only serve the segment-level accuracy. ``shard``:
+    in a torchrun group (:mod:`deepfusion.ddp`; every process calls, with the same ``clips``)
+    each process predicts its share of the clips and every process returns all of them, the
+    same on every process.
     """
+    if shard and ddp.world_size() > 1:
+        part = predict_clips(model, fs, norm, ddp.shard(np.asarray(clips)), seg=seg,
+                             batch_size=batch_size, device=device, amp=amp, labels=labels)
+        parts = ddp.gather((torch.from_numpy(part.clips), torch.from_numpy(part.logits),
+                            torch.from_numpy(part.attention), part.segment_correct,
+                            part.segment_total))
+        c, lg, att = (ddp.unshard([p[i].numpy() for p in parts]) for i in range(3))
+        return ClipPredictions(c, lg, att, sum(p[3] for p in parts), sum(p[4] for p in parts))
     labels = fs.labels if labels is None else labels
     seg_clips, starts = eval_segments(clips, fs.n_frames, seg)
     ds = make_torch_dataset(fs, norm, seg_clips, seg=seg, starts=starts)

@@ -117,7 +117,8 @@ recipe_options = config_options(TrainConfig, [
     Opt("epochs", "Epochs. With --resume, a larger value extends the run: the cosine schedule "
         "becomes that of the longer run from the next epoch on.", type=click.IntRange(1),
         auto=f"auto per backbone: {describe_auto()}"),
-    Opt("batch_size", "Training segments per batch (per optimizer step).",
+    Opt("batch_size", "Training segments per batch and process (under torchrun, N "
+        "processes take N x this per optimizer step).",
         type=click.IntRange(1), auto=_AUTO),
     Opt("lr", "Peak learning rate of AdamW (linear warm-up, cosine decay).",
         type=click.FloatRange(min=0, min_open=True),
@@ -173,6 +174,8 @@ runtime_options = config_options(RuntimeConfig, [
     Opt("amp", "Mixed precision: fp16/bf16 on CUDA, bf16 on CPUs with native bf16."),
     Opt("channels_last", "Channels-last memory format for the CNNs."),
     Opt("num_workers", "DataLoader worker processes.", type=click.IntRange(0)),
+    Opt("sync_bn", "Under torchrun on GPUs: BatchNorm statistics over every process's "
+        "segments (SyncBatchNorm); on CPUs a line says it is not available."),
 ])
 
 # ---------------------------------------------------------------------- shared plain options

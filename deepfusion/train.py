@@ -5,11 +5,13 @@ fit normalisation on the training clips, build the model, then per epoch
 :func:`train_one_epoch`, :func:`~deepfusion.inference.predict_clips` on the validation clips,
 checkpoints, CSV and plot. ``last.pth`` after every epoch makes ``resume`` continue exactly
 where a run stopped; the crops, shuffles and dropout of epoch *e* are seeded by (seed, e), so a
-resumed run on the CPU repeats the uninterrupted one.
+resumed run on the CPU repeats the uninterrupted one. Under ``torchrun`` the same loop runs in
+every process with DistributedDataParallel (:mod:`deepfusion.ddp`); rank 0 writes and prints.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -19,11 +21,13 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from . import ddp
 from .checkpoint import expected_sizes, library_versions, load_checkpoint, save_checkpoint
 from .config import (AUTO_FIELDS, AUX_KEYS, FeatureConfig, ModelConfig, RuntimeConfig, TrainConfig,
                      resolve_recipe, resume_recipe)
-from .data import (Augment, check_split, fit_normalization, make_split, make_train_loader,
-                   read_split_file, segment_frames, segments_per_clip, split_lists)
+from .data import (Augment, check_split, feature_config_of, fit_normalization, make_split,
+                   make_train_loader, read_split_file, segment_frames, segments_per_clip,
+                   split_lists, split_summary)
 from .errors import CheckpointError, DatasetError, ParameterError
 from .inference import ClipPredictions, clip_loss, predict_clips
 from .io.atomic import remove_stale_temps, write_csv
@@ -33,8 +37,8 @@ from .io.run_folder import RUN_FILES, claim_run_folder
 from .io.featureset import FeatureSet
 from .models import build_model, check_input_size, count_parameters
 from .progress import duration_text, epoch_estimate, progress_bar
-from .runtime import (autocast_dtype, autocast_for, resolve_device, rng_state, seed_everything,
-                      set_rng_state, use_amp)
+from .runtime import (autocast_dtype, autocast_for, rng_state, seed_everything, set_rng_state,
+                      use_amp)
 from .weights import resolve_pretrained
 
 HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds",
@@ -67,8 +71,18 @@ def _lr_lambda(config: TrainConfig, steps_per_epoch: int) -> Callable[[int], flo
     return factor
 
 
-def _write_history(path: Path, history: list[dict]) -> None:
-    write_csv(path, HISTORY_FIELDS, ([row[k] for k in HISTORY_FIELDS] for row in history))
+def _write_run(model_dir: Path, history: list[dict], *, best: Optional[dict] = None,
+               last: Optional[dict] = None) -> None:
+    """The run's files after an epoch (rank 0's work): checkpoints, then history CSV and plot."""
+    from .plots import plot_history
+
+    if best is not None:
+        save_checkpoint(model_dir / "best.pth", best)
+    if last is not None:
+        save_checkpoint(model_dir / "last.pth", last)
+    write_csv(model_dir / "training_history.csv", HISTORY_FIELDS,
+              ([row[k] for k in HISTORY_FIELDS] for row in history))
+    plot_history(history, model_dir / "training_history.png")
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, *, device, amp: bool,
@@ -127,11 +141,6 @@ def pretrained_mode(pretrained: Any) -> str:
     return mode
 
 
-def _split_line(fs: FeatureSet, indices) -> str:
-    counts = ", ".join(f"{n} {len(i)}" for n, i in zip(("train", "val", "test"), indices))
-    return f"{len(fs)} clips, {len(fs.class_names)} genres ({', '.join(fs.class_names)}); split: {counts}"
-
-
 def _base_payload(fs: FeatureSet, features: Path, split: np.ndarray, norm: dict, *,
                   model_config: ModelConfig, feature_config: FeatureConfig, config: TrainConfig,
                   runtime: RuntimeConfig, pretrained_source: str) -> dict[str, Any]:
@@ -145,17 +154,6 @@ def _base_payload(fs: FeatureSet, features: Path, split: np.ndarray, norm: dict,
         "features_file": str(features.resolve()), "features_sha256": fs.sha256,
         "pretrained_source": pretrained_source, "versions": library_versions(),
     }
-
-
-def _infer_feature_config(fs: FeatureSet) -> FeatureConfig:
-    """The FeatureConfig of a features file; guessed from shapes for original-format files."""
-    if fs.feature_config:
-        return FeatureConfig.from_dict(fs.feature_config)
-    rows = fs.rows()
-    base = FeatureConfig()
-    duration = (fs.n_frames - 1) * base.hop_length / base.sample_rate
-    return FeatureConfig(n_mels=rows["mel_spec_orig"], n_mfcc=rows["mfcc"], n_chroma=rows["chroma"],
-                         tempogram_win_length=rows["tempogram"], duration=round(duration, 3))
 
 
 def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConfig = TrainConfig(),
@@ -183,6 +181,10 @@ def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConf
     One run per folder: a second writer is refused while this one runs, and a folder that
     holds a run needs ``resume`` (continue it) or ``overwrite`` (replace it).
 
+    Under ``torchrun`` (:mod:`deepfusion.ddp`) each process trains its share of every epoch
+    with DistributedDataParallel, ``config.batch_size`` segments per process and step; rank 0
+    alone holds the folder, reads and writes its files and prints. All return the same result.
+
     Raises
     ------
     FeaturesFileError, DatasetError, ParameterError, WeightsNotFoundError, CheckpointError
@@ -194,30 +196,41 @@ def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConf
     inputs = {Path(p): what for p, what in ((weights_path, "--weights-path"),
                                              (config.split_file, "the --split-file"),
                                              (features, "the features file")) if p}
-    check_outputs({Path(model_dir) / name: name for name in RUN_FILES}, inputs)
-    with claim_run_folder(Path(model_dir), resume=resume, overwrite=overwrite):
+    model_dir = Path(model_dir)
+    with ddp.process_group(runtime.device) as group, contextlib.ExitStack() as folder:
+        if group is not None and not group.main:
+            echo, quiet = (lambda line: None), True
+
+        def claim() -> None:    # rank 0's: the other ranks never touch the folder
+            if group is not None and config.model == "probe":
+                raise ParameterError("the linear probe is fitted in one step by one process; "
+                                     "run --model probe without torchrun")
+            check_outputs({model_dir / name: name for name in RUN_FILES}, inputs)
+            folder.enter_context(claim_run_folder(model_dir, resume=resume, overwrite=overwrite))
+            if resume and not (model_dir / "last.pth").is_file():
+                raise CheckpointError(f"{model_dir / 'last.pth'}: nothing to resume (no last.pth "
+                                      f"in {model_dir})")
+            remove_stale_temps(model_dir)  # leftovers of a run killed while writing
+        ddp.on_main(claim)
         return _train(features, model_dir=model_dir, config=config, runtime=runtime,
                       backbone=backbone, share_backbone=share_backbone, pretrained=pretrained,
                       weights_path=weights_path, resume=resume, quiet=quiet, echo=echo,
                       split=split, feature_set=feature_set, model_options=model_options)
 
 
-def _train(features: Path, *, model_dir: Path = Path("models"), config: TrainConfig = TrainConfig(),
-          runtime: RuntimeConfig = RuntimeConfig(), backbone: Optional[str] = None, share_backbone: bool = False, pretrained: Any = "auto",
-          weights_path: Optional[Path] = None, resume: bool = False, quiet: bool = False,
-          echo: Callable[[str], None] = print, split: Optional[np.ndarray] = None,
-          feature_set: Optional[FeatureSet] = None,
-          model_options: Optional[dict[str, Any]] = None) -> TrainResult:
+def _train(features: Path, *, model_dir: Path, config: TrainConfig, runtime: RuntimeConfig,
+           backbone: Optional[str], share_backbone: bool, pretrained: Any,
+           weights_path: Optional[Path], resume: bool, quiet: bool, echo: Callable[[str], None],
+           split: Optional[np.ndarray], feature_set: Optional[FeatureSet],
+           model_options: Optional[dict[str, Any]]) -> TrainResult:
     """The run itself, in a folder :func:`train` holds."""
     t_start = time.perf_counter()
     features, model_dir = Path(features), Path(model_dir)
     last_path, best_path = model_dir / "last.pth", model_dir / "best.pth"
     state = None
     mode = pretrained_mode(pretrained)
-    if resume:
-        if not last_path.is_file():
-            raise CheckpointError(f"{last_path}: nothing to resume (no last.pth in {model_dir})")
-        state = load_checkpoint(last_path, resume=True)
+    if resume:   # last.pth is there (train checked): read by rank 0, handed to every process
+        state = ddp.on_main(load_checkpoint, last_path, resume=True)
         config, notes = resume_recipe(state["train_config"], config, epochs_done=state["epoch"])
         mc = state["model_config"]
         if backbone is not None and backbone != mc["backbone"]:
@@ -233,14 +246,13 @@ def _train(features: Path, *, model_dir: Path = Path("models"), config: TrainCon
         for note in notes:
             echo(note)
     backbone = backbone or ModelConfig.backbone
-    remove_stale_temps(model_dir)  # leftovers of a run killed while writing
 
     fs = feature_set if feature_set is not None else load_features(features)
     features_sha = fs.sha256
     if state is not None and state["features_sha256"] != features_sha:
         raise CheckpointError(f"{last_path}: was trained on another features file than {features}; "
                               "start a new run in another --model-dir")
-    feature_config = _infer_feature_config(fs)
+    feature_config = feature_config_of(fs)
 
     if split is not None:
         split = np.asarray(split, dtype=object)
@@ -270,11 +282,12 @@ def _train(features: Path, *, model_dir: Path = Path("models"), config: TrainCon
 
     seg = segment_frames(config.segment_seconds, feature_config, fs.n_frames)
     check_input_size(backbone, n_mels=fs.rows()["mel_spec_orig"], frames=seg, clip_frames=fs.n_frames,
-                     batch=min(resolve_recipe(config, backbone, False).batch_size, len(train_idx)),
+                     batch=min(resolve_recipe(config, backbone, False).batch_size,
+                               -(-len(train_idx) // ddp.world_size())),
                      frame_seconds=feature_config.hop_length / feature_config.sample_rate)
     # ImageNet weights: a resumed run takes its weights from last.pth instead
     pre_state, pre_source = (None, state.get("pretrained_source", "not used")) if state else \
-        resolve_pretrained(backbone, mode=mode, weights_path=weights_path, echo=echo)
+        ddp.on_main(resolve_pretrained, backbone, mode=mode, weights_path=weights_path, echo=echo)
     was_pretrained = state["model_config"]["pretrained"] if state else pre_state is not None
     auto = [f for f in AUTO_FIELDS if getattr(config, f) is None]
     config = resolve_recipe(config, backbone, was_pretrained)
@@ -290,7 +303,7 @@ def _train(features: Path, *, model_dir: Path = Path("models"), config: TrainCon
                                **(model_options or {}))
     seed_everything(config.seed)
     model = build_model(replace(model_config, pretrained=False), pretrained_state=pre_state)
-    device = resolve_device(runtime.device)
+    device = ddp.device(runtime.device)
     amp = use_amp(runtime.amp, device)
     model.to(device)
     if runtime.channels_last and device.type != "mps":
@@ -301,18 +314,18 @@ def _train(features: Path, *, model_dir: Path = Path("models"), config: TrainCon
 
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
     scored = ema.module if ema is not None else model   # what is validated and saved
+    net = ddp.wrap(model, sync_bn=runtime.sync_bn, echo=echo)   # what training steps go through
 
     augment = Augment(tilt_db=config.tilt_db, freq_mask=config.freq_mask, time_mask=config.time_mask)
     loader = make_train_loader(fs, norm, train_idx, seg=seg, batch_size=config.batch_size,
                                seed=config.seed, num_workers=runtime.num_workers,
-                               pin_memory=device.type == "cuda", augment=augment)
+                               pin_memory=device.type == "cuda", augment=augment,
+                               rank=ddp.rank(), world_size=ddp.world_size())
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, len(loader)))
     # fp16 needs loss scaling; bf16 has float32's range and does not
     scaler = torch.amp.GradScaler(device.type, enabled=amp and autocast_dtype(device) == "fp16")
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-
-    from .plots import plot_history
 
     history: list[dict] = []
     start_epoch, best_score, best_epoch, bad_epochs = 1, -math.inf, 0, 0
@@ -331,8 +344,7 @@ def _train(features: Path, *, model_dir: Path = Path("models"), config: TrainCon
         best_score = state.get("best_score", state.get("best_val_acc", -math.inf))
         echo(f"resuming after epoch {state['epoch']} (best.pth from epoch {best_epoch})")
         # a kill between last.pth and the history files leaves those an epoch behind
-        _write_history(model_dir / "training_history.csv", history)
-        plot_history(history, model_dir / "training_history.png")
+        ddp.on_main(_write_run, model_dir, history)
         if bad_epochs >= config.patience:  # the run had stopped early: only the test is left
             last_epoch = state["epoch"]
             echo(f"the run stopped early at epoch {state['epoch']} ({bad_epochs} epochs without a "
@@ -340,7 +352,9 @@ def _train(features: Path, *, model_dir: Path = Path("models"), config: TrainCon
         elif start_epoch > last_epoch:
             echo(f"the run has its {config.epochs} epochs; give a larger --epochs to train on")
 
-    echo(_split_line(fs, (train_idx, val_idx, test_idx)))
+    if ddp.world_size() > 1:
+        echo(ddp.describe(config.batch_size))
+    echo(split_summary(fs, (train_idx, val_idx, test_idx)))
     echo(f"model: {backbone}{' (shared)' if share_backbone else ''}, "
          f"{count_parameters(model) / 1e6:.2f} M parameters, on {device.type}"
          f"{f' with {autocast_dtype(device)} autocast' if amp else ''}; segments of {seg} frames")
@@ -349,8 +363,8 @@ def _train(features: Path, *, model_dir: Path = Path("models"), config: TrainCon
                                  feature_config=feature_config, config=config, runtime=runtime,
                                  pretrained_source=pre_source)
     best_bytes, last_bytes = expected_sizes(scored, ema=ema is not None)
-    check_free_space(model_dir, best_bytes + 2 * last_bytes + 2**23, "this run's checkpoints "
-                     "and logs", replaced=(best_path, last_path))
+    ddp.on_main(check_free_space, model_dir, best_bytes + 2 * last_bytes + 2**23,
+                "this run's checkpoints and logs", replaced=(best_path, last_path))
 
     batch_ends: list[float] = []
     n_val = len(val_idx) * segments_per_clip(fs.n_frames, seg)
@@ -372,17 +386,19 @@ def _train(features: Path, *, model_dir: Path = Path("models"), config: TrainCon
     epoch = start_epoch - 1
     for epoch in range(start_epoch, last_epoch + 1):
         t0 = time.perf_counter()
-        # every random draw of epoch e depends on (seed, e) alone: resume repeats it exactly
-        torch.manual_seed(config.seed * 1_000_003 + epoch)
+        # every random draw of epoch e depends on (seed, e, rank) alone: resume repeats it exactly
+        torch.manual_seed(config.seed * 1_000_003 + epoch + 7_919 * ddp.rank())
         loader.sampler.set_epoch(epoch)
         with progress_bar(len(loader), desc=f"epoch {epoch}/{config.epochs}", unit="batch",
                           quiet=quiet, leave=False) as bar:
             train_loss, train_acc = train_one_epoch(
-                model, loader, optimizer, scheduler, scaler, loss_fn, device=device, amp=amp,
+                net, loader, optimizer, scheduler, scaler, loss_fn, device=device, amp=amp,
                 progress=bar, on_batch=estimate if epoch == start_epoch else None,
                 mixup=config.mixup, ema=ema)
+        train_loss, train_acc = ddp.mean(train_loss, train_acc)   # over every process's share
+        ddp.sync_buffers(scored)
         val = predict_clips(scored, fs, norm, val_idx, seg=seg, batch_size=config.batch_size,
-                            device=device, amp=amp)
+                            device=device, amp=amp, shard=True)
         val_acc = float((val.predicted == fs.labels[val_idx]).mean())
         row = {"epoch": epoch, "train_loss": round(train_loss, 6), "train_acc": round(train_acc, 6),
                "val_loss": round(clip_loss(val, fs.labels), 6), "val_acc": round(val_acc, 6),
@@ -397,18 +413,16 @@ def _train(features: Path, *, model_dir: Path = Path("models"), config: TrainCon
         else:
             bad_epochs += 1
         saved = improved if config.select != "last" else True
-        if saved:
-            best_epoch = epoch
-            save_checkpoint(best_path, {**base_payload, "model_state": scored.state_dict(),
-                                        "epoch": epoch, "metrics": {"val": row}})
+        best_epoch = epoch if saved else best_epoch
+        best = {**base_payload, "model_state": scored.state_dict(), "epoch": epoch,
+                "metrics": {"val": row}} if saved else None
         extra = {"ema_state": ema.state_dict(), "model_state_raw": model.state_dict()} if ema else {}
-        save_checkpoint(last_path, {
+        last = {
             **base_payload, "model_state": scored.state_dict(), "epoch": epoch,
             "optimizer_state": optimizer.state_dict(), "scheduler_state": scheduler.state_dict(),
             "scaler_state": scaler.state_dict(), "rng_state": rng_state(), "history": history,
-            "best_score": best_score, "best_epoch": best_epoch, "bad_epochs": bad_epochs, **extra})
-        _write_history(model_dir / "training_history.csv", history)
-        plot_history(history, model_dir / "training_history.png")
+            "best_score": best_score, "best_epoch": best_epoch, "bad_epochs": bad_epochs, **extra}
+        ddp.on_main(_write_run, model_dir, history, best=best, last=last)
         echo(f"epoch {epoch:3d}  train loss {train_loss:.4f} acc {train_acc:.3f}  "
              f"val loss {row['val_loss']:.4f} acc {val_acc:.3f} (segments {row['val_segment_acc']:.3f})  "
              f"{row['seconds']:.1f} s{'  *' if saved else ''}")
@@ -417,17 +431,18 @@ def _train(features: Path, *, model_dir: Path = Path("models"), config: TrainCon
             echo(f"early stop: no better validation {what} for {config.patience} epochs")
             break
 
-    best = load_checkpoint(best_path)
+    best = ddp.on_main(load_checkpoint, best_path)
     best_row = best["metrics"]["val"]
     test_acc, test = None, None
     if len(test_idx):
         model.load_state_dict(best["model_state"])
         test = predict_clips(model, fs, norm, test_idx, seg=seg, batch_size=config.batch_size,
-                             device=device, amp=amp)
+                             device=device, amp=amp, shard=True)
         test_acc = float((test.predicted == fs.labels[test_idx]).mean())
         best["metrics"]["test"] = {"clip_acc": test_acc, "n_clips": int(len(test_idx)),
                                    "segment_acc": test.segment_correct / max(test.segment_total, 1)}
-        save_checkpoint(best_path, {k: v for k, v in best.items() if k != "format_version"})
+        ddp.on_main(save_checkpoint, best_path,
+                    {k: v for k, v in best.items() if k != "format_version"})
         echo(f"test: clip accuracy {test_acc:.3f} on {len(test_idx)} clips (best.pth: epoch "
              f"{best['epoch']})")
     return TrainResult(model_dir, int(best["epoch"]), float(best_row["val_acc"]), epoch,
@@ -439,7 +454,6 @@ def _train_probe(fs: FeatureSet, features: Path, split: np.ndarray, indices, *,
                  echo: Callable[[str], None], t_start: float) -> TrainResult:
     """Fit the linear probe (logistic regression on time-pooled statistics of the six views,
     :mod:`deepfusion.probe`) and save it as ``best.pth`` in the network's checkpoint format."""
-    from .plots import plot_history
     from .probe import fit_probe
 
     train_idx, val_idx, test_idx = indices
@@ -450,7 +464,7 @@ def _train_probe(fs: FeatureSet, features: Path, split: np.ndarray, indices, *,
     model_config = ModelConfig(n_classes=len(fs.class_names), n_mels=rows["mel_spec_orig"],
                                aux_rows=tuple(rows[k] for k in AUX_KEYS), kind="probe",
                                backbone="light")
-    echo(_split_line(fs, indices))
+    echo(split_summary(fs, indices))
     echo(f"model: linear probe (logistic regression, C={config.probe_c:g}) on the mean and "
          "standard deviation over time of every row of the six views")
     t0 = time.perf_counter()
@@ -475,10 +489,8 @@ def _train_probe(fs: FeatureSet, features: Path, split: np.ndarray, indices, *,
                             feature_config=feature_config, config=config,
                             runtime=RuntimeConfig(device="cpu", amp=False),
                             pretrained_source="not used")
-    save_checkpoint(model_dir / "best.pth",
-                    {**payload, "model_state": model.state_dict(), "epoch": 1, "metrics": metrics})
-    _write_history(model_dir / "training_history.csv", [row])
-    plot_history([row], model_dir / "training_history.png")
+    _write_run(model_dir, [row], best={**payload, "model_state": model.state_dict(), "epoch": 1,
+                                       "metrics": metrics})
     echo(f"probe: train accuracy {row['train_acc']:.3f}, validation accuracy {val_acc:.3f}")
     if test_acc is not None:
         echo(f"test: clip accuracy {test_acc:.3f} on {len(test_idx)} clips")

@@ -11,7 +11,6 @@ import shutil
 import sys
 import time
 from collections import namedtuple
-from pathlib import Path
 
 import pytest
 import torch
