@@ -42,9 +42,10 @@ from pathlib import Path
 import numpy as np
 
 from deepfusion.config import FEATURE_KEYS
-from deepfusion.testing import (assert_same_features, assert_same_training, check_cache_entry,
-                                cli_command as cli, leftovers, load_own_pickle as load,
-                                subprocess_env as env)
+from deepfusion.io.run_folder import LOCK_NAME
+from deepfusion.testing import (HOLD_LOCK, assert_same_features, assert_same_training,
+                                check_cache_entry, cli_command as cli, leftovers, load_own_pickle as load,
+                                subprocess_env as env, write_odd_names)
 from deepfusion.testing import damage
 
 SMALL = ("--duration", "3", "--n-mels", "32", "--tempogram-win-length", "32")
@@ -497,7 +498,7 @@ def hardening(work: Path, audio: Path, ref_features: Path, ref_model: Path) -> d
     tally("one run per model folder", refused(
         "train in a used folder", train_args(ref_features, used), "--resume continues it",
         keep=(used / "best.pth", used / "last.pth")))
-    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(used / ".deepfusion.lock")],
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(used / LOCK_NAME)],
                               env=env(), stdout=subprocess.PIPE, text=True)
     try:
         holder.stdout.readline()
@@ -574,16 +575,6 @@ def _report_over_input(root: Path, checkpoint: Path, features: Path) -> bool:
         "--split", "all"], "the features file", keep=(victim,))
 
 
-_HOLD = """
-import sys, time
-from pathlib import Path
-from deepfusion.io.lock import exclusive
-with exclusive(Path(sys.argv[1]), wait=False, what="x"):
-    print("held", flush=True)
-    time.sleep(600)
-"""
-
-
 def _swapping_files(root: Path, audio: Path) -> tuple[int, int]:
     """Four files flip between two contents (atomic renames) while extract reads them: each
     is extracted consistently or reported; every cache entry equals a clean run's."""
@@ -654,12 +645,7 @@ def _odd_names(root: Path, clip: Path, checkpoint: Path) -> bool:
     """Names that are not UTF-8 or hold newlines, a symlinked genre folder and a link loop,
     through extract and predict on a strict UTF-8 terminal."""
     folder = root / "odd"
-    names = [b"rock/caf\xe9 \xff,\"q\".wav", b"jazz\xe9/two\nlines.wav", b"rock/broken\xfe.wav"]
-    for name in names:
-        path = os.fsencode(folder) + b"/" + name
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb") as fh:
-            fh.write(clip.read_bytes() if b"broken" not in name else b"RIFF....")
+    write_odd_names(folder, clip)
     (folder / "linked").symlink_to(clip.parent, target_is_directory=True)
     (folder / "rock" / "loop").symlink_to("..", target_is_directory=True)
     strict = {**env(), "PYTHONIOENCODING": "utf-8"}

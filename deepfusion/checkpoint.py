@@ -13,6 +13,7 @@ from __future__ import annotations
 import platform
 import re
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -214,14 +215,10 @@ def _check_normalization(norm: Any, rows: dict[str, int], keys, bad) -> None:
 
 def _check_state(state: Any, config: ModelConfig, bad) -> None:
     """The state's tensors against a model built on the meta device (nothing allocated)."""
-    from .models import MultiModalNet
-    from .probe import LinearProbe
-
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise bad("model_state is not a dict of tensors")
     with torch.device("meta"):
-        model = (LinearProbe.from_config(config) if config.kind == "probe"
-                 else MultiModalNet(config.__class__.from_dict({**config.to_dict(), "pretrained": False})))
+        model = _untrained_model(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -256,18 +253,21 @@ def _refused_object(message: str) -> str:
     return ""
 
 
+def _untrained_model(config: ModelConfig):
+    """The network or linear probe ``config`` describes, never loading ImageNet weights (a
+    checkpoint's own weights replace them)."""
+    from .models import MultiModalNet
+    from .probe import LinearProbe
+
+    if config.kind == "probe":
+        return LinearProbe.from_config(config)
+    return MultiModalNet(replace(config, pretrained=False))
+
+
 def model_from_checkpoint(ckpt: dict[str, Any]):
     """Rebuild the model of a loaded checkpoint, weights loaded, in eval mode."""
-    from .models import MultiModalNet
-
     # checkpoints written before a field existed were made without it
-    config = ModelConfig.from_dict({"band_stats": False, **ckpt["model_config"], "pretrained": False})
-    if config.kind == "probe":
-        from .probe import LinearProbe
-
-        model = LinearProbe.from_config(config)
-    else:
-        model = MultiModalNet(config)
+    model = _untrained_model(ModelConfig.from_dict({"band_stats": False, **ckpt["model_config"]}))
     try:
         model.load_state_dict(ckpt["model_state"])
     except RuntimeError as exc:

@@ -45,12 +45,19 @@ def _sigterm_as_interrupt() -> None:
     signal.signal(signal.SIGTERM, interrupt)
 
 
+def _torchrun_rank() -> int | None:
+    """This process's rank when torchrun started two or more, else None. Read from the
+    environment as :func:`deepfusion.ddp.launched` does, without importing torch at start-up
+    (malformed values are ddp's to report)."""
+    try:
+        return int(os.environ["RANK"]) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    except (KeyError, ValueError):
+        return None
+
+
 def _other_rank() -> bool:
     """A torchrun process other than rank 0 (its errors are rank 0's too)."""
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0
-    except ValueError:
-        return False
+    return _torchrun_rank() not in (None, 0)
 
 
 class _Group(click.Group):
@@ -215,7 +222,7 @@ def train(features: Path, model_dir: Path, pretrained: bool | None, weights_path
                   pretrained=pretrained, weights_path=weights_path, resume=resume,
                   overwrite=overwrite, quiet=quiet,
                   echo=echo, model_options={"band_stats": kwargs.pop("band_stats")})
-    if folds and os.environ.get("WORLD_SIZE", "1") != "1":
+    if folds and _torchrun_rank() is not None:
         raise ParameterError("--folds trains its folds one after another in one process; run "
                              "it without torchrun")
     if folds:

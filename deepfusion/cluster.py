@@ -159,16 +159,19 @@ def map_unordered(client: Any, fn: Callable, arguments: Iterable[tuple], *,
         threads = sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values())
         in_flight = max(4, 4 * threads)
     pending = distributed.as_completed()
-    for args in arguments:
-        pending.add(client.submit(_on_worker, fn, *args, pure=False))
-        if pending.count() >= in_flight:
-            break
+
+    def submit_next() -> bool:
+        for args in arguments:
+            pending.add(client.submit(_on_worker, fn, *args, pure=False))
+            return True
+        return False
+
+    while pending.count() < in_flight and submit_next():
+        pass
     for future in pending:
         worker, result = future.result()
         future.release()
         if per_worker is not None:
             per_worker[worker] = per_worker.get(worker, 0) + 1
-        for args in arguments:          # refill one for each that finished
-            pending.add(client.submit(_on_worker, fn, *args, pure=False))
-            break
+        submit_next()                   # one more for each that finished
         yield result

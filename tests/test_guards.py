@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from deepfusion.io.run_folder import LOCK_NAME
-from deepfusion.testing import (cli_command, invoke, leftovers, one_error_line, run_command,
-                                subprocess_env)
+from deepfusion.testing import (HOLD_LOCK, cli_command, invoke, leftovers, one_error_line,
+                                run_command, subprocess_env)
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX files and signals")
 
@@ -95,20 +95,10 @@ def test_a_used_model_folder_needs_resume_or_overwrite(tiny_features, tmp_path):
     assert torch.load(out / "best.pth", weights_only=True)["train_config"]["seed"] == 4
 
 
-_HOLD = """
-import sys, time
-from pathlib import Path
-from deepfusion.io.lock import exclusive
-with exclusive(Path(sys.argv[1]), wait=False, what="x"):
-    print("held", flush=True)
-    time.sleep(600)
-"""
-
-
 def test_a_second_writer_is_refused_and_a_dead_owner_frees_the_folder(tiny_features, tmp_path):
     out = tmp_path / "m"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(out / LOCK_NAME)],
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out / LOCK_NAME)],
                               env=subprocess_env(), stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"

@@ -82,6 +82,36 @@ def run_command(*args: Any, timeout: float = 300, **env: str) -> subprocess.Comp
                           text=True, timeout=timeout)
 
 
+#: ``python -c HOLD_LOCK PATH``: takes the lock file PATH as a run or store writer would,
+#: prints "held" and keeps it until killed (a live writer in another process).
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from deepfusion.io.lock import exclusive
+with exclusive(Path(sys.argv[1]), wait=False, what="x"):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+#: Names no file system refuses on Linux and that a careless tool garbles: bytes that are not
+#: UTF-8, a comma and quotes, a newline; the last file is not audio (it must be reported).
+ODD_NAMES = (b"rock/caf\xe9 \xff,\"q\".wav", b"jazz\xe9/two\nlines.wav", b"rock/broken\xfe.wav")
+
+
+def write_odd_names(root: Path, clip: Path) -> list[bytes]:
+    """Copies of ``clip`` under :data:`ODD_NAMES` in ``root`` (the last one a damaged file);
+    returns their full paths as bytes."""
+    paths = []
+    for name in ODD_NAMES:
+        path = os.fsencode(root) + b"/" + name
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as fh:
+            fh.write(b"RIFF...." if name == ODD_NAMES[-1] else Path(clip).read_bytes())
+        paths.append(path)
+    return paths
+
+
 def closed_port() -> int:
     """A port on 127.0.0.1 with nothing listening (connections are refused at once)."""
     with socket.socket() as sock:
