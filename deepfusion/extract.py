@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from .audio import AudioItem, check_file, discover
-from .io.cache import FeatureCache, file_digest
+from .io.cache import FeatureCache, file_digest, file_stamp
 from .config import (DEFAULT_CACHE_DIR, DEFAULT_FEATURES, DEFAULT_STORE, FEATURE_FORMATS,
                      FeatureConfig)
 from .errors import AudioError, DeepFusionError, OutputError, ParameterError
@@ -139,14 +139,19 @@ def compute_entry(path: str, key: str, cache_dir: str, config_dict: dict,
     if timeout:
         _warm_up(config)
     try:
+        before = file_stamp(Path(path))
+    except OSError as exc:
+        return f"cannot read ({os.strerror(exc.errno or 0)})"
+    try:
         # One BLAS thread whatever --jobs is: OpenBLAS sums in a different order with more
         # threads, and an entry must not depend on how many workers happened to compute it.
         with _time_limit(timeout), threadpool_limits(limits=1):
             audio = decode(Path(path), sr=config.sample_rate, duration=config.duration,
                            min_duration=config.min_duration)
             feats = compute_features(audio.y, config)
-            try:
-                unchanged = file_digest(Path(path)) == key
+            try:   # the same bytes now, and no write in between (a swap A -> B -> A
+                #        while decoding leaves the bytes equal but decoded B)
+                unchanged = file_digest(Path(path)) == key and file_stamp(Path(path)) == before
             except OSError:
                 unchanged = False
     except _FileTimeout:
@@ -371,10 +376,9 @@ def _fingerprint(config: FeatureConfig, items: list[AudioItem], fmt: str, dtype:
     change time moves on any write and cannot be set back by users)."""
     def stat(path: Path):
         try:
-            st = os.stat(path)
+            return [*file_stamp(path), os.stat(path).st_mode]
         except OSError as exc:
             return exc.errno
-        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_mode]
     payload = json.dumps([fmt, dtype, config.fingerprint(),
                           [(it.relpath, it.label, it.group, stat(it.path)) for it in items]])
     return hashlib.sha256(payload.encode()).hexdigest()

@@ -294,3 +294,37 @@ def test_temporary_files_of_other_hosts_or_containers_stay_until_old(tmp_path):
     os.utime(old, (stamp, stamp))
     assert remove_stale_temps(tmp_path) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == [foreign.name]
+
+
+def test_a_file_swapped_away_and_back_while_it_is_decoded_is_not_cached(tmp_path, monkeypatch):
+    """A -> B -> A during the decode: the bytes hash as A again, but B was decoded."""
+    import deepfusion.audio
+    from deepfusion.synth import synthesize_dataset
+
+    audio = tmp_path / "audio"
+    synthesize_dataset(audio, genres=2, clips_per_genre=2, duration=3.0, seed=1)
+    victim = sorted(audio.rglob("*.wav"))[0]
+    original, other = victim.read_bytes(), sorted(audio.rglob("*.wav"))[-1].read_bytes()
+    real = deepfusion.audio.decode
+
+    def swap(data: bytes) -> None:            # a sync tool replacing the file by rename
+        tmp = victim.with_name(".swap.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, victim)
+
+    def decode_swapped(path, **kw):
+        if Path(path) != victim:
+            return real(path, **kw)
+        swap(other)
+        try:
+            return real(path, **kw)
+        finally:
+            swap(original)
+
+    monkeypatch.setattr(deepfusion.audio, "decode", decode_swapped)
+    cache = tmp_path / "cache"
+    result = invoke("extract", "--audio-dir", audio, "--out", tmp_path / "f.pkl", "--cache-dir",
+                    cache, "--duration", "3", "--jobs", "1", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert f"skipped {victim.relative_to(audio).as_posix()}: changed while it was read" in result.stderr
+    assert len(list(cache.rglob("*.npz"))) == 3      # nothing cached under A's key

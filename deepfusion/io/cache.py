@@ -40,6 +40,18 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+def file_stamp(path: Path) -> tuple[int, ...]:
+    """What changes whenever a file is written or replaced: device, inode, size, modification
+    and change times (the change time moves on any write and cannot be set back by users).
+
+    Raises
+    ------
+    OSError
+    """
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 def audio_digest(y: np.ndarray) -> str:
     """A hash of decoded samples: equal for the same audio in different files or formats."""
     return hashlib.sha256(np.ascontiguousarray(y, dtype=np.float32).tobytes()).hexdigest()[:32]
