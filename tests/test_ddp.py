@@ -153,3 +153,66 @@ def test_a_killed_two_process_run_resumes_to_the_uninterrupted_one(ddp_run, tiny
     resumed = torchrun("--features", tiny_features, "--model-dir", killed, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert_same_training(full, killed)
+
+
+@pytest.mark.slow
+def test_an_error_is_said_once_by_rank_0(tiny_features, tmp_path):
+    """Every rank refuses the same bad option; the user reads one line, not one per rank
+    (torchrun then prints its own report of a failed worker, which is the launcher's)."""
+    done = torchrun("--features", tiny_features, "--model-dir", tmp_path / "run", "--epochs", 1,
+                    "--segment-seconds", "0.05", *RUN)
+    assert done.returncode != 0
+    errors = [ln for ln in done.stderr.splitlines() if ln.startswith("Error:")]
+    assert len(errors) == 1 and "--segment-seconds" in errors[0], done.stderr
+    assert "/deepfusion/" not in done.stderr and "internal error" not in done.stderr
+    assert not (tmp_path / "run" / "best.pth").exists()
+
+
+def _children(pid: int) -> list[int]:
+    """Child processes of ``pid`` (Linux /proc)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        found += [int(c) for c in text]
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_one_rank_crashing_ends_the_run_and_resume_recovers(ddp_run, tiny_features, tmp_path):
+    """A worker process dying mid-run (out of memory, a node lost) ends the whole run in
+    bounded time, never a hang of the survivor; the epochs already written resume to the
+    uninterrupted run."""
+    import os
+    import signal
+    import time
+
+    full, _ = ddp_run
+    model_dir = tmp_path / "run"
+    proc = subprocess.Popen(torchrun_command("--features", tiny_features, "--model-dir",
+                                             model_dir, "--epochs", 3, *RUN),
+                            env=subprocess_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while history_epochs(model_dir)() < 1 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert proc.poll() is None, proc.stderr.read()
+        workers = _children(proc.pid)
+        assert len(workers) == 2, workers
+        ranks = {}
+        for pid in workers:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            ranks[int(next(e for e in env if e.startswith(b"RANK=")).split(b"=")[1])] = pid
+        os.kill(ranks[1], signal.SIGKILL)
+        status = proc.wait(timeout=90)       # the launcher stops the survivor
+        assert status != 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        proc.stderr.close()
+    assert history_epochs(model_dir)() >= 1
+    resumed = torchrun("--features", tiny_features, "--model-dir", model_dir, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_training(full, model_dir)
