@@ -1,7 +1,7 @@
 """Training and inference speed on the CPU, and the data-loading share, in one run.
 
 Prints, side by side:
-  * samples/s of one real training step (``deepfusion.train.train_one_epoch`` on one batch:
+  * samples/s of one real training step (``deepfusion.loop.train_one_epoch`` on one batch:
     forward, label-smoothed cross-entropy, backward, AdamW step) and of inference (eval mode,
     ``torch.inference_mode()``, as in ``predict_clips``) of the full ``MultiModalNet`` for each
     backbone, on random 3-s segments (mel views (B, 128, 129), mfcc (B, 20, 129), chroma
@@ -45,7 +45,7 @@ from deepfusion.io.features_file import load_feature_set
 from deepfusion.io.featureset import FeatureSet
 from deepfusion.models import MultiModalNet, count_parameters
 from deepfusion.runtime import autocast_for, cpu_supports_bf16, use_amp
-from deepfusion.train import train_one_epoch
+from deepfusion.loop import train_one_epoch
 
 CPU = torch.device("cpu")
 #: mode name -> (bf16 autocast, channels_last model)

@@ -2,10 +2,12 @@
 
 A checkpoint is a dict of tensors and plain data (no classes, no ``Namespace``), saved
 atomically and loaded with ``torch.load(path, weights_only=True)``, so loading never runs code.
-``best.pth`` holds everything ``evaluate`` and ``predict`` need: the model state and its
-:class:`ModelConfig`, the class names in logit order, the :class:`FeatureConfig`, the
-normalisation statistics, the split, the :class:`TrainConfig` and :class:`RuntimeConfig`, the
-metrics, library versions and a format version. ``last.pth`` adds the optimizer, scheduler, scaler and RNG states.
+Every tensor is saved as a CPU tensor and loaded onto the CPU, so a file written on a GPU
+loads on a machine without one. ``best.pth`` holds everything ``evaluate`` and ``predict``
+need: the model state and its :class:`ModelConfig`, the class names in logit order, the
+:class:`FeatureConfig`, the normalisation statistics, the split, the :class:`TrainConfig` and
+:class:`RuntimeConfig`, the metrics, library versions and a format version. ``last.pth`` adds
+the optimizer, scheduler, scaler and RNG states.
 """
 
 from __future__ import annotations
@@ -40,9 +42,23 @@ def library_versions() -> dict[str, str]:
             "numpy": str(numpy.__version__), "python": platform.python_version()}
 
 
+def to_cpu(obj: Any) -> Any:
+    """``obj`` with every tensor in it (in dicts, lists and tuples, as in optimizer states)
+    copied to the CPU; tensors already there are kept as they are."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` (tensors and plain data only) atomically."""
-    payload = {"format_version": FORMAT_VERSION, **payload}
+    """Write ``payload`` (tensors and plain data only) atomically, every tensor as a CPU tensor:
+    the file loads with ``torch.load(path, weights_only=True)`` on any machine, whichever
+    device (``cuda:1``, ``mps``) the run trained on."""
+    payload = to_cpu({"format_version": FORMAT_VERSION, **payload})
     with atomic_write(Path(path)) as fh:
         sink = _Sink(fh)
         try:

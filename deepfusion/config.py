@@ -243,6 +243,12 @@ class TrainConfig:
     tilt_db: float = 12.0
     #: inverse regularisation strength of the linear probe
     probe_c: float = 0.05
+    #: start every branch, the attention and the fusion layers from this deepfusion checkpoint
+    #: (fine-tuning; its features must be this run's); the classifier keeps the rows of the
+    #: genres both collections share, the others start fresh
+    init_from: Optional[str] = None
+    #: with init_from: train only the attention, fusion layers and classifier
+    freeze_branches: bool = False
 
     def __post_init__(self) -> None:
         if (self.epochs is not None and self.epochs < 1) or \
@@ -275,6 +281,12 @@ class TrainConfig:
                 raise ParameterError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
         if not self.probe_c > 0:
             raise ParameterError(f"probe_c must be > 0, got {self.probe_c!r}")
+        if self.freeze_branches and not self.init_from:
+            raise ParameterError("freeze_branches needs init_from (frozen untrained branches "
+                                 "would learn nothing)")
+        if self.init_from and self.model == "probe":
+            raise ParameterError("init_from starts a network from another; the linear probe "
+                                 "has nothing to start from")
 
     @property
     def resolved(self) -> bool:
@@ -291,6 +303,12 @@ class TrainConfig:
         return _from_dict(cls, {k: v for k, v in data.items() if k not in RUNTIME_FIELDS})
 
 
+#: What ``--amp-dtype`` may say.
+AMP_DTYPES = ("auto", "bf16", "fp16")
+#: What evaluate's and predict's ``--precision`` may say (fp32: the same answer everywhere).
+INFERENCE_PRECISIONS = ("fp32", "amp")
+
+
 @dataclass(frozen=True)
 class RuntimeConfig:
     """Where and how a run executes, apart from the recipe: never part of what is learnt, so
@@ -298,20 +316,33 @@ class RuntimeConfig:
 
     #: auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps
     device: str = "auto"
-    #: mixed precision where it pays: fp16/bf16 on CUDA, bf16 on CPUs with native bf16
+    #: mixed precision where the device computes it natively: bf16 on GPUs of compute
+    #: capability 8.0 or later (Ampere), fp16 with loss scaling on older GPUs, bf16 on CPUs
+    #: with native bf16; never on MPS (see :func:`deepfusion.runtime.choose_precision`)
     amp: bool = True
+    #: the reduced precision of ``amp``: auto (as above), or bf16 / fp16 by name
+    amp_dtype: str = "auto"
     #: channels-last memory format for the CNNs (not on MPS)
     channels_last: bool = True
-    #: DataLoader worker processes
-    num_workers: int = 0
+    #: DataLoader worker processes; None: auto (up to 4 per process on CUDA, else 0; see
+    #: :func:`deepfusion.runtime.default_num_workers`)
+    num_workers: Optional[int] = None
     #: under torchrun on GPUs, BatchNorm statistics over all processes' segments (SyncBatchNorm)
     sync_bn: bool = False
+    #: repeatable GPU runs: deterministic algorithms and cuDNN, no TF32, no cuDNN autotuning
+    #: (slower; see :func:`deepfusion.runtime.backend_settings`)
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
             raise ParameterError(f"device must be auto, cpu, cuda[:N] or mps, got {self.device!r}")
-        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+        if self.num_workers is not None and (not isinstance(self.num_workers, int)
+                                             or isinstance(self.num_workers, bool)
+                                             or self.num_workers < 0):
             raise ParameterError(f"num_workers must be >= 0, got {self.num_workers!r}")
+        if self.amp_dtype not in AMP_DTYPES:
+            raise ParameterError(f"amp_dtype must be one of {', '.join(AMP_DTYPES)}, got "
+                                 f"{self.amp_dtype!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -20,6 +20,15 @@ class ParameterError(DeepFusionError, ValueError):
     exit_code = 2
 
 
+class DeviceError(ParameterError):
+    """A device asked for is not on this machine (no CUDA, no GPU of that index, no MPS), or a
+    precision it does not compute natively."""
+
+
+class DeviceMemoryError(DeepFusionError):
+    """The device ran out of memory; the message names the device and the settings to lower."""
+
+
 class AudioError(DeepFusionError):
     """An audio file cannot be used (missing, undecodable, empty, too short).
 
@@ -50,6 +59,16 @@ class WeightsNotFoundError(DeepFusionError):
     """Pretrained weights were asked for but are not available offline."""
 
 
+class ExportError(DeepFusionError):
+    """A model cannot be exported to ONNX (exporter missing or failing), or the exported graph
+    does not compute what the checkpoint's model computes."""
+
+
+class OnnxModelError(DeepFusionError):
+    """An ONNX model cannot be used: onnxruntime is missing, or the file is not a deepfusion
+    ONNX model (unreadable, damaged, or without deepfusion's metadata)."""
+
+
 class OutputError(DeepFusionError):
     """An output file cannot be written (read-only folder, full disk, ...)."""
 
@@ -57,3 +76,20 @@ class OutputError(DeepFusionError):
 class ClusterError(DeepFusionError):
     """A compute cluster cannot be used (package missing, scheduler unreachable, no shared
     folder)."""
+
+
+class WorkerCrashError(DeepFusionError):
+    """A worker process died (a crash in a decoding library, the out-of-memory killer): the
+    run stops; what finished is in the cache, so running the same command again continues."""
+
+
+def worker_crash(exc: BaseException, what: str) -> WorkerCrashError:
+    """The one line for joblib's TerminatedWorkerError (or a broken process pool)."""
+    import re
+
+    codes = re.findall(r"SIG[A-Z]+|exit code[s]? \S+", str(exc))
+    how = f" ({', '.join(dict.fromkeys(codes))})" if codes else ""
+    return WorkerCrashError(
+        f"a worker process died while {what}{how}; the files finished so far are cached: run "
+        "the same command again to continue (if it recurs, --jobs 1 shows which file it was "
+        "on; too little memory for --jobs workers can do this too)")

@@ -8,7 +8,7 @@ from typing import Optional
 
 import numpy as np
 
-from .checkpoint import load_checkpoint, model_from_checkpoint, normalization_of, runtime_of
+from .checkpoint import load_checkpoint, model_from_checkpoint, normalization_of
 from .config import AUX_KEYS, MEL_KEYS, FeatureConfig, TrainConfig
 from .data import read_split_file, segment_frames
 from .errors import DatasetError, FeaturesFileError
@@ -20,7 +20,7 @@ from .io.guard import check_outputs
 from .io.run_folder import REPORT_FILES
 from .io.featureset import FeatureSet
 from .metrics import bootstrap_interval, confusion_matrix, per_class_scores, summary_metrics
-from .runtime import resolve_device, use_amp
+from .runtime import inference_precision, memory_guard, resolve_device
 
 
 # --------------------------------------------------------------------------- the evaluate stage
@@ -91,8 +91,8 @@ def _select(fs: FeatureSet, ckpt: dict, split: str, split_file: Optional[str], s
 
 def evaluate(checkpoint: Path, *, features: Optional[Path] = None, split: str = "test",
              split_file: Optional[str] = None, out_dir: Optional[Path] = None,
-             batch_size: int = 64, device: str = "auto", n_boot: int = 2000,
-             echo=print) -> EvaluationReport:
+             batch_size: int = 64, device: str = "auto", precision: str = "fp32",
+             n_boot: int = 2000, echo=print) -> EvaluationReport:
     """Evaluate a checkpoint on held-out clips and write the report files.
 
     By default it needs nothing but the checkpoint: the features file and the test split it
@@ -101,6 +101,20 @@ def evaluate(checkpoint: Path, *, features: Optional[Path] = None, split: str = 
     ``split_file`` imposes another split. Writes into ``out_dir`` (default: the checkpoint's
     folder) evaluation.json, classification_report.csv, predictions.csv,
     confusion_matrix.png and attention.png.
+
+    ``precision``: fp32 (default) classifies in float32 whatever the training run used, so
+    the same checkpoint gives the same answer on every machine and train's stored test
+    accuracy is reproduced; amp uses autocast where the device computes it natively
+    (:func:`~deepfusion.runtime.inference_precision`). evaluation.json records the device and
+    the precision used.
+
+    Raises
+    ------
+    CheckpointError, FeaturesFileError, DatasetError, ParameterError
+        Before any work: bad checkpoint, features that do not fit, an empty selection, a
+        device this machine does not have (:class:`~deepfusion.errors.DeviceError`).
+    DeviceMemoryError
+        The device ran out of memory (one line: use a smaller ``batch_size``).
     """
     import json
 
@@ -109,6 +123,8 @@ def evaluate(checkpoint: Path, *, features: Optional[Path] = None, split: str = 
     from .plots import plot_attention, plot_confusion
 
     checkpoint = Path(checkpoint)
+    dev = resolve_device(device)        # a device this machine lacks: one line, before any work
+    used = inference_precision(dev, precision)
     ckpt = load_checkpoint(checkpoint)
     out_dir = Path(out_dir) if out_dir is not None else checkpoint.parent
     check_writable(out_dir / "evaluation.json")
@@ -141,11 +157,11 @@ def evaluate(checkpoint: Path, *, features: Optional[Path] = None, split: str = 
         raise DatasetError(f"{features}: no clip with a genre the model knows in split {split!r}")
 
     train_config = TrainConfig.from_dict(ckpt["train_config"])
-    dev = resolve_device(device)
     seg = segment_frames(train_config.segment_seconds, FeatureConfig.from_dict(ckpt["feature_config"]), fs.n_frames)
-    model = model_from_checkpoint(ckpt).to(dev)
-    pred = predict_clips(model, fs, normalization_of(ckpt), idx, seg=seg, batch_size=batch_size,
-                         device=dev, amp=use_amp(runtime_of(ckpt).amp, dev))
+    with memory_guard(dev, batch_size=batch_size, training=False):
+        model = model_from_checkpoint(ckpt).to(dev)
+        pred = predict_clips(model, fs, normalization_of(ckpt), idx, seg=seg,
+                             batch_size=batch_size, device=dev, amp=used)
     truth, guess = fs.labels[idx], pred.predicted
     n_classes = len(class_names)
     metrics = summary_metrics(truth, guess, n_classes)
@@ -160,6 +176,7 @@ def evaluate(checkpoint: Path, *, features: Optional[Path] = None, split: str = 
     info = {"checkpoint": str(checkpoint.resolve()), "checkpoint_sha256": file_digest(checkpoint),
             "features_file": str(features.resolve()), "features_sha256": features_sha,
             "split_source": split_file or ("checkpoint" if split != "all" else "all clips"),
+            "device": str(dev), "precision": used,
             "clips": [fs.paths[i] for i in idx]}
     report = EvaluationReport(split, len(idx), metrics, ci, per_class, cm, class_names, unknown, out_dir, info)
 

@@ -18,8 +18,9 @@ from typing import Any, Callable, Optional
 
 import click
 
-from .config import (BACKBONES, DEFAULT_FEATURES, MODEL_KINDS, SELECTIONS, FeatureConfig,
-                     ModelConfig, RuntimeConfig, TrainConfig, describe_auto, option_name)
+from .config import (AMP_DTYPES, BACKBONES, DEFAULT_FEATURES, INFERENCE_PRECISIONS, MODEL_KINDS,
+                     SELECTIONS, FeatureConfig, ModelConfig, RuntimeConfig, TrainConfig,
+                     describe_auto, option_name)
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,12 @@ recipe_options = config_options(TrainConfig, [
         type=click.FloatRange(min=0)),
     Opt("probe_c", "Inverse regularisation strength of --model probe.",
         type=click.FloatRange(min=0, min_open=True)),
+    Opt("init_from", "Fine-tune: start every branch, the attention and the fusion layers from "
+        "this deepfusion checkpoint (its features must be this run's); the classifier keeps "
+        "the rows of the genres both collections share, the others start fresh.",
+        type=click.Path(exists=True, dir_okay=False)),
+    Opt("freeze_branches", "With --init-from: train only the modality attention, the fusion "
+        "layers and the classifier."),
 ])
 
 # ------------------------------------------------------------------------------- ModelConfig
@@ -171,12 +178,27 @@ device_option = config_options(RuntimeConfig, [
 ])
 
 runtime_options = config_options(RuntimeConfig, [
-    Opt("amp", "Mixed precision: fp16/bf16 on CUDA, bf16 on CPUs with native bf16."),
+    Opt("amp", "Mixed precision where the device computes it natively: bf16 on GPUs of "
+        "compute capability 8.0+ (Ampere and later), fp16 with loss scaling on older GPUs, "
+        "bf16 on CPUs with native bf16, never on MPS. Validation and test run in float32."),
+    Opt("amp_dtype", "The reduced precision of --amp: auto (as --amp says), or bf16 / fp16 "
+        "(refused where the device does not compute it natively).",
+        type=click.Choice(AMP_DTYPES)),
     Opt("channels_last", "Channels-last memory format for the CNNs."),
-    Opt("num_workers", "DataLoader worker processes.", type=click.IntRange(0)),
+    Opt("num_workers", "DataLoader worker processes.", type=click.IntRange(0),
+        auto="up to 4 per process on CUDA (one core each left to the loop), 0 on CPU and MPS"),
     Opt("sync_bn", "Under torchrun on GPUs: BatchNorm statistics over every process's "
         "segments (SyncBatchNorm); on CPUs a line says it is not available."),
+    Opt("deterministic", "Repeatable GPU runs: deterministic algorithms and cuDNN, no TF32, no "
+        "cuDNN autotuning (slower). Without it cuDNN autotunes its convolutions on CUDA. CPU "
+        "runs repeat either way."),
 ])
+
+precision_option = click.option(
+    "--precision", type=click.Choice(INFERENCE_PRECISIONS), default=INFERENCE_PRECISIONS[0],
+    show_default=True, help="fp32: the same answer on every machine (what train's validation "
+    "and test use); amp: autocast where the device computes it natively (faster on GPUs; "
+    "borderline clips may change).")
 
 # ---------------------------------------------------------------------- shared plain options
 

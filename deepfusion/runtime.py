@@ -1,19 +1,78 @@
-"""Where and how the model runs: device choice, mixed precision, random-number state.
+"""Where and how the model runs: device choice, precision, backend settings, memory, and the
+random-number state.
 
 Shared by the stages that run a model (train, evaluate, predict); none of them asks another
-stage for these decisions.
+stage for these decisions. Each decision is a pure function of the machine's capabilities
+(:func:`device_choice`, :func:`choose_precision`, :func:`default_num_workers`,
+:func:`estimate_training_bytes`, :func:`memory_warning`, :func:`out_of_memory_message`), so it
+is tested on any machine with a table of capabilities; a thin wrapper reads the capabilities
+of *this* machine and of the chosen device (:func:`resolve_device`, :func:`precision_for`,
+:func:`inference_precision`, :func:`device_memory`).
+
+Nothing here calls CUDA unless the run is on a CUDA device: a ``--device cpu`` run on a GPU
+machine asks CUDA for nothing (no context on any GPU, no GPU random state).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import random
-from typing import Any, Optional
+import time
+from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 import torch
 
-from .errors import ParameterError
+from .config import INFERENCE_PRECISIONS
+from .errors import DeviceError, DeviceMemoryError, ParameterError
+
+#: What a run computes in: float32, or float32 weights with bf16/fp16 autocast.
+PRECISIONS = ("fp32", "bf16", "fp16")
+#: What a caller may ask for: ``amp`` is the best reduced precision the device computes natively.
+REQUESTS = ("fp32", "amp", "bf16", "fp16")
+#: Compute capability from which NVIDIA GPUs compute bf16 natively (Ampere). Below it
+#: ``torch.cuda.is_bf16_supported()`` still says yes (emulation), and cuDNN has no bf16
+#: convolutions: fp16 with a GradScaler is the fast choice there (T4, V100, RTX 20xx).
+BF16_CAPABILITY = (8, 0)
+
+
+# ---------------------------------------------------------------------------------- devices
+
+def device_choice(name: str, *, cuda_count: int, mps: bool) -> str:
+    """The device ``name`` means on a machine with ``cuda_count`` visible CUDA devices and
+    MPS (``mps``) or not: ``cpu``, ``mps`` or ``cuda:N`` (always with its index).
+
+    ``auto``: cuda:0, else mps, else cpu; ``cuda``: cuda:0.
+
+    Raises
+    ------
+    DeviceError
+        One line saying what the machine has instead.
+    """
+    if name == "cpu":
+        return "cpu"
+    if name == "auto":
+        return "cuda:0" if cuda_count else "mps" if mps else "cpu"
+    if name == "mps":
+        if not mps:
+            raise DeviceError("--device mps: MPS is not available here (Apple-silicon Macs "
+                              "only); use --device cpu")
+        return "mps"
+    if name == "cuda" or name.startswith("cuda:"):
+        index_text = name.partition(":")[2] or "0"
+        if not index_text.isdigit():
+            raise DeviceError(f"--device {name}: not a device; use cuda or cuda:N (N = 0, 1, ...)")
+        index = int(index_text)
+        if cuda_count == 0:
+            raise DeviceError(f"--device {name}: CUDA is not available here (no CUDA device is "
+                              "visible, or this torch is built without CUDA); use --device cpu")
+        if index >= cuda_count:
+            have = "cuda:0" if cuda_count == 1 else f"cuda:0 to cuda:{cuda_count - 1}"
+            raise DeviceError(f"--device {name}: this machine has {cuda_count} CUDA device"
+                              f"{'s' if cuda_count != 1 else ''} ({have})")
+        return f"cuda:{index}"
+    raise DeviceError(f"--device {name}: not a device; use auto, cpu, cuda, cuda:N or mps")
 
 
 def _mps_available() -> bool:
@@ -21,24 +80,107 @@ def _mps_available() -> bool:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto``: cuda when available, else mps, else cpu.
+    """The device ``name`` means here (:func:`device_choice`); a CUDA device becomes the current
+    one (``torch.cuda.set_device``), so no context is started on ``cuda:0`` for a ``cuda:1`` run.
+
+    ``cpu`` asks nothing of CUDA.
 
     Raises
     ------
-    ParameterError
-        A device asked for by name that this machine does not have.
+    DeviceError
+        A device this machine does not have.
     """
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if _mps_available():
-            return torch.device("mps")
+    if name == "cpu":
         return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ParameterError(f"device {name!r} asked for, but CUDA is not available here")
-    if name == "mps" and not _mps_available():
-        raise ParameterError("device 'mps' asked for, but MPS is not available here")
-    return torch.device(name)
+    cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device = torch.device(device_choice(name, cuda_count=cuda_count,
+                                        mps=not cuda_count and _mps_available()))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def default_num_workers(device_type: str, *, cpu_count: Optional[int], processes: int = 1,
+                        given: Optional[int] = None) -> int:
+    """DataLoader workers: ``given`` (``--num-workers``) when it is not None, else a default.
+
+    On CUDA up to 4 per process (cropping and normalising segments on the CPU then overlaps
+    the GPU's step), leaving a core per process for the training loop; 0 on the CPU (workers
+    would take cores from torch's own threads) and on MPS (macOS starts workers by spawning,
+    each a copy of the features).
+    """
+    if given is not None:
+        return given
+    if device_type != "cuda":
+        return 0
+    per_process = (cpu_count or 1) // max(1, processes)
+    return max(0, min(4, per_process - 1))
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``; asynchronously only from pinned memory to CUDA.
+
+    An asynchronous copy from ordinary memory may read it after it has been freed (MPS), and
+    on CUDA it is synchronous anyway.
+    """
+    return tensor.to(device, non_blocking=device.type == "cuda" and tensor.is_pinned())
+
+
+# -------------------------------------------------------------------------------- precision
+
+def choose_precision(device_type: str, *, capability: Optional[tuple[int, int]] = None,
+                     cpu_bf16: bool = False, requested: Union[str, bool] = "amp") -> str:
+    """What a run on ``device_type`` computes in: ``fp32``, ``bf16`` or ``fp16``.
+
+    Parameters
+    ----------
+    device_type : "cuda", "cpu" or "mps"
+    capability : (major, minor) or None
+        The compute capability of the chosen CUDA device (None: unknown, or not CUDA).
+    cpu_bf16 : bool
+        Whether the CPU computes bf16 natively (AVX-512 BF16 or AMX).
+    requested : "fp32", "amp", "bf16", "fp16", or a bool (True: "amp", False: "fp32")
+        ``amp``: bf16 on GPUs of compute capability 8.0 or later, fp16 (with a GradScaler)
+        on older GPUs, bf16 on CPUs with native bf16, else (and always on MPS) fp32.
+
+    Raises
+    ------
+    DeviceError
+        A reduced precision asked for by name that the device does not compute natively.
+    """
+    if isinstance(requested, bool):
+        requested = "amp" if requested else "fp32"
+    if requested not in REQUESTS:
+        raise ParameterError(f"precision must be one of {', '.join(REQUESTS)}, got {requested!r}")
+    if requested == "fp32":
+        return "fp32"
+    if device_type == "cuda":
+        native_bf16 = capability is not None and tuple(capability) >= BF16_CAPABILITY
+        if requested == "amp":
+            return "bf16" if native_bf16 else "fp16"
+        if requested == "bf16" and not native_bf16:
+            shown = "unknown" if capability is None else "%d.%d" % tuple(capability)
+            raise DeviceError(f"bf16 needs a GPU of compute capability 8.0 or later (Ampere); "
+                              f"this one has {shown}: use --amp-dtype fp16 (or auto)")
+        return requested
+    if device_type == "cpu":
+        if requested == "amp":
+            return "bf16" if cpu_bf16 else "fp32"
+        if requested == "fp16":
+            raise DeviceError("fp16 autocast is not used on the CPU: use --amp-dtype bf16, "
+                              "auto, or --no-amp")
+        return "bf16"
+    if requested == "amp":
+        return "fp32"
+    raise DeviceError(f"{requested} autocast is not used on {device_type}: use --amp-dtype auto "
+                      "or --no-amp")
+
+
+def requested_precision(amp: bool, amp_dtype: str = "auto") -> str:
+    """What :class:`~deepfusion.config.RuntimeConfig`'s ``amp`` and ``amp_dtype`` ask for."""
+    if not amp:
+        return "fp32"
+    return "amp" if amp_dtype == "auto" else amp_dtype
 
 
 def cpu_supports_bf16() -> bool:
@@ -48,56 +190,263 @@ def cpu_supports_bf16() -> bool:
                          or getattr(cpu, "_is_amx_tile_supported", lambda: False)()))
 
 
-def use_amp(amp: bool, device: torch.device) -> bool:
-    """Whether mixed precision runs: asked for (``amp``) and worth it on ``device``.
+def device_capability(device: torch.device) -> Optional[tuple[int, int]]:
+    """The compute capability of ``device`` itself (not of the current device); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return int(major), int(minor)
 
-    On CUDA always; on CPUs with native bf16 only (emulated bf16 is slower than float32);
-    never on MPS.
+
+def precision_for(device: torch.device, requested: Union[str, bool] = "amp") -> str:
+    """:func:`choose_precision` with the capabilities of ``device`` and of this CPU."""
+    return choose_precision(device.type, capability=device_capability(device),
+                            cpu_bf16=device.type == "cpu" and cpu_supports_bf16(),
+                            requested=requested)
+
+
+def inference_precision(device: torch.device, requested: str = "fp32") -> str:
+    """The precision evaluate and predict classify in: ``fp32`` unless ``amp`` is asked for
+    (then :func:`precision_for`). Never the training run's setting: one checkpoint gives the
+    same answer on every machine, and train's stored test accuracy equals evaluate's.
+
+    Raises
+    ------
+    ParameterError
+        ``requested`` other than fp32 or amp.
     """
-    if not amp:
-        return False
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and cpu_supports_bf16()
+    if requested not in INFERENCE_PRECISIONS:
+        raise ParameterError(f"--precision must be fp32 or amp, got {requested!r}")
+    return precision_for(device, requested)
+
+
+def use_amp(amp: bool, device: torch.device) -> bool:
+    """Whether mixed precision runs: asked for (``amp``) and natively computed on ``device``."""
+    return precision_for(device, amp) != "fp32"
 
 
 def autocast_dtype(device: torch.device) -> Optional[str]:
-    """The reduced precision deepfusion uses on ``device``: bf16 on CPUs and recent GPUs,
-    fp16 on older GPUs, none on MPS."""
+    """The reduced precision deepfusion uses on ``device``: bf16 on GPUs of compute capability
+    8.0 or later and on CPUs, fp16 on older GPUs, none on MPS."""
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return precision_for(device, "amp")
     return "bf16" if device.type == "cpu" else None
 
 
-def autocast_for(device: torch.device, enabled: bool):
-    """The autocast context deepfusion uses on ``device`` (see :func:`autocast_dtype`)."""
-    name = autocast_dtype(device) if enabled else None
+def autocast_for(device: torch.device, precision: Union[str, bool]):
+    """The autocast context for ``precision`` on ``device``: a name of :data:`PRECISIONS`, or
+    a bool (True: :func:`autocast_dtype`, False: float32)."""
+    if isinstance(precision, bool):
+        name = autocast_dtype(device) if precision else None
+    else:
+        name = None if precision == "fp32" else precision
     if name is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if name == "bf16" else torch.float16)
 
 
+# ------------------------------------------------------------------------- backend settings
+
+@contextlib.contextmanager
+def backend_settings(device: torch.device, *, deterministic: bool = False) -> Iterator[None]:
+    """torch's global switches for a run on ``device``, put back as they were on leaving.
+
+    ``deterministic``: ``torch.use_deterministic_algorithms(True, warn_only=True)`` (an op
+    without a deterministic implementation warns once instead of stopping the run),
+    deterministic cuDNN without autotuning, ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` and no TF32:
+    a repeated GPU run gives the same numbers. Otherwise, on CUDA, cuDNN autotunes its
+    convolutions (``cudnn.benchmark``; the crops of a run all have one shape).
+    """
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = (torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(), cudnn.deterministic,
+             cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32,
+             os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        cudnn.deterministic, cudnn.benchmark = True, False
+        cudnn.allow_tf32 = matmul.allow_tf32 = False
+    elif device.type == "cuda":
+        cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = saved[2:6]
+        if saved[6] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = saved[6]
+
+
+# ----------------------------------------------------------------------------------- memory
+
+#: Bytes autograd keeps per input value (one mel band x one frame) of one mel branch in
+#: float32 training: the slope of the saved tensors' size with the input's, measured with
+#: ``torch.autograd.graph.saved_tensors_hooks`` (``benchmarks/gpu_check.py`` prints it beside
+#: ``torch.cuda.max_memory_allocated``).
+ACTIVATION_BYTES_PER_VALUE = {"light": 340, "resnet18": 430, "resnet34": 630, "resnet50": 1680}
+
+
+def estimate_training_bytes(backbone: str, *, n_mels: int, frames: int, batch_size: int,
+                            precision: str = "fp32", n_params: int = 0,
+                            mel_branches: int = 3) -> int:
+    """About how many bytes of device memory one training step takes.
+
+    The activations of ``mel_branches`` CNNs over ``batch_size`` segments of ``n_mels`` x
+    ``frames`` (half as many bytes under bf16/fp16 autocast), a quarter more for the gradients
+    the backward pass holds beside them, and 16 bytes per parameter (weights, gradients and
+    AdamW's two moments). The auxiliary branches are small and left out.
+
+    ResNet-50 (three unshared branches, 73 M parameters) on whole 30-s clips (128 x 1292) at
+    batch 64: about 32 GiB with autocast, 63 GiB in float32; on the default 3-s crops (129
+    frames) at batch 16, about 2 GiB.
+    """
+    if backbone not in ACTIVATION_BYTES_PER_VALUE:
+        raise ParameterError(f"no memory estimate for backbone {backbone!r}")
+    activations = ACTIVATION_BYTES_PER_VALUE[backbone] * n_mels * frames * batch_size * mel_branches
+    if precision != "fp32":
+        activations *= 0.5
+    return int(1.25 * activations + 16 * n_params)
+
+
+def memory_warning(needed: int, available: Optional[int], *, device: str, batch_size: int,
+                   frames: int) -> Optional[str]:
+    """The line train prints before training when ``needed`` bytes (the estimate) exceed the
+    ``available`` memory of ``device`` (None: unknown, no line)."""
+    if available is None or needed <= available:
+        return None
+    return (f"warning: a training step needs about {needed / 2**30:.1f} GiB (estimated), "
+            f"{device} has {available / 2**30:.1f} GiB: it will likely run out of memory; use a "
+            f"smaller --batch-size (now {batch_size}) or --segment-seconds (segments of "
+            f"{frames} frames now)")
+
+
+def memory_check(model: torch.nn.Module, device: torch.device, *, backbone: str,
+                 precision: str, batch_size: int, n_mels: int, frames: int) -> Optional[str]:
+    """The warning line train prints before training when :func:`estimate_training_bytes` of
+    ``model`` exceeds :func:`device_memory` (None: it fits, or the memory is unknown)."""
+    if backbone not in ACTIVATION_BYTES_PER_VALUE:
+        return None
+    needed = estimate_training_bytes(backbone, n_mels=n_mels, frames=frames,
+                                     batch_size=batch_size, precision=precision,
+                                     n_params=sum(p.numel() for p in model.parameters()))
+    return memory_warning(needed, device_memory(device), device=str(device),
+                          batch_size=batch_size, frames=frames)
+
+
+def synchronize(device: torch.device) -> float:
+    """Wait for ``device``'s queued work (CUDA; nothing elsewhere); the seconds waited."""
+    if device.type != "cuda":
+        return 0.0
+    t0 = time.perf_counter()
+    torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
+def device_memory(device: torch.device) -> Optional[int]:
+    """Bytes of memory of ``device`` (the GPU's, MPS's recommended limit, or this machine's
+    RAM for the CPU); None when unknown."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.get_device_properties(device).total_memory)
+        if device.type == "mps":
+            return int(torch.mps.recommended_max_memory())
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError, RuntimeError):
+        return None
+
+
+def out_of_memory_message(device: str, *, batch_size: Optional[int],
+                          frames: Optional[int] = None, training: bool = True) -> str:
+    """The one line that replaces an out-of-memory error: where, with what, and what to lower."""
+    batch = f" with --batch-size {batch_size}" if batch_size else ""
+    shape = f" (segments of {frames} frames)" if frames else ""
+    advice = ("use a smaller --batch-size or --segment-seconds" if training
+              else "use a smaller --batch-size" + ("" if device == "cpu" else ", or --device cpu"))
+    return f"out of memory on {device}{batch}{shape}; {advice}"
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is a device running out of memory (CUDA's OutOfMemoryError, or the
+    RuntimeError MPS raises)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def device_out_of_memory(device: torch.device, *, batch_size: Optional[int],
+                         frames: Optional[int] = None, training: bool = True) -> DeviceMemoryError:
+    """The :class:`DeviceMemoryError` to raise for an out-of-memory error on ``device``
+    (:func:`out_of_memory_message`), the device's cached memory given back first."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return DeviceMemoryError(out_of_memory_message(str(device), batch_size=batch_size,
+                                                   frames=frames, training=training))
+
+
+@contextlib.contextmanager
+def memory_guard(device: torch.device, *, batch_size: Optional[int],
+                 frames: Optional[int] = None, training: bool = True) -> Iterator[None]:
+    """Turn an out-of-memory error inside into one line (:func:`device_out_of_memory`)."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        raise device_out_of_memory(device, batch_size=batch_size, frames=frames,
+                                   training=training) from None
+
+
+def restore_scaler(scaler: torch.amp.GradScaler, state: dict[str, Any]) -> None:
+    """Load a stored GradScaler ``state`` where it applies: only into a scaler in use (fp16)
+    and only from a run that used one (bf16, float32 and CPU runs store an empty state, which
+    torch refuses to load), so a run resumes in fp16 from any run and vice versa."""
+    if scaler.is_enabled() and state:
+        scaler.load_state_dict(state)
+
+
 # ------------------------------------------------------------------------ random-number state
 
-def seed_everything(seed: int) -> None:
-    """Seed Python's, numpy's and torch's global generators."""
+def seed_torch(seed: int, device: Optional[torch.device] = None) -> None:
+    """Seed torch's CPU generator and, on a CUDA or MPS run, ``device``'s own; no other
+    device is asked (``torch.manual_seed`` would seed every GPU). On the CPU the numbers are
+    ``torch.manual_seed``'s."""
+    torch.random.default_generator.manual_seed(int(seed))
+    if device is not None and device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(int(seed))
+    elif device is not None and device.type == "mps":
+        torch.mps.manual_seed(int(seed))
+
+
+def seed_everything(seed: int, device: Optional[torch.device] = None) -> None:
+    """Seed Python's, numpy's and torch's generators (:func:`seed_torch`)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    seed_torch(seed, device)
 
 
-def rng_state() -> dict[str, Any]:
-    """The global generators' state as tensors and plain data (fits a checkpoint)."""
+def rng_state(device: Optional[torch.device] = None) -> dict[str, Any]:
+    """The global generators' state as CPU tensors and plain data (fits a checkpoint): the
+    CPU's, Python's, and on a CUDA run ``device``'s own generator (no other GPU is touched)."""
     state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
              "python_version": random.getstate()[0], "python_gauss": random.getstate()[2]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda_device"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` saved."""
+def set_rng_state(state: dict[str, Any], device: Optional[torch.device] = None) -> None:
+    """Restore what :func:`rng_state` saved, on this run's ``device``: whatever device and how
+    many GPUs the saving run had (a CUDA state is restored only onto a CUDA run)."""
     torch.set_rng_state(state["torch"])
     random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if device is None or device.type != "cuda":
+        return
+    saved = state.get("cuda_device")
+    if saved is None and state.get("cuda"):      # older files: every visible GPU's state
+        saved = state["cuda"][min(device.index or 0, len(state["cuda"]) - 1)]
+    if saved is not None:
+        torch.cuda.set_rng_state(saved, device)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from . import ddp
+from . import ddp, finetune
 from .checkpoint import expected_sizes, library_versions, load_checkpoint, save_checkpoint
 from .config import (AUTO_FIELDS, AUX_KEYS, FeatureConfig, ModelConfig, RuntimeConfig, TrainConfig,
                      resolve_recipe, resume_recipe)
@@ -30,6 +31,7 @@ from .data import (Augment, check_split, feature_config_of, fit_normalization, m
                    split_lists, split_summary)
 from .errors import CheckpointError, DatasetError, ParameterError
 from .inference import ClipPredictions, clip_loss, predict_clips
+from .loop import lr_factor, train_one_epoch
 from .io.atomic import remove_stale_temps, write_csv
 from .io.features_file import load_features
 from .io.guard import check_free_space, check_outputs
@@ -37,8 +39,9 @@ from .io.run_folder import RUN_FILES, claim_run_folder
 from .io.featureset import FeatureSet
 from .models import build_model, check_input_size, count_parameters
 from .progress import duration_text, epoch_estimate, progress_bar
-from .runtime import (autocast_dtype, autocast_for, rng_state, seed_everything, set_rng_state,
-                      use_amp)
+from .runtime import (backend_settings, default_num_workers, memory_check,
+                      memory_guard, precision_for, requested_precision, restore_scaler, rng_state,
+                      seed_everything, seed_torch, set_rng_state, synchronize)
 from .weights import resolve_pretrained
 
 HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds",
@@ -60,17 +63,6 @@ class TrainResult:
     test_predictions: Optional[ClipPredictions] = None
 
 
-def _lr_lambda(config: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
-    warmup = max(1, config.warmup_epochs * steps_per_epoch)
-    total = max(warmup + 1, config.epochs * steps_per_epoch)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / (total - warmup))))
-    return factor
-
-
 def _write_run(model_dir: Path, history: list[dict], *, best: Optional[dict] = None,
                last: Optional[dict] = None) -> None:
     """The run's files after an epoch (rank 0's work): checkpoints, then history CSV and plot."""
@@ -83,54 +75,6 @@ def _write_run(model_dir: Path, history: list[dict], *, best: Optional[dict] = N
     write_csv(model_dir / "training_history.csv", HISTORY_FIELDS,
               ([row[k] for k in HISTORY_FIELDS] for row in history))
     plot_history(history, model_dir / "training_history.png")
-
-
-def train_one_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, *, device, amp: bool,
-                    progress=None, on_batch: Optional[Callable[[int, float], None]] = None,
-                    mixup: float = 0.0, ema=None) -> tuple[float, float]:
-    """One pass over the training crops. Returns (mean loss, accuracy) over segments.
-
-    ``mixup`` > 0 trains on convex mixtures of pairs of segments (weight drawn from
-    Beta(mixup, mixup) per batch, from torch's seeded generator) against the same mixture of
-    their labels; the accuracy is then against the dominant segment's label. ``ema`` (a
-    :class:`torch.optim.swa_utils.AveragedModel`) is updated after every step.
-    """
-    model.train()
-    total_loss, correct, seen = 0.0, 0, 0
-    t0 = time.perf_counter()
-    beta = torch.distributions.Beta(mixup, mixup) if mixup > 0 else None
-    for b, (x, y, _) in enumerate(loader):
-        lam, perm = 1.0, None
-        if beta is not None and y.shape[0] > 1:
-            lam = float(beta.sample())
-            perm = torch.randperm(y.shape[0])
-            x = {k: lam * v + (1 - lam) * v[perm] for k, v in x.items()}
-        x = {k: v.to(device, non_blocking=True) for k, v in x.items()}
-        y = y.to(device, non_blocking=True)
-        with autocast_for(device, amp):
-            logits = model(x)["logits"]
-            loss = loss_fn(logits.float(), y)
-            if perm is not None:
-                loss = lam * loss + (1 - lam) * loss_fn(logits.float(), y[perm.to(device)])
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        if ema is not None:
-            ema.update_parameters(model)
-        n = y.shape[0]
-        total_loss += float(loss.detach()) * n
-        target = y if perm is None or lam >= 0.5 else y[perm.to(device)]
-        correct += int((logits.detach().argmax(1) == target).sum())
-        seen += n
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{total_loss / seen:.3f}",
-                                 samples_s=f"{seen / (time.perf_counter() - t0):.1f}")
-        if on_batch is not None:
-            on_batch(b, time.perf_counter() - t0)
-    return total_loss / max(seen, 1), correct / max(seen, 1)
 
 
 def pretrained_mode(pretrained: Any) -> str:
@@ -211,7 +155,10 @@ def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConf
                 raise CheckpointError(f"{model_dir / 'last.pth'}: nothing to resume (no last.pth "
                                       f"in {model_dir})")
             remove_stale_temps(model_dir)  # leftovers of a run killed while writing
+        device = ddp.device(runtime.device)     # a device this machine lacks: one line, now
         ddp.on_main(claim)
+        folder.enter_context(backend_settings(device, deterministic=runtime.deterministic))
+        folder.enter_context(memory_guard(device, batch_size=config.batch_size))   # one line
         return _train(features, model_dir=model_dir, config=config, runtime=runtime,
                       backbone=backbone, share_backbone=share_backbone, pretrained=pretrained,
                       weights_path=weights_path, resume=resume, quiet=quiet, echo=echo,
@@ -245,14 +192,22 @@ def _train(features: Path, *, model_dir: Path, config: TrainConfig, runtime: Run
         model_options = stored
         for note in notes:
             echo(note)
-    backbone = backbone or ModelConfig.backbone
-
     fs = feature_set if feature_set is not None else load_features(features)
     features_sha = fs.sha256
     if state is not None and state["features_sha256"] != features_sha:
         raise CheckpointError(f"{last_path}: was trained on another features file than {features}; "
                               "start a new run in another --model-dir")
     feature_config = feature_config_of(fs)
+    source = None     # fine-tuning: the model this run starts from (a resumed run has its own)
+    if config.init_from and state is None:
+        source = ddp.on_main(finetune.load_source, Path(config.init_from), feature_config)
+        mc = finetune.model_config_from(source, n_classes=len(fs.class_names), backbone=backbone,
+                                        share_backbone=share_backbone,
+                                        model_options=model_options, echo=echo)
+        backbone, share_backbone, model_options = mc.backbone, mc.share_backbone, {
+            k: v for k, v in mc.to_dict().items() if k in ("band_stats", "embed_dim",
+                                                           "aux_hidden", "fusion_hidden", "dropout")}
+    backbone = backbone or ModelConfig.backbone
 
     if split is not None:
         split = np.asarray(split, dtype=object)
@@ -286,9 +241,14 @@ def _train(features: Path, *, model_dir: Path, config: TrainConfig, runtime: Run
                                -(-len(train_idx) // ddp.world_size())),
                      frame_seconds=feature_config.hop_length / feature_config.sample_rate)
     # ImageNet weights: a resumed run takes its weights from last.pth instead
-    pre_state, pre_source = (None, state.get("pretrained_source", "not used")) if state else \
-        ddp.on_main(resolve_pretrained, backbone, mode=mode, weights_path=weights_path, echo=echo)
-    was_pretrained = state["model_config"]["pretrained"] if state else pre_state is not None
+    if state or source:
+        pre_state, pre_source = None, (state.get("pretrained_source", "not used") if state else
+                                       f"fine-tuned from {config.init_from}")
+    else:
+        pre_state, pre_source = ddp.on_main(resolve_pretrained, backbone, mode=mode,
+                                            weights_path=weights_path, echo=echo)
+    was_pretrained = (state or source)["model_config"]["pretrained"] if state or source \
+        else pre_state is not None
     auto = [f for f in AUTO_FIELDS if getattr(config, f) is None]
     config = resolve_recipe(config, backbone, was_pretrained)
     if auto:
@@ -303,8 +263,12 @@ def _train(features: Path, *, model_dir: Path, config: TrainConfig, runtime: Run
                                **(model_options or {}))
     seed_everything(config.seed)
     model = build_model(replace(model_config, pretrained=False), pretrained_state=pre_state)
+    if source is not None:
+        echo(finetune.initialise(model, source, list(fs.class_names)))
+    if config.freeze_branches:   # before DDP and the EMA copy see which weights train
+        echo(f"--freeze-branches: {finetune.freeze_branches(model):,} branch parameters frozen")
     device = ddp.device(runtime.device)
-    amp = use_amp(runtime.amp, device)
+    precision = precision_for(device, requested_precision(runtime.amp, runtime.amp_dtype))
     model.to(device)
     if runtime.channels_last and device.type != "mps":
         model.to(memory_format=torch.channels_last)
@@ -317,14 +281,16 @@ def _train(features: Path, *, model_dir: Path, config: TrainConfig, runtime: Run
     net = ddp.wrap(model, sync_bn=runtime.sync_bn, echo=echo)   # what training steps go through
 
     augment = Augment(tilt_db=config.tilt_db, freq_mask=config.freq_mask, time_mask=config.time_mask)
+    runtime = replace(runtime, num_workers=default_num_workers(   # what ran is recorded
+        device.type, cpu_count=os.cpu_count(), processes=ddp.world_size(), given=runtime.num_workers))
     loader = make_train_loader(fs, norm, train_idx, seg=seg, batch_size=config.batch_size,
                                seed=config.seed, num_workers=runtime.num_workers,
                                pin_memory=device.type == "cuda", augment=augment,
                                rank=ddp.rank(), world_size=ddp.world_size())
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, len(loader)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, len(loader)))
     # fp16 needs loss scaling; bf16 has float32's range and does not
-    scaler = torch.amp.GradScaler(device.type, enabled=amp and autocast_dtype(device) == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
 
     history: list[dict] = []
@@ -336,8 +302,8 @@ def _train(features: Path, *, model_dir: Path, config: TrainConfig, runtime: Run
             ema.load_state_dict(state["ema_state"])
         optimizer.load_state_dict(state["optimizer_state"])
         scheduler.load_state_dict(state["scheduler_state"])
-        scaler.load_state_dict(state["scaler_state"])
-        set_rng_state(state["rng_state"])
+        restore_scaler(scaler, state["scaler_state"])   # empty from a bf16/fp32/CPU run
+        set_rng_state(state["rng_state"], device)     # this run's device, not the stored run's
         history = list(state["history"])
         start_epoch = state["epoch"] + 1
         best_epoch, bad_epochs = state["best_epoch"], state["bad_epochs"]
@@ -356,8 +322,12 @@ def _train(features: Path, *, model_dir: Path, config: TrainConfig, runtime: Run
         echo(ddp.describe(config.batch_size))
     echo(split_summary(fs, (train_idx, val_idx, test_idx)))
     echo(f"model: {backbone}{' (shared)' if share_backbone else ''}, "
-         f"{count_parameters(model) / 1e6:.2f} M parameters, on {device.type}"
-         f"{f' with {autocast_dtype(device)} autocast' if amp else ''}; segments of {seg} frames")
+         f"{count_parameters(model) / 1e6:.2f} M parameters, on {device}"
+         f"{f' with {precision} autocast' if precision != 'fp32' else ''}; segments of {seg} frames")
+    warning = memory_check(model, device, backbone=backbone, precision=precision,
+                           batch_size=config.batch_size, n_mels=model_config.n_mels, frames=seg)
+    if warning:
+        echo(warning)
 
     base_payload = _base_payload(fs, features, split, norm, model_config=model_config,
                                  feature_config=feature_config, config=config, runtime=runtime,
@@ -370,7 +340,7 @@ def _train(features: Path, *, model_dir: Path, config: TrainConfig, runtime: Run
     n_val = len(val_idx) * segments_per_clip(fs.n_frames, seg)
 
     def estimate(batch: int, elapsed: float) -> None:
-        batch_ends.append(elapsed)
+        batch_ends.append(elapsed + (synchronize(device) if batch <= 4 else 0.0))
         if batch == min(4, len(loader) - 1):
             guess = epoch_estimate(batch_ends, len(loader), n_val, config.batch_size)
             to_go = last_epoch - start_epoch + 1
@@ -387,18 +357,20 @@ def _train(features: Path, *, model_dir: Path, config: TrainConfig, runtime: Run
     for epoch in range(start_epoch, last_epoch + 1):
         t0 = time.perf_counter()
         # every random draw of epoch e depends on (seed, e, rank) alone: resume repeats it exactly
-        torch.manual_seed(config.seed * 1_000_003 + epoch + 7_919 * ddp.rank())
+        seed_torch(config.seed * 1_000_003 + epoch + 7_919 * ddp.rank(), device)
         loader.sampler.set_epoch(epoch)
         with progress_bar(len(loader), desc=f"epoch {epoch}/{config.epochs}", unit="batch",
-                          quiet=quiet, leave=False) as bar:
+                          quiet=quiet, leave=False) as bar, \
+                memory_guard(device, batch_size=config.batch_size, frames=seg):
             train_loss, train_acc = train_one_epoch(
-                net, loader, optimizer, scheduler, scaler, loss_fn, device=device, amp=amp,
+                net, loader, optimizer, scheduler, scaler, loss_fn, device=device, amp=precision,
                 progress=bar, on_batch=estimate if epoch == start_epoch else None,
                 mixup=config.mixup, ema=ema)
         train_loss, train_acc = ddp.mean(train_loss, train_acc)   # over every process's share
         ddp.sync_buffers(scored)
+        # validation and test in float32: the numbers evaluate reproduces on any machine
         val = predict_clips(scored, fs, norm, val_idx, seg=seg, batch_size=config.batch_size,
-                            device=device, amp=amp, shard=True)
+                            device=device, amp=False, shard=True)
         val_acc = float((val.predicted == fs.labels[val_idx]).mean())
         row = {"epoch": epoch, "train_loss": round(train_loss, 6), "train_acc": round(train_acc, 6),
                "val_loss": round(clip_loss(val, fs.labels), 6), "val_acc": round(val_acc, 6),
@@ -420,7 +392,7 @@ def _train(features: Path, *, model_dir: Path, config: TrainConfig, runtime: Run
         last = {
             **base_payload, "model_state": scored.state_dict(), "epoch": epoch,
             "optimizer_state": optimizer.state_dict(), "scheduler_state": scheduler.state_dict(),
-            "scaler_state": scaler.state_dict(), "rng_state": rng_state(), "history": history,
+            "scaler_state": scaler.state_dict(), "rng_state": rng_state(device), "history": history,
             "best_score": best_score, "best_epoch": best_epoch, "bad_epochs": bad_epochs, **extra}
         ddp.on_main(_write_run, model_dir, history, best=best, last=last)
         echo(f"epoch {epoch:3d}  train loss {train_loss:.4f} acc {train_acc:.3f}  "
@@ -437,10 +409,11 @@ def _train(features: Path, *, model_dir: Path, config: TrainConfig, runtime: Run
     if len(test_idx):
         model.load_state_dict(best["model_state"])
         test = predict_clips(model, fs, norm, test_idx, seg=seg, batch_size=config.batch_size,
-                             device=device, amp=amp, shard=True)
+                             device=device, amp=False, shard=True)
         test_acc = float((test.predicted == fs.labels[test_idx]).mean())
         best["metrics"]["test"] = {"clip_acc": test_acc, "n_clips": int(len(test_idx)),
-                                   "segment_acc": test.segment_correct / max(test.segment_total, 1)}
+                                   "segment_acc": test.segment_correct / max(test.segment_total, 1),
+                                   "precision": "fp32"}
         ddp.on_main(save_checkpoint, best_path,
                     {k: v for k, v in best.items() if k != "format_version"})
         echo(f"test: clip accuracy {test_acc:.3f} on {len(test_idx)} clips (best.pth: epoch "

@@ -207,8 +207,9 @@ def test_resume_with_device_cpu_continues_a_run_stored_on_another_device(tiny_fe
     assert "ignored" not in result.output                      # runtime is never "ignored"
     resumed = torch.load(out / "last.pth", weights_only=True)
     assert resumed["epoch"] == 2
-    assert resumed["runtime_config"] == {"device": "cpu", "amp": True, "channels_last": True,
-                                         "num_workers": 0, "sync_bn": False}
+    assert resumed["runtime_config"] == {"device": "cpu", "amp": True, "amp_dtype": "auto",
+                                         "channels_last": True, "num_workers": 0,
+                                         "sync_bn": False, "deterministic": False}
     report = invoke("evaluate", "--checkpoint", out / "best.pth", "--device", "cpu",
                     "--out-dir", tmp_path / "report")
     assert report.exit_code == 0, report.output

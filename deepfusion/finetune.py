@@ -1,0 +1,106 @@
+"""Fine-tuning: a new collection's model started from a trained deepfusion model.
+
+``train --init-from other/best.pth`` builds the network ``other`` describes (backbone, widths,
+band statistics) for this collection's genres and starts it from ``other``'s weights: every
+branch, the modality attention and the fusion layers. The classifier keeps the rows of the
+genres both collections share (matched by name) and starts the others fresh, so genres may
+differ in number, names and order. ``--freeze-branches`` trains only the attention, the fusion
+layers and the classifier; the frozen branches' BatchNorm statistics stay those of ``other``.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .checkpoint import load_checkpoint
+from .config import FeatureConfig, ModelConfig
+from .errors import ParameterError
+
+#: Modules of :class:`~deepfusion.models.MultiModalNet` that ``--freeze-branches`` freezes.
+BRANCHES = ("mel", "aux")
+
+
+def load_source(path: Path, feature_config: FeatureConfig) -> dict[str, Any]:
+    """The checkpoint to start from, checked against this run's features.
+
+    Raises
+    ------
+    CheckpointError
+        Not a readable deepfusion checkpoint.
+    ParameterError
+        A linear probe, or features computed with other settings (named).
+    """
+    ckpt = load_checkpoint(Path(path))
+    if ckpt["model_config"].get("kind", "net") != "net":
+        raise ParameterError(f"{path}: a linear probe has no branches to start from; "
+                             "--init-from takes a network's checkpoint")
+    theirs = FeatureConfig.from_dict(ckpt["feature_config"])
+    if theirs != feature_config:
+        a, b = theirs.to_dict(), feature_config.to_dict()
+        diff = ", ".join(f"{k} {a[k]!r} there, {b[k]!r} here" for k in sorted(a) if a[k] != b.get(k))
+        raise ParameterError(f"{path}: was trained on features computed with other settings "
+                             f"({diff}); extract this collection with the same settings")
+    return ckpt
+
+
+def model_config_from(source: dict[str, Any], *, n_classes: int, backbone: Optional[str],
+                      share_backbone: bool, model_options: Optional[dict[str, Any]],
+                      echo) -> ModelConfig:
+    """The source's network with this collection's number of genres. Options this call gave
+    that the source contradicts are ignored, said in one line each."""
+    config = ModelConfig.from_dict(source["model_config"])
+    given = {"backbone": backbone, "share_backbone": share_backbone or None,
+             **{k: v for k, v in (model_options or {}).items() if v}}
+    for name, value in given.items():
+        if value is not None and value != getattr(config, name):
+            echo(f"ignored with --init-from: {name.replace('_', '-')} {value} (the model's: "
+                 f"{getattr(config, name)})")
+    return replace(config, n_classes=n_classes)
+
+
+def initialise(model: torch.nn.Module, source: dict[str, Any], class_names: list[str]) -> str:
+    """Load ``source``'s weights into ``model`` (built by :func:`model_config_from`); the
+    classifier rows of shared genres are copied. Returns one line saying what was kept."""
+    state = source["model_state"]
+    own = model.state_dict()
+    body = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+    missing = sorted(k for k in own if not k.startswith("classifier.") and k not in body)
+    if missing:   # check_contents made sure of the shapes; this is a model of another layout
+        raise ParameterError(f"cannot start from a model without {missing[0]}")
+    model.load_state_dict({**own, **body})
+    theirs = list(source["class_names"])
+    shared = [g for g in class_names if g in theirs]
+    with torch.no_grad():
+        for g in shared:
+            i, j = class_names.index(g), theirs.index(g)
+            model.classifier.weight[i].copy_(state["classifier.weight"][j])
+            model.classifier.bias[i].copy_(state["classifier.bias"][j])
+    return (f"started from {len(theirs)}-genre model ({len(shared)} of this collection's "
+            f"{len(class_names)} genres shared: "
+            + (", ".join(shared) if shared else "none") + ")")
+
+
+def freeze_branches(model: torch.nn.Module) -> int:
+    """Stop training the branches: no gradients, BatchNorm statistics kept (the branches stay
+    in eval mode whenever the model is put in training mode). Returns the parameters frozen."""
+    frozen = 0
+    for name in BRANCHES:
+        for p in getattr(model, name).parameters():
+            p.requires_grad_(False)
+            frozen += p.numel()
+    # a bound method, so that a deep copy (the EMA's) is bound to the copy
+    model.train = types.MethodType(_train_frozen, model)
+    return frozen
+
+
+def _train_frozen(self: torch.nn.Module, mode: bool = True) -> torch.nn.Module:
+    torch.nn.Module.train(self, mode)
+    if mode:
+        for name in BRANCHES:
+            getattr(self, name).eval()
+    return self
