@@ -7,9 +7,14 @@ Prints, on the same clips:
   * the largest absolute difference per feature between ``compute_features`` and the same
     definitions computed with plain librosa/scipy calls (``reference_features``);
   * clips/s of the whole extract stage (decode + features + cache) with 1 and 2 jobs, on a warm
-    worker pool, and their ratio.
+    worker pool, and their ratio;
+  * the torch path (``deepfusion.features_torch``): the largest absolute difference per view
+    from ``compute_features`` on real clips (``--diff-clips`` of the audio folder) and on
+    synthetic ones, seconds per clip on every torch device this machine has beside numpy's
+    (ratios), and the clips/s of ``extract --backend torch`` beside ``--backend numpy``.
 
 Usage: python benchmarks/extract_speed.py [--audio-dir ../shared/data/minigenres] [--clips 6]
+       [--diff-clips 20] [--only-torch]
 Without an audio folder (or when it does not exist) it renders synthetic clips.
 """
 
@@ -27,6 +32,7 @@ from deepfusion.audio import decode, discover
 from deepfusion.config import FEATURE_KEYS, FeatureConfig
 from deepfusion.extract import extract
 from deepfusion.features import compute_features
+from deepfusion.features_torch import compute_features_torch
 from deepfusion.testing.reference import reference_features
 
 
@@ -60,11 +66,104 @@ def _clips(audio_dir: Path | None, work: Path) -> Path:
     return out
 
 
+def _devices() -> list[str]:
+    import torch
+
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found.append("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        found.append("mps")
+    return found
+
+
+def _worst(signals: list[np.ndarray], config: FeatureConfig, batch: int = 8) -> dict[str, float]:
+    """Largest |torch - numpy| per view over ``signals`` (torch on the CPU, in batches)."""
+    worst = {k: 0.0 for k in FEATURE_KEYS}
+    for start in range(0, len(signals), batch):
+        chunk = signals[start:start + batch]
+        for y, got in zip(chunk, compute_features_torch(np.stack(chunk), config, device="cpu")):
+            want = compute_features(y, config)
+            for k in FEATURE_KEYS:
+                worst[k] = max(worst[k], float(np.abs(got[k] - want[k]).max()))
+    return worst
+
+
+def torch_path(items, signals: list[np.ndarray], config: FeatureConfig, work: Path,
+               diff_clips: int, subset: Path | None) -> None:
+    """The torch backend beside numpy: differences per view, seconds per clip, extract speed."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    from deepfusion.synth import synthesize_dataset
+
+    step = max(1, len(items) // diff_clips)
+    real = [decode(it.path, sr=config.sample_rate, duration=config.duration).y
+            for it in items[::step][:diff_clips]]
+    synth_dir = work / "synth-diff"
+    synthesize_dataset(synth_dir, genres=4, clips_per_genre=2, duration=config.duration, seed=7)
+    synth = [decode(it.path, sr=config.sample_rate, duration=config.duration).y
+             for it in discover(synth_dir)]
+    for name, clips in ((f"{len(real)} real clips", real), (f"{len(synth)} synthetic clips", synth)):
+        worst = _worst(clips, config)
+        print(f"max |torch - numpy| per feature, {name}: "
+              + ", ".join(f"{k} {v:.2g}" for k, v in worst.items()))
+
+    batch = np.stack(signals)
+    with threadpool_limits(limits=1):
+        compute_features(signals[0], config)
+        t = time.perf_counter()
+        for y in signals:
+            compute_features(y, config)
+        numpy_s = (time.perf_counter() - t) / len(signals)
+    threads = torch.get_num_threads()
+    runs = [("cpu", 1), ("cpu", threads)] if threads > 1 else [("cpu", 1)]
+    runs += [(d, threads) for d in _devices() if d != "cpu"]
+    line = [f"numpy 1 thread {numpy_s:.3f}"]
+    for device, n in runs:
+        torch.set_num_threads(n)
+        compute_features_torch(batch[:2], config, device=device)          # warm up
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        compute_features_torch(batch, config, device=device)  # returns numpy: synchronised
+        s = (time.perf_counter() - t) / len(signals)
+        label = f"torch {device}" + (f" {n} thread{'s' * (n > 1)}" if device == "cpu" else "")
+        line.append(f"{label} {s:.3f} ({numpy_s / s:.2f}x numpy)")
+    torch.set_num_threads(threads)
+    print(f"seconds per clip, features only, batch of {len(signals)}: " + ", ".join(line))
+
+    if subset is None:
+        return
+    from joblib.externals.loky import get_reusable_executor
+
+    rates = {}
+    for backend, device in (("numpy", "cpu"), *(("torch", d) for d in _devices())):
+        name = f"{backend} ({device})"
+        # a fresh worker pool per backend: loky replaces a worker whose memory grows by 300 MB
+        # after its first task (torch arriving in a numpy worker), which would be timed here
+        get_reusable_executor().shutdown(wait=True)
+        extract(subset, out=work / "warm.pkl", cache_dir=work / f"warm-{backend}-{device}",
+                jobs=2, config=config, quiet=True, backend=backend, device=device)
+        t = time.perf_counter()
+        res = extract(subset, out=work / f"{backend}-{device}.pkl",
+                      cache_dir=work / f"cache-{backend}-{device}", jobs=2, config=config,
+                      quiet=True, backend=backend, device=device)
+        rates[name] = res.computed / (time.perf_counter() - t)
+    base = rates["numpy (cpu)"]
+    print("extract throughput, 2 jobs: " + ", ".join(
+        f"{name} {rate:.2f} clips/s ({rate / base:.2f}x)" for name, rate in rates.items()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--audio-dir", type=Path, default=Path("../shared/data/minigenres"))
     parser.add_argument("--clips", type=int, default=6, help="clips timed per recipe")
     parser.add_argument("--throughput-clips", type=int, default=40)
+    parser.add_argument("--diff-clips", type=int, default=20,
+                        help="real clips the torch path is compared on")
+    parser.add_argument("--only-torch", action="store_true",
+                        help="measure the torch path only (differences, seconds, throughput)")
     args = parser.parse_args()
 
     config = FeatureConfig()
@@ -77,6 +176,15 @@ def main() -> None:
         signals = [decode(it.path, sr=config.sample_rate, duration=config.duration).y
                    for it in chosen]
         print(f"clips: {len(signals)} x {config.duration:g} s from {root}")
+        subset = work / "subset"
+        pool = items[: args.throughput_clips]
+        for it in pool:
+            dest = subset / it.relpath
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(it.path, dest)
+        if args.only_torch:
+            torch_path(items, signals, config, work, args.diff_clips, subset)
+            return
 
         compute_features(signals[0], config)  # warm caches (mel basis, FFT plans)
         naive_recipe(signals[0], config.sample_rate)
@@ -100,12 +208,6 @@ def main() -> None:
         for k, v in worst.items():
             print(f"  {k:14s} {v:.3g}")
 
-        subset = work / "subset"
-        pool = items[: args.throughput_clips]
-        for it in pool:
-            dest = subset / it.relpath
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(it.path, dest)
         rates = {}
         for jobs in (1, 2):
             # warm the worker pool (process start, imports) on a throw-away cache first
@@ -117,6 +219,7 @@ def main() -> None:
             rates[jobs] = res.computed / (time.perf_counter() - t)
         print(f"extract throughput on {len(pool)} clips: 1 job {rates[1]:.2f} clips/s, "
               f"2 jobs {rates[2]:.2f} clips/s, ratio {rates[2] / rates[1]:.2f}x")
+        torch_path(items, signals, config, work, args.diff_clips, subset)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -3,7 +3,11 @@
 Work is split so that nothing computed is ever lost: worker processes decode a clip, compute its
 features and write its cache entry atomically; only then does the main process assemble the
 features file (a pickle, or a memory-mappable store folder) from the cache, in sorted path
-order, and replace the output atomically.
+order, and replace the output atomically (the per-file work is in :mod:`deepfusion.tasks`).
+With the torch backend on a GPU (``--backend torch --device cuda``, or a GPU found by
+``--device auto``) the workers only hash and decode; the main process analyses the decoded
+clips in batches on the GPU and writes their cache entries itself. On the CPU the torch backend
+runs as numpy does, per file in the workers (one thread each).
 """
 
 from __future__ import annotations
@@ -12,15 +16,13 @@ import contextlib
 import hashlib
 import json
 import os
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 from .audio import AudioItem, check_file, discover
-from .io.cache import FeatureCache, file_digest, file_stamp
+from .io.cache import FeatureCache, file_stamp
 from .config import (DEFAULT_CACHE_DIR, DEFAULT_FEATURES, DEFAULT_STORE, FEATURE_FORMATS,
                      FeatureConfig)
 from .errors import AudioError, DeepFusionError, OutputError, ParameterError
@@ -28,6 +30,11 @@ from .io.atomic import atomic_write, check_writable, remove_stale_temps, write_c
 from .io.features_file import write_features_file
 from .io.guard import audio_inputs, check_free_space, check_outputs, check_replaceable
 from .progress import progress_bar
+from .tasks import DEFAULT_TIMEOUT, compute_entry, feature_tasks, resolve_backend
+# the per-file work moved to tasks.py; windows.py, predict and the tests import these from here
+from .tasks import _FileTimeout as _FileTimeout, _time_limit as _time_limit
+from .tasks import _warm_up as _warm_up, default_jobs as default_jobs
+from .tasks import hash_and_compute as hash_and_compute
 
 ERRORS_CSV = "extract_errors.csv"
 
@@ -53,129 +60,12 @@ def default_out(fmt: str = "pickle") -> Path:
     return DEFAULT_STORE if fmt == "store" else DEFAULT_FEATURES
 
 
-def default_jobs() -> int:
-    """All usable cores."""
-    import joblib
-
-    return max(1, joblib.cpu_count())
-
-
-DEFAULT_TIMEOUT = 120.0
-
-
-class _FileTimeout(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def _time_limit(seconds: Optional[float]):
-    """Raise :class:`_FileTimeout` in this thread after ``seconds`` (POSIX main thread only)."""
-    usable = (seconds and seconds > 0 and hasattr(signal, "setitimer")
-              and threading.current_thread() is threading.main_thread())
-    if not usable:
-        yield
-        return
-
-    def expire(signum, frame):
-        raise _FileTimeout()
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-_warmed_up = False
-
-
-def _warm_up(config: FeatureConfig) -> None:
-    """Run every import and JIT compilation that decoding and features need, once per process.
-
-    ``--timeout`` raises wherever the clock runs out. Inside a first import (librosa loads
-    scipy and numba lazily) that leaves a half-initialised module in ``sys.modules``, and every
-    later file of the process then fails (``NameError: name '_ndimage_api' is not defined``).
-    So this runs before the first file's clock starts: a clip of noise through resampling and
-    all six features.
-    """
-    global _warmed_up
-    if _warmed_up:
-        return
-    _warmed_up = True
-    try:
-        import librosa
-        import numpy as np
-        import soundfile  # noqa: F401
-        from threadpoolctl import threadpool_limits
-
-        from .features import compute_features
-
-        y = 0.1 * np.random.default_rng(0).standard_normal(config.n_samples).astype(np.float32)
-        with threadpool_limits(limits=1):
-            librosa.resample(y[:4410], orig_sr=44100, target_sr=config.sample_rate,
-                             res_type="soxr_hq")
-            compute_features(y, config)
-    except Exception:  # noqa: BLE001 - a real file will report whatever this hit
-        pass
-
-
-def compute_entry(path: str, key: str, cache_dir: str, config_dict: dict,
-                  timeout: Optional[float] = DEFAULT_TIMEOUT) -> Optional[str]:
-    """Decode one file, compute its features and store them in the cache (runs in a worker).
-
-    Returns ``None`` on success or the reason the file could not be used. A file that takes
-    longer than ``timeout`` seconds (a hostile header, say) is abandoned and reported.
-    """
-    from threadpoolctl import threadpool_limits
-
-    from .audio import decode
-    from .io.cache import audio_digest
-    from .features import compute_features
-
-    config = FeatureConfig.from_dict(config_dict)
-    cache = FeatureCache(Path(cache_dir), config)
-    if timeout:
-        _warm_up(config)
-    try:
-        before = file_stamp(Path(path))
-    except OSError as exc:
-        return f"cannot read ({os.strerror(exc.errno or 0)})"
-    try:
-        # One BLAS thread whatever --jobs is: OpenBLAS sums in a different order with more
-        # threads, and an entry must not depend on how many workers happened to compute it.
-        with _time_limit(timeout), threadpool_limits(limits=1):
-            audio = decode(Path(path), sr=config.sample_rate, duration=config.duration,
-                           min_duration=config.min_duration)
-            feats = compute_features(audio.y, config)
-            try:   # the same bytes now, and no write in between (a swap A -> B -> A
-                #        while decoding leaves the bytes equal but decoded B)
-                unchanged = file_digest(Path(path)) == key and file_stamp(Path(path)) == before
-            except OSError:
-                unchanged = False
-    except _FileTimeout:
-        return f"gave up after {timeout:g} s (--timeout)"
-    except AudioError as exc:
-        return exc.reason
-    except DeepFusionError as exc:
-        return str(exc)
-    except Exception as exc:  # a library failing on odd input must not end the batch
-        return f"feature computation failed ({type(exc).__name__}: {exc})"
-    if not unchanged:  # what was decoded is not what was hashed: never cache it under that key
-        return ("changed while it was read (a copy or download still in progress?); "
-                "run extract again when it is complete")
-    meta = {"audio_sha": audio_digest(audio.y), "source_sr": audio.source_sr,
-            "channels": audio.channels, "source_seconds": round(audio.source_seconds, 4)}
-    cache.store(key, feats, meta)
-    return None
-
-
 def extract(audio_dir: Path, *, out: Optional[Path] = None, fmt: str = "pickle",
             cache_dir: Path = DEFAULT_CACHE_DIR, jobs: Optional[int] = None,
             config: FeatureConfig = FeatureConfig(), manifest: Optional[Path] = None,
             quiet: bool = False, timeout: Optional[float] = DEFAULT_TIMEOUT,
-            scheduler: Optional[str] = None, dtype: str = "float32") -> ExtractResult:
+            scheduler: Optional[str] = None, dtype: str = "float32",
+            backend: Optional[str] = None, device: str = "auto") -> ExtractResult:
     """Compute (or fetch from the cache) the features of every clip under ``audio_dir``.
 
     Parameters
@@ -207,6 +97,14 @@ def extract(audio_dir: Path, *, out: Optional[Path] = None, fmt: str = "pickle",
     dtype : {'float32', 'float16'}
         How a store holds the views (``float16``: half the disk and page cache); a pickle is
         always float32.
+    backend : {None, 'numpy', 'torch'}
+        The feature code: :func:`deepfusion.features.compute_features` in the worker processes
+        (numpy), or :func:`deepfusion.features_torch.compute_features_torch` (torch): on a GPU
+        in this process, on batches of clips the workers decode; on the CPU in the workers, one
+        torch thread each. ``None``: torch when ``device`` finds or names a GPU, else numpy. Both write the same cache entries (they
+        agree to float32 rounding, see the README), so either reuses the other's.
+    device : {'auto', 'cpu', 'cuda', 'cuda:N', 'mps'}
+        Where the torch backend runs; ``auto``: cuda, else mps, else the CPU.
 
     Returns
     -------
@@ -221,8 +119,11 @@ def extract(audio_dir: Path, *, out: Optional[Path] = None, fmt: str = "pickle",
         ``out`` cannot be written (checked before any work).
     ClusterError
         ``scheduler`` unreachable, ``distributed`` missing, or a worker cannot use ``cache_dir``.
+    ParameterError
+        An unknown backend, or a device this machine does not have (``DeviceError``).
     """
     t0 = time.perf_counter()
+    backend, device = resolve_backend(backend, device)
     if fmt not in FEATURE_FORMATS:
         raise ParameterError(f"format must be one of {', '.join(FEATURE_FORMATS)}, got {fmt!r}")
     if dtype not in ("float32", "float16") or (dtype != "float32" and fmt != "store"):
@@ -293,14 +194,16 @@ def extract(audio_dir: Path, *, out: Optional[Path] = None, fmt: str = "pickle",
                 out, n_clips=len(todo), rows={k: r for k, (r, _) in shapes.items()},
                 frames=config.n_frames, dtype=dtype))
         bar = stack.enter_context(progress_bar(len(tasks), desc="extract", unit="clip", quiet=quiet))
-        for index, (key, reason, fresh) in _run_tasks(tasks, jobs, scheduler, cache_dir, workers):
+        results = feature_tasks(tasks, jobs, scheduler, cache_dir, workers, cache=cache,
+                                config=config, device=device)
+        for index, (key, reason, fresh) in results:
             bar.update(1)
             entry = None
             if reason is None:
                 entry = cache.load(key)
                 if entry is None:  # vanished or damaged since it was written: again, here
                     reason = compute_entry(str(todo[index].path), key, str(cache_dir),
-                                           config_dict, timeout)
+                                           config_dict, timeout, device=device)
                     entry = None if reason else cache.load(key)
                     fresh = True
             if entry is None:
@@ -403,51 +306,6 @@ def _record_state(out: Path, fingerprint: str, result: ExtractResult) -> None:
                "duplicate_groups": result.duplicate_groups, "labels": result.labels}
     with atomic_write(_state_path(out), "w") as fh:
         json.dump({"fingerprint": fingerprint, "stamp": _stamp(out), "summary": summary}, fh)
-
-
-def hash_and_compute(path: str, cache_dir: str, config_dict: dict,
-                     timeout: Optional[float]) -> tuple[Optional[str], Optional[str], bool]:
-    """One file's task (in a worker): ``(content key, None, computed)`` or ``(None, reason,
-    False)``. The file is hashed, and decoded and analysed only when the cache lacks its
-    content; ``timeout`` bounds the hashing as it bounds the decoding."""
-    try:
-        with _time_limit(timeout):   # a huge or stalled file (a network mount) is a file
-            key = file_digest(Path(path))   # that takes too long, like a slow decode
-    except _FileTimeout:
-        return None, f"gave up reading it after {timeout:g} s (--timeout)", False
-    except OSError as exc:
-        return None, f"cannot read ({os.strerror(exc.errno or 0)})", False
-    if FeatureCache(Path(cache_dir), FeatureConfig.from_dict(config_dict)).has(key):
-        return key, None, False
-    reason = compute_entry(path, key, cache_dir, config_dict, timeout)
-    return (None, reason, False) if reason else (key, None, True)
-
-
-def _run_tasks(tasks: list[tuple], jobs: Optional[int], scheduler: Optional[str],
-               cache_dir: Path, workers: dict[str, int]) -> Iterator[tuple[int, tuple]]:
-    """``(index, hash_and_compute(*tasks[index]))`` as tasks finish, on joblib workers or on
-    a Dask cluster (``scheduler``, see :mod:`deepfusion.cluster`; ``workers`` counts the
-    tasks each Dask worker ran)."""
-    if not tasks:
-        return
-    indexed = [(i, *task) for i, task in enumerate(tasks)]
-    if scheduler:
-        from .cluster import check_shared, connect, map_unordered
-
-        with connect(scheduler) as client:
-            check_shared(client, cache_dir)
-            yield from map_unordered(client, _indexed, indexed, per_worker=workers)
-        return
-    from joblib import Parallel, delayed
-
-    jobs = default_jobs() if jobs is None else max(1, int(jobs))
-    runner = Parallel(n_jobs=min(jobs, len(tasks)), return_as="generator_unordered",
-                      batch_size=1, pre_dispatch="2*n_jobs")
-    yield from runner(delayed(_indexed)(*task) for task in indexed)
-
-
-def _indexed(index: int, *task) -> tuple[int, tuple]:
-    return index, hash_and_compute(*task)
 
 
 def _transient(reason: str) -> bool:

@@ -494,7 +494,7 @@ def test_a_float16_store_halves_the_bytes_and_trains(tiny_audio, tiny_features, 
 
 def test_an_unchanged_collection_is_not_read_again(tiny_audio, tmp_path, monkeypatch):
     """Up to date by the files' stat: a rerun hashes nothing; a touched file is read again."""
-    import deepfusion.extract as extract_module
+    import deepfusion.tasks as extract_module   # where the workers hash
 
     audio = tmp_path / "audio"
     shutil.copytree(tiny_audio, audio)

@@ -1,0 +1,376 @@
+"""The six feature views in torch, batched over clips, on any device (cpu, cuda, mps).
+
+The definitions are :func:`deepfusion.features.compute_features`' (librosa's), step for step:
+one centred STFT per clip (``torch.stft``, zero padding as ``librosa.stft``), median-filter HPSS
+soft masks (kernel along time and along frequency, borders reflected as
+:func:`~deepfusion.features.median_filter_axis` does), the mel filter bank, ``power_to_db``
+relative to each clip's maximum, MFCC (DCT-II, orthonormal), chroma (``chroma_stft``, tuning
+estimated per clip with ``piptrack`` as librosa does unless the config fixes it), onset
+strength and the autocorrelation tempogram. Every constant matrix (mel, chroma, DCT, window) is
+made by librosa/scipy and moved to the device, never re-derived.
+
+What runs where: the per-bin work (STFT, medians, masks, filter banks, dB, onsets, tempogram,
+piptrack's peak picking) runs on the device in float32. Two small steps run on the CPU with
+librosa's own code because they are not arithmetic but counting: the median and histogram of
+the picked peaks that give a clip's tuning (a few thousand numbers per clip), and the chroma
+filter bank of that tuning. On the CPU device the two median filters run through
+:func:`~deepfusion.features.median_filter_axis` (bottleneck), ten times faster there than
+``torch.median`` over unfolded windows; both give the same values (a median picks an input).
+
+The values agree with :func:`~deepfusion.features.compute_features` to float32 rounding of
+the STFT, not bit for bit: see ``tests/test_features_torch.py`` for the tolerance of each view.
+"""
+
+from __future__ import annotations
+
+import warnings
+from functools import lru_cache
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+
+from .config import FeatureConfig
+from .errors import ParameterError
+
+#: Largest number of elements the unfolded median windows may hold at once (float32: 512 MiB).
+MEDIAN_CHUNK_ELEMENTS = 1 << 27
+
+#: librosa.onset.onset_strength's own ``n_fft`` (the one it centres the envelope with): it is
+#: not passed the STFT's, so its default applies whatever ``FeatureConfig.n_fft`` is.
+_ONSET_N_FFT = 2048
+
+
+# ------------------------------------------------------------------- constants from librosa
+
+@lru_cache(maxsize=8)
+def _constants(config: FeatureConfig) -> dict[str, np.ndarray]:
+    """The window, mel filter bank and DCT matrix of ``config``, made by librosa/scipy."""
+    import librosa
+    import scipy.fft
+
+    from .features import _mel_basis
+
+    window = librosa.filters.get_window("hann", config.n_fft, fftbins=True)
+    # librosa.feature.mfcc is scipy.fft.dct(S, axis=-2, type=2, norm="ortho")[:n_mfcc]: a
+    # linear map, so its matrix is the DCT of the identity
+    dct = scipy.fft.dct(np.eye(config.n_mels), axis=0, type=2, norm="ortho")[: config.n_mfcc]
+    tempo_window = librosa.filters.get_window("hann", config.tempogram_win_length, fftbins=True)
+    return {
+        "window": window.astype(np.float32),
+        "mel": np.array(_mel_basis(config.sample_rate, config.n_fft, config.n_mels,
+                                   config.fmin, config.fmax), dtype=np.float32),
+        "dct": dct.astype(np.float32),
+        "tempo_window": tempo_window.astype(np.float32),
+    }
+
+
+@lru_cache(maxsize=256)
+def _chroma_basis(sr: int, n_fft: int, n_chroma: int, tuning: float) -> np.ndarray:
+    import librosa
+
+    return librosa.filters.chroma(sr=sr, n_fft=n_fft, tuning=tuning, n_chroma=n_chroma)
+
+
+def _symmetric_index(n: int, before: int, after: int) -> np.ndarray:
+    """Indices that pad a length-``n`` axis as ``np.pad(..., mode='symmetric')`` does."""
+    return np.pad(np.arange(n), (before, after), mode="symmetric")
+
+
+# ------------------------------------------------------------------------------ the steps
+
+def median_filter(S: torch.Tensor, *, size: int, dim: int) -> torch.Tensor:
+    """Running median of ``S`` along ``dim``, borders reflected (edge sample repeated).
+
+    Equals :func:`deepfusion.features.median_filter_axis` on each clip. On accelerators the
+    windows are unfolded and reduced with ``torch.median``, in chunks of at most
+    :data:`MEDIAN_CHUNK_ELEMENTS`; on the CPU bottleneck's running median does the same faster.
+
+    Parameters
+    ----------
+    S : torch.Tensor [shape=(..., f, t)]
+    size : int
+        Odd window length.
+    dim : int
+        -1 (along time) or -2 (along frequency).
+
+    Returns
+    -------
+    torch.Tensor [shape=S.shape], same dtype and device
+    """
+    if size <= 1:
+        return S.clone()
+    if S.device.type == "cpu":
+        from .features import median_filter_axis
+
+        return torch.from_numpy(median_filter_axis(S.numpy(), size=size, axis=dim))
+    return median_filter_unfold(S, size=size, dim=dim)
+
+
+def median_filter_unfold(S: torch.Tensor, *, size: int, dim: int) -> torch.Tensor:
+    """:func:`median_filter` on any device: windows unfolded and reduced with ``torch.median``,
+    at most :data:`MEDIAN_CHUNK_ELEMENTS` window elements at a time.
+
+    Parameters
+    ----------
+    S : torch.Tensor [shape=(..., f, t)]
+    size : int
+        Odd window length.
+    dim : int
+        -1 or -2.
+
+    Returns
+    -------
+    torch.Tensor [shape=S.shape]
+    """
+    X = S.movedim(dim, -1)                                     # (..., other, n)
+    n = X.shape[-1]
+    before = size // 2
+    index = torch.as_tensor(_symmetric_index(n, before, size - 1 - before), device=S.device)
+    flat = X.reshape(-1, n)                                    # (rows, n)
+    out = torch.empty_like(flat)
+    rows = max(1, MEDIAN_CHUNK_ELEMENTS // (n * size))
+    for r in range(0, flat.shape[0], rows):
+        padded = flat[r:r + rows].index_select(-1, index)      # (rows, n + size - 1)
+        # an odd window: torch.median's lower median is the median
+        out[r:r + rows] = padded.unfold(-1, size, 1).median(dim=-1).values
+    return out.view(X.shape).movedim(-1, dim)
+
+
+def softmask(X: torch.Tensor, X_ref: torch.Tensor, *, power: float,
+             split_zeros: bool) -> torch.Tensor:
+    """``librosa.util.softmask(X, X_ref, power=power, split_zeros=split_zeros)``, finite power."""
+    Z = torch.maximum(X, X_ref)
+    bad = Z < torch.finfo(Z.dtype).tiny
+    Z = torch.where(bad, torch.ones_like(Z), Z)
+    mask = (X / Z) ** power
+    ref_mask = (X_ref / Z) ** power
+    mask = mask / (mask + ref_mask)
+    return torch.where(bad, torch.full_like(mask, 0.5 if split_zeros else 0.0), mask)
+
+
+def power_to_db(S: torch.Tensor, *, top_db: float, amin: float = 1e-10) -> torch.Tensor:
+    """``librosa.power_to_db(S, ref=np.max, top_db=top_db)`` per clip.
+
+    Parameters
+    ----------
+    S : torch.Tensor [shape=(B, n, t)]
+    """
+    ref = S.amax(dim=(-2, -1), keepdim=True)
+    log_spec = 10.0 * torch.log10(S.clamp(min=amin)) - 10.0 * torch.log10(ref.clamp(min=amin))
+    floor = log_spec.amax(dim=(-2, -1), keepdim=True) - top_db
+    return torch.maximum(log_spec, floor)
+
+
+def normalize_inf(S: torch.Tensor, *, dim: int) -> torch.Tensor:
+    """``librosa.util.normalize(S, norm=np.inf, axis=dim)``: columns below ``tiny`` unchanged."""
+    length = S.abs().amax(dim=dim, keepdim=True)
+    length = torch.where(length < torch.finfo(S.dtype).tiny, torch.ones_like(length), length)
+    return S / length
+
+
+def onset_strength(db: torch.Tensor, *, hop_length: int) -> torch.Tensor:
+    """``librosa.onset.onset_strength(S=db, hop_length=hop_length)``: the mean over bands of the
+    positive first difference, delayed by the lag and the framing offset.
+
+    Parameters
+    ----------
+    db : torch.Tensor [shape=(B, n_mels, t)]
+
+    Returns
+    -------
+    torch.Tensor [shape=(B, t)]
+    """
+    t = db.shape[-1]
+    env = (db[..., 1:] - db[..., :-1]).clamp(min=0).mean(dim=-2)     # (B, t - 1)
+    pad = 1 + _ONSET_N_FFT // (2 * hop_length)
+    return torch.nn.functional.pad(env, (pad, 0))[..., :t]
+
+
+def tempogram(onset: torch.Tensor, *, window: torch.Tensor) -> torch.Tensor:
+    """``librosa.feature.tempogram(onset_envelope=onset, win_length=len(window))``: the
+    autocorrelation of each windowed, centred stretch of the envelope, max-normalised.
+
+    Parameters
+    ----------
+    onset : torch.Tensor [shape=(B, t)]
+    window : torch.Tensor [shape=(win_length,)]
+        The periodic Hann window librosa uses.
+
+    Returns
+    -------
+    torch.Tensor [shape=(B, win_length, t)]
+    """
+    t = onset.shape[-1]
+    win = window.shape[0]
+    half = win // 2
+    # np.pad(mode="linear_ramp", end_values=0): from 0 at the outer edge to the edge sample
+    k = torch.arange(half, device=onset.device, dtype=onset.dtype)
+    padded = torch.cat([onset[:, :1] * (k / half), onset,
+                        onset[:, -1:] * ((half - 1 - k) / half)], dim=-1)   # (B, t + 2 half)
+    frames = padded.unfold(-1, win, 1)[:, :t] * window             # (B, t, win)
+    n_fft = 1 << (2 * win - 2).bit_length()                          # >= 2 win - 1
+    spec = torch.fft.rfft(frames, n=n_fft, dim=-1)
+    ac = torch.fft.irfft(spec.real ** 2 + spec.imag ** 2, n=n_fft, dim=-1)[..., :win]
+    return normalize_inf(ac, dim=-1).transpose(-1, -2)             # (B, win, t)
+
+
+def estimate_tuning(power: torch.Tensor, *, sr: int, n_chroma: int) -> list[float]:
+    """``librosa.estimate_tuning(S=power, sr=sr, bins_per_octave=n_chroma)`` per clip.
+
+    ``piptrack``'s peak picking runs on the device; the median of the peak magnitudes and the
+    histogram of their pitch residuals run in numpy with librosa's code.
+
+    Parameters
+    ----------
+    power : torch.Tensor [shape=(B, 1 + n_fft/2, t)]
+
+    Returns
+    -------
+    list of float, one tuning per clip (fractions of a chroma bin)
+    """
+    import librosa
+
+    S = power
+    n_bins = S.shape[-2]
+    n_fft = 2 * (n_bins - 1)
+    fft_freqs = librosa.fft_frequencies(sr=sr, n_fft=n_fft)
+    freq_mask = torch.as_tensor((150.0 <= fft_freqs) & (fft_freqs < min(4000.0, sr / 2)),
+                                device=S.device)[:, None]                        # (F, 1)
+
+    # np.gradient along frequency: central inside, one-sided at the edges
+    avg = torch.empty_like(S)
+    avg[:, 1:-1] = (S[:, 2:] - S[:, :-2]) / 2
+    avg[:, 0] = S[:, 1] - S[:, 0]
+    avg[:, -1] = S[:, -1] - S[:, -2]
+    # librosa's _parabolic_interpolation: the vertex offset, 0 where it leaves [-1, 1]
+    a = S[:, 2:] + S[:, :-2] - 2 * S[:, 1:-1]
+    b = (S[:, 2:] - S[:, :-2]) / 2
+    shift = torch.zeros_like(S)
+    shift[:, 1:-1] = torch.where(b.abs() >= a.abs(), torch.zeros_like(a), -b / a)
+    dskew = 0.5 * avg * shift
+
+    thresholded = S * (S > 0.1 * S.amax(dim=-2, keepdim=True))
+    # librosa.util.localmax: x[i] > x[i-1] and x[i] >= x[i+1]; never the first bin; the last
+    # when it exceeds its neighbour
+    peak = torch.zeros_like(S, dtype=torch.bool)
+    peak[:, 1:-1] = ((thresholded[:, 1:-1] > thresholded[:, :-2])
+                     & (thresholded[:, 1:-1] >= thresholded[:, 2:]))
+    peak[:, -1] = thresholded[:, -1] > thresholded[:, -2]
+    peak &= freq_mask
+    bins = torch.arange(n_bins, device=S.device, dtype=S.dtype)[:, None]
+    # only the peaks travel to the host: a few percent of the bins
+    pitches = ((bins + shift) * (float(sr) / n_fft))[peak].cpu().numpy()
+    mags = (S + dskew)[peak].cpu().numpy()
+    ends = np.cumsum(peak.flatten(1).sum(dim=1).cpu().numpy())[:-1]
+
+    tunings = []
+    for pitch, mag in zip(np.split(pitches, ends), np.split(mags, ends)):
+        # librosa: pitch > 0 marks the peaks (a peak's pitch is above fmin)
+        pitch_mask = pitch > 0
+        threshold = np.median(mag[pitch_mask]) if pitch_mask.any() else 0.0
+        with warnings.catch_warnings():
+            # silence and noise have no pitched peaks: librosa warns and assumes tuning 0
+            warnings.filterwarnings("ignore", message="Trying to estimate tuning",
+                                    category=UserWarning)
+            tunings.append(float(librosa.pitch_tuning(
+                pitch[(mag >= threshold) & pitch_mask], resolution=0.01,
+                bins_per_octave=n_chroma)))
+    return tunings
+
+
+# ------------------------------------------------------------------------------ the batch
+
+def _as_batch(y_batch, device: torch.device) -> torch.Tensor:
+    if isinstance(y_batch, torch.Tensor):
+        y = y_batch.detach()
+    elif isinstance(y_batch, np.ndarray):
+        y = torch.from_numpy(np.ascontiguousarray(y_batch, dtype=np.float32))
+    else:
+        y = torch.from_numpy(np.stack([np.asarray(v, dtype=np.float32) for v in y_batch]))
+    if y.ndim == 1:
+        y = y[None]
+    if y.ndim != 2:
+        raise ParameterError(f"expected clips of shape (batch, samples), got {tuple(y.shape)}")
+    if y.shape[-1] < 1:
+        raise ParameterError("clips hold no samples")
+    y = y.to(device=device, dtype=torch.float32)
+    if not bool(torch.isfinite(y).all()):
+        raise ParameterError("a clip holds non-finite samples (NaN or infinity)")
+    return y
+
+
+@torch.inference_mode()
+def compute_features_torch(
+    y_batch: Union[np.ndarray, torch.Tensor, Sequence[np.ndarray]],
+    config: FeatureConfig = FeatureConfig(),
+    *,
+    device: Union[str, torch.device] = "cpu",
+) -> list[dict[str, np.ndarray]]:
+    """All six feature views of a batch of clips, computed on ``device``.
+
+    Parameters
+    ----------
+    y_batch : np.ndarray or torch.Tensor [shape=(B, n_samples)], or a sequence of B arrays
+        Mono waveforms of one length at ``config.sample_rate`` (already padded or trimmed);
+        a single clip of shape ``(n_samples,)`` is a batch of one.
+    config : FeatureConfig
+    device : str or torch.device
+        Where the work runs: ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+
+    Returns
+    -------
+    list of B dicts of np.ndarray, all float32, as :func:`deepfusion.features.compute_features`:
+        ``mel_spec_orig``, ``mel_spec_harm``, ``mel_spec_perc`` [shape=(n_mels, t)] in dB,
+        ``mfcc`` [shape=(n_mfcc, t)], ``chroma`` [shape=(n_chroma, t)] and
+        ``tempogram`` [shape=(tempogram_win_length, t)], with ``t = 1 + n_samples // hop``.
+
+    Raises
+    ------
+    ParameterError
+        Not a batch of equal-length clips, or non-finite samples.
+    """
+    device = torch.device(device)
+    y = _as_batch(y_batch, device)                            # (B, n)
+    consts = {k: torch.from_numpy(v).to(device) for k, v in _constants(config).items()}
+    sr = config.sample_rate
+
+    spec = torch.stft(y, n_fft=config.n_fft, hop_length=config.hop_length,
+                      window=consts["window"], center=True, pad_mode="constant",
+                      return_complex=True)                            # (B, F, t)
+    S = spec.abs()
+    del spec
+    harm = median_filter(S, size=config.hpss_kernel, dim=-1)         # smooth along time
+    perc = median_filter(S, size=config.hpss_kernel, dim=-2)         # smooth along frequency
+    split_zeros = config.hpss_margin == 1
+    mask_h = softmask(harm, perc * config.hpss_margin, power=config.hpss_power,
+                      split_zeros=split_zeros)
+    mask_p = softmask(perc, harm * config.hpss_margin, power=config.hpss_power,
+                      split_zeros=split_zeros)
+    del harm, perc
+    power = S * S                                                    # (B, F, t)
+    del S
+    mel = consts["mel"]                                              # (n_mels, F)
+    db_orig = power_to_db(mel @ power, top_db=config.top_db)        # (B, n_mels, t)
+    db_harm = power_to_db(mel @ (power * (mask_h * mask_h)), top_db=config.top_db)
+    del mask_h
+    db_perc = power_to_db(mel @ (power * (mask_p * mask_p)), top_db=config.top_db)
+    del mask_p
+    mfcc = consts["dct"] @ db_orig                                   # (B, n_mfcc, t)
+
+    if config.chroma_tuning is None:
+        tunings = estimate_tuning(power, sr=sr, n_chroma=config.n_chroma)
+    else:
+        tunings = [float(config.chroma_tuning)] * y.shape[0]
+    basis = torch.from_numpy(np.stack([_chroma_basis(sr, config.n_fft, config.n_chroma, t)
+                                       for t in tunings])).to(device)  # (B, n_chroma, F)
+    chroma = normalize_inf(basis @ power, dim=-2)                    # (B, n_chroma, t)
+    del power
+
+    onset = onset_strength(db_orig, hop_length=config.hop_length)   # (B, t)
+    tempo = tempogram(onset, window=consts["tempo_window"])         # (B, win, t)
+
+    views = {"mel_spec_orig": db_orig, "mel_spec_harm": db_harm, "mel_spec_perc": db_perc,
+             "mfcc": mfcc, "chroma": chroma, "tempogram": tempo}
+    host = {k: v.float().cpu().numpy() for k, v in views.items()}
+    return [{k: np.ascontiguousarray(v[i]) for k, v in host.items()} for i in range(y.shape[0])]

@@ -1,0 +1,401 @@
+"""One file's work for extract (and predict's library), run in worker processes.
+
+Hashing, decoding under ``--timeout`` with the check that the file did not change meanwhile,
+computing the six views and storing the cache entry; the joblib or Dask pool that runs these
+tasks; and, for the torch backend on a GPU, the batches of decoded clips that the main process
+analyses on the device (:func:`feature_tasks` chooses).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+from .config import FeatureConfig
+from .errors import AudioError, DeepFusionError, ParameterError
+from .io.cache import FeatureCache, file_digest, file_stamp
+
+
+def default_jobs() -> int:
+    """All usable cores."""
+    import joblib
+
+    return max(1, joblib.cpu_count())
+
+
+DEFAULT_TIMEOUT = 120.0
+
+
+class _FileTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: Optional[float]):
+    """Raise :class:`_FileTimeout` in this thread after ``seconds`` (POSIX main thread only)."""
+    usable = (seconds and seconds > 0 and hasattr(signal, "setitimer")
+              and threading.current_thread() is threading.main_thread())
+    if not usable:
+        yield
+        return
+
+    def expire(signum, frame):
+        raise _FileTimeout()
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+_warmed: set[tuple[bool, Optional[str]]] = set()
+
+
+@contextlib.contextmanager
+def _one_compiler() -> Iterator[None]:
+    """One process of this user at a time through the warm-up's JIT compilation.
+
+    librosa's numba functions are compiled on first use and written to numba's on-disk cache.
+    Two processes compiling them at once (the workers of a first ``--jobs 2`` run on a fresh
+    install) can leave cache files that make every later process crash with SIGSEGV: seen in
+    1 of 4 such runs here. So the first process compiles while the others wait, then load
+    what it wrote. Where the lock cannot be taken, the warm-up runs without it.
+    """
+    import getpass
+    import tempfile
+
+    from .io.lock import exclusive
+
+    with contextlib.ExitStack() as stack:
+        with contextlib.suppress(Exception):
+            name = f"deepfusion-jit-{getpass.getuser()}.lock"
+            stack.enter_context(exclusive(Path(tempfile.gettempdir()) / name, wait=True,
+                                          what="the JIT warm-up"))
+        yield
+
+
+def _warm_up(config: FeatureConfig, *, features: bool = True,
+             device: Optional[str] = None) -> None:
+    """Run every import and JIT compilation that decoding and features need, once per process.
+
+    ``--timeout`` raises wherever the clock runs out. Inside a first import (librosa loads
+    scipy and numba lazily) that leaves a half-initialised module in ``sys.modules``, and every
+    later file of the process then fails (``NameError: name '_ndimage_api' is not defined``).
+    So this runs before the first file's clock starts: a clip of noise through resampling and
+    (unless ``features`` is False: a worker that only decodes) all six features, with the torch
+    backend on ``device`` when one is given.
+    """
+    if (features, device) in _warmed:
+        return
+    _warmed.add((features, device))
+    with _one_compiler():   # see _one_compiler: a cache that crashes every later run
+        try:
+            import librosa
+            import numpy as np
+            import soundfile  # noqa: F401
+            from threadpoolctl import threadpool_limits
+
+            from .features import compute_features
+
+            y = 0.1 * np.random.default_rng(0).standard_normal(config.n_samples).astype(np.float32)
+            with threadpool_limits(limits=1):
+                librosa.resample(y[:4410], orig_sr=44100, target_sr=config.sample_rate,
+                                 res_type="soxr_hq")
+                if features and device is None:
+                    compute_features(y, config)
+                elif features:
+                    from .features_torch import compute_features_torch
+
+                    compute_features_torch(y, config, device=device)
+        except Exception:  # noqa: BLE001 - a real file will report whatever this hit
+            pass
+
+
+def compute_entry(path: str, key: str, cache_dir: str, config_dict: dict,
+                  timeout: Optional[float] = DEFAULT_TIMEOUT, *,
+                  device: Optional[str] = None) -> Optional[str]:
+    """Decode one file, compute its features and store them in the cache (runs in a worker).
+
+    Returns ``None`` on success or the reason the file could not be used. A file that takes
+    longer than ``timeout`` seconds (a hostile header, say) is abandoned and reported.
+    ``device`` (a torch device name) computes the features with the torch backend
+    (:mod:`deepfusion.features_torch`, one torch thread on the CPU) instead of numpy.
+    """
+    from .features import compute_features
+
+    config = FeatureConfig.from_dict(config_dict)
+    if device is None:
+        compute = partial(compute_features, config=config)
+    else:
+        def compute(y):
+            import torch
+
+            from .features_torch import compute_features_torch
+
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)   # as numpy's one BLAS thread: the workers share the cores
+            try:
+                return compute_features_torch(y, config, device=device)[0]
+            finally:
+                torch.set_num_threads(threads)
+    audio, feats, reason = _decode_checked(path, key, config, timeout, compute, device)
+    if reason is None:
+        FeatureCache(Path(cache_dir), config).store(key, feats, _entry_meta(audio))
+    return reason
+
+
+def decode_entry(path: str, key: str, config_dict: dict,
+                 timeout: Optional[float] = DEFAULT_TIMEOUT) -> tuple[Optional[str], Any]:
+    """Decode one file for features computed elsewhere (runs in a worker of the torch backend).
+
+    Returns ``(None, (samples, entry metadata))`` or ``(reason, None)``; the same checks as
+    :func:`compute_entry` (time limit, the file unchanged since it was hashed as ``key``).
+    """
+    config = FeatureConfig.from_dict(config_dict)
+    audio, _, reason = _decode_checked(path, key, config, timeout, None)
+    return (reason, None) if reason else (None, (audio.y, _entry_meta(audio)))
+
+
+def _entry_meta(audio) -> dict[str, Any]:
+    from .io.cache import audio_digest
+
+    return {"audio_sha": audio_digest(audio.y), "source_sr": audio.source_sr,
+            "channels": audio.channels, "source_seconds": round(audio.source_seconds, 4)}
+
+
+def _decode_checked(path: str, key: str, config: FeatureConfig, timeout: Optional[float],
+                    compute, device: Optional[str] = None) -> tuple[Any, Any, Optional[str]]:
+    """``(audio, compute(audio.y), None)``, or ``(None, None, reason)``.
+
+    Decoding and ``compute`` (None: decode only) run under ``timeout``; afterwards the file
+    must still hash to ``key`` with the stat it had before, or nothing is returned.
+    """
+    from threadpoolctl import threadpool_limits
+
+    from .audio import decode
+
+    # always: imports never under the clock, and the JIT compiled by one process at a time
+    _warm_up(config, features=compute is not None, device=device)
+    try:
+        before = file_stamp(Path(path))
+    except OSError as exc:
+        return None, None, f"cannot read ({os.strerror(exc.errno or 0)})"
+    feats = None
+    try:
+        # One BLAS thread whatever --jobs is: OpenBLAS sums in a different order with more
+        # threads, and an entry must not depend on how many workers happened to compute it.
+        with _time_limit(timeout), threadpool_limits(limits=1):
+            audio = decode(Path(path), sr=config.sample_rate, duration=config.duration,
+                           min_duration=config.min_duration)
+            if compute is not None:
+                feats = compute(audio.y)
+            try:   # the same bytes now, and no write in between (a swap A -> B -> A
+                #        while decoding leaves the bytes equal but decoded B)
+                unchanged = file_digest(Path(path)) == key and file_stamp(Path(path)) == before
+            except OSError:
+                unchanged = False
+    except _FileTimeout:
+        return None, None, f"gave up after {timeout:g} s (--timeout)"
+    except AudioError as exc:
+        return None, None, exc.reason
+    except DeepFusionError as exc:
+        return None, None, str(exc)
+    except Exception as exc:  # a library failing on odd input must not end the batch
+        return None, None, _failed(exc)
+    if not unchanged:  # what was decoded is not what was hashed: never cache it under that key
+        return None, None, ("changed while it was read (a copy or download still in progress?); "
+                            "run extract again when it is complete")
+    return audio, feats, None
+
+
+def _failed(exc: Exception) -> str:
+    return f"feature computation failed ({type(exc).__name__}: {exc})"
+
+
+def _hash(path: str, timeout: Optional[float]) -> tuple[Optional[str], Optional[str]]:
+    """``(content key, None)`` or ``(None, reason)``; ``timeout`` bounds the hashing."""
+    try:
+        with _time_limit(timeout):   # a huge or stalled file (a network mount) is a file
+            return file_digest(Path(path)), None   # that takes too long, like a slow decode
+    except _FileTimeout:
+        return None, f"gave up reading it after {timeout:g} s (--timeout)"
+    except OSError as exc:
+        return None, f"cannot read ({os.strerror(exc.errno or 0)})"
+
+
+def hash_and_compute(path: str, cache_dir: str, config_dict: dict, timeout: Optional[float],
+                     device: Optional[str] = None) -> tuple[Optional[str], Optional[str], bool]:
+    """One file's task (in a worker): ``(content key, None, computed)`` or ``(None, reason,
+    False)``. The file is hashed, and decoded and analysed only when the cache lacks its
+    content; ``timeout`` bounds the hashing as it bounds the decoding. ``device``: the torch
+    backend on that device (see :func:`compute_entry`)."""
+    if device is not None:
+        # torch's memory comes with a worker's first task, even one the cache answers: loky
+        # takes a later jump of 300 MB for a leak and replaces the worker
+        _warm_up(FeatureConfig.from_dict(config_dict), device=device)
+    key, reason = _hash(path, timeout)
+    if reason:
+        return None, reason, False
+    if FeatureCache(Path(cache_dir), FeatureConfig.from_dict(config_dict)).has(key):
+        return key, None, False
+    reason = compute_entry(path, key, cache_dir, config_dict, timeout, device=device)
+    return (None, reason, False) if reason else (key, None, True)
+
+
+def hash_and_decode(path: str, cache_dir: str, config_dict: dict,
+                    timeout: Optional[float]) -> tuple[Optional[str], Optional[str], Any]:
+    """One file's task for the torch backend (in a worker): ``(content key, None, decoded)``
+    or ``(None, reason, None)``, where ``decoded`` is ``None`` when the cache has the content
+    and else ``(samples, entry metadata)`` for the main process to analyse."""
+    key, reason = _hash(path, timeout)
+    if reason:
+        return None, reason, None
+    if FeatureCache(Path(cache_dir), FeatureConfig.from_dict(config_dict)).has(key):
+        return key, None, None
+    reason, decoded = decode_entry(path, key, config_dict, timeout)
+    return (None, reason, None) if reason else (key, None, decoded)
+
+
+def _run_tasks(tasks: list[tuple], jobs: Optional[int], scheduler: Optional[str],
+               cache_dir: Path, workers: dict[str, int],
+               task: Callable = hash_and_compute) -> Iterator[tuple[int, tuple]]:
+    """``(index, task(*tasks[index]))`` as tasks finish, on joblib workers or on a Dask
+    cluster (``scheduler``, see :mod:`deepfusion.cluster`; ``workers`` counts the tasks each
+    Dask worker ran)."""
+    if not tasks:
+        return
+    indexed = [(i, task, *args) for i, args in enumerate(tasks)]
+    if scheduler:
+        from .cluster import check_shared, connect, map_unordered
+
+        with connect(scheduler) as client:
+            check_shared(client, cache_dir)
+            yield from map_unordered(client, _indexed, indexed, per_worker=workers)
+        return
+    from joblib import Parallel, delayed
+
+    jobs = default_jobs() if jobs is None else max(1, int(jobs))
+    from joblib.externals.loky.process_executor import TerminatedWorkerError
+
+    runner = Parallel(n_jobs=min(jobs, len(tasks)), return_as="generator_unordered",
+                      batch_size=1, pre_dispatch="2*n_jobs")
+    try:
+        yield from runner(delayed(_indexed)(*args) for args in indexed)
+    except TerminatedWorkerError as exc:
+        from .errors import worker_crash
+
+        raise worker_crash(exc, "extracting") from None
+
+
+def _indexed(index: int, task: Callable, *args) -> tuple[int, tuple]:
+    return index, task(*args)
+
+
+#: Devices on which the torch backend runs per file in the workers, as numpy does (on a GPU
+#: the workers only decode, and this process analyses batches of their clips).
+TORCH_IN_WORKERS = ("cpu",)
+
+#: Samples of decoded audio the torch backend analyses at once: 16 clips of 30 s at 22,050 Hz
+#: (a few GB of device memory at the peak, the HPSS medians; see features_torch).
+TORCH_BATCH_SAMPLES = 16 * 30 * 22050
+
+
+def _torch_batches(results: Iterator[tuple[int, tuple]], cache: FeatureCache,
+                   config: FeatureConfig, device: str) -> Iterator[tuple[int, tuple]]:
+    """Turn ``(index, hash_and_decode(...))`` into ``(index, hash_and_compute(...))``: decoded
+    clips are gathered into batches, analysed on ``device`` here, in the main process, and
+    stored in ``cache``. A batch that fails is retried clip by clip, so that a failure is
+    reported for the file that causes it."""
+    batch = max(1, TORCH_BATCH_SAMPLES // config.n_samples)
+    pending: list[tuple[int, str, Any, dict]] = []
+    for index, (key, reason, decoded) in results:
+        if decoded is None:
+            yield index, (key, reason, False)
+            continue
+        pending.append((index, key, *decoded))
+        if len(pending) >= batch:
+            yield from _analyse(pending, cache, config, device)
+            pending = []
+    if pending:
+        yield from _analyse(pending, cache, config, device)
+
+
+def _analyse(pending: list[tuple[int, str, Any, dict]], cache: FeatureCache,
+             config: FeatureConfig, device: str) -> Iterator[tuple[int, tuple]]:
+    import numpy as np
+
+    from .features_torch import compute_features_torch
+
+    try:
+        feats = compute_features_torch(np.stack([y for _, _, y, _ in pending]), config,
+                                       device=device)
+    except Exception:  # noqa: BLE001 - out of device memory, or one bad clip: one at a time
+        feats = [None] * len(pending)
+    for (index, key, y, meta), f in zip(pending, feats):
+        if f is None:
+            try:
+                f = compute_features_torch(y, config, device=device)[0]
+            except DeepFusionError as exc:
+                yield index, (None, str(exc), False)
+                continue
+            except Exception as exc:  # noqa: BLE001 - as compute_entry: report, carry on
+                yield index, (None, _failed(exc), False)
+                continue
+        cache.store(key, f, meta)
+        yield index, (key, None, True)
+
+
+def resolve_backend(backend: Optional[str] = None,
+                    device: str = "auto") -> tuple[str, Optional[str]]:
+    """Which feature code extract runs, and where: ``("numpy", None)`` or ``("torch", device)``.
+
+    ``backend=None`` means numpy on a machine without a GPU and torch on its GPU (cuda, else
+    mps) when ``device`` is ``auto`` or names one; ``device="cpu"`` keeps numpy unless
+    ``backend="torch"``.
+
+    Raises
+    ------
+    ParameterError
+        An unknown backend, a GPU asked for with the numpy backend, or a device this machine
+        does not have.
+    """
+    if backend not in (None, "numpy", "torch"):
+        raise ParameterError(f"--backend must be numpy or torch, got {backend!r}")
+    if backend == "numpy" or (backend is None and device == "cpu"):
+        if device not in ("auto", "cpu"):
+            raise ParameterError(f"--device {device}: the numpy backend runs on the CPU; "
+                                 f"give --backend torch to compute the features on {device}")
+        return "numpy", None
+    from .runtime import resolve_device
+
+    resolved = resolve_device(device)     # DeviceError (a ParameterError): not here
+    if backend is None and resolved.type == "cpu":
+        return "numpy", None
+    return "torch", str(resolved)
+
+
+def feature_tasks(tasks: list[tuple], jobs: Optional[int], scheduler: Optional[str],
+                  cache_dir: Path, workers: dict[str, int], *, cache: FeatureCache,
+                  config: FeatureConfig, device: Optional[str]) -> Iterator[tuple[int, tuple]]:
+    """``(index, (content key, reason, computed))`` for every ``(path, cache_dir, config_dict,
+    timeout)`` of ``tasks``, as they finish.
+
+    ``device`` None (numpy) or in :data:`TORCH_IN_WORKERS`: the workers hash, decode, analyse
+    and store. Otherwise (a GPU) the workers hash and decode, and this process analyses the
+    decoded clips in batches on ``device`` and stores their entries in ``cache``.
+    """
+    if device is not None and device not in TORCH_IN_WORKERS:
+        yield from _torch_batches(
+            _run_tasks(tasks, jobs, scheduler, cache_dir, workers, hash_and_decode),
+            cache, config, device)
+    else:   # numpy, or (device "cpu") one torch thread in each worker
+        yield from _run_tasks([(*task, device) for task in tasks], jobs, scheduler,
+                              cache_dir, workers)
