@@ -31,7 +31,8 @@ _API = {
     "synthesize_dataset": "synth",
     "TrainConfig": "config",
     "ModelConfig": "config",
-    "Predictor": "predict",
+    "Library": "predict",
+    "Embeddings": "embed",
     "load_checkpoint": "checkpoint",
 }
 

@@ -7,6 +7,7 @@ line on stderr and a non-zero exit status.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from .config import (DEFAULT_CACHE_DIR, DEFAULT_FEATURES, DEFAULT_MODEL_DIR, DEF
 from .errors import DeepFusionError, ParameterError
 from .io.names import escape_bytes, shown
 from .options import (checkpoint_option, device_option, feature_options, features_option,
-                      model_options, quiet_option, recipe_options, runtime_options,
+                      model_options, precision_option, quiet_option, recipe_options, runtime_options,
                       split_file_option, take, train_features_option)
 
 def echo(message: object = "", **kwargs: Any) -> None:
@@ -76,6 +77,12 @@ class _Group(click.Group):
                 echo("Interrupted: finished work is kept; run the same command again to continue.",
                      err=True)
             sys.exit(130)
+        except BrokenPipeError:    # `deepfusion predict DIR | head`: the reader has enough
+            try:                  # (and Python must not complain again at exit)
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            except (OSError, ValueError):
+                pass
+            sys.exit(141)         # what a shell reports for SIGPIPE
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
         except Exception as exc:  # a bug, not a user error: one line unless debugging
@@ -145,11 +152,17 @@ def synth(out: Path, genres: int, clips_per_genre: int, duration: float, seed: i
 @click.option("--strict", is_flag=True, help="Exit non-zero if any file could not be read.")
 @click.option("--timeout", type=click.FloatRange(min=0), default=120.0, show_default=True,
               help="Seconds one file may take before it is abandoned and reported (0: no limit).")
+@click.option("--backend", type=click.Choice(["numpy", "torch"]), default=None,
+              help="Feature code: numpy (librosa) or torch (on a GPU: batches of decoded clips "
+              "in the main process; on the CPU: per file in the workers). Both agree to float32 "
+              "rounding and share the cache  [default: numpy, torch when --device finds or "
+              "names a GPU (--device is where the torch backend runs)].")
+@device_option
 @feature_options
 def extract(audio_dir: Path, out: Path | None, fmt: str, dtype: str, cache_dir: Path,
             manifest: Path | None,
             jobs: int | None, scheduler: str | None, quiet: bool, strict: bool, timeout: float,
-            **kwargs: Any) -> None:
+            backend: str | None, device: str, **kwargs: Any) -> None:
     """Compute the six feature views of every clip, in parallel and cached.
 
     Writes OUT (a pickle: a list of dicts with 'features', 'label', 'path', ...; or a feature
@@ -160,7 +173,8 @@ def extract(audio_dir: Path, out: Path | None, fmt: str, dtype: str, cache_dir: 
     config = take(FeatureConfig, kwargs)
     result = run_extract(audio_dir, out=out, fmt=fmt, cache_dir=cache_dir,
                          jobs=jobs, config=config, manifest=manifest, quiet=quiet,
-                         timeout=timeout or None, scheduler=scheduler or None, dtype=dtype)
+                         timeout=timeout or None, scheduler=scheduler or None, dtype=dtype,
+                         backend=backend, device=device)
     for path, reason in result.errors:
         echo(f"skipped {shown(path)}: {shown(reason)}", err=True)
     genres = ", ".join(f"{k} {v}" for k, v in result.labels.items())
@@ -259,45 +273,159 @@ def train(features: Path, model_dir: Path, pretrained: bool | None, weights_path
               help="Where the report files go [default: beside the checkpoint].")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @device_option
+@precision_option
 def evaluate(checkpoint: Path, features: Path | None, split: str, split_file: str | None,
-             out_dir: Path | None, batch_size: int, device: str) -> None:
+             out_dir: Path | None, batch_size: int, device: str, precision: str) -> None:
     """Report what a checkpoint does on held-out clips (table, CSVs, JSON, figures)."""
     from .evaluate import evaluate as run_evaluate
     from .io.run_folder import REPORT_FILES
 
     report = run_evaluate(checkpoint, features=features, split=split, split_file=split_file,
-                          out_dir=out_dir, batch_size=batch_size, device=device, echo=echo)
+                          out_dir=out_dir, batch_size=batch_size, device=device,
+                          precision=precision, echo=echo)
     echo(report.table())
     echo(f"\nwrote {', '.join(REPORT_FILES)} to {report.out_dir}")
 
 
+def _library_options(func):
+    """Options predict and embed share: the models, the engine, the cache and the workers."""
+    options = [
+        click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path)),
+        click.option("--checkpoint", "checkpoints", multiple=True,
+                     type=click.Path(dir_okay=False, path_type=Path),
+                     default=[Path("models/best.pth")], show_default=True,
+                     help="A checkpoint written by 'deepfusion train' (a .onnx model from "
+                     "'deepfusion export' with --engine onnx); give it several times to average "
+                     "an ensemble (the fold models of train --folds, say)."),
+        click.option("--engine", type=click.Choice(["torch", "onnx"]), default="torch",
+                     show_default=True, help="onnx: run exported models with onnxruntime, "
+                     "without importing torch (pip install 'deepfusion[onnx]')."),
+        click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+                     default=DEFAULT_CACHE_DIR, show_default=True, envvar="DEEPFUSION_CACHE",
+                     help="The feature cache extract uses: a file extracted or classified "
+                     "before is not decoded again [env: DEEPFUSION_CACHE]."),
+        click.option("--jobs", "-j", type=click.IntRange(1), default=None,
+                     help="Worker processes computing features [default: all cores]."),
+        click.option("--timeout", type=click.FloatRange(min=0), default=120.0, show_default=True,
+                     help="Seconds one file (one window of a long file) may take before it is "
+                     "abandoned and reported (0: no limit)."),
+        quiet_option,
+        device_option,
+        precision_option,
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _library(inputs, checkpoints, engine, cache_dir, device, precision, outputs=None):
+    from .predict import Library
+
+    if engine == "onnx" and (device not in ("auto", "cpu") or precision != "fp32"):
+        raise ParameterError("--device and --precision: the onnx engine runs in float32 on "
+                             "onnxruntime's providers; leave them at their defaults")
+    return Library(inputs, checkpoints=list(checkpoints), engine=engine, device=device,
+                   cache_dir=cache_dir, outputs=outputs, precision=precision)
+
+
 @main.command()
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@checkpoint_option
+@_library_options
 @click.option("--top-k", type=click.IntRange(1), default=3, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per file.")
-@device_option
-def predict(inputs: tuple[Path, ...], checkpoint: Path, top_k: int, as_json: bool, device: str) -> None:
-    """Top genres of audio files (or every audio file under a folder)."""
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write a CSV: path, top-1 genre and probability, one probability column per "
+              "genre, error (written when the run ends; per-file lines are then not printed).")
+def predict(inputs: tuple[Path, ...], checkpoints: tuple[Path, ...], engine: str,
+            cache_dir: Path, jobs: int | None, timeout: float, quiet: bool, device: str,
+            precision: str, top_k: int, as_json: bool, out: Path | None) -> None:
+    """Top genres of audio files (or every audio file under a folder), through the feature
+    cache; several --checkpoint are averaged."""
     import json
+    import time
 
-    from .predict import predict as run_predict
+    from .predict import Prediction, PredictionsCSV
 
-    done = failed = 0
-    for result in run_predict(inputs, checkpoint=checkpoint, top_k=top_k, device=device):
-        if isinstance(result, tuple):
-            failed += 1
-            echo(f"skipped {shown(result[0])}: {shown(result[1])}", err=True)
-            continue
-        done += 1
-        if as_json:
-            line = json.dumps(result.to_dict(), ensure_ascii=False)
-            if escape_bytes(line) != line:   # a name that is not UTF-8: JSON's \udcNN escapes
-                line = json.dumps(result.to_dict())   # keep it exact (json.loads, os.fsencode)
-            echo(line)
-        else:
-            top = ", ".join(f"{g} {p:.3f}" for g, p in result.top)
-            echo(f"{shown(result.path)}: {top}")
+    t0 = time.perf_counter()
+    library = _library(inputs, checkpoints, engine, cache_dir, device, precision,
+                       outputs={out: "--out"} if out else None)
+    done = failed = computed = 0
+    with contextlib.ExitStack() as stack:
+        table = stack.enter_context(PredictionsCSV(out, library.class_names)) if out else None
+        for result in library.run(jobs=jobs, timeout=timeout or None, quiet=quiet):
+            if table is not None:
+                table.add(result)
+            if not isinstance(result, Prediction):
+                failed += 1
+                echo(f"skipped {shown(result[0])}: {shown(result[1])}", err=True)
+                continue
+            done += 1
+            computed += result.computed > 0
+            result.top = result.top[:top_k]
+            if out is not None and not as_json:
+                continue
+            if as_json:
+                line = json.dumps(result.to_dict(), ensure_ascii=False)
+                if escape_bytes(line) != line:   # a name that is not UTF-8: JSON's \udcNN escapes
+                    line = json.dumps(result.to_dict())   # keep it exact (json.loads, os.fsencode)
+                echo(line)
+            else:
+                top = ", ".join(f"{g} {p:.3f}" for g, p in result.top)
+                echo(f"{shown(result.path)}: {top}")
+    if out is not None:
+        echo(f"{done} files classified ({computed} analysed, {done - computed} from the cache), "
+             f"{failed} skipped in {time.perf_counter() - t0:.1f} s -> {shown(out)}", err=as_json)
     if done == 0:
         echo("Error: no file could be classified", err=True)
         sys.exit(1)
+
+
+@main.command()
+@_library_options
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("embeddings.npz"),
+              show_default=True, help="The .npz to write: paths, embeddings (n, d), attention "
+              "(n, 6), genres (top-1), probabilities, class_names, modalities.")
+def embed(inputs: tuple[Path, ...], checkpoints: tuple[Path, ...], engine: str, cache_dir: Path,
+          jobs: int | None, timeout: float, quiet: bool, device: str, precision: str,
+          out: Path) -> None:
+    """Clip embeddings (the classifier's input) and modality attention of audio files, for
+    similarity search and clustering."""
+    import time
+
+    from .embed import collect
+
+    if len(checkpoints) != 1:
+        raise ParameterError("embed takes one --checkpoint (an ensemble has no single embedding)")
+    t0 = time.perf_counter()
+    library = _library(inputs, checkpoints, engine, cache_dir, device, precision,
+                       outputs={out: "--out"})
+    result = collect(library.run(jobs=jobs, timeout=timeout or None, quiet=quiet),
+                     library.class_names, library.engines[0].embedding_dim)
+    for path, reason in result.errors:
+        echo(f"skipped {shown(path)}: {shown(reason)}", err=True)
+    if len(result.paths) == 0:
+        echo("Error: no file could be embedded", err=True)
+        sys.exit(1)
+    result.save(out)
+    echo(f"{len(result.paths)} files embedded ({result.embeddings.shape[1]} dimensions), "
+         f"{len(result.errors)} skipped in {time.perf_counter() - t0:.1f} s -> {shown(out)}")
+
+
+@main.command()
+@checkpoint_option
+@click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True,
+              help="Export format.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("model.onnx"),
+              show_default=True, help="The file to write (only when the check passes).")
+@click.option("--tolerance", type=click.FloatRange(min=0, min_open=True), default=1e-4,
+              show_default=True, help="Largest probability (and attention) difference from torch "
+              "allowed on the check windows.")
+@click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto",
+              show_default=True, help="torch's ONNX exporter: auto tries dynamo, then TorchScript.")
+@click.option("--opset", type=click.IntRange(7), default=None, help="ONNX opset [default: the exporter's].")
+def export(checkpoint: Path, fmt: str, out: Path, tolerance: float, exporter: str,
+           opset: int | None) -> None:
+    """Export a checkpoint for onnxruntime: six feature views of a batch of segments in,
+    logits, attention and embedding out; checked against torch on real windows first."""
+    from .export import export_onnx
+
+    export_onnx(checkpoint, out, tolerance=tolerance, exporter=exporter, opset=opset, echo=echo)

@@ -8,7 +8,7 @@ train splits the clips over the processes and gathers their answers (``shard``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ from . import ddp
 from .data import eval_segments, make_torch_dataset
 from .io.featureset import FeatureSet
 from .metrics import log_loss, softmax
-from .runtime import autocast_for
+from .runtime import autocast_for, to_device
 
 
 @dataclass
@@ -29,6 +29,7 @@ class ClipPredictions:
     attention: np.ndarray       # (n, 6) mean modality attention
     segment_correct: int
     segment_total: int
+    embeddings: Optional[np.ndarray] = None   # (n, d) mean classifier input, when asked
 
     @property
     def predicted(self) -> np.ndarray:
@@ -42,14 +43,17 @@ class ClipPredictions:
 @torch.inference_mode()
 def predict_clips(model: torch.nn.Module, fs: FeatureSet, norm: dict, clips: np.ndarray, *,
                   seg: int, batch_size: int = 64, device: torch.device = torch.device("cpu"),
-                  amp: bool = False, labels: Optional[np.ndarray] = None,
-                  shard: bool = False) -> ClipPredictions:
+                  amp: Union[bool, str] = False, labels: Optional[np.ndarray] = None,
+                  shard: bool = False, embeddings: bool = False) -> ClipPredictions:
     """Mean logits and attention over all non-overlapping segments of each clip.
 
-    ``labels`` (default the FeatureSet's) only serve the segment-level accuracy. ``shard``:
+    ``amp``: the precision (``fp32``, ``bf16``, ``fp16``, or a bool as
+    :func:`~deepfusion.runtime.autocast_for` reads it). ``labels`` (default the FeatureSet's)
+    only serve the segment-level accuracy. ``shard``:
     in a torchrun group (:mod:`deepfusion.ddp`; every process calls, with the same ``clips``)
     each process predicts its share of the clips and every process returns all of them, the
-    same on every process.
+    same on every process. ``embeddings``: also the mean fused embedding of each clip (the
+    classifier's input; not with ``shard``).
     """
     if shard and ddp.world_size() > 1:
         part = predict_clips(model, fs, norm, ddp.shard(np.asarray(clips)), seg=seg,
@@ -67,11 +71,12 @@ def predict_clips(model: torch.nn.Module, fs: FeatureSet, norm: dict, clips: np.
     n_classes = model.classifier.out_features
     logit_sum = np.zeros((len(clips), n_classes), np.float64)
     att_sum = np.zeros((len(clips), 6), np.float64)
+    emb_sum = None
     count = np.zeros(len(clips), np.int64)
     correct = total = 0
     model.eval()
     for x, _, c in loader:
-        x = {k: v.to(device, non_blocking=True) for k, v in x.items()}
+        x = {k: to_device(v, device) for k, v in x.items()}
         with autocast_for(device, amp):
             out = model(x)
         logits = out["logits"].float().cpu().numpy()
@@ -79,6 +84,11 @@ def predict_clips(model: torch.nn.Module, fs: FeatureSet, norm: dict, clips: np.
         rows = np.array([position[int(i)] for i in c])
         np.add.at(logit_sum, rows, logits)
         np.add.at(att_sum, rows, att)
+        if embeddings:
+            emb = out["embedding"].float().cpu().numpy()
+            if emb_sum is None:
+                emb_sum = np.zeros((len(clips), emb.shape[1]), np.float64)
+            np.add.at(emb_sum, rows, emb)
         np.add.at(count, rows, 1)
         truth = labels[c.numpy()]
         known = truth >= 0
@@ -86,7 +96,8 @@ def predict_clips(model: torch.nn.Module, fs: FeatureSet, norm: dict, clips: np.
         total += int(known.sum())
     count = np.maximum(count, 1)[:, None]
     return ClipPredictions(np.asarray(clips), (logit_sum / count).astype(np.float32),
-                           (att_sum / count).astype(np.float32), correct, total)
+                           (att_sum / count).astype(np.float32), correct, total,
+                           None if emb_sum is None else (emb_sum / count).astype(np.float32))
 
 
 def clip_loss(pred: ClipPredictions, labels: np.ndarray) -> float:

@@ -7,7 +7,8 @@ Inputs are the six feature views of a batch of segments (normalised, see ``deepf
 
 Each branch maps its input to an embedding of ``embed_dim``; attention gives each of the six
 embeddings a weight per clip (softmax over modalities); the weighted embeddings are concatenated
-and classified by fully-connected fusion layers. ``forward`` returns ``{'logits', 'attention'}``.
+and classified by fully-connected fusion layers. ``forward`` returns ``{'logits', 'attention',
+'embedding'}``: the embedding is the classifier's input (what ``deepfusion embed`` writes).
 """
 
 from __future__ import annotations
@@ -174,7 +175,8 @@ class MultiModalNet(nn.Module):
         weighted, attention = self.attention(emb)           # (B, 6, D), (B, 6)
         fused = self.fusion(weighted.flatten(1))            # (B, fusion_hidden[-1])
         return {"logits": self.classifier(fused),           # (B, n_classes)
-                "attention": attention}                     # (B, 6), rows sum to 1
+                "attention": attention,                     # (B, 6), rows sum to 1
+                "embedding": fused}                         # (B, fusion_hidden[-1])
 
 
 def build_model(config: ModelConfig, *, pretrained_state: Optional[dict] = None,

@@ -1,98 +1,97 @@
-"""Genre predictions for new audio files, computed exactly as training computed features.
+"""Genre predictions (and embeddings) for a library of audio files, through the feature cache.
 
-The checkpoint carries the :class:`FeatureConfig` and normalisation of its training data, so a
-file is decoded and analysed with the same code and settings as ``extract`` used. A file longer
-than the training clip is covered by consecutive clip-length windows (the last one aligned to
-the end of the file, see :func:`deepfusion.audio.decode_windows`), each cut into the same non-overlapping segments as evaluation; the logits
-of all segments are averaged.
+Features come from the cache ``extract`` fills (:mod:`deepfusion.windows`): a file already
+extracted or classified is not decoded again, and a killed run continues from what its
+workers stored. Files are analysed in parallel worker processes, in the order given, with a
+bounded number in flight, and classified in this process one window at a time, so memory does
+not grow with the number of files or their length.
+
+A file longer than the training clip is covered by consecutive clip-length windows (the last
+one aligned to the end of the file, see :func:`deepfusion.audio.decode_windows`), each cut
+into the same non-overlapping segments as evaluation; a file's logits are the mean over its
+windows. Several checkpoints form an ensemble: their probabilities are averaged.
+
+The engine is torch (a ``best.pth``) or onnxruntime (a model from ``deepfusion export``,
+:mod:`deepfusion.onnx_engine`); this module imports neither until asked.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import csv
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Union
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from .audio import AUDIO_EXTENSIONS, decode_windows, discover
-from .checkpoint import (feature_config_of, load_checkpoint, model_from_checkpoint,
-                         normalization_of, runtime_of)
-from .config import TrainConfig
-from .data import segment_frames, segments_per_clip
-from .errors import AudioError, DatasetError
-from .inference import predict_clips
-from .io.featureset import FeatureSet
+from .audio import AUDIO_EXTENSIONS, discover
+from .config import DEFAULT_CACHE_DIR, FEATURE_KEYS
+from .errors import DatasetError, ParameterError
+from .io.cache import FeatureCache
 from .metrics import softmax
-from .runtime import resolve_device, use_amp
+from .windows import load_window, run_file_tasks
+
+ENGINES = ("torch", "onnx")
 
 
 @dataclass
 class Prediction:
-    """Top genres of one file."""
+    """What the model says of one file."""
 
     path: str
     top: list[tuple[str, float]]       # (genre, probability), most probable first
     windows: int                       # clip-length windows analysed
-    segments: int                      # segments whose logits were averaged
-    seconds: float                     # length of the decoded file
+    segments: int                      # segments per model whose outputs were averaged
+    seconds: float                     # length of the file
+    probabilities: dict[str, float] = field(default_factory=dict)   # every genre
+    attention: Optional[np.ndarray] = None    # (6,) mean modality attention (first model)
+    embedding: Optional[np.ndarray] = None    # (d,) mean classifier input (first model)
+    computed: int = 0                  # windows whose features were computed (not cached)
 
     def to_dict(self) -> dict:
         return {"path": self.path, "top": [{"genre": g, "probability": round(p, 6)} for g, p in self.top],
                 "windows": self.windows, "segments": self.segments, "seconds": round(self.seconds, 3)}
 
 
-class Predictor:
-    """A checkpoint loaded once, ready to classify any number of files."""
+def load_engine(path: Path, *, engine: str = "torch", device: str = "auto",
+                precision: str = "fp32"):
+    """A :class:`~deepfusion.torch_engine.TorchEngine` for a checkpoint, or an
+    :class:`~deepfusion.onnx_engine.OnnxEngine` for an exported model (``engine='onnx'``,
+    which never imports torch)."""
+    if engine == "onnx":
+        from .onnx_engine import OnnxEngine
 
-    def __init__(self, checkpoint: Path, *, device: str = "auto", batch_size: int = 64):
-        self.ckpt = load_checkpoint(Path(checkpoint))
-        self.class_names = list(self.ckpt["class_names"])
-        self.feature_config = feature_config_of(self.ckpt)
-        self.norm = normalization_of(self.ckpt)
-        self.train_config = TrainConfig.from_dict(self.ckpt["train_config"])
-        self.device = resolve_device(device)
-        self.amp = use_amp(runtime_of(self.ckpt).amp, self.device)
-        self.model = model_from_checkpoint(self.ckpt).to(self.device)
-        self.batch_size = batch_size
+        return OnnxEngine(Path(path))
+    if engine != "torch":
+        raise ParameterError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    from .torch_engine import TorchEngine
 
-    def iter_window_features(self, path: Path) -> Iterator[tuple[float, dict[str, np.ndarray]]]:
-        """``(file seconds, six views)`` of each clip-length window of ``path``, one at a time.
+    return TorchEngine(Path(path), device=device, precision=precision)
 
-        The first window is decoded and analysed exactly as ``extract`` does it (same bytes);
-        later windows the same way.
-        """
-        from threadpoolctl import threadpool_limits
 
-        from .features import compute_features
+def check_ensemble(engines: Sequence[Any], paths: Sequence[Path]) -> None:
+    """Refuse models that cannot be averaged: other features or other genres.
 
-        cfg = self.feature_config
-        for _, seconds, y in decode_windows(Path(path), sr=cfg.sample_rate,
-                                            duration=cfg.duration, min_duration=cfg.min_duration):
-            with threadpool_limits(limits=1):   # as extract does: identical numbers
-                feats = compute_features(y, cfg)
-            yield seconds, feats
+    Raises
+    ------
+    ParameterError
+        Naming the first model that disagrees with the first one, and how.
+    """
+    first = engines[0]
+    for engine, path in zip(engines[1:], paths[1:]):
+        if engine.feature_config != first.feature_config:
+            diff = [f"{k} {a!r} vs {b!r}" for k, (a, b) in _differences(
+                first.feature_config.to_dict(), engine.feature_config.to_dict()).items()]
+            raise ParameterError(f"{path}: its features differ from {paths[0]}'s ("
+                                 + ", ".join(diff[:3]) + "); an ensemble needs one feature configuration")
+        if sorted(engine.class_names) != sorted(first.class_names):
+            raise ParameterError(f"{path}: its genres ({', '.join(engine.class_names)}) differ from "
+                                 f"{paths[0]}'s ({', '.join(first.class_names)}); an ensemble "
+                                 "needs the same genres")
 
-    def predict_file(self, path: Path, *, top_k: int = 3) -> Prediction:
-        """Top-k genres of one file. Raises :class:`AudioError` for unreadable files.
 
-        Windows are classified as they are decoded, so memory holds one window whatever the
-        file's length.
-        """
-        logit_sum, windows, segments, seconds = None, 0, 0, 0.0
-        for seconds, feats in self.iter_window_features(path):
-            fs = FeatureSet({k: v[None] for k, v in feats.items()}, np.full(1, -1, np.int64),
-                            self.class_names, [str(path)], np.zeros(1, np.int64))
-            seg = segment_frames(self.train_config.segment_seconds, self.feature_config, fs.n_frames)
-            pred = predict_clips(self.model, fs, self.norm, np.arange(1), seg=seg,
-                                 batch_size=self.batch_size, device=self.device, amp=self.amp)
-            logit_sum = pred.logits[0] if logit_sum is None else logit_sum + pred.logits[0]
-            windows += 1
-            segments += segments_per_clip(fs.n_frames, seg)
-        p = softmax((logit_sum / windows)[None])[0]
-        order = np.argsort(-p)[:max(1, top_k)]
-        return Prediction(str(path), [(self.class_names[i], float(p[i])) for i in order],
-                          windows, segments, seconds)
+def _differences(a: dict, b: dict) -> dict[str, tuple[Any, Any]]:
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
 def expand_inputs(inputs: Iterable[Path]) -> list[Path]:
@@ -103,23 +102,225 @@ def expand_inputs(inputs: Iterable[Path]) -> list[Path]:
             try:
                 files += [it.path for it in discover(p)]
             except DatasetError:
-                files.append(p)   # reported as "no audio files" by predict
+                files.append(p)   # reported as "no audio files"
         else:
             files.append(p)
     return files
 
 
-def predict(inputs: Iterable[Union[str, Path]], *, checkpoint: Path, top_k: int = 3,
-            device: str = "auto") -> Iterator[Union[Prediction, tuple[str, str]]]:
-    """Yield a :class:`Prediction` per readable file, or ``(path, reason)`` for the others."""
-    predictor = Predictor(checkpoint, device=device)
-    for path in expand_inputs(inputs):
-        if path.is_dir():
-            yield str(path), f"no audio files ({', '.join(AUDIO_EXTENSIONS)})"
+class Library:
+    """Models loaded and checked, inputs listed and outputs checked: everything that can be
+    refused is refused before any file is analysed. :meth:`run` then classifies the files.
+
+    Parameters
+    ----------
+    inputs : files and folders (every audio file below a folder, sorted)
+    checkpoints : one model, or several averaged as an ensemble (same features and genres)
+    engine : 'torch' (checkpoints are ``.pth`` files) or 'onnx' (exported ``.onnx`` models)
+    device : where the torch engine runs (auto, cpu, cuda[:N], mps)
+    cache_dir : the feature cache extract uses (same default, same keys)
+    precision : the torch engine's: fp32 (default: the same answer on every machine) or amp
+    outputs : files the caller will write (``{path: option name}``): refused when one would
+        replace an input or cannot be written
+
+    Raises
+    ------
+    ParameterError
+        The models cannot form an ensemble.
+    CheckpointError, OutputError
+        A model cannot be loaded; an output or the cache folder cannot be written.
+    """
+
+    def __init__(self, inputs: Iterable[Union[str, Path]], *, checkpoints: Sequence[Path],
+                 engine: str = "torch", device: str = "auto",
+                 cache_dir: Path = DEFAULT_CACHE_DIR, outputs: Optional[dict[Path, str]] = None,
+                 precision: str = "fp32"):
+        from .io.atomic import check_writable
+        from .io.guard import audio_inputs, check_outputs
+
+        self.files = expand_inputs(inputs)
+        if outputs:
+            check_outputs(outputs, audio_inputs(p for p in self.files if not p.is_dir()))
+            for out in outputs:
+                check_writable(out)
+        paths = [Path(p) for p in checkpoints]
+        if not paths:
+            raise ParameterError("give at least one --checkpoint")
+        self.engines = [load_engine(p, engine=engine, device=device, precision=precision)
+                        for p in paths]
+        check_ensemble(self.engines, paths)
+        first = self.engines[0]
+        self.class_names = list(first.class_names)
+        # each model's class order mapped onto the first's
+        self._orders = [np.array([e.class_names.index(g) for g in self.class_names])
+                        for e in self.engines]
+        self.cache_dir = Path(cache_dir)
+        self.cache = FeatureCache(self.cache_dir, first.feature_config)
+        self.cache.prepare()
+
+    def run(self, *, jobs: Optional[int] = None, timeout: Optional[float] = 120.0,
+            quiet: bool = True) -> Iterator[Union[Prediction, tuple[str, str]]]:
+        """Yield, in input order, a :class:`Prediction` per readable file (all genres,
+        attention and embedding filled) or ``(path, reason)`` for the others.
+
+        ``jobs``: worker processes computing features (default all cores); ``timeout``:
+        seconds one file (one window of a long file) may take before it is reported;
+        ``quiet``: no progress bar.
+        """
+        from .progress import progress_bar
+
+        folders = {i for i, p in enumerate(self.files) if p.is_dir()}
+        todo = [p for i, p in enumerate(self.files) if i not in folders]
+        results = run_file_tasks(todo, cache_dir=self.cache_dir,
+                                 config=self.engines[0].feature_config, jobs=jobs, timeout=timeout)
+        with progress_bar(len(todo), desc="predict", unit="file", quiet=quiet) as bar:
+            pending: list[tuple[Path, Optional[tuple]]] = []   # a batch of files, in order
+            windows = 0
+            for i, path in enumerate(self.files):
+                if i in folders:
+                    pending.append((path, None))
+                    continue
+                result = next(results)
+                bar.update(1)
+                pending.append((path, result))
+                windows += result[1] if result[3] is None else 0
+                if windows >= BATCH_WINDOWS:
+                    yield from self._classify(pending)
+                    pending, windows = [], 0
+            yield from self._classify(pending)
+
+    def _classify(self, pending: list[tuple[Path, Optional[tuple]]]
+                  ) -> Iterator[Union[Prediction, tuple[str, str]]]:
+        """The results of a batch of files, in order: their windows go through each model
+        together (several files' windows per call are faster than one file's)."""
+        from .data import segments_per_clip
+
+        ready = {j: r for j, (_, r) in enumerate(pending) if r is not None and r[3] is None}
+        outputs = _window_outputs(self.engines, self.cache,
+                                  [(j, r[0], r[1]) for j, r in ready.items()])
+        for j, (path, result) in enumerate(pending):
+            if result is None:
+                yield str(path), f"no audio files ({', '.join(AUDIO_EXTENSIONS)})"
+                continue
+            key, n_windows, seconds, reason, computed = result
+            out = outputs.get(j, reason)
+            if isinstance(out, str):
+                yield str(path), out
+                continue
+            logit_sums, att_sum, emb_sum, frames = out
+            probs = np.mean([softmax((lg / n_windows)[None])[0][order]
+                             for lg, order in zip(logit_sums, self._orders)], axis=0)
+            order = np.argsort(-probs, kind="stable")
+            segments = n_windows * segments_per_clip(frames, min(self.engines[0].segment_frames, frames))
+            yield Prediction(str(path), [(self.class_names[c], float(probs[c])) for c in order],
+                             n_windows, segments, seconds,
+                             {g: float(p) for g, p in zip(self.class_names, probs)},
+                             (att_sum / n_windows).astype(np.float32),
+                             (emb_sum / n_windows).astype(np.float32), computed)
+
+
+#: Windows classified per model call (several files; about 4 MB of views a window).
+BATCH_WINDOWS = 4
+
+
+def _window_outputs(engines, cache: FeatureCache, files: list[tuple[int, str, int]]) -> dict:
+    """Per file ``j`` of ``files`` (``(j, key, windows)``): the sums over its windows of each
+    model's logits, the first model's attention and embedding, and the frames per window; or
+    the reason it failed. Windows go through the models :data:`BATCH_WINDOWS` at a time."""
+    pairs = [(j, key, w) for j, key, n in files for w in range(n)]
+    sums: dict = {}
+    failed: dict[int, str] = {}
+    for start in range(0, len(pairs), BATCH_WINDOWS):
+        chunk, views = [], []
+        for j, key, w in pairs[start:start + BATCH_WINDOWS]:
+            if j in failed:
+                continue
+            v = load_window(cache, key, w)
+            if v is None:
+                failed[j] = "cache entry could not be read back (removed or damaged meanwhile); run again"
+                continue
+            chunk.append(j)
+            views.append(v)
+        if not chunk:
             continue
-        try:
-            yield predictor.predict_file(path, top_k=top_k)
-        except AudioError as exc:
-            yield str(path), exc.reason
-        except Exception as exc:  # noqa: BLE001 - one odd file must not end the batch
-            yield str(path), f"feature computation failed ({type(exc).__name__}: {exc})"
+        stacked = {k: np.concatenate([v[k] for v in views]) for k in FEATURE_KEYS}
+        frames = stacked[FEATURE_KEYS[0]].shape[-1]
+        outs = [engine.window_outputs(stacked) for engine in engines]
+        for row, j in enumerate(chunk):
+            lg = [o["logits"][row].astype(np.float64) for o in outs]
+            att = outs[0]["attention"][row].astype(np.float64)
+            emb = outs[0]["embedding"][row].astype(np.float64)
+            if j not in sums:
+                sums[j] = [lg, att, emb, frames]
+            else:
+                s = sums[j]
+                s[0] = [a + b for a, b in zip(s[0], lg)]
+                s[1], s[2] = s[1] + att, s[2] + emb
+    return {**{j: tuple(s) for j, s in sums.items() if j not in failed}, **failed}
+
+
+def predict(inputs: Iterable[Union[str, Path]], *, checkpoint: Union[Path, Sequence[Path]],
+            top_k: int = 3, device: str = "auto", engine: str = "torch",
+            cache_dir: Path = DEFAULT_CACHE_DIR, jobs: Optional[int] = None,
+            timeout: Optional[float] = 120.0, quiet: bool = True,
+            ) -> Iterator[Union[Prediction, tuple[str, str]]]:
+    """Yield a :class:`Prediction` (its ``top`` cut to ``top_k``) per readable file, or
+    ``(path, reason)`` for the others; see :class:`Library`."""
+    checkpoints = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
+    library = Library(inputs, checkpoints=checkpoints, engine=engine, device=device,
+                      cache_dir=cache_dir)
+    for result in library.run(jobs=jobs, timeout=timeout, quiet=quiet):
+        if isinstance(result, Prediction):
+            result.top = result.top[:max(1, top_k)]
+        yield result
+
+
+class PredictionsCSV:
+    """``--out predictions.csv``: one row per input file, written to a temporary file and
+    renamed into place when the run ends (an interrupted run leaves the old file as it was).
+
+    Columns: ``path``, ``genre`` (top-1), ``probability`` (its probability), one column per
+    genre with its probability, and ``error`` (the reason a file could not be classified; its
+    other columns are empty). Quoted as needed: names may hold commas, quotes and newlines;
+    bytes of names that are not UTF-8 are written as ``\\xNN``.
+    """
+
+    FIXED = ("path", "genre", "probability")
+
+    def __init__(self, out: Path, class_names: Sequence[str]):
+        from .io.atomic import atomic_write
+
+        self.class_names = list(class_names)
+        columns = [g if g not in self.FIXED + ("error",) else f"{g} (probability)"
+                   for g in self.class_names]
+        self._context = atomic_write(Path(out), "w")
+        self._fh = self._context.__enter__()
+        self._writer = csv.writer(self._fh, lineterminator="\n")
+        self._writer.writerow([*self.FIXED, *columns, "error"])
+        self.rows = 0
+
+    def add(self, result: Union[Prediction, tuple[str, str]]) -> None:
+        from .io.names import escape_bytes
+
+        if isinstance(result, Prediction):
+            genre, p = max(result.probabilities.items(), key=lambda kv: kv[1])
+            row = [escape_bytes(result.path), genre, f"{p:.6f}",
+                   *(f"{result.probabilities[g]:.6f}" for g in self.class_names), ""]
+        else:
+            row = [escape_bytes(result[0]), "", "", *([""] * len(self.class_names)),
+                   escape_bytes(result[1])]
+        self._writer.writerow(row)
+        self.rows += 1
+
+    def close(self, exc: Optional[BaseException] = None) -> None:
+        """Rename into place (``exc`` None) or remove the temporary file."""
+        if exc is None:
+            self._context.__exit__(None, None, None)
+        else:
+            self._context.__exit__(type(exc), exc, exc.__traceback__)
+
+    def __enter__(self) -> "PredictionsCSV":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(exc)

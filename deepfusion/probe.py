@@ -133,7 +133,8 @@ class LinearProbe(nn.Module):
             logits = self.classifier(z)                               # (B, n_classes)
         attention = torch.full((logits.shape[0], len(FEATURE_KEYS)), 1.0 / len(FEATURE_KEYS),
                                dtype=logits.dtype, device=logits.device)
-        return {"logits": logits, "attention": attention}
+        # its embedding is the classifier's input, as the network's is
+        return {"logits": logits, "attention": attention, "embedding": z}
 
 
 def clip_stats(fs, norm: dict, indices: np.ndarray) -> np.ndarray:

@@ -21,6 +21,8 @@ def _no_weights_download(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("DEEPFUSION_WEIGHTS_URL", f"http://127.0.0.1:{closed_port()}/")
     mp.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch-home")))
+    # predict and embed run in this process without --cache-dir fill this, not ./data/cache
+    mp.setenv("DEEPFUSION_CACHE", str(tmp_path_factory.mktemp("default-cache")))
     yield
     mp.undo()
 

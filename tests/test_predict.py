@@ -162,17 +162,23 @@ def test_predict_with_a_bad_checkpoint(clip, tmp_path):
         assert len(lines) == 1 and lines[0].startswith("Error:") and str(path) in lines[0], result.output
 
 
-def test_predict_features_equal_extract_features(tiny_audio, tiny_features, checkpoint):
+def test_predict_features_equal_extract_features(tiny_audio, tiny_features, tmp_path):
+    """A window predict computes is extract's entry, bit for bit, under extract's key."""
+    from deepfusion.io.cache import FeatureCache
     from deepfusion.io.features_file import read_features_file
-    from deepfusion.predict import Predictor
+    from deepfusion.testing import TINY_FEATURES
+    from deepfusion.windows import file_windows, load_window
 
     items = {it["path"]: it for it in read_features_file(tiny_features)}
-    predictor = Predictor(checkpoint, device="cpu")
+    cache = FeatureCache(tmp_path, TINY_FEATURES)
     for rel in ("rock/rock.00000.wav", "techno/techno.00003.wav"):
-        windows = [feats for _, feats in predictor.iter_window_features(tiny_audio / rel)]
-        assert len(windows) == 1
+        key, windows, seconds, reason, computed = file_windows(
+            str(tiny_audio / rel), str(tmp_path), TINY_FEATURES.to_dict(), 60)
+        assert reason is None and (windows, computed) == (1, 1)
+        assert key == items[rel]["file_sha"]
+        views = load_window(cache, key, 0)
         cached = items[rel]["features"]
-        assert set(windows[0]) == set(FEATURE_KEYS)
+        assert set(views) == set(FEATURE_KEYS)
         for k in FEATURE_KEYS:
-            assert windows[0][k].dtype == cached[k].dtype, k
-            assert np.array_equal(windows[0][k], cached[k]), k
+            assert views[k][0].dtype == cached[k].dtype, k
+            assert np.array_equal(views[k][0], cached[k]), k

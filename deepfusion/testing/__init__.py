@@ -56,16 +56,33 @@ def one_error_line(stderr: str) -> str:
 def subprocess_env(**extra: str) -> dict[str, str]:
     """The environment of a ``python -m deepfusion`` subprocess.
 
-    No ``DEEPFUSION_CACHE`` from the caller; this checkout first on ``PYTHONPATH``; one
-    BLAS/OpenMP thread (on a shared 2-core machine two spinning threads make torch 30x slower,
-    and kill trials compare runs bit for bit); unbuffered output.
+    Not the caller's ``DEEPFUSION_CACHE`` but a temporary one of this process (a predict
+    without ``--cache-dir`` must not fill the working folder's ``data/cache``); this checkout
+    first on ``PYTHONPATH``; one BLAS/OpenMP thread (on a shared 2-core machine two spinning
+    threads make torch 30x slower, and kill trials compare runs bit for bit); unbuffered output.
     """
     repo = str(Path(__file__).resolve().parents[2])
     env = {k: v for k, v in os.environ.items() if k != "DEEPFUSION_CACHE"}
+    env["DEEPFUSION_CACHE"] = _scratch_cache()
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")]))
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.update(extra)
     return env
+
+
+_SCRATCH: list[str] = []
+
+
+def _scratch_cache() -> str:
+    """A feature cache folder for this process's subprocesses, removed when it exits."""
+    if not _SCRATCH:
+        import atexit
+        import shutil
+        import tempfile
+
+        _SCRATCH.append(tempfile.mkdtemp(prefix="deepfusion-cache-"))
+        atexit.register(shutil.rmtree, _SCRATCH[0], True)
+    return _SCRATCH[0]
 
 
 def cli_command(*args: Any) -> list[str]:

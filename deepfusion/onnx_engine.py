@@ -1,0 +1,223 @@
+"""A deepfusion model exported to ONNX (:mod:`deepfusion.export`), run with onnxruntime.
+
+This module never imports torch, nor does anything it imports (numpy, onnxruntime,
+:mod:`deepfusion.config`, :mod:`deepfusion.data`): a machine that only classifies needs
+``pip install 'deepfusion[onnx]'`` and no torch. The graph takes the six views of a batch of
+segments, un-normalised (the checkpoint's normalisation is inside it); :meth:`OnnxEngine.window_outputs`
+cuts clip-length windows into the same non-overlapping segments as
+:func:`deepfusion.inference.predict_clips` and averages the segments' outputs per window.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+from .config import FEATURE_KEYS, FeatureConfig
+from .data import segments_per_clip
+from .errors import OnnxModelError, ParameterError
+
+#: The key of deepfusion's JSON entry in the ONNX model's ``metadata_props``.
+METADATA_KEY = "deepfusion"
+#: Version of that entry's layout; an engine reads only its own.
+METADATA_FORMAT = 1
+#: The graph's outputs, in this order.
+OUTPUT_NAMES = ("logits", "attention", "embedding")
+#: Segments per onnxruntime call: bounds the memory of long inputs.
+DEFAULT_BATCH = 64
+INSTALL_HINT = "pip install 'deepfusion[onnx]'"
+
+
+def import_onnxruntime():
+    """onnxruntime, or :class:`OnnxModelError` saying how to install it."""
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise OnnxModelError(f"onnxruntime is not installed ({exc}); {INSTALL_HINT}") from None
+    return onnxruntime
+
+
+class OnnxEngine:
+    """An exported model loaded once, ready to classify any number of windows.
+
+    Parameters
+    ----------
+    path : Path
+        An ONNX file written by :func:`deepfusion.export.export_onnx`.
+    providers : sequence of str, optional
+        onnxruntime execution providers; default CUDA (when this onnxruntime offers it) then CPU.
+    threads : int, optional
+        Threads of one operator (onnxruntime's ``intra_op_num_threads``; default: its own choice).
+    batch_size : int
+        Segments per onnxruntime call.
+
+    Attributes
+    ----------
+    class_names : list of str
+        In logit order.
+    feature_config : FeatureConfig
+        The features the model was trained on (compute windows with it).
+    segment_frames : int
+        Frames of each segment the graph takes; a window is cut into
+        ``segments_per_clip(T, segment_frames)`` non-overlapping segments.
+    metadata : dict
+        The whole metadata entry (checkpoint sha256 and format version, model config,
+        exporter, versions).
+
+    Raises
+    ------
+    OnnxModelError
+        onnxruntime missing, or ``path`` not a deepfusion ONNX model.
+    """
+
+    def __init__(self, path: Union[str, Path], *, providers: Optional[Sequence[str]] = None,
+                 threads: Optional[int] = None, batch_size: int = DEFAULT_BATCH):
+        path = Path(path)
+        if not path.is_file():
+            raise OnnxModelError(f"{path}: ONNX model not found")
+        self._load(str(path), str(path), providers, threads, batch_size)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, name: str = "<in memory>",
+                   providers: Optional[Sequence[str]] = None, threads: Optional[int] = None,
+                   batch_size: int = DEFAULT_BATCH) -> "OnnxEngine":
+        """An engine over a serialised model (what :func:`~deepfusion.export.export_onnx` checks
+        before it writes anything)."""
+        engine = cls.__new__(cls)
+        engine._load(data, name, providers, threads, batch_size)
+        return engine
+
+    def _load(self, model, name: str, providers, threads, batch_size: int) -> None:
+        ort = import_onnxruntime()
+        if int(batch_size) < 1:
+            raise ParameterError(f"batch_size must be >= 1, got {batch_size!r}")
+        self.name, self.batch_size = name, int(batch_size)
+        if providers is None:
+            available = ort.get_available_providers()
+            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = int(threads)
+        try:
+            self.session = ort.InferenceSession(model, sess_options=options, providers=list(providers))
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for bad files
+            reason = " ".join(str(exc).split())[:160]
+            raise OnnxModelError(f"{name}: not an ONNX model, or a damaged one ({reason})") from None
+        self.metadata = self._read_metadata()
+        self.class_names: list[str] = list(self.metadata["class_names"])
+        self.feature_config: FeatureConfig = FeatureConfig.from_dict(self.metadata["feature_config"])
+        self.segment_frames: int = int(self.metadata["segment_frames"])
+        self.rows: dict[str, int] = {k: int(self.metadata["rows"][k]) for k in FEATURE_KEYS}
+        # the width of the classifier's input (what embed writes): static in the graph
+        shape = self.session.get_outputs()[OUTPUT_NAMES.index("embedding")].shape
+        self.embedding_dim: int = int(shape[-1]) if isinstance(shape[-1], int) else 0
+        self.kind = "onnx"
+
+    def _read_metadata(self) -> dict:
+        bad = f"{self.name}: not a deepfusion ONNX model"
+        raw = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+        if raw is None:
+            raise OnnxModelError(f"{bad} (no '{METADATA_KEY}' metadata; export one with "
+                                 "deepfusion.export.export_onnx)")
+        try:
+            meta = json.loads(raw)
+        except ValueError:
+            raise OnnxModelError(f"{bad} (its '{METADATA_KEY}' metadata is not JSON)") from None
+        if not isinstance(meta, dict) or meta.get("format") != METADATA_FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else None
+            raise OnnxModelError(f"{bad} of format {METADATA_FORMAT} (metadata format {found!r})")
+        missing = [k for k in ("class_names", "feature_config", "segment_frames", "rows")
+                   if k not in meta]
+        inputs = [i.name for i in self.session.get_inputs()]
+        outputs = [o.name for o in self.session.get_outputs()]
+        if missing or inputs != list(FEATURE_KEYS) or outputs != list(OUTPUT_NAMES):
+            raise OnnxModelError(f"{bad} (inputs {inputs}, outputs {outputs}"
+                                 + (f", metadata without {', '.join(missing)})" if missing else ")"))
+        return meta
+
+    @property
+    def providers(self) -> list[str]:
+        """The execution providers the session runs on."""
+        return list(self.session.get_providers())
+
+    def segment_outputs(self, segments: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The graph on a batch of segments.
+
+        Parameters
+        ----------
+        segments : dict of key -> np.ndarray [shape=(B, rows, segment_frames)]
+            The six views, un-normalised.
+
+        Returns
+        -------
+        dict of np.ndarray, float32: ``logits`` (B, n_classes), ``attention`` (B, 6),
+        ``embedding`` (B, d)
+        """
+        feeds = {k: np.ascontiguousarray(segments[k], dtype=np.float32) for k in FEATURE_KEYS}
+        return dict(zip(OUTPUT_NAMES, self.session.run(list(OUTPUT_NAMES), feeds)))
+
+    def window_outputs(self, views: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Mean outputs over the non-overlapping segments of each window.
+
+        What :func:`deepfusion.inference.predict_clips` computes (fp32) for clips holding these
+        views: each window is cut into ``segments_per_clip(T, segment_frames)`` segments from
+        frame 0, the outputs of all segments summed in float64 and divided by their number.
+
+        Parameters
+        ----------
+        views : dict of key -> np.ndarray [shape=(n, rows, T)]
+            The six views of ``n`` clip-length windows, un-normalised (as
+            :func:`deepfusion.features.compute_features` makes them, stacked), ``T >=
+            segment_frames``.
+
+        Returns
+        -------
+        dict of np.ndarray, float32: ``logits`` (n, n_classes), ``attention`` (n, 6),
+        ``embedding`` (n, d)
+
+        Raises
+        ------
+        ParameterError
+            A view missing, of other rows than the model takes, or windows shorter than a segment.
+        """
+        n, frames = self._check_views(views)
+        seg = self.segment_frames
+        per = segments_per_clip(frames, seg)
+        total = n * per
+        sums: dict[str, np.ndarray] = {}
+        for lo in range(0, total, self.batch_size):
+            items = range(lo, min(lo + self.batch_size, total))
+            batch = {k: np.stack([views[k][i // per, :, (i % per) * seg:(i % per + 1) * seg]
+                                  for i in items]) for k in FEATURE_KEYS}
+            out = self.segment_outputs(batch)
+            window = np.array([i // per for i in items])
+            for name, value in out.items():
+                if name not in sums:
+                    sums[name] = np.zeros((n, value.shape[1]), np.float64)
+                np.add.at(sums[name], window, value.astype(np.float64))
+        if not sums:   # no window at all
+            return {o.name: np.zeros((0, o.shape[1] if isinstance(o.shape[1], int) else 0),
+                                     np.float32) for o in self.session.get_outputs()}
+        return {name: (s / per).astype(np.float32) for name, s in sums.items()}
+
+    def _check_views(self, views: dict[str, np.ndarray]) -> tuple[int, int]:
+        missing = [k for k in FEATURE_KEYS if k not in views]
+        if missing:
+            raise ParameterError(f"window_outputs: missing view(s) {', '.join(missing)}")
+        shapes = {k: np.shape(views[k]) for k in FEATURE_KEYS}
+        wrong = [f"{k} {list(s)}" for k, s in shapes.items() if len(s) != 3 or s[1] != self.rows[k]]
+        if wrong:
+            expected = ", ".join(f"{k} {self.rows[k]}" for k in FEATURE_KEYS)
+            raise ParameterError(f"window_outputs: views must be (windows, rows, frames) with rows "
+                                 f"{expected}; got {', '.join(wrong)}")
+        if len({s[0] for s in shapes.values()}) > 1 or len({s[2] for s in shapes.values()}) > 1:
+            raise ParameterError("window_outputs: the six views differ in windows or frames: "
+                                 + ", ".join(f"{k} {list(s)}" for k, s in shapes.items()))
+        n, frames = shapes[FEATURE_KEYS[0]][0], shapes[FEATURE_KEYS[0]][2]
+        if frames < self.segment_frames:
+            raise ParameterError(f"window_outputs: windows of {frames} frames are shorter than the "
+                                 f"model's segments of {self.segment_frames} frames")
+        return int(n), int(frames)

@@ -1,0 +1,176 @@
+"""Every clip-length window of a file, through the feature cache extract fills.
+
+``predict`` and ``embed`` classify whole files: a file longer than the training clip is cut
+into consecutive clip-length windows (:func:`deepfusion.audio.decode_windows`). Window 0 is
+exactly what ``extract`` computes for the file, so it is extract's cache entry (the file's
+SHA-256 in the feature configuration's namespace); window ``i > 0`` is the entry
+``<sha256>-<i>`` beside it. A file extracted or classified before is therefore not decoded
+again, and a killed run continues from what its workers stored.
+
+No torch here: the workers of ``predict --engine onnx`` run this module too.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+
+from .config import FEATURE_KEYS, FeatureConfig
+from .errors import AudioError, DeepFusionError
+from .io.cache import FeatureCache, audio_digest, file_digest, file_stamp
+
+
+def window_key(key: str, index: int) -> str:
+    """The cache entry of window ``index`` of the file whose content hash is ``key``."""
+    return key if index == 0 else f"{key}-{index}"
+
+
+def count_windows(path: Path, config: FeatureConfig) -> tuple[int, float]:
+    """``(windows, seconds)`` of an audio file, from its header alone (no sample is read).
+
+    Raises
+    ------
+    AudioError
+        Not a readable audio file.
+    """
+    from .audio import _decode_error, _open, window_starts
+
+    try:
+        with _open(Path(path)) as fh:
+            sr, frames = fh.samplerate, fh.frames
+    except AudioError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever libsndfile says of a bad header
+        raise _decode_error(Path(path), exc) from None
+    size = int(math.ceil(config.duration * sr))
+    return len(window_starts(frames, size, int(config.min_duration * sr))), frames / sr
+
+
+def file_windows(path: str, cache_dir: str, config_dict: dict,
+                 timeout: Optional[float]) -> tuple[Optional[str], int, float, Optional[str], int]:
+    """One file's task (in a worker): make sure every window of ``path`` is in the cache.
+
+    Returns ``(key, windows, seconds, reason, computed)``: the content hash, the number of
+    windows, the file's length, ``None`` or the reason the file cannot be used, and how many
+    windows were computed (0 when all came from the cache). ``timeout`` bounds the hashing,
+    the first window (as in extract) and each further window.
+    """
+    from .tasks import _FileTimeout, _warm_up, hash_and_compute
+
+    config = FeatureConfig.from_dict(config_dict)
+    cache = FeatureCache(Path(cache_dir), config)
+    try:
+        windows, seconds = count_windows(Path(path), config)
+    except AudioError as exc:
+        return None, 0, 0.0, exc.reason, 0
+    key, reason, fresh = hash_and_compute(path, cache_dir, config_dict, timeout)
+    if reason:
+        return None, windows, seconds, reason, 0
+    missing = [i for i in range(1, windows) if not cache.has(window_key(key, i))]
+    if not missing:
+        return key, windows, seconds, None, int(fresh)
+    try:
+        before = file_stamp(Path(path))
+    except OSError as exc:
+        return None, windows, seconds, f"cannot read ({os.strerror(exc.errno or 0)})", 0
+    _warm_up(config)    # imports and JIT compilation never under the clock (see there)
+    written: list[str] = []
+    try:
+        reason = _later_windows(Path(path), key, missing, cache, config, timeout, written)
+    except _FileTimeout:
+        reason = f"gave up after {timeout:g} s on one window (--timeout)"
+    if reason is None:
+        try:
+            same = file_digest(Path(path)) == key and file_stamp(Path(path)) == before
+        except OSError:
+            same = False
+        if not same:
+            reason = ("changed while it was read (a copy or download still in progress?); "
+                      "run again when it is complete")
+    if reason:
+        for name in written:     # never keep windows of other bytes under this file's key
+            cache.path(name).unlink(missing_ok=True)
+        return None, windows, seconds, reason, 0
+    return key, windows, seconds, None, int(fresh) + len(missing)
+
+
+def _later_windows(path: Path, key: str, missing: list[int], cache: FeatureCache,
+                   config: FeatureConfig, timeout: Optional[float], written: list[str]) -> Optional[str]:
+    """Compute and store windows ``missing`` (all > 0) of ``path``, one at a time."""
+    from threadpoolctl import threadpool_limits
+
+    from .audio import decode_windows
+    from .tasks import _time_limit
+    from .features import compute_features
+
+    wanted = set(missing)
+    try:
+        with threadpool_limits(limits=1):    # as extract: numbers independent of --jobs
+            windows = decode_windows(path, sr=config.sample_rate, duration=config.duration,
+                                     min_duration=config.min_duration)
+            for index in range(max(wanted) + 1):
+                with _time_limit(timeout):
+                    start, seconds, y = next(windows)
+                    if index not in wanted:
+                        continue
+                    feats = compute_features(y, config)
+                meta = {"audio_sha": audio_digest(y), "source_sr": None, "channels": None,
+                        "source_seconds": round(seconds, 4), "start_seconds": round(start, 4)}
+                cache.store(window_key(key, index), feats, meta)
+                written.append(window_key(key, index))
+    except StopIteration:
+        return "shorter than its header says (a window could not be read)"
+    except AudioError as exc:
+        return exc.reason
+    except DeepFusionError as exc:
+        return str(exc)
+    except Exception as exc:  # noqa: BLE001 - a library failing on odd input must not end the batch
+        from .tasks import _FileTimeout
+
+        if isinstance(exc, _FileTimeout):
+            raise
+        return f"feature computation failed ({type(exc).__name__}: {exc})"
+    return None
+
+
+def load_window(cache: FeatureCache, key: str, index: int) -> Optional[dict[str, np.ndarray]]:
+    """The six views of one window, shape (1, rows, frames) each, or None when the entry is
+    missing or damaged."""
+    entry = cache.load(window_key(key, index))
+    if entry is None:
+        return None
+    return {k: entry.features[k][None] for k in FEATURE_KEYS}
+
+
+def run_file_tasks(paths: list[Path], *, cache_dir: Path, config: FeatureConfig,
+                   jobs: Optional[int], timeout: Optional[float]) -> Iterator[tuple]:
+    """:func:`file_windows` of every path, in the order of ``paths``, on ``jobs`` processes
+    (default all cores).
+
+    At most ``2 * jobs`` files are in flight, so memory does not grow with the number of files.
+    """
+    from .tasks import default_jobs
+
+    jobs = default_jobs() if jobs is None else max(1, int(jobs))
+    config_dict = config.to_dict()
+    tasks = [(str(p), str(cache_dir), config_dict, timeout) for p in paths]
+    if jobs <= 1 or len(tasks) <= 1:
+        for task in tasks:
+            yield file_windows(*task)
+        return
+    from joblib import Parallel, delayed
+
+    from joblib.externals.loky.process_executor import TerminatedWorkerError
+
+    from .errors import worker_crash
+
+    runner = Parallel(n_jobs=min(jobs, len(tasks)), return_as="generator", batch_size=1,
+                      pre_dispatch="2*n_jobs")
+    try:
+        yield from runner(delayed(file_windows)(*task) for task in tasks)
+    except TerminatedWorkerError as exc:
+        raise worker_crash(exc, "analysing files") from None
