@@ -3,8 +3,9 @@
 Features come from the cache ``extract`` fills (:mod:`deepfusion.windows`): a file already
 extracted or classified is not decoded again, and a killed run continues from what its
 workers stored. Files are analysed in parallel worker processes, in the order given, with a
-bounded number in flight, and classified in this process one window at a time, so memory does
-not grow with the number of files or their length.
+bounded number in flight, and classified in this process a few windows at a time
+(:data:`BATCH_WINDOWS`, across files), so memory does not grow with the number of files or
+their length.
 
 A file longer than the training clip is covered by consecutive clip-length windows (the last
 one aligned to the end of the file, see :func:`deepfusion.audio.decode_windows`), each cut

@@ -189,7 +189,9 @@ def _train(features: Path, *, model_dir: Path, config: TrainConfig, runtime: Run
         if given_bs != default_bs and given_bs != stored["band_stats"]:
             notes.append(f"ignored with --resume: --{'' if given_bs else 'no-'}band-stats "
                          f"(the run's: {'on' if stored['band_stats'] else 'off'})")
-        model_options = stored
+        # the run's own widths too (a fine-tuned run took them from its source)
+        model_options = {**{k: mc[k] for k in ("embed_dim", "aux_hidden", "fusion_hidden",
+                                               "dropout") if k in mc}, **stored}
         for note in notes:
             echo(note)
     fs = feature_set if feature_set is not None else load_features(features)

@@ -59,43 +59,57 @@ def file_windows(path: str, cache_dir: str, config_dict: dict,
     windows were computed (0 when all came from the cache). ``timeout`` bounds the hashing,
     the first window (as in extract) and each further window.
     """
-    from .tasks import _FileTimeout, _warm_up, hash_and_compute
+    from .audio import check_file
+    from .tasks import _FileTimeout, _time_limit, _warm_up, hash_and_compute
 
+    changed = ("changed while it was read (a copy or download still in progress?); "
+               "run again when it is complete")
     config = FeatureConfig.from_dict(config_dict)
     cache = FeatureCache(Path(cache_dir), config)
     try:
-        windows, seconds = count_windows(Path(path), config)
+        check_file(Path(path))     # not found, a folder, empty: the usual reasons
+        # the stamp first: the header's window count must be that of the bytes hashed next
+        before = file_stamp(Path(path))
+        with _time_limit(timeout):
+            windows, seconds = count_windows(Path(path), config)
     except AudioError as exc:
         return None, 0, 0.0, exc.reason, 0
+    except OSError as exc:
+        return None, 0, 0.0, f"cannot read ({os.strerror(exc.errno or 0)})", 0
+    except _FileTimeout:
+        return None, 0, 0.0, f"gave up reading its header after {timeout:g} s (--timeout)", 0
     key, reason, fresh = hash_and_compute(path, cache_dir, config_dict, timeout)
+    if not reason and _stamp_or_none(path) != before:
+        reason = changed
     if reason:
         return None, windows, seconds, reason, 0
     missing = [i for i in range(1, windows) if not cache.has(window_key(key, i))]
     if not missing:
         return key, windows, seconds, None, int(fresh)
-    try:
-        before = file_stamp(Path(path))
-    except OSError as exc:
-        return None, windows, seconds, f"cannot read ({os.strerror(exc.errno or 0)})", 0
     _warm_up(config)    # imports and JIT compilation never under the clock (see there)
     written: list[str] = []
     try:
         reason = _later_windows(Path(path), key, missing, cache, config, timeout, written)
+        if reason is None:
+            with _time_limit(timeout):
+                if file_digest(Path(path)) != key or _stamp_or_none(path) != before:
+                    reason = changed
     except _FileTimeout:
         reason = f"gave up after {timeout:g} s on one window (--timeout)"
-    if reason is None:
-        try:
-            same = file_digest(Path(path)) == key and file_stamp(Path(path)) == before
-        except OSError:
-            same = False
-        if not same:
-            reason = ("changed while it was read (a copy or download still in progress?); "
-                      "run again when it is complete")
+    except OSError:
+        reason = changed
     if reason:
         for name in written:     # never keep windows of other bytes under this file's key
             cache.path(name).unlink(missing_ok=True)
         return None, windows, seconds, reason, 0
     return key, windows, seconds, None, int(fresh) + len(missing)
+
+
+def _stamp_or_none(path: str) -> Optional[tuple[int, ...]]:
+    try:
+        return file_stamp(Path(path))
+    except OSError:
+        return None
 
 
 def _later_windows(path: Path, key: str, missing: list[int], cache: FeatureCache,

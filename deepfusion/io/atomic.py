@@ -68,6 +68,9 @@ def atomic_write(dest: Path, mode: str = "wb") -> Iterator[IO[Any]]:
                   errors="backslashreplace" if text else None) as fh:
             yield fh
         os.replace(tmp, dest)
+    except BrokenPipeError:     # the caller's stdout reader went away: not this file's fault
+        _unlink_quietly(tmp)
+        raise
     except OSError as exc:
         _unlink_quietly(tmp)
         raise OutputError(f"{dest}: cannot write ({os_error_reason(exc)})") from None
