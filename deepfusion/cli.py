@@ -16,13 +16,14 @@ from typing import Any
 import click
 
 from . import __version__
-from .config import (DEFAULT_CACHE_DIR, DEFAULT_FEATURES, DEFAULT_MODEL_DIR, DEFAULT_STORE,
+from .config import (DEFAULT_FEATURES, DEFAULT_MODEL_DIR, DEFAULT_STORE,
                      FEATURE_FORMATS, FeatureConfig, RuntimeConfig, TrainConfig)
 from .errors import DeepFusionError, ParameterError
 from .io.names import escape_bytes, shown
-from .options import (checkpoint_option, device_option, feature_options, features_option,
-                      model_options, precision_option, quiet_option, recipe_options, runtime_options,
-                      split_file_option, take, train_features_option)
+from .options import (cache_dir_option, checkpoint_option, device_option, feature_options,
+                      features_option, jobs_option, model_options, precision_option, quiet_option,
+                      recipe_options, runtime_options, split_file_option, take, timeout_option,
+                      train_features_option)
 
 def echo(message: object = "", **kwargs: Any) -> None:
     """click.echo that never fails on a file name: bytes that are not UTF-8 and control
@@ -135,14 +136,10 @@ def synth(out: Path, genres: int, clips_per_genre: int, duration: float, seed: i
               show_default=True, help="How a store holds the views: float16 halves its disk "
               "and page cache (the model computes in float32; see the README for the effect on "
               "accuracy). Needs --format store.")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
-              default=DEFAULT_CACHE_DIR, show_default=True, envvar="DEEPFUSION_CACHE",
-              help="Per-clip feature cache: a file extracted before (same content, same "
-              "settings) is not computed again [env: DEEPFUSION_CACHE].")
+@cache_dir_option
 @click.option("--manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="CSV with 'path,label' columns (paths relative to --audio-dir) for other layouts.")
-@click.option("--jobs", "-j", type=click.IntRange(1), default=None,
-              help="Worker processes [default: all cores].")
+@jobs_option
 @click.option("--scheduler", envvar="DEEPFUSION_SCHEDULER", metavar="ADDRESS",
               help="Run the per-clip work on a Dask cluster: a scheduler address "
               "(tcp://host:8786) or local:N for N local worker processes; --cache-dir must be "
@@ -150,8 +147,7 @@ def synth(out: Path, genres: int, clips_per_genre: int, duration: float, seed: i
               "[env: DEEPFUSION_SCHEDULER].")
 @quiet_option
 @click.option("--strict", is_flag=True, help="Exit non-zero if any file could not be read.")
-@click.option("--timeout", type=click.FloatRange(min=0), default=120.0, show_default=True,
-              help="Seconds one file may take before it is abandoned and reported (0: no limit).")
+@timeout_option
 @click.option("--backend", type=click.Choice(["numpy", "torch"]), default=None,
               help="Feature code: numpy (librosa) or torch (on a GPU: batches of decoded clips "
               "in the main process; on the CPU: per file in the workers). Both agree to float32 "
@@ -300,15 +296,9 @@ def _library_options(func):
         click.option("--engine", type=click.Choice(["torch", "onnx"]), default="torch",
                      show_default=True, help="onnx: run exported models with onnxruntime, "
                      "without importing torch (pip install 'deepfusion[onnx]')."),
-        click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
-                     default=DEFAULT_CACHE_DIR, show_default=True, envvar="DEEPFUSION_CACHE",
-                     help="The feature cache extract uses: a file extracted or classified "
-                     "before is not decoded again [env: DEEPFUSION_CACHE]."),
-        click.option("--jobs", "-j", type=click.IntRange(1), default=None,
-                     help="Worker processes computing features [default: all cores]."),
-        click.option("--timeout", type=click.FloatRange(min=0), default=120.0, show_default=True,
-                     help="Seconds one file (one window of a long file) may take before it is "
-                     "abandoned and reported (0: no limit)."),
+        cache_dir_option,
+        jobs_option,
+        timeout_option,
         quiet_option,
         device_option,
         precision_option,

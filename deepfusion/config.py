@@ -142,6 +142,11 @@ class FeatureConfig:
     def from_dict(cls, data: dict[str, Any]) -> "FeatureConfig":
         return _from_dict(cls, data)
 
+    def differences(self, other: "FeatureConfig") -> dict[str, tuple[Any, Any]]:
+        """``{field: (self's value, other's)}`` of every field where the two differ."""
+        a, b = self.to_dict(), other.to_dict()
+        return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+
     def fingerprint(self) -> str:
         """A short hash of this config and the feature-code version: the cache namespace."""
         payload = json.dumps({"config": self.to_dict(), "code": FEATURE_CODE_VERSION},
@@ -196,6 +201,12 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
         return _from_dict(cls, data)
+
+
+#: ModelConfig fields beyond the backbone that shape a network's weights (or its dropout) and
+#: that no command-line option sets except --band-stats: a resumed or fine-tuned run takes
+#: them from its checkpoint.
+ARCHITECTURE_FIELDS = ("band_stats", "embed_dim", "aux_hidden", "fusion_hidden", "dropout")
 
 
 #: How ``best.pth`` is chosen: the weights after the last epoch, or those of the epoch with the

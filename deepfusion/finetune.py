@@ -41,8 +41,8 @@ def load_source(path: Path, feature_config: FeatureConfig) -> dict[str, Any]:
                              "--init-from takes a network's checkpoint")
     theirs = FeatureConfig.from_dict(ckpt["feature_config"])
     if theirs != feature_config:
-        a, b = theirs.to_dict(), feature_config.to_dict()
-        diff = ", ".join(f"{k} {a[k]!r} there, {b[k]!r} here" for k in sorted(a) if a[k] != b.get(k))
+        diff = ", ".join(f"{k} {a!r} there, {b!r} here"
+                         for k, (a, b) in theirs.differences(feature_config).items())
         raise ParameterError(f"{path}: was trained on features computed with other settings "
                              f"({diff}); extract this collection with the same settings")
     return ckpt

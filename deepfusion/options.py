@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 
 import click
 
-from .config import (AMP_DTYPES, BACKBONES, DEFAULT_FEATURES, INFERENCE_PRECISIONS, MODEL_KINDS,
+from .config import (AMP_DTYPES, BACKBONES, DEFAULT_CACHE_DIR, DEFAULT_FEATURES, INFERENCE_PRECISIONS, MODEL_KINDS,
                      SELECTIONS, FeatureConfig, ModelConfig, RuntimeConfig, TrainConfig,
                      describe_auto, option_name)
 
@@ -203,6 +203,20 @@ precision_option = click.option(
 # ---------------------------------------------------------------------- shared plain options
 
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+
+cache_dir_option = click.option(
+    "--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_CACHE_DIR,
+    show_default=True, envvar="DEEPFUSION_CACHE",
+    help="Per-clip feature cache, shared by extract, predict and embed: a file analysed before "
+    "(same content, same settings) is not decoded again [env: DEEPFUSION_CACHE].")
+
+jobs_option = click.option("--jobs", "-j", type=click.IntRange(1), default=None,
+                           help="Worker processes computing features [default: all cores].")
+
+timeout_option = click.option(
+    "--timeout", type=click.FloatRange(min=0), default=120.0, show_default=True,
+    help="Seconds one file (for predict and embed, one window of a long file) may take before "
+    "it is abandoned and reported (0: no limit).")
 
 split_file_option = click.option(
     "--split-file", "split_file", default=TrainConfig.split_file,

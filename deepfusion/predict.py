@@ -81,18 +81,14 @@ def check_ensemble(engines: Sequence[Any], paths: Sequence[Path]) -> None:
     first = engines[0]
     for engine, path in zip(engines[1:], paths[1:]):
         if engine.feature_config != first.feature_config:
-            diff = [f"{k} {a!r} vs {b!r}" for k, (a, b) in _differences(
-                first.feature_config.to_dict(), engine.feature_config.to_dict()).items()]
+            diff = [f"{k} {a!r} vs {b!r}" for k, (a, b) in
+                    first.feature_config.differences(engine.feature_config).items()]
             raise ParameterError(f"{path}: its features differ from {paths[0]}'s ("
                                  + ", ".join(diff[:3]) + "); an ensemble needs one feature configuration")
         if sorted(engine.class_names) != sorted(first.class_names):
             raise ParameterError(f"{path}: its genres ({', '.join(engine.class_names)}) differ from "
                                  f"{paths[0]}'s ({', '.join(first.class_names)}); an ensemble "
                                  "needs the same genres")
-
-
-def _differences(a: dict, b: dict) -> dict[str, tuple[Any, Any]]:
-    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
 def expand_inputs(inputs: Iterable[Path]) -> list[Path]:

@@ -24,8 +24,8 @@ import torch
 
 from . import ddp, finetune
 from .checkpoint import expected_sizes, library_versions, load_checkpoint, save_checkpoint
-from .config import (AUTO_FIELDS, AUX_KEYS, FeatureConfig, ModelConfig, RuntimeConfig, TrainConfig,
-                     resolve_recipe, resume_recipe)
+from .config import (ARCHITECTURE_FIELDS, AUTO_FIELDS, AUX_KEYS, FeatureConfig, ModelConfig,
+                     RuntimeConfig, TrainConfig, resolve_recipe, resume_recipe)
 from .data import (Augment, check_split, feature_config_of, fit_normalization, make_split,
                    make_train_loader, read_split_file, segment_frames, segments_per_clip,
                    split_lists, split_summary)
@@ -190,8 +190,7 @@ def _train(features: Path, *, model_dir: Path, config: TrainConfig, runtime: Run
             notes.append(f"ignored with --resume: --{'' if given_bs else 'no-'}band-stats "
                          f"(the run's: {'on' if stored['band_stats'] else 'off'})")
         # the run's own widths too (a fine-tuned run took them from its source)
-        model_options = {**{k: mc[k] for k in ("embed_dim", "aux_hidden", "fusion_hidden",
-                                               "dropout") if k in mc}, **stored}
+        model_options = {**{k: mc[k] for k in ARCHITECTURE_FIELDS if k in mc}, **stored}
         for note in notes:
             echo(note)
     fs = feature_set if feature_set is not None else load_features(features)
@@ -206,9 +205,8 @@ def _train(features: Path, *, model_dir: Path, config: TrainConfig, runtime: Run
         mc = finetune.model_config_from(source, n_classes=len(fs.class_names), backbone=backbone,
                                         share_backbone=share_backbone,
                                         model_options=model_options, echo=echo)
-        backbone, share_backbone, model_options = mc.backbone, mc.share_backbone, {
-            k: v for k, v in mc.to_dict().items() if k in ("band_stats", "embed_dim",
-                                                           "aux_hidden", "fusion_hidden", "dropout")}
+        backbone, share_backbone = mc.backbone, mc.share_backbone
+        model_options = {k: getattr(mc, k) for k in ARCHITECTURE_FIELDS}
     backbone = backbone or ModelConfig.backbone
 
     if split is not None:

@@ -118,8 +118,8 @@ def _later_windows(path: Path, key: str, missing: list[int], cache: FeatureCache
     from threadpoolctl import threadpool_limits
 
     from .audio import decode_windows
-    from .tasks import _time_limit
     from .features import compute_features
+    from .tasks import _FileTimeout, _failed, _time_limit
 
     wanted = set(missing)
     try:
@@ -142,12 +142,10 @@ def _later_windows(path: Path, key: str, missing: list[int], cache: FeatureCache
         return exc.reason
     except DeepFusionError as exc:
         return str(exc)
+    except _FileTimeout:
+        raise
     except Exception as exc:  # noqa: BLE001 - a library failing on odd input must not end the batch
-        from .tasks import _FileTimeout
-
-        if isinstance(exc, _FileTimeout):
-            raise
-        return f"feature computation failed ({type(exc).__name__}: {exc})"
+        return _failed(exc)
     return None
 
 

@@ -42,7 +42,8 @@ def test_model_options_of_train_follow_model_config():
     assert tuple(params["backbone"].type.choices) == BACKBONES
 
 
-@pytest.mark.parametrize("option", ["device", "checkpoint", "split_file", "quiet"])
+@pytest.mark.parametrize("option", ["device", "checkpoint", "split_file", "quiet", "cache_dir",
+                                    "jobs", "timeout"])
 def test_shared_options_are_one_definition(option):
     users = {name: _params(name)[option] for name in main.commands if option in _params(name)}
     assert len(users) >= 2, users
