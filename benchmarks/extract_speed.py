@@ -10,7 +10,7 @@ Prints, on the same clips:
     worker pool, and their ratio;
   * the torch path (``deepfusion.features_torch``): the largest absolute difference per view
     from ``compute_features`` on real clips (``--diff-clips`` of the audio folder) and on
-    synthetic ones, seconds per clip on every torch device this machine has beside numpy's
+    synthetic ones, on every torch device this machine has, seconds per clip on every torch device this machine has beside numpy's
     (ratios), and the clips/s of ``extract --backend torch`` beside ``--backend numpy``.
 
 Usage: python benchmarks/extract_speed.py [--audio-dir ../shared/data/minigenres] [--clips 6]
@@ -77,12 +77,13 @@ def _devices() -> list[str]:
     return found
 
 
-def _worst(signals: list[np.ndarray], config: FeatureConfig, batch: int = 8) -> dict[str, float]:
-    """Largest |torch - numpy| per view over ``signals`` (torch on the CPU, in batches)."""
+def _worst(signals: list[np.ndarray], config: FeatureConfig, device: str = "cpu",
+           batch: int = 8) -> dict[str, float]:
+    """Largest |torch - numpy| per view over ``signals`` (torch on ``device``, in batches)."""
     worst = {k: 0.0 for k in FEATURE_KEYS}
     for start in range(0, len(signals), batch):
         chunk = signals[start:start + batch]
-        for y, got in zip(chunk, compute_features_torch(np.stack(chunk), config, device="cpu")):
+        for y, got in zip(chunk, compute_features_torch(np.stack(chunk), config, device=device)):
             want = compute_features(y, config)
             for k in FEATURE_KEYS:
                 worst[k] = max(worst[k], float(np.abs(got[k] - want[k]).max()))
@@ -104,10 +105,11 @@ def torch_path(items, signals: list[np.ndarray], config: FeatureConfig, work: Pa
     synthesize_dataset(synth_dir, genres=4, clips_per_genre=2, duration=config.duration, seed=7)
     synth = [decode(it.path, sr=config.sample_rate, duration=config.duration).y
              for it in discover(synth_dir)]
-    for name, clips in ((f"{len(real)} real clips", real), (f"{len(synth)} synthetic clips", synth)):
-        worst = _worst(clips, config)
-        print(f"max |torch - numpy| per feature, {name}: "
-              + ", ".join(f"{k} {v:.2g}" for k, v in worst.items()))
+    for device in _devices():
+        for name, clips in ((f"{len(real)} real clips", real), (f"{len(synth)} synthetic clips", synth)):
+            worst = _worst(clips, config, device)
+            print(f"max |torch ({device}) - numpy| per feature, {name}: "
+                  + ", ".join(f"{k} {v:.2g}" for k, v in worst.items()))
 
     batch = np.stack(signals)
     with threadpool_limits(limits=1):

@@ -10,6 +10,11 @@ Sub-commands (``python benchmarks/gpu_check.py CMD --help``):
   same RESULTS STEP DIR_A DIR_B    whether two runs' best.pth weights are identical
   compare RESULTS STEP CKPT DIR... predictions.csv of several evaluate runs against the first,
                                    and their accuracy against the one train stored
+  views RESULTS STEP CPU_PKL GPU_PKL
+                                   the largest |gpu - cpu| per view of two features files of
+                                   the same clips (extract --backend torch on the GPU against
+                                   the numpy backend), beside the CPU tolerance the shared
+                                   cache key rests on (tests/test_features_torch.py)
   hidden RESULTS STEP CKPT         run with CUDA hidden: the checkpoint loads with
                                    torch.load(weights_only=True), every tensor on the CPU
   contexts RESULTS STEP FEATURES DIR DEVICE
@@ -114,6 +119,30 @@ def compare(args) -> int:
     accs = ", ".join(f"{r.get('device')} {r.get('precision')} {r['metrics']['accuracy']:.3f}" for r in reports)
     _record(args.results, args.step, "; ".join(parts) + f"; accuracy: stored by train "
             f"{stored if stored is None else f'{stored:.3f}'}, evaluate {accs}")
+    return 0
+
+
+def views(args) -> int:
+    import numpy as np
+
+    from deepfusion.config import FEATURE_KEYS
+    from deepfusion.io.features_file import load_features
+
+    # the tolerances of tests/test_features_torch.py (torch on the CPU against numpy)
+    tolerance = {"mel_spec_orig": 0.1, "mel_spec_harm": 0.1, "mel_spec_perc": 0.1, "mfcc": 0.01,
+                 "chroma": 0.01, "tempogram": 0.01}
+    cpu, gpu = load_features(Path(args.cpu)), load_features(Path(args.gpu))
+    order = {p: i for i, p in enumerate(gpu.paths)}
+    rows = [order[p] for p in cpu.paths]
+    parts, over = [], []
+    for k in FEATURE_KEYS:
+        diff = float(np.abs(cpu.arrays[k] - gpu.arrays[k][rows]).max())
+        parts.append(f"{k} {diff:.2g}")
+        if diff > tolerance[k]:
+            over.append(k)
+    verdict = ("within the CPU tolerances" if not over
+               else f"OVER the CPU tolerance: {', '.join(over)}")
+    _record(args.results, args.step, f"{len(rows)} clips: " + ", ".join(parts) + f"; {verdict}")
     return 0
 
 
@@ -270,6 +299,7 @@ def main(argv=None) -> int:
         "summary": (summary, ["results", "step", "run"]),
         "same": (same, ["results", "step", "a", "b"]),
         "compare": (compare, ["results", "step", "checkpoint", "dirs+"]),
+        "views": (views, ["results", "step", "cpu", "gpu"]),
         "hidden": (hidden, ["results", "step", "checkpoint"]),
         "contexts": (contexts, ["results", "step", "features", "dir", "device"]),
         "memory": (memory, ["results", "device"]),

@@ -5,7 +5,8 @@
 # goes on):
 #   * the device, its compute capability and the precision --amp chooses (bf16 from 8.0 on);
 #   * feature extraction throughput: the numpy backend on the CPU against --backend torch on
-#     the GPU (skipped, with a row, when this deepfusion's extract has no --backend);
+#     the GPU (skipped, with a row, when this deepfusion's extract has no --backend), and the
+#     largest difference per view between the two (they share the cache key);
 #   * short training runs on synthetic data (deepfusion synth, --no-pretrained): light 3
 #     epochs and resnet18 2 epochs, in fp16 and, where the GPU computes it natively, bf16;
 #     a --deterministic run twice (identical weights?);
@@ -79,8 +80,9 @@ NCLIPS=48
 
 # ------------------------------------------------------------------ data and extraction
 step "synth" dfn synth --out "$W/audio" --genres 4 --clips-per-genre 12 --duration 10 --seed 0
+# --backend numpy: without it, extract's --device auto takes the GPU on this machine
 if step "extract cpu (numpy)" dfn extract --audio-dir "$W/audio" --out "$W/features.pkl" \
-        --duration 10 --cache-dir "$W/cache-cpu" --quiet; then
+        --duration 10 --cache-dir "$W/cache-cpu" --backend numpy --quiet; then
     CPU_S=$LAST_SECONDS
     record "extract cpu (numpy, $(nproc) cores)" \
         "$NCLIPS clips of 10 s: $(awk -v n=$NCLIPS -v s="$CPU_S" 'BEGIN{printf "%.1f", n/s}') clips/s (process start included)" "$CPU_S"
@@ -91,6 +93,9 @@ if dfn extract --help 2>/dev/null | grep -q -- '--backend'; then
         record "extract gpu (torch)" "$NCLIPS clips of 10 s: $(awk -v n=$NCLIPS -v s="$LAST_SECONDS" \
             'BEGIN{printf "%.1f", n/s}') clips/s; $(awk -v a="${CPU_S:-0}" -v b="$LAST_SECONDS" \
             'BEGIN{ if (a > 0) printf "%.1fx the CPU", a/b; else printf "no CPU figure" }')" "$LAST_SECONDS"
+        [ -e "$W/features.pkl" ] && "$PY" "$HELPER" views "$R" "features: gpu (torch) vs cpu (numpy)" \
+            "$W/features.pkl" "$W/features-gpu.pkl" > "$W/logs/views.log" 2>&1 \
+            || record "features: gpu (torch) vs cpu (numpy)" "FAILED: $(tail -n 1 "$W/logs/views.log")"
     fi
 else
     record "extract gpu (torch)" "skipped: this deepfusion's extract has no --backend"
