@@ -91,7 +91,14 @@ class OnnxEngine:
         return engine
 
     def _load(self, model, name: str, providers, threads, batch_size: int) -> None:
+        from .io.cache import file_stamp
+        from .memo import model_id
+
         ort = import_onnxruntime()
+        try:
+            stamp = None if isinstance(model, bytes) else file_stamp(Path(model))
+        except OSError:
+            stamp = None
         if int(batch_size) < 1:
             raise ParameterError(f"batch_size must be >= 1, got {batch_size!r}")
         self.name, self.batch_size = name, int(batch_size)
@@ -114,6 +121,10 @@ class OnnxEngine:
         # the width of the classifier's input (what embed writes): static in the graph
         shape = self.session.get_outputs()[OUTPUT_NAMES.index("embedding")].shape
         self.embedding_dim: int = int(shape[-1]) if isinstance(shape[-1], int) else 0
+        # what deepfusion.memo keeps this model's outputs under (None: nothing kept)
+        ran = self.session.get_providers()[0] if self.session.get_providers() else "cpu"
+        self.model_id = (model_id(model, "onnx", ran) if isinstance(model, bytes) else
+                         model_id(model, "onnx", ran, stamp=stamp) if stamp else None)
         self.kind = "onnx"
 
     def _read_metadata(self) -> dict:

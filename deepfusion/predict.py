@@ -223,9 +223,24 @@ BATCH_WINDOWS = 4
 def _window_outputs(engines, cache: FeatureCache, files: list[tuple[int, str, int]]) -> dict:
     """Per file ``j`` of ``files`` (``(j, key, windows)``): the sums over its windows of each
     model's logits, the first model's attention and embedding, and the frames per window; or
-    the reason it failed. Windows go through the models :data:`BATCH_WINDOWS` at a time."""
-    pairs = [(j, key, w) for j, key, n in files for w in range(n)]
-    sums: dict = {}
+    the reason it failed. Files every model has seen before come from their
+    :class:`~deepfusion.memo.OutputsMemo`; the others' windows go through the models
+    :data:`BATCH_WINDOWS` at a time, and their sums are kept for the next run."""
+    from .memo import OutputsMemo
+
+    memos = [OutputsMemo(cache, getattr(e, "model_id", None),
+                         (len(e.class_names), int(getattr(e, "embedding_dim", 0) or 0)))
+             for e in engines]
+    done: dict = {}
+    todo = []
+    for j, key, n in files:
+        kept = [m.get(key, n) for m in memos]
+        if all(k is not None for k in kept):
+            done[j] = ([k[0] for k in kept], kept[0][1], kept[0][2], kept[0][3])
+        else:
+            todo.append((j, key, n))
+    pairs = [(j, key, w) for j, key, n in todo for w in range(n)]
+    sums: dict = {}        # j -> [[per model [logits, attention, embedding]], frames]
     failed: dict[int, str] = {}
     for start in range(0, len(pairs), BATCH_WINDOWS):
         chunk, views = [], []
@@ -244,16 +259,19 @@ def _window_outputs(engines, cache: FeatureCache, files: list[tuple[int, str, in
         frames = stacked[FEATURE_KEYS[0]].shape[-1]
         outs = [engine.window_outputs(stacked) for engine in engines]
         for row, j in enumerate(chunk):
-            lg = [o["logits"][row].astype(np.float64) for o in outs]
-            att = outs[0]["attention"][row].astype(np.float64)
-            emb = outs[0]["embedding"][row].astype(np.float64)
+            each = [[o[name][row].astype(np.float64) for name in ("logits", "attention", "embedding")]
+                    for o in outs]
             if j not in sums:
-                sums[j] = [lg, att, emb, frames]
+                sums[j] = [each, frames]
             else:
-                s = sums[j]
-                s[0] = [a + b for a, b in zip(s[0], lg)]
-                s[1], s[2] = s[1] + att, s[2] + emb
-    return {**{j: tuple(s) for j, s in sums.items() if j not in failed}, **failed}
+                sums[j][0] = [[a + b for a, b in zip(old, new)] for old, new in zip(sums[j][0], each)]
+    for j, key, n in todo:
+        if j in sums and j not in failed:
+            each, frames = sums[j]
+            for memo, (lg, att, emb) in zip(memos, each):
+                memo.put(key, n, lg, att, emb, frames)
+            done[j] = ([e[0] for e in each], each[0][1], each[0][2], frames)
+    return {**done, **failed}
 
 
 def predict(inputs: Iterable[Union[str, Path]], *, checkpoint: Union[Path, Sequence[Path]],

@@ -335,6 +335,10 @@ def test_export_then_predict_with_the_onnx_engine_where_torch_cannot_load(checkp
         pa = {t["genre"]: t["probability"] for t in a["top"]}
         pb = {t["genre"]: t["probability"] for t in b["top"]}
         assert pa.keys() == pb.keys() and all(abs(pa[g] - pb[g]) < 1e-4 for g in pa)
+    # the onnx model's outputs are kept under its own id (embed below reads them)
+    kept = [p for p in (tmp_path / "c2").glob("features-*/outputs/*") if p.is_dir()]
+    assert len(kept) == 1 and "-onnx-" in kept[0].name, kept
+    assert len(list(kept[0].rglob("*.npz"))) == len(files)
     proc = subprocess.run(cli_command("embed", *files, "--checkpoint", model, "--engine", "onnx",
                                       "--out", tmp_path / "e.npz", "--cache-dir", tmp_path / "c2"),
                           env=env, capture_output=True, text=True, timeout=300)

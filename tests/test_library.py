@@ -36,6 +36,11 @@ def second_checkpoint(tiny_features, tmp_path_factory) -> Path:
     return model_dir / "best.pth"
 
 
+def feature_entries(cache: Path) -> int:
+    """Feature entries in a cache (not the models' outputs kept beside them)."""
+    return sum("outputs" not in p.relative_to(cache).parts for p in cache.rglob("*.npz"))
+
+
 def summary(result) -> str:
     lines = [ln for ln in result.output.splitlines() if SUMMARY in ln]
     assert len(lines) == 1, result.output
@@ -70,6 +75,73 @@ def test_predict_twice_on_the_cache_and_a_csv(tiny_audio, checkpoint, tmp_path):
                    "--out", tmp_path / "q.csv")
     assert "(0 analysed, 18 from the cache)" in summary(third)
     assert (tmp_path / "q.csv").read_bytes() == before
+
+
+def test_a_second_run_runs_no_network_unless_the_model_changed(tiny_audio, checkpoint,
+                                                              second_checkpoint, tmp_path,
+                                                              monkeypatch):
+    """The outputs of a model per file are kept (deepfusion.memo): run again with the same
+    model, no window goes through the network; another model, a damaged entry or another
+    precision does."""
+    from deepfusion.predict import Library, Prediction
+    from deepfusion.torch_engine import TorchEngine
+
+    calls = []
+    real = TorchEngine.window_outputs
+
+    def counted(self, views):
+        calls.append((self.path, len(views["mfcc"])))
+        return real(self, views)
+
+    monkeypatch.setattr(TorchEngine, "window_outputs", counted)
+    cache = tmp_path / "cache"
+
+    def run(*ckpts, precision="fp32"):
+        calls.clear()
+        lib = Library([tiny_audio], checkpoints=list(ckpts), cache_dir=cache, precision=precision)
+        out = {r.path: (r.probabilities, r.embedding) for r in lib.run(jobs=1)
+               if isinstance(r, Prediction)}
+        assert len(out) == 18
+        return out, sum(n for _, n in calls)
+
+    first, windows = run(checkpoint)
+    assert windows == 18
+    again, windows = run(checkpoint)
+    assert windows == 0
+    for path, (probs, emb) in first.items():
+        assert again[path][0] == probs and np.array_equal(again[path][1], emb)
+    # an ensemble: the kept model runs nothing, the new one every window
+    _, windows = run(checkpoint, second_checkpoint)
+    assert windows == 2 * 18 and {p for p, _ in calls} == {checkpoint, second_checkpoint}
+    _, windows = run(second_checkpoint, checkpoint)
+    assert windows == 0
+    # a damaged entry is computed again, to the same answer
+    outputs = next(cache.glob("features-*")) / "outputs"
+    assert len(list(outputs.rglob("*.npz"))) == 2 * 18
+    from deepfusion.memo import model_id
+
+    entry = sorted((outputs / model_id(checkpoint, "torch", "cpu", "fp32")).rglob("*.npz"))[0]
+    entry.write_bytes(b"PK\x03\x04 not a zip")
+    healed, windows = run(checkpoint)
+    assert windows == 1                # that file, through the one model whose entry it was
+    for path, (probs, emb) in first.items():
+        assert np.allclose([healed[path][0][g] for g in probs], list(probs.values()), atol=1e-6)
+    # a model is its bytes, not its name: a copy is the same model, a retrained one is not
+    same_name = tmp_path / "best.pth"
+    shutil.copy(checkpoint, same_name)
+    _, windows = run(same_name)
+    assert windows == 0
+    ckpt = torch.load(checkpoint, weights_only=True)
+    ckpt["model_state"]["classifier.bias"] += 1.0
+    torch.save(ckpt, same_name)
+    _, windows = run(same_name)
+    assert windows == 18
+    # another precision is another model
+    from deepfusion.runtime import inference_precision
+
+    other = inference_precision(torch.device("cpu"), "amp") != "fp32"
+    _, windows = run(checkpoint, precision="amp")
+    assert windows == (18 if other else 0)
 
 
 def test_csv_quotes_any_name_and_lists_failures(tiny_audio, checkpoint, tmp_path):
@@ -167,12 +239,12 @@ def test_killed_predict_continues_from_the_cache(tiny_audio, checkpoint, tmp_pat
     proc = subprocess.Popen(args, env=subprocess_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and len(list(cache.rglob("*.npz"))) < 4:
+    while time.monotonic() < deadline and feature_entries(cache) < 4:
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.05)
     proc.kill()
     proc.communicate()
-    stored = len(list(cache.rglob("*.npz")))
+    stored = feature_entries(cache)
     assert 4 <= stored < 18 and not out.exists()
     again = subprocess.run(args, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
@@ -224,7 +296,7 @@ def test_a_crashing_worker_is_one_line_and_the_next_run_continues(tiny_audio, ch
     errors = [ln for ln in crash.stderr.splitlines() if ln.startswith("Error:")]
     assert len(errors) == 1 and "internal error" not in errors[0], crash.stderr
     assert "worker process died" in errors[0] and "SIGSEGV" in errors[0], errors[0]
-    stored = len(list(cache.rglob("*.npz")))
+    stored = feature_entries(cache)
     assert stored >= 2 and not (tmp_path / "p.csv").exists()
     again = subprocess.run(args, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr

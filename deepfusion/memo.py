@@ -1,0 +1,98 @@
+"""A model's outputs per file, kept in the feature cache: predict or embed run again over the
+same library with the same model runs the network only on files it has not seen.
+
+An entry holds what :mod:`deepfusion.predict` averages for one file: the sums over its windows
+of one model's logits, modality attention and embedding, and the frames per window. It lives
+in the feature cache's namespace (the features it was computed from) under
+``outputs/<model id>/<key[:2]>/<key>-<windows>.npz``, where ``key`` is the file's content hash.
+The model id (:func:`model_id`) names the model file's SHA-256, the engine, the device kind and
+the precision, so another or a retrained model, or a run on another kind of device or in
+another precision, never reads an entry it did not write. Entries are written atomically; one
+that cannot be read back, or has other shapes, is computed again.
+
+No torch here: the onnx engine uses it too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+
+from .io.cache import FeatureCache, file_digest, file_stamp
+
+_FIELDS = ("logits", "attention", "embedding", "frames")
+
+
+def model_id(path: Union[str, Path, bytes], *parts: str,
+             stamp: Optional[tuple[int, ...]] = None) -> Optional[str]:
+    """The identity of a model file (or its bytes) run as ``parts`` (engine, device kind,
+    precision), or None when it cannot be told: then nothing is kept. ``stamp``: the file's
+    :func:`~deepfusion.io.cache.file_stamp` when it was loaded; a file changed since then (or
+    while it was hashed) has no identity."""
+    import hashlib
+
+    try:
+        if isinstance(path, bytes):
+            digest = hashlib.sha256(path).hexdigest()
+        else:
+            before = file_stamp(Path(path)) if stamp is None else stamp
+            digest = file_digest(Path(path))
+            if file_stamp(Path(path)) != before:
+                return None
+    except OSError:
+        return None
+    tail = "-".join(p.replace("/", "_").replace(":", "_") for p in parts)
+    return f"{digest[:32]}-{tail}" if tail else digest[:32]
+
+
+class OutputsMemo:
+    """One model's entries under ``cache``'s namespace (nothing kept when ``model`` is None).
+
+    ``shapes``: ``(n_classes, embedding width)`` (width 0: not known); an entry of other
+    shapes is not used.
+    """
+
+    def __init__(self, cache: FeatureCache, model: Optional[str], shapes: tuple[int, int]):
+        self.root = None if model is None else cache.root / "outputs" / model
+        self.shapes = shapes
+
+    def _path(self, key: str, windows: int) -> Path:
+        return self.root / key[:2] / f"{key}-{int(windows)}.npz"
+
+    def get(self, key: str, windows: int) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
+        """``(logit sum, attention sum, embedding sum, frames)`` of the file ``key`` of
+        ``windows`` windows, float64; None when not kept (or unreadable)."""
+        if self.root is None:
+            return None
+        try:
+            with np.load(self._path(key, windows), allow_pickle=False) as npz:
+                logits, attention, embedding, frames = (npz[k] for k in _FIELDS)
+        except Exception:  # noqa: BLE001 - missing, damaged, a forged header: compute again
+            return None
+        n_classes, width = self.shapes
+        if (logits.shape != (n_classes,) or attention.shape != (6,) or embedding.ndim != 1
+                or (width and embedding.shape != (width,))
+                or frames.shape != () or not all(np.isfinite(a).all() for a in (logits, attention, embedding))):
+            return None
+        return (logits.astype(np.float64), attention.astype(np.float64),
+                embedding.astype(np.float64), int(frames))
+
+    def put(self, key: str, windows: int, logits: np.ndarray, attention: np.ndarray,
+            embedding: np.ndarray, frames: int) -> None:
+        """Keep one file's sums (atomically; a failure to write only costs the next run time)."""
+        if self.root is None:
+            return
+        from .errors import OutputError
+        from .io.atomic import atomic_write
+
+        path = self._path(key, windows)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_write(path) as fh:
+                np.savez(fh, logits=np.asarray(logits, np.float64),
+                         attention=np.asarray(attention, np.float64),
+                         embedding=np.asarray(embedding, np.float64), frames=np.asarray(int(frames)))
+        except (OSError, OutputError):
+            pass
