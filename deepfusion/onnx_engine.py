@@ -91,14 +91,11 @@ class OnnxEngine:
         return engine
 
     def _load(self, model, name: str, providers, threads, batch_size: int) -> None:
-        from .io.cache import file_stamp
+        from .io.cache import stamp_or_none
         from .memo import model_id
 
         ort = import_onnxruntime()
-        try:
-            stamp = None if isinstance(model, bytes) else file_stamp(Path(model))
-        except OSError:
-            stamp = None
+        stamp = None if isinstance(model, bytes) else stamp_or_none(model)
         if int(batch_size) < 1:
             raise ParameterError(f"batch_size must be >= 1, got {batch_size!r}")
         self.name, self.batch_size = name, int(batch_size)

@@ -18,7 +18,7 @@ from .checkpoint import feature_config_of, load_checkpoint, model_from_checkpoin
 from .config import TrainConfig
 from .data import segment_frames
 from .inference import predict_clips
-from .io.cache import file_stamp
+from .io.cache import stamp_or_none
 from .io.featureset import FeatureSet
 from .memo import model_id
 from .runtime import inference_precision, resolve_device
@@ -42,7 +42,7 @@ class TorchEngine:
     def __init__(self, checkpoint: Path, *, device: str = "auto", batch_size: Optional[int] = None,
                  precision: str = "fp32"):
         self.path = Path(checkpoint)
-        stamp = _stamp_or_none(self.path)
+        stamp = stamp_or_none(self.path)
         self.ckpt = load_checkpoint(self.path)
         self.class_names = list(self.ckpt["class_names"])
         self.feature_config = feature_config_of(self.ckpt)
@@ -84,10 +84,3 @@ class TorchEngine:
                              batch_size=self.batch_size, device=self.device, amp=self.precision,
                              embeddings=True)
         return {"logits": pred.logits, "attention": pred.attention, "embedding": pred.embeddings}
-
-
-def _stamp_or_none(path: Path) -> Optional[tuple[int, ...]]:
-    try:
-        return file_stamp(path)
-    except OSError:
-        return None

@@ -21,7 +21,7 @@ import numpy as np
 
 from .config import FEATURE_KEYS, FeatureConfig
 from .errors import AudioError, DeepFusionError
-from .io.cache import FeatureCache, audio_digest, file_digest, file_stamp
+from .io.cache import FeatureCache, audio_digest, file_digest, file_stamp, stamp_or_none
 
 
 def window_key(key: str, index: int) -> str:
@@ -79,7 +79,7 @@ def file_windows(path: str, cache_dir: str, config_dict: dict,
     except _FileTimeout:
         return None, 0, 0.0, f"gave up reading its header after {timeout:g} s (--timeout)", 0
     key, reason, fresh = hash_and_compute(path, cache_dir, config_dict, timeout)
-    if not reason and _stamp_or_none(path) != before:
+    if not reason and stamp_or_none(path) != before:
         reason = changed
     if reason:
         return None, windows, seconds, reason, 0
@@ -92,7 +92,7 @@ def file_windows(path: str, cache_dir: str, config_dict: dict,
         reason = _later_windows(Path(path), key, missing, cache, config, timeout, written)
         if reason is None:
             with _time_limit(timeout):
-                if file_digest(Path(path)) != key or _stamp_or_none(path) != before:
+                if file_digest(Path(path)) != key or stamp_or_none(path) != before:
                     reason = changed
     except _FileTimeout:
         reason = f"gave up after {timeout:g} s on one window (--timeout)"
@@ -103,13 +103,6 @@ def file_windows(path: str, cache_dir: str, config_dict: dict,
             cache.path(name).unlink(missing_ok=True)
         return None, windows, seconds, reason, 0
     return key, windows, seconds, None, int(fresh) + len(missing)
-
-
-def _stamp_or_none(path: str) -> Optional[tuple[int, ...]]:
-    try:
-        return file_stamp(Path(path))
-    except OSError:
-        return None
 
 
 def _later_windows(path: Path, key: str, missing: list[int], cache: FeatureCache,

@@ -19,7 +19,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 
@@ -50,6 +50,14 @@ def file_stamp(path: Path) -> tuple[int, ...]:
     """
     st = os.stat(path)
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def stamp_or_none(path: Union[str, Path]) -> Optional[tuple[int, ...]]:
+    """:func:`file_stamp`, or None when the file cannot be stat'ed (gone, unreadable)."""
+    try:
+        return file_stamp(Path(path))
+    except OSError:
+        return None
 
 
 def audio_digest(y: np.ndarray) -> str:
