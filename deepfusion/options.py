@@ -208,7 +208,8 @@ cache_dir_option = click.option(
     "--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_CACHE_DIR,
     show_default=True, envvar="DEEPFUSION_CACHE",
     help="Per-clip feature cache, shared by extract, predict and embed: a file analysed before "
-    "(same content, same settings) is not decoded again [env: DEEPFUSION_CACHE].")
+    "(same content, same settings) is not decoded again; predict and embed also keep each "
+    "model's outputs there [env: DEEPFUSION_CACHE].")
 
 jobs_option = click.option("--jobs", "-j", type=click.IntRange(1), default=None,
                            help="Worker processes computing features [default: all cores].")
