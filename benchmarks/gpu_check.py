@@ -13,8 +13,8 @@ Sub-commands (``python benchmarks/gpu_check.py CMD --help``):
   views RESULTS STEP CPU_PKL GPU_PKL
                                    the largest |gpu - cpu| per view of two features files of
                                    the same clips (extract --backend torch on the GPU against
-                                   the numpy backend), beside the CPU tolerance the shared
-                                   cache key rests on (tests/test_features_torch.py)
+                                   the numpy backend), beside the tolerance the shared
+                                   cache key rests on (deepfusion.features_torch.TOLERANCE)
   hidden RESULTS STEP CKPT         run with CUDA hidden: the checkpoint loads with
                                    torch.load(weights_only=True), every tensor on the CPU
   contexts RESULTS STEP FEATURES DIR DEVICE
@@ -126,11 +126,9 @@ def views(args) -> int:
     import numpy as np
 
     from deepfusion.config import FEATURE_KEYS
+    from deepfusion.features_torch import TOLERANCE as tolerance
     from deepfusion.io.features_file import load_features
 
-    # the tolerances of tests/test_features_torch.py (torch on the CPU against numpy)
-    tolerance = {"mel_spec_orig": 0.1, "mel_spec_harm": 0.1, "mel_spec_perc": 0.1, "mfcc": 0.01,
-                 "chroma": 0.01, "tempogram": 0.01}
     cpu, gpu = load_features(Path(args.cpu)), load_features(Path(args.gpu))
     order = {p: i for i, p in enumerate(gpu.paths)}
     rows = [order[p] for p in cpu.paths]
@@ -140,8 +138,8 @@ def views(args) -> int:
         parts.append(f"{k} {diff:.2g}")
         if diff > tolerance[k]:
             over.append(k)
-    verdict = ("within the CPU tolerances" if not over
-               else f"OVER the CPU tolerance: {', '.join(over)}")
+    verdict = ("within the tolerances the shared cache key rests on" if not over
+               else f"OVER the tolerance the shared cache key rests on: {', '.join(over)}")
     _record(args.results, args.step, f"{len(rows)} clips: " + ", ".join(parts) + f"; {verdict}")
     return 0
 

@@ -2,9 +2,9 @@
 
 Both compute librosa's definitions from one STFT; they differ by float32 rounding (another FFT,
 other summation orders), which HPSS's median filters and the dB scale pass on. The tolerances
-below are the largest absolute difference allowed per view, set above what 80 real 30-s clips
-(``../shared/data/minigenres``, see ``benchmarks/extract_speed.py``) and the synthetic clips
-here show: mel dB views 0.1 dB (measured up to 0.076 dB, on the percussive view of quiet
+(``deepfusion.features_torch.TOLERANCE``) are the largest absolute difference allowed per view,
+set above what 80 real 30-s clips (``../shared/data/minigenres``, see
+``benchmarks/extract_speed.py``) and the synthetic clips here show: mel dB views 0.1 dB (measured up to 0.076 dB, on the percussive view of quiet
 high bands), MFCC 0.01 (measured 0.0013), chroma 1e-4 (measured 2e-6) and tempogram 1e-3
 (2e-6 on music; a steady sine's onset envelope is rounding noise, which normalised differs by
 3e-4). Chroma agrees this closely because the tuning estimate (a histogram mode) comes out the
@@ -20,14 +20,12 @@ import torch
 from deepfusion.config import FEATURE_KEYS, FeatureConfig
 from deepfusion.errors import ParameterError
 from deepfusion.features import compute_features, median_filter_axis
-from deepfusion.features_torch import compute_features_torch, median_filter, median_filter_unfold
+from deepfusion.features_torch import (TOLERANCE, compute_features_torch, median_filter,
+                                      median_filter_unfold)
 from deepfusion.testing import invoke, load_own_pickle, one_error_line
 
 SR = 22050
 CONFIG = FeatureConfig(duration=3.0)
-#: Largest absolute difference allowed between the torch and the numpy value of each view.
-TOLERANCE = {"mel_spec_orig": 0.1, "mel_spec_harm": 0.1, "mel_spec_perc": 0.1, "mfcc": 0.01,
-             "chroma": 1e-4, "tempogram": 1e-3}
 HAVE_GPU = torch.cuda.is_available() or (
     getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available())
 
