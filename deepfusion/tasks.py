@@ -14,7 +14,7 @@ import signal
 import threading
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 from .config import FeatureConfig
 from .errors import AudioError, DeepFusionError, ParameterError
@@ -320,19 +320,41 @@ def _run_tasks(tasks: list[tuple], jobs: Optional[int], scheduler: Optional[str]
             check_shared(client, cache_dir)
             yield from map_unordered(client, _indexed, indexed, per_worker=workers)
         return
-    from joblib import Parallel, delayed
+    from joblib import delayed
 
     jobs = default_jobs() if jobs is None else max(1, int(jobs))
+    yield from pool_results((delayed(_indexed)(*args) for args in indexed), min(jobs, len(tasks)),
+                            ordered=False, what="extracting")
+
+
+def pool_results(calls: Iterable, n_jobs: int, *, ordered: bool, what: str) -> Iterator:
+    """The results of joblib ``delayed`` ``calls`` on ``n_jobs`` worker processes, at most
+    ``2 * n_jobs`` in flight, in the order of ``calls`` or (``ordered`` False) as they finish.
+
+    A worker killed by a signal becomes one line (:func:`~deepfusion.errors.worker_crash`,
+    ``what`` says what the workers were doing). A caller that stops early (Ctrl-C, SIGTERM, an
+    error) closes the pool here, without joblib's warning about the tasks that closing cancels:
+    the command has already said in one line what happened and that finished work is kept.
+    """
+    import warnings
+
+    from joblib import Parallel
     from joblib.externals.loky.process_executor import TerminatedWorkerError
 
-    runner = Parallel(n_jobs=min(jobs, len(tasks)), return_as="generator_unordered",
-                      batch_size=1, pre_dispatch="2*n_jobs")
-    try:
-        yield from runner(delayed(_indexed)(*args) for args in indexed)
-    except TerminatedWorkerError as exc:
-        from .errors import worker_crash
+    from .errors import worker_crash
 
-        raise worker_crash(exc, "extracting") from None
+    results = Parallel(n_jobs=n_jobs, return_as="generator" if ordered else "generator_unordered",
+                       batch_size=1, pre_dispatch="2*n_jobs")(calls)
+    try:
+        for result in results:    # not "yield from", which would close results outside the filter
+            yield result
+    except TerminatedWorkerError as exc:
+        raise worker_crash(exc, what) from None
+    finally:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning, message=r"\d+ tasks (have been "
+                                    "successfully executed|which were still being processed)")
+            results.close()
 
 
 def _indexed(index: int, task: Callable, *args) -> tuple[int, tuple]:

@@ -158,7 +158,7 @@ def run_file_tasks(paths: list[Path], *, cache_dir: Path, config: FeatureConfig,
 
     At most ``2 * jobs`` files are in flight, so memory does not grow with the number of files.
     """
-    from .tasks import default_jobs
+    from .tasks import default_jobs, pool_results
 
     jobs = default_jobs() if jobs is None else max(1, int(jobs))
     config_dict = config.to_dict()
@@ -167,15 +167,7 @@ def run_file_tasks(paths: list[Path], *, cache_dir: Path, config: FeatureConfig,
         for task in tasks:
             yield file_windows(*task)
         return
-    from joblib import Parallel, delayed
+    from joblib import delayed
 
-    from joblib.externals.loky.process_executor import TerminatedWorkerError
-
-    from .errors import worker_crash
-
-    runner = Parallel(n_jobs=min(jobs, len(tasks)), return_as="generator", batch_size=1,
-                      pre_dispatch="2*n_jobs")
-    try:
-        yield from runner(delayed(file_windows)(*task) for task in tasks)
-    except TerminatedWorkerError as exc:
-        raise worker_crash(exc, "analysing files") from None
+    yield from pool_results((delayed(file_windows)(*task) for task in tasks), min(jobs, len(tasks)),
+                            ordered=True, what="analysing files")
