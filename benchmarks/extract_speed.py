@@ -1,9 +1,11 @@
 """Extract speed and fidelity, measured side by side in one run.
 
 Prints, on the same clips:
-  * seconds per 30-s clip (single process, decode excluded) for the straightforward librosa
-    recipe (``librosa.effects.hpss`` on the waveform, then one librosa call per feature) and for
-    deepfusion's ``compute_features``, and their ratio;
+  * seconds per 30-s clip (single process, one thread, decode excluded) for the
+    straightforward librosa recipe (``librosa.effects.hpss`` on the waveform, then one librosa
+    call per feature) and for deepfusion's ``compute_features`` of the same six views, and their
+    ratio; then ``compute_features`` with the pretrained view (the default: musicnn on one
+    patch in four) and its ratio to the six views (the budget: 2.5x), and with every patch;
   * the largest absolute difference per feature between ``compute_features`` and the same
     definitions computed with plain librosa/scipy calls (``reference_features``);
   * clips/s of the whole extract stage (decode + features + cache) with 1 and 2 jobs, on a warm
@@ -24,12 +26,15 @@ import argparse
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from deepfusion.audio import decode, discover
 from deepfusion.config import FEATURE_KEYS, FeatureConfig
+from deepfusion.tasks import one_torch_thread
 from deepfusion.extract import extract
 from deepfusion.features import compute_features
 from deepfusion.features_torch import compute_features_torch
@@ -188,18 +193,28 @@ def main() -> None:
             torch_path(items, signals, config, work, args.diff_clips, subset)
             return
 
-        compute_features(signals[0], config)  # warm caches (mel basis, FFT plans)
-        naive_recipe(signals[0], config.sample_rate)
+        six = replace(config, pretrained_view=None)
+        every = replace(config, pretrained_stride=1)
         timings = {}
-        for name, fn in (("straightforward recipe", lambda y: naive_recipe(y, config.sample_rate)),
-                         ("deepfusion", lambda y: compute_features(y, config))):
-            t = time.perf_counter()
-            for y in signals:
-                fn(y)
-            timings[name] = (time.perf_counter() - t) / len(signals)
+        runs = (("straightforward recipe", lambda y: naive_recipe(y, config.sample_rate)),
+                ("deepfusion", lambda y: compute_features(y, six)),
+                ("with the view", lambda y: compute_features(y, config)),
+                ("every patch", lambda y: compute_features(y, every)))
+        with threadpool_limits(limits=1), one_torch_thread():
+            for _, fn in runs:
+                fn(signals[0])    # warm caches (mel basis, FFT plans, the network's weights)
+            for name, fn in runs:
+                t = time.perf_counter()
+                for y in signals:
+                    fn(y)
+                timings[name] = (time.perf_counter() - t) / len(signals)
         base, ours = timings["straightforward recipe"], timings["deepfusion"]
-        print(f"seconds per clip, 1 process: straightforward {base:.3f}, deepfusion {ours:.3f}, "
-              f"speed-up {base / ours:.1f}x")
+        print(f"seconds per clip, 1 thread: straightforward {base:.3f}, deepfusion six views "
+              f"{ours:.3f}, speed-up {base / ours:.1f}x")
+        print(f"seconds per clip, 1 thread: + pretrained view (one patch in "
+              f"{config.pretrained_stride}) {timings['with the view']:.3f}, "
+              f"{timings['with the view'] / ours:.2f}x the six views (budget 2.5x); every patch "
+              f"{timings['every patch']:.3f}, {timings['every patch'] / ours:.2f}x")
 
         worst = {k: 0.0 for k in FEATURE_KEYS}
         for y in signals:

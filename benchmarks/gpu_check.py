@@ -125,7 +125,6 @@ def compare(args) -> int:
 def views(args) -> int:
     import numpy as np
 
-    from deepfusion.config import FEATURE_KEYS
     from deepfusion.features_torch import TOLERANCE as tolerance
     from deepfusion.io.features_file import load_features
 
@@ -133,7 +132,7 @@ def views(args) -> int:
     order = {p: i for i, p in enumerate(gpu.paths)}
     rows = [order[p] for p in cpu.paths]
     parts, over = [], []
-    for k in FEATURE_KEYS:
+    for k in cpu.keys:
         diff = float(np.abs(cpu.arrays[k] - gpu.arrays[k][rows]).max())
         parts.append(f"{k} {diff:.2g}")
         if diff > tolerance[k]:

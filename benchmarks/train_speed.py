@@ -40,7 +40,8 @@ import torch
 
 from deepfusion.config import (AUX_KEYS, FEATURE_KEYS, FeatureConfig, ModelConfig, RuntimeConfig,
                                TrainConfig, resolve_recipe)
-from deepfusion.data import fit_normalization, make_split, make_train_loader, segment_frames
+from deepfusion.data import (feature_config_of, fit_normalization, make_split, make_train_loader,
+                             segment_frames)
 from deepfusion.io.features_file import load_feature_set
 from deepfusion.io.featureset import FeatureSet
 from deepfusion.models import MultiModalNet, count_parameters
@@ -227,10 +228,11 @@ def bench_data(fs: FeatureSet, modes: list[str], workers: list[int], *, batch_si
                        test_size=config.test_size, seed=config.seed)
     train_idx = np.flatnonzero(split == "train")
     norm = fit_normalization(fs, train_idx)
-    feature_config = FeatureConfig.from_dict(fs.feature_config) if fs.feature_config else FeatureConfig()
+    feature_config = feature_config_of(fs)
     seg = segment_frames(config.segment_seconds, feature_config, fs.n_frames)
     model_config = ModelConfig(n_classes=len(fs.class_names), n_mels=fs.rows()["mel_spec_orig"],
-                               aux_rows=tuple(fs.rows()[k] for k in AUX_KEYS), backbone="light")
+                               aux_rows=tuple(fs.rows()[k] for k in AUX_KEYS), backbone="light",
+                               pretrained_view_rows=fs.rows().get("musicnn", 0))
     results = []
     for n_workers in workers:
         for mode in modes:

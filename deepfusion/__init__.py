@@ -9,6 +9,7 @@ librosa until used::
     from deepfusion.train import train
     from deepfusion.evaluate import evaluate
     from deepfusion.predict import predict
+    from deepfusion.tag import tag
 
     extract("data/synth", out="data/features.pkl", config=FeatureConfig())
     train("data/features.pkl", model_dir="models", backbone="light", pretrained=False)
@@ -33,6 +34,8 @@ _API = {
     "ModelConfig": "config",
     "Library": "predict",
     "Embeddings": "embed",
+    "Tagger": "tag",
+    "ALL_KEYS": "config",
     "load_checkpoint": "checkpoint",
 }
 

@@ -104,6 +104,20 @@ def discover(audio_dir: Path, *, manifest: Optional[Path] = None,
     return items
 
 
+def expand_inputs(inputs: Iterable[Path]) -> list[Path]:
+    """Files as given, and the audio files under each folder (sorted)."""
+    files: list[Path] = []
+    for p in map(Path, inputs):
+        if p.is_dir():
+            try:
+                files += [it.path for it in discover(p)]
+            except DatasetError:
+                files.append(p)   # reported as "no audio files"
+        else:
+            files.append(p)
+    return files
+
+
 def _walk(root: Path) -> Iterator[Path]:
     """Every file under ``root``, symbolic links to folders followed (a genre folder may be a
     link), each folder read once: a second route to a folder, a link back up included (a

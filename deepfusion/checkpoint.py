@@ -159,7 +159,7 @@ def check_contents(ckpt: dict[str, Any], path: Path, *, resume: bool = False) ->
     CheckpointError
         Naming ``path`` and the first part that is wrong.
     """
-    from .config import FEATURE_KEYS, TrainConfig
+    from .config import PRETRAINED_KEY, TrainConfig, view_keys
     from .errors import ParameterError
 
     def bad(message: str) -> CheckpointError:
@@ -198,13 +198,16 @@ def check_contents(ckpt: dict[str, Any], path: Path, *, resume: bool = False) ->
         raise bad(f"the model takes {mc.n_mels} mel bands and aux rows {list(mc.aux_rows)}, "
                   f"the feature config makes {rows['mel_spec_orig']} and "
                   f"{[rows['mfcc'], rows['chroma'], rows['tempogram']]}")
+    if mc.pretrained_view_rows != rows.get(PRETRAINED_KEY, 0):
+        raise bad(f"the model takes {mc.pretrained_view_rows} rows of the pretrained view, the "
+                  f"feature config makes {rows.get(PRETRAINED_KEY, 0)}")
     names = ckpt["class_names"]
     if (not isinstance(names, (list, tuple)) or not all(isinstance(n, str) and n for n in names)
             or len(set(names)) != len(names)):
         raise bad("class_names is not a list of distinct non-empty names")
     if len(names) != mc.n_classes:
         raise bad(f"{len(names)} class names for a classifier of {mc.n_classes} classes")
-    _check_normalization(ckpt["normalization"], rows, FEATURE_KEYS, bad)
+    _check_normalization(ckpt["normalization"], rows, view_keys(mc.pretrained_view_rows > 0), bad)
     _check_state(ckpt["model_state"], mc, bad)
     if resume:
         epoch = ckpt["epoch"]
@@ -216,7 +219,7 @@ def check_contents(ckpt: dict[str, Any], path: Path, *, resume: bool = False) ->
 
 def _check_normalization(norm: Any, rows: dict[str, int], keys, bad) -> None:
     if not isinstance(norm, dict) or set(norm) != set(keys):
-        raise bad(f"normalization does not hold the six views ({', '.join(keys)})")
+        raise bad(f"normalization does not hold the model's views ({', '.join(keys)})")
     for key in keys:
         stats = norm[key]
         for stat in ("mean", "std"):

@@ -17,10 +17,10 @@ import click
 
 from . import __version__
 from .config import (DEFAULT_FEATURES, DEFAULT_MODEL_DIR, DEFAULT_STORE,
-                     FEATURE_FORMATS, FeatureConfig, RuntimeConfig, TrainConfig)
+                     FEATURE_FORMATS, PRETRAINED_VIEWS, FeatureConfig, RuntimeConfig, TrainConfig)
 from .errors import DeepFusionError, ParameterError
 from .io.names import escape_bytes, shown
-from .options import (cache_dir_option, checkpoint_option, device_option, feature_options,
+from .options import (adapt_option, cache_dir_option, checkpoint_option, device_option, feature_options,
                       features_option, jobs_option, model_options, precision_option, quiet_option,
                       recipe_options, runtime_options, split_file_option, take, timeout_option,
                       train_features_option)
@@ -159,7 +159,8 @@ def extract(audio_dir: Path, out: Path | None, fmt: str, dtype: str, cache_dir: 
             manifest: Path | None,
             jobs: int | None, scheduler: str | None, quiet: bool, strict: bool, timeout: float,
             backend: str | None, device: str, **kwargs: Any) -> None:
-    """Compute the six feature views of every clip, in parallel and cached.
+    """Compute the feature views of every clip (six hand-made ones and musicnn's), in
+    parallel and cached.
 
     Writes OUT (a pickle: a list of dicts with 'features', 'label', 'path', ...; or a feature
     store folder) and extract_errors.csv beside it.
@@ -270,15 +271,17 @@ def train(features: Path, model_dir: Path, pretrained: bool | None, weights_path
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @device_option
 @precision_option
+@adapt_option()
 def evaluate(checkpoint: Path, features: Path | None, split: str, split_file: str | None,
-             out_dir: Path | None, batch_size: int, device: str, precision: str) -> None:
+             out_dir: Path | None, batch_size: int, device: str, precision: str,
+             adapt: str) -> None:
     """Report what a checkpoint does on held-out clips (table, CSVs, JSON, figures)."""
     from .evaluate import evaluate as run_evaluate
     from .io.run_folder import REPORT_FILES
 
     report = run_evaluate(checkpoint, features=features, split=split, split_file=split_file,
                           out_dir=out_dir, batch_size=batch_size, device=device,
-                          precision=precision, echo=echo)
+                          precision=precision, adapt=adapt, echo=echo)
     echo(report.table())
     echo(f"\nwrote {', '.join(REPORT_FILES)} to {report.out_dir}")
 
@@ -308,18 +311,19 @@ def _library_options(func):
     return func
 
 
-def _library(inputs, checkpoints, engine, cache_dir, device, precision, outputs=None):
+def _library(inputs, checkpoints, engine, cache_dir, device, precision, adapt, outputs=None):
     from .predict import Library
 
     if engine == "onnx" and (device not in ("auto", "cpu") or precision != "fp32"):
         raise ParameterError("--device and --precision: the onnx engine runs in float32 on "
                              "onnxruntime's providers; leave them at their defaults")
     return Library(inputs, checkpoints=list(checkpoints), engine=engine, device=device,
-                   cache_dir=cache_dir, outputs=outputs, precision=precision)
+                   cache_dir=cache_dir, outputs=outputs, precision=precision, adapt=adapt)
 
 
 @main.command()
 @_library_options
+@adapt_option()
 @click.option("--top-k", type=click.IntRange(1), default=3, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per file.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
@@ -327,7 +331,7 @@ def _library(inputs, checkpoints, engine, cache_dir, device, precision, outputs=
               "genre, error (written when the run ends; per-file lines are then not printed).")
 def predict(inputs: tuple[Path, ...], checkpoints: tuple[Path, ...], engine: str,
             cache_dir: Path, jobs: int | None, timeout: float, quiet: bool, device: str,
-            precision: str, top_k: int, as_json: bool, out: Path | None) -> None:
+            precision: str, adapt: str, top_k: int, as_json: bool, out: Path | None) -> None:
     """Top genres of audio files (or every audio file under a folder), through the feature
     cache; several --checkpoint are averaged."""
     import json
@@ -336,7 +340,7 @@ def predict(inputs: tuple[Path, ...], checkpoints: tuple[Path, ...], engine: str
     from .predict import Prediction, PredictionsCSV
 
     t0 = time.perf_counter()
-    library = _library(inputs, checkpoints, engine, cache_dir, device, precision,
+    library = _library(inputs, checkpoints, engine, cache_dir, device, precision, adapt,
                        outputs={out: "--out"} if out else None)
     done = failed = computed = 0
     with contextlib.ExitStack() as stack:
@@ -371,12 +375,14 @@ def predict(inputs: tuple[Path, ...], checkpoints: tuple[Path, ...], engine: str
 
 @main.command()
 @_library_options
+# embeddings kept for an index must not move with the files embedded beside them
+@adapt_option("none")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("embeddings.npz"),
               show_default=True, help="The .npz to write: paths, embeddings (n, d), attention "
-              "(n, 6), genres (top-1), probabilities, class_names, modalities.")
+              "(n, views), genres (top-1), probabilities, class_names, modalities.")
 def embed(inputs: tuple[Path, ...], checkpoints: tuple[Path, ...], engine: str, cache_dir: Path,
           jobs: int | None, timeout: float, quiet: bool, device: str, precision: str,
-          out: Path) -> None:
+          adapt: str, out: Path) -> None:
     """Clip embeddings (the classifier's input) and modality attention of audio files, for
     similarity search and clustering."""
     import time
@@ -386,7 +392,7 @@ def embed(inputs: tuple[Path, ...], checkpoints: tuple[Path, ...], engine: str, 
     if len(checkpoints) != 1:
         raise ParameterError("embed takes one --checkpoint (an ensemble has no single embedding)")
     t0 = time.perf_counter()
-    library = _library(inputs, checkpoints, engine, cache_dir, device, precision,
+    library = _library(inputs, checkpoints, engine, cache_dir, device, precision, adapt,
                        outputs={out: "--out"})
     result = collect(library.run(jobs=jobs, timeout=timeout or None, quiet=quiet),
                      library.class_names, library.engines[0].embedding_dim)
@@ -398,6 +404,46 @@ def embed(inputs: tuple[Path, ...], checkpoints: tuple[Path, ...], engine: str, 
     result.save(out)
     echo(f"{len(result.paths)} files embedded ({result.embeddings.shape[1]} dimensions), "
          f"{len(result.errors)} skipped in {time.perf_counter() - t0:.1f} s -> {shown(out)}")
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--model", type=click.Choice(PRETRAINED_VIEWS), default=PRETRAINED_VIEWS[0],
+              show_default=True, help="musicnn trained on the Million Song Dataset (MSD) or on "
+              "MagnaTagATune (MTT): each has its own 50 tags.")
+@click.option("--top-k", type=click.IntRange(1), default=5, show_default=True,
+              help="Tags printed per file (--json writes all).")
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object per file: path, model and tags (every tag -> likelihood).")
+@cache_dir_option
+@jobs_option
+@timeout_option
+@quiet_option
+def tag(inputs: tuple[Path, ...], model: str, top_k: int, as_json: bool, cache_dir: Path,
+        jobs: int | None, timeout: float, quiet: bool) -> None:
+    """musicnn's tag likelihoods of audio files (or every audio file under a folder), averaged
+    over each file's 3-s patches, through the feature cache."""
+    import json
+
+    from .tag import Tagger, Tags
+
+    tagger = Tagger(inputs, model=model, cache_dir=cache_dir)
+    done = 0
+    for result in tagger.run(jobs=jobs, timeout=timeout or None, quiet=quiet):
+        if not isinstance(result, Tags):
+            echo(f"skipped {shown(result[0])}: {shown(result[1])}", err=True)
+            continue
+        done += 1
+        if as_json:
+            line = json.dumps(result.to_dict(), ensure_ascii=False)
+            if escape_bytes(line) != line:     # a name that is not UTF-8: keep it exact
+                line = json.dumps(result.to_dict())
+            echo(line)
+        else:
+            echo(f"{shown(result.path)}: " + ", ".join(f"{t} {p:.3f}" for t, p in result.top[:top_k]))
+    if done == 0:
+        echo("Error: no file could be tagged", err=True)
+        sys.exit(1)
 
 
 @main.command()
@@ -414,7 +460,7 @@ def embed(inputs: tuple[Path, ...], checkpoints: tuple[Path, ...], engine: str, 
 @click.option("--opset", type=click.IntRange(7), default=None, help="ONNX opset [default: the exporter's].")
 def export(checkpoint: Path, fmt: str, out: Path, tolerance: float, exporter: str,
            opset: int | None) -> None:
-    """Export a checkpoint for onnxruntime: six feature views of a batch of segments in,
+    """Export a checkpoint for onnxruntime: the feature views of a batch of segments in,
     logits, attention and embedding out; checked against torch on real windows first."""
     from .export import export_onnx
 

@@ -27,6 +27,8 @@ FEATURE_FORMATS = ("pickle", "store")
 
 #: Bump whenever the feature code changes what it computes; part of every cache key.
 FEATURE_CODE_VERSION = 1
+#: The same for the pretrained view (its rows, its input): part of the key of configs with it.
+PRETRAINED_VIEW_VERSION = 1
 
 #: The six feature views, in the order the model consumes them.
 FEATURE_KEYS = (
@@ -39,6 +41,18 @@ FEATURE_KEYS = (
 )
 MEL_KEYS = FEATURE_KEYS[:3]
 AUX_KEYS = FEATURE_KEYS[3:]
+#: The pretrained view: a frozen music network's representation of each 3-s patch
+#: (:mod:`deepfusion.pretrained`). Its time axis is the network's patches, not STFT frames.
+PRETRAINED_KEY = "musicnn"
+#: Every view a features file may hold, in the order the model consumes them.
+ALL_KEYS = FEATURE_KEYS + (PRETRAINED_KEY,)
+#: The networks the pretrained view may come from (``None``: no pretrained view).
+PRETRAINED_VIEWS = ("MTT_musicnn", "MSD_musicnn")
+
+
+def view_keys(pretrained: bool) -> tuple[str, ...]:
+    """The views of a features file or model: the six, and the pretrained one if present."""
+    return ALL_KEYS if pretrained else FEATURE_KEYS
 
 
 def _from_dict(cls, data: dict[str, Any]):
@@ -77,10 +91,22 @@ class FeatureConfig:
     #: Tuning deviation in fractions of a chroma bin; ``None`` estimates it per clip.
     chroma_tuning: Optional[float] = None
     tempogram_win_length: int = 384
+    #: The frozen music network of the seventh view (see :mod:`deepfusion.pretrained`);
+    #: ``None``: the six hand-made views only.
+    pretrained_view: Optional[str] = "MTT_musicnn"
+    #: One 3-s patch in every ``pretrained_stride`` goes through that network (1: all).
+    pretrained_stride: int = 4
 
     def __post_init__(self) -> None:
+        if self.pretrained_view is not None and self.pretrained_view not in PRETRAINED_VIEWS:
+            raise ParameterError(f"pretrained_view must be one of {', '.join(PRETRAINED_VIEWS)} "
+                                 f"or None, got {self.pretrained_view!r}")
+        if self.pretrained_view is None:
+            # no view, no stride: settings that differ only there are the same settings
+            object.__setattr__(self, "pretrained_stride",
+                               type(self).__dataclass_fields__["pretrained_stride"].default)
         positive_ints = ("sample_rate", "n_fft", "hop_length", "n_mels", "hpss_kernel",
-                         "n_mfcc", "n_chroma", "tempogram_win_length")
+                         "n_mfcc", "n_chroma", "tempogram_win_length", "pretrained_stride")
         for name in positive_ints:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -123,10 +149,22 @@ class FeatureConfig:
         """Frames per clip of every feature (centred STFT)."""
         return 1 + self.n_samples // self.hop_length
 
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The views these settings compute, in model order."""
+        return view_keys(self.pretrained_view is not None)
+
+    @property
+    def n_patches(self) -> int:
+        """Patches per clip of the pretrained view: whole 3-s patches, at least one."""
+        from .pretrained.view import n_patches
+
+        return n_patches(self.n_samples, self.sample_rate, self.pretrained_stride)
+
     def feature_shapes(self) -> dict[str, tuple[int, int]]:
-        """The ``(rows, frames)`` shape of each of the six features."""
+        """The ``(rows, frames)`` shape of each view (frames: patches for the pretrained one)."""
         t = self.n_frames
-        return {
+        shapes = {
             "mel_spec_orig": (self.n_mels, t),
             "mel_spec_harm": (self.n_mels, t),
             "mel_spec_perc": (self.n_mels, t),
@@ -134,13 +172,19 @@ class FeatureConfig:
             "chroma": (self.n_chroma, t),
             "tempogram": (self.tempogram_win_length, t),
         }
+        if self.pretrained_view is not None:
+            from .pretrained.view import VIEW_ROWS
+
+            shapes[PRETRAINED_KEY] = (VIEW_ROWS, self.n_patches)
+        return shapes
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "FeatureConfig":
-        return _from_dict(cls, data)
+        """Rebuild saved settings; those saved before the pretrained view existed had none."""
+        return _from_dict(cls, {"pretrained_view": None, **data})
 
     def differences(self, other: "FeatureConfig") -> dict[str, tuple[Any, Any]]:
         """``{field: (self's value, other's)}`` of every field where the two differ."""
@@ -149,8 +193,14 @@ class FeatureConfig:
 
     def fingerprint(self) -> str:
         """A short hash of this config and the feature-code version: the cache namespace."""
-        payload = json.dumps({"config": self.to_dict(), "code": FEATURE_CODE_VERSION},
-                             sort_keys=True)
+        config = self.to_dict()
+        code: dict[str, Any] = {"code": FEATURE_CODE_VERSION}
+        if config["pretrained_view"] is None:
+            # the six views as before the pretrained view existed: their cache entries stay valid
+            del config["pretrained_view"], config["pretrained_stride"]
+        else:
+            code["view"] = PRETRAINED_VIEW_VERSION
+        payload = json.dumps({"config": config, **code}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -181,6 +231,8 @@ class ModelConfig:
     dropout: float = 0.3
     #: each mel branch also sees the mean and standard deviation over time of every band
     band_stats: bool = False
+    #: rows of the pretrained view (0: the model has no branch for it)
+    pretrained_view_rows: int = 0
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
@@ -191,6 +243,10 @@ class ModelConfig:
             raise ParameterError(f"need at least 2 classes, got {self.n_classes}")
         if not 0 <= self.dropout < 1:
             raise ParameterError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.pretrained_view_rows, int) or isinstance(self.pretrained_view_rows, bool) \
+                or self.pretrained_view_rows < 0:
+            raise ParameterError(f"pretrained_view_rows must be an integer >= 0, got "
+                                 f"{self.pretrained_view_rows!r}")
         # tuples survive asdict -> torch.save -> load as lists; normalise them back
         object.__setattr__(self, "aux_rows", tuple(int(r) for r in self.aux_rows))
         object.__setattr__(self, "fusion_hidden", tuple(int(h) for h in self.fusion_hidden))
@@ -314,6 +370,10 @@ class TrainConfig:
         return _from_dict(cls, {k: v for k, v in data.items() if k not in RUNTIME_FIELDS})
 
 
+#: What evaluate's and predict's ``--adapt`` may say (see :mod:`deepfusion.adapt`).
+ADAPT_MODES = ("auto", "none", "inputs", "full")
+#: The fewest clips whose statistics ``--adapt auto`` trusts: below, one file weighs too much.
+ADAPT_MIN_CLIPS = 20
 #: What ``--amp-dtype`` may say.
 AMP_DTYPES = ("auto", "bf16", "fp16")
 #: What evaluate's and predict's ``--precision`` may say (fp32: the same answer everywhere).

@@ -15,9 +15,10 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .config import MEL_KEYS, FeatureConfig
+from .config import MEL_KEYS, PRETRAINED_KEY, FeatureConfig
 from .errors import DatasetError
 from .io.featureset import FeatureSet
+from .pretrained.view import patch_span
 
 SPLITS = ("train", "val", "test")
 
@@ -127,24 +128,51 @@ def check_split(split: np.ndarray, groups: np.ndarray) -> None:
 
 # ------------------------------------------------------------------------------ normalisation
 
+class RunningNormalization:
+    """Per-row sums of each view over the clips (or windows) added so far: the statistics of
+    :func:`fit_normalization`, gathered a batch at a time (a library larger than memory)."""
+
+    def __init__(self):
+        self.total: dict[str, np.ndarray] = {}
+        self.sq: dict[str, np.ndarray] = {}
+        self.count: dict[str, int] = {}
+
+    def add(self, views: dict[str, np.ndarray]) -> None:
+        """Add clips: ``{key: (n, rows, frames)}`` or one clip ``{key: (rows, frames)}``."""
+        for k, arr in views.items():
+            x = np.asarray(arr, np.float64)
+            x = x.reshape(-1, *x.shape[-2:]).transpose(1, 0, 2).reshape(x.shape[-2], -1)
+            if k not in self.total:
+                self.total[k] = np.zeros(x.shape[0], np.float64)
+                self.sq[k] = np.zeros(x.shape[0], np.float64)
+                self.count[k] = 0
+            self.total[k] += x.sum(axis=1)
+            self.sq[k] += (x * x).sum(axis=1)
+            self.count[k] += x.shape[1]
+
+    def result(self) -> dict[str, dict[str, np.ndarray]]:
+        """``{key: {'mean': (rows,), 'std': (rows,)}}`` (float32; std floored at 1e-5)."""
+        stats = {}
+        for k, total in self.total.items():
+            count = max(1, self.count[k])
+            mean = total / count
+            std = np.sqrt(np.maximum(self.sq[k] / count - mean * mean, 0.0))
+            stats[k] = {"mean": mean.astype(np.float32),
+                        "std": np.maximum(std, 1e-5).astype(np.float32)}
+        return stats
+
+
 def fit_normalization(fs: FeatureSet, indices: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
     """Per-row mean and standard deviation of each view over the clips ``indices`` only.
 
     Returns ``{key: {'mean': (rows,), 'std': (rows,)}}`` (float32; std floored at 1e-5).
     """
-    stats = {}
-    for k, arr in fs.arrays.items():
-        total = np.zeros(arr.shape[1], np.float64)
-        sq = np.zeros(arr.shape[1], np.float64)
-        for i in indices:                    # one clip at a time: no copy of the train set
-            x = arr[i].astype(np.float64)
-            total += x.sum(axis=1)
-            sq += (x * x).sum(axis=1)
-        count = max(1, len(indices) * arr.shape[2])
-        mean = total / count
-        std = np.sqrt(np.maximum(sq / count - mean * mean, 0.0))
-        stats[k] = {"mean": mean.astype(np.float32), "std": np.maximum(std, 1e-5).astype(np.float32)}
-    return stats
+    running = RunningNormalization()
+    for i in indices:                    # one clip at a time: no copy of the train set
+        running.add({k: arr[i] for k, arr in fs.arrays.items()})
+    if not len(indices):
+        running.add({k: arr[:0] for k, arr in fs.arrays.items()})
+    return running.result()
 
 
 def split_lists(fs: FeatureSet, split: np.ndarray) -> dict[str, Any]:
@@ -171,7 +199,8 @@ def feature_config_of(fs: FeatureSet) -> FeatureConfig:
     base = FeatureConfig()
     duration = (fs.n_frames - 1) * base.hop_length / base.sample_rate
     return FeatureConfig(n_mels=rows["mel_spec_orig"], n_mfcc=rows["mfcc"], n_chroma=rows["chroma"],
-                         tempogram_win_length=rows["tempogram"], duration=round(duration, 3))
+                         tempogram_win_length=rows["tempogram"], duration=round(duration, 3),
+                         pretrained_view=base.pretrained_view if fs.has_pretrained else None)
 
 
 def segment_frames(segment_seconds: Optional[float], feature_config: FeatureConfig, n_frames: int) -> int:
@@ -193,6 +222,21 @@ def eval_segments(indices: np.ndarray, n_frames: int, seg: int) -> tuple[np.ndar
     clips = np.repeat(np.asarray(indices, np.int64), per_clip)
     starts = np.tile(np.arange(per_clip, dtype=np.int64) * seg, len(indices))
     return clips, starts
+
+
+def crop_views(arrays: dict[str, np.ndarray], clip: int, start: int, seg: int,
+               n_frames: int) -> dict[str, np.ndarray]:
+    """Frames ``[start, start + seg)`` of clip ``clip`` of every view; for the pretrained view
+    (whose time axis is patches) the patches those frames cover
+    (:func:`deepfusion.pretrained.view.patch_span`)."""
+    out = {}
+    for k, arr in arrays.items():
+        if k == PRETRAINED_KEY:
+            first, count = patch_span(start, seg, n_frames, arr.shape[-1])
+            out[k] = arr[clip, :, first:first + count]
+        else:
+            out[k] = arr[clip, :, start:start + seg]
+    return out
 
 
 @dataclass(frozen=True)
@@ -240,7 +284,8 @@ class Augment:
                 w = int(rng.integers(0, int(self.time_mask * frames) + 1))
                 t0 = int(rng.integers(0, frames - w + 1))
                 for k in x:
-                    x[k][:, t0:t0 + w] = 0.0
+                    if k != PRETRAINED_KEY:     # frames, not patches
+                        x[k][:, t0:t0 + w] = 0.0
         if self.freq_mask > 0:
             for k in MEL_KEYS:
                 bands = x[k].shape[0]
@@ -279,7 +324,10 @@ class SegmentDataset:
             rng = np.random.default_rng([self.seed, epoch, i])
             span = self.fs.n_frames - seg
             s = int(rng.integers(0, span + 1)) if span > 0 else 0
-        views = {k: arr[c, :, s:s + seg] for k, arr in self.fs.arrays.items()}
+        # the views the normalisation knows: a model trained without the pretrained view
+        # reads features that have it
+        views = crop_views({k: a for k, a in self.fs.arrays.items() if k in self.norm}, c, s, seg,
+                           self.fs.n_frames)
         if self.augment is not None and rng is not None:
             views = self.augment.apply(views, rng)
         x = {}

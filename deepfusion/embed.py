@@ -14,7 +14,7 @@ from typing import Iterable, Optional, Union
 
 import numpy as np
 
-from .config import DEFAULT_CACHE_DIR, FEATURE_KEYS
+from .config import ALL_KEYS, DEFAULT_CACHE_DIR
 from .predict import Library, Prediction
 
 
@@ -24,7 +24,7 @@ class Embeddings:
 
     paths: np.ndarray            # (n,) str
     embeddings: np.ndarray       # (n, d) float32
-    attention: np.ndarray        # (n, 6) float32, columns in FEATURE_KEYS order, rows sum to 1
+    attention: np.ndarray        # (n, M) float32, columns in the model's view order, rows sum to 1
     genres: np.ndarray           # (n,) str, the model's top-1
     probabilities: np.ndarray    # (n, n_classes) float32, columns in class_names order
     class_names: np.ndarray      # (n_classes,) str
@@ -34,7 +34,8 @@ class Embeddings:
     def arrays(self) -> dict[str, np.ndarray]:
         return {"paths": self.paths, "embeddings": self.embeddings, "attention": self.attention,
                 "genres": self.genres, "probabilities": self.probabilities,
-                "class_names": self.class_names, "modalities": np.array(FEATURE_KEYS)}
+                "class_names": self.class_names,
+                "modalities": np.array(ALL_KEYS[:self.attention.shape[1]])}
 
     def save(self, out: Path) -> None:
         """Write an ``.npz`` atomically (``np.load(out)`` reads it without pickle)."""
@@ -61,7 +62,7 @@ def collect(results: Iterable[Union[Prediction, tuple[str, str]]], class_names: 
     return Embeddings(
         paths=np.array(paths, dtype=str),
         embeddings=np.array(emb, np.float32).reshape(n, dim),
-        attention=np.array(att, np.float32).reshape(n, len(FEATURE_KEYS)),
+        attention=np.array(att, np.float32).reshape(n, len(att[0]) if att else 0),
         genres=np.array([class_names[int(np.argmax(p))] for p in probs], dtype=str),
         probabilities=np.array(probs, np.float32).reshape(n, len(class_names)),
         class_names=np.array(class_names, dtype=str), errors=errors, computed=computed)
@@ -70,7 +71,7 @@ def collect(results: Iterable[Union[Prediction, tuple[str, str]]], class_names: 
 def embed(inputs: Iterable[Union[str, Path]], *, checkpoint: Path, engine: str = "torch",
           device: str = "auto", cache_dir: Path = DEFAULT_CACHE_DIR, jobs: Optional[int] = None,
           timeout: Optional[float] = 120.0, quiet: bool = True,
-          out: Optional[Path] = None) -> Embeddings:
+          out: Optional[Path] = None, adapt: str = "none") -> Embeddings:
     """Embeddings, attention and top-1 genre of every audio file in ``inputs`` (files and
     folders), the arrays ``deepfusion embed`` writes; ``out`` also writes them (``.npz``).
 
@@ -80,7 +81,8 @@ def embed(inputs: Iterable[Union[str, Path]], *, checkpoint: Path, engine: str =
         The model cannot be loaded; ``out`` or the cache cannot be written (before any work).
     """
     library = Library(inputs, checkpoints=[Path(checkpoint)], engine=engine, device=device,
-                      cache_dir=cache_dir, outputs={Path(out): "--out"} if out else None)
+                      cache_dir=cache_dir, outputs={Path(out): "--out"} if out else None,
+                      adapt=adapt)
     result = collect(library.run(jobs=jobs, timeout=timeout, quiet=quiet), library.class_names,
                      library.engines[0].embedding_dim)
     if out is not None:

@@ -8,8 +8,9 @@ from typing import Optional
 
 import numpy as np
 
+from .adapt import adapt as adapt_model, resolve_mode
 from .checkpoint import load_checkpoint, model_from_checkpoint, normalization_of
-from .config import AUX_KEYS, MEL_KEYS, FeatureConfig, TrainConfig
+from .config import AUX_KEYS, MEL_KEYS, PRETRAINED_KEY, FeatureConfig, TrainConfig
 from .data import read_split_file, segment_frames
 from .errors import DatasetError, FeaturesFileError
 from .inference import predict_clips
@@ -92,7 +93,7 @@ def _select(fs: FeatureSet, ckpt: dict, split: str, split_file: Optional[str], s
 def evaluate(checkpoint: Path, *, features: Optional[Path] = None, split: str = "test",
              split_file: Optional[str] = None, out_dir: Optional[Path] = None,
              batch_size: int = 64, device: str = "auto", precision: str = "fp32",
-             n_boot: int = 2000, echo=print) -> EvaluationReport:
+             n_boot: int = 2000, adapt: str = "auto", echo=print) -> EvaluationReport:
     """Evaluate a checkpoint on held-out clips and write the report files.
 
     By default it needs nothing but the checkpoint: the features file and the test split it
@@ -101,6 +102,12 @@ def evaluate(checkpoint: Path, *, features: Optional[Path] = None, split: str = 
     ``split_file`` imposes another split. Writes into ``out_dir`` (default: the checkpoint's
     folder) evaluation.json, classification_report.csv, predictions.csv,
     confusion_matrix.png and attention.png.
+
+    ``adapt`` (:mod:`deepfusion.adapt`): normalise by the statistics of the collection being
+    classified (all clips of the features file, labels unused): ``inputs`` (the views'),
+    ``full`` (and the model's own: BatchNorm's, or the probe's), ``none``; ``auto`` (default)
+    is ``full`` for another features file than the training one with at least
+    :data:`deepfusion.config.ADAPT_MIN_CLIPS` clips, else ``none``.
 
     ``precision``: fp32 (default) classifies in float32 whatever the training run used, so
     the same checkpoint gives the same answer on every machine and train's stored test
@@ -137,10 +144,14 @@ def evaluate(checkpoint: Path, *, features: Optional[Path] = None, split: str = 
     rows = fs.rows()
     mc = ckpt["model_config"]
     expected = {**{k: mc["n_mels"] for k in MEL_KEYS}, **dict(zip(AUX_KEYS, mc["aux_rows"]))}
-    wrong = [f"{k} has {rows[k]} rows, the model expects {expected[k]}" for k in expected if rows[k] != expected[k]]
+    if mc.get("pretrained_view_rows"):
+        expected[PRETRAINED_KEY] = mc["pretrained_view_rows"]
+    wrong = [f"{k} has {rows.get(k, 0)} rows, the model expects {expected[k]}"
+             for k in expected if rows.get(k, 0) != expected[k]]
     if wrong:
         raise FeaturesFileError(f"{features}: features do not fit the model: {'; '.join(wrong)}")
-    if fs.feature_config and fs.feature_config != ckpt["feature_config"]:
+    if fs.feature_config and (FeatureConfig.from_dict(fs.feature_config)
+                              != FeatureConfig.from_dict(ckpt["feature_config"])):
         echo(f"warning: {features} was extracted with other feature settings than the model was trained on")
     features_sha = fs.sha256
     same_file = features_sha == ckpt.get("features_sha256")
@@ -158,9 +169,15 @@ def evaluate(checkpoint: Path, *, features: Optional[Path] = None, split: str = 
 
     train_config = TrainConfig.from_dict(ckpt["train_config"])
     seg = segment_frames(train_config.segment_seconds, FeatureConfig.from_dict(ckpt["feature_config"]), fs.n_frames)
+    adapted = resolve_mode(adapt, n_clips=len(fs), new_collection=not same_file)
+    if adapted != "none":
+        echo(f"adapting to {features.name} ({adapted}): normalisation statistics of its "
+             f"{len(fs)} clips, no labels (--adapt none: the training statistics)")
     with memory_guard(dev, batch_size=batch_size, training=False):
         model = model_from_checkpoint(ckpt).to(dev)
-        pred = predict_clips(model, fs, normalization_of(ckpt), idx, seg=seg,
+        model, norm = adapt_model(model, fs, normalization_of(ckpt), np.arange(len(fs)),
+                                  mode=adapted, seg=seg, device=dev)
+        pred = predict_clips(model, fs, norm, idx, seg=seg,
                              batch_size=batch_size, device=dev, amp=used)
     truth, guess = fs.labels[idx], pred.predicted
     n_classes = len(class_names)
@@ -176,7 +193,7 @@ def evaluate(checkpoint: Path, *, features: Optional[Path] = None, split: str = 
     info = {"checkpoint": str(checkpoint.resolve()), "checkpoint_sha256": file_digest(checkpoint),
             "features_file": str(features.resolve()), "features_sha256": features_sha,
             "split_source": split_file or ("checkpoint" if split != "all" else "all clips"),
-            "device": str(dev), "precision": used,
+            "device": str(dev), "precision": used, "adapt": adapted,
             "clips": [fs.paths[i] for i in idx]}
     report = EvaluationReport(split, len(idx), metrics, ci, per_class, cm, class_names, unknown, out_dir, info)
 

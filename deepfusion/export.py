@@ -1,10 +1,12 @@
 """Export a checkpoint to ONNX, checked against torch before anything is written.
 
-The exported graph takes the six views of a batch of *segments*, un-normalised, as six inputs
-named and ordered as :data:`deepfusion.config.FEATURE_KEYS`, each ``(B, rows, segment_frames)``
-float32 with a dynamic batch axis ``B``; the checkpoint's normalisation (per row,
-``(view - mean) / std``) is inside the graph. Its outputs are ``logits`` ``(B, n_classes)``,
-``attention`` ``(B, 6)`` and ``embedding`` ``(B, d)``. One JSON entry of the model's
+The exported graph takes the views of a batch of *segments*, un-normalised, as one input per
+view named and ordered as the model's views (:data:`deepfusion.config.FEATURE_KEYS`, and
+``musicnn`` after them when the model has the pretrained view), each ``(B, rows,
+segment_frames)`` float32 (the pretrained view: the patches a segment covers) with a dynamic
+batch axis ``B``; the checkpoint's normalisation (per row, ``(view - mean) / std``) is inside
+the graph. Its outputs are ``logits`` ``(B, n_classes)``, ``attention`` ``(B, M)`` for M
+views and ``embedding`` ``(B, d)``. One JSON entry of the model's
 ``metadata_props`` (key ``deepfusion``) holds what :class:`~deepfusion.onnx_engine.OnnxEngine`
 needs: class names in logit order, the :class:`FeatureConfig`, the segment frames, the
 checkpoint's sha256 and format version, the versions that wrote it.
@@ -34,8 +36,9 @@ import torch
 from torch import nn
 
 from .checkpoint import feature_config_of, load_checkpoint, model_from_checkpoint, normalization_of
-from .config import FEATURE_KEYS, FeatureConfig, TrainConfig
+from .config import FEATURE_KEYS, PRETRAINED_KEY, FeatureConfig, TrainConfig, view_keys
 from .data import segment_frames
+from .pretrained.view import patch_span
 from .errors import ExportError, FeaturesFileError, ParameterError
 from .io.atomic import atomic_write, check_writable
 from .io.cache import file_digest
@@ -66,23 +69,22 @@ class ExportResult:
 
 
 class NormalisedModel(nn.Module):
-    """A model with the checkpoint's normalisation in front, taking six positional views.
+    """A model with the checkpoint's normalisation in front, taking its views positionally.
 
-    ``forward(mel_spec_orig, ..., tempogram)``, each ``(B, rows, T)`` un-normalised, returns
-    ``(logits, attention, embedding)``.
+    ``forward(mel_spec_orig, ..., tempogram[, musicnn])``, each ``(B, rows, T)``
+    un-normalised, returns ``(logits, attention, embedding)``.
     """
 
-    def __init__(self, model: nn.Module, norm: dict):
+    def __init__(self, model: nn.Module, norm: dict, keys: tuple[str, ...] = FEATURE_KEYS):
         super().__init__()
-        self.model = model
-        for k in FEATURE_KEYS:   # (rows, 1): broadcast over time
+        self.model, self.keys = model, tuple(keys)
+        for k in self.keys:   # (rows, 1): broadcast over time
             self.register_buffer(f"mean_{k}", torch.as_tensor(norm[k]["mean"], dtype=torch.float32)[:, None])
             self.register_buffer(f"std_{k}", torch.as_tensor(norm[k]["std"], dtype=torch.float32)[:, None])
 
-    def forward(self, mel_spec_orig, mel_spec_harm, mel_spec_perc, mfcc, chroma, tempogram):
-        views = (mel_spec_orig, mel_spec_harm, mel_spec_perc, mfcc, chroma, tempogram)
+    def forward(self, *views):
         x = {k: (v - getattr(self, f"mean_{k}")) / getattr(self, f"std_{k}")
-             for k, v in zip(FEATURE_KEYS, views)}
+             for k, v in zip(self.keys, views)}
         out = self.model(x)
         return tuple(out[name] for name in OUTPUT_NAMES)
 
@@ -145,17 +147,23 @@ def export_onnx(checkpoint: Path, out: Path, *, check_windows: Optional[dict[str
     norm = normalization_of(ckpt)
     fc = feature_config_of(ckpt)
     shapes = fc.feature_shapes()
-    rows = {k: int(shapes[k][0]) for k in FEATURE_KEYS}
+    keys = view_keys(bool(ckpt["model_config"].get("pretrained_view_rows")))
+    rows = {k: int(shapes[k][0]) for k in keys}
     seg = segment_frames(TrainConfig.from_dict(ckpt["train_config"]).segment_seconds, fc,
                          shapes[FEATURE_KEYS[0]][1])
-    wrapper = NormalisedModel(model, norm).eval()
-    proto, used = _to_onnx(wrapper, rows, seg, opset=opset, exporter=exporter, name=checkpoint)
+    # the pretrained view's segment: the patches a segment of frames covers
+    widths = {k: seg for k in keys}
+    if PRETRAINED_KEY in keys:
+        widths[PRETRAINED_KEY] = patch_span(0, seg, fc.n_frames, fc.n_patches)[1]
+    wrapper = NormalisedModel(model, norm, keys).eval()
+    proto, used = _to_onnx(wrapper, rows, widths, opset=opset, exporter=exporter, name=checkpoint)
     opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     meta = _metadata(ckpt, checkpoint, fc, rows, seg, exporter=used, opset=opset_used)
     _set_metadata(proto, meta)
     data = proto.SerializeToString()
 
     windows, source = _windows_for_check(check_windows, ckpt, fc, rows, seg)
+    windows = {k: windows[k] for k in keys if k in windows}
     diffs = compare_with_torch(model, norm, OnnxEngine.from_bytes(data, name=str(out)), windows, seg)
     n = len(windows[FEATURE_KEYS[0]])
     if not (diffs["probability"] <= tolerance and diffs["attention"] <= tolerance):
@@ -174,10 +182,10 @@ def export_onnx(checkpoint: Path, out: Path, *, check_windows: Optional[dict[str
 
 # ------------------------------------------------------------------------------- the exporters
 
-def _example(rows: dict[str, int], seg: int) -> tuple[torch.Tensor, ...]:
+def _example(rows: dict[str, int], widths: dict[str, int]) -> tuple[torch.Tensor, ...]:
     # batch 2: an example batch of 1 may be specialised into the graph
     g = torch.Generator().manual_seed(0)
-    return tuple(torch.randn(2, rows[k], seg, generator=g) for k in FEATURE_KEYS)
+    return tuple(torch.randn(2, rows[k], widths[k], generator=g) for k in rows)
 
 
 def _installed(module: str) -> bool:
@@ -192,8 +200,10 @@ def _dynamo(wrapper: nn.Module, example, opset: Optional[int]):
         raise ImportError("onnxscript is not installed")
     batch = torch.export.Dim("batch")
     program = torch.onnx.export(wrapper, example, None, dynamo=True, verbose=False,
-                                input_names=list(FEATURE_KEYS), output_names=list(OUTPUT_NAMES),
-                                opset_version=opset, dynamic_shapes=tuple({0: batch} for _ in FEATURE_KEYS))
+                                input_names=list(wrapper.keys), output_names=list(OUTPUT_NAMES),
+                                opset_version=opset,
+                                # forward(*views): one argument, the tuple of the views
+                                dynamic_shapes=(tuple({0: batch} for _ in wrapper.keys),))
     return program.model_proto
 
 
@@ -201,8 +211,8 @@ def _torchscript(wrapper: nn.Module, example, opset: Optional[int]):
     import onnx
 
     buffer = io.BytesIO()
-    axes = {name: {0: "batch"} for name in (*FEATURE_KEYS, *OUTPUT_NAMES)}
-    torch.onnx.export(wrapper, example, buffer, dynamo=False, input_names=list(FEATURE_KEYS),
+    axes = {name: {0: "batch"} for name in (*wrapper.keys, *OUTPUT_NAMES)}
+    torch.onnx.export(wrapper, example, buffer, dynamo=False, input_names=list(wrapper.keys),
                       output_names=list(OUTPUT_NAMES), opset_version=opset, dynamic_axes=axes)
     return onnx.load_from_string(buffer.getvalue())
 
@@ -210,8 +220,8 @@ def _torchscript(wrapper: nn.Module, example, opset: Optional[int]):
 _EXPORT = {"dynamo": _dynamo, "torchscript": _torchscript}
 
 
-def _to_onnx(wrapper: nn.Module, rows: dict[str, int], seg: int, *, opset: Optional[int],
-             exporter: str, name: Path):
+def _to_onnx(wrapper: nn.Module, rows: dict[str, int], widths: dict[str, int], *,
+             opset: Optional[int], exporter: str, name: Path):
     """The ONNX ModelProto of ``wrapper`` and the exporter that made it."""
     order = ("dynamo", "torchscript") if exporter == "auto" else (exporter,)
     failures = []
@@ -219,7 +229,7 @@ def _to_onnx(wrapper: nn.Module, rows: dict[str, int], seg: int, *, opset: Optio
         try:
             with warnings.catch_warnings():   # deprecation and axis-naming notes: not news
                 warnings.simplefilter("ignore")
-                return _EXPORT[which](wrapper, _example(rows, seg), opset), which
+                return _EXPORT[which](wrapper, _example(rows, widths), opset), which
         except Exception as exc:  # noqa: BLE001 - exporters raise many types
             failures.append(f"{which}: {one_line(exc, 200)}")
     raise ExportError(f"{name}: ONNX export failed ({'; '.join(failures)})")
@@ -235,7 +245,7 @@ def _metadata(ckpt: dict, checkpoint: Path, fc: FeatureConfig, rows: dict[str, i
             "segment_frames": int(seg),
             "segment_seconds": TrainConfig.from_dict(ckpt["train_config"]).segment_seconds,
             "rows": rows,
-            "inputs": list(FEATURE_KEYS), "outputs": list(OUTPUT_NAMES),
+            "inputs": list(rows), "outputs": list(OUTPUT_NAMES),
             "normalization": "inside the graph",
             "model_config": dict(ckpt["model_config"]),
             "checkpoint": {"file": checkpoint.name, "sha256": file_digest(checkpoint),
@@ -258,7 +268,7 @@ def _windows_for_check(given: Optional[dict], ckpt: dict, fc: FeatureConfig,
                        rows: dict[str, int], seg: int) -> tuple[dict[str, np.ndarray], str]:
     """The windows to check on, and where they came from (for the messages)."""
     if given is not None:
-        return {k: np.asarray(given[k], np.float32) for k in FEATURE_KEYS if k in given}, "the given windows"
+        return {k: np.asarray(given[k], np.float32) for k in rows if k in given}, "the given windows"
     path = ckpt.get("features_file")
     if path and Path(path).exists():
         from .io.features_file import load_features
@@ -267,9 +277,10 @@ def _windows_for_check(given: Optional[dict], ckpt: dict, fc: FeatureConfig,
             fs = load_features(Path(path), class_names=list(ckpt["class_names"]))
         except FeaturesFileError:
             fs = None
-        if fs is not None and len(fs) and fs.rows() == rows and fs.n_frames >= seg:
+        if fs is not None and len(fs) and all(fs.rows().get(k) == r for k, r in rows.items()) \
+                and fs.n_frames >= seg:
             idx = np.unique(np.linspace(0, len(fs) - 1, min(CHECK_CLIPS, len(fs))).round().astype(int))
-            return ({k: np.asarray(fs.arrays[k][idx], np.float32) for k in FEATURE_KEYS},
+            return ({k: np.asarray(fs.arrays[k][idx], np.float32) for k in rows},
                     f"the training features file {path}")
     return _synthetic_windows(fc), "two synthetic clips"
 
@@ -280,7 +291,7 @@ def _synthetic_windows(fc: FeatureConfig) -> dict[str, np.ndarray]:
 
     feats = [compute_features(render_clip(genre, seed=i, duration=fc.duration, sr=fc.sample_rate), fc)
              for i, genre in enumerate(GENRES[:2])]
-    return {k: np.stack([f[k] for f in feats]) for k in FEATURE_KEYS}
+    return {k: np.stack([f[k] for f in feats]) for k in feats[0]}
 
 
 def compare_with_torch(model: nn.Module, norm: dict, engine: OnnxEngine,
@@ -299,7 +310,7 @@ def compare_with_torch(model: nn.Module, norm: dict, engine: OnnxEngine,
 
     onnx_out = engine.window_outputs(windows)
     n = len(windows[FEATURE_KEYS[0]])
-    fs = FeatureSet({k: windows[k] for k in FEATURE_KEYS}, np.full(n, -1, np.int64),
+    fs = FeatureSet(dict(windows), np.full(n, -1, np.int64),
                     list(engine.class_names), [""] * n, np.arange(n, dtype=np.int64))
     ref = predict_clips(model, fs, norm, np.arange(n), seg=seg, embeddings=True)
 

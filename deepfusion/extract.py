@@ -192,7 +192,8 @@ def extract(audio_dir: Path, *, out: Optional[Path] = None, fmt: str = "pickle",
             shapes = config.feature_shapes()
             writer = stack.enter_context(StoreWriter(
                 out, n_clips=len(todo), rows={k: r for k, (r, _) in shapes.items()},
-                frames=config.n_frames, dtype=dtype))
+                frames=config.n_frames, patches=config.n_patches if config.pretrained_view else None,
+                dtype=dtype))
         bar = stack.enter_context(progress_bar(len(tasks), desc="extract", unit="clip", quiet=quiet))
         results = feature_tasks(tasks, jobs, scheduler, cache_dir, workers, cache=cache,
                                 config=config, device=device)

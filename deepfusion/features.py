@@ -1,7 +1,9 @@
-"""Pure feature functions: one STFT per clip feeds every view.
+"""Pure feature functions: one STFT per clip feeds every hand-made view.
 
-No torch, no files, no globals. Every function takes numpy arrays and a
-:class:`~deepfusion.config.FeatureConfig` and returns float32 arrays.
+No files, no globals. Every function takes numpy arrays and a
+:class:`~deepfusion.config.FeatureConfig` and returns float32 arrays. The six hand-made views
+need no torch; the seventh, pretrained view (when ``config.pretrained_view`` names one) is a
+frozen torch network's (:mod:`deepfusion.pretrained.view`), loaded once per process.
 
 The definitions are librosa's (``librosa.decompose.hpss``, ``librosa.feature.melspectrogram``,
 ``mfcc``, ``chroma_stft``, ``tempogram``); what differs is the cost: the STFT is computed once,
@@ -20,7 +22,7 @@ import bottleneck
 import librosa
 import numpy as np
 
-from .config import FeatureConfig
+from .config import PRETRAINED_KEY, FeatureConfig
 
 
 def median_filter_axis(S: np.ndarray, *, size: int, axis: int) -> np.ndarray:
@@ -106,7 +108,8 @@ def stft_magnitude(y: np.ndarray, config: FeatureConfig) -> np.ndarray:
 
 
 def compute_features(y: np.ndarray, config: FeatureConfig = FeatureConfig()) -> dict[str, np.ndarray]:
-    """All six feature views of one clip.
+    """All feature views of one clip: the six hand-made ones and, if the config names one,
+    the pretrained view.
 
     Parameters
     ----------
@@ -119,7 +122,9 @@ def compute_features(y: np.ndarray, config: FeatureConfig = FeatureConfig()) -> 
     dict of np.ndarray, all float32:
         ``mel_spec_orig``, ``mel_spec_harm``, ``mel_spec_perc`` [shape=(n_mels, t)] in dB,
         ``mfcc`` [shape=(n_mfcc, t)], ``chroma`` [shape=(n_chroma, t)] and
-        ``tempogram`` [shape=(tempogram_win_length, t)], with ``t = 1 + n_samples // hop``.
+        ``tempogram`` [shape=(tempogram_win_length, t)], with ``t = 1 + n_samples // hop``;
+        ``musicnn`` [shape=(VIEW_ROWS, n_patches)] when ``config.pretrained_view`` is set
+        (see :func:`deepfusion.pretrained.view.pretrained_view`).
     """
     y = np.ascontiguousarray(y, dtype=np.float32)
     sr = config.sample_rate
@@ -152,4 +157,9 @@ def compute_features(y: np.ndarray, config: FeatureConfig = FeatureConfig()) -> 
         "chroma": chroma,
         "tempogram": tempogram,
     }
+    if config.pretrained_view is not None:
+        from .pretrained.view import pretrained_view
+
+        out[PRETRAINED_KEY] = pretrained_view(y, sr, config.pretrained_view,
+                                              stride=config.pretrained_stride)
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}

@@ -30,14 +30,16 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 
-from .config import FeatureConfig
+from .config import PRETRAINED_KEY, FeatureConfig
 from .errors import ParameterError
 
 #: Largest absolute difference from :func:`deepfusion.features.compute_features` allowed per
 #: view (set above what 80 real clips and the synthetic test clips show; see
-#: ``tests/test_features_torch.py``): within these the two backends share the cache key.
+#: ``tests/test_features_torch.py``): within these the two backends share the cache key. The
+#: pretrained view is the same network on either backend; on a GPU it differs by float32
+#: rounding of another summation order (its front-end maxima reach about 150).
 TOLERANCE = {"mel_spec_orig": 0.1, "mel_spec_harm": 0.1, "mel_spec_perc": 0.1, "mfcc": 0.01,
-             "chroma": 1e-4, "tempogram": 1e-3}
+             "chroma": 1e-4, "tempogram": 1e-3, "musicnn": 1e-3}
 
 #: Largest number of elements the unfolded median windows may hold at once (float32: 512 MiB).
 MEDIAN_CHUNK_ELEMENTS = 1 << 27
@@ -313,7 +315,8 @@ def compute_features_torch(
     *,
     device: Union[str, torch.device] = "cpu",
 ) -> list[dict[str, np.ndarray]]:
-    """All six feature views of a batch of clips, computed on ``device``.
+    """All feature views of a batch of clips, computed on ``device`` (the pretrained view
+    too, when the config names one: resampled on the CPU, its network on ``device``).
 
     Parameters
     ----------
@@ -379,4 +382,9 @@ def compute_features_torch(
     views = {"mel_spec_orig": db_orig, "mel_spec_harm": db_harm, "mel_spec_perc": db_perc,
              "mfcc": mfcc, "chroma": chroma, "tempogram": tempo}
     host = {k: v.float().cpu().numpy() for k, v in views.items()}
+    if config.pretrained_view is not None:
+        from .pretrained.view import pretrained_views
+
+        host[PRETRAINED_KEY] = pretrained_views(y.float().cpu().numpy(), sr, config.pretrained_view,
+                                                stride=config.pretrained_stride, device=str(device))
     return [{k: np.ascontiguousarray(v[i]) for k, v in host.items()} for i in range(y.shape[0])]

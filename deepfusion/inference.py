@@ -26,7 +26,7 @@ class ClipPredictions:
 
     clips: np.ndarray           # (n,) clip indices into the FeatureSet
     logits: np.ndarray          # (n, n_classes) mean of segment logits
-    attention: np.ndarray       # (n, 6) mean modality attention
+    attention: np.ndarray       # (n, modalities) mean modality attention
     segment_correct: int
     segment_total: int
     embeddings: Optional[np.ndarray] = None   # (n, d) mean classifier input, when asked
@@ -70,7 +70,7 @@ def predict_clips(model: torch.nn.Module, fs: FeatureSet, norm: dict, clips: np.
     position = {int(c): i for i, c in enumerate(clips)}
     n_classes = model.classifier.out_features
     logit_sum = np.zeros((len(clips), n_classes), np.float64)
-    att_sum = np.zeros((len(clips), 6), np.float64)
+    att_sum = np.zeros((len(clips), len(model.keys)), np.float64)   # (n, views)
     emb_sum = None
     count = np.zeros(len(clips), np.int64)
     correct = total = 0

@@ -50,11 +50,11 @@ def model_id(path: Union[str, Path, bytes], *parts: str,
 class OutputsMemo:
     """One model's entries under ``cache``'s namespace (nothing kept when ``model`` is None).
 
-    ``shapes``: ``(n_classes, embedding width)`` (width 0: not known); an entry of other
-    shapes is not used.
+    ``shapes``: ``(n_classes, embedding width, views)`` (width 0: not known; views: the
+    attention's width, 6 or 7); an entry of other shapes is not used.
     """
 
-    def __init__(self, cache: FeatureCache, model: Optional[str], shapes: tuple[int, int]):
+    def __init__(self, cache: FeatureCache, model: Optional[str], shapes: tuple[int, int, int]):
         self.root = None if model is None else cache.root / "outputs" / model
         self.shapes = shapes
 
@@ -71,8 +71,8 @@ class OutputsMemo:
                 logits, attention, embedding, frames = (npz[k] for k in _FIELDS)
         except Exception:  # noqa: BLE001 - missing, damaged, a forged header: compute again
             return None
-        n_classes, width = self.shapes
-        if (logits.shape != (n_classes,) or attention.shape != (6,) or embedding.ndim != 1
+        n_classes, width, views = self.shapes
+        if (logits.shape != (n_classes,) or attention.shape != (views,) or embedding.ndim != 1
                 or (width and embedding.shape != (width,))
                 or frames.shape != () or not all(np.isfinite(a).all() for a in (logits, attention, embedding))):
             return None

@@ -1,12 +1,14 @@
 """Branches, modality attention and the fused multi-modal network.
 
-Inputs are the six feature views of a batch of segments (normalised, see ``deepfusion.data``)::
+Inputs are the feature views of a batch of segments (normalised, see ``deepfusion.data``)::
 
     mel_spec_orig, mel_spec_harm, mel_spec_perc  (B, n_mels, T)   -> three MelCNN branches
     mfcc, chroma, tempogram                      (B, rows, T)     -> three AuxiliaryFeatureMLPs
+    musicnn (the pretrained view, if the model   (B, rows, P)     -> one more AuxiliaryFeatureMLP
+             has it: ``pretrained_view_rows``)
 
 Each branch maps its input to an embedding of ``embed_dim``; attention gives each of the six
-embeddings a weight per clip (softmax over modalities); the weighted embeddings are concatenated
+(or seven) embeddings a weight per clip (softmax over modalities); the weighted embeddings are concatenated
 and classified by fully-connected fusion layers. ``forward`` returns ``{'logits', 'attention',
 'embedding'}``: the embedding is the classifier's input (what ``deepfusion embed`` writes).
 """
@@ -20,7 +22,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .config import AUX_KEYS, FEATURE_KEYS, MEL_KEYS, ModelConfig
+from .config import AUX_KEYS, MEL_KEYS, PRETRAINED_KEY, ModelConfig, view_keys
 from .errors import ParameterError, WeightsNotFoundError
 from .weights import RESNETS, load_pretrained_state, one_line
 
@@ -142,7 +144,8 @@ class ModalityAttention(nn.Module):
 
 
 class MultiModalNet(nn.Module):
-    """Three mel CNN branches + three auxiliary MLPs, fused through modality attention."""
+    """Three mel CNN branches + three auxiliary MLPs (+ one for the pretrained view), fused
+    through modality attention."""
 
     def __init__(self, config: ModelConfig, *, pretrained_state: Optional[dict] = None):
         super().__init__()
@@ -156,13 +159,18 @@ class MultiModalNet(nn.Module):
             self.mel = nn.ModuleDict({k: shared for k in MEL_KEYS})
         else:
             self.mel = nn.ModuleDict({k: branch() for k in MEL_KEYS})
+        #: the views this model reads, in the order of its attention's columns
+        self.keys = view_keys(config.pretrained_view_rows > 0)
+        aux_rows = dict(zip(AUX_KEYS, config.aux_rows))
+        if config.pretrained_view_rows:
+            aux_rows[PRETRAINED_KEY] = config.pretrained_view_rows
         self.aux = nn.ModuleDict({
             k: AuxiliaryFeatureMLP(rows=r, hidden=config.aux_hidden, embed_dim=d,
                                    dropout=config.dropout)
-            for k, r in zip(AUX_KEYS, config.aux_rows)})
+            for k, r in aux_rows.items()})
         self.attention = ModalityAttention(embed_dim=d)
         layers: list[nn.Module] = []
-        width = d * len(FEATURE_KEYS)
+        width = d * len(self.keys)
         for h in config.fusion_hidden:
             layers += [nn.Linear(width, h), nn.ReLU(inplace=True), nn.Dropout(config.dropout)]
             width = h
@@ -170,12 +178,12 @@ class MultiModalNet(nn.Module):
         self.classifier = nn.Linear(width, config.n_classes)
 
     def forward(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        emb = [self.mel[k](x[k]) for k in MEL_KEYS] + [self.aux[k](x[k]) for k in AUX_KEYS]
-        emb = torch.stack(emb, dim=1)                       # (B, 6, D)
-        weighted, attention = self.attention(emb)           # (B, 6, D), (B, 6)
+        emb = [self.mel[k](x[k]) for k in MEL_KEYS] + [self.aux[k](x[k]) for k in self.aux]
+        emb = torch.stack(emb, dim=1)                       # (B, M, D), M = len(self.keys)
+        weighted, attention = self.attention(emb)           # (B, M, D), (B, M)
         fused = self.fusion(weighted.flatten(1))            # (B, fusion_hidden[-1])
         return {"logits": self.classifier(fused),           # (B, n_classes)
-                "attention": attention,                     # (B, 6), rows sum to 1
+                "attention": attention,                     # (B, M), rows sum to 1
                 "embedding": fused}                         # (B, fusion_hidden[-1])
 
 

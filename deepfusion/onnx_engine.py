@@ -2,8 +2,8 @@
 
 This module never imports torch, nor does anything it imports (numpy, onnxruntime,
 :mod:`deepfusion.config`, :mod:`deepfusion.data`): a machine that only classifies needs
-``pip install 'deepfusion[onnx]'`` and no torch. The graph takes the six views of a batch of
-segments, un-normalised (the checkpoint's normalisation is inside it); :meth:`OnnxEngine.window_outputs`
+``pip install 'deepfusion[onnx]'`` and no torch. The graph takes the views of a batch of
+segments (the six, and the pretrained one when the model has it), un-normalised (the checkpoint's normalisation is inside it); :meth:`OnnxEngine.window_outputs`
 cuts clip-length windows into the same non-overlapping segments as
 :func:`deepfusion.inference.predict_clips` and averages the segments' outputs per window.
 """
@@ -16,8 +16,8 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from .config import FEATURE_KEYS, FeatureConfig
-from .data import segments_per_clip
+from .config import ALL_KEYS, FEATURE_KEYS, PRETRAINED_KEY, FeatureConfig
+from .data import crop_views, segments_per_clip
 from .errors import OnnxModelError, ParameterError
 
 #: The key of deepfusion's JSON entry in the ONNX model's ``metadata_props``.
@@ -114,7 +114,9 @@ class OnnxEngine:
         self.class_names: list[str] = list(self.metadata["class_names"])
         self.feature_config: FeatureConfig = FeatureConfig.from_dict(self.metadata["feature_config"])
         self.segment_frames: int = int(self.metadata["segment_frames"])
-        self.rows: dict[str, int] = {k: int(self.metadata["rows"][k]) for k in FEATURE_KEYS}
+        #: the graph's inputs: the six views, or seven with the pretrained one
+        self.keys: tuple[str, ...] = tuple(i.name for i in self.session.get_inputs())
+        self.rows: dict[str, int] = {k: int(self.metadata["rows"][k]) for k in self.keys}
         # the width of the classifier's input (what embed writes): static in the graph
         shape = self.session.get_outputs()[OUTPUT_NAMES.index("embedding")].shape
         self.embedding_dim: int = int(shape[-1]) if isinstance(shape[-1], int) else 0
@@ -141,9 +143,18 @@ class OnnxEngine:
                    if k not in meta]
         inputs = [i.name for i in self.session.get_inputs()]
         outputs = [o.name for o in self.session.get_outputs()]
-        if missing or inputs != list(FEATURE_KEYS) or outputs != list(OUTPUT_NAMES):
+        if missing or inputs not in (list(FEATURE_KEYS), list(ALL_KEYS)) \
+                or outputs != list(OUTPUT_NAMES) or not set(inputs) <= set(meta.get("rows") or ()):
             raise OnnxModelError(f"{bad} (inputs {inputs}, outputs {outputs}"
                                  + (f", metadata without {', '.join(missing)})" if missing else ")"))
+        try:
+            views = FeatureConfig.from_dict(meta["feature_config"]).keys
+        except Exception as exc:  # noqa: BLE001 - any malformed settings: one line
+            raise OnnxModelError(f"{bad} (its feature settings do not rebuild: "
+                                 f"{str(exc)[:120]})") from None
+        if list(views) != inputs:
+            raise OnnxModelError(f"{bad} (its inputs {inputs} are not the views its feature "
+                                 f"settings make: {list(views)})")
         return meta
 
     @property
@@ -157,14 +168,15 @@ class OnnxEngine:
         Parameters
         ----------
         segments : dict of key -> np.ndarray [shape=(B, rows, segment_frames)]
-            The six views, un-normalised.
+            The model's views (:attr:`keys`), un-normalised (the pretrained view: the
+            patches the segment covers).
 
         Returns
         -------
-        dict of np.ndarray, float32: ``logits`` (B, n_classes), ``attention`` (B, 6),
+        dict of np.ndarray, float32: ``logits`` (B, n_classes), ``attention`` (B, M),
         ``embedding`` (B, d)
         """
-        feeds = {k: np.ascontiguousarray(segments[k], dtype=np.float32) for k in FEATURE_KEYS}
+        feeds = {k: np.ascontiguousarray(segments[k], dtype=np.float32) for k in self.keys}
         return dict(zip(OUTPUT_NAMES, self.session.run(list(OUTPUT_NAMES), feeds)))
 
     def window_outputs(self, views: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -177,13 +189,14 @@ class OnnxEngine:
         Parameters
         ----------
         views : dict of key -> np.ndarray [shape=(n, rows, T)]
-            The six views of ``n`` clip-length windows, un-normalised (as
+            The views of ``n`` clip-length windows (the pretrained view's ``T`` counts its
+            patches), un-normalised (as
             :func:`deepfusion.features.compute_features` makes them, stacked), ``T >=
             segment_frames``.
 
         Returns
         -------
-        dict of np.ndarray, float32: ``logits`` (n, n_classes), ``attention`` (n, 6),
+        dict of np.ndarray, float32: ``logits`` (n, n_classes), ``attention`` (n, M),
         ``embedding`` (n, d)
 
         Raises
@@ -192,14 +205,15 @@ class OnnxEngine:
             A view missing, of other rows than the model takes, or windows shorter than a segment.
         """
         n, frames = self._check_views(views)
+        mine = {k: views[k] for k in self.keys}
         seg = self.segment_frames
         per = segments_per_clip(frames, seg)
         total = n * per
         sums: dict[str, np.ndarray] = {}
         for lo in range(0, total, self.batch_size):
             items = range(lo, min(lo + self.batch_size, total))
-            batch = {k: np.stack([views[k][i // per, :, (i % per) * seg:(i % per + 1) * seg]
-                                  for i in items]) for k in FEATURE_KEYS}
+            crops = [crop_views(mine, i // per, (i % per) * seg, seg, frames) for i in items]
+            batch = {k: np.stack([c[k] for c in crops]) for k in self.keys}
             out = self.segment_outputs(batch)
             window = np.array([i // per for i in items])
             for name, value in out.items():
@@ -212,17 +226,22 @@ class OnnxEngine:
         return {name: (s / per).astype(np.float32) for name, s in sums.items()}
 
     def _check_views(self, views: dict[str, np.ndarray]) -> tuple[int, int]:
-        missing = [k for k in FEATURE_KEYS if k not in views]
+        missing = [k for k in self.keys if k not in views]
         if missing:
             raise ParameterError(f"window_outputs: missing view(s) {', '.join(missing)}")
-        shapes = {k: np.shape(views[k]) for k in FEATURE_KEYS}
+        shapes = {k: np.shape(views[k]) for k in self.keys}
         wrong = [f"{k} {list(s)}" for k, s in shapes.items() if len(s) != 3 or s[1] != self.rows[k]]
         if wrong:
-            expected = ", ".join(f"{k} {self.rows[k]}" for k in FEATURE_KEYS)
+            expected = ", ".join(f"{k} {self.rows[k]}" for k in self.keys)
             raise ParameterError(f"window_outputs: views must be (windows, rows, frames) with rows "
                                  f"{expected}; got {', '.join(wrong)}")
-        if len({s[0] for s in shapes.values()}) > 1 or len({s[2] for s in shapes.values()}) > 1:
-            raise ParameterError("window_outputs: the six views differ in windows or frames: "
+        framed = {k: s for k, s in shapes.items() if k in FEATURE_KEYS}
+        if PRETRAINED_KEY in shapes and shapes[PRETRAINED_KEY][2] != self.feature_config.n_patches:
+            raise ParameterError(f"window_outputs: the {PRETRAINED_KEY} view has "
+                                 f"{shapes[PRETRAINED_KEY][2]} patches, clip-length windows of "
+                                 f"this model's features {self.feature_config.n_patches}")
+        if len({s[0] for s in shapes.values()}) > 1 or len({s[2] for s in framed.values()}) > 1:
+            raise ParameterError("window_outputs: the views differ in windows or frames: "
                                  + ", ".join(f"{k} {list(s)}" for k, s in shapes.items()))
         n, frames = shapes[FEATURE_KEYS[0]][0], shapes[FEATURE_KEYS[0]][2]
         if frames < self.segment_frames:

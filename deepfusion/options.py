@@ -18,7 +18,8 @@ from typing import Any, Callable, Optional
 
 import click
 
-from .config import (AMP_DTYPES, BACKBONES, DEFAULT_CACHE_DIR, DEFAULT_FEATURES, INFERENCE_PRECISIONS, MODEL_KINDS,
+from .config import (ADAPT_MIN_CLIPS, ADAPT_MODES, AMP_DTYPES, BACKBONES, DEFAULT_CACHE_DIR, DEFAULT_FEATURES, INFERENCE_PRECISIONS, MODEL_KINDS,
+                     PRETRAINED_VIEWS,
                      SELECTIONS, FeatureConfig, ModelConfig, RuntimeConfig, TrainConfig,
                      describe_auto, option_name)
 
@@ -86,6 +87,19 @@ class SecondsOrFull(click.ParamType):
         return seconds
 
 
+class PretrainedViewChoice(click.Choice):
+    """A name of :data:`~deepfusion.config.PRETRAINED_VIEWS`, or ``none`` (None: no view)."""
+
+    def __init__(self):
+        super().__init__([*PRETRAINED_VIEWS, "none"])
+
+    def convert(self, value, param, ctx):
+        if value is None:
+            return None
+        value = super().convert(value, param, ctx)
+        return None if value == "none" else value
+
+
 # ----------------------------------------------------------------------------- FeatureConfig
 
 feature_options = config_options(FeatureConfig, [
@@ -105,6 +119,12 @@ feature_options = config_options(FeatureConfig, [
     Opt("n_chroma", "Chroma bins."),
     Opt("chroma_tuning", "Tuning offset in chroma bins.", auto="estimated per clip"),
     Opt("tempogram_win_length", "Tempogram lags (onset frames)."),
+    Opt("pretrained_view", "The seventh view: what a frozen music network (musicnn, trained on "
+        "the Million Song Dataset or MagnaTagATune) makes of each 3-s patch; 'none' extracts "
+        "the six hand-made views only.", type=PretrainedViewChoice()),
+    Opt("pretrained_stride", "One 3-s patch in every N goes through the pretrained view's "
+        "network (1: every patch; the network costs about three times the six other views "
+        "per patch on a CPU core).", type=click.IntRange(1)),
 ])
 
 # ------------------------------------------------------------------------------- TrainConfig
@@ -239,3 +259,13 @@ def features_option(*, default: Optional[Path], help_default: Optional[str] = No
 
 
 train_features_option = features_option(default=DEFAULT_FEATURES)
+
+
+def adapt_option(default: str = "auto") -> Callable[[Callable], Callable]:
+    """``--adapt``: normalisation statistics of the collection being classified."""
+    return click.option(
+        "--adapt", type=click.Choice(ADAPT_MODES), default=default, show_default=True,
+        help="Normalise by the statistics of the collection being classified, no labels: "
+        "inputs (the views'), full (and the network's BatchNorm statistics, or the probe's); "
+        f"auto: full for another collection than the training one with at least {ADAPT_MIN_CLIPS} "
+        "clips. A prediction then depends on the other files classified with it.")

@@ -61,23 +61,25 @@ def plot_confusion(cm, class_names: Sequence[str], path: Path, *, title: str = "
 
 
 def plot_attention(attention, labels, class_names: Sequence[str], path: Path) -> None:
-    """Mean modality attention per true genre: which of the six inputs each genre leans on."""
+    """Mean modality attention per true genre: which of the inputs (six views, or seven with
+    the pretrained one: the attention's columns) each genre leans on."""
     import numpy as np
 
-    from .config import FEATURE_KEYS
+    from .config import ALL_KEYS
 
     attention, labels = np.asarray(attention), np.asarray(labels)
+    keys = ALL_KEYS[:attention.shape[1]]
     present = [i for i in range(len(class_names)) if (labels == i).any()]
     mean = np.array([attention[labels == i].mean(axis=0) for i in present])
     names = [class_names[i] for i in present]
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 2))
     im = ax.imshow(mean, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(FEATURE_KEYS)), [k.replace("mel_spec_", "mel ") for k in FEATURE_KEYS],
+    ax.set_xticks(range(len(keys)), [k.replace("mel_spec_", "mel ") for k in keys],
                   rotation=30, ha="right")
     ax.set_yticks(range(len(names)), names)
     for i in range(len(names)):
-        for j in range(len(FEATURE_KEYS)):
-            # attention sits near 1/6 everywhere, so judge darkness on the colour scale
+        for j in range(len(keys)):
+            # attention sits near 1/M everywhere, so judge darkness on the colour scale
             # (viridis is dark at its low end), not against the largest value
             ax.text(j, i, f"{mean[i, j]:.2f}", ha="center", va="center", fontsize=8,
                     color="white" if im.norm(mean[i, j]) < 0.5 else "black")

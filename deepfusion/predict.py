@@ -25,9 +25,9 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from .audio import AUDIO_EXTENSIONS, discover
+from .audio import AUDIO_EXTENSIONS, expand_inputs
 from .config import DEFAULT_CACHE_DIR, FEATURE_KEYS
-from .errors import DatasetError, ParameterError
+from .errors import ParameterError
 from .io.cache import FeatureCache
 from .metrics import softmax
 from .windows import load_window, run_file_tasks
@@ -45,7 +45,7 @@ class Prediction:
     segments: int                      # segments per model whose outputs were averaged
     seconds: float                     # length of the file
     probabilities: dict[str, float] = field(default_factory=dict)   # every genre
-    attention: Optional[np.ndarray] = None    # (6,) mean modality attention (first model)
+    attention: Optional[np.ndarray] = None    # (views,) mean modality attention (first model)
     embedding: Optional[np.ndarray] = None    # (d,) mean classifier input (first model)
     computed: int = 0                  # windows whose features were computed (not cached)
 
@@ -91,20 +91,6 @@ def check_ensemble(engines: Sequence[Any], paths: Sequence[Path]) -> None:
                                  "needs the same genres")
 
 
-def expand_inputs(inputs: Iterable[Path]) -> list[Path]:
-    """Files as given, and the audio files under each folder (sorted)."""
-    files: list[Path] = []
-    for p in map(Path, inputs):
-        if p.is_dir():
-            try:
-                files += [it.path for it in discover(p)]
-            except DatasetError:
-                files.append(p)   # reported as "no audio files"
-        else:
-            files.append(p)
-    return files
-
-
 class Library:
     """Models loaded and checked, inputs listed and outputs checked: everything that can be
     refused is refused before any file is analysed. :meth:`run` then classifies the files.
@@ -119,6 +105,10 @@ class Library:
     precision : the torch engine's: fp32 (default: the same answer on every machine) or amp
     outputs : files the caller will write (``{path: option name}``): refused when one would
         replace an input or cannot be written
+    adapt : normalise by the statistics of the files classified together
+        (:mod:`deepfusion.adapt`): ``none``, ``inputs``, ``full``, or ``auto`` (``full`` for
+        at least ``ADAPT_MIN_CLIPS`` files, else ``none``); the torch engine only (the onnx
+        engine's normalisation is inside its graph: ``auto`` is ``none`` there)
 
     Raises
     ------
@@ -131,10 +121,17 @@ class Library:
     def __init__(self, inputs: Iterable[Union[str, Path]], *, checkpoints: Sequence[Path],
                  engine: str = "torch", device: str = "auto",
                  cache_dir: Path = DEFAULT_CACHE_DIR, outputs: Optional[dict[Path, str]] = None,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", adapt: str = "auto"):
         from .io.atomic import check_writable
         from .io.guard import audio_inputs, check_outputs
 
+        from .adapt import resolve_mode
+
+        resolve_mode(adapt, n_clips=0, new_collection=True)     # an unknown mode: now
+        if engine == "onnx" and adapt in ("inputs", "full"):
+            raise ParameterError(f"--adapt {adapt}: the onnx engine's normalisation is inside "
+                                 "its graph; adapt with the torch engine (a .pth checkpoint)")
+        self.adapt = "none" if engine == "onnx" else adapt
         self.files = expand_inputs(inputs)
         if outputs:
             check_outputs(outputs, audio_inputs(p for p in self.files if not p.is_dir()))
@@ -166,10 +163,28 @@ class Library:
         """
         from .progress import progress_bar
 
+        from .adapt import resolve_mode
+
         folders = {i for i, p in enumerate(self.files) if p.is_dir()}
         todo = [p for i, p in enumerate(self.files) if i not in folders]
         results = run_file_tasks(todo, cache_dir=self.cache_dir,
                                  config=self.engines[0].feature_config, jobs=jobs, timeout=timeout)
+        self.adapted = resolve_mode(self.adapt, n_clips=len(todo), new_collection=True)
+        if self.adapted == "none":
+            for engine in self.engines:
+                if hasattr(engine, "adapt"):
+                    engine.adapt("none", lambda: iter(()))     # the trained model, as loaded
+        else:
+            # every file first: the statistics are the whole collection's
+            with progress_bar(len(todo), desc="analyse", unit="file", quiet=quiet) as bar:
+                done = []
+                for result in results:
+                    bar.update(1)
+                    done.append(result)
+            results = iter(done)
+            usable = [(r[0], r[1]) for r in done if r[3] is None]
+            for engine in self.engines:
+                engine.adapt(self.adapted, lambda: _window_sets(self.cache, usable, self.class_names))
         with progress_bar(len(todo), desc="predict", unit="file", quiet=quiet) as bar:
             pending: list[tuple[Path, Optional[tuple]]] = []   # a batch of files, in order
             windows = 0
@@ -220,6 +235,34 @@ class Library:
 BATCH_WINDOWS = 4
 
 
+def _window_sets(cache: FeatureCache, files: list[tuple[str, int]], class_names: list[str]
+                 ) -> Iterator[Any]:
+    """The windows of ``files`` (``(key, windows)``) as FeatureSets of up to
+    :data:`BATCH_WINDOWS` windows (unlabelled), read from the cache; a window that cannot be
+    read is left out (the classification pass reports its file)."""
+    from .io.featureset import FeatureSet
+
+    batch: list[dict[str, np.ndarray]] = []
+
+    def flush():
+        n = len(batch)
+        views = {k: np.concatenate([b[k] for b in batch]) for k in batch[0]}
+        return FeatureSet(views, np.full(n, -1, np.int64), list(class_names), [""] * n,
+                          np.zeros(n, np.int64))
+
+    for key, n_windows in files:
+        for w in range(n_windows):
+            views = load_window(cache, key, w)
+            if views is None:
+                continue
+            batch.append(views)
+            if len(batch) >= BATCH_WINDOWS:
+                yield flush()
+                batch = []
+    if batch:
+        yield flush()
+
+
 def _window_outputs(engines, cache: FeatureCache, files: list[tuple[int, str, int]]) -> dict:
     """Per file ``j`` of ``files`` (``(j, key, windows)``): the sums over its windows of each
     model's logits, the first model's attention and embedding, and the frames per window; or
@@ -229,7 +272,7 @@ def _window_outputs(engines, cache: FeatureCache, files: list[tuple[int, str, in
     from .memo import OutputsMemo
 
     memos = [OutputsMemo(cache, getattr(e, "model_id", None),
-                         (len(e.class_names), int(getattr(e, "embedding_dim", 0) or 0)))
+                         (len(e.class_names), int(getattr(e, "embedding_dim", 0) or 0), len(e.keys)))
              for e in engines]
     done: dict = {}
     todo = []
@@ -255,7 +298,7 @@ def _window_outputs(engines, cache: FeatureCache, files: list[tuple[int, str, in
             views.append(v)
         if not chunk:
             continue
-        stacked = {k: np.concatenate([v[k] for v in views]) for k in FEATURE_KEYS}
+        stacked = {k: np.concatenate([v[k] for v in views]) for k in views[0]}
         frames = stacked[FEATURE_KEYS[0]].shape[-1]
         outs = [engine.window_outputs(stacked) for engine in engines]
         for row, j in enumerate(chunk):
@@ -277,13 +320,13 @@ def _window_outputs(engines, cache: FeatureCache, files: list[tuple[int, str, in
 def predict(inputs: Iterable[Union[str, Path]], *, checkpoint: Union[Path, Sequence[Path]],
             top_k: int = 3, device: str = "auto", engine: str = "torch",
             cache_dir: Path = DEFAULT_CACHE_DIR, jobs: Optional[int] = None,
-            timeout: Optional[float] = 120.0, quiet: bool = True,
+            timeout: Optional[float] = 120.0, quiet: bool = True, adapt: str = "auto",
             ) -> Iterator[Union[Prediction, tuple[str, str]]]:
     """Yield a :class:`Prediction` (its ``top`` cut to ``top_k``) per readable file, or
     ``(path, reason)`` for the others; see :class:`Library`."""
     checkpoints = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
     library = Library(inputs, checkpoints=checkpoints, engine=engine, device=device,
-                      cache_dir=cache_dir)
+                      cache_dir=cache_dir, adapt=adapt)
     for result in library.run(jobs=jobs, timeout=timeout, quiet=quiet):
         if isinstance(result, Prediction):
             result.top = result.top[:max(1, top_k)]

@@ -1,6 +1,7 @@
-"""A linear probe baseline: logistic regression on time-pooled statistics of the six views.
+"""A linear probe baseline: logistic regression on time-pooled statistics of the views.
 
-The probe sees exactly what the network sees (the six views, normalised per row by the
+The probe sees exactly what the network sees (the six views and, where the features have it,
+the pretrained view, normalised per row by the
 dataset, see :class:`deepfusion.data.SegmentDataset`) and reduces every view to the mean and
 the standard deviation over time of each of its rows (:func:`pooled_stats`). These statistics
 are standardised with the training clips' mean and scale and fed to one linear layer.
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import AUX_KEYS, FEATURE_KEYS, MEL_KEYS, TrainConfig
+from .config import AUX_KEYS, FEATURE_KEYS, MEL_KEYS, PRETRAINED_KEY, TrainConfig, view_keys
 from .errors import ParameterError
 
 Array = Union[np.ndarray, torch.Tensor]
@@ -40,45 +41,50 @@ DEFAULT_C = TrainConfig.probe_c
 _ABSENT_BIAS = -1e4
 
 
-def _view_rows(n_mels: int, aux_rows: Sequence[int]) -> dict[str, int]:
-    return {**{k: int(n_mels) for k in MEL_KEYS}, **{k: int(r) for k, r in zip(AUX_KEYS, aux_rows)}}
+def _view_rows(n_mels: int, aux_rows: Sequence[int], pretrained_view_rows: int = 0) -> dict[str, int]:
+    rows = {**{k: int(n_mels) for k in MEL_KEYS}, **{k: int(r) for k, r in zip(AUX_KEYS, aux_rows)}}
+    if pretrained_view_rows:
+        rows[PRETRAINED_KEY] = int(pretrained_view_rows)
+    return rows
 
 
-def n_pooled_stats(n_mels: int, aux_rows: Sequence[int]) -> int:
-    """Length of :func:`pooled_stats`' output: ``2 * (3 * n_mels + sum(aux_rows))``."""
-    return 2 * sum(_view_rows(n_mels, aux_rows).values())
+def n_pooled_stats(n_mels: int, aux_rows: Sequence[int], pretrained_view_rows: int = 0) -> int:
+    """Length of :func:`pooled_stats`' output: twice the rows of all the views."""
+    return 2 * sum(_view_rows(n_mels, aux_rows, pretrained_view_rows).values())
 
 
-def pooled_stats(x: dict[str, Array]) -> Array:
-    """Mean and standard deviation over time of every row of the six views.
+def pooled_stats(x: dict[str, Array], keys: Sequence[str] = FEATURE_KEYS) -> Array:
+    """Mean and standard deviation over time of every row of the views ``keys``.
 
     Parameters
     ----------
     x : dict of key -> array or tensor [shape=(B, rows, T)]
-        The views of a batch, keys as :data:`deepfusion.config.FEATURE_KEYS`.
+        The views of a batch (``T``: patches for the pretrained view).
+    keys : sequence of str
+        The views to use, in order (default the six hand-made ones).
 
     Returns
     -------
     np.ndarray or torch.Tensor [shape=(B, 2 * sum(rows))]
-        Per view, in :data:`FEATURE_KEYS` order, the ``rows`` means then the ``rows``
+        Per view, in ``keys`` order, the ``rows`` means then the ``rows``
         standard deviations (population, correction 0):
         ``[mean(mel_spec_orig), std(mel_spec_orig), mean(mel_spec_harm), ...]``.
         numpy inputs are reduced in float64 and give float64; tensors are reduced in float32
         (float64 stays float64) whatever their dtype or an enclosing autocast.
     """
-    missing = [k for k in FEATURE_KEYS if k not in x]
+    missing = [k for k in keys if k not in x]
     if missing:
         raise ParameterError(f"pooled_stats: missing view(s) {', '.join(missing)}")
-    if all(isinstance(x[k], torch.Tensor) for k in FEATURE_KEYS):
+    if all(isinstance(x[k], torch.Tensor) for k in keys):
         parts = []
-        for k in FEATURE_KEYS:
+        for k in keys:
             v = x[k]
             v = v if v.dtype == torch.float64 else v.float()
             std, mean = torch.std_mean(v, dim=-1, correction=0)      # (B, rows) each
             parts += [mean, std]
         return torch.cat(parts, dim=-1)
     parts = []
-    for k in FEATURE_KEYS:
+    for k in keys:
         v = x[k]
         if isinstance(v, torch.Tensor):
             raise ParameterError("pooled_stats: mixed numpy arrays and torch tensors")
@@ -92,9 +98,9 @@ class LinearProbe(nn.Module):
 
     Buffers ``stat_mean`` and ``stat_scale`` standardise the statistics (fitted on training
     clips by :func:`fit_probe`; 0 and 1 until then); ``classifier`` is the ``nn.Linear``.
-    ``forward`` returns ``{'logits': (B, n_classes), 'attention': (B, 6)}`` like
+    ``forward`` returns ``{'logits': (B, n_classes), 'attention': (B, M)}`` like
     :class:`~deepfusion.models.MultiModalNet`; the probe has no modality attention, so
-    ``attention`` is uniform (1/6 for every view), only there for the common interface.
+    ``attention`` is uniform (1/M for each of its M views), only there for the common interface.
 
     The whole forward runs in float32 with autocast disabled (the statistics, the
     standardisation and the linear layer): it costs nothing and the logits are float32
@@ -102,7 +108,7 @@ class LinearProbe(nn.Module):
     """
 
     def __init__(self, n_classes: int, n_mels: int = 128,
-                 aux_rows: Sequence[int] = (20, 12, 384)):
+                 aux_rows: Sequence[int] = (20, 12, 384), pretrained_view_rows: int = 0):
         super().__init__()
         aux_rows = tuple(int(r) for r in aux_rows)
         if int(n_classes) < 2:
@@ -111,7 +117,10 @@ class LinearProbe(nn.Module):
             raise ParameterError(f"need n_mels >= 1 and {len(AUX_KEYS)} positive aux_rows, "
                                  f"got {n_mels!r}, {aux_rows!r}")
         self.n_classes, self.n_mels, self.aux_rows = int(n_classes), int(n_mels), aux_rows
-        n_stats = n_pooled_stats(self.n_mels, self.aux_rows)
+        self.pretrained_view_rows = int(pretrained_view_rows or 0)
+        #: the views the probe reads, in order
+        self.keys = view_keys(self.pretrained_view_rows > 0)
+        n_stats = n_pooled_stats(self.n_mels, self.aux_rows, self.pretrained_view_rows)
         self.register_buffer("stat_mean", torch.zeros(n_stats))
         self.register_buffer("stat_scale", torch.ones(n_stats))
         self.classifier = nn.Linear(n_stats, self.n_classes)
@@ -120,24 +129,27 @@ class LinearProbe(nn.Module):
 
     @classmethod
     def from_config(cls, config) -> "LinearProbe":
-        """A probe from anything holding ``n_classes``, ``n_mels`` and ``aux_rows`` (a dict,
-        a :class:`~deepfusion.config.ModelConfig`, ...); other fields are ignored."""
-        get = config.get if isinstance(config, dict) else (lambda k: getattr(config, k))
-        return cls(get("n_classes"), get("n_mels"), get("aux_rows"))
+        """A probe from anything holding ``n_classes``, ``n_mels``, ``aux_rows`` and
+        ``pretrained_view_rows`` (a dict, a :class:`~deepfusion.config.ModelConfig`, ...; a
+        dict saved before the pretrained view existed lacks the last); other fields are
+        ignored."""
+        get = (lambda k: config.get(k, 0)) if isinstance(config, dict) else \
+            (lambda k: getattr(config, k))
+        return cls(get("n_classes"), get("n_mels"), get("aux_rows"), get("pretrained_view_rows"))
 
     def forward(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         device_type = self.stat_mean.device.type
         with torch.autocast(device_type=device_type, enabled=False):
-            stats = pooled_stats(x).float()                           # (B, n_stats)
+            stats = pooled_stats(x, self.keys).float()                # (B, n_stats)
             z = (stats - self.stat_mean) / self.stat_scale
             logits = self.classifier(z)                               # (B, n_classes)
-        attention = torch.full((logits.shape[0], len(FEATURE_KEYS)), 1.0 / len(FEATURE_KEYS),
+        attention = torch.full((logits.shape[0], len(self.keys)), 1.0 / len(self.keys),
                                dtype=logits.dtype, device=logits.device)
         # its embedding is the classifier's input, as the network's is
         return {"logits": logits, "attention": attention, "embedding": z}
 
 
-def clip_stats(fs, norm: dict, indices: np.ndarray) -> np.ndarray:
+def clip_stats(fs, norm: dict, indices: np.ndarray, keys: Sequence[str] = FEATURE_KEYS) -> np.ndarray:
     """:func:`pooled_stats` of whole clips, normalised as :class:`SegmentDataset` does.
 
     One clip at a time (``(arr[c] - mean[:, None]) / std[:, None]``): no copy of the set.
@@ -148,19 +160,19 @@ def clip_stats(fs, norm: dict, indices: np.ndarray) -> np.ndarray:
     """
     indices = np.asarray(indices, np.int64)
     rows = fs.rows()
-    out = np.empty((len(indices), 2 * sum(rows[k] for k in FEATURE_KEYS)), np.float64)
+    out = np.empty((len(indices), 2 * sum(rows[k] for k in keys)), np.float64)
     for j, c in enumerate(indices.tolist()):
         x = {}
-        for k in FEATURE_KEYS:
+        for k in keys:
             m, sd = norm[k]["mean"], norm[k]["std"]
             x[k] = ((fs.arrays[k][c] - m[:, None]) / sd[:, None])[None]
-        out[j] = pooled_stats(x)[0]
+        out[j] = pooled_stats(x, keys)[0]
     return out
 
 
 def fit_probe(fs, norm: dict, train_idx: np.ndarray, *, n_mels: int,
-              aux_rows: Sequence[int], C: float = DEFAULT_C, seed: int = 0,
-              max_iter: int = 2000) -> LinearProbe:
+              aux_rows: Sequence[int], pretrained_view_rows: int = 0, C: float = DEFAULT_C,
+              seed: int = 0, max_iter: int = 2000) -> LinearProbe:
     """Fit a :class:`LinearProbe` on the whole clips ``train_idx`` of ``fs``.
 
     Parameters
@@ -170,9 +182,9 @@ def fit_probe(fs, norm: dict, train_idx: np.ndarray, *, n_mels: int,
         Per-row normalisation of the views (:func:`deepfusion.data.fit_normalization`).
     train_idx : array of int
         Training clips; clips of unknown genre (label < 0) are left out.
-    n_mels, aux_rows : int, (int, int, int)
+    n_mels, aux_rows, pretrained_view_rows : int, (int, int, int), int
         The rows of the views, as in :class:`~deepfusion.config.ModelConfig`; checked
-        against ``fs``.
+        against ``fs`` (``pretrained_view_rows`` 0: the probe leaves that view out).
     C : float
         Inverse L2 regularisation strength of the logistic regression (see :data:`DEFAULT_C`).
     seed : int
@@ -195,9 +207,9 @@ def fit_probe(fs, norm: dict, train_idx: np.ndarray, *, n_mels: int,
     if not C > 0:
         raise ParameterError(f"C must be > 0, got {C!r}")
     rows = fs.rows()
-    expected = _view_rows(n_mels, aux_rows)
-    wrong = [f"{k} has {rows[k]} rows, expected {expected[k]}" for k in FEATURE_KEYS
-             if rows[k] != expected[k]]
+    expected = _view_rows(n_mels, aux_rows, pretrained_view_rows)
+    wrong = [f"{k} has {rows.get(k, 0)} rows, expected {expected[k]}" for k in expected
+             if rows.get(k, 0) != expected[k]]
     if wrong:
         raise ParameterError(f"features do not fit the probe: {'; '.join(wrong)}")
     idx = np.asarray(train_idx, np.int64)
@@ -207,7 +219,8 @@ def fit_probe(fs, norm: dict, train_idx: np.ndarray, *, n_mels: int,
     if len(present) < 2:
         raise ParameterError(f"the probe needs training clips of at least 2 genres, got {len(present)}")
 
-    stats = clip_stats(fs, norm, idx)
+    keys = tuple(expected)
+    stats = clip_stats(fs, norm, idx, keys)
     scaler = StandardScaler().fit(stats)
     z = scaler.transform(stats)
     clf = LogisticRegression(C=C, solver="lbfgs", max_iter=max_iter, random_state=seed)
@@ -225,7 +238,7 @@ def fit_probe(fs, norm: dict, train_idx: np.ndarray, *, n_mels: int,
     else:
         weight[classes], bias[classes] = clf.coef_, clf.intercept_
 
-    probe = LinearProbe(n_classes, n_mels, aux_rows)
+    probe = LinearProbe(n_classes, n_mels, aux_rows, pretrained_view_rows)
     with torch.no_grad():
         probe.stat_mean.copy_(torch.from_numpy(scaler.mean_))
         probe.stat_scale.copy_(torch.from_numpy(scaler.scale_))

@@ -12,7 +12,6 @@ import contextlib
 import os
 import signal
 import threading
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -57,6 +56,23 @@ def _time_limit(seconds: Optional[float]):
 
 
 _warmed: set[tuple[bool, Optional[str]]] = set()
+
+
+@contextlib.contextmanager
+def one_torch_thread(needed: bool = True):
+    """One torch thread inside (when ``needed``: torch is not imported otherwise), as numpy's
+    one BLAS thread: the workers share the cores."""
+    if not needed:
+        yield
+        return
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _jit_marker(features: bool, device: Optional[str]) -> Optional[Path]:
@@ -149,7 +165,8 @@ def _warm_up(config: FeatureConfig, *, features: bool = True,
                 librosa.resample(y[:4410], orig_sr=44100, target_sr=config.sample_rate,
                                  res_type="soxr_hq")
                 if features and device is None:
-                    compute_features(y, config)
+                    with one_torch_thread(config.pretrained_view is not None):
+                        compute_features(y, config)
                 elif features:
                     from .features_torch import compute_features_torch
 
@@ -172,20 +189,14 @@ def compute_entry(path: str, key: str, cache_dir: str, config_dict: dict,
     from .features import compute_features
 
     config = FeatureConfig.from_dict(config_dict)
-    if device is None:
-        compute = partial(compute_features, config=config)
-    else:
-        def compute(y):
-            import torch
 
+    def compute(y):
+        with one_torch_thread(device is not None or config.pretrained_view is not None):
+            if device is None:
+                return compute_features(y, config)
             from .features_torch import compute_features_torch
 
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)   # as numpy's one BLAS thread: the workers share the cores
-            try:
-                return compute_features_torch(y, config, device=device)[0]
-            finally:
-                torch.set_num_threads(threads)
+            return compute_features_torch(y, config, device=device)[0]
     audio, feats, reason = _decode_checked(path, key, config, timeout, compute, device)
     if reason is None:
         FeatureCache(Path(cache_dir), config).store(key, feats, _entry_meta(audio))

@@ -58,10 +58,28 @@ class TorchEngine:
         if self.device.type != "mps":   # as train runs it (faster CNNs on CPUs and GPUs)
             self.model.to(memory_format=torch.channels_last)
         self.embedding_dim = int(self.model.classifier.in_features)
+        #: the views the model reads (its attention's columns)
+        self.keys = tuple(self.model.keys)
         # what deepfusion.memo keeps this model's outputs under (None: nothing kept)
         self.model_id = model_id(self.path, "torch", self.device.type, self.precision,
                                  stamp=stamp) if stamp else None
         self.batch_size = batch_size or SEGMENT_BATCH.get(self.device.type, SEGMENT_BATCH_DEFAULT)
+        self._trained = (self.model, self.norm, self.model_id)     # what adapt starts from
+
+    def adapt(self, mode: str, batches) -> None:
+        """Adapt to a collection (:mod:`deepfusion.adapt`): ``batches()`` yields its windows
+        as FeatureSets, anew at each call; always from the trained model (``none``: back to
+        it). The outputs then depend on the collection, so they are not kept in the cache
+        (``model_id`` None)."""
+        from .adapt import adapt_streaming
+
+        self.model, self.norm, self.model_id = self._trained
+        if mode == "none":
+            return
+        self.model, self.norm = adapt_streaming(
+            self.model, self.norm, batches(), mode=mode, seg=self.segment_frames, device=self.device,
+            again=batches() if mode == "full" else None)
+        self.model_id = None
 
     def window_outputs(self, views: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Per window, the mean over its non-overlapping segments of the model's outputs.
@@ -69,11 +87,12 @@ class TorchEngine:
         Parameters
         ----------
         views : dict of np.ndarray [shape=(n, rows, frames)]
-            The six un-normalised views of ``n`` clip-length windows.
+            The un-normalised views of ``n`` clip-length windows (the pretrained view's
+            frames are its patches).
 
         Returns
         -------
-        dict with ``logits`` [shape=(n, n_classes)], ``attention`` [shape=(n, 6)] and
+        dict with ``logits`` [shape=(n, n_classes)], ``attention`` [shape=(n, M)] and
         ``embedding`` [shape=(n, d)], float32.
         """
         n = len(next(iter(views.values())))

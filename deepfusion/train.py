@@ -24,7 +24,7 @@ import torch
 
 from . import ddp, finetune
 from .checkpoint import expected_sizes, library_versions, load_checkpoint, save_checkpoint
-from .config import (ARCHITECTURE_FIELDS, AUTO_FIELDS, AUX_KEYS, FeatureConfig, ModelConfig,
+from .config import (ARCHITECTURE_FIELDS, AUTO_FIELDS, AUX_KEYS, PRETRAINED_KEY, FeatureConfig, ModelConfig,
                      RuntimeConfig, TrainConfig, resolve_recipe, resume_recipe)
 from .data import (Augment, check_split, feature_config_of, fit_normalization, make_split,
                    make_train_loader, read_split_file, segment_frames, segments_per_clip,
@@ -199,6 +199,10 @@ def _train(features: Path, *, model_dir: Path, config: TrainConfig, runtime: Run
         raise CheckpointError(f"{last_path}: was trained on another features file than {features}; "
                               "start a new run in another --model-dir")
     feature_config = feature_config_of(fs)
+    if not fs.has_pretrained:
+        echo(f"{features}: no pretrained view (extracted with --pretrained-view none or by an "
+             "older deepfusion); training on the six hand-made views. Extract again to add it: "
+             "it is what carries a model to music from other sources")
     source = None     # fine-tuning: the model this run starts from (a resumed run has its own)
     if config.init_from and state is None:
         source = ddp.on_main(finetune.load_source, Path(config.init_from), feature_config)
@@ -260,6 +264,7 @@ def _train(features: Path, *, model_dir: Path, config: TrainConfig, runtime: Run
     model_config = ModelConfig(n_classes=len(fs.class_names), n_mels=fs.rows()["mel_spec_orig"],
                                aux_rows=tuple(fs.rows()[k] for k in AUX_KEYS), backbone=backbone,
                                share_backbone=share_backbone, pretrained=was_pretrained,
+                               pretrained_view_rows=fs.rows().get(PRETRAINED_KEY, 0),
                                **(model_options or {}))
     seed_everything(config.seed)
     model = build_model(replace(model_config, pretrained=False), pretrained_state=pre_state)
@@ -425,7 +430,7 @@ def _train(features: Path, *, model_dir: Path, config: TrainConfig, runtime: Run
 def _train_probe(fs: FeatureSet, features: Path, split: np.ndarray, indices, *,
                  config: TrainConfig, feature_config: FeatureConfig, model_dir: Path,
                  echo: Callable[[str], None], t_start: float) -> TrainResult:
-    """Fit the linear probe (logistic regression on time-pooled statistics of the six views,
+    """Fit the linear probe (logistic regression on time-pooled statistics of the views,
     :mod:`deepfusion.probe`) and save it as ``best.pth`` in the network's checkpoint format."""
     from .probe import fit_probe
 
@@ -436,13 +441,16 @@ def _train_probe(fs: FeatureSet, features: Path, split: np.ndarray, indices, *,
     rows = fs.rows()
     model_config = ModelConfig(n_classes=len(fs.class_names), n_mels=rows["mel_spec_orig"],
                                aux_rows=tuple(rows[k] for k in AUX_KEYS), kind="probe",
-                               backbone="light")
+                               backbone="light", pretrained_view_rows=rows.get(PRETRAINED_KEY, 0))
     echo(split_summary(fs, indices))
     echo(f"model: linear probe (logistic regression, C={config.probe_c:g}) on the mean and "
-         "standard deviation over time of every row of the six views")
+         "standard deviation over time of every row of the "
+         + ("six views and the pretrained view" if fs.has_pretrained else "six views"))
     t0 = time.perf_counter()
     model = fit_probe(fs, norm, train_idx, n_mels=model_config.n_mels,
-                      aux_rows=model_config.aux_rows, C=config.probe_c, seed=config.seed)
+                      aux_rows=model_config.aux_rows,
+                      pretrained_view_rows=model_config.pretrained_view_rows, C=config.probe_c,
+                      seed=config.seed)
     seg = fs.n_frames
     tr = predict_clips(model, fs, norm, train_idx, seg=seg)
     val = predict_clips(model, fs, norm, val_idx, seg=seg)

@@ -19,7 +19,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from .config import FEATURE_KEYS, FeatureConfig
+from .config import FeatureConfig
 from .errors import AudioError, DeepFusionError
 from .io.cache import FeatureCache, audio_digest, file_digest, file_stamp, stamp_or_none
 
@@ -112,7 +112,7 @@ def _later_windows(path: Path, key: str, missing: list[int], cache: FeatureCache
 
     from .audio import decode_windows
     from .features import compute_features
-    from .tasks import _FileTimeout, _failed, _time_limit
+    from .tasks import _FileTimeout, _failed, _time_limit, one_torch_thread
 
     wanted = set(missing)
     try:
@@ -124,7 +124,8 @@ def _later_windows(path: Path, key: str, missing: list[int], cache: FeatureCache
                     start, seconds, y = next(windows)
                     if index not in wanted:
                         continue
-                    feats = compute_features(y, config)
+                    with one_torch_thread(config.pretrained_view is not None):
+                        feats = compute_features(y, config)
                 meta = {"audio_sha": audio_digest(y), "source_sr": None, "channels": None,
                         "source_seconds": round(seconds, 4), "start_seconds": round(start, 4)}
                 cache.store(window_key(key, index), feats, meta)
@@ -143,12 +144,12 @@ def _later_windows(path: Path, key: str, missing: list[int], cache: FeatureCache
 
 
 def load_window(cache: FeatureCache, key: str, index: int) -> Optional[dict[str, np.ndarray]]:
-    """The six views of one window, shape (1, rows, frames) each, or None when the entry is
-    missing or damaged."""
+    """The views of one window, shape (1, rows, frames) each (patches for the pretrained view),
+    or None when the entry is missing or damaged."""
     entry = cache.load(window_key(key, index))
     if entry is None:
         return None
-    return {k: entry.features[k][None] for k in FEATURE_KEYS}
+    return {k: v[None] for k, v in entry.features.items()}
 
 
 def run_file_tasks(paths: list[Path], *, cache_dir: Path, config: FeatureConfig,

@@ -33,12 +33,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def windows(tiny_features) -> dict[str, np.ndarray]:
-    """Six real clip windows (un-normalised views of 6-s synthetic clips, two per genre)."""
+    """Six real clip windows (all views) (un-normalised views of 6-s synthetic clips, two per genre)."""
     from deepfusion.io.features_file import load_features
 
     fs = load_features(tiny_features)
     idx = np.array([0, 1, 6, 7, 12, 13])
-    return {k: np.asarray(fs.arrays[k][idx], np.float32) for k in FEATURE_KEYS}
+    return {k: np.asarray(fs.arrays[k][idx], np.float32) for k in fs.keys}
 
 
 def _train(tiny_features, model_dir: Path, **kwargs) -> Path:

@@ -105,10 +105,11 @@ def _load(out: Path) -> list[dict]:
 
 
 def _check_item(item: dict, config: FeatureConfig = CONFIG) -> None:
-    """Six float32 features of the configured shapes, all finite."""
+    """The configured views (six, and the pretrained one by default), float32, of the
+    configured shapes, all finite."""
     shapes = config.feature_shapes()
-    assert set(item["features"]) == set(FEATURE_KEYS)
-    for key in FEATURE_KEYS:
+    assert tuple(item["features"]) == config.keys
+    for key in config.keys:
         x = item["features"][key]
         assert isinstance(x, np.ndarray), key
         assert x.dtype == np.float32, (item["path"], key, x.dtype)

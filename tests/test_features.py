@@ -42,7 +42,7 @@ def test_median_filter_matches_scipy(size, axis):
 
 def test_shapes_and_dtypes():
     feats = compute_features(tone(440.0), CONFIG)
-    assert tuple(feats) == FEATURE_KEYS
+    assert tuple(feats) == CONFIG.keys and set(FEATURE_KEYS) < set(feats)
     for key, shape in CONFIG.feature_shapes().items():
         assert feats[key].shape == shape, key
         assert feats[key].dtype == np.float32

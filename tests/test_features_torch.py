@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from deepfusion.config import FEATURE_KEYS, FeatureConfig
+from deepfusion.config import FEATURE_KEYS, PRETRAINED_KEY, FeatureConfig
 from deepfusion.errors import ParameterError
 from deepfusion.features import compute_features, median_filter_axis
 from deepfusion.features_torch import (TOLERANCE, compute_features_torch, median_filter,
@@ -52,8 +52,8 @@ def _signal(kind: str, n: int = CONFIG.n_samples) -> np.ndarray:
 
 
 def _assert_close(got: dict, want: dict, what: str = "") -> None:
-    assert set(got) == set(FEATURE_KEYS)
-    for k in FEATURE_KEYS:
+    assert set(got) == set(want) and set(FEATURE_KEYS) <= set(got)
+    for k in got:
         assert got[k].dtype == np.float32 and got[k].shape == want[k].shape, k
         diff = float(np.abs(got[k] - want[k]).max())
         assert diff <= TOLERANCE[k], f"{what} {k}: largest difference {diff:.3g} > {TOLERANCE[k]}"
@@ -74,7 +74,8 @@ def test_a_sine_at_440_hz_puts_chroma_on_a():
 def test_silence_gives_zeros_not_nan():
     (got,) = compute_features_torch(np.zeros((1, CONFIG.n_samples), np.float32), CONFIG)
     for k, v in got.items():
-        assert np.isfinite(v).all() and not v.any(), k
+        # the hand-made views of silence are zeros; the pretrained network's outputs are not
+        assert np.isfinite(v).all() and (k == PRETRAINED_KEY or not v.any()), k
 
 
 def test_synthetic_music_matches_numpy_in_one_batch(tmp_path):

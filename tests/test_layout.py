@@ -15,7 +15,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "deepfusion"
 #: The stages: each imports the rooms below it, never another stage. ``crossval`` drives the
 #: train stage K times and sits above it; ``cli`` is the shell over all of them.
-STAGES = {"extract", "train", "evaluate", "predict"}
+STAGES = {"extract", "train", "evaluate", "predict", "tag"}
 MAX_LINES = 500
 
 

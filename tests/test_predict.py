@@ -178,7 +178,7 @@ def test_predict_features_equal_extract_features(tiny_audio, tiny_features, tmp_
         assert key == items[rel]["file_sha"]
         views = load_window(cache, key, 0)
         cached = items[rel]["features"]
-        assert set(views) == set(FEATURE_KEYS)
-        for k in FEATURE_KEYS:
+        assert tuple(views) == TINY_FEATURES.keys and set(FEATURE_KEYS) < set(views)
+        for k in views:
             assert views[k][0].dtype == cached[k].dtype, k
             assert np.array_equal(views[k][0], cached[k]), k

@@ -115,11 +115,12 @@ def test_a_failed_write_leaves_the_previous_store(tiny_features, tmp_path, monke
     save_store(fs, out)
     before, meta = _versions(out), (out / META).read_bytes()
 
-    bad = {k: fs.arrays[k][0].copy() for k in FEATURE_KEYS}
+    bad = {k: fs.arrays[k][0].copy() for k in fs.keys}
     bad["chroma"][0, 0] = np.nan
     with pytest.raises(FeaturesFileError, match="clip 1: chroma holds NaN"):
-        with StoreWriter(out, n_clips=2, rows=fs.rows(), frames=fs.n_frames) as writer:
-            writer.put({k: fs.arrays[k][0] for k in FEATURE_KEYS})
+        with StoreWriter(out, n_clips=2, rows=fs.rows(), frames=fs.n_frames,
+                         patches=fs.n_patches) as writer:
+            writer.put({k: fs.arrays[k][0] for k in fs.keys})
             writer.put(bad)
     assert _versions(out) == before and (out / META).read_bytes() == meta
 
@@ -167,7 +168,8 @@ def test_leftovers_of_dead_writers_go_and_writers_take_turns(tiny_features, tmp_
 
     # another process's writer waits for this one (which holds the lock while it writes);
     # both publish in turn and the store holds the last one's clips
-    first = StoreWriter(out, n_clips=len(fs), rows=fs.rows(), frames=fs.n_frames).__enter__()
+    first = StoreWriter(out, n_clips=len(fs), rows=fs.rows(), frames=fs.n_frames,
+                        patches=fs.n_patches).__enter__()
     second = subprocess.Popen([sys.executable, "-c", (
         "from deepfusion.io.features_file import load_features; from deepfusion.testing import save_store; "
         f"save_store(load_features({str(tiny_features)!r}), {str(out)!r})")])
@@ -178,7 +180,7 @@ def test_leftovers_of_dead_writers_go_and_writers_take_turns(tiny_features, tmp_
         with pytest.raises(OutputError, match="this process is already writing this feature store"):
             save_store(fs, out)                       # not a wait that would never end
         for i in range(len(fs)):
-            first.put({k: fs.arrays[k][i] * 3 for k in FEATURE_KEYS})
+            first.put({k: fs.arrays[k][i] * 3 for k in fs.keys})
         first.commit([{"path": p, "label": n} for p, n in zip(fs.paths, fs.label_names)])
         assert second.wait(timeout=120) == 0
     finally:
@@ -285,14 +287,15 @@ import deepfusion.io.store as store
 from deepfusion.config import FEATURE_KEYS
 from deepfusion.io.features_file import load_feature_set
 fs = load_feature_set({str(tiny_features)!r})
-writer = store.StoreWriter({str(out)!r}, n_clips=len(fs), rows=fs.rows(), frames=fs.n_frames)
+writer = store.StoreWriter({str(out)!r}, n_clips=len(fs), rows=fs.rows(), frames=fs.n_frames,
+                           patches=fs.n_patches)
 writer.__enter__()
 if {dies!r}.startswith("after"):
     store._remove_other_versions = lambda *a, **k: os._exit(9)
 for i in range(len(fs)):
     if i == len(fs) // 2 and {dies!r}.startswith("half"):
         os._exit(9)
-    writer.put({{k: fs.arrays[k][i] * 2 for k in FEATURE_KEYS}})
+    writer.put({{k: fs.arrays[k][i] * 2 for k in fs.keys}})
 writer.commit([{{"path": p, "label": n}} for p, n in zip(fs.paths, fs.label_names)])
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)

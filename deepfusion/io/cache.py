@@ -3,7 +3,7 @@
 Cache layout::
 
     CACHE_DIR/features-<fingerprint>/config.json      the FeatureConfig, for humans
-    CACHE_DIR/features-<fingerprint>/ab/abcdef....npz one clip: six arrays + metadata
+    CACHE_DIR/features-<fingerprint>/ab/abcdef....npz one clip: its views + metadata
 
 ``<fingerprint>`` hashes the :class:`FeatureConfig` and the feature-code version; the entry
 name is the SHA-256 of the audio file's bytes. So the key is everything a result depends on:
@@ -23,7 +23,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from ..config import FEATURE_KEYS, FeatureConfig
+from ..config import FeatureConfig
 from ..errors import OutputError
 from .atomic import atomic_write, remove_stale_temps
 
@@ -69,7 +69,7 @@ def audio_digest(y: np.ndarray) -> str:
 class CacheEntry:
     """One cached clip."""
 
-    features: dict[str, np.ndarray]   # the six views, float32 (n, frames)
+    features: dict[str, np.ndarray]   # the config's views, float32 (rows, frames)
     meta: dict[str, Any]              # audio_sha, source_sr, channels, source_seconds
 
 
@@ -112,17 +112,20 @@ class FeatureCache:
         path = self.path(key)
         try:
             with np.load(path, allow_pickle=False) as npz:
-                features = {k: npz[k] for k in FEATURE_KEYS}
+                features = {k: npz[k] for k in self.config.keys}
                 meta = json.loads(str(npz[_META]))
         except Exception:  # noqa: BLE001 - a damaged .npy header even raises tokenize.TokenError
             return None
         if not isinstance(meta, dict) or not _META_KEYS <= set(meta):
             return None
+        shapes = self.config.feature_shapes()
+        if any(a.shape != shapes[k] or a.dtype != np.float32 for k, a in features.items()):
+            return None      # written by other code under this key, or damaged: recompute
         return CacheEntry(features, meta)
 
     def store(self, key: str, features: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
         """Write one entry atomically."""
-        arrays = {k: np.asarray(features[k], dtype=np.float32) for k in FEATURE_KEYS}
+        arrays = {k: np.asarray(features[k], dtype=np.float32) for k in self.config.keys}
         arrays[_META] = np.array(json.dumps(meta, sort_keys=True))
         with atomic_write(self.path(key)) as fh:
             np.savez(fh, **arrays)

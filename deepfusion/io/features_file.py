@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..config import FEATURE_KEYS, MEL_KEYS
+from ..config import FEATURE_KEYS, MEL_KEYS, PRETRAINED_KEY, view_keys
 from ..errors import FeaturesFileError
 from .atomic import atomic_write
 from .cache import file_digest
@@ -78,8 +78,19 @@ def load_feature_set(path: Path, *, class_names: Optional[list[str]] = None) -> 
         raise FeaturesFileError(f"{path}: expected a list of clips, found {type(items).__name__}")
     if not items:
         raise FeaturesFileError(f"{path}: holds no clips")
+    # the pretrained view is there for every clip or for none (a file of one extract run)
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get("features"), dict):
+            raise FeaturesFileError(f"{path}: item {i}: needs 'features' (a dict of arrays) and "
+                                    "'label'")
+    has = [PRETRAINED_KEY in it["features"] for it in items]
+    if any(has) and not all(has):
+        raise FeaturesFileError(f"{path}: item {has.index(not has[0])}: "
+                                f"{'has' if not has[0] else 'lacks'} the {PRETRAINED_KEY} view, "
+                                f"item 0 {'has' if has[0] else 'lacks'} it; extract them together")
+    keys = view_keys(bool(has[0]))
     rows: dict[str, int] = {}
-    frames: list[int] = []
+    frames: dict[str, list[int]] = {k: [] for k in keys}
     names: list[str] = []
     for i, item in enumerate(items):
         where = f"{path}: item {i}"
@@ -88,11 +99,11 @@ def load_feature_set(path: Path, *, class_names: Optional[list[str]] = None) -> 
         feats = item["features"]
         if not isinstance(feats, dict):
             raise FeaturesFileError(f"{where}: 'features' must be a dict of arrays")
-        missing = [k for k in FEATURE_KEYS if k not in feats]
+        missing = [k for k in keys if k not in feats]
         if missing:
             raise FeaturesFileError(f"{where}: missing feature(s) {', '.join(missing)}")
         t = None
-        for k in FEATURE_KEYS:
+        for k in keys:
             a = feats[k]
             if not isinstance(a, np.ndarray) or a.ndim != 2 or a.dtype.kind not in "fiu" or min(a.shape) == 0:
                 shape = getattr(a, "shape", None)
@@ -100,10 +111,11 @@ def load_feature_set(path: Path, *, class_names: Optional[list[str]] = None) -> 
             expected = rows.setdefault(k, a.shape[0])
             if a.shape[0] != expected:
                 raise FeaturesFileError(f"{where}: {k} has {a.shape[0]} rows, other clips {expected}")
-            if t is not None and a.shape[1] != t:
-                raise FeaturesFileError(f"{where}: {k} has {a.shape[1]} frames, {FEATURE_KEYS[0]} {t}")
-            t = a.shape[1]
-        frames.append(t)
+            if k in FEATURE_KEYS:      # the pretrained view counts patches, not frames
+                if t is not None and a.shape[1] != t:
+                    raise FeaturesFileError(f"{where}: {k} has {a.shape[1]} frames, {FEATURE_KEYS[0]} {t}")
+                t = a.shape[1]
+            frames[k].append(a.shape[1])
         names.append(label_name(item["label"], where))
         for key in ("group", "duplicate_group"):
             value = item.get(key)
@@ -118,14 +130,16 @@ def load_feature_set(path: Path, *, class_names: Optional[list[str]] = None) -> 
         class_names = class_names_of(names, path)
     index = {name: i for i, name in enumerate(class_names)}
 
-    n, t = len(items), Counter(frames).most_common(1)[0][0]
-    _check_expansion(path, items, n * sum(rows.values()) * t * 4)
-    arrays = {k: np.empty((n, rows[k], t), np.float32) for k in FEATURE_KEYS}
+    n = len(items)
+    width = {k: Counter(frames[k]).most_common(1)[0][0] for k in keys}
+    _check_expansion(path, items, n * sum(rows[k] * width[k] for k in keys) * 4)
+    arrays = {k: np.empty((n, rows[k], width[k]), np.float32) for k in keys}
     for i, item in enumerate(items):
-        for k in FEATURE_KEYS:
+        for k in keys:
             a = item["features"][k]
             if not np.isfinite(a).all():
                 raise FeaturesFileError(f"{path}: item {i}: {k} holds NaN or infinite values")
+            t = width[k]
             m = min(t, a.shape[1])
             arrays[k][i, :, :m] = a[:, :m]
             if m < t:

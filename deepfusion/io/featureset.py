@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..config import FEATURE_KEYS, FeatureConfig
+from ..config import ALL_KEYS, FEATURE_KEYS, PRETRAINED_KEY, FeatureConfig
 from ..errors import DeepFusionError, FeaturesFileError
 
 
@@ -44,7 +44,7 @@ class _MappedFile:
 class FeatureSet:
     """All clips of a features file, stacked per view."""
 
-    arrays: dict[str, np.ndarray]        # key -> (n_clips, rows, frames) float32
+    arrays: dict[str, np.ndarray]        # key -> (n_clips, rows, frames or patches) float32
     labels: np.ndarray                   # (n_clips,) int64 index into class_names
     class_names: list[str]               # in logit order (sorted)
     paths: list[str]                     # relative paths ('' when the file has none)
@@ -53,6 +53,18 @@ class FeatureSet:
     source: str = ""
     label_names: list[str] = field(default_factory=list)   # each clip's label as written
     sha256: str = ""                     # identity of the file or store it came from
+
+    def __post_init__(self) -> None:
+        # the settings a file records and the views it holds must agree: a model trained on it
+        # is rebuilt from the settings
+        if self.feature_config is not None and (
+                (self.feature_config.get("pretrained_view") is not None)
+                != (PRETRAINED_KEY in self.arrays)):
+            says = self.feature_config.get("pretrained_view") or "no pretrained view"
+            raise FeaturesFileError(
+                f"{self.source}: its feature_config says {says} but its clips "
+                f"{'have' if PRETRAINED_KEY in self.arrays else 'lack'} the {PRETRAINED_KEY} "
+                "view; extract the collection again")
 
     def __getstate__(self) -> dict[str, Any]:
         # Worker processes started by spawn (macOS, Windows) receive the dataset pickled: an
@@ -78,6 +90,21 @@ class FeatureSet:
     @property
     def n_frames(self) -> int:
         return self.arrays[FEATURE_KEYS[0]].shape[-1]
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The views this set holds, in model order."""
+        return tuple(k for k in ALL_KEYS if k in self.arrays)
+
+    @property
+    def has_pretrained(self) -> bool:
+        """Whether the set holds the pretrained view."""
+        return PRETRAINED_KEY in self.arrays
+
+    @property
+    def n_patches(self) -> Optional[int]:
+        """Patches per clip of the pretrained view (None without it)."""
+        return self.arrays[PRETRAINED_KEY].shape[-1] if self.has_pretrained else None
 
     def rows(self) -> dict[str, int]:
         return {k: v.shape[1] for k, v in self.arrays.items()}

@@ -8,7 +8,7 @@ larger than RAM train, and worker processes share one copy. Layout::
         meta.json                 what the arrays hold, and which version folder holds them
         v.<pid>.<hex>/            float32 (or float16) arrays (n_clips, rows, frames), one per view:
             mel_spec_orig.npy  mel_spec_harm.npy  mel_spec_perc.npy
-            mfcc.npy  chroma.npy  tempogram.npy
+            mfcc.npy  chroma.npy  tempogram.npy  [musicnn.npy: (n_clips, rows, patches)]
 
 A write holds an exclusive lock on ``.lock`` (two writers take turns), fills a new version
 folder with plain sequential writes (a full disk is an error, not a crash) and then replaces
@@ -34,7 +34,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..config import FEATURE_KEYS, MEL_KEYS
+from ..config import ALL_KEYS, FEATURE_KEYS, MEL_KEYS, PRETRAINED_KEY
 from ..errors import FeaturesFileError, OutputError
 from .atomic import atomic_write, os_error_reason, remove_stale_temps
 from .featureset import FeatureSet, checked_feature_config, class_names_of, merge_groups
@@ -45,7 +45,7 @@ VERSION = 1
 META = "meta.json"
 LOCK = ".lock"
 _VERSION_RE = re.compile(r"v\.\d{1,10}\.[0-9a-f]{8}")
-_ARRAY_FILES = {f"{key}.npy" for key in FEATURE_KEYS}
+_ARRAY_FILES = {f"{key}.npy" for key in ALL_KEYS}
 #: per-clip fields kept in meta.json (the pickle's item keys other than 'features')
 CLIP_FIELDS = ("path", "label", "group", "duplicate_group", "file_sha", "audio_sha",
                "source_sr", "channels", "source_seconds")
@@ -134,11 +134,18 @@ class StoreWriter:
     """
 
     def __init__(self, dest: Path, *, n_clips: int, rows: dict[str, int], frames: int,
-                 dtype: str = "float32"):
+                 patches: Optional[int] = None, dtype: str = "float32"):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         self.dest = Path(dest)
-        self.n_clips, self.rows, self.frames = int(n_clips), dict(rows), int(frames)
+        self.n_clips, self.frames = int(n_clips), int(frames)
+        # the views in model order; the pretrained one (if any) counts patches, not frames
+        self.rows = {k: int(rows[k]) for k in ALL_KEYS if k in rows}
+        self.keys = tuple(self.rows)
+        if (PRETRAINED_KEY in self.rows) != (patches is not None):
+            raise ValueError("patches is the pretrained view's width: give it with that view only")
+        self.patches = None if patches is None else int(patches)
+        self.width = {k: self.patches if k == PRETRAINED_KEY else self.frames for k in self.keys}
         self.dtype = np.dtype(dtype)
         self._header: dict[str, int] = {}      # view -> bytes before the first clip
         self._filled: set[int] = set()
@@ -162,7 +169,7 @@ class StoreWriter:
             _remove_other_versions(self.dest, keep=_current_version(self.dest))
             self.folder = self.dest / self.version
             self.folder.mkdir()
-            for key in FEATURE_KEYS:
+            for key in self.keys:
                 fh = self._files[key] = open(self.folder / f"{key}.npy", "w+b")
                 np.lib.format.write_array_header_1_0(fh, self._header_dict(key, self.n_clips))
                 self._header[key] = fh.tell()
@@ -179,10 +186,10 @@ class StoreWriter:
 
     def _header_dict(self, key: str, n_clips: int) -> dict[str, Any]:
         return {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
-                "shape": (n_clips, self.rows[key], self.frames)}
+                "shape": (n_clips, self.rows[key], self.width[key])}
 
     def _clip_bytes(self, key: str) -> int:
-        return self.rows[key] * self.frames * self.dtype.itemsize
+        return self.rows[key] * self.width[key] * self.dtype.itemsize
 
     def put(self, features: dict[str, np.ndarray]) -> None:
         """Write the next clip (``put_at`` the first index not yet given)."""
@@ -191,8 +198,8 @@ class StoreWriter:
         self.put_at(self._next, features)
 
     def put_at(self, index: int, features: dict[str, np.ndarray]) -> None:
-        """Write clip ``index``: the six views, padded with their minimum or trimmed to
-        ``frames`` frames, stored in the writer's dtype.
+        """Write clip ``index``: its views, padded with their minimum or trimmed to the
+        store's frames (patches for the pretrained view), stored in the writer's dtype.
 
         Raises
         ------
@@ -203,20 +210,20 @@ class StoreWriter:
             raise ValueError(f"clip {index}: outside the store's {self.n_clips} clips or given twice")
         self._next = index
         block: dict[str, np.ndarray] = {}
-        for key in FEATURE_KEYS:
+        for key in self.keys:
             a = np.asarray(features[key], dtype=np.float32)
             if a.ndim != 2 or a.shape[0] != self.rows[key] or a.shape[1] == 0:
                 raise FeaturesFileError(f"{self.dest}: clip {self._next}: {key} has shape {a.shape}, "
                                         f"the store {self.rows[key]} rows")
             if not np.isfinite(a).all():
                 raise FeaturesFileError(f"{self.dest}: clip {self._next}: {key} holds NaN or infinite values")
-            out = np.empty((self.rows[key], self.frames), self.dtype)
-            m = min(self.frames, a.shape[1])
+            out = np.empty((self.rows[key], self.width[key]), self.dtype)
+            m = min(self.width[key], a.shape[1])
             out[:, :m] = a[:, :m]
             out[:, m:] = a.min()
             block[key] = out
         try:
-            for key in FEATURE_KEYS:
+            for key in self.keys:
                 fh = self._files[key]
                 fh.seek(self._header[key] + index * self._clip_bytes(key))
                 fh.write(block[key].tobytes())
@@ -232,7 +239,7 @@ class StoreWriter:
         if indices == list(range(self.n_clips)):
             return
         try:
-            for key in FEATURE_KEYS:
+            for key in self.keys:
                 fh, size, start = self._files[key], self._clip_bytes(key), self._header[key]
                 for target, source in enumerate(indices):
                     if target != source:
@@ -275,6 +282,7 @@ class StoreWriter:
         self._files = {}
         meta = {"format": FORMAT, "version": VERSION, "data": self.version,
                 "n_clips": self.n_clips, "frames": self.frames, "rows": self.rows,
+                **({} if self.patches is None else {"patches": self.patches}),
                 "dtype": self.dtype.name,
                 "feature_config": feature_config, "source": source,
                 "clips": [{k: c[k] for k in CLIP_FIELDS if c.get(k) is not None} for c in clips]}
@@ -341,8 +349,12 @@ def read_meta(root: Path) -> dict[str, Any]:
     n, frames, rows = meta.get("n_clips"), meta.get("frames"), meta.get("rows")
     if not (count(n) and count(frames)):
         raise bad("'n_clips' and 'frames' must be positive integers")
-    if not isinstance(rows, dict) or set(rows) != set(FEATURE_KEYS) or not all(map(count, rows.values())):
-        raise bad(f"'rows' must give a positive row count for each of {', '.join(FEATURE_KEYS)}")
+    if not isinstance(rows, dict) or set(rows) - {PRETRAINED_KEY} != set(FEATURE_KEYS) \
+            or not all(map(count, rows.values())):
+        raise bad(f"'rows' must give a positive row count for each of {', '.join(FEATURE_KEYS)} "
+                  f"(and {PRETRAINED_KEY}, if it is there)")
+    if (PRETRAINED_KEY in rows) != ("patches" in meta) or not count(meta.get("patches", 1)):
+        raise bad(f"'patches' (a positive integer) goes with the {PRETRAINED_KEY} view's rows")
     if meta.get("dtype", "float32") not in DTYPES:
         raise bad(f"'dtype' must be one of {', '.join(DTYPES)}")
     if len({rows[k] for k in MEL_KEYS}) != 1:
@@ -362,10 +374,10 @@ def read_meta(root: Path) -> dict[str, Any]:
 
 
 def open_arrays(root: Path, meta: dict[str, Any]) -> dict[str, np.ndarray]:
-    """The six views of a store, memory-mapped read-only."""
+    """The views of a store, memory-mapped read-only."""
     root = Path(root)
     arrays = {}
-    for key in FEATURE_KEYS:
+    for key in (k for k in ALL_KEYS if k in meta["rows"]):
         path = root / meta["data"] / f"{key}.npy"
         try:
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -374,7 +386,8 @@ def open_arrays(root: Path, meta: dict[str, Any]) -> dict[str, np.ndarray]:
                                     "damaged; run extract again)") from None
         except (OSError, ValueError) as exc:
             raise FeaturesFileError(f"{root}: {meta['data']}/{key}.npy is unreadable ({exc})") from None
-        expected = (meta["n_clips"], meta["rows"][key], meta["frames"])
+        expected = (meta["n_clips"], meta["rows"][key],
+                    meta["patches"] if key == PRETRAINED_KEY else meta["frames"])
         dtype = meta.get("dtype", "float32")
         if arr.dtype != np.dtype(dtype) or arr.shape != expected:
             raise FeaturesFileError(f"{root}: {key}.npy holds {arr.dtype} {arr.shape}, "
@@ -410,7 +423,7 @@ def scan(root: Path, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> str
     """
     content = {k: v for k, v in meta.items() if k not in ("data", "source")}
     h = hashlib.sha256(json.dumps(content, sort_keys=True).encode())
-    for key in FEATURE_KEYS:
+    for key in arrays:
         arr = arrays[key]
         step = max(1, _SCAN_BYTES // max(1, arr[0].nbytes))
         for start in range(0, len(arr), step):

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import FEATURE_KEYS, FeatureConfig
+from ..config import FEATURE_KEYS, PRETRAINED_KEY, FeatureConfig
 
 #: The suite's tiny dataset: 3 synthetic genres x 6 clips of 6 s, and its feature settings.
 TINY_DATASET = dict(genres=3, clips_per_genre=6, duration=6.0, seed=0)
@@ -144,10 +144,12 @@ def leftovers(*folders: Path) -> list[Path]:
 
 
 def check_cache_entry(entry: Path) -> None:
-    """Assert that a cache entry loads with the six finite float32 views and its metadata."""
+    """Assert that a cache entry loads with the six finite float32 views (and the pretrained
+    one, if it has it) and its metadata."""
     with np.load(entry, allow_pickle=False) as npz:
-        assert set(npz.files) == {*FEATURE_KEYS, "__meta__"}, entry
-        for key in FEATURE_KEYS:
+        keys = set(npz.files) - {"__meta__"}
+        assert keys in ({*FEATURE_KEYS}, {*FEATURE_KEYS, PRETRAINED_KEY}) and "__meta__" in npz.files, entry
+        for key in keys:
             assert npz[key].dtype == np.float32 and np.isfinite(npz[key]).all(), (entry, key)
 
 
@@ -163,7 +165,8 @@ def assert_same_features(a: Path, b: Path) -> None:
     assert [(it["path"], it["label"]) for it in items_a] == \
         [(it["path"], it["label"]) for it in items_b], "clips"
     for x, y in zip(items_a, items_b):
-        for key in FEATURE_KEYS:
+        assert x["features"].keys() == y["features"].keys(), (x["path"], "views")
+        for key in x["features"]:
             assert np.array_equal(x["features"][key], y["features"][key]), (x["path"], key)
         for meta in ("audio_sha", "file_sha", "source_sr", "channels", "duplicate_group"):
             assert x[meta] == y[meta], (x["path"], meta)
@@ -203,9 +206,10 @@ def save_store(fs, folder: Path) -> None:
     from ..io.store import StoreWriter
 
     names = fs.label_names or [fs.class_names[c] for c in fs.labels]
-    with StoreWriter(Path(folder), n_clips=len(fs), rows=fs.rows(), frames=fs.n_frames) as writer:
+    with StoreWriter(Path(folder), n_clips=len(fs), rows=fs.rows(), frames=fs.n_frames,
+                     patches=fs.n_patches) as writer:
         for i in range(len(fs)):
-            writer.put({k: fs.arrays[k][i] for k in FEATURE_KEYS})
+            writer.put({k: a[i] for k, a in fs.arrays.items()})
         writer.commit([{"path": p, "label": n, "group": int(g)}
                        for p, n, g in zip(fs.paths, names, fs.groups)],
                       feature_config=fs.feature_config, source=fs.source)

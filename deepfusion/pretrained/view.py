@@ -1,0 +1,191 @@
+"""The pretrained view: what a frozen music network (musicnn) makes of each 3-s patch of a clip.
+
+Per patch, the rows are musicnn's penultimate layer (200) and its 50 tag likelihoods: what
+the network learnt about music, not its front end's filter responses (561 per patch), which
+carry the recording and production as much as the music and transferred worst from one
+collection to another in the cross-source protocol (README). The time axis is the
+network's patches, not STFT frames: one 3-s patch in every ``stride`` of the clip's (with the
+default stride 4, patches 0, 4 and 8 of a 30-s clip's 10, the selection centred), because the
+network costs about 70 ms per patch on a CPU core: all ten patches of a 30-s clip would cost
+3.5 times the six hand-made views of the whole clip (0.2 s), three of them cost about as much
+as those views (the extraction budget is 2.5x the six views); ``stride=1`` takes every patch (``deepfusion tag``). :func:`patch_span` maps a
+segment of frames to the patches that represent it.
+
+Pure: arrays in, arrays out; the network is loaded once per process
+(:func:`deepfusion.pretrained.musicnn.load_musicnn`). Importing this module loads neither
+torch nor librosa (the features' config asks it for shapes).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import numpy as np
+
+from .musicnn_input import HOP, PATCH_FRAMES, SAMPLE_RATE
+
+_SR, _HOP, _PATCH = SAMPLE_RATE, HOP, PATCH_FRAMES
+#: The parts of each patch's rows, in order, with their sizes.
+PARTS = (("penultimate", 200), ("taggram", 50))
+VIEW_ROWS = sum(n for _, n in PARTS)
+
+
+def part_rows(name: str) -> slice:
+    """The rows of one part of the view (``penultimate`` or ``taggram``)."""
+    start = 0
+    for part, n in PARTS:
+        if part == name:
+            return slice(start, start + n)
+        start += n
+    raise KeyError(name)
+#: The shortest 16-kHz signal that gives one whole patch (shorter clips are zero-padded).
+_MIN_SAMPLES = (_PATCH - 1) * _HOP
+
+
+def samples_16k(n_samples: int, sample_rate: int) -> int:
+    """Samples of a clip of ``n_samples`` at ``sample_rate`` once resampled to 16 kHz."""
+    return max(int(math.ceil(n_samples * _SR / sample_rate)), _MIN_SAMPLES)
+
+
+def all_patches(n_samples: int, sample_rate: int) -> int:
+    """Whole patches of a clip (at least one: a short clip is zero-padded to one)."""
+    frames = 1 + samples_16k(n_samples, sample_rate) // _HOP
+    return max(1, frames // _PATCH)
+
+
+def chosen_patches(total: int, stride: int) -> range:
+    """The patches of a clip of ``total`` that go through the network: one in every
+    ``stride``, the selection centred in the clip."""
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride!r}")
+    return range(((total - 1) % stride) // 2, total, stride)
+
+
+def n_patches(n_samples: int, sample_rate: int, stride: int = 1) -> int:
+    """Patches of the view of a clip: :func:`chosen_patches` of :func:`all_patches`."""
+    return len(chosen_patches(all_patches(n_samples, sample_rate), stride))
+
+
+def patch_span(start: int, length: int, n_frames: int, patches: int) -> tuple[int, int]:
+    """The patches ``[first, first + count)`` that a segment of STFT frames
+    ``[start, start + length)`` of an ``n_frames`` clip covers, ``count`` depending on
+    ``length`` only (a batch of segments stacks)."""
+    count = min(patches, max(1, round(length * patches / n_frames)))
+    first = min(patches - count, int(start * patches // n_frames))
+    return first, count
+
+
+def pretrained_view(y: np.ndarray, sample_rate: int, model: str = "MTT_musicnn", *,
+                    stride: int = 1, device: Optional[str] = None) -> np.ndarray:
+    """The pretrained view of one clip.
+
+    Parameters
+    ----------
+    y : np.ndarray [shape=(n_samples,)]
+        Mono waveform at ``sample_rate`` (already padded or trimmed to the clip length).
+    model : str
+        ``MSD_musicnn`` or ``MTT_musicnn``.
+    stride : int
+        One patch in every ``stride`` (:func:`chosen_patches`); 1: all of them.
+    device : str, optional
+        A torch device for the network (default: the CPU).
+
+    Returns
+    -------
+    np.ndarray [shape=(VIEW_ROWS, n_patches(len(y), sample_rate, stride))], float32
+    """
+    return pretrained_views(y[None], sample_rate, model, stride=stride, device=device)[0]
+
+
+def pretrained_views(ys: np.ndarray, sample_rate: int, model: str = "MTT_musicnn", *,
+                     stride: int = 1, device: Optional[str] = None) -> np.ndarray:
+    """:func:`pretrained_view` of a batch of clips of one length.
+
+    Parameters
+    ----------
+    ys : np.ndarray [shape=(batch, n_samples)]
+
+    Returns
+    -------
+    np.ndarray [shape=(batch, VIEW_ROWS, n_patches)], float32
+    """
+    from .musicnn_input import log_mel, patches, resample_16k
+
+    ys = np.asarray(ys, np.float32)
+    chosen = list(chosen_patches(all_patches(ys.shape[-1], sample_rate), stride))
+    want = len(chosen)
+    mels = []
+    for y in ys:
+        y16 = resample_16k(y, sample_rate)
+        if y16.shape[0] < _MIN_SAMPLES:
+            y16 = np.pad(y16, (0, _MIN_SAMPLES - y16.shape[0]))
+        p = patches(log_mel(y16))                                   # (n, 187, 96)
+        mels.append(p[chosen])
+    x = np.concatenate(mels)                                        # (batch * want, 187, 96)
+    rows = _run(model, device, x).reshape(len(ys), want, VIEW_ROWS)
+    return np.ascontiguousarray(rows.transpose(0, 2, 1), dtype=np.float32)
+
+
+def view_rows(out: dict):
+    """The view's rows from :meth:`Musicnn.forward`'s outputs: (P, 250) in :data:`PARTS` order
+    (the one place that says what the rows are; the ONNX form is exported from it)."""
+    import torch
+
+    return torch.cat([out["penultimate"],                           # (P, 200)
+                      out["taggram"]], dim=1)                       # (P, 50)
+
+
+def _run(model: str, device: Optional[str], x: np.ndarray) -> np.ndarray:
+    """The rows of patches ``x`` (P, 187, 96): torch where it is installed, else onnxruntime
+    on the shipped ONNX form of the same network (a machine that only classifies with
+    ``predict --engine onnx``)."""
+    try:
+        import torch
+    except ImportError:
+        return _onnx_session(model).run(None, {"patches": x})[0]
+    net = _network(model, str(torch.device(device or "cpu")))
+    dev = next(net.parameters()).device
+    # float32 convolutions on CUDA too (not TF32): the view must agree with the CPU's within
+    # features_torch.TOLERANCE, since both share the cache key
+    with torch.inference_mode(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        rows = view_rows(net(torch.from_numpy(x).to(dev)))
+    return rows.float().cpu().numpy()
+
+
+@functools.lru_cache(maxsize=4)
+def _onnx_session(model: str):
+    """An onnxruntime session on ``weights/<model>.onnx``, once per process."""
+    from importlib import resources
+
+    from ..errors import WeightsNotFoundError
+
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise WeightsNotFoundError("the pretrained view needs torch or onnxruntime, and neither "
+                                   "is installed (pip install torch, or pip install "
+                                   "'deepfusion[onnx]')") from None
+    path = resources.files("deepfusion") / "pretrained" / "weights" / f"{model}.onnx"
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1      # as torch's one thread in a worker
+    try:
+        return ort.InferenceSession(path.read_bytes(), sess_options=options,
+                                    providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - a missing or damaged file: one line
+        raise WeightsNotFoundError(f"{path}: the ONNX form of {model} cannot be loaded "
+                                   f"({str(exc).splitlines()[0][:120]}); reinstall deepfusion "
+                                   "or run benchmarks/musicnn_convert.py --onnx") from None
+
+
+@functools.lru_cache(maxsize=8)
+def _network(model: str, device: str):
+    """musicnn on ``device``: the process's one CPU copy, or a copy per other device (the
+    CPU copy is never moved, other callers share it)."""
+    import copy
+
+    from .musicnn import load_musicnn
+
+    net = load_musicnn(model)
+    return net if device == "cpu" else copy.deepcopy(net).to(device)
