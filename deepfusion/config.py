@@ -31,14 +31,7 @@ FEATURE_CODE_VERSION = 1
 PRETRAINED_VIEW_VERSION = 1
 
 #: The six feature views, in the order the model consumes them.
-FEATURE_KEYS = (
-    "mel_spec_orig",
-    "mel_spec_harm",
-    "mel_spec_perc",
-    "mfcc",
-    "chroma",
-    "tempogram",
-)
+FEATURE_KEYS = ("mel_spec_orig", "mel_spec_harm", "mel_spec_perc", "mfcc", "chroma", "tempogram")
 MEL_KEYS = FEATURE_KEYS[:3]
 AUX_KEYS = FEATURE_KEYS[3:]
 #: The pretrained view: a frozen music network's representation of each 3-s patch
@@ -164,14 +157,8 @@ class FeatureConfig:
     def feature_shapes(self) -> dict[str, tuple[int, int]]:
         """The ``(rows, frames)`` shape of each view (frames: patches for the pretrained one)."""
         t = self.n_frames
-        shapes = {
-            "mel_spec_orig": (self.n_mels, t),
-            "mel_spec_harm": (self.n_mels, t),
-            "mel_spec_perc": (self.n_mels, t),
-            "mfcc": (self.n_mfcc, t),
-            "chroma": (self.n_chroma, t),
-            "tempogram": (self.tempogram_win_length, t),
-        }
+        shapes = {**{k: (self.n_mels, t) for k in MEL_KEYS}, "mfcc": (self.n_mfcc, t),
+                  "chroma": (self.n_chroma, t), "tempogram": (self.tempogram_win_length, t)}
         if self.pretrained_view is not None:
             from .pretrained.view import VIEW_ROWS
 

@@ -128,6 +128,14 @@ def check_split(split: np.ndarray, groups: np.ndarray) -> None:
 
 # ------------------------------------------------------------------------------ normalisation
 
+#: Per view, the smallest standard deviation a row is normalised by, as a fraction of the
+#: view's mean row deviation. The pretrained view's rows include tags that are near zero on a
+#: whole collection (deviation 1e-4 or less): divided by that, the slightest change on another
+#: recording (another codec, say) became hundreds of deviations and swung the network's
+#: answer; floored, it is a few. The hand-made views keep their plain floor (1e-5).
+RELATIVE_STD_FLOOR = {PRETRAINED_KEY: 0.1}
+
+
 class RunningNormalization:
     """Per-row sums of each view over the clips (or windows) added so far: the statistics of
     :func:`fit_normalization`, gathered a batch at a time (a library larger than memory)."""
@@ -151,14 +159,16 @@ class RunningNormalization:
             self.count[k] += x.shape[1]
 
     def result(self) -> dict[str, dict[str, np.ndarray]]:
-        """``{key: {'mean': (rows,), 'std': (rows,)}}`` (float32; std floored at 1e-5)."""
+        """``{key: {'mean': (rows,), 'std': (rows,)}}`` (float32; std floored at 1e-5, and at
+        :data:`RELATIVE_STD_FLOOR` of the view's mean row deviation)."""
         stats = {}
         for k, total in self.total.items():
             count = max(1, self.count[k])
             mean = total / count
             std = np.sqrt(np.maximum(self.sq[k] / count - mean * mean, 0.0))
+            floor = max(1e-5, RELATIVE_STD_FLOOR.get(k, 0.0) * float(std.mean()) if std.size else 0.0)
             stats[k] = {"mean": mean.astype(np.float32),
-                        "std": np.maximum(std, 1e-5).astype(np.float32)}
+                        "std": np.maximum(std, floor).astype(np.float32)}
         return stats
 
 

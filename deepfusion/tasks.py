@@ -62,10 +62,13 @@ _warmed: set[tuple[bool, Optional[str]]] = set()
 def one_torch_thread(needed: bool = True):
     """One torch thread inside (when ``needed``: torch is not imported otherwise), as numpy's
     one BLAS thread: the workers share the cores."""
-    if not needed:
+    try:
+        if not needed:
+            raise ImportError
+        import torch
+    except ImportError:      # no torch (an onnx-only machine): the view runs on onnxruntime
         yield
         return
-    import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

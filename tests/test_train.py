@@ -143,7 +143,7 @@ def test_checkpoint_is_self_contained(trained_model_dir, tiny_features):
     fs = load_feature_set(tiny_features, class_names=raw["class_names"])
     norm = normalization_of(raw)
     x = {k: torch.from_numpy((fs.arrays[k][:2] - norm[k]["mean"][:, None]) / norm[k]["std"][:, None])
-         for k in FEATURE_KEYS}
+         for k in fs.keys}
     with torch.inference_mode():
         out = model(x)
     assert out["logits"].shape == (2, len(raw["class_names"]))
