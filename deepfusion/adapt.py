@@ -87,14 +87,15 @@ class Adapter:
         self._layers = [m for m in self._model.modules()
                         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
         self._sums: dict[int, list] = {}
-        self._float64 = torch.float64
         self._hooks = [m.register_forward_pre_hook(self._gather) for m in self._layers]
         for m in self._layers:
             m.train()                                   # normalise by the batch, as in training
 
     def _gather(self, module, inputs) -> None:
+        import torch
+
         # summed in float64 on the CPU (MPS has no float64): exact whatever the batching
-        x = inputs[0].detach().to("cpu", dtype=self._float64)
+        x = inputs[0].detach().to("cpu", dtype=torch.float64)
         dims = [d for d in range(x.dim()) if d != 1]   # every position of every channel
         part = [x.sum(dim=dims), (x * x).sum(dim=dims), x.numel() // x.shape[1]]
         mine = self._sums.get(id(module))

@@ -26,7 +26,6 @@ import numpy as np
 
 from .musicnn_input import HOP, PATCH_FRAMES, SAMPLE_RATE
 
-_SR, _HOP, _PATCH = SAMPLE_RATE, HOP, PATCH_FRAMES
 #: The parts of each patch's rows, in order, with their sizes.
 PARTS = (("penultimate", 200), ("taggram", 50))
 VIEW_ROWS = sum(n for _, n in PARTS)
@@ -41,18 +40,18 @@ def part_rows(name: str) -> slice:
         start += n
     raise KeyError(name)
 #: The shortest 16-kHz signal that gives one whole patch (shorter clips are zero-padded).
-_MIN_SAMPLES = (_PATCH - 1) * _HOP
+_MIN_SAMPLES = (PATCH_FRAMES - 1) * HOP
 
 
 def samples_16k(n_samples: int, sample_rate: int) -> int:
     """Samples of a clip of ``n_samples`` at ``sample_rate`` once resampled to 16 kHz."""
-    return max(int(math.ceil(n_samples * _SR / sample_rate)), _MIN_SAMPLES)
+    return max(int(math.ceil(n_samples * SAMPLE_RATE / sample_rate)), _MIN_SAMPLES)
 
 
 def all_patches(n_samples: int, sample_rate: int) -> int:
     """Whole patches of a clip (at least one: a short clip is zero-padded to one)."""
-    frames = 1 + samples_16k(n_samples, sample_rate) // _HOP
-    return max(1, frames // _PATCH)
+    frames = 1 + samples_16k(n_samples, sample_rate) // HOP
+    return max(1, frames // PATCH_FRAMES)
 
 
 def chosen_patches(total: int, stride: int) -> range:
