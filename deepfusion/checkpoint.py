@@ -131,16 +131,6 @@ def load_checkpoint(path: Path, *, resume: bool = False) -> dict[str, Any]:
     return ckpt
 
 
-#: Ranges a checkpoint's settings must lie in before anything is sized from them: far wider
-#: than any real model, so a value outside is a damaged or forged file, not a choice.
-_FEATURE_LIMITS = {"sample_rate": (1000, 384_000), "duration": (0.01, 3600.0),
-                   "n_fft": (16, 2**16), "n_mels": (1, 1024), "n_mfcc": (1, 1024),
-                   "n_chroma": (1, 120), "tempogram_win_length": (1, 8192),
-                   "hpss_kernel": (1, 1023)}
-_MODEL_LIMITS = {"n_classes": (2, 100_000), "n_mels": (1, 1024), "embed_dim": (1, 8192),
-                 "aux_hidden": (1, 16_384)}
-#: Samples of one decoded clip and values of one clip's six views (each 1 GiB as float32).
-_MAX_SAMPLES = _MAX_VALUES = 2**28
 _RESUME_KEYS = ("epoch", "optimizer_state", "scheduler_state", "scaler_state", "rng_state",
                 "history", "best_epoch", "bad_epochs")
 
@@ -148,9 +138,9 @@ _RESUME_KEYS = ("epoch", "optimizer_state", "scheduler_state", "scaler_state", "
 def check_contents(ckpt: dict[str, Any], path: Path, *, resume: bool = False) -> None:
     """Check a loaded checkpoint's parts against each other and against sane ranges.
 
-    Runs before anything is built or allocated from the file: the configs must rebuild, lie in
-    sane ranges and agree (class names against classifier size, mel bands and feature rows
-    against the model, normalisation statistics against the views), and every tensor of the
+    Runs before anything is built or allocated from the file: the fields every saved model
+    has (class names, feature and model configs, normalisation statistics) are checked by
+    :mod:`deepfusion.model_meta`, as an ONNX model's metadata is, then every tensor of the
     model state must have the shape the model config gives it (checked on the meta device,
     which allocates nothing). ``resume`` also asks for what ``last.pth`` adds.
 
@@ -159,8 +149,9 @@ def check_contents(ckpt: dict[str, Any], path: Path, *, resume: bool = False) ->
     CheckpointError
         Naming ``path`` and the first part that is wrong.
     """
-    from .config import PRETRAINED_KEY, TrainConfig, view_keys
+    from .config import TrainConfig
     from .errors import ParameterError
+    from .model_meta import check_description
 
     def bad(message: str) -> CheckpointError:
         return CheckpointError(f"{path}: damaged or inconsistent checkpoint: {message}")
@@ -170,45 +161,13 @@ def check_contents(ckpt: dict[str, Any], path: Path, *, resume: bool = False) ->
     missing = [k for k in wanted if k not in ckpt]
     if missing:
         raise bad(f"no {', '.join(missing)}")
-    configs = {}
-    for name, cls, extra in (("model_config", ModelConfig, {"band_stats": False}),
-                             ("feature_config", FeatureConfig, {}),
-                             ("train_config", TrainConfig, {})):
-        try:
-            configs[name] = cls.from_dict({**extra, **ckpt[name]})
-        except (ParameterError, TypeError, ValueError) as exc:
-            raise bad(f"{name}: {one_line(exc)}") from None
-    mc, fc = configs["model_config"], configs["feature_config"]
-    for source, limits in ((fc, _FEATURE_LIMITS), (mc, _MODEL_LIMITS)):
-        for name, (low, high) in limits.items():
-            value = getattr(source, name)
-            if not low <= value <= high:
-                raise bad(f"{name} {value!r} is outside [{low}, {high}]")
-    if len(mc.fusion_hidden) > 16 or any(not 1 <= h <= 65_536 for h in mc.fusion_hidden):
-        raise bad(f"fusion_hidden {list(mc.fusion_hidden)[:20]} is not 1 to 16 widths of 1 to 65536")
-    if fc.n_samples > _MAX_SAMPLES:
-        raise bad(f"clips of {fc.duration:g} s at {fc.sample_rate} Hz ({fc.n_samples:,} samples) "
-                  f"exceed {_MAX_SAMPLES:,}")
-    shapes = fc.feature_shapes()
-    if sum(r * t for r, t in shapes.values()) > _MAX_VALUES:
-        raise bad(f"one clip's features would hold over {_MAX_VALUES:,} values")
-    rows = {k: r for k, (r, _) in shapes.items()}
-    if (mc.n_mels, *mc.aux_rows) != (rows["mel_spec_orig"], rows["mfcc"], rows["chroma"],
-                                     rows["tempogram"]):
-        raise bad(f"the model takes {mc.n_mels} mel bands and aux rows {list(mc.aux_rows)}, "
-                  f"the feature config makes {rows['mel_spec_orig']} and "
-                  f"{[rows['mfcc'], rows['chroma'], rows['tempogram']]}")
-    if mc.pretrained_view_rows != rows.get(PRETRAINED_KEY, 0):
-        raise bad(f"the model takes {mc.pretrained_view_rows} rows of the pretrained view, the "
-                  f"feature config makes {rows.get(PRETRAINED_KEY, 0)}")
-    names = ckpt["class_names"]
-    if (not isinstance(names, (list, tuple)) or not all(isinstance(n, str) and n for n in names)
-            or len(set(names)) != len(names)):
-        raise bad("class_names is not a list of distinct non-empty names")
-    if len(names) != mc.n_classes:
-        raise bad(f"{len(names)} class names for a classifier of {mc.n_classes} classes")
-    _check_normalization(ckpt["normalization"], rows, view_keys(mc.pretrained_view_rows > 0), bad)
-    _check_state(ckpt["model_state"], mc, bad)
+    described = check_description(ckpt, bad)
+    try:   # the recipe: not part of what a model says of itself (no limits, runtime fields allowed)
+        TrainConfig.from_dict(ckpt["train_config"])
+    except (ParameterError, TypeError, ValueError, AttributeError) as exc:
+        raise bad(f"train_config: {one_line(exc)}") from None
+    _check_normalization(ckpt["normalization"], described, bad)
+    _check_state(ckpt["model_state"], described.model_config, bad)
     if resume:
         epoch = ckpt["epoch"]
         if not isinstance(epoch, int) or isinstance(epoch, bool) or not 0 < epoch <= 100_000:
@@ -217,15 +176,19 @@ def check_contents(ckpt: dict[str, Any], path: Path, *, resume: bool = False) ->
             raise bad(f"the history does not hold one row per epoch up to epoch {epoch}")
 
 
-def _check_normalization(norm: Any, rows: dict[str, int], keys, bad) -> None:
-    if not isinstance(norm, dict) or set(norm) != set(keys):
-        raise bad(f"normalization does not hold the model's views ({', '.join(keys)})")
-    for key in keys:
+def _check_normalization(norm: Any, described, bad) -> None:
+    """The statistics' views and shapes (:func:`~deepfusion.model_meta.check_normalization`),
+    then their values: float tensors, finite, the standard deviations positive."""
+    from .model_meta import check_normalization
+
+    check_normalization(norm, described, bad)
+    for key in described.keys:
         stats = norm[key]
         for stat in ("mean", "std"):
-            value = stats.get(stat) if isinstance(stats, dict) else None
-            if not isinstance(value, torch.Tensor) or tuple(value.shape) != (rows[key],):
-                raise bad(f"normalization {key} {stat} is not a vector of {rows[key]} values")
+            value = stats[stat]
+            if not isinstance(value, torch.Tensor):
+                raise bad(f"normalization {key} {stat} is not a vector of "
+                          f"{described.rows[key]} values")
             if not value.is_floating_point() or not bool(torch.isfinite(value).all()):
                 raise bad(f"normalization {key} {stat} holds non-finite or non-float values")
         if not bool((stats["std"] > 0).all()):

@@ -1,11 +1,14 @@
 """A deepfusion model exported to ONNX (:mod:`deepfusion.export`), run with onnxruntime.
 
 This module never imports torch, nor does anything it imports (numpy, onnxruntime,
-:mod:`deepfusion.config`, :mod:`deepfusion.data`): a machine that only classifies needs
-``pip install 'deepfusion[onnx]'`` and no torch. The graph takes the views of a batch of
-segments (the six, and the pretrained one when the model has it), un-normalised (the checkpoint's normalisation is inside it); :meth:`OnnxEngine.window_outputs`
-cuts clip-length windows into the same non-overlapping segments as
-:func:`deepfusion.inference.predict_clips` and averages the segments' outputs per window.
+:mod:`deepfusion.config`, :mod:`deepfusion.data`, :mod:`deepfusion.model_meta`): a machine that
+only classifies needs ``pip install 'deepfusion[onnx]'`` and no torch. The graph takes the views
+of a batch of segments (the six, and the pretrained one when the model has it), un-normalised
+(the checkpoint's normalisation is inside it); :meth:`OnnxEngine.window_outputs` cuts
+clip-length windows into the same non-overlapping segments as
+:func:`deepfusion.inference.predict_clips` and averages the segments' outputs per window. The
+model's ``deepfusion`` metadata is checked with the same schema as a checkpoint
+(:mod:`deepfusion.model_meta`) and against the graph's inputs and outputs before it is used.
 """
 
 from __future__ import annotations
@@ -26,6 +29,10 @@ METADATA_KEY = "deepfusion"
 METADATA_FORMAT = 1
 #: The graph's outputs, in this order.
 OUTPUT_NAMES = ("logits", "attention", "embedding")
+#: What that entry must hold (it holds more: the checkpoint's sha256, the versions, ...).
+METADATA_KEYS = ("class_names", "feature_config", "model_config", "segment_frames", "rows")
+#: Characters of that entry read at most (100,000 class names fit in well under that).
+MAX_METADATA_CHARS = 2**24
 #: Segments per onnxruntime call: bounds the memory of long inputs.
 DEFAULT_BATCH = 64
 INSTALL_HINT = "pip install 'deepfusion[onnx]'"
@@ -110,13 +117,12 @@ class OnnxEngine:
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for bad files
             reason = " ".join(str(exc).split())[:160]
             raise OnnxModelError(f"{name}: not an ONNX model, or a damaged one ({reason})") from None
+        #: also sets described (the checked common fields), rows and segment_frames
         self.metadata = self._read_metadata()
-        self.class_names: list[str] = list(self.metadata["class_names"])
-        self.feature_config: FeatureConfig = FeatureConfig.from_dict(self.metadata["feature_config"])
-        self.segment_frames: int = int(self.metadata["segment_frames"])
+        self.class_names: list[str] = list(self.described.class_names)
+        self.feature_config: FeatureConfig = self.described.feature_config
         #: the graph's inputs: the six views, or seven with the pretrained one
-        self.keys: tuple[str, ...] = tuple(i.name for i in self.session.get_inputs())
-        self.rows: dict[str, int] = {k: int(self.metadata["rows"][k]) for k in self.keys}
+        self.keys: tuple[str, ...] = self.described.keys
         # the width of the classifier's input (what embed writes): static in the graph
         shape = self.session.get_outputs()[OUTPUT_NAMES.index("embedding")].shape
         self.embedding_dim: int = int(shape[-1]) if isinstance(shape[-1], int) else 0
@@ -127,34 +133,78 @@ class OnnxEngine:
         self.kind = "onnx"
 
     def _read_metadata(self) -> dict:
-        bad = f"{self.name}: not a deepfusion ONNX model"
+        """The ``deepfusion`` metadata, checked field by field (:mod:`deepfusion.model_meta`,
+        as a checkpoint is) and against the graph's inputs and outputs; sets
+        :attr:`described`, :attr:`rows` and :attr:`segment_frames`."""
+        from .model_meta import (check_class_count, check_description, check_rows,
+                                 check_segment_frames, show)
+
+        name = self.name
+
+        def bad(message: str) -> OnnxModelError:
+            return OnnxModelError(f"{name}: damaged or inconsistent ONNX model: {message}")
+
         raw = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
         if raw is None:
-            raise OnnxModelError(f"{bad} (no '{METADATA_KEY}' metadata; export one with "
-                                 "deepfusion.export.export_onnx)")
+            raise OnnxModelError(f"{name}: not a deepfusion ONNX model (no '{METADATA_KEY}' "
+                                 "metadata; export one with deepfusion.export.export_onnx)")
+        if len(raw) > MAX_METADATA_CHARS:
+            raise bad(f"its '{METADATA_KEY}' metadata holds {len(raw):,} characters, over "
+                      f"{MAX_METADATA_CHARS:,}")
         try:
             meta = json.loads(raw)
-        except ValueError:
-            raise OnnxModelError(f"{bad} (its '{METADATA_KEY}' metadata is not JSON)") from None
-        if not isinstance(meta, dict) or meta.get("format") != METADATA_FORMAT:
-            found = meta.get("format") if isinstance(meta, dict) else None
-            raise OnnxModelError(f"{bad} of format {METADATA_FORMAT} (metadata format {found!r})")
-        missing = [k for k in ("class_names", "feature_config", "segment_frames", "rows")
-                   if k not in meta]
-        inputs = [i.name for i in self.session.get_inputs()]
-        outputs = [o.name for o in self.session.get_outputs()]
-        if missing or inputs not in (list(FEATURE_KEYS), list(ALL_KEYS)) \
-                or outputs != list(OUTPUT_NAMES) or not set(inputs) <= set(meta.get("rows") or ()):
-            raise OnnxModelError(f"{bad} (inputs {inputs}, outputs {outputs}"
-                                 + (f", metadata without {', '.join(missing)})" if missing else ")"))
-        try:
-            views = FeatureConfig.from_dict(meta["feature_config"]).keys
-        except Exception as exc:  # noqa: BLE001 - any malformed settings: one line
-            raise OnnxModelError(f"{bad} (its feature settings do not rebuild: "
-                                 f"{str(exc)[:120]})") from None
-        if list(views) != inputs:
-            raise OnnxModelError(f"{bad} (its inputs {inputs} are not the views its feature "
-                                 f"settings make: {list(views)})")
+        except (ValueError, RecursionError):
+            raise bad(f"its '{METADATA_KEY}' metadata is not JSON") from None
+        if not isinstance(meta, dict):
+            raise bad(f"its '{METADATA_KEY}' metadata is a JSON {type(meta).__name__}, "
+                      "not an object")
+        found = meta.get("format")
+        if not isinstance(found, int) or isinstance(found, bool) or found != METADATA_FORMAT:
+            raise OnnxModelError(f"{name}: deepfusion ONNX metadata format "
+                                 f"{show(found)}, this deepfusion reads format "
+                                 f"{METADATA_FORMAT} (export the model again)")
+        missing = [k for k in METADATA_KEYS if k not in meta]
+        if missing:
+            raise bad(f"no {', '.join(missing)}")
+        inputs = self.session.get_inputs()
+        outputs = self.session.get_outputs()
+        names = [i.name for i in inputs], [o.name for o in outputs]
+        if names[0] not in (list(FEATURE_KEYS), list(ALL_KEYS)) or names[1] != list(OUTPUT_NAMES):
+            raise OnnxModelError(f"{name}: not a deepfusion ONNX model (inputs {names[0]}, "
+                                 f"outputs {names[1]})")
+        described = check_description(meta, bad)
+        if list(described.keys) != names[0]:
+            raise bad(f"feature_config: its views {list(described.keys)} are not the graph's "
+                      f"inputs {names[0]}")
+        rows = check_rows(meta["rows"], described, bad)
+        seg = check_segment_frames(meta["segment_frames"], described, bad)
+        fc = described.feature_config
+        widths = {k: seg for k in described.keys}
+        if PRETRAINED_KEY in widths:   # the patches a segment of frames covers
+            from .pretrained.view import patch_span
+
+            widths[PRETRAINED_KEY] = patch_span(0, seg, fc.n_frames, fc.n_patches)[1]
+        for given in inputs:   # (batch, rows, frames): static but the batch
+            dims = list(given.shape)
+            if len(dims) != 3:
+                raise bad(f"rows: the graph's {given.name} input has shape {show(dims)}, not "
+                          "(batch, rows, frames)")
+            if isinstance(dims[1], int) and dims[1] != rows[given.name]:
+                raise bad(f"rows: the graph's {given.name} input takes {dims[1]} rows, its "
+                          f"metadata says {rows[given.name]}")
+            if isinstance(dims[2], int) and dims[2] != widths[given.name]:
+                raise bad(f"segment_frames: the graph's {given.name} input takes segments of "
+                          f"{dims[2]}, its metadata says {widths[given.name]} "
+                          f"(segment_frames {seg})")
+        shapes = {o.name: list(o.shape) for o in outputs}
+        width = shapes["logits"][-1] if shapes["logits"] else None
+        if isinstance(width, int):
+            check_class_count(described.class_names, width, "a graph whose logits output has", bad)
+        views = shapes["attention"][-1] if shapes["attention"] else None
+        if isinstance(views, int) and views != len(described.keys):
+            raise bad(f"the graph's attention output has {views} views, its inputs "
+                      f"{len(described.keys)}")
+        self.described, self.rows, self.segment_frames = described, rows, seg
         return meta
 
     @property
@@ -177,7 +227,12 @@ class OnnxEngine:
         ``embedding`` (B, d)
         """
         feeds = {k: np.ascontiguousarray(segments[k], dtype=np.float32) for k in self.keys}
-        return dict(zip(OUTPUT_NAMES, self.session.run(list(OUTPUT_NAMES), feeds)))
+        out = dict(zip(OUTPUT_NAMES, self.session.run(list(OUTPUT_NAMES), feeds)))
+        if out["logits"].shape[-1] != len(self.class_names):   # a width the graph left open
+            raise OnnxModelError(f"{self.name}: damaged or inconsistent ONNX model: class_names: "
+                                 f"{len(self.class_names)} class names for a graph whose logits "
+                                 f"output has {out['logits'].shape[-1]} classes")
+        return out
 
     def window_outputs(self, views: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Mean outputs over the non-overlapping segments of each window.

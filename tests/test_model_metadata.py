@@ -1,0 +1,257 @@
+"""Models that lie about themselves: an ONNX model's ``deepfusion`` metadata and a checkpoint
+checked with one schema (:mod:`deepfusion.model_meta`), through every command that loads them.
+
+Each forgery must end the command with the error's own exit code (never 70, an internal error)
+and one line naming the file and the field; the same forgery of a checkpoint and of an ONNX
+model reads the same after the file's name.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+
+import torch  # noqa: E402
+
+from deepfusion.errors import CheckpointError, OnnxModelError  # noqa: E402
+from deepfusion.onnx_engine import METADATA_KEY, OnnxEngine  # noqa: E402
+from deepfusion.testing import invoke, one_error_line  # noqa: E402
+
+ONNX_BAD = "damaged or inconsistent ONNX model: "
+CKPT_BAD = "damaged or inconsistent checkpoint: "
+
+
+@pytest.fixture(scope="module")
+def exported(trained_model_dir, tmp_path_factory) -> Path:
+    """The light checkpoint of conftest exported once (checked on its training features)."""
+    from deepfusion.export import export_onnx
+
+    out = tmp_path_factory.mktemp("meta-onnx") / "model.onnx"
+    export_onnx(trained_model_dir / "best.pth", out, echo=lambda s: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def clip(tiny_audio) -> Path:
+    return tiny_audio / "rock" / "rock.00000.wav"
+
+
+def _metadata(path: Path) -> dict:
+    model = onnx.load(str(path))
+    return json.loads(next(p.value for p in model.metadata_props if p.key == METADATA_KEY))
+
+
+def forge_onnx(source: Path, out: Path, change) -> Path:
+    """``source`` with its metadata changed: ``change(meta)`` edits the dict in place, or
+    returns the raw text to store instead."""
+    model = onnx.load(str(source))
+    entry = next(p for p in model.metadata_props if p.key == METADATA_KEY)
+    meta = json.loads(entry.value)
+    raw = change(meta)
+    entry.value = raw if isinstance(raw, str) else json.dumps(meta)
+    onnx.save(model, str(out))
+    return out
+
+
+def _set(*keys, value):
+    """A change setting ``meta[k1][k2]...`` to ``value`` (a callable: of the old value)."""
+    def change(meta):
+        target = meta
+        for key in keys[:-1]:
+            target = target[key]
+        target[keys[-1]] = value(target[keys[-1]]) if callable(value) else value
+    return change
+
+
+def _drop(key):
+    def change(meta):
+        del meta[key]
+    return change
+
+
+def _changes(*changes):
+    def change(meta):
+        for one in changes:
+            one(meta)
+    return change
+
+
+#: Forgeries of the fields a checkpoint and an ONNX model share: name -> (change, words).
+#: Each applies to an ONNX model's metadata and to a checkpoint dict alike.
+COMMON = {
+    "class names a plain string": (_set("class_names", value="rock"), "class_names is str 'rock'"),
+    "class names with a number": (_set("class_names", value=lambda v: [*v[:-1], 5]),
+                                  "class_names[2] 5 is not a non-empty name"),
+    "class names with an empty one": (_set("class_names", value=lambda v: [*v[:-1], ""]),
+                                      "class_names[2]"),
+    "duplicate class names": (_set("class_names", value=lambda v: [v[0]] * len(v)), "twice"),
+    "more names than the classifier": (_set("class_names", value=lambda v: [*v, "polka"]),
+                                       "class_names: 4 class names for a classifier of 3 classes"),
+    "millions of class names": (_set("class_names", value=[f"g{i}" for i in range(100_001)]),
+                                "class_names holds 100,001 names"),
+    "sample rate out of range": (_set("feature_config", "sample_rate", value=10**9),
+                                 "feature_config.sample_rate 1000000000 is outside"),
+    "huge sample rate": (_set("feature_config", "sample_rate", value=10**40),
+                         "feature_config.sample_rate"),
+    "negative n_fft": (_set("feature_config", "n_fft", value=-4),
+                       "feature_config: n_fft must be a positive integer, got -4"),
+    "sample rate a string": (_set("feature_config", "sample_rate", value="22050"),
+                             "feature_config.sample_rate '22050' is not a whole number"),
+    "duration a bool": (_set("feature_config", "duration", value=True),
+                        "feature_config.duration True is not a finite number"),
+    "duration not a number": (_set("feature_config", "duration", value=float("nan")),
+                              "feature_config.duration nan is not a finite number"),
+    "fmax a list": (_set("feature_config", "fmax", value=[1]), "feature_config.fmax [1] is not a finite"),
+    "unknown feature setting": (_set("feature_config", value=lambda v: {**v, "n_bins": 3}),
+                                "feature_config has unknown field(s) n_bins"),
+    "feature settings a string": (_set("feature_config", value="default"),
+                                  "feature_config is str 'default', not a mapping"),
+    "feature settings invalid together": (_set("feature_config", "hop_length", value=4096),
+                                          "feature_config: hop_length (4096) must not exceed n_fft"),
+    "endless clips": (_changes(_set("feature_config", "duration", value=3600.0),
+                               _set("feature_config", "sample_rate", value=96_000)),
+                      "feature_config: clips of 3600 s at 96000 Hz"),
+    "mel bands disagree": (_set("model_config", "n_mels", value=64),
+                           "model_config.n_mels, aux_rows: the model takes 64 mel bands"),
+    "aux rows a string": (_set("model_config", "aux_rows", value="20,12,384"),
+                          "model_config.aux_rows '20,12,384' is not a list of whole numbers of 3"),
+    "huge fusion layer": (_set("model_config", "fusion_hidden", value=[10**9]),
+                          "model_config.fusion_hidden [1000000000]"),
+    "huge embedding": (_set("model_config", "embed_dim", value=2**40),
+                       "model_config.embed_dim 1099511627776 is outside"),
+    "unknown model field": (_set("model_config", value=lambda v: {**v, "layers": 9}),
+                            "model_config has unknown field(s) layers"),
+    "no class names": (_drop("class_names"), "no class_names"),
+    "no feature settings": (_drop("feature_config"), "no feature_config"),
+}
+
+#: Forgeries only an ONNX model's metadata can have: name -> (change, words after the file).
+ONNX_ONLY = {
+    "wider logits than the graph": (
+        _changes(_set("class_names", value=lambda v: [*v, "polka"]),
+                 _set("model_config", "n_classes", value=lambda n: n + 1)),
+        ONNX_BAD + "class_names: 4 class names for a graph whose logits output has 3 classes"),
+    "rows not the feature config's": (_set("rows", "mfcc", value=13), ONNX_BAD + "rows {"),
+    "rows a list": (_set("rows", value=[128, 128]), ONNX_BAD + "rows [128, 128] are not the rows"),
+    "rows not the graph's": (
+        _changes(_set("feature_config", "n_mfcc", value=13), _set("rows", "mfcc", value=13),
+                 _set("model_config", "aux_rows", value=lambda r: [13, *r[1:]])),
+        ONNX_BAD + "rows: the graph's mfcc input takes 20 rows, its metadata says 13"),
+    "segment frames not the graph's": (_set("segment_frames", value=lambda s: s - 1),
+                                       ONNX_BAD + "segment_frames: the graph's mel_spec_orig input"),
+    "huge segment frames": (_set("segment_frames", value=10**12),
+                            ONNX_BAD + "segment_frames 1000000000000 is not a whole number in [1, "),
+    "segment frames a string": (_set("segment_frames", value="129"),
+                                ONNX_BAD + "segment_frames '129' is not a whole number"),
+    "views not the graph's": (_set("feature_config", "pretrained_view", value=None),
+                              ONNX_BAD + "model_config.pretrained_view_rows"),
+    "no rows": (_drop("rows"), ONNX_BAD + "no rows"),
+    "no segment frames, no model config": (_changes(_drop("segment_frames"), _drop("model_config")),
+                                           ONNX_BAD + "no model_config, segment_frames"),
+    "another format": (_set("format", value=2), "deepfusion ONNX metadata format 2, this "
+                       "deepfusion reads format 1"),
+    "a format that is a string": (_set("format", value="1"), "metadata format '1'"),
+    "no format": (_drop("format"), "metadata format None"),
+    "metadata a list": (lambda meta: json.dumps([meta]),
+                        ONNX_BAD + "its 'deepfusion' metadata is a JSON list, not an object"),
+    "metadata a string": (lambda meta: json.dumps("model"), "metadata is a JSON str, not an object"),
+    "metadata not JSON": (lambda meta: "{class_names: rock",
+                          ONNX_BAD + "its 'deepfusion' metadata is not JSON"),
+    "metadata nested too deep": (lambda meta: "[" * 100_000,
+                                 ONNX_BAD + "its 'deepfusion' metadata is not JSON"),
+}
+
+
+def _refusal(result, path: Path, exit_code: int) -> str:
+    """The one error line of a refused model, checked to name ``path``; what follows the name."""
+    line = one_error_line(result.stderr)
+    assert result.exit_code == exit_code, (result.exit_code, result.stderr)
+    prefix = f"Error: {path}: "
+    assert line.startswith(prefix), line
+    return line[len(prefix):]
+
+
+def _onnx_commands(clip: Path, model: Path, out: Path) -> dict[str, list]:
+    """Every command that loads an ONNX model."""
+    return {"predict": ["predict", clip, "--checkpoint", model, "--engine", "onnx"],
+            "predict --json": ["predict", clip, "--checkpoint", model, "--engine", "onnx", "--json"],
+            "embed": ["embed", clip, "--checkpoint", model, "--engine", "onnx", "--out", out]}
+
+
+def test_a_valid_exported_model_is_accepted(exported, clip, tmp_path):
+    engine = OnnxEngine(exported)
+    meta = _metadata(exported)
+    assert engine.class_names == meta["class_names"] and engine.segment_frames == meta["segment_frames"]
+    assert engine.described.model_config.n_classes == len(engine.class_names)
+    for name, args in _onnx_commands(clip, exported, tmp_path / "e.npz").items():
+        result = invoke(*args, "--cache-dir", tmp_path / "cache")
+        assert result.exit_code == 0, (name, result.output)
+    assert (tmp_path / "e.npz").is_file()
+
+
+@pytest.mark.parametrize("name", list(COMMON) + list(ONNX_ONLY))
+def test_forged_onnx_metadata_is_one_line_naming_the_field(name, exported, clip, tmp_path):
+    change, words = {**COMMON, **ONNX_ONLY}[name]
+    forged = forge_onnx(exported, tmp_path / "forged.onnx", change)
+    for command, args in _onnx_commands(clip, forged, tmp_path / "e.npz").items():
+        said = _refusal(invoke(*args, "--cache-dir", tmp_path / "cache"), forged,
+                        OnnxModelError.exit_code)
+        if name in COMMON:
+            assert said.startswith(ONNX_BAD), (command, said)
+        assert words in said, (command, said)
+    assert not (tmp_path / "e.npz").exists() and not (tmp_path / "cache").exists()
+    with pytest.raises(OnnxModelError) as info:   # the library says the same
+        OnnxEngine(forged)
+    assert str(info.value) == f"{forged}: {said}"
+
+
+def test_oversized_metadata_is_refused_before_it_is_parsed(exported, clip, tmp_path, monkeypatch):
+    from deepfusion import onnx_engine
+
+    monkeypatch.setattr(onnx_engine, "MAX_METADATA_CHARS", 1000)
+    said = _refusal(invoke("predict", clip, "--checkpoint", exported, "--engine", "onnx"), exported,
+                    OnnxModelError.exit_code)
+    assert said.startswith(ONNX_BAD + "its 'deepfusion' metadata holds ") and "over 1,000" in said
+
+
+def test_the_class_width_is_checked_again_on_each_batch(exported):
+    """A graph may leave its logits width symbolic (onnxruntime then knows it only when it
+    runs): the outputs of each batch are checked against the class names too."""
+    import numpy as np
+
+    engine = OnnxEngine(exported)
+    engine.class_names.append("polka")      # what a width unknown on load would let through
+    fc = engine.feature_config
+    views = {k: np.zeros((1, r, fc.n_patches if k == "musicnn" else fc.n_frames), np.float32)
+             for k, r in engine.rows.items()}
+    with pytest.raises(OnnxModelError, match="class_names: 4 class names for a graph whose logits"):
+        engine.window_outputs(views)
+
+
+@pytest.mark.parametrize("name", list(COMMON))
+def test_a_forged_checkpoint_reads_as_the_same_forged_onnx_model(name, trained_model_dir, exported,
+                                                                clip, tmp_path):
+    """evaluate and predict (the torch engine) refuse the checkpoint with the words the onnx
+    engine uses for the same field."""
+    change, words = COMMON[name]
+    best = torch.load(trained_model_dir / "best.pth", weights_only=True)
+    ckpt = copy.deepcopy(best)
+    change(ckpt)
+    path = tmp_path / "forged.pth"
+    torch.save(ckpt, path)
+    forged = forge_onnx(exported, tmp_path / "forged.onnx", change)
+    with pytest.raises(OnnxModelError) as info:
+        OnnxEngine(forged)
+    onnx_said = str(info.value)[len(f"{forged}: {ONNX_BAD}"):]
+    for args in (["evaluate", "--checkpoint", path, "--out-dir", tmp_path / "report"],
+                 ["predict", clip, "--checkpoint", path]):
+        said = _refusal(invoke(*args), path, CheckpointError.exit_code)
+        assert said == CKPT_BAD + onnx_said, (args[0], said, onnx_said)
+        assert words in said
+    assert not (tmp_path / "report").exists()
