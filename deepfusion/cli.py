@@ -62,6 +62,12 @@ def _other_rank() -> bool:
     return _torchrun_rank() not in (None, 0)
 
 
+def _overwrite_option(func):
+    """``--overwrite`` of the commands that write files the user names (train has its own)."""
+    return click.option("--overwrite", is_flag=True, help="Replace an existing output even "
+                        "when it is not a file this command writes (never a file it reads).")(func)
+
+
 class _Group(click.Group):
     """Turns deepfusion's own errors into one line and an exit status, never a traceback."""
 
@@ -112,13 +118,14 @@ def main() -> None:
 @click.option("--domain", type=click.Choice(["default", "shifted"]), default="default",
               show_default=True, help="Production: 'shifted' renders the same genres with "
                                       "another mix, EQ, tempo sub-range and timbres.")
+@_overwrite_option
 def synth(out: Path, genres: int, clips_per_genre: int, duration: float, seed: int,
-          domain: str) -> None:
+          domain: str, overwrite: bool) -> None:
     """Render a deterministic synthetic genre dataset (WAV, 22,050 Hz, mono)."""
     from .synth import synthesize_dataset
 
     paths = synthesize_dataset(out, genres=genres, clips_per_genre=clips_per_genre,
-                               duration=duration, seed=seed, domain=domain)
+                               duration=duration, seed=seed, domain=domain, overwrite=overwrite)
     echo(f"wrote {len(paths)} clips ({genres} genres x {clips_per_genre}) to {out}")
 
 
@@ -154,11 +161,12 @@ def synth(out: Path, genres: int, clips_per_genre: int, duration: float, seed: i
               "rounding and share the cache  [default: numpy, torch when --device finds or "
               "names a GPU (--device is where the torch backend runs)].")
 @device_option
+@_overwrite_option
 @feature_options
 def extract(audio_dir: Path, out: Path | None, fmt: str, dtype: str, cache_dir: Path,
             manifest: Path | None,
             jobs: int | None, scheduler: str | None, quiet: bool, strict: bool, timeout: float,
-            backend: str | None, device: str, **kwargs: Any) -> None:
+            backend: str | None, device: str, overwrite: bool, **kwargs: Any) -> None:
     """Compute the feature views of every clip (six hand-made ones and musicnn's), in
     parallel and cached.
 
@@ -171,12 +179,13 @@ def extract(audio_dir: Path, out: Path | None, fmt: str, dtype: str, cache_dir: 
     result = run_extract(audio_dir, out=out, fmt=fmt, cache_dir=cache_dir,
                          jobs=jobs, config=config, manifest=manifest, quiet=quiet,
                          timeout=timeout or None, scheduler=scheduler or None, dtype=dtype,
-                         backend=backend, device=device)
+                         backend=backend, device=device, overwrite=overwrite)
     for path, reason in result.errors:
         echo(f"skipped {shown(path)}: {shown(reason)}", err=True)
     genres = ", ".join(f"{k} {v}" for k, v in result.labels.items())
     echo(f"{result.n_items} clips ({result.computed} computed, {result.cached} from cache) "
-               f"in {result.seconds:.1f} s -> {result.out}")
+         f"in {result.seconds:.1f} s -> {result.out}")
+    _say_repaired(result.repaired)
     if genres:
         echo(f"genres: {genres}")
     if result.workers:
@@ -272,16 +281,17 @@ def train(features: Path, model_dir: Path, pretrained: bool | None, weights_path
 @device_option
 @precision_option
 @adapt_option()
+@_overwrite_option
 def evaluate(checkpoint: Path, features: Path | None, split: str, split_file: str | None,
              out_dir: Path | None, batch_size: int, device: str, precision: str,
-             adapt: str) -> None:
+             adapt: str, overwrite: bool) -> None:
     """Report what a checkpoint does on held-out clips (table, CSVs, JSON, figures)."""
     from .evaluate import evaluate as run_evaluate
     from .io.run_folder import REPORT_FILES
 
     report = run_evaluate(checkpoint, features=features, split=split, split_file=split_file,
                           out_dir=out_dir, batch_size=batch_size, device=device,
-                          precision=precision, adapt=adapt, echo=echo)
+                          precision=precision, adapt=adapt, overwrite=overwrite, echo=echo)
     echo(report.table())
     echo(f"\nwrote {', '.join(REPORT_FILES)} to {report.out_dir}")
 
@@ -311,14 +321,24 @@ def _library_options(func):
     return func
 
 
-def _library(inputs, checkpoints, engine, cache_dir, device, precision, adapt, outputs=None):
+def _say_repaired(n: int) -> None:
+    """The one line on damaged cache entries a run computed again (stderr: never mixed with
+    the results a pipe reads)."""
+    if n:
+        echo(f"repaired {n} damaged cache entr{'y' if n == 1 else 'ies'} (computed again and "
+             "replaced)", err=True)
+
+
+def _library(inputs, checkpoints, engine, cache_dir, device, precision, adapt,
+             destinations=(), overwrite=False):
     from .predict import Library
 
     if engine == "onnx" and (device not in ("auto", "cpu") or precision != "fp32"):
         raise ParameterError("--device and --precision: the onnx engine runs in float32 on "
                              "onnxruntime's providers; leave them at their defaults")
     return Library(inputs, checkpoints=list(checkpoints), engine=engine, device=device,
-                   cache_dir=cache_dir, outputs=outputs, precision=precision, adapt=adapt)
+                   cache_dir=cache_dir, destinations=destinations, overwrite=overwrite,
+                   precision=precision, adapt=adapt)
 
 
 @main.command()
@@ -329,9 +349,11 @@ def _library(inputs, checkpoints, engine, cache_dir, device, precision, adapt, o
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="Write a CSV: path, top-1 genre and probability, one probability column per "
               "genre, error (written when the run ends; per-file lines are then not printed).")
+@_overwrite_option
 def predict(inputs: tuple[Path, ...], checkpoints: tuple[Path, ...], engine: str,
             cache_dir: Path, jobs: int | None, timeout: float, quiet: bool, device: str,
-            precision: str, adapt: str, top_k: int, as_json: bool, out: Path | None) -> None:
+            precision: str, adapt: str, top_k: int, as_json: bool, out: Path | None,
+            overwrite: bool) -> None:
     """Top genres of audio files (or every audio file under a folder), through the feature
     cache; several --checkpoint are averaged."""
     import json
@@ -340,8 +362,10 @@ def predict(inputs: tuple[Path, ...], checkpoints: tuple[Path, ...], engine: str
     from .predict import Prediction, PredictionsCSV
 
     t0 = time.perf_counter()
+    from .io.guard import Destination
+
     library = _library(inputs, checkpoints, engine, cache_dir, device, precision, adapt,
-                       outputs={out: "--out"} if out else None)
+                       [Destination(out, "--out", "predictions")] if out else (), overwrite)
     done = failed = computed = 0
     with contextlib.ExitStack() as stack:
         table = stack.enter_context(PredictionsCSV(out, library.class_names)) if out else None
@@ -365,6 +389,7 @@ def predict(inputs: tuple[Path, ...], checkpoints: tuple[Path, ...], engine: str
             else:
                 top = ", ".join(f"{g} {p:.3f}" for g, p in result.top)
                 echo(f"{shown(result.path)}: {top}")
+    _say_repaired(library.repaired)
     if out is not None:
         echo(f"{done} files classified ({computed} analysed, {done - computed} from the cache), "
              f"{failed} skipped in {time.perf_counter() - t0:.1f} s -> {shown(out)}", err=as_json)
@@ -380,9 +405,10 @@ def predict(inputs: tuple[Path, ...], checkpoints: tuple[Path, ...], engine: str
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("embeddings.npz"),
               show_default=True, help="The .npz to write: paths, embeddings (n, d), attention "
               "(n, views), genres (top-1), probabilities, class_names, modalities.")
+@_overwrite_option
 def embed(inputs: tuple[Path, ...], checkpoints: tuple[Path, ...], engine: str, cache_dir: Path,
           jobs: int | None, timeout: float, quiet: bool, device: str, precision: str,
-          adapt: str, out: Path) -> None:
+          adapt: str, out: Path, overwrite: bool) -> None:
     """Clip embeddings (the classifier's input) and modality attention of audio files, for
     similarity search and clustering."""
     import time
@@ -392,12 +418,15 @@ def embed(inputs: tuple[Path, ...], checkpoints: tuple[Path, ...], engine: str, 
     if len(checkpoints) != 1:
         raise ParameterError("embed takes one --checkpoint (an ensemble has no single embedding)")
     t0 = time.perf_counter()
+    from .io.guard import Destination
+
     library = _library(inputs, checkpoints, engine, cache_dir, device, precision, adapt,
-                       outputs={out: "--out"})
+                       [Destination(out, "--out", "embeddings")], overwrite)
     result = collect(library.run(jobs=jobs, timeout=timeout or None, quiet=quiet),
                      library.class_names, library.engines[0].embedding_dim)
     for path, reason in result.errors:
         echo(f"skipped {shown(path)}: {shown(reason)}", err=True)
+    _say_repaired(library.repaired)
     if len(result.paths) == 0:
         echo("Error: no file could be embedded", err=True)
         sys.exit(1)
@@ -441,6 +470,7 @@ def tag(inputs: tuple[Path, ...], model: str, top_k: int, as_json: bool, cache_d
             echo(line)
         else:
             echo(f"{shown(result.path)}: " + ", ".join(f"{t} {p:.3f}" for t, p in result.top[:top_k]))
+    _say_repaired(tagger.repaired)
     if done == 0:
         echo("Error: no file could be tagged", err=True)
         sys.exit(1)
@@ -458,10 +488,12 @@ def tag(inputs: tuple[Path, ...], model: str, top_k: int, as_json: bool, cache_d
 @click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto",
               show_default=True, help="torch's ONNX exporter: auto tries dynamo, then TorchScript.")
 @click.option("--opset", type=click.IntRange(7), default=None, help="ONNX opset [default: the exporter's].")
+@_overwrite_option
 def export(checkpoint: Path, fmt: str, out: Path, tolerance: float, exporter: str,
-           opset: int | None) -> None:
+           opset: int | None, overwrite: bool) -> None:
     """Export a checkpoint for onnxruntime: the feature views of a batch of segments in,
     logits, attention and embedding out; checked against torch on real windows first."""
     from .export import export_onnx
 
-    export_onnx(checkpoint, out, tolerance=tolerance, exporter=exporter, opset=opset, echo=echo)
+    export_onnx(checkpoint, out, tolerance=tolerance, exporter=exporter, opset=opset,
+                overwrite=overwrite, echo=echo)

@@ -71,18 +71,22 @@ def collect(results: Iterable[Union[Prediction, tuple[str, str]]], class_names: 
 def embed(inputs: Iterable[Union[str, Path]], *, checkpoint: Path, engine: str = "torch",
           device: str = "auto", cache_dir: Path = DEFAULT_CACHE_DIR, jobs: Optional[int] = None,
           timeout: Optional[float] = 120.0, quiet: bool = True,
-          out: Optional[Path] = None, adapt: str = "none") -> Embeddings:
+          out: Optional[Path] = None, adapt: str = "none", overwrite: bool = False) -> Embeddings:
     """Embeddings, attention and top-1 genre of every audio file in ``inputs`` (files and
     folders), the arrays ``deepfusion embed`` writes; ``out`` also writes them (``.npz``).
 
     Raises
     ------
     CheckpointError, OutputError
-        The model cannot be loaded; ``out`` or the cache cannot be written (before any work).
+        The model cannot be loaded; ``out`` is an input, an existing file other than an
+        embeddings ``.npz`` (unless ``overwrite``), or cannot be written; the cache cannot be
+        written (all before any work).
     """
+    from .io.guard import Destination
+
     library = Library(inputs, checkpoints=[Path(checkpoint)], engine=engine, device=device,
-                      cache_dir=cache_dir, outputs={Path(out): "--out"} if out else None,
-                      adapt=adapt)
+                      cache_dir=cache_dir, adapt=adapt, overwrite=overwrite,
+                      destinations=[Destination(Path(out), "--out", "embeddings")] if out else ())
     result = collect(library.run(jobs=jobs, timeout=timeout, quiet=quiet), library.class_names,
                      library.engines[0].embedding_dim)
     if out is not None:

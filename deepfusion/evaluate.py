@@ -17,8 +17,8 @@ from .inference import predict_clips
 from .io.atomic import atomic_write, check_writable
 from .io.cache import file_digest
 from .io.features_file import load_features
-from .io.guard import check_outputs
-from .io.run_folder import REPORT_FILES
+from .io.guard import check_destinations
+from .io.run_folder import REPORT_FILES, destinations as run_destinations
 from .io.featureset import FeatureSet
 from .metrics import bootstrap_interval, confusion_matrix, per_class_scores, summary_metrics
 from .runtime import inference_precision, memory_guard, resolve_device
@@ -93,7 +93,8 @@ def _select(fs: FeatureSet, ckpt: dict, split: str, split_file: Optional[str], s
 def evaluate(checkpoint: Path, *, features: Optional[Path] = None, split: str = "test",
              split_file: Optional[str] = None, out_dir: Optional[Path] = None,
              batch_size: int = 64, device: str = "auto", precision: str = "fp32",
-             n_boot: int = 2000, adapt: str = "auto", echo=print) -> EvaluationReport:
+             n_boot: int = 2000, adapt: str = "auto", overwrite: bool = False,
+             echo=print) -> EvaluationReport:
     """Evaluate a checkpoint on held-out clips and write the report files.
 
     By default it needs nothing but the checkpoint: the features file and the test split it
@@ -101,7 +102,8 @@ def evaluate(checkpoint: Path, *, features: Optional[Path] = None, split: str = 
     does not know are skipped and counted); ``split`` chooses test, val, train or all;
     ``split_file`` imposes another split. Writes into ``out_dir`` (default: the checkpoint's
     folder) evaluation.json, classification_report.csv, predictions.csv,
-    confusion_matrix.png and attention.png.
+    confusion_matrix.png and attention.png: an existing file there of another kind is
+    refused unless ``overwrite`` (:func:`~deepfusion.io.guard.check_destinations`).
 
     ``adapt`` (:mod:`deepfusion.adapt`): normalise by the statistics of the collection being
     classified (all clips of the features file, labels unused): ``inputs`` (the views'),
@@ -136,9 +138,10 @@ def evaluate(checkpoint: Path, *, features: Optional[Path] = None, split: str = 
     out_dir = Path(out_dir) if out_dir is not None else checkpoint.parent
     check_writable(out_dir / "evaluation.json")
     features = Path(features) if features is not None else Path(ckpt["features_file"])
-    check_outputs({out_dir / name: f"the report {name}" for name in REPORT_FILES},
-                  {checkpoint: "the checkpoint", features: "the features file",
-                   **({Path(split_file): "the --split-file"} if split_file else {})})
+    check_destinations(run_destinations(out_dir, REPORT_FILES),
+                       {checkpoint: "the checkpoint", features: "the features file",
+                        **({Path(split_file): "the --split-file"} if split_file else {})},
+                       overwrite=overwrite)
     class_names = list(ckpt["class_names"])
     fs = load_features(features, class_names=class_names)
     rows = fs.rows()

@@ -42,7 +42,7 @@ from .pretrained.view import patch_span
 from .errors import ExportError, FeaturesFileError, ParameterError
 from .io.atomic import atomic_write, check_writable
 from .io.cache import file_digest
-from .io.guard import check_outputs, check_replaceable
+from .io.guard import Destination, check_destinations
 from .onnx_engine import METADATA_FORMAT, METADATA_KEY, OUTPUT_NAMES, OnnxEngine
 from .weights import one_line
 
@@ -91,7 +91,7 @@ class NormalisedModel(nn.Module):
 
 def export_onnx(checkpoint: Path, out: Path, *, check_windows: Optional[dict[str, np.ndarray]] = None,
                 opset: Optional[int] = None, tolerance: float = 1e-4, exporter: str = "auto",
-                echo: Callable[[str], None] = print) -> ExportResult:
+                overwrite: bool = False, echo: Callable[[str], None] = print) -> ExportResult:
     """Export ``checkpoint`` to the ONNX file ``out``, after checking it against torch.
 
     Parameters
@@ -128,7 +128,8 @@ def export_onnx(checkpoint: Path, out: Path, *, check_windows: Optional[dict[str
         exporter failed, or onnxruntime's outputs differ from torch's by more than
         ``tolerance`` (nothing written).
     OutputError
-        ``out`` is the checkpoint, an existing file that is not an ONNX model, or not writable.
+        ``out`` is the checkpoint, an existing file that is not an ONNX model deepfusion
+        exported (unless ``overwrite``), or not writable.
     """
     checkpoint, out = Path(checkpoint), Path(out)
     if exporter not in EXPORTERS:
@@ -138,10 +139,10 @@ def export_onnx(checkpoint: Path, out: Path, *, check_windows: Optional[dict[str
     for module in ("onnx", "onnxruntime"):
         if not _installed(module):
             raise ExportError(f"exporting to ONNX needs {module}, which is not installed; {INSTALL_HINT}")
-    ckpt = load_checkpoint(checkpoint)
-    check_outputs({out: "the ONNX file"}, {checkpoint: "the checkpoint"})
-    check_replaceable(out, name="the ONNX file", kind="an ONNX model", magic=(b"\x08",))
+    check_destinations([Destination(out, "the ONNX file", "onnx")],
+                       {checkpoint: "the checkpoint"}, overwrite=overwrite)
     check_writable(out)
+    ckpt = load_checkpoint(checkpoint)
 
     model = model_from_checkpoint(ckpt).float().eval()
     norm = normalization_of(ckpt)

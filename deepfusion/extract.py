@@ -28,7 +28,8 @@ from .config import (DEFAULT_CACHE_DIR, DEFAULT_FEATURES, DEFAULT_STORE, FEATURE
 from .errors import AudioError, DeepFusionError, OutputError, ParameterError
 from .io.atomic import atomic_write, check_writable, remove_stale_temps, write_csv
 from .io.features_file import write_features_file
-from .io.guard import audio_inputs, check_free_space, check_outputs, check_replaceable
+from .io.guard import (Destination, audio_inputs, check_destinations, check_free_space,
+                       check_outputs)
 from .progress import progress_bar
 from .tasks import DEFAULT_TIMEOUT, compute_entry, feature_tasks, resolve_backend
 # the per-file work moved to tasks.py; windows.py, predict and the tests import these from here
@@ -53,6 +54,7 @@ class ExtractResult:
     duplicate_groups: list[list[str]] = field(default_factory=list)     # paths, >= 2 each
     labels: dict[str, int] = field(default_factory=dict)                # clips per genre
     workers: dict[str, int] = field(default_factory=dict)   # Dask worker -> files it processed
+    repaired: int = 0          # damaged cache entries computed again (counted in ``computed``)
 
 
 def default_out(fmt: str = "pickle") -> Path:
@@ -65,7 +67,8 @@ def extract(audio_dir: Path, *, out: Optional[Path] = None, fmt: str = "pickle",
             config: FeatureConfig = FeatureConfig(), manifest: Optional[Path] = None,
             quiet: bool = False, timeout: Optional[float] = DEFAULT_TIMEOUT,
             scheduler: Optional[str] = None, dtype: str = "float32",
-            backend: Optional[str] = None, device: str = "auto") -> ExtractResult:
+            backend: Optional[str] = None, device: str = "auto",
+            overwrite: bool = False) -> ExtractResult:
     """Compute (or fetch from the cache) the features of every clip under ``audio_dir``.
 
     Parameters
@@ -116,7 +119,9 @@ def extract(audio_dir: Path, *, out: Optional[Path] = None, fmt: str = "pickle",
     DatasetError
         ``audio_dir`` missing or holding no audio files.
     OutputError
-        ``out`` cannot be written (checked before any work).
+        ``out`` cannot be written, is an input, or is an existing file of another kind than
+        a features pickle (unless ``overwrite``); checked before any work
+        (:func:`~deepfusion.io.guard.check_destinations`).
     ClusterError
         ``scheduler`` unreachable, ``distributed`` missing, or a worker cannot use ``cache_dir``.
     ParameterError
@@ -124,6 +129,10 @@ def extract(audio_dir: Path, *, out: Optional[Path] = None, fmt: str = "pickle",
     """
     t0 = time.perf_counter()
     backend, device = resolve_backend(backend, device)
+    if scheduler:
+        from .cluster import parse_scheduler
+
+        parse_scheduler(scheduler)   # not an address: one line, even when nothing is to do
     if fmt not in FEATURE_FORMATS:
         raise ParameterError(f"format must be one of {', '.join(FEATURE_FORMATS)}, got {fmt!r}")
     if dtype not in ("float32", "float16") or (dtype != "float32" and fmt != "store"):
@@ -135,13 +144,15 @@ def extract(audio_dir: Path, *, out: Optional[Path] = None, fmt: str = "pickle",
         raise ParameterError(f"{out}: that name is reserved for the error report; choose another --out")
     if fmt == "pickle" and out.is_dir():
         raise OutputError(f"{out}: is a folder (a feature store?); give --format store, or a file for --out")
-    outputs = {out: "--out", out.with_name(ERRORS_CSV): "the error report"}
-    check_outputs(outputs, {**audio_inputs(it.path for it in items),
-                            **({Path(manifest): "the --manifest"} if manifest else {})})
+    inputs = {**audio_inputs(it.path for it in items),
+              **({Path(manifest): "the --manifest"} if manifest else {})}
+    report = Destination(out.with_name(ERRORS_CSV), "the error report", "extract_errors")
     if fmt == "pickle":
-        check_replaceable(out, name="--out", kind="a features pickle", magic=(b"\x80",))
-    check_replaceable(out.with_name(ERRORS_CSV), name=ERRORS_CSV, kind="an extract error report",
-                      magic=(b"path,reason",))
+        check_destinations([Destination(out, "--out", "features"), report], inputs,
+                           overwrite=overwrite)
+    else:       # a store is a folder: never one that holds anything else (store.py)
+        check_outputs({out: "--out"}, inputs)
+        check_destinations([report], inputs, overwrite=overwrite)
     if fmt == "store":
         from .io.store import check_destination
 
@@ -180,7 +191,8 @@ def extract(audio_dir: Path, *, out: Optional[Path] = None, fmt: str = "pickle",
     # driver never reads the audio (a cluster's driver may sit far from the files). A store
     # is preallocated and filled as results arrive, not copied after the fact.
     config_dict = config.to_dict()
-    computed = 0
+    computed = repaired = 0
+    entries: dict[int, str] = {}                 # todo index -> its cache entry's key
     workers: dict[str, int] = {}
     found: dict[int, tuple[str, Any]] = {}       # todo index -> (key, cache entry metadata)
     tasks = [(str(item.path), str(cache_dir), config_dict, timeout) for item in todo]
@@ -197,12 +209,13 @@ def extract(audio_dir: Path, *, out: Optional[Path] = None, fmt: str = "pickle",
         bar = stack.enter_context(progress_bar(len(tasks), desc="extract", unit="clip", quiet=quiet))
         results = feature_tasks(tasks, jobs, scheduler, cache_dir, workers, cache=cache,
                                 config=config, device=device)
-        for index, (key, reason, fresh) in results:
+        for index, (key, reason, fresh, mended) in results:
             bar.update(1)
             entry = None
             if reason is None:
                 entry = cache.load(key)
                 if entry is None:  # vanished or damaged since it was written: again, here
+                    mended = mended or cache.has(key)
                     reason = compute_entry(str(todo[index].path), key, str(cache_dir),
                                            config_dict, timeout, device=device)
                     entry = None if reason else cache.load(key)
@@ -211,6 +224,8 @@ def extract(audio_dir: Path, *, out: Optional[Path] = None, fmt: str = "pickle",
                 errors[todo[index].relpath] = reason or "cache entry could not be read back"
                 continue
             computed += fresh
+            repaired += bool(fresh and mended)
+            entries[index] = key
             found[index] = (key, entry.meta, entry.features if fmt == "pickle" else None)
             if writer is not None:
                 writer.put_at(index, entry.features)
@@ -247,10 +262,10 @@ def extract(audio_dir: Path, *, out: Optional[Path] = None, fmt: str = "pickle",
         errors=sorted(errors.items()),
         duplicate_groups=[paths for paths in by_audio.values() if len(paths) > 1],
         labels=dict(sorted(labels.items())),
-        workers=dict(sorted(workers.items())),
+        workers=dict(sorted(workers.items())), repaired=repaired,
     )
     if assembled and not any(reason for reason in errors.values() if _transient(reason)):
-        _record_state(out, fingerprint, result)
+        _record_state(out, fingerprint, result, [cache.path(entries[i]) for i in sorted(found)])
     return result
 
 
@@ -289,24 +304,49 @@ def _fingerprint(config: FeatureConfig, items: list[AudioItem], fmt: str, dtype:
 
 
 def _up_to_date(out: Path, fingerprint: str) -> Optional[dict]:
-    """The recorded summary if ``out`` was written from exactly these inputs and not touched."""
+    """The recorded summary if ``out`` was written from exactly these inputs and not touched,
+    and no cache entry it came from was changed since (a truncated copy, a write by another
+    program: the full run reads them, and recomputes what is damaged). An entry removed
+    since (a cache cleaned to save space) is no reason to run: ``out`` holds its views."""
     try:
         with open(_state_path(out)) as fh:
             state = json.load(fh)
         stamp = _stamp(out)
     except (OSError, ValueError):
         return None
-    if (state.get("fingerprint") == fingerprint and state.get("stamp") == stamp
+    if not (state.get("fingerprint") == fingerprint and state.get("stamp") == stamp
             and _state_path(out).with_name(ERRORS_CSV).exists()):
-        return state["summary"]
-    return None
+        return None
+    entries = state.get("entries")
+    if not isinstance(entries, list):
+        return None
+    for item in entries:
+        try:
+            path, size, mtime = item
+            st = os.stat(path)
+        except FileNotFoundError:
+            continue
+        except (OSError, TypeError, ValueError):
+            return None
+        if (st.st_size, st.st_mtime_ns) != (size, mtime):
+            return None
+    return state["summary"]
 
 
-def _record_state(out: Path, fingerprint: str, result: ExtractResult) -> None:
+def _record_state(out: Path, fingerprint: str, result: ExtractResult,
+                  entries: list[Path]) -> None:
     summary = {"n_items": result.n_items, "errors": result.errors,
                "duplicate_groups": result.duplicate_groups, "labels": result.labels}
+    stamps = []
+    for path in entries:
+        try:
+            st = os.stat(path)
+        except OSError:         # removed meanwhile: nothing to compare with later
+            continue
+        stamps.append([os.path.abspath(path), st.st_size, st.st_mtime_ns])
     with atomic_write(_state_path(out), "w") as fh:
-        json.dump({"fingerprint": fingerprint, "stamp": _stamp(out), "summary": summary}, fh)
+        json.dump({"fingerprint": fingerprint, "stamp": _stamp(out), "summary": summary,
+                   "entries": stamps}, fh)
 
 
 def _transient(reason: str) -> bool:

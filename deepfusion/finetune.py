@@ -25,8 +25,10 @@ from .errors import ParameterError
 BRANCHES = ("mel", "aux")
 
 
-def load_source(path: Path, feature_config: FeatureConfig) -> dict[str, Any]:
-    """The checkpoint to start from, checked against this run's features.
+def load_source(path: Path, feature_config: FeatureConfig,
+                loaded: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The checkpoint to start from, checked against this run's features (``loaded``: the
+    file's contents, read before the run replaced it).
 
     Raises
     ------
@@ -35,7 +37,7 @@ def load_source(path: Path, feature_config: FeatureConfig) -> dict[str, Any]:
     ParameterError
         A linear probe, or features computed with other settings (named).
     """
-    ckpt = load_checkpoint(Path(path))
+    ckpt = loaded if loaded is not None else load_checkpoint(Path(path))
     if ckpt["model_config"].get("kind", "net") != "net":
         raise ParameterError(f"{path}: a linear probe has no branches to start from; "
                              "--init-from takes a network's checkpoint")

@@ -8,13 +8,15 @@ in the feature cache's namespace (the features it was computed from) under
 The model id (:func:`model_id`) names the model file's SHA-256, the engine, the device kind and
 the precision, so another or a retrained model, or a run on another kind of device or in
 another precision, never reads an entry it did not write. Entries are written atomically; one
-that cannot be read back, or has other shapes, is computed again.
+that cannot be read back (the zip's CRC-32 covers every array), or has other arrays, shapes or
+values that are not finite, is counted as damaged, computed again and replaced.
 
 No torch here: the onnx engine uses it too.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional, Union
 
@@ -57,24 +59,36 @@ class OutputsMemo:
     def __init__(self, cache: FeatureCache, model: Optional[str], shapes: tuple[int, int, int]):
         self.root = None if model is None else cache.root / "outputs" / model
         self.shapes = shapes
+        #: entries found damaged by :meth:`get` (computed again by the caller, then :meth:`put`)
+        self.damaged = 0
 
     def _path(self, key: str, windows: int) -> Path:
         return self.root / key[:2] / f"{key}-{int(windows)}.npz"
 
     def get(self, key: str, windows: int) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
         """``(logit sum, attention sum, embedding sum, frames)`` of the file ``key`` of
-        ``windows`` windows, float64; None when not kept (or unreadable)."""
+        ``windows`` windows, float64; None when not kept, or damaged (then counted in
+        :attr:`damaged`)."""
         if self.root is None:
             return None
+        path = self._path(key, windows)
         try:
-            with np.load(self._path(key, windows), allow_pickle=False) as npz:
+            with np.load(path, allow_pickle=False) as npz:
+                if set(npz.files) != set(_FIELDS):
+                    raise ValueError("other arrays")
                 logits, attention, embedding, frames = (npz[k] for k in _FIELDS)
-        except Exception:  # noqa: BLE001 - missing, damaged, a forged header: compute again
+        except FileNotFoundError:
+            return None
+        except Exception:  # noqa: BLE001 - damaged, a forged header: compute again
+            self.damaged += os.path.lexists(path)
             return None
         n_classes, width, views = self.shapes
         if (logits.shape != (n_classes,) or attention.shape != (views,) or embedding.ndim != 1
-                or (width and embedding.shape != (width,))
-                or frames.shape != () or not all(np.isfinite(a).all() for a in (logits, attention, embedding))):
+                or (width and embedding.shape != (width,)) or frames.shape != ()
+                or frames.dtype.kind not in "iu" or not 0 < int(frames) < 2**31
+                or not all(a.dtype.kind == "f" and np.isfinite(a).all()
+                           for a in (logits, attention, embedding))):
+            self.damaged += 1
             return None
         return (logits.astype(np.float64), attention.astype(np.float64),
                 embedding.astype(np.float64), int(frames))

@@ -103,8 +103,10 @@ class Library:
     device : where the torch engine runs (auto, cpu, cuda[:N], mps)
     cache_dir : the feature cache extract uses (same default, same keys)
     precision : the torch engine's: fp32 (default: the same answer on every machine) or amp
-    outputs : files the caller will write (``{path: option name}``): refused when one would
-        replace an input or cannot be written
+    destinations : the files the caller will write
+        (:class:`~deepfusion.io.guard.Destination`): refused when one would replace an input
+        (an audio file, a model), is an existing file of another kind (unless ``overwrite``)
+        or cannot be written
     adapt : normalise by the statistics of the files classified together
         (:mod:`deepfusion.adapt`): ``none``, ``inputs``, ``full``, or ``auto`` (``full`` for
         at least ``ADAPT_MIN_CLIPS`` files, else ``none``); the torch engine only (the onnx
@@ -120,10 +122,10 @@ class Library:
 
     def __init__(self, inputs: Iterable[Union[str, Path]], *, checkpoints: Sequence[Path],
                  engine: str = "torch", device: str = "auto",
-                 cache_dir: Path = DEFAULT_CACHE_DIR, outputs: Optional[dict[Path, str]] = None,
-                 precision: str = "fp32", adapt: str = "auto"):
+                 cache_dir: Path = DEFAULT_CACHE_DIR, destinations: Sequence[Any] = (),
+                 overwrite: bool = False, precision: str = "fp32", adapt: str = "auto"):
         from .io.atomic import check_writable
-        from .io.guard import audio_inputs, check_outputs
+        from .io.guard import audio_inputs, check_destinations
 
         from .adapt import resolve_mode
 
@@ -133,13 +135,15 @@ class Library:
                                  "its graph; adapt with the torch engine (a .pth checkpoint)")
         self.adapt = "none" if engine == "onnx" else adapt
         self.files = expand_inputs(inputs)
-        if outputs:
-            check_outputs(outputs, audio_inputs(p for p in self.files if not p.is_dir()))
-            for out in outputs:
-                check_writable(out)
         paths = [Path(p) for p in checkpoints]
         if not paths:
             raise ParameterError("give at least one --checkpoint")
+        if destinations:
+            models = {p: f"the model {p}" for p in paths}
+            check_destinations(destinations, {**audio_inputs(p for p in self.files if not p.is_dir()),
+                                              **models}, overwrite=overwrite)
+            for dest in destinations:
+                check_writable(dest.path)
         self.engines = [load_engine(p, engine=engine, device=device, precision=precision)
                         for p in paths]
         check_ensemble(self.engines, paths)
@@ -151,6 +155,8 @@ class Library:
         self.cache_dir = Path(cache_dir)
         self.cache = FeatureCache(self.cache_dir, first.feature_config)
         self.cache.prepare()
+        #: damaged cache entries (features of a window, a model's outputs) this run replaced
+        self.repaired = 0
 
     def run(self, *, jobs: Optional[int] = None, timeout: Optional[float] = 120.0,
             quiet: bool = True) -> Iterator[Union[Prediction, tuple[str, str]]]:
@@ -194,6 +200,7 @@ class Library:
                     continue
                 result = next(results)
                 bar.update(1)
+                self.repaired += result[5]
                 pending.append((path, result))
                 windows += result[1] if result[3] is None else 0
                 if windows >= BATCH_WINDOWS:
@@ -208,13 +215,14 @@ class Library:
         from .data import segments_per_clip
 
         ready = {j: r for j, (_, r) in enumerate(pending) if r is not None and r[3] is None}
-        outputs = _window_outputs(self.engines, self.cache,
-                                  [(j, r[0], r[1]) for j, r in ready.items()])
+        outputs, mended = _window_outputs(self.engines, self.cache,
+                                          [(j, r[0], r[1]) for j, r in ready.items()])
+        self.repaired += mended
         for j, (path, result) in enumerate(pending):
             if result is None:
                 yield str(path), f"no audio files ({', '.join(AUDIO_EXTENSIONS)})"
                 continue
-            key, n_windows, seconds, reason, computed = result
+            key, n_windows, seconds, reason, computed, _ = result
             out = outputs.get(j, reason)
             if isinstance(out, str):
                 yield str(path), out
@@ -263,12 +271,14 @@ def _window_sets(cache: FeatureCache, files: list[tuple[str, int]], class_names:
         yield flush()
 
 
-def _window_outputs(engines, cache: FeatureCache, files: list[tuple[int, str, int]]) -> dict:
+def _window_outputs(engines, cache: FeatureCache, files: list[tuple[int, str, int]]
+                    ) -> tuple[dict, int]:
     """Per file ``j`` of ``files`` (``(j, key, windows)``): the sums over its windows of each
     model's logits, the first model's attention and embedding, and the frames per window; or
     the reason it failed. Files every model has seen before come from their
     :class:`~deepfusion.memo.OutputsMemo`; the others' windows go through the models
-    :data:`BATCH_WINDOWS` at a time, and their sums are kept for the next run."""
+    :data:`BATCH_WINDOWS` at a time, and their sums are kept for the next run. Also returns
+    how many damaged memo entries were found (each is computed again and replaced)."""
     from .memo import OutputsMemo
 
     memos = [OutputsMemo(cache, getattr(e, "model_id", None),
@@ -314,7 +324,7 @@ def _window_outputs(engines, cache: FeatureCache, files: list[tuple[int, str, in
             for memo, (lg, att, emb) in zip(memos, each):
                 memo.put(key, n, lg, att, emb, frames)
             done[j] = ([e[0] for e in each], each[0][1], each[0][2], frames)
-    return {**done, **failed}
+    return {**done, **failed}, sum(m.damaged for m in memos)
 
 
 def predict(inputs: Iterable[Union[str, Path]], *, checkpoint: Union[Path, Sequence[Path]],

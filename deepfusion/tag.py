@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Union
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -54,8 +54,9 @@ class Tagger:
     inputs : files and folders (every audio file below a folder, sorted)
     model : ``MTT_musicnn`` (musicnn's own default) or ``MSD_musicnn``
     cache_dir : the feature cache extract and predict use
-    outputs : files the caller will write (``{path: option name}``), refused when one would
-        replace an input or cannot be written
+    destinations : files the caller will write (:class:`~deepfusion.io.guard.Destination`),
+        refused when one would replace an input, is an existing file of another kind (unless
+        ``overwrite``) or cannot be written
 
     Raises
     ------
@@ -66,25 +67,28 @@ class Tagger:
     """
 
     def __init__(self, inputs: Iterable[Union[str, Path]], *, model: str = "MTT_musicnn",
-                 cache_dir: Path = DEFAULT_CACHE_DIR, outputs: Optional[dict[Path, str]] = None):
+                 cache_dir: Path = DEFAULT_CACHE_DIR, destinations: Sequence[Any] = (),
+                 overwrite: bool = False):
         from .io.atomic import check_writable
         from .io.cache import FeatureCache
-        from .io.guard import audio_inputs, check_outputs
+        from .io.guard import audio_inputs, check_destinations
         from .audio import expand_inputs
 
         if model not in PRETRAINED_VIEWS:
             raise ParameterError(f"--model must be one of {', '.join(PRETRAINED_VIEWS)}, got {model!r}")
         self.model = model
         self.files = expand_inputs(inputs)
-        if outputs:
-            check_outputs(outputs, audio_inputs(p for p in self.files if not p.is_dir()))
-            for out in outputs:
-                check_writable(out)
+        if destinations:
+            check_destinations(destinations, audio_inputs(p for p in self.files if not p.is_dir()),
+                               overwrite=overwrite)
+            for dest in destinations:
+                check_writable(dest.path)
         # every patch, as musicnn's tagger (extract's default takes one in four)
         self.config = FeatureConfig(pretrained_view=model, pretrained_stride=1)
         self.cache_dir = Path(cache_dir)
         self.cache = FeatureCache(self.cache_dir, self.config)
         self.cache.prepare()
+        self.repaired = 0          # damaged cache entries this run replaced
         from .pretrained.musicnn import TAGS
 
         self.tag_names = list(TAGS[model])
@@ -112,7 +116,8 @@ class Tagger:
                 if i in folders:
                     yield str(path), f"no audio files ({', '.join(AUDIO_EXTENSIONS)})"
                     continue
-                key, n_windows, seconds, reason, computed = next(results)
+                key, n_windows, seconds, reason, computed, mended = next(results)
+                self.repaired += mended
                 bar.update(1)
                 if reason:
                     yield str(path), reason

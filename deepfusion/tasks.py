@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 from .config import FeatureConfig
 from .errors import AudioError, DeepFusionError, ParameterError
-from .io.cache import FeatureCache, file_digest, file_stamp
+from .io.cache import DAMAGED, VALID, FeatureCache, file_digest, file_stamp
 
 
 def default_jobs() -> int:
@@ -285,37 +285,48 @@ def _hash(path: str, timeout: Optional[float]) -> tuple[Optional[str], Optional[
         return None, f"cannot read ({os.strerror(exc.errno or 0)})"
 
 
+def _cache_state(cache_dir: str, config_dict: dict, key: str) -> str:
+    """What the cache holds under ``key`` (:meth:`FeatureCache.check`: read and verified, so a
+    damaged entry is computed again, never handed on)."""
+    return FeatureCache(Path(cache_dir), FeatureConfig.from_dict(config_dict)).check(key)
+
+
 def hash_and_compute(path: str, cache_dir: str, config_dict: dict, timeout: Optional[float],
-                     device: Optional[str] = None) -> tuple[Optional[str], Optional[str], bool]:
-    """One file's task (in a worker): ``(content key, None, computed)`` or ``(None, reason,
-    False)``. The file is hashed, and decoded and analysed only when the cache lacks its
-    content; ``timeout`` bounds the hashing as it bounds the decoding. ``device``: the torch
-    backend on that device (see :func:`compute_entry`)."""
+                     device: Optional[str] = None
+                     ) -> tuple[Optional[str], Optional[str], bool, bool]:
+    """One file's task (in a worker): ``(content key, None, computed, repaired)`` or ``(None,
+    reason, False, False)``. The file is hashed, and decoded and analysed unless the cache
+    holds a sound entry for its content; ``repaired``: the entry there was damaged and has
+    been replaced. ``timeout`` bounds the hashing as it bounds the decoding. ``device``: the
+    torch backend on that device (see :func:`compute_entry`)."""
     if device is not None:
         # torch's memory comes with a worker's first task, even one the cache answers: loky
         # takes a later jump of 300 MB for a leak and replaces the worker
         _warm_up(FeatureConfig.from_dict(config_dict), device=device)
     key, reason = _hash(path, timeout)
     if reason:
-        return None, reason, False
-    if FeatureCache(Path(cache_dir), FeatureConfig.from_dict(config_dict)).has(key):
-        return key, None, False
+        return None, reason, False, False
+    state = _cache_state(cache_dir, config_dict, key)
+    if state == VALID:
+        return key, None, False, False
     reason = compute_entry(path, key, cache_dir, config_dict, timeout, device=device)
-    return (None, reason, False) if reason else (key, None, True)
+    return (None, reason, False, False) if reason else (key, None, True, state == DAMAGED)
 
 
 def hash_and_decode(path: str, cache_dir: str, config_dict: dict,
-                    timeout: Optional[float]) -> tuple[Optional[str], Optional[str], Any]:
-    """One file's task for the torch backend (in a worker): ``(content key, None, decoded)``
-    or ``(None, reason, None)``, where ``decoded`` is ``None`` when the cache has the content
-    and else ``(samples, entry metadata)`` for the main process to analyse."""
+                    timeout: Optional[float]) -> tuple[Optional[str], Optional[str], Any, bool]:
+    """One file's task for the torch backend (in a worker): ``(content key, None, decoded,
+    repaired)`` or ``(None, reason, None, False)``, where ``decoded`` is ``None`` when the
+    cache holds a sound entry for the content and else ``(samples, entry metadata)`` for the
+    main process to analyse (``repaired``: it replaces a damaged entry)."""
     key, reason = _hash(path, timeout)
     if reason:
-        return None, reason, None
-    if FeatureCache(Path(cache_dir), FeatureConfig.from_dict(config_dict)).has(key):
-        return key, None, None
+        return None, reason, None, False
+    state = _cache_state(cache_dir, config_dict, key)
+    if state == VALID:
+        return key, None, None, False
     reason, decoded = decode_entry(path, key, config_dict, timeout)
-    return (None, reason, None) if reason else (key, None, decoded)
+    return (None, reason, None, False) if reason else (key, None, decoded, state == DAMAGED)
 
 
 def _run_tasks(tasks: list[tuple], jobs: Optional[int], scheduler: Optional[str],
@@ -328,11 +339,16 @@ def _run_tasks(tasks: list[tuple], jobs: Optional[int], scheduler: Optional[str]
         return
     indexed = [(i, task, *args) for i, args in enumerate(tasks)]
     if scheduler:
-        from .cluster import check_shared, connect, map_unordered
+        from .cluster import check_shared, connect, map_unordered, recount
 
         with connect(scheduler) as client:
-            check_shared(client, cache_dir)
-            yield from map_unordered(client, _indexed, indexed, per_worker=workers)
+            started = check_shared(client, cache_dir)
+            results = map_unordered(client, _indexed, indexed, per_worker=workers,
+                                    label=lambda args: args[2], total=len(indexed))
+            if task is hash_and_compute:   # a task run again after a lost worker says "cached"
+                cache = FeatureCache(Path(cache_dir), FeatureConfig.from_dict(tasks[0][2]))
+                results = recount(results, cache.path, started)
+            yield from results
         return
     from joblib import delayed
 
@@ -357,6 +373,10 @@ def pool_results(calls: Iterable, n_jobs: int, *, ordered: bool, what: str) -> I
 
     from .errors import worker_crash
 
+    if not os.environ.get("DEEPFUSION_DEBUG"):
+        # loky turns on faulthandler in its workers unless this is set: a dying worker's 40
+        # lines of Python stack would bury worker_crash's one line (empty: Python leaves it off)
+        os.environ.setdefault("PYTHONFAULTHANDLER", "")
     results = Parallel(n_jobs=n_jobs, return_as="generator" if ordered else "generator_unordered",
                        batch_size=1, pre_dispatch="2*n_jobs")(calls)
     try:
@@ -391,12 +411,12 @@ def _torch_batches(results: Iterator[tuple[int, tuple]], cache: FeatureCache,
     stored in ``cache``. A batch that fails is retried clip by clip, so that a failure is
     reported for the file that causes it."""
     batch = max(1, TORCH_BATCH_SAMPLES // config.n_samples)
-    pending: list[tuple[int, str, Any, dict]] = []
-    for index, (key, reason, decoded) in results:
+    pending: list[tuple[int, str, Any, dict, bool]] = []
+    for index, (key, reason, decoded, repaired) in results:
         if decoded is None:
-            yield index, (key, reason, False)
+            yield index, (key, reason, False, False)
             continue
-        pending.append((index, key, *decoded))
+        pending.append((index, key, *decoded, repaired))
         if len(pending) >= batch:
             yield from _analyse(pending, cache, config, device)
             pending = []
@@ -404,29 +424,29 @@ def _torch_batches(results: Iterator[tuple[int, tuple]], cache: FeatureCache,
         yield from _analyse(pending, cache, config, device)
 
 
-def _analyse(pending: list[tuple[int, str, Any, dict]], cache: FeatureCache,
+def _analyse(pending: list[tuple[int, str, Any, dict, bool]], cache: FeatureCache,
              config: FeatureConfig, device: str) -> Iterator[tuple[int, tuple]]:
     import numpy as np
 
     from .features_torch import compute_features_torch
 
     try:
-        feats = compute_features_torch(np.stack([y for _, _, y, _ in pending]), config,
+        feats = compute_features_torch(np.stack([y for _, _, y, _, _ in pending]), config,
                                        device=device)
     except Exception:  # noqa: BLE001 - out of device memory, or one bad clip: one at a time
         feats = [None] * len(pending)
-    for (index, key, y, meta), f in zip(pending, feats):
+    for (index, key, y, meta, repaired), f in zip(pending, feats):
         if f is None:
             try:
                 f = compute_features_torch(y, config, device=device)[0]
             except DeepFusionError as exc:
-                yield index, (None, str(exc), False)
+                yield index, (None, str(exc), False, False)
                 continue
             except Exception as exc:  # noqa: BLE001 - as compute_entry: report, carry on
-                yield index, (None, _failed(exc), False)
+                yield index, (None, _failed(exc), False, False)
                 continue
         cache.store(key, f, meta)
-        yield index, (key, None, True)
+        yield index, (key, None, True, repaired)
 
 
 def resolve_backend(backend: Optional[str] = None,
@@ -461,7 +481,7 @@ def resolve_backend(backend: Optional[str] = None,
 def feature_tasks(tasks: list[tuple], jobs: Optional[int], scheduler: Optional[str],
                   cache_dir: Path, workers: dict[str, int], *, cache: FeatureCache,
                   config: FeatureConfig, device: Optional[str]) -> Iterator[tuple[int, tuple]]:
-    """``(index, (content key, reason, computed))`` for every ``(path, cache_dir, config_dict,
+    """``(index, (content key, reason, computed, repaired))`` for every ``(path, cache_dir, config_dict,
     timeout)`` of ``tasks``, as they finish.
 
     ``device`` None (numpy) or in :data:`TORCH_IN_WORKERS`: the workers hash, decode, analyse

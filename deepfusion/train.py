@@ -34,8 +34,8 @@ from .inference import ClipPredictions, clip_loss, predict_clips
 from .loop import lr_factor, train_one_epoch
 from .io.atomic import remove_stale_temps, write_csv
 from .io.features_file import load_features
-from .io.guard import check_free_space, check_outputs
-from .io.run_folder import RUN_FILES, claim_run_folder
+from .io.guard import check_destinations, check_free_space, same_file
+from .io.run_folder import claim_run_folder, destinations as run_destinations
 from .io.featureset import FeatureSet
 from .models import build_model, check_input_size, count_parameters
 from .progress import duration_text, epoch_estimate, progress_bar
@@ -139,6 +139,7 @@ def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConf
     """
     inputs = {Path(p): what for p, what in ((weights_path, "--weights-path"),
                                              (config.split_file, "the --split-file"),
+                                             (config.init_from, "the --init-from checkpoint"),
                                              (features, "the features file")) if p}
     model_dir = Path(model_dir)
     with ddp.process_group(runtime.device) as group, contextlib.ExitStack() as folder:
@@ -149,28 +150,40 @@ def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConf
             if group is not None and config.model == "probe":
                 raise ParameterError("the linear probe is fitted in one step by one process; "
                                      "run --model probe without torchrun")
-            check_outputs({model_dir / name: name for name in RUN_FILES}, inputs)
+            # a file of another kind where the run writes is refused (--overwrite replaces
+            # it); an --init-from source in the folder was read whole before (below)
+            check_destinations(run_destinations(model_dir), inputs, overwrite=overwrite or resume,
+                               loaded_first=[Path(config.init_from)] if source is not None else (),
+                               how="give --overwrite to replace it, or another --model-dir")
             folder.enter_context(claim_run_folder(model_dir, resume=resume, overwrite=overwrite))
             if resume and not (model_dir / "last.pth").is_file():
                 raise CheckpointError(f"{model_dir / 'last.pth'}: nothing to resume (no last.pth "
                                       f"in {model_dir})")
             remove_stale_temps(model_dir)  # leftovers of a run killed while writing
         device = ddp.device(runtime.device)     # a device this machine lacks: one line, now
+        # an --init-from source among the files this run replaces (train --overwrite
+        # --init-from M/best.pth --model-dir M) is read whole before the folder is touched
+        source = None
+        if config.init_from and not resume and any(
+                same_file(Path(config.init_from), d.path) for d in run_destinations(model_dir)):
+            source = ddp.on_main(load_checkpoint, Path(config.init_from))
         ddp.on_main(claim)
         folder.enter_context(backend_settings(device, deterministic=runtime.deterministic))
         folder.enter_context(memory_guard(device, batch_size=config.batch_size))   # one line
         return _train(features, model_dir=model_dir, config=config, runtime=runtime,
                       backbone=backbone, share_backbone=share_backbone, pretrained=pretrained,
                       weights_path=weights_path, resume=resume, quiet=quiet, echo=echo,
-                      split=split, feature_set=feature_set, model_options=model_options)
+                      split=split, feature_set=feature_set, model_options=model_options,
+                      source=source)
 
 
 def _train(features: Path, *, model_dir: Path, config: TrainConfig, runtime: RuntimeConfig,
            backbone: Optional[str], share_backbone: bool, pretrained: Any,
            weights_path: Optional[Path], resume: bool, quiet: bool, echo: Callable[[str], None],
            split: Optional[np.ndarray], feature_set: Optional[FeatureSet],
-           model_options: Optional[dict[str, Any]]) -> TrainResult:
-    """The run itself, in a folder :func:`train` holds."""
+           model_options: Optional[dict[str, Any]], source: Optional[dict] = None) -> TrainResult:
+    """The run itself, in a folder :func:`train` holds (``source``: the ``--init-from``
+    checkpoint when it was loaded before the folder was claimed)."""
     t_start = time.perf_counter()
     features, model_dir = Path(features), Path(model_dir)
     last_path, best_path = model_dir / "last.pth", model_dir / "best.pth"
@@ -203,9 +216,10 @@ def _train(features: Path, *, model_dir: Path, config: TrainConfig, runtime: Run
         echo(f"{features}: no pretrained view (extracted with --pretrained-view none or by an "
              "older deepfusion); training on the six hand-made views. Extract again to add it: "
              "it is what carries a model to music from other sources")
-    source = None     # fine-tuning: the model this run starts from (a resumed run has its own)
+    loaded, source = source, None   # fine-tuning: the model this run starts from (a
+    #                                 resumed run has its own)
     if config.init_from and state is None:
-        source = ddp.on_main(finetune.load_source, Path(config.init_from), feature_config)
+        source = ddp.on_main(finetune.load_source, Path(config.init_from), feature_config, loaded)
         mc = finetune.model_config_from(source, n_classes=len(fs.class_names), backbone=backbone,
                                         share_backbone=share_backbone,
                                         model_options=model_options, echo=echo)

@@ -50,16 +50,19 @@ def count_windows(path: Path, config: FeatureConfig) -> tuple[int, float]:
     return len(window_starts(frames, size, int(config.min_duration * sr))), frames / sr
 
 
-def file_windows(path: str, cache_dir: str, config_dict: dict,
-                 timeout: Optional[float]) -> tuple[Optional[str], int, float, Optional[str], int]:
-    """One file's task (in a worker): make sure every window of ``path`` is in the cache.
+def file_windows(path: str, cache_dir: str, config_dict: dict, timeout: Optional[float]
+                 ) -> tuple[Optional[str], int, float, Optional[str], int, int]:
+    """One file's task (in a worker): make sure every window of ``path`` is in the cache,
+    sound (a damaged entry is computed again and replaced).
 
-    Returns ``(key, windows, seconds, reason, computed)``: the content hash, the number of
-    windows, the file's length, ``None`` or the reason the file cannot be used, and how many
-    windows were computed (0 when all came from the cache). ``timeout`` bounds the hashing,
-    the first window (as in extract) and each further window.
+    Returns ``(key, windows, seconds, reason, computed, repaired)``: the content hash, the
+    number of windows, the file's length, ``None`` or the reason the file cannot be used, how
+    many windows were computed (0 when all came from the cache) and how many of those replaced
+    a damaged entry. ``timeout`` bounds the hashing, the first window (as in extract) and each
+    further window.
     """
     from .audio import check_file
+    from .io.cache import DAMAGED, VALID
     from .tasks import _FileTimeout, _time_limit, _warm_up, hash_and_compute
 
     changed = ("changed while it was read (a copy or download still in progress?); "
@@ -73,19 +76,21 @@ def file_windows(path: str, cache_dir: str, config_dict: dict,
         with _time_limit(timeout):
             windows, seconds = count_windows(Path(path), config)
     except AudioError as exc:
-        return None, 0, 0.0, exc.reason, 0
+        return None, 0, 0.0, exc.reason, 0, 0
     except OSError as exc:
-        return None, 0, 0.0, f"cannot read ({os.strerror(exc.errno or 0)})", 0
+        return None, 0, 0.0, f"cannot read ({os.strerror(exc.errno or 0)})", 0, 0
     except _FileTimeout:
-        return None, 0, 0.0, f"gave up reading its header after {timeout:g} s (--timeout)", 0
-    key, reason, fresh = hash_and_compute(path, cache_dir, config_dict, timeout)
+        return None, 0, 0.0, f"gave up reading its header after {timeout:g} s (--timeout)", 0, 0
+    key, reason, fresh, mended = hash_and_compute(path, cache_dir, config_dict, timeout)
     if not reason and stamp_or_none(path) != before:
         reason = changed
     if reason:
-        return None, windows, seconds, reason, 0
-    missing = [i for i in range(1, windows) if not cache.has(window_key(key, i))]
+        return None, windows, seconds, reason, 0, 0
+    states = {i: cache.check(window_key(key, i)) for i in range(1, windows)}
+    missing = [i for i, state in states.items() if state != VALID]
+    repaired = int(mended) + sum(state == DAMAGED for state in states.values())
     if not missing:
-        return key, windows, seconds, None, int(fresh)
+        return key, windows, seconds, None, int(fresh), repaired
     _warm_up(config)    # imports and JIT compilation never under the clock (see there)
     written: list[str] = []
     try:
@@ -101,8 +106,8 @@ def file_windows(path: str, cache_dir: str, config_dict: dict,
     if reason:
         for name in written:     # never keep windows of other bytes under this file's key
             cache.path(name).unlink(missing_ok=True)
-        return None, windows, seconds, reason, 0
-    return key, windows, seconds, None, int(fresh) + len(missing)
+        return None, windows, seconds, reason, 0, 0
+    return key, windows, seconds, None, int(fresh) + len(missing), repaired
 
 
 def _later_windows(path: Path, key: str, missing: list[int], cache: FeatureCache,

@@ -172,7 +172,7 @@ def test_predict_features_equal_extract_features(tiny_audio, tiny_features, tmp_
     items = {it["path"]: it for it in read_features_file(tiny_features)}
     cache = FeatureCache(tmp_path, TINY_FEATURES)
     for rel in ("rock/rock.00000.wav", "techno/techno.00003.wav"):
-        key, windows, seconds, reason, computed = file_windows(
+        key, windows, seconds, reason, computed, _ = file_windows(
             str(tiny_audio / rel), str(tmp_path), TINY_FEATURES.to_dict(), 60)
         assert reason is None and (windows, computed) == (1, 1)
         assert key == items[rel]["file_sha"]

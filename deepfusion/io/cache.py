@@ -9,7 +9,10 @@ Cache layout::
 name is the SHA-256 of the audio file's bytes. So the key is everything a result depends on:
 renaming or copying a file reuses its entry, changing a parameter or the feature code starts a
 new namespace, and identical files are computed once. Entries are written atomically, so an
-interrupted run never leaves a corrupt one; an entry that fails to load is recomputed.
+interrupted run never leaves a corrupt one. An entry damaged later (a full disk, a killed
+copy, bit rot: the zip's CRC-32 covers every array) or written by other code under the key
+(other arrays, shapes or dtypes, values that are not finite) reads as damaged: every reader
+computes it again and replaces it atomically (:meth:`FeatureCache.check`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from .atomic import atomic_write, remove_stale_temps
 
 _META = "__meta__"
 _META_KEYS = {"audio_sha", "source_sr", "channels", "source_seconds"}
+#: What :meth:`FeatureCache.check` says of an entry.
+MISSING, VALID, DAMAGED = "missing", "valid", "damaged"
 
 
 def file_digest(path: Path) -> str:
@@ -105,21 +110,33 @@ class FeatureCache:
         return self.root / key[:2] / f"{key}.npz"
 
     def has(self, key: str) -> bool:
+        """Whether an entry file exists (not whether it is sound: see :meth:`check`)."""
         return self.path(key).is_file()
 
+    def check(self, key: str) -> str:
+        """:data:`VALID` (loads and matches this namespace), :data:`MISSING` or
+        :data:`DAMAGED` (a file that does not load: compute it again and :meth:`store` it)."""
+        if self.load(key) is not None:
+            return VALID
+        return DAMAGED if os.path.lexists(self.path(key)) else MISSING
+
     def load(self, key: str) -> Optional[CacheEntry]:
-        """The entry for ``key``, or ``None`` when absent or unreadable (then recompute it)."""
+        """The entry for ``key``, or ``None`` when absent or damaged (then recompute it)."""
         path = self.path(key)
         try:
             with np.load(path, allow_pickle=False) as npz:
-                features = {k: npz[k] for k in self.config.keys}
+                if set(npz.files) != {*self.config.keys, _META}:
+                    return None     # other arrays: written by other code under this key
+                features = {k: npz[k] for k in self.config.keys}   # every array's CRC-32 checked
                 meta = json.loads(str(npz[_META]))
         except Exception:  # noqa: BLE001 - a damaged .npy header even raises tokenize.TokenError
             return None
-        if not isinstance(meta, dict) or not _META_KEYS <= set(meta):
+        if not isinstance(meta, dict) or not _META_KEYS <= set(meta) \
+                or not isinstance(meta["audio_sha"], str):
             return None
         shapes = self.config.feature_shapes()
-        if any(a.shape != shapes[k] or a.dtype != np.float32 for k, a in features.items()):
+        if any(a.shape != shapes[k] or a.dtype != np.float32 or not np.isfinite(a).all()
+               for k, a in features.items()):
             return None      # written by other code under this key, or damaged: recompute
         return CacheEntry(features, meta)
 

@@ -1,16 +1,26 @@
-"""Outputs never destroy inputs: every stage checks where it will write before any work.
+"""Outputs never destroy inputs, nor files of another kind: the one rule every writing
+command goes through (:func:`check_destinations`), before any work.
 
-An output path that resolves to a file the same command reads (an audio file of the
-collection, the manifest, a split file, the features file, the checkpoint), through a
-symbolic or hard link included, is refused in one line; so is an existing file that is not
-of the kind the output would replace (a text file named as the features pickle).
+* An output that resolves to a file the same command reads (an audio file of the collection,
+  the manifest, a split file, the features file, a checkpoint, an ``--init-from`` source, an
+  ONNX model, ImageNet weights), through ``./x`` vs ``x``, a symbolic or a hard link, is
+  refused in one line, unless the command reads that input whole before it writes anything
+  (``loaded_first``: train's ``--init-from`` inside the run that ``--overwrite`` replaces).
+* An existing file is replaced only when it is of the kind the command writes there,
+  recognised from its content (:data:`KINDS`: our CSV reports by their header, the features
+  pickle, checkpoints, the embeddings ``.npz``, ONNX models, figures, JSON reports); anything
+  else (an audio file, someone's spreadsheet, another command's output) is refused with one
+  line naming the file and the way on: ``--overwrite``, or another destination. An empty file
+  holds nothing to lose.
 """
 
 from __future__ import annotations
 
 import os
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 from ..errors import OutputError
 
@@ -50,24 +60,144 @@ def check_outputs(outputs: Mapping[Path, str], inputs: Mapping[Path, str]) -> No
                               "write somewhere else")
 
 
-def check_replaceable(path: Path, *, name: str, kind: str, magic: Iterable[bytes]) -> None:
-    """Refuse to replace an existing file that is not ``kind`` (its start is none of ``magic``).
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (resolved, or one inode: a hard link)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    ident = _identity(a)
+    return ident is not None and ident == _identity(b)
+
+
+# ------------------------------------------------------------------ the kinds of file we write
+
+
+def _head(path: Path, n: int = 4096) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read(n)
+
+
+def _csv(*headers: str) -> Callable[[Path], bool]:
+    """A CSV whose header line starts with one of ``headers`` (a BOM allowed)."""
+    def test(path: Path) -> bool:
+        line = _head(path).split(b"\n", 1)[0].removeprefix(b"\xef\xbb\xbf")
+        return any(line.startswith(h.encode()) for h in headers)
+    return test
+
+
+def _zip_holding(test_names: Callable[[list[str]], bool]) -> Callable[[Path], bool]:
+    def test(path: Path) -> bool:
+        try:
+            with zipfile.ZipFile(path) as zf:
+                return test_names(zf.namelist())
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+            return False
+    return test
+
+
+def _png(path: Path) -> bool:
+    return _head(path, 8) == b"\x89PNG\r\n\x1a\n"
+
+
+def _json_object(*keys: str) -> Callable[[Path], bool]:
+    def test(path: Path) -> bool:
+        import json
+
+        if path.stat().st_size > 64 * 2**20:
+            return False
+        try:
+            value = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return isinstance(value, dict) and all(k in value for k in keys)
+    return test
+
+
+def _onnx(path: Path) -> bool:
+    """An ONNX model deepfusion exported: a protobuf ModelProto (field 1, ir_version, first)
+    whose metadata, serialised after the graph, names deepfusion."""
+    if _head(path, 1) != b"\x08":
+        return False
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        fh.seek(max(0, size - 4 * 2**20))
+        return b"deepfusion" in fh.read()
+
+
+def _pickle(path: Path) -> bool:
+    return _head(path, 1) == b"\x80"     # protocol 2 or later: what extract writes
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A kind of file a command writes: ``what`` names it in messages, ``test`` recognises
+    an existing file of it."""
+
+    what: str
+    test: Callable[[Path], bool]
+
+
+#: Every kind of file deepfusion writes where a user names the destination (or the folder).
+KINDS = {
+    "features": Kind("a features pickle", _pickle),
+    "extract_errors": Kind("an extract error report", _csv("path,reason")),
+    "checkpoint": Kind("a PyTorch checkpoint",
+                       _zip_holding(lambda names: any(n.endswith("/data.pkl") for n in names))),
+    "history_csv": Kind("a training history", _csv("epoch,train_loss")),
+    "figure": Kind("a PNG figure", _png),
+    "cross_validation": Kind("a cross-validation table", _csv("fold,clips")),
+    "cv_predictions": Kind("cross-validation predictions", _csv("path,true_genre")),
+    "evaluation": Kind("an evaluation report", _json_object("split", "metrics")),
+    "class_report": Kind("a classification report", _csv("genre,precision")),
+    "eval_predictions": Kind("evaluate's predictions", _csv("path,true_genre")),
+    "predictions": Kind("a predictions CSV", _csv("path,genre,probability")),
+    "embeddings": Kind("an embeddings .npz",
+                       _zip_holding(lambda names: {"paths.npy", "embeddings.npy"} <= set(names))),
+    "onnx": Kind("an ONNX model exported by deepfusion", _onnx),
+}
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A file a command will write: ``name`` is how messages name it (``"--out"``), ``kind``
+    a key of :data:`KINDS`."""
+
+    path: Path
+    name: str
+    kind: str
+
+
+def check_destinations(destinations: Sequence[Destination], inputs: Mapping[Path, str], *,
+                       overwrite: bool = False, loaded_first: Iterable[Path] = (),
+                       how: str = "give --overwrite to replace it, or write somewhere else") -> None:
+    """The rule (see the module docstring), checked for every destination of a command.
+
+    ``inputs`` maps every file the command reads to how messages name it; ``loaded_first``
+    are inputs the command reads whole before it writes anything (they may be destinations);
+    ``overwrite``: replace existing files of other kinds too (never an input); ``how`` says
+    in the message what replaces a file of another kind.
 
     Raises
     ------
     OutputError
+        Naming the destination, what it is, and how to proceed.
     """
-    path = Path(path)
-    if not path.exists() or path.is_dir():
-        return
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(64)
-    except OSError:
-        return                       # unreadable: writing will say what is wrong
-    if head and not any(head.startswith(m) for m in magic):
-        raise OutputError(f"{path}: {name} exists and is not {kind}; it would be replaced. "
-                          "Delete it first or write somewhere else")
+    loaded = [Path(p) for p in loaded_first]
+    reads = {p: what for p, what in inputs.items()
+             if p is not None and not any(same_file(p, q) for q in loaded)}
+    check_outputs({d.path: d.name for d in destinations}, reads)
+    for dest in destinations:
+        path = Path(dest.path)
+        if path.is_dir():
+            raise OutputError(f"{path}: {dest.name} is a folder; give a file name")
+        if overwrite or any(same_file(path, q) for q in loaded):
+            continue
+        kind = KINDS[dest.kind]
+        try:
+            if not path.exists() or path.stat().st_size == 0 or kind.test(path):
+                continue
+        except OSError:
+            continue                 # unreadable: writing it will say what is wrong
+        raise OutputError(f"{path}: {dest.name} exists and is not {kind.what}; {how}")
 
 
 def audio_inputs(paths: Iterable[Path]) -> dict[Path, str]:

@@ -27,6 +27,21 @@ RUN_FILES = ("best.pth", "last.pth", "training_history.csv", "training_history.p
              "cross_validation.csv", "cross_validation_predictions.csv", *REPORT_FILES)
 #: A run is in the folder when one of these is.
 RUN_MARKERS = ("best.pth", "last.pth", "cross_validation.csv")
+#: The kind (:data:`deepfusion.io.guard.KINDS`) of every file a run folder holds.
+FILE_KINDS = {"best.pth": "checkpoint", "last.pth": "checkpoint",
+              "training_history.csv": "history_csv", "training_history.png": "figure",
+              "cross_validation.csv": "cross_validation",
+              "cross_validation_predictions.csv": "cv_predictions",
+              "evaluation.json": "evaluation", "classification_report.csv": "class_report",
+              "predictions.csv": "eval_predictions", "confusion_matrix.png": "figure",
+              "attention.png": "figure"}
+
+
+def destinations(folder: Path, names=RUN_FILES) -> list:
+    """``names`` in ``folder`` as :class:`~deepfusion.io.guard.Destination` s."""
+    from .guard import Destination
+
+    return [Destination(Path(folder) / name, name, FILE_KINDS[name]) for name in names]
 
 
 @contextlib.contextmanager

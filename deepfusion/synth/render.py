@@ -117,15 +117,34 @@ def _write_wav(path: Path, y: np.ndarray, *, sr: int) -> None:
 
     pcm = np.round(np.clip(y, -1.0, 1.0) * 32767.0).astype(np.int16)
     try:
-        with atomic_write(path) as handle:
-            soundfile.write(handle, pcm, sr, format="WAV", subtype="PCM_16")
+        with atomic_write(path) as handle, soundfile.SoundFile(
+                handle, "w", sr, 1, "PCM_16", format="WAV") as wav:
+            wav.comment = SYNTH_COMMENT      # see _ours: a later synth may replace it
+            wav.write(pcm)
     except soundfile.SoundFileError as error:
         raise OutputError(f"{path}: cannot write ({error})") from None
 
 
+#: The comment (a WAV ``LIST/INFO/ICMT`` chunk) of every clip synth writes: a file that holds
+#: it may be replaced by the next synth, any other is someone's recording.
+SYNTH_COMMENT = "deepfusion synth"
+
+
+def _ours(path: Path) -> bool:
+    """Whether ``path`` is a clip synth wrote (its comment), read from the header alone."""
+    import soundfile
+
+    try:
+        with soundfile.SoundFile(path) as fh:
+            return fh.comment == SYNTH_COMMENT
+    except Exception:  # noqa: BLE001 - not audio, unreadable, a folder: not ours
+        return False
+
+
 def synthesize_dataset(out_dir: Union[str, os.PathLike], *, genres: int = 4,
                        clips_per_genre: int = 10, duration: float = 30.0, seed: int = 0,
-                       sr: int = 22050, domain: str = "default") -> list[Path]:
+                       sr: int = 22050, domain: str = "default",
+                       overwrite: bool = False) -> list[Path]:
     """Write a synthetic dataset in the GTZAN layout and return the written paths, sorted.
 
     Files are ``out_dir/<genre>/<genre>.<5-digit index>.wav``, 16-bit PCM mono at ``sr``,
@@ -159,7 +178,9 @@ def synthesize_dataset(out_dir: Union[str, os.PathLike], *, genres: int = 4,
     ParameterError
         An argument is out of range (the message quotes it).
     OutputError
-        ``out_dir`` or a file in it cannot be written.
+        ``out_dir`` or a file in it cannot be written, or (unless ``overwrite``) a clip would
+        replace a file synth did not write (a real recording at ``techno/techno.00000.wav``;
+        synth's clips carry :data:`SYNTH_COMMENT`). Checked before any file is written.
     """
     _check_count("genres", genres, low=1, high=len(GENRES))
     _check_count("clips_per_genre", clips_per_genre, low=1)
@@ -167,6 +188,13 @@ def synthesize_dataset(out_dir: Union[str, os.PathLike], *, genres: int = 4,
     _check_render_args(duration=duration, sr=sr)
     _check_domain(domain)
     out_dir = Path(out_dir)
+    planned = [out_dir / genre / f"{genre}.{c:05d}.wav"
+               for genre in GENRES[:genres] for c in range(clips_per_genre)]
+    foreign = [] if overwrite else [p for p in planned if os.path.lexists(p) and not _ours(p)]
+    if foreign:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise OutputError(f"{foreign[0]}: synth would replace this file{more}, which it did not "
+                          "write; give --overwrite to replace them, or another --out")
     paths = []
     for g, genre in enumerate(GENRES[:genres]):
         folder = out_dir / genre

@@ -1,0 +1,232 @@
+"""The one output rule (:func:`deepfusion.io.guard.check_destinations`), for every command that
+writes a file the user names: an output never replaces a file the run reads (however it is
+spelt: ``./x``, a symbolic link, a hard link), and replaces an existing file only when it is of
+the kind the command writes there, or with ``--overwrite``. Through the real commands."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deepfusion.testing import invoke, one_error_line
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX links")
+
+LIGHT = ("--backbone", "light", "--no-pretrained", "--epochs", "1", "--batch-size", "8",
+         "--val-size", "0.2", "--test-size", "0.2", "--quiet")
+SPREADSHEET = "name,amount\nrent,1200\n"
+
+
+@pytest.fixture()
+def work(tmp_path, trained_model_dir, tiny_audio, tiny_features, monkeypatch):
+    """A model folder with a copy of the trained checkpoint, a clip to classify, a features
+    file, all in ``tmp_path`` (the working folder, for relative spellings)."""
+    monkeypatch.chdir(tmp_path)
+    model = tmp_path / "m"
+    model.mkdir()
+    shutil.copy(trained_model_dir / "best.pth", model / "best.pth")
+    clip = tmp_path / "song.wav"
+    shutil.copy(next(tiny_audio.rglob("*.wav")), clip)
+    features = tmp_path / "features.pkl"
+    shutil.copy(tiny_features, features)
+    return {"ckpt": model / "best.pth", "clip": clip, "features": features, "audio": tiny_audio,
+            "tmp": tmp_path}
+
+
+def _command(name: str, w: dict, dest: Path) -> tuple:
+    """``deepfusion NAME`` writing to ``dest`` (a file, or the folder of the reports)."""
+    cache = ("--cache-dir", w["tmp"] / "cache", "--quiet", "--jobs", "1")
+    return {
+        "predict": ("predict", w["clip"], "--checkpoint", w["ckpt"], "--out", dest, *cache),
+        "embed": ("embed", w["clip"], "--checkpoint", w["ckpt"], "--out", dest, *cache),
+        "export": ("export", "--checkpoint", w["ckpt"], "--out", dest),
+        "extract": ("extract", "--audio-dir", w["audio"], "--out", dest, "--duration", "6", *cache),
+    }[name]
+
+
+def _spellings(target: Path, tmp: Path) -> list[Path]:
+    """``target`` as given, relative with ``./``, through a symbolic and a hard link."""
+    sym, hard = tmp / f"sym-{target.name}", tmp / f"hard-{target.name}"
+    sym.symlink_to(target)
+    os.link(target, hard)
+    return [target, Path(".") / target.relative_to(tmp), sym, hard]
+
+
+@pytest.mark.parametrize("name, read", [("predict", "ckpt"), ("predict", "clip"),
+                                        ("embed", "ckpt"), ("embed", "clip"),
+                                        ("export", "ckpt")])
+def test_an_output_never_replaces_what_the_run_reads(work, name, read):
+    target = work[read]
+    before = target.read_bytes()
+    for dest in _spellings(target, work["tmp"]):
+        for extra in ((), ("--overwrite",)):        # --overwrite never reaches an input
+            result = invoke(*_command(name, work, dest), *extra)
+            line = one_error_line(result.stderr)
+            assert result.exit_code == 1 and "which this command reads" in line, (dest, line)
+            assert str(dest) in line
+            assert target.read_bytes() == before, f"{name} --out {dest} changed {target}"
+
+
+def test_extract_out_never_replaces_an_audio_file_however_spelt(work):
+    clip = next(work["audio"].rglob("*.wav"))
+    local = work["tmp"] / "audio"
+    shutil.copytree(work["audio"], local)
+    work["audio"] = local
+    clip = local / clip.relative_to(clip.parents[1])
+    before = clip.read_bytes()
+    for dest in _spellings(clip, work["tmp"]):
+        result = invoke(*_command("extract", work, dest), "--overwrite")
+        assert "which this command reads" in one_error_line(result.stderr), dest
+        assert clip.read_bytes() == before
+
+
+def _foreign_files(w: dict) -> dict[str, Path]:
+    """Files nobody wants replaced by a command's output, none of them read by the run."""
+    other = w["tmp"] / "other"
+    other.mkdir(exist_ok=True)
+    sheet = other / "budget.csv"
+    sheet.write_text(SPREADSHEET)
+    wav = other / "keep.wav"
+    shutil.copy(w["clip"], wav)
+    pickle = other / "their.pkl"
+    shutil.copy(w["features"], pickle)
+    ckpt = other / "model.pth"
+    shutil.copy(w["ckpt"], ckpt)
+    return {"a spreadsheet": sheet, "an audio file": wav, "a features pickle": pickle,
+            "a checkpoint": ckpt}
+
+
+#: What each command writes, as its refusal names it.
+KIND = {"predict": "a predictions CSV", "embed": "an embeddings .npz",
+        "export": "an ONNX model exported by deepfusion", "extract": "a features pickle"}
+
+
+@pytest.mark.parametrize("name", ["predict", "embed", "export", "extract"])
+def test_a_file_of_another_kind_needs_overwrite(work, name):
+    foreign = _foreign_files(work)
+    for what, path in foreign.items():
+        if name == "extract" and what == "a features pickle":
+            continue                                    # its own kind: replaced (below)
+        if name == "export" and what != "a spreadsheet":
+            continue                                    # one case each is enough for export
+        before = path.read_bytes()
+        result = invoke(*_command(name, work, path))
+        line = one_error_line(result.stderr)
+        assert result.exit_code == 1, line
+        assert f"{path}: --out exists and is not {KIND[name]}" in line or \
+            f"{path}: the ONNX file exists and is not {KIND[name]}" in line, line
+        assert "--overwrite" in line
+        assert path.read_bytes() == before, f"{name} replaced {what}"
+    victim = foreign["a spreadsheet"]
+    result = invoke(*_command(name, work, victim), "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert victim.read_text(errors="replace") != SPREADSHEET
+
+
+@pytest.mark.parametrize("name", ["predict", "embed", "extract"])
+def test_its_own_kind_is_replaced_and_an_empty_file_too(work, name):
+    out = work["tmp"] / f"out-{name}"
+    assert invoke(*_command(name, work, out)).exit_code == 0
+    first = out.read_bytes()
+    again = invoke(*_command(name, work, out))
+    assert again.exit_code == 0, again.output
+    assert out.read_bytes() == first
+    empty = work["tmp"] / f"empty-{name}"
+    empty.touch()
+    assert invoke(*_command(name, work, empty)).exit_code == 0
+    assert empty.stat().st_size > 0
+
+
+def test_evaluate_reports_never_replace_other_files(work):
+    folder = work["ckpt"].parent
+    (folder / "predictions.csv").write_text(SPREADSHEET)
+    result = invoke("evaluate", "--checkpoint", work["ckpt"])
+    line = one_error_line(result.stderr)
+    assert "predictions.csv" in line and "is not evaluate's predictions" in line and "--overwrite" in line
+    assert (folder / "predictions.csv").read_text() == SPREADSHEET
+    assert not (folder / "evaluation.json").exists()      # refused before anything was written
+    assert invoke("evaluate", "--checkpoint", work["ckpt"], "--overwrite").exit_code == 0
+    assert (folder / "predictions.csv").read_text().startswith("path,true_genre")
+    # its own reports: replaced by the next evaluate without a flag
+    again = invoke("evaluate", "--checkpoint", work["ckpt"])
+    assert again.exit_code == 0, again.output
+    # --out-dir onto the checkpoint's own name: an input, whatever the flag
+    linked = work["tmp"] / "reports"
+    linked.mkdir()
+    os.link(work["ckpt"], linked / "attention.png")
+    result = invoke("evaluate", "--checkpoint", work["ckpt"], "--out-dir", linked, "--overwrite")
+    assert "which this command reads" in one_error_line(result.stderr)
+
+
+def test_train_refuses_other_files_in_its_folder_and_keeps_init_from(work, tiny_features):
+    folder = work["tmp"] / "fresh"
+    folder.mkdir()
+    (folder / "training_history.csv").write_text(SPREADSHEET)
+    result = invoke("train", "--features", tiny_features, "--model-dir", folder, *LIGHT)
+    line = one_error_line(result.stderr)
+    assert "training_history.csv exists and is not a training history" in line
+    assert "--overwrite" in line and not (folder / "best.pth").exists()
+    assert invoke("train", "--features", tiny_features, "--model-dir", folder, *LIGHT,
+                  "--overwrite").exit_code == 0
+
+    # --overwrite --init-from the run's own best.pth: read before the run is replaced
+    model = work["ckpt"].parent
+    import torch
+
+    source = torch.load(work["ckpt"], weights_only=True)
+    result = invoke("train", "--features", tiny_features, "--model-dir", model, *LIGHT,
+                    "--overwrite", "--init-from", model / "best.pth")
+    assert result.exit_code == 0, result.output
+    new = torch.load(model / "best.pth", weights_only=True)
+    assert new["train_config"]["init_from"] == str(model / "best.pth")
+    assert not torch.equal(new["model_state"]["classifier.weight"],
+                           source["model_state"]["classifier.weight"]) or new["epoch"] >= 1
+    # without --overwrite the folder's run is refused, and the source kept
+    again = invoke("train", "--features", tiny_features, "--model-dir", model, *LIGHT,
+                   "--init-from", model / "best.pth")
+    assert "holds a run" in one_error_line(again.stderr)
+    assert (model / "best.pth").exists()
+
+
+def test_synth_never_replaces_a_real_collection(work):
+    real = work["tmp"] / "gtzan"
+    (real / "techno").mkdir(parents=True)
+    mine = real / "techno" / "techno.00000.wav"     # synth's first genre, a real recording
+    import soundfile as sf
+
+    sf.write(mine, np.sin(np.arange(22050) * 0.05).astype(np.float32), 22050)
+    before = mine.read_bytes()
+    result = invoke("synth", "--out", real, "--genres", "1", "--clips-per-genre", "2",
+                    "--duration", "1")
+    line = one_error_line(result.stderr)
+    assert f"{mine}: synth would replace this file" in line and "--overwrite" in line
+    assert mine.read_bytes() == before and not (real / "techno" / "techno.00001.wav").exists()
+    # its own folder: written again without a flag
+    own = work["tmp"] / "synth"
+    args = ("synth", "--out", own, "--genres", "1", "--clips-per-genre", "2", "--duration", "1")
+    assert invoke(*args).exit_code == 0
+    assert invoke(*args, "--seed", "3").exit_code == 0
+    assert invoke("synth", "--out", real, "--genres", "1", "--clips-per-genre", "2",
+                  "--duration", "1", "--overwrite").exit_code == 0
+    assert mine.read_bytes() != before
+
+
+def test_the_kinds_recognise_what_deepfusion_writes(work):
+    from deepfusion.io.guard import KINDS
+
+    out = work["tmp"]
+    assert invoke(*_command("predict", work, out / "p.csv")).exit_code == 0
+    assert invoke(*_command("embed", work, out / "e.npz")).exit_code == 0
+    assert KINDS["predictions"].test(out / "p.csv")
+    assert KINDS["embeddings"].test(out / "e.npz")
+    assert KINDS["checkpoint"].test(work["ckpt"])
+    assert KINDS["features"].test(work["features"])
+    for kind in ("predictions", "embeddings", "checkpoint", "onnx", "evaluation", "figure"):
+        assert not KINDS[kind].test(work["clip"]), kind
+    np.savez(out / "plain.npz", x=np.zeros(2))
+    assert not KINDS["embeddings"].test(out / "plain.npz")
