@@ -103,11 +103,19 @@ def cross_validate(features: Path, *, folds: int, model_dir: Path = Path("models
     import pandas as pd
 
     from .io.atomic import atomic_write
-    from .io.run_folder import claim_run_folder
+    from .io.guard import check_destinations
+    from .io.run_folder import claim_run_folder, destinations as run_destinations
     from .metrics import summary_metrics
     from .train import train
 
     features, model_dir = Path(features), Path(model_dir)
+    weights = train_kwargs.get("weights_path")
+    check_destinations(run_destinations(model_dir, ("cross_validation.csv",
+                                                    "cross_validation_predictions.csv")),
+                       {features: "the features file",
+                        **({Path(weights): "--weights-path"} if weights else {})},
+                       overwrite=overwrite or resume,
+                       how="give --overwrite to replace it, or another --model-dir")
     with claim_run_folder(model_dir, resume=resume, overwrite=overwrite):
         fs = feature_set if feature_set is not None else load_features(features)
         known = fs.labels >= 0

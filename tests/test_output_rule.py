@@ -230,3 +230,51 @@ def test_the_kinds_recognise_what_deepfusion_writes(work):
         assert not KINDS[kind].test(work["clip"]), kind
     np.savez(out / "plain.npz", x=np.zeros(2))
     assert not KINDS["embeddings"].test(out / "plain.npz")
+
+
+def test_cross_validation_tables_never_replace_other_files(work, tiny_features):
+    folder = work["tmp"] / "cv"
+    folder.mkdir()
+    (folder / "cross_validation.csv").write_text(SPREADSHEET)
+    args = ("train", "--features", tiny_features, "--model-dir", folder, "--folds", "2", *LIGHT)
+    line = one_error_line(invoke(*args).stderr)
+    assert "cross_validation.csv exists and is not a cross-validation table" in line
+    assert "--overwrite" in line and (folder / "cross_validation.csv").read_text() == SPREADSHEET
+    assert not (folder / "fold-1").exists()
+    features = folder / "cross_validation_predictions.csv"        # an input where it writes
+    shutil.copy(tiny_features, features)
+    result = invoke("train", "--features", features, "--model-dir", folder, "--folds", "2",
+                    *LIGHT, "--overwrite")
+    assert "which this command reads" in one_error_line(result.stderr)
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(work, tiny_features):
+    model = work["ckpt"].parent
+    (model / "training_history.csv").write_text("epoch,train_loss\n1,0.5\n")
+    before = {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()}
+    # fails after the claim, before any epoch: a split file that names no clip
+    split = work["tmp"] / "split.csv"
+    split.write_text("path,split\nnowhere.wav,train\n")
+    result = invoke("train", "--features", tiny_features, "--model-dir", model, *LIGHT,
+                    "--overwrite", "--split-file", split)
+    assert result.exit_code != 0
+    one_error_line(result.stderr)
+    after = {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()}
+    assert {k: v for k, v in after.items() if not k.startswith(".")} == before
+    assert not (model / ".replaced-run").exists()
+    # a kill -9 before the first checkpoint: the next claim puts the old run back
+    from deepfusion.io.run_folder import ASIDE, claim_run_folder
+
+    aside = model / ASIDE
+    aside.mkdir()
+    for name in ("best.pth", "training_history.csv"):
+        (model / name).rename(aside / name)
+    (model / "training_history.png").write_bytes(b"\x89PNG\r\n\x1a\n")   # the dead run's
+    with claim_run_folder(model, resume=True, overwrite=False):
+        pass
+    assert (model / "best.pth").read_bytes() == before["best.pth"]
+    assert not aside.exists() and not (model / "training_history.png").exists()
+    # a replacement that succeeds leaves nothing set aside
+    ok = invoke("train", "--features", tiny_features, "--model-dir", model, *LIGHT, "--overwrite")
+    assert ok.exit_code == 0, ok.output
+    assert not aside.exists() and (model / "best.pth").read_bytes() != before["best.pth"]

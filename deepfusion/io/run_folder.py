@@ -4,7 +4,12 @@ Two ``train`` processes in one ``--model-dir`` would interleave ``best.pth`` of 
 ``last.pth`` and the history of the other; a new run in a folder that holds one would silently
 replace it. :func:`claim_run_folder` holds the folder's lock (:mod:`deepfusion.io.lock`) for the
 whole run and refuses, in one line, a folder that holds a run unless the call continues it
-(``resume``) or replaces it (``overwrite``, which removes the old run's files first).
+(``resume``) or replaces it (``overwrite``).
+
+``overwrite`` never loses the old run to a new one that fails before its first checkpoint (a
+bad option found after the claim, a kill): the old run's files are set aside in the folder
+(:data:`ASIDE`), and removed only once the new run has written a checkpoint; a run that ends
+without one puts them back, and so does the next claim after a ``kill -9``.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from .atomic import check_writable, os_error_reason
 from .lock import exclusive
 
 LOCK_NAME = ".deepfusion.lock"
+#: Where ``overwrite`` keeps the old run until the new one has written a checkpoint.
+ASIDE = ".replaced-run"
 #: The files evaluate writes (by default beside the checkpoint, so into the run's folder).
 REPORT_FILES = ("evaluation.json", "classification_report.csv", "predictions.csv",
                 "confusion_matrix.png", "attention.png")
@@ -62,25 +69,57 @@ def claim_run_folder(folder: Path, *, resume: bool, overwrite: bool) -> Iterator
     folder = Path(folder)
     check_writable(folder / RUN_MARKERS[0])
     with exclusive(folder / LOCK_NAME, wait=False, what="this model folder (a train run)"):
+        _settle(folder)          # a replacing run killed before: the lock says it is dead
         present = [name for name in RUN_MARKERS if (folder / name).exists()]
-        if present and not resume:
-            if not overwrite:
-                raise OutputError(f"{folder}: holds a run ({', '.join(present)}); --resume "
-                                  "continues it, --overwrite replaces it, or give another "
-                                  "--model-dir")
-            _remove_run(folder)
-        yield
-
-
-def _remove_run(folder: Path) -> None:
-    """Delete the files of the run in ``folder`` (and of its folds), nothing else."""
-    targets = [folder / name for name in RUN_FILES]
-    targets += [sub / name for sub in folder.glob("fold-*") if sub.is_dir() for name in RUN_FILES]
-    for path in targets:
+        if not present or resume:
+            yield
+            return
+        if not overwrite:
+            raise OutputError(f"{folder}: holds a run ({', '.join(present)}); --resume "
+                              "continues it, --overwrite replaces it, or give another "
+                              "--model-dir")
+        _move(_run_files(folder), folder, folder / ASIDE)
         try:
-            os.unlink(path)
-        except FileNotFoundError:
-            continue
+            yield
+        finally:
+            _settle(folder)
+
+
+def _run_files(folder: Path) -> list[Path]:
+    """The files of the run in ``folder`` (and of its folds) that exist, nothing else."""
+    targets = [folder / name for name in RUN_FILES]
+    targets += [sub / name for sub in sorted(folder.glob("fold-*")) if sub.is_dir()
+                for name in RUN_FILES]
+    return [p for p in targets if os.path.lexists(p)]
+
+
+def _move(paths: list[Path], src: Path, dest: Path) -> None:
+    """Rename ``paths`` (under ``src``) to the same places under ``dest`` (one folder, so
+    renames: nothing is copied)."""
+    for path in paths:
+        target = dest / path.relative_to(src)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
         except OSError as exc:
-            raise OutputError(f"{path}: cannot remove the old run's file with --overwrite "
+            raise OutputError(f"{path}: cannot set the old run's file aside with --overwrite "
                               f"({os_error_reason(exc)})") from None
+
+
+def _settle(folder: Path) -> None:
+    """After a replacing run (ended, or killed earlier): the old run set aside goes when the
+    new one wrote a checkpoint, and comes back (the new run's partial files removed) when it
+    did not."""
+    import shutil
+
+    aside = folder / ASIDE
+    if not aside.is_dir():
+        return
+    written = [folder / name for name in RUN_MARKERS]
+    written += [sub / name for sub in folder.glob("fold-*") for name in RUN_MARKERS]
+    if not any(p.exists() for p in written):
+        for path in _run_files(folder):      # a history without a checkpoint: nothing kept
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        _move(sorted(p for p in aside.rglob("*") if not p.is_dir()), aside, folder)
+    shutil.rmtree(aside, ignore_errors=True)
