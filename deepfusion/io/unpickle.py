@@ -3,7 +3,10 @@
 A features pickle comes from anywhere (a colleague, a download, the original project). A plain
 ``pickle.load`` runs whatever the file names; this loader builds only containers, scalars and
 numpy arrays of numbers or fixed-size strings, checks every numpy call's arguments before numpy
-sees them, and never allocates more than the file holds. Its tests are ``tests/test_unpickle.py``.
+sees them, never allocates more than the file holds, and meters the work reconstruction does
+(depth, elements, hashing, characters) in proportion to the file's size: any file loads or is
+refused in time and memory linear in its size. Its tests are ``tests/test_unpickle.py``; its fuzzer
+is ``benchmarks/fuzz_unpickle.py``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,18 @@ from ..errors import FeaturesFileError
 # which lets every call and every BUILD be checked: globals are replaced by functions that
 # validate their arguments, a state is applied only to a dtype or array this load just created
 # and only when it is one numpy itself writes, and no call can allocate more than the file holds.
+#
+# Bounding allocations is not enough either: the memo lets a few bytes name one object many times,
+# so 30 levels of ``a = [a, a]`` (270 bytes) describe 2**30 paths, and whatever walks them
+# (``str``, ``repr``, hashing a tuple key, comparing two keys) works for minutes and fills
+# gigabytes. Hence the meter below: every container is weighed as it is built (its weight is
+# what a walk of it visits: one per container and per item, plus the characters of strings,
+# counted once per path), from the weights of its items, O(1) per item; a container is never
+# changed after it was placed in another (a legitimate pickle fills each container before using
+# it), so a weight never goes stale and no cycle forms. Nothing heavier than the budget (a floor
+# plus a multiple of the file size) or deeper than MAX_DEPTH is built, hashing and copying are
+# charged to the same budget, keys whose hashes coincide are counted (hash flooding), and no type
+# is called on a container when the call would walk it (``str(list)``). A refusal is one line.
 
 #: Plain builtins a pickle may call or name (``range`` is left out: ``list(range(10**10))``).
 _SAFE_TYPES = frozenset({dict, list, tuple, set, frozenset, str, int, float, complex, bool, slice})
@@ -37,6 +52,61 @@ _SAFE_TYPES = frozenset({dict, list, tuple, set, frozenset, str, int, float, com
 _ARRAY_KINDS = "biufcSU"
 _DTYPE_SPEC = re.compile(r"^[biufcSU][0-9]{1,7}$")
 _TEXT_CODECS = {"latin1", "latin-1", "iso-8859-1", "utf-8", "utf8", "ascii"}
+
+#: The work (elements visited, characters, bytes copied) a load may do, and the weight any one
+#: object it builds may have: a floor so that small files load, plus this much per byte of file.
+#: A legitimate features file weighs less than its size (an array weighs the bytes of the
+#: elements its repr prints).
+WORK_FLOOR, WORK_PER_BYTE = 1 << 20, 8
+#: Nesting a load may build (a features file nests 4 deep: list, clip, features, array).
+MAX_DEPTH = 64
+#: Keys of one dict or set whose hashes coincide (ints, floats, tuples hash predictably: n of
+#: them cost n**2 comparisons); strings hash with a secret seed and are not counted.
+MAX_SAME_HASH = 32
+#: Bits an int in a container may have: below the 4300 digits Python prints, so that whatever
+#: reads the file can print its numbers.
+MAX_INT_BITS = 14_000
+#: A PUT's memo index (binary PUTs take 4 bytes; a text PUT could name colliding huge ints).
+MAX_MEMO_INDEX = 1 << 32
+
+#: What an empty set costs the meter: a 1 MB file of EMPTY_SET opcodes would take 230 MB.
+_SET_UNITS = 16
+
+_MAPPINGS = (dict, collections.OrderedDict)
+_MUTABLE = frozenset({list, dict, set, collections.OrderedDict})
+_CONTAINERS = frozenset({list, tuple, dict, set, frozenset, collections.OrderedDict, slice})
+_SCALARS = (type(None), bool, int, float, complex, str, bytes, bytearray)
+_UNITS = frozenset({type(None), bool, float, complex})   # weight 1, depth 0
+_TEXT = (str, bytes, bytearray)
+
+
+def _refuse(what: str) -> pickle.UnpicklingError:
+    return pickle.UnpicklingError(f"refused to load {what}")
+
+
+def _too_costly(what: str) -> pickle.UnpicklingError:
+    return pickle.UnpicklingError(f"refused to load {what}: more work than a file of this size "
+                                  "can need (objects that share themselves, or copies of them)")
+
+
+def _describe(obj: Any) -> str:
+    """A short, safe description of ``obj`` for a message: never its full repr, which for a
+    pickle's shared containers could be exponentially long."""
+    kind = type(obj)
+    if kind in (str, bytes, bytearray):
+        return repr(obj[:40]) + ("..." if len(obj) > 40 else "")
+    if kind is int and obj.bit_length() > 64:
+        return f"an int of {obj.bit_length()} bits"
+    if kind in (type(None), bool, int, float, complex):
+        return repr(obj)
+    if kind in (tuple, list) and len(obj) <= 8 and all(
+            type(x) in (type(None), bool, int, float, str) and (type(x) is not int or
+                                                              x.bit_length() <= 64)
+            and (type(x) is not str or len(x) <= 40) for x in obj):
+        return repr(obj)
+    if kind in _CONTAINERS:
+        return f"a {kind.__name__} of {len(obj) if kind is not slice else 3} items"
+    return f"a {kind.__name__}"
 
 
 class _BoundedReader:
@@ -59,10 +129,6 @@ class _BoundedReader:
         return self._fh.readinto(buf)
 
 
-def _refuse(what: str) -> pickle.UnpicklingError:
-    return pickle.UnpicklingError(f"refused to load {what}")
-
-
 class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
     """Containers, scalars and numpy arrays of numbers or fixed-size strings; nothing else."""
 
@@ -77,6 +143,12 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
         self._np = np
         self._size = size
         self._fresh: dict[int, Any] = {}          # id -> dtype/array awaiting its one BUILD
+        # the meter: id -> [container, weight, depth, used]; it holds the container, so ids
+        # are not reused during the load. A container not in it is empty and unused.
+        self._budget = WORK_FLOOR + WORK_PER_BYTE * size
+        self._work = 0
+        self._info: dict[int, list] = {}
+        self._same_hash: dict[int, dict[int, int]] = {}   # id(dict or set) -> hash -> keys
         np_calls = {"_reconstruct": self._reconstruct, "scalar": self._scalar,
                     "_frombuffer": self._frombuffer}
         self._globals: dict[tuple[str, str], Any] = {
@@ -93,6 +165,211 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
         }
         self._callables = {id(v) for v in self._globals.values() if v is not np.ndarray}
 
+    # -- the meter
+    def _charge(self, units: int, what: str = "a pickle") -> None:
+        self._work += units
+        if self._work > self._budget:
+            raise _too_costly(what)
+
+    def _measure(self, obj: Any) -> tuple[int, int]:
+        """(weight, depth) of ``obj``: O(1), from what was recorded when it was built."""
+        kind = type(obj)
+        if kind in _CONTAINERS:
+            info = self._info.get(id(obj))
+            return (info[1], info[2]) if info is not None else (1, 1)
+        if kind is str or kind is bytes or kind is bytearray:
+            return 1 + len(obj), 0
+        if kind is int:
+            return 1 + obj.bit_length() // 64, 0
+        if kind is self._np.ndarray:
+            # what its repr prints, in bytes: every element up to numpy's threshold, else 3 at
+            # each end of every axis (so arrays shared by many clips weigh little)
+            shown = obj.size if obj.size <= 1000 else math.prod(min(n, 6) for n in obj.shape)
+            return 1 + shown * obj.itemsize, 0
+        if isinstance(obj, self._np.generic):
+            return 1 + obj.nbytes, 0
+        return 1, 0
+
+    def _contents(self, items: Any) -> tuple[int, int]:
+        """Total weight and greatest depth of ``items``, which are being placed in a container:
+        the mutable ones among them are marked used, never to change again."""
+        weight = depth = 0
+        info_of = self._info
+        for item in items:    # _measure inlined for the common kinds: this runs per element
+            kind = type(item)
+            if kind in _UNITS:
+                weight += 1
+            elif kind is str or kind is bytes:
+                weight += 1 + len(item)
+            elif kind is int:
+                bits = item.bit_length()
+                if bits > MAX_INT_BITS:
+                    raise _refuse(f"an int of {bits} bits (at most {MAX_INT_BITS})")
+                weight += 1 + bits // 64
+            elif kind in _CONTAINERS:
+                info = info_of.get(id(item))
+                if info is None:
+                    info = [item, 1, 1, False]
+                    if kind in _MUTABLE:
+                        info_of[id(item)] = info
+                if kind in _MUTABLE:
+                    info[3] = True
+                weight += info[1]
+                if info[2] > depth:
+                    depth = info[2]
+            else:
+                weight += self._measure(item)[0]
+        return weight, depth
+
+    def _record(self, obj: Any, weight: int, depth: int) -> Any:
+        """Record a container built from items of this total weight and depth; refuse it when
+        walking it would cost more than the budget or it nests too deep."""
+        if weight + 1 > self._budget:
+            raise _too_costly(f"a {type(obj).__name__} that expands to {weight} elements")
+        if depth + 1 > MAX_DEPTH:
+            raise _refuse(f"containers nested more than {MAX_DEPTH} deep")
+        info = self._info.get(id(obj))
+        if info is None:
+            self._info[id(obj)] = [obj, weight + 1, depth + 1, False]
+        else:
+            info[1], info[2] = weight + 1, depth + 1
+        return obj
+
+    def _build(self, obj: Any, items: Any) -> Any:
+        """``obj``, a new container holding ``items``, weighed and recorded."""
+        weight, depth = self._contents(items)
+        self._charge(len(items))
+        return self._record(obj, weight, depth) if weight else obj
+
+    def _hash_keys(self, keys: Any, owner: Any = None) -> None:
+        """Charge the hashing of ``keys`` (each walks its whole weight) and count the keys whose
+        hashes coincide in one dict or set: ``owner``, which keeps its tally across SETITEMS,
+        or a new one."""
+        counts: Optional[dict[int, int]] = None
+        for key in keys:
+            if isinstance(key, (str, bytes)):   # hashed with a secret seed, and only once
+                self._charge(1)
+                continue
+            weight, depth = self._measure(key)
+            self._charge(weight, "a key that takes too long to hash")
+            if depth > 16:
+                raise _refuse(f"a key nested {depth} deep")
+            if counts is None:
+                counts = {} if owner is None else self._same_hash.setdefault(id(owner), {})
+            h = hash(key)
+            n = counts[h] = counts.get(h, 0) + 1
+            if n > MAX_SAME_HASH:
+                raise _refuse(f"more than {MAX_SAME_HASH} keys with one hash in a dict or set "
+                              "(hash flooding)")
+
+    def _grow(self, target: Any, items: list, kinds: tuple, keys: Any = ()) -> None:
+        """Check that ``items`` may be added to ``target`` (APPEND, SETITEM, ADDITEMS) and
+        record the growth; the caller then adds them."""
+        if type(target) not in kinds:
+            raise _refuse(f"adding items to {_describe(target)}")
+        info = self._info.get(id(target))
+        if info is not None and info[3]:
+            raise _refuse(f"a {type(target).__name__} changed after it was used "
+                          "(a pickle writes each container whole)")
+        for item in items:
+            if item is target:
+                raise _refuse(f"a {type(target).__name__} that holds itself")
+        if keys:
+            self._hash_keys(keys, target)
+        weight, depth = self._contents(items)
+        self._charge(len(items))
+        if info is None:
+            self._record(target, weight, depth)
+        else:
+            self._record(target, info[1] - 1 + weight, max(info[2] - 1, depth))
+
+    # -- the opcodes that build or fill containers, each weighed
+    def load_tuple(self) -> None:
+        items = self.pop_mark()
+        self.append(self._build(tuple(items), items))
+    dispatch[pickle.TUPLE[0]] = load_tuple
+
+    def load_tuple1(self) -> None:
+        self.stack[-1] = self._build((self.stack[-1],), self.stack[-1:])
+    dispatch[pickle.TUPLE1[0]] = load_tuple1
+
+    def load_tuple2(self) -> None:
+        self.stack[-2:] = [self._build((self.stack[-2], self.stack[-1]), self.stack[-2:])]
+    dispatch[pickle.TUPLE2[0]] = load_tuple2
+
+    def load_tuple3(self) -> None:
+        items = self.stack[-3:]
+        self.stack[-3:] = [self._build(tuple(items), items)]
+    dispatch[pickle.TUPLE3[0]] = load_tuple3
+
+    def load_list(self) -> None:
+        items = self.pop_mark()
+        self.append(self._build(items, items))
+    dispatch[pickle.LIST[0]] = load_list
+
+    def load_dict(self) -> None:
+        items = self.pop_mark()
+        if len(items) % 2:
+            raise pickle.UnpicklingError("odd number of items for DICT")
+        self._hash_keys(items[::2])
+        self.append(self._build({items[i]: items[i + 1] for i in range(0, len(items), 2)}, items))
+    dispatch[pickle.DICT[0]] = load_dict
+
+    def load_frozenset(self) -> None:
+        items = self.pop_mark()
+        self._charge(_SET_UNITS)
+        self._hash_keys(items)
+        self.append(self._build(frozenset(items), items))
+    dispatch[pickle.FROZENSET[0]] = load_frozenset
+
+    def load_empty_set(self) -> None:
+        self._charge(_SET_UNITS)   # an empty set takes 216 bytes: memory, not work, is charged
+        self.append(set())
+    dispatch[pickle.EMPTY_SET[0]] = load_empty_set
+
+    def load_append(self) -> None:
+        value = self.stack.pop()
+        self._grow(self.stack[-1], [value], (list,))
+        self.stack[-1].append(value)
+    dispatch[pickle.APPEND[0]] = load_append
+
+    def load_appends(self) -> None:
+        items = self.pop_mark()
+        self._grow(self.stack[-1], items, (list,))
+        self.stack[-1].extend(items)
+    dispatch[pickle.APPENDS[0]] = load_appends
+
+    def load_setitem(self) -> None:
+        value = self.stack.pop()
+        key = self.stack.pop()
+        self._grow(self.stack[-1], [key, value], _MAPPINGS, [key])
+        self.stack[-1][key] = value
+    dispatch[pickle.SETITEM[0]] = load_setitem
+
+    def load_setitems(self) -> None:
+        items = self.pop_mark()
+        if len(items) % 2:
+            raise pickle.UnpicklingError("odd number of items for SETITEMS")
+        target = self.stack[-1]
+        self._grow(target, items, _MAPPINGS, items[::2])
+        for i in range(0, len(items), 2):
+            target[items[i]] = items[i + 1]
+    dispatch[pickle.SETITEMS[0]] = load_setitems
+
+    def load_additems(self) -> None:
+        items = self.pop_mark()
+        self._grow(self.stack[-1], items, (set,), items)
+        self.stack[-1].update(items)
+    dispatch[pickle.ADDITEMS[0]] = load_additems
+
+    # -- memo indices that would make the memo's hashing costly
+    def load_put(self) -> None:
+        index = self.readline()[:-1]
+        if not (index.isdigit() and len(index) <= 10 and int(index) < MAX_MEMO_INDEX):
+            raise pickle.UnpicklingError(f"PUT index {_describe(index)} out of range")
+        self.memo[int(index)] = self.stack[-1]
+    dispatch[pickle.PUT[0]] = load_put
+
     # -- what a pickle may name
     def find_class(self, module: str, name: str) -> Any:
         if self.proto < 3 and (module, name) in _compat_pickle.NAME_MAPPING:
@@ -107,24 +384,81 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
             found = getattr(self._np.dtypes, name, None)
             if isinstance(found, type):
                 return found
-        raise _refuse(f"{module}.{name}")
+        raise _refuse(f"{module[:80]}.{name[:80]}")
 
     # -- what a pickle may call
     def _check_call(self, func: Any) -> None:
         if id(func) not in self._callables:
             raise _refuse(f"a call of {getattr(func, '__name__', type(func).__name__)}")
 
+    def _call_type(self, cls: type, args: Any, kwargs: Optional[dict], make: Any) -> Any:
+        """``make()`` (``cls(*args)`` or ``cls.__new__(cls, *args)``) for one of the plain types,
+        once its arguments are known not to make it walk a shared structure: ``str``, ``int``,
+        ``float``, ``complex`` and ``bool`` take only scalars (there is no features file that
+        needs ``str(list)``); the containers take one flat iterable, whose copy and hashing are
+        charged; ``slice`` takes anything (it only holds it). The result is weighed."""
+        if not isinstance(args, tuple) or (kwargs is not None and type(kwargs) not in _MAPPINGS):
+            raise _refuse(f"a call of {cls.__name__} with {_describe(args)}")
+        values = list(args) + list((kwargs or {}).values())
+        if kwargs and not all(type(k) is str for k in kwargs):
+            raise _refuse(f"a call of {cls.__name__} with keywords that are not names")
+        if cls is slice:
+            if len(values) > 3:
+                raise _refuse(f"a slice of {len(values)} values")
+        elif cls in (str, int, float, complex, bool):
+            for value in values:
+                if not isinstance(value, _SCALARS):
+                    raise _refuse(f"a call of {cls.__name__} on {_describe(value)}")
+                if cls is not str and isinstance(value, _TEXT) and len(value) > 5000:
+                    raise _refuse(f"{cls.__name__}() of {len(value)} characters")
+            if cls is str and not all(isinstance(v, _TEXT) for v in values):
+                raise _refuse(f"a call of str on {', '.join(_describe(v) for v in values)}")
+            self._charge(sum(len(v) for v in values if isinstance(v, _TEXT)))
+        else:  # tuple, list, set, frozenset, dict, OrderedDict: copy one iterable
+            if len(values) > 1 and not (cls in _MAPPINGS and len(args) <= 1):
+                raise _refuse(f"a call of {cls.__name__} with {len(values)} arguments")
+            for value in args:
+                if type(value) not in _CONTAINERS - {slice} and not isinstance(value, _TEXT):
+                    raise _refuse(f"a {cls.__name__} from {_describe(value)}")
+                self._charge(len(value))
+                if cls in (set, frozenset):
+                    self._hash_keys(value)
+                elif cls in _MAPPINGS:
+                    if type(value) in _MAPPINGS:
+                        self._hash_keys(value.keys())
+                    elif not isinstance(value, _TEXT):
+                        if not all(type(p) in (tuple, list) and len(p) == 2 for p in value):
+                            raise _refuse(f"a {cls.__name__} from {_describe(value)}")
+                        self._hash_keys([p[0] for p in value])
+        if cls in (set, frozenset):
+            self._charge(_SET_UNITS)
+        result = make()
+        if type(result) in _MAPPINGS:
+            return self._build(result, [x for kv in result.items() for x in kv])
+        if type(result) is slice:
+            return self._build(result, [result.start, result.stop, result.step])
+        if type(result) in _CONTAINERS:
+            return self._build(result, result)
+        return result
+
+    def _call(self, func: Any, args: Any) -> Any:
+        self._check_call(func)
+        if isinstance(func, type):
+            return self._call_type(func, args, None, lambda: func(*args))
+        if not isinstance(args, (tuple, list)):
+            raise _refuse(f"a call of {func.__name__} with {_describe(args)}")
+        return func(*args)
+
     def load_reduce(self) -> None:
         args = self.stack.pop()
-        func = self.stack[-1]
-        self._check_call(func)
-        self.stack[-1] = func(*args)
+        self.stack[-1] = self._call(self.stack[-1], args)
     dispatch[pickle.REDUCE[0]] = load_reduce
 
     def _new(self, cls: Any, args: tuple, kwargs: Optional[dict] = None) -> Any:
         if not (isinstance(cls, type) and (cls in _SAFE_TYPES or cls is collections.OrderedDict)):
             raise _refuse(f"an object of {getattr(cls, '__name__', type(cls).__name__)}")
-        return cls.__new__(cls, *args, **(kwargs or {}))
+        return self._call_type(cls, args, kwargs,
+                               lambda: cls.__new__(cls, *args, **(kwargs or {})))
 
     def load_newobj(self) -> None:
         args = self.stack.pop()
@@ -140,8 +474,7 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
     dispatch[pickle.NEWOBJ_EX[0]] = load_newobj_ex
 
     def _instantiate(self, klass: Any, args: list) -> None:  # INST and OBJ (protocols 0-1)
-        self._check_call(klass)
-        self.append(klass(*args))
+        self.append(self._call(klass, tuple(args)))
 
     def load_build(self) -> None:
         state = self.stack[-1]
@@ -152,6 +485,7 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
             self._check_dtype_state(inst, state)
         else:
             self._check_array_state(state)
+            self._charge(len(state[4]))
         self.stack.pop()
         inst.__setstate__(state)
     dispatch[pickle.BUILD[0]] = load_build
@@ -176,22 +510,30 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
         def make(*args: Any) -> Any:
             if args and isinstance(args[0], int):  # bytes(10**12): memory the file never held
                 raise _refuse(f"{kind.__name__} of a given size")
-            if len(args) > 1 and str(args[1]).lower() not in _TEXT_CODECS:
-                raise _refuse(f"the codec {args[1]!r}")
+            if len(args) > 1 and not (type(args[1]) is str and args[1].lower() in _TEXT_CODECS):
+                raise _refuse(f"the codec {_describe(args[1])}")
+            if len(args) > 2 and type(args[2]) is not str:
+                raise _refuse(f"the error handler {_describe(args[2])}")
+            if args:   # a copy of a string, of bytes or of a flat list of small ints
+                if not (isinstance(args[0], _TEXT) or type(args[0]) in (list, tuple)):
+                    raise _refuse(f"{kind.__name__} from {_describe(args[0])}")
+                self._charge(len(args[0]))
             return kind(*args)
         make.__name__ = kind.__name__
         return make
 
-    def _encode(self, obj: Any, encoding: str = "utf-8", errors: str = "strict") -> bytes:
-        if not isinstance(obj, str) or str(encoding).lower() not in _TEXT_CODECS:
-            raise _refuse(f"the codec {encoding!r}")
+    def _encode(self, obj: Any, encoding: Any = "utf-8", errors: Any = "strict") -> bytes:
+        if not (isinstance(obj, str) and type(encoding) is str and encoding.lower() in _TEXT_CODECS
+                and type(errors) is str):
+            raise _refuse(f"the codec {_describe(encoding)}")
+        self._charge(len(obj))
         return obj.encode(encoding, errors)
 
     def _dtype(self, spec: Any, align: Any = False, copy: Any = True) -> Any:
         if not isinstance(spec, str) or not _DTYPE_SPEC.match(spec):
-            raise _refuse(f"dtype {spec!r} (only numbers, booleans and fixed-size strings)")
+            raise _refuse(f"dtype {_describe(spec)} (only numbers, booleans and fixed-size strings)")
         base = self._np.dtype(spec)
-        if base.kind not in _ARRAY_KINDS or base.itemsize > self._size + 64:
+        if base.kind not in _ARRAY_KINDS or not 0 < base.itemsize <= self._size + 64:
             raise _refuse(f"dtype {spec!r}")
         dtype = self._np.dtype(base, copy=True)   # never numpy's shared descriptor
         self._fresh[id(dtype)] = dtype
@@ -201,7 +543,7 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
         np = self._np
         if not isinstance(dtype, np.dtype) or dtype.kind not in _ARRAY_KINDS or dtype.names \
                 or dtype.subdtype is not None:
-            raise _refuse(f"an array of dtype {dtype!r}")
+            raise _refuse(f"an array of dtype {dtype if isinstance(dtype, np.dtype) else _describe(dtype)}")
         return dtype
 
     def _check_dtype_state(self, dtype: Any, state: Any) -> None:
@@ -210,26 +552,27 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
         if not (isinstance(state, tuple) and len(state) == len(expected)
                 and state[0] == expected[0] and state[1] in tuple(orders)
                 and state[2:] == expected[2:]):
-            raise _refuse(f"dtype state {state!r:.80}")
+            raise _refuse(f"dtype state {_describe(state)}")
 
     def _check_shape(self, shape: Any, dtype: Any, nbytes: int) -> None:
         if not (isinstance(shape, tuple) and len(shape) <= 32
-                and all(type(n) is int and n >= 0 for n in shape)):
-            raise _refuse(f"array shape {shape!r:.80}")
+                and all(type(n) is int and 0 <= n <= nbytes + (1 << 20) for n in shape)):
+            raise _refuse(f"array shape {_describe(shape)}")
         if math.prod(shape) * dtype.itemsize != nbytes:
             raise _refuse(f"array shape {shape} of {dtype} over {nbytes} bytes of data")
 
     def _reconstruct(self, subtype: Any, shape: Any, typecode: Any) -> Any:
         if subtype is not self._np.ndarray:
-            raise _refuse(f"an array of type {subtype!r:.80}")
+            raise _refuse(f"an array of type {_describe(subtype)}")
         array = self._np.ndarray((0,), self._np.uint8)   # filled by its BUILD
         self._fresh[id(array)] = array
         return array
 
     def _check_array_state(self, state: Any) -> None:
-        if not (isinstance(state, tuple) and len(state) == 5 and state[0] == 1
-                and type(state[3]) in (bool, int) and isinstance(state[4], (bytes, bytearray))):
-            raise _refuse(f"array state {state!r:.80}")
+        if not (isinstance(state, tuple) and len(state) == 5 and type(state[0]) is int
+                and state[0] == 1 and type(state[3]) in (bool, int)
+                and isinstance(state[4], (bytes, bytearray))):
+            raise _refuse(f"array state {_describe(state)}")
         dtype = self._check_dtype(state[2])
         self._check_shape(state[1], dtype, len(state[4]))
 
@@ -242,13 +585,16 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
     def _frombuffer(self, buf: Any, dtype: Any, shape: Any, order: Any,
                     axis_order: Any = None) -> Any:
         dtype = self._check_dtype(dtype)
-        if not isinstance(buf, (bytes, bytearray)) or order not in ("C", "F", "K"):
-            raise _refuse(f"an array from {type(buf).__name__} in order {order!r:.20}")
+        if not isinstance(buf, (bytes, bytearray)) or type(order) is not str \
+                or order not in ("C", "F", "K"):
+            raise _refuse(f"an array from {type(buf).__name__} in order {_describe(order)}")
         self._check_shape(shape, dtype, len(buf))
         array = self._np.frombuffer(buf, dtype=dtype)
         if order == "K" and axis_order is not None:
-            if sorted(axis_order) != list(range(len(shape))):
-                raise _refuse(f"axis order {axis_order!r:.80}")
+            if not (type(axis_order) in (tuple, list) and len(axis_order) == len(shape)
+                    and all(type(i) is int for i in axis_order)
+                    and sorted(axis_order) == list(range(len(shape)))):
+                raise _refuse(f"axis order {_describe(axis_order)}")
             return array.reshape(shape, order="C").transpose(axis_order)
         return array.reshape(shape, order="F" if order == "F" else "C")
 
@@ -269,6 +615,8 @@ def safe_pickle_load(path: Path) -> Any:
         with open(path, "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
             unpickler = _RestrictedUnpickler(io.BufferedReader(fh, buffer_size=1 << 20), size)
+            collecting = gc.isenabled()
+            gc.disable()   # a load makes no cycles (the meter refuses them): nothing to collect
             try:
                 return unpickler.load()
             finally:
@@ -276,18 +624,34 @@ def safe_pickle_load(path: Path) -> Any:
                 # and its memo holds every object it built: collected only by the cycle
                 # collector, it would keep a second copy of the features alive
                 unpickler.memo.clear()
+                unpickler._info.clear()
                 del unpickler
+                if collecting:
+                    gc.enable()
                 gc.collect()
     except FileNotFoundError:
         raise FeaturesFileError(f"{path}: features file not found") from None
     except IsADirectoryError:
         raise FeaturesFileError(f"{path}: is a folder, not a features file") from None
     except pickle.UnpicklingError as exc:
-        msg = str(exc)
+        msg = _one_line(str(exc))
         if msg.startswith("refused"):
             raise FeaturesFileError(f"{path}: unsafe pickle, {msg} (only containers, "
                                     "numbers, strings and numpy arrays are allowed)") from None
         raise FeaturesFileError(f"{path}: not a readable pickle ({msg})") from None
+    except RecursionError:
+        raise FeaturesFileError(f"{path}: not a readable pickle (nested too deep)") from None
+    except MemoryError:
+        raise FeaturesFileError(f"{path}: not a readable pickle (out of memory)") from None
     except Exception as exc:  # noqa: BLE001 - whatever a damaged stream makes the loader raise
-        reason = f"{type(exc).__name__}: {exc}"[:300]
+        # a KeyError's text is the repr of its key, which a pickle chose: never printed
+        text = "" if isinstance(exc, LookupError) else _one_line(str(exc))
+        reason = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
         raise FeaturesFileError(f"{path}: not a readable pickle ({reason})") from None
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    """``text`` on one line of printable characters, cut to ``limit`` (a pickle chose it)."""
+    text = text[:limit + 1]
+    text = "".join(c if c.isprintable() else " " for c in text)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
