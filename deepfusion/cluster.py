@@ -9,36 +9,85 @@ Workers hash, decode and analyse the files and write the cache entries themselve
 cache folder must be one path every worker sees (a shared file system): :func:`check_shared`
 proves it before any work. A worker that dies costs only its unfinished clips: the scheduler
 runs them again elsewhere (Dask's ``allowed-failures`` times).
+
+Every way the cluster fails is one line (the CLI's exit status in brackets): not an address
+(2); a host name not known, nothing listening, no answer, no worker within
+``DEEPFUSION_SCHEDULER_TIMEOUT`` seconds, a worker that cannot use the cache (1, before any
+work); a task whose workers all died, the scheduler lost, every worker gone mid-run (75: what
+finished is cached, the same command continues).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
-from .errors import ClusterError, ParameterError
+from .errors import ClusterError, ClusterLostError, ParameterError, WorkerCrashError
 
 #: Environment variable read when ``--scheduler`` is not given.
 SCHEDULER_ENV = "DEEPFUSION_SCHEDULER"
-#: Seconds to reach a scheduler before giving up with one line.
+#: Seconds to reach a scheduler (and for it to have a worker) before giving up with one line;
+#: the environment variable below sets another bound.
 CONNECT_TIMEOUT = 20.0
+TIMEOUT_ENV = "DEEPFUSION_SCHEDULER_TIMEOUT"
+#: Address schemes a Dask client can connect with, and those that run over TCP.
+SCHEMES = ("tcp", "tls", "ws", "wss", "ucx")
+_TCP_SCHEMES = ("tcp", "tls", "ws", "wss")
+_HOST = re.compile(r"[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\]")
 
 
 def parse_scheduler(value: str) -> tuple[str, int]:
-    """``("local", N)`` for ``local:N`` (``local`` alone: all cores), else ``(address, 0)``."""
+    """``("local", N)`` for ``local:N`` (``local`` alone: all cores), else ``(address, 0)``
+    with the address in Dask's form, ``tcp://HOST:PORT`` (``HOST:PORT`` means tcp).
+
+    Raises
+    ------
+    ParameterError
+        Not an address: an unknown scheme, no host, no port or one out of 1-65535.
+    """
     value = value.strip()
     if value == "local" or value.startswith("local:"):
         count = value.partition(":")[2] or str(os.cpu_count() or 1)
         if not count.isdigit() or int(count) < 1:
             raise ParameterError(f"--scheduler {value}: local:N needs a worker count N >= 1")
         return "local", int(count)
-    if "://" not in value and ":" not in value:
-        raise ParameterError(f"--scheduler {value}: give a scheduler address (tcp://host:8786) "
-                             "or local:N")
-    return value, 0
+    usage = "give a scheduler address as the scheduler prints it (tcp://HOST:8786) or local:N"
+    scheme, sep, rest = value.rpartition("://")
+    if not sep:
+        scheme, rest = "tcp", value
+    if "://" in scheme or scheme not in SCHEMES:
+        raise ParameterError(f"--scheduler {value}: unknown scheme {scheme!r} (Dask speaks "
+                             f"{', '.join(SCHEMES)}); {usage}")
+    host, colon, port = rest.rpartition(":")
+    if not colon or not host:
+        if not rest:
+            raise ParameterError(f"--scheduler {value or repr(value)}: no host; {usage}")
+        raise ParameterError(f"--scheduler {value}: no port; {usage}")
+    if not _HOST.fullmatch(host):
+        raise ParameterError(f"--scheduler {value}: {host!r} is not a host name; {usage}")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ParameterError(f"--scheduler {value}: the port {port!r} is not a number from 1 "
+                             f"to 65535; {usage}")
+    return f"{scheme}://{host}:{int(port)}", 0
+
+
+def connect_timeout() -> float:
+    """Seconds to wait for a scheduler: ``DEEPFUSION_SCHEDULER_TIMEOUT`` or
+    :data:`CONNECT_TIMEOUT`."""
+    text = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not text:
+        return CONNECT_TIMEOUT
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < 1e6:
+        raise ParameterError(f"{TIMEOUT_ENV}={text}: give a number of seconds > 0")
+    return seconds
 
 
 def _distributed():
@@ -50,47 +99,103 @@ def _distributed():
     return distributed
 
 
+def _reach(address: str, timeout: float) -> None:
+    """A plain TCP connection to ``address`` first, so that a wrong host name or a port where
+    nothing listens is one line at once (Dask's client retries those until its time-out) and
+    a host that never answers is one line after ``timeout`` seconds."""
+    import socket
+
+    scheme, _, location = address.partition("://")
+    if scheme not in _TCP_SCHEMES:
+        return
+    host, _, port = location.rpartition(":")
+    host = host.strip("[]")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except socket.gaierror as exc:
+        raise ClusterError(f"--scheduler {address}: cannot reach the scheduler: the host name "
+                           f"{host!r} is not known "
+                           f"({exc.strerror}); check the address") from None
+    except ConnectionRefusedError:
+        raise ClusterError(f"--scheduler {address}: cannot reach the scheduler: nothing "
+                           f"listens there (connection refused); start it (dask scheduler "
+                           f"--port {port}) or correct the address") from None
+    except (socket.timeout, TimeoutError):
+        raise ClusterError(f"--scheduler {address}: cannot reach the scheduler: no answer "
+                           f"within {timeout:g} s (the host down, or a firewall); check the "
+                           f"address, or wait longer with {TIMEOUT_ENV}=SECONDS") from None
+    except OSError as exc:
+        raise ClusterError(f"--scheduler {address}: cannot reach the scheduler "
+                           f"({exc.strerror or type(exc).__name__}); check the address and "
+                           "the network") from None
+
+
 @contextlib.contextmanager
-def connect(scheduler: str, *, timeout: float = CONNECT_TIMEOUT) -> Iterator[Any]:
-    """A ``distributed.Client`` on ``scheduler`` (see :func:`parse_scheduler`), closed after.
+def connect(scheduler: str, *, timeout: Optional[float] = None) -> Iterator[Any]:
+    """A ``distributed.Client`` on ``scheduler`` (see :func:`parse_scheduler`) with at least
+    one worker, closed after. ``timeout`` (default :func:`connect_timeout`) bounds each wait.
 
     Raises
     ------
+    ParameterError
+        ``scheduler`` is not an address.
     ClusterError
-        ``distributed`` missing, or the scheduler unreachable within ``timeout`` seconds.
+        ``distributed`` missing; the scheduler unknown, refusing, silent, or without a worker
+        within ``timeout`` seconds.
     """
     address, n_local = parse_scheduler(scheduler)
+    timeout = connect_timeout() if timeout is None else timeout
     distributed = _distributed()
     import logging
 
-    # a worker lost on purpose (or a slow start) is news for the log, not the terminal
-    logging.getLogger("distributed").setLevel(logging.ERROR)
-    cluster = None
+    # a worker lost on purpose (or a slow start, a lost scheduler) is news for the log, not
+    # the terminal: what stops the run comes as one line of ours
+    # (Dask's configuration gives some of its loggers levels of their own: each is quietened)
+    names = ["distributed", *logging.root.manager.loggerDict]
+    logs = {name: logging.getLogger(name) for name in names
+            if name == "distributed" or name.startswith("distributed.")}
+    levels = {name: log.level for name, log in logs.items()}
+    for log in logs.values():
+        log.setLevel(logging.CRITICAL)
+    cluster = client = None
     try:
         if n_local:
-            cluster = distributed.LocalCluster(n_workers=n_local, threads_per_worker=1,
-                                               processes=True, host="127.0.0.1",
-                                               dashboard_address=None)
-            client = distributed.Client(cluster, timeout=timeout)
+            try:
+                cluster = distributed.LocalCluster(n_workers=n_local, threads_per_worker=1,
+                                                   processes=True, host="127.0.0.1",
+                                                   dashboard_address=None,
+                                                   silence_logs=logging.CRITICAL)
+                address = cluster.scheduler_address
+                client = distributed.Client(cluster, timeout=timeout)
+            except (OSError, TimeoutError) as exc:
+                raise ClusterError(f"--scheduler {scheduler}: the local cluster did not start "
+                                   f"({exc.strerror or type(exc).__name__}); try --jobs "
+                                   "instead") from None
         else:
-            client = distributed.Client(address, timeout=timeout)
-    except (OSError, TimeoutError) as exc:
-        if cluster is not None:
-            cluster.close()
-        raise ClusterError(f"--scheduler {scheduler}: cannot reach the scheduler within "
-                           f"{timeout:g} s ({type(exc).__name__}); is it running, and is the "
-                           "address right?") from None
-    try:
+            _reach(address, timeout)
+            try:
+                client = distributed.Client(address, timeout=timeout)
+            except (OSError, TimeoutError) as exc:
+                raise ClusterError(
+                    f"--scheduler {address}: no Dask scheduler answered there within "
+                    f"{timeout:g} s ({type(exc).__name__}); is that the scheduler's port "
+                    "(8786 by default; 8787 is its dashboard)? Wait longer with "
+                    f"{TIMEOUT_ENV}=SECONDS") from None
         if not client.scheduler_info().get("workers"):
-            client.wait_for_workers(1, timeout=timeout)
+            try:
+                client.wait_for_workers(1, timeout=timeout)
+            except (OSError, TimeoutError):
+                raise ClusterError(f"--scheduler {address}: the scheduler has no worker after "
+                                   f"{timeout:g} s; start some (dask worker {address})") from None
         yield client
-    except TimeoutError:
-        raise ClusterError(f"--scheduler {scheduler}: the scheduler has no worker after "
-                           f"{timeout:g} s; start some (dask worker {address})") from None
     finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
+        # closing after a lost scheduler may fail: what stopped the run is the news
+        for part in (client, cluster):
+            if part is not None:
+                with contextlib.suppress(Exception):
+                    part.close(timeout=min(timeout, 5))
+        for name, log in logs.items():
+            log.setLevel(levels[name])
 
 
 def _probe(folder: str, token_name: str, token: str) -> Optional[str]:
@@ -116,8 +221,11 @@ def _probe_folder(folder: str, token_name: str, token: str) -> Optional[str]:
     return None
 
 
-def check_shared(client: Any, folder: Path) -> None:
+def check_shared(client: Any, folder: Path) -> int:
     """Every worker must read what the driver wrote in ``folder`` and write there itself.
+
+    Returns the modification time (ns) the driver's probe file got there: the run's start on
+    the clock of the file system that dates the cache entries (see :func:`recount`).
 
     Raises
     ------
@@ -128,13 +236,39 @@ def check_shared(client: Any, folder: Path) -> None:
     token, name = uuid.uuid4().hex, f".driver-probe.{os.getpid()}.{uuid.uuid4().hex[:8]}"
     (folder / name).write_text(token)
     try:
-        answers = client.run(_probe, str(folder), name, token)
+        started = (folder / name).stat().st_mtime_ns
+        answers = _lost_as_one_line(client, lambda: client.run(_probe, str(folder), name, token))
     finally:
         (folder / name).unlink()
     for worker, problem in sorted(answers.items()):
         if problem:
             raise ClusterError(f"{folder}: worker {worker} {problem}; --cache-dir must be a "
                                "path every worker shares (a network file system)")
+    return started
+
+
+def recount(results: Iterable[tuple[int, tuple]], entry_path: Callable[[str], Path],
+            started: int) -> Iterator[tuple[int, tuple]]:
+    """``(index, (key, reason, computed, ...))`` with ``computed`` true for an entry this run
+    wrote, whichever task attempt wrote it.
+
+    Dask runs a task again when the worker holding its result is lost before the driver has
+    it; the second attempt finds the entry the first one wrote and says "cached", so a run
+    that lost a worker counted clips it computed as from the cache. An entry whose file is
+    dated ``started`` or later (see :func:`check_shared`) was computed by this run; the first
+    clip of each content counts it, a duplicate file of the same content counts as cached.
+    """
+    counted: set[str] = set()
+    for index, (key, reason, computed, *rest) in results:
+        if reason is None and key not in counted:
+            if not computed:
+                with contextlib.suppress(OSError):
+                    computed = os.stat(entry_path(key)).st_mtime_ns >= started
+        elif reason is None:
+            computed = False
+        if computed:
+            counted.add(key)
+        yield index, (key, reason, computed, *rest)
 
 
 def _on_worker(fn: Callable, *args) -> tuple[str, Any]:
@@ -144,34 +278,137 @@ def _on_worker(fn: Callable, *args) -> tuple[str, Any]:
     return get_worker().address, fn(*args)
 
 
+def _address(client: Any) -> str:
+    return str(getattr(client.scheduler, "address", None) or "the scheduler")
+
+
+def _lost(client: Any, exc: BaseException, done: Optional[int] = None,
+          total: Optional[int] = None) -> ClusterLostError:
+    """The one line for a connection to the scheduler broken mid-run."""
+    reason = ("the connection closed" if "Cancelled" in type(exc).__name__
+              else getattr(exc, "strerror", None) or type(exc).__name__)
+    return ClusterLostError(f"--scheduler {_address(client)}: lost the connection to the "
+                            f"scheduler mid-run ({reason}); {_kept(done, total)}: run the same "
+                            "command again once the scheduler is back to continue")
+
+
+def _kept(done: Optional[int], total: Optional[int]) -> str:
+    if done is None or not total:
+        return "the files done so far are cached"
+    return f"the files done so far ({done} of {total}) are cached"
+
+
+def _lost_as_one_line(client: Any, call: Callable[[], Any]) -> Any:
+    """``call()``, a broken connection to the scheduler raised as :class:`ClusterLostError`."""
+    try:
+        return call()
+    except (OSError, TimeoutError) as exc:
+        raise _lost(client, exc) from None
+    except Exception as exc:
+        if "Cancelled" in type(exc).__name__:
+            raise _lost(client, exc) from None
+        raise
+
+
+#: Seconds between looks at the scheduler while no task finishes.
+_LOOK_EVERY = 2.0
+
+
 def map_unordered(client: Any, fn: Callable, arguments: Iterable[tuple], *,
                   in_flight: Optional[int] = None,
-                  per_worker: Optional[dict[str, int]] = None) -> Iterator[Any]:
+                  per_worker: Optional[dict[str, int]] = None,
+                  label: Optional[Callable[[tuple], str]] = None,
+                  total: Optional[int] = None,
+                  no_worker_timeout: Optional[float] = None) -> Iterator[Any]:
     """``fn(*args)`` for each tuple of ``arguments`` on the cluster, results as they finish.
 
     At most ``in_flight`` tasks (default four per worker thread) are submitted at once, so a
     collection of 100,000 files costs the driver and scheduler a bounded number of futures.
-    ``per_worker`` (if given) counts the tasks each worker address ran.
+    ``per_worker`` (if given) counts the tasks each worker address ran; ``label`` names a
+    task's arguments in messages (a file), ``total`` is how many there are.
+
+    Raises
+    ------
+    WorkerCrashError
+        Dask gave up on a task after the workers running it died (``KilledWorker``: its
+        ``allowed-failures`` retries spent), naming the last worker and the task.
+    ClusterLostError
+        The connection to the scheduler broke (the futures were cancelled, or a
+        communication error reached the client), or the scheduler has had no worker for
+        ``no_worker_timeout`` seconds (default :func:`connect_timeout`): every worker gone.
+
+    An exception raised by ``fn`` itself is raised here as it was.
     """
+    import time
+
     distributed = _distributed()
+    no_worker_timeout = connect_timeout() if no_worker_timeout is None else no_worker_timeout
     arguments = iter(arguments)
     if in_flight is None:
-        threads = sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values())
+        workers = _lost_as_one_line(client, lambda: client.scheduler_info()["workers"])
+        threads = sum(w.get("nthreads", 1) for w in workers.values())
         in_flight = max(4, 4 * threads)
-    pending = distributed.as_completed()
+    pending: dict[Any, tuple] = {}             # future -> its arguments, for messages
+    done = 0
 
     def submit_next() -> bool:
         for args in arguments:
-            pending.add(client.submit(_on_worker, fn, *args, pure=False))
+            future = _lost_as_one_line(
+                client, lambda: client.submit(_on_worker, fn, *args, pure=False))
+            pending[future] = args
             return True
         return False
 
-    while pending.count() < in_flight and submit_next():
+    def crash(exc: Any) -> WorkerCrashError:
+        args = next((a for f, a in pending.items() if f.key == exc.task), None)
+        what = f" on {label(args)}" if label and args is not None else ""
+        last = getattr(exc.last_worker, "address", exc.last_worker)
+        return WorkerCrashError(
+            f"--scheduler {_address(client)}: worker {last} died{what}, the last of "
+            f"{exc.allowed_failures + 1} workers lost while running it (out of memory, "
+            f"preempted, or a crash in native code); {_kept(done, total)}: run the same "
+            "command again to continue (if a worker dies on the same file again, move that "
+            "file aside)")
+
+    while len(pending) < in_flight and submit_next():
         pass
-    for future in pending:
-        worker, result = future.result()
-        future.release()
-        if per_worker is not None:
-            per_worker[worker] = per_worker.get(worker, 0) + 1
-        submit_next()                   # one more for each that finished
-        yield result
+    idle_since: Optional[float] = None
+    while pending:
+        try:
+            finished = distributed.wait(list(pending), timeout=_LOOK_EVERY,
+                                        return_when="FIRST_COMPLETED").done
+        except TimeoutError:
+            finished = set()
+        except Exception as exc:            # the futures cancelled: the scheduler is gone
+            if isinstance(exc, OSError) or "Cancelled" in type(exc).__name__:
+                raise _lost(client, exc, done, total) from None
+            raise
+        if not finished:       # every worker gone (preempted, no nanny) waits forever: bound it
+            workers = _lost_as_one_line(client, lambda: client.scheduler_info()["workers"])
+            idle_since = None if workers else idle_since or time.monotonic()
+            if idle_since is not None and time.monotonic() - idle_since > no_worker_timeout:
+                raise ClusterLostError(
+                    f"--scheduler {_address(client)}: no worker left for "
+                    f"{no_worker_timeout:g} s mid-run (all stopped or preempted); "
+                    f"{_kept(done, total)}: run the same command again once workers are back "
+                    f"(dask worker {_address(client)}) to continue")
+            continue
+        idle_since = None
+        for future in finished:
+            try:
+                worker, result = future.result()
+            except distributed.KilledWorker as exc:
+                raise crash(exc) from None
+            except Exception as exc:
+                if future.status == "error":
+                    raise                   # fn's own exception, as joblib would raise it
+                if isinstance(exc, (OSError, TimeoutError)) or "Cancelled" in type(exc).__name__:
+                    raise _lost(client, exc, done, total) from None
+                raise
+            del pending[future]
+            future.release()
+            done += 1
+            if per_worker is not None:
+                per_worker[worker] = per_worker.get(worker, 0) + 1
+            submit_next()                   # one more for each that finished
+            yield result

@@ -74,22 +74,73 @@ class OutputError(DeepFusionError):
 
 
 class ClusterError(DeepFusionError):
-    """A compute cluster cannot be used (package missing, scheduler unreachable, no shared
-    folder)."""
+    """A compute cluster cannot be used (package missing, scheduler unreachable or silent, no
+    worker, no shared folder): refused before any work."""
+
+
+#: Exit status of a run stopped partway by a fault outside it (a worker process that died, a
+#: Dask scheduler lost): what finished is cached, so the same command continues. sysexits.h's
+#: EX_TEMPFAIL ("try again later"), beside 70 (EX_SOFTWARE) for an internal error.
+EXIT_RETRY = 75
+
+
+class ClusterLostError(ClusterError):
+    """The connection to the Dask scheduler broke mid-run (the scheduler stopped, the network
+    failed): the run stops; what finished is in the cache, so running the same command again
+    (with the scheduler back) continues."""
+
+    exit_code = EXIT_RETRY
 
 
 class WorkerCrashError(DeepFusionError):
-    """A worker process died (a crash in a decoding library, the out-of-memory killer): the
-    run stops; what finished is in the cache, so running the same command again continues."""
+    """A worker process died (a crash in a decoding library, the out-of-memory killer, a
+    preempted cluster worker): the run stops; what finished is in the cache, so running the
+    same command again continues."""
+
+    exit_code = EXIT_RETRY
+
+
+#: What a worker's fatal signal usually means, for the one line.
+_SIGNALS = {
+    "SIGKILL": "killed with SIGKILL, most often by the out-of-memory killer",
+    "SIGSEGV": "crashed with SIGSEGV, a fault in native code such as an audio decoder",
+    "SIGBUS": "crashed with SIGBUS, a fault in native code or a file truncated while mapped",
+    "SIGILL": "crashed with SIGILL, native code built for another CPU",
+    "SIGFPE": "crashed with SIGFPE, a fault in native code",
+    "SIGABRT": "aborted with SIGABRT, a failed check in native code",
+    "SIGTERM": "stopped with SIGTERM, by another program or a job limit",
+}
+
+
+def death_cause(text: str) -> str:
+    """How a worker process died, in words, from the text joblib (loky) or a process pool
+    gives, e.g. ``"... The exit codes of the workers are {SIGSEGV(-11)}"``; "" if it names no
+    signal or status."""
+    import re
+
+    causes = []
+    for name, code in re.findall(r"\b([A-Z]+)\((-?\d+)\)", text):
+        if name.startswith("SIG"):
+            causes.append(_SIGNALS.get(name, f"killed with {name}"))
+        elif code.lstrip("-").isdigit() and int(code) > 0:
+            causes.append(f"exited with status {code}")
+    if not causes:       # a signal named some other way ("terminated by SIGKILL")
+        causes = [_SIGNALS.get(name, f"killed with {name}")
+                  for name in re.findall(r"\bSIG[A-Z]+\b", text)]
+    return "; ".join(dict.fromkeys(causes))
 
 
 def worker_crash(exc: BaseException, what: str) -> WorkerCrashError:
-    """The one line for joblib's TerminatedWorkerError (or a broken process pool)."""
-    import re
+    """The one line for joblib's TerminatedWorkerError (or a broken process pool).
 
-    codes = re.findall(r"SIG[A-Z]+|exit code[s]? \S+", str(exc))
-    how = f" ({', '.join(dict.fromkeys(codes))})" if codes else ""
+    ``what`` says what the workers were doing ("extracting"). The line gives how the worker
+    died (the signal, in words), that finished files are kept, and what to do.
+    """
+    cause = death_cause(str(exc))
+    advice = ("fewer --jobs leave each worker more memory" if "memory" in cause or not cause
+              else "a damaged file is likely crashing its decoder: it is one of the files the "
+                   "runs never finish")
     return WorkerCrashError(
-        f"a worker process died while {what}{how}; the files finished so far are cached: run "
-        "the same command again to continue (if it recurs, --jobs 1 shows which file it was "
-        "on; too little memory for --jobs workers can do this too)")
+        f"a worker process died while {what}" + (f" ({cause})" if cause else "")
+        + f"; the files finished so far are cached: run the same command again to continue "
+        f"(if it recurs, {advice})")

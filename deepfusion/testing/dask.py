@@ -1,5 +1,6 @@
 """A real Dask cluster on 127.0.0.1 for tests and benchmarks, started by the ``dask scheduler``
-and ``dask worker`` commands (as users start theirs) and stopped with them."""
+and ``dask worker`` commands (as users start theirs) and stopped with them (a worker that dies
+on a chosen file: :func:`deepfusion.testing.faults.crash_on` as ``preload``)."""
 
 from __future__ import annotations
 
@@ -29,16 +30,28 @@ class DaskProcesses:
         with Client(self.address, timeout=20) as client:
             return sorted(client.run(os.getpid).values())
 
+    def wait_idle(self, timeout: float = 120) -> None:
+        """Until the scheduler holds no task: a task a stopped client left running on a
+        worker (which Dask cannot interrupt) has finished and written what it writes."""
+        from distributed import Client
+
+        with Client(self.address, timeout=20) as client:
+            deadline = time.time() + timeout
+            while client.run_on_scheduler(_n_tasks) and time.time() < deadline:
+                time.sleep(0.2)
+
 
 @contextlib.contextmanager
 def dask_cluster(folder: Path, n_workers: int = 2, *, preload: Optional[Path] = None,
-                 timeout: float = 90) -> Iterator[DaskProcesses]:
+                 timeout: float = 90, **env: str) -> Iterator[DaskProcesses]:
     """``dask scheduler`` and ``n_workers`` single-threaded ``dask worker`` processes (with
-    nannies) on 127.0.0.1; every process is stopped on exit."""
+    nannies) on 127.0.0.1, ``env`` added to their environment (Dask's settings, e.g.
+    ``DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES="1"``); every process is stopped on exit.
+    ``n_workers=0``: a scheduler alone."""
     folder.mkdir(parents=True, exist_ok=True)
     info = folder / "scheduler.json"
     info.unlink(missing_ok=True)
-    env = subprocess_env()
+    env = subprocess_env(**env)
     dask = [sys.executable, "-m", "dask"]
     logs = []
 
@@ -65,8 +78,9 @@ def dask_cluster(folder: Path, n_workers: int = 2, *, preload: Optional[Path] = 
                  *(["--preload", str(preload)] if preload else [])], f"worker{i}"))
         from distributed import Client
 
-        with Client(procs.address, timeout=timeout) as client:
-            client.wait_for_workers(n_workers, timeout=timeout)
+        if n_workers:
+            with Client(procs.address, timeout=timeout) as client:
+                client.wait_for_workers(n_workers, timeout=timeout)
         yield procs
     finally:
         for proc in [*procs.workers, scheduler]:
@@ -79,3 +93,8 @@ def dask_cluster(folder: Path, n_workers: int = 2, *, preload: Optional[Path] = 
                 proc.wait()
         for log in logs:
             log.close()
+
+
+def _n_tasks(dask_scheduler) -> int:
+    return len(dask_scheduler.tasks)
+
