@@ -343,3 +343,18 @@ def test_costly_features_pickle_is_one_line_from_every_command(tmp_path, trained
             (command, line)
     assert not (tmp_path / "m" / "last.pth").exists()
     assert not (tmp_path / "report" / "evaluation.json").exists()
+
+
+def test_group_ids_that_collide_in_hash_stay_linear():
+    """ints k * (2**61 - 1) share one hash: as dict keys they would make grouping quadratic."""
+    import time
+
+    from deepfusion.io.featureset import merge_groups
+
+    items = [{"group": k * (2**61 - 1)} for k in range(30_000)]
+    t0 = time.perf_counter()
+    groups = merge_groups(items)
+    assert time.perf_counter() - t0 < 2.0
+    assert len(set(groups.tolist())) == 30_000
+    same = merge_groups([{"group": 5}, {"group": 5.0}, {"group": np.int64(5)}, {"group": "5"}])
+    assert same.tolist() == [0, 0, 0, 1]

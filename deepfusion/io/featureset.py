@@ -140,6 +140,18 @@ def checked_feature_config(config: Any, source: Path) -> Optional[dict[str, Any]
     return config
 
 
+def _group_key(value: Any) -> str:
+    """A group value as a string key: numbers hash predictably (``k * (2**61 - 1)`` all
+    collide), so a file of such ids would make a dict of them quadratic; strings hash with a
+    per-process secret. Equal numbers (``5``, ``5.0``, ``np.int64(5)``) stay one group."""
+    if isinstance(value, str):
+        return "s" + value
+    number = float(value) if not isinstance(value, (int, np.integer)) else int(value)
+    if isinstance(number, float) and number.is_integer():
+        number = int(number)
+    return f"n{number!r}"
+
+
 def merge_groups(items: list[dict]) -> np.ndarray:
     """Group ids such that clips sharing a duplicate group or a track/artist group coincide."""
     parent = list(range(len(items)))
@@ -151,12 +163,12 @@ def merge_groups(items: list[dict]) -> np.ndarray:
         return i
 
     for key in ("duplicate_group", "group"):
-        first: dict[Any, int] = {}
+        first: dict[str, int] = {}
         for i, it in enumerate(items):
             value = it.get(key)
             if value is None:
                 continue
-            j = first.setdefault(value, i)
+            j = first.setdefault(_group_key(value), i)
             parent[find(i)] = find(j)
     roots = [find(i) for i in range(len(items))]
     ids: dict[int, int] = {}
