@@ -36,9 +36,22 @@ class Opt:
     auto: Optional[str] = None    # the field's None default means "auto": this text says what
 
 
+#: The flag of every config field that has an option and a flag of its own (``--sr``).
+_FLAGS: dict[str, str] = {}
+
+
+def flag_of(field: str) -> str:
+    """The command-line flag of a config field: ``"sample_rate"`` -> ``"--sr"``,
+    ``"n_mfcc"`` -> ``"--n-mfcc"`` (from the option definitions below; a field without an
+    option of its own is spelled as :func:`~deepfusion.config.option_name` spells it)."""
+    return _FLAGS.get(field) or option_name(field)
+
+
 def config_options(cls: type, specs: list[Opt]) -> Callable[[Callable], Callable]:
     """A decorator adding one option per spec, with the default of ``cls``'s field."""
     defaults = {f.name: f.default for f in fields(cls)}
+    for spec in specs:
+        _FLAGS[spec.field] = spec.flag or option_name(spec.field)
 
     def decorate(func: Callable) -> Callable:
         for spec in reversed(specs):
