@@ -206,11 +206,46 @@ def build_model(config: ModelConfig, *, pretrained_state: Optional[dict] = None,
         state = load_pretrained_state(config.backbone, weights_path)
     if state is None:
         return MultiModalNet(config)
+    misfit = _misfit(config.backbone, state)
+    if misfit:
+        path = getattr(state, "path", None)
+        where = f"{path}: not" if path is not None else "the pretrained state is not"
+        advice = ("a deepfusion checkpoint goes to --init-from" if "model_state" in state
+                  else f"give the .pth torchvision downloads for {config.backbone}")
+        raise WeightsNotFoundError(f"{where} torchvision's ImageNet weights for "
+                                   f"{config.backbone} ({misfit}); {advice}")
     try:
         return MultiModalNet(config, pretrained_state=state)
     except (RuntimeError, TypeError) as exc:  # load_state_dict of a wrong file
         raise WeightsNotFoundError(f"the pretrained weights do not fit {config.backbone}: "
                                    f"{one_line(exc, 300)}") from None
+
+
+def _misfit(backbone: str, state: dict) -> str:
+    """What keeps ``state`` from being the ImageNet state dict of ``backbone``'s ResNet
+    ("no conv1.weight and 101 more", "fc.weight of shape 10x512, not 1000x512"), or ""."""
+    import torchvision.models as tvm
+
+    with torch.device("meta"):   # the names and shapes only: nothing allocated
+        wanted = getattr(tvm, RESNETS[backbone][0])(weights=None).state_dict()
+    missing = [k for k in wanted if k not in state]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        return f"no {missing[0]}{more}"
+    extra = [k for k in state if k not in wanted]
+    if extra:
+        more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
+        return f"it also holds {extra[0]}{more}"
+    def shape(t: torch.Tensor) -> str:
+        return "x".join(map(str, t.shape)) or "1"
+
+    for key, tensor in wanted.items():
+        value = state[key]
+        if not isinstance(value, torch.Tensor):
+            return f"{key} is not a tensor"
+        if value.shape != tensor.shape:
+            return f"{key} of shape {shape(value)}, not {shape(tensor)}"
+    return ""
 
 
 def count_parameters(model: nn.Module) -> int:

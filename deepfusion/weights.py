@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 import torch
 
 from .errors import ParameterError, WeightsNotFoundError
+from .io.atomic import library_text, os_error_reason
 
 #: backbone -> (torchvision builder, weights enum, width of the pooled output)
 RESNETS = {"resnet18": ("resnet18", "ResNet18_Weights", 512),
@@ -60,17 +61,55 @@ def one_line(text: object, limit: int = 200) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
-def _load_state_file(path: Path) -> dict:
+class WeightsFile(dict):
+    """A state dict loaded from a file, which it names (for the messages of a misfit)."""
+
+    path: Optional[Path] = None
+
+
+def _load_state_file(path: Path, backbone: str) -> WeightsFile:
     """``torch.load`` of a weights file, or a :class:`WeightsNotFoundError` naming it."""
+    import pickle
+    import warnings
+
+    wanted = f"give the .pth torchvision downloads for {backbone}"
     if not path.is_file():
-        raise WeightsNotFoundError(f"{path}: no such weights file")
+        what = "a folder, not a weights file" if path.is_dir() else "weights file not found"
+        raise _unloadable(path, what, wanted)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols: noise, not news
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable weights file is the user's to fix
-        raise WeightsNotFoundError(f"{path}: cannot load weights ({one_line(exc)})") from None
+        # torch's text advises an unsafe load: say what the file is instead
+        refused = isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in str(exc)
+        what = ("not a torchvision weights file (it holds more than tensors)" if refused
+                else "not a torchvision weights file, or a damaged one (cut short?)")
+        raise _unloadable(path, what, wanted) from None
     if not isinstance(state, dict):
-        raise WeightsNotFoundError(f"{path}: not a state dict (a {type(state).__name__})")
-    return state
+        raise _unloadable(path, f"not a torchvision weights file (it holds a {_kind(state)}, "
+                          "not named tensors)", wanted)
+    loaded = WeightsFile(state)
+    loaded.path = path
+    return loaded
+
+
+def _unloadable(path: Path, reason: str, advice: str) -> WeightsNotFoundError:
+    """The error of a weights file that cannot be used; ``reason`` kept apart for other lines."""
+    error = WeightsNotFoundError(f"{path}: {reason}; {advice}")
+    error.reason = reason
+    return error
+
+
+def _kind(value: object) -> str:
+    """What a loaded object is, in words (not a Python type name)."""
+    if isinstance(value, torch.Tensor):
+        return "single tensor"
+    if isinstance(value, (list, tuple)):
+        return "list"
+    if isinstance(value, (int, float, str, bytes)) or value is None:
+        return "single value"
+    return "other object"
 
 
 class _GaveUp(Exception):
@@ -93,15 +132,15 @@ def _failure_reason(exc: BaseException, timeout: float) -> str:
     if isinstance(exc, (TimeoutError, socket.timeout)):
         return f"no answer within {timeout:g} s"
     if isinstance(exc, socket.gaierror):
-        return f"host not found ({one_line(exc.strerror or exc)})"
+        return f"host not found: {library_text(exc.strerror or exc)}"
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused"
     if isinstance(exc, RuntimeError) and "invalid hash value" in str(exc):
-        return "hash mismatch: " + one_line(exc)
+        return "hash mismatch: not the file torchvision publishes"
     if isinstance(exc, OSError) and exc.strerror:
         where = f"{exc.filename}: " if exc.filename else ""
-        return one_line(f"{where}{exc.strerror}")
-    return one_line(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+        return one_line(f"{where}{os_error_reason(exc)}")
+    return library_text(exc) if str(exc) else "failed without a reason"
 
 
 def _remove_stale_downloads(checkpoints: Path) -> None:
@@ -215,40 +254,45 @@ def resolve_pretrained(backbone: str, *, mode: str = "auto", weights_path: Optio
     if not timeout > 0:
         raise ParameterError(f"download timeout must be positive, got {timeout!r}")
     if backbone == "light" or mode == "never":
+        if weights_path is not None:
+            why = "backbone light has no ImageNet weights" if backbone == "light" else "--no-pretrained"
+            echo(f"warning: --weights-path: ignored ({why})")
         return None, "not used"
     if backbone not in RESNETS:
         raise ParameterError(f"no pretrained weights exist for backbone {backbone!r}")
     if weights_path is not None:
         path = Path(weights_path)
-        return _load_state_file(path), f"file {path}"
+        return _load_state_file(path, backbone), f"file {path}"
     cached = pretrained_weights_file(backbone)
     if cached.is_file():
         try:
-            return _load_state_file(cached), f"torch cache {cached}"
+            return _load_state_file(cached, backbone), f"torch cache {cached}"
         except WeightsNotFoundError as exc:
+            what = (f"{cached}: ImageNet weights for {backbone} in the torch cache that cannot "
+                    f"be loaded: {getattr(exc, 'reason', exc)}")
             if mode == "require":
-                raise WeightsNotFoundError(f"{exc}; delete it to download it again, pass "
-                                           "--weights-path FILE, or train with --no-pretrained") from None
-            reason = f"unreadable file in the torch cache: {cached}"
-            echo(f"ImageNet weights for {backbone} in the torch cache cannot be loaded ({exc}); "
-                 "training from scratch (delete the file to download it again, --weights-path "
-                 "FILE to give them, --no-pretrained to skip this)")
-            return None, f"none ({reason})"
+                raise WeightsNotFoundError(f"{what}; delete the file to download it again, or "
+                                           "give --weights-path FILE, or --no-pretrained") from None
+            echo(f"warning: {what}; training from scratch; delete the file to download it "
+                 "again, or give --weights-path FILE, or --no-pretrained")
+            return None, f"none (unreadable file in the torch cache: {cached})"
     url = pretrained_weights_url(backbone)
     try:
         _download(url, cached, timeout=timeout, progress=progress)
-        state = _load_state_file(cached)
+        state = _load_state_file(cached, backbone)
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # noqa: BLE001 - every failure becomes one line
-        reason = str(exc) if isinstance(exc, WeightsNotFoundError) else _failure_reason(exc, timeout)
+        reason = ("the downloaded file cannot be loaded" if isinstance(exc, WeightsNotFoundError)
+                  else _failure_reason(exc, timeout))
         if mode == "require":
             raise WeightsNotFoundError(
-                f"{cached}: ImageNet weights for {backbone} not in the torch cache and could not "
-                f"be downloaded from {url} ({reason}); pass --weights-path FILE or train with "
+                f"--pretrained: no ImageNet weights for {backbone} in the torch cache ({cached}), "
+                f"and the download from {url} failed ({reason}); give --weights-path FILE, or "
                 "--no-pretrained") from None
-        echo(f"ImageNet weights for {backbone} could not be downloaded ({reason}); training from "
-             "scratch (--weights-path FILE to give them, --no-pretrained to skip this)")
+        echo(f"warning: ImageNet weights for {backbone} could not be downloaded ({reason}); "
+             "training from scratch; give --weights-path FILE, or --no-pretrained to skip the "
+             "download")
         return None, f"none ({reason})"
     return state, f"downloaded {url}"
 
@@ -263,10 +307,10 @@ def load_pretrained_state(backbone: str, weights_path: Optional[Path] = None) ->
     if backbone not in RESNETS:
         raise WeightsNotFoundError(f"no pretrained weights exist for backbone {backbone!r}")
     if weights_path is not None:
-        return _load_state_file(Path(weights_path))
+        return _load_state_file(Path(weights_path), backbone)
     path = pretrained_weights_file(backbone)
     if not path.is_file():
         raise WeightsNotFoundError(
-            f"{path}: ImageNet weights for {backbone} not found (offline); put the file there, "
-            "pass --weights-path, or train with --no-pretrained")
-    return _load_state_file(path)
+            f"{path}: ImageNet weights for {backbone} not found; put the file there, or give "
+            "--weights-path FILE, or --no-pretrained")
+    return _load_state_file(path, backbone)

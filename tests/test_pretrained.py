@@ -157,8 +157,9 @@ def _assert_one_failure_line(echo: Echo, backbone: str = "resnet18") -> str:
     assert len(echo) == 1, echo
     line = echo[0]
     assert "\n" not in line and "Traceback" not in line
-    assert line.startswith(f"ImageNet weights for {backbone} could not be downloaded (")
+    assert line.startswith(f"warning: ImageNet weights for {backbone} could not be downloaded (")
     assert "training from scratch" in line and "--weights-path" in line and "--no-pretrained" in line
+    assert line.count("(") == 1, line      # one level of parentheses
     return line
 
 
@@ -332,10 +333,16 @@ def test_never_and_light_are_not_used(fake, monkeypatch, tmp_path):
     given.write_bytes(fake.data)
     for mode in ("auto", "require", "never"):
         assert resolve_pretrained("light", mode=mode, echo=echo) == (None, "not used")
-        assert resolve_pretrained("light", mode=mode, weights_path=given, echo=echo) == (None, "not used")
     for backbone in ("resnet18", "resnet34", "resnet50"):
         assert resolve_pretrained(backbone, mode="never", echo=echo) == (None, "not used")
     assert echo == []
+    # a --weights-path that is not used is said to be ignored, once per call
+    for mode in ("auto", "require", "never"):
+        assert resolve_pretrained("light", mode=mode, weights_path=given, echo=echo) == (None, "not used")
+    assert echo == ["warning: --weights-path: ignored (backbone light has no ImageNet weights)"] * 3
+    echo.clear()
+    assert resolve_pretrained("resnet18", mode="never", weights_path=given, echo=echo) == (None, "not used")
+    assert echo == ["warning: --weights-path: ignored (--no-pretrained)"]
     _cache_is_clean(fake.cached.parent)
 
 
@@ -425,7 +432,8 @@ def test_build_model_takes_a_resolved_state(tmp_path):
 
 
 def test_build_model_refuses_weights_that_do_not_fit():
-    with pytest.raises(WeightsNotFoundError, match="do not fit resnet18") as info:
+    with pytest.raises(WeightsNotFoundError, match="not torchvision's ImageNet weights for "
+                       r"resnet18 \(no conv1.weight and \d+ more\)") as info:
         build_model(_small(), pretrained_state={"w": torch.zeros(2)})
     assert "\n" not in str(info.value)
 
@@ -452,7 +460,7 @@ def test_dns_failure_and_dns_hang(fake, monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", failing)
     echo = Echo()
     state, source = resolve_pretrained("resnet18", progress=False, echo=echo)
-    assert state is None and source == "none (host not found (Name or service not known))"
+    assert state is None and source == "none (host not found: name or service not known)"
     _assert_one_failure_line(echo)
 
     release = threading.Event()

@@ -1,0 +1,52 @@
+"""Issue 21, section 6 (part B): the lines a user meets about weights, checkpoints, features
+files, split files, settings, clusters and exports: one line each, naming the file or the flag,
+the reason and what to do. Through the real commands."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from deepfusion.testing import invoke, one_error_line
+
+TRAIN = ("--epochs", "1", "--batch-size", "8", "--val-size", "0.2", "--test-size", "0.2", "--quiet")
+
+
+# --------------------------------------------------------------------------- A8, A9: weights
+
+def test_weights_path_holding_more_than_tensors_is_one_line(tiny_features, tmp_path):
+    weights = tmp_path / "b.pkl"
+    weights.write_bytes(pickle.dumps({"conv1.weight": Path("x")}, protocol=5))
+    result = invoke("train", "--features", tiny_features, "--model-dir", tmp_path / "m",
+                    "--backbone", "resnet18", "--weights-path", weights, *TRAIN)
+    assert result.exit_code == 1, result.output
+    line = one_error_line(result.stderr)      # torch's pickle warning is not printed
+    assert line == (f"Error: {weights}: not a torchvision weights file (it holds more than "
+                    "tensors); give the .pth torchvision downloads for resnet18")
+    assert "weights_only" not in result.output and "UserWarning" not in result.output
+
+
+def test_weights_path_that_is_a_checkpoint_names_the_file(trained_model_dir, tiny_features, tmp_path):
+    best = trained_model_dir / "best.pth"
+    result = invoke("train", "--features", tiny_features, "--model-dir", tmp_path / "m",
+                    "--backbone", "resnet18", "--weights-path", best, *TRAIN)
+    assert result.exit_code == 1, result.output
+    line = one_error_line(result.stderr)
+    assert line.startswith(f"Error: {best}: not torchvision's ImageNet weights for resnet18 "
+                           "(no conv1.weight and ")
+    assert line.endswith("more); a deepfusion checkpoint goes to --init-from")
+
+
+@pytest.mark.parametrize("flags, why", [
+    (("--backbone", "light"), "backbone light has no ImageNet weights"),
+])
+def test_ignored_weights_path_is_said(tiny_features, tmp_path, flags, why):
+    weights = tmp_path / "w.pth"
+    torch.save({"w": torch.zeros(1)}, weights)
+    result = invoke("train", "--features", tiny_features, "--model-dir", tmp_path / "m",
+                    "--weights-path", weights, *flags, *TRAIN)
+    assert result.exit_code == 0, result.output
+    assert f"warning: --weights-path: ignored ({why})" in result.output
