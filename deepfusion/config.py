@@ -48,6 +48,19 @@ def view_keys(pretrained: bool) -> tuple[str, ...]:
     return ALL_KEYS if pretrained else FEATURE_KEYS
 
 
+def _flag(field: str) -> str:
+    """The command-line flag of a config field (:func:`deepfusion.options.flag_of`)."""
+    from .options import flag_of   # options is generated from this module: imported on use
+
+    return flag_of(field)
+
+
+def _bad(field: str, value: Any, rule: str) -> ParameterError:
+    """``--flag VALUE: rule``, for Python and CLI users alike; the field kept on the error."""
+    shown = format(value, "g") if isinstance(value, float) else str(value)
+    return ParameterError(f"{_flag(field)} {shown}: {rule}", field=field)
+
+
 def _from_dict(cls, data: dict[str, Any]):
     """Rebuild a config dataclass from a dict, refusing unknown keys with a clear message."""
     names = {f.name for f in fields(cls)}
@@ -92,8 +105,8 @@ class FeatureConfig:
 
     def __post_init__(self) -> None:
         if self.pretrained_view is not None and self.pretrained_view not in PRETRAINED_VIEWS:
-            raise ParameterError(f"pretrained_view must be one of {', '.join(PRETRAINED_VIEWS)} "
-                                 f"or None, got {self.pretrained_view!r}")
+            raise _bad("pretrained_view", self.pretrained_view,
+                       f"not a pretrained view; give {', '.join(PRETRAINED_VIEWS)} or none")
         if self.pretrained_view is None:
             # no view, no stride: settings that differ only there are the same settings
             object.__setattr__(self, "pretrained_stride",
@@ -103,34 +116,38 @@ class FeatureConfig:
         for name in positive_ints:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ParameterError(f"{name} must be a positive integer, got {value!r}")
+                raise _bad(name, value, "must be a whole number above 0")
         if self.hpss_kernel % 2 == 0:
             # an even window has no centre sample: its median is not one of the inputs
-            raise ParameterError(f"hpss_kernel must be odd, got {self.hpss_kernel!r}")
+            raise _bad("hpss_kernel", self.hpss_kernel, "must be odd (e.g. 31)")
         if not self.duration > 0:
-            raise ParameterError(f"duration must be > 0 seconds, got {self.duration!r}")
-        if not 0 <= self.min_duration <= self.duration:
-            raise ParameterError(
-                f"min_duration must be between 0 and duration ({self.duration}), "
-                f"got {self.min_duration!r}")
+            raise _bad("duration", self.duration, "must be above 0 seconds")
+        if not 0 <= self.min_duration:
+            raise _bad("min_duration", self.min_duration, "must be 0 seconds or more")
+        if not self.min_duration <= self.duration:
+            raise _bad("min_duration", self.min_duration,
+                       f"at most {_flag('duration')} ({self.duration:g})")
         if self.hop_length > self.n_fft:
-            raise ParameterError(
-                f"hop_length ({self.hop_length}) must not exceed n_fft ({self.n_fft})")
+            raise _bad("hop_length", self.hop_length, f"at most {_flag('n_fft')} ({self.n_fft})")
         nyquist = self.sample_rate / 2
-        fmax = nyquist if self.fmax is None else self.fmax
-        if not 0 <= self.fmin < fmax <= nyquist:
-            raise ParameterError(
-                f"need 0 <= fmin < fmax <= sample_rate/2 ({nyquist:g}), "
-                f"got fmin={self.fmin!r}, fmax={self.fmax!r}")
+        half = f"half of {_flag('sample_rate')}, {nyquist:g} Hz"
+        if self.fmax is not None and not 0 < self.fmax <= nyquist:
+            raise _bad("fmax", self.fmax,
+                       f"must be above 0 and at most half of {_flag('sample_rate')} ({nyquist:g} Hz)")
+        if not 0 <= self.fmin:
+            raise _bad("fmin", self.fmin, "must be 0 Hz or more")
+        if self.fmax is None and not self.fmin < nyquist:
+            raise _bad("fmin", self.fmin, f"must be below {_flag('fmax')} (default: {half})")
+        if self.fmax is not None and not self.fmin < self.fmax:
+            raise _bad("fmin", self.fmin, f"must be below {_flag('fmax')} ({self.fmax:g})")
         if self.hpss_margin < 1:
-            raise ParameterError(f"hpss_margin must be >= 1, got {self.hpss_margin!r}")
+            raise _bad("hpss_margin", self.hpss_margin, "must be 1 or more")
         if self.hpss_power <= 0:
-            raise ParameterError(f"hpss_power must be > 0, got {self.hpss_power!r}")
+            raise _bad("hpss_power", self.hpss_power, "must be above 0")
         if self.top_db <= 0:
-            raise ParameterError(f"top_db must be > 0, got {self.top_db!r}")
+            raise _bad("top_db", self.top_db, "must be above 0")
         if self.n_mfcc > self.n_mels:
-            raise ParameterError(
-                f"n_mfcc ({self.n_mfcc}) must not exceed n_mels ({self.n_mels})")
+            raise _bad("n_mfcc", self.n_mfcc, f"at most {_flag('n_mels')} ({self.n_mels})")
 
     @property
     def n_samples(self) -> int:
@@ -305,42 +322,38 @@ class TrainConfig:
     freeze_branches: bool = False
 
     def __post_init__(self) -> None:
-        if (self.epochs is not None and self.epochs < 1) or \
-                (self.batch_size is not None and self.batch_size < 1):
-            raise ParameterError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
+        for name in ("epochs", "batch_size", "patience"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise _bad(name, value, "must be 1 or more")
         if self.lr is not None and not self.lr > 0:
-            raise ParameterError(f"lr must be > 0, got {self.lr!r}")
-        if not (0 <= self.val_size < 1 and 0 <= self.test_size < 1
-                and self.val_size + self.test_size < 1):
+            raise _bad("lr", self.lr, "must be above 0")
+        for name in ("val_size", "test_size", "label_smoothing", "ema", "freq_mask", "time_mask"):
+            if not 0 <= getattr(self, name) < 1:
+                raise _bad(name, getattr(self, name), "must be 0 or more and below 1")
+        if not self.val_size + self.test_size < 1:
             raise ParameterError(
-                f"val_size and test_size must be in [0, 1) with a sum below 1, "
-                f"got {self.val_size!r} and {self.test_size!r}")
+                f"{_flag('val_size')} {self.val_size:g} and {_flag('test_size')} "
+                f"{self.test_size:g} leave no training clips; their sum must be below 1",
+                field="val_size")
         if self.segment_seconds is not None and not self.segment_seconds > 0:
-            raise ParameterError(f"segment_seconds must be > 0, got {self.segment_seconds!r}")
-        if not 0 <= self.label_smoothing < 1:
-            raise ParameterError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
-        if self.patience is not None and self.patience < 1:
-            raise ParameterError(f"patience must be >= 1, got {self.patience!r}")
+            raise _bad("segment_seconds", self.segment_seconds, "must be above 0 seconds, or full")
         if self.model not in MODEL_KINDS:
-            raise ParameterError(f"model must be one of {', '.join(MODEL_KINDS)}, got {self.model!r}")
+            raise _bad("model", self.model, f"give {' or '.join(MODEL_KINDS)}")
         if self.select not in SELECTIONS:
-            raise ParameterError(f"select must be one of {', '.join(SELECTIONS)}, got {self.select!r}")
-        if not 0 <= self.ema < 1:
-            raise ParameterError(f"ema must be in [0, 1), got {self.ema!r}")
+            raise _bad("select", self.select, f"give {', '.join(SELECTIONS)}")
         for name in ("mixup", "tilt_db"):
             if not getattr(self, name) >= 0:
-                raise ParameterError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        for name in ("freq_mask", "time_mask"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ParameterError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+                raise _bad(name, getattr(self, name), "must be 0 or more")
         if not self.probe_c > 0:
-            raise ParameterError(f"probe_c must be > 0, got {self.probe_c!r}")
+            raise _bad("probe_c", self.probe_c, "must be above 0")
         if self.freeze_branches and not self.init_from:
-            raise ParameterError("freeze_branches needs init_from (frozen untrained branches "
-                                 "would learn nothing)")
+            raise ParameterError(f"{_flag('freeze_branches')} needs {_flag('init_from')} "
+                                 "CHECKPOINT (frozen untrained branches would learn nothing)",
+                                 field="freeze_branches")
         if self.init_from and self.model == "probe":
-            raise ParameterError("init_from starts a network from another; the linear probe "
-                                 "has nothing to start from")
+            raise ParameterError(f"{_flag('init_from')}: {_flag('model')} probe has nothing to "
+                                 "start from; drop one of them", field="init_from")
 
     @property
     def resolved(self) -> bool:
@@ -393,14 +406,13 @@ class RuntimeConfig:
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
-            raise ParameterError(f"device must be auto, cpu, cuda[:N] or mps, got {self.device!r}")
+            raise _bad("device", self.device, "not a device; give auto, cpu, cuda, cuda:N or mps")
         if self.num_workers is not None and (not isinstance(self.num_workers, int)
                                              or isinstance(self.num_workers, bool)
                                              or self.num_workers < 0):
-            raise ParameterError(f"num_workers must be >= 0, got {self.num_workers!r}")
+            raise _bad("num_workers", self.num_workers, "must be a whole number, 0 or more")
         if self.amp_dtype not in AMP_DTYPES:
-            raise ParameterError(f"amp_dtype must be one of {', '.join(AMP_DTYPES)}, got "
-                                 f"{self.amp_dtype!r}")
+            raise _bad("amp_dtype", self.amp_dtype, f"give {', '.join(AMP_DTYPES)}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -483,7 +495,8 @@ def resume_recipe(stored: dict[str, Any], given: TrainConfig, *, epochs_done: in
     if given.epochs is not None and given.epochs != old.epochs:
         if given.epochs < epochs_done:
             raise ParameterError(f"--epochs {given.epochs} with --resume: the run has already "
-                                 f"trained {epochs_done} epochs")
+                                 f"trained {epochs_done} epochs; give --epochs "
+                                 f"{epochs_done + 1} or more to extend it", field="epochs")
         changes["epochs"] = given.epochs
         notes.append(f"epochs: {old.epochs} -> {given.epochs}; the cosine learning-rate schedule "
                      f"is that of a {given.epochs}-epoch run from epoch {epochs_done + 1} on")

@@ -15,9 +15,17 @@ class DeepFusionError(Exception):
 
 
 class ParameterError(DeepFusionError, ValueError):
-    """A configuration value or argument is out of its valid range."""
+    """A configuration value or argument is out of its valid range.
+
+    ``field`` names the config field at fault where there is one (``"n_mfcc"``), for callers
+    that map it to their own names; the message speaks of it by its command-line flag.
+    """
 
     exit_code = 2
+
+    def __init__(self, *args: object, field: str | None = None):
+        super().__init__(*args)
+        self.field = field
 
 
 class DeviceError(ParameterError):

@@ -57,22 +57,22 @@ def device_choice(name: str, *, cuda_count: int, mps: bool) -> str:
     if name == "mps":
         if not mps:
             raise DeviceError("--device mps: MPS is not available here (Apple-silicon Macs "
-                              "only); use --device cpu")
+                              "only); give --device cpu")
         return "mps"
     if name == "cuda" or name.startswith("cuda:"):
         index_text = name.partition(":")[2] or "0"
         if not index_text.isdigit():
-            raise DeviceError(f"--device {name}: not a device; use cuda or cuda:N (N = 0, 1, ...)")
+            raise DeviceError(f"--device {name}: not a device; give cuda or cuda:N (N = 0, 1, ...)")
         index = int(index_text)
         if cuda_count == 0:
             raise DeviceError(f"--device {name}: CUDA is not available here (no CUDA device is "
-                              "visible, or this torch is built without CUDA); use --device cpu")
+                              "visible, or this torch is built without CUDA); give --device cpu")
         if index >= cuda_count:
             have = "cuda:0" if cuda_count == 1 else f"cuda:0 to cuda:{cuda_count - 1}"
             raise DeviceError(f"--device {name}: this machine has {cuda_count} CUDA device"
                               f"{'s' if cuda_count != 1 else ''} ({have})")
         return f"cuda:{index}"
-    raise DeviceError(f"--device {name}: not a device; use auto, cpu, cuda, cuda:N or mps")
+    raise DeviceError(f"--device {name}: not a device; give auto, cpu, cuda, cuda:N or mps")
 
 
 def _mps_available() -> bool:
@@ -160,19 +160,19 @@ def choose_precision(device_type: str, *, capability: Optional[tuple[int, int]] 
             return "bf16" if native_bf16 else "fp16"
         if requested == "bf16" and not native_bf16:
             shown = "unknown" if capability is None else "%d.%d" % tuple(capability)
-            raise DeviceError(f"bf16 needs a GPU of compute capability 8.0 or later (Ampere); "
-                              f"this one has {shown}: use --amp-dtype fp16 (or auto)")
+            raise DeviceError(f"--amp-dtype bf16: needs a GPU of compute capability 8.0 or later "
+                              f"(Ampere), this one has {shown}; give --amp-dtype fp16 or auto")
         return requested
     if device_type == "cpu":
         if requested == "amp":
             return "bf16" if cpu_bf16 else "fp32"
         if requested == "fp16":
-            raise DeviceError("fp16 autocast is not used on the CPU: use --amp-dtype bf16, "
-                              "auto, or --no-amp")
+            raise DeviceError("--amp-dtype fp16: the CPU has no fast fp16; give --amp-dtype bf16 "
+                              "or auto, or --no-amp")
         return "bf16"
     if requested == "amp":
         return "fp32"
-    raise DeviceError(f"{requested} autocast is not used on {device_type}: use --amp-dtype auto "
+    raise DeviceError(f"--amp-dtype {requested}: not used on {device_type}; give --amp-dtype auto, "
                       "or --no-amp")
 
 

@@ -127,10 +127,10 @@ def test_choose_precision_follows_the_chosen_devices_capability(device, capabili
 
 
 @pytest.mark.parametrize("device, capability, requested, words", [
-    ("cuda", (7, 5), "bf16", "compute capability 8.0"),
-    ("cuda", None, "bf16", "compute capability 8.0"),
-    ("cpu", None, "fp16", "not used on the CPU"),
-    ("mps", None, "bf16", "not used on mps"),
+    ("cuda", (7, 5), "bf16", "^--amp-dtype bf16: needs a GPU of compute capability 8.0"),
+    ("cuda", None, "bf16", "^--amp-dtype bf16: needs a GPU of compute capability 8.0"),
+    ("cpu", None, "fp16", "^--amp-dtype fp16: the CPU has no fast fp16; give --amp-dtype bf16"),
+    ("mps", None, "bf16", "^--amp-dtype bf16: not used on mps"),
 ])
 def test_a_precision_the_device_lacks_is_one_clear_error(device, capability, requested, words):
     with pytest.raises(DeviceError, match=words):

@@ -50,3 +50,42 @@ def test_ignored_weights_path_is_said(tiny_features, tmp_path, flags, why):
                     "--weights-path", weights, *flags, *TRAIN)
     assert result.exit_code == 0, result.output
     assert f"warning: --weights-path: ignored ({why})" in result.output
+
+
+# ------------------------------------------------------------------ D: settings by their flags
+
+@pytest.mark.parametrize("flags, line", [
+    (("--n-mfcc", "200"), "--n-mfcc 200: at most --n-mels (128)"),
+    (("--fmin", "20000"), "--fmin 20000: must be below --fmax (default: half of --sr, 11025 Hz)"),
+    (("--hpss-kernel", "4"), "--hpss-kernel 4: must be odd (e.g. 31)"),
+    (("--min-duration", "50"), "--min-duration 50: at most --duration (30)"),
+    (("--sr", "0"), "--sr 0: must be a whole number above 0"),
+])
+def test_feature_settings_are_named_by_their_flags(tiny_audio, tmp_path, flags, line):
+    result = invoke("extract", "--audio-dir", tiny_audio, "--out", tmp_path / "f.pkl",
+                    "--cache-dir", tmp_path / "c", "--quiet", *flags)
+    assert result.exit_code == 2, result.output
+    assert one_error_line(result.stderr) == f"Error: {line}"
+
+
+@pytest.mark.parametrize("flags, line", [
+    (("--val-size", "0.5", "--test-size", "0.6"),
+     "--val-size 0.5 and --test-size 0.6 leave no training clips; their sum must be below 1"),
+    (("--freeze-branches",), "--freeze-branches needs --init-from CHECKPOINT (frozen untrained "
+     "branches would learn nothing)"),
+    (("--device", "foo"), "--device foo: not a device; give auto, cpu, cuda, cuda:N or mps"),
+])
+def test_recipe_settings_are_named_by_their_flags(tiny_features, tmp_path, flags, line):
+    result = invoke("train", "--features", tiny_features, "--model-dir", tmp_path / "m",
+                    "--backbone", "light", "--quiet", *flags)
+    assert result.exit_code == 2, result.output
+    assert one_error_line(result.stderr) == f"Error: {line}"
+
+
+def test_python_callers_get_the_field_too():
+    from deepfusion.config import FeatureConfig
+    from deepfusion.errors import ParameterError
+
+    with pytest.raises(ParameterError, match=r"^--n-mfcc 200: at most --n-mels \(128\)$") as info:
+        FeatureConfig(n_mfcc=200)
+    assert info.value.field == "n_mfcc"

@@ -345,7 +345,7 @@ def test_damaged_stores_get_one_line(tiny_features, trained_model_dir, tmp_path)
                            "invalid feature_config (FeatureConfig: unknown field(s) bogus)"),
         "config-list": (lambda f, m: m.update(feature_config=[1]), "'feature_config' must be an object"),
         "config-value": (lambda f, m: m["feature_config"].update(n_mels="many"),
-                         "invalid feature_config (n_mels must be a positive integer, got 'many')"),
+                         "invalid feature_config (--n-mels many: must be a whole number above 0)"),
         "data-newline": (lambda f, m: m.update(data=m["data"] + "\n"), "must name a version folder"),
         "rows-bool": (lambda f, m: m["rows"].update(mfcc=True), "'rows' must give a positive row count"),
         "nan": (lambda f, m: np.save(version(f) / "chroma.npy", np.where(
