@@ -23,7 +23,7 @@ import torch
 
 from .config import RUNTIME_FIELDS, FeatureConfig, ModelConfig, RuntimeConfig
 from .errors import CheckpointError
-from .io.atomic import atomic_write
+from .io.atomic import atomic_write, library_text
 from .weights import one_line
 
 FORMAT_VERSION = 1
@@ -108,8 +108,11 @@ def load_checkpoint(path: Path, *, resume: bool = False) -> dict[str, Any]:
         format version, or with parts that disagree or lie outside sane ranges.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: a folder, not a checkpoint; give its best.pth or last.pth")
     if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
+        raise CheckpointError(f"{path}: checkpoint not found; run deepfusion train, or give "
+                              "--checkpoint")
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols: noise, not news
             warnings.simplefilter("ignore")
@@ -120,13 +123,20 @@ def load_checkpoint(path: Path, *, resume: bool = False) -> dict[str, Any]:
             raise CheckpointError(
                 f"{path}: refused, the file holds objects other than tensors and plain data "
                 f"({refused[:120]})") from None
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint file, or a damaged one "
-                              f"({type(exc).__name__})") from None
+        if is_onnx_file(path):
+            raise CheckpointError(f"{path}: an ONNX model, not a checkpoint; give --engine onnx "
+                                  "to predict or embed, or the .pth it was exported from")
+        raise CheckpointError(f"{path}: not a checkpoint written by deepfusion train, or a "
+                              "damaged one (cut short?); give a best.pth or last.pth") from None
     if not isinstance(ckpt, dict) or "model_state" not in ckpt or "model_config" not in ckpt:
-        raise CheckpointError(f"{path}: not a deepfusion checkpoint (no model_state/model_config)")
+        raise CheckpointError(f"{path}: not a deepfusion checkpoint (it holds no model weights "
+                              "and settings); give a best.pth or last.pth")
     if ckpt.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format {ckpt.get('format_version')!r}, "
-                              f"this deepfusion reads format {FORMAT_VERSION}")
+        version = ckpt.get("format_version")
+        written = f"format {version}" if isinstance(version, int) else "no format number"
+        raise CheckpointError(f"{path}: written by another deepfusion version ({written}; this "
+                              f"one reads {FORMAT_VERSION}); train it again, or use the version "
+                              "that wrote it")
     check_contents(ckpt, path, resume=resume)
     return ckpt
 
@@ -246,14 +256,30 @@ def _untrained_model(config: ModelConfig):
     return MultiModalNet(replace(config, pretrained=False))
 
 
-def model_from_checkpoint(ckpt: dict[str, Any]):
-    """Rebuild the model of a loaded checkpoint, weights loaded, in eval mode."""
+def is_onnx_file(path: Path) -> bool:
+    """Whether ``path`` is named or looks like an ONNX model (a protobuf whose first field is
+    the IR version and which names its producer early)."""
+    if Path(path).suffix.lower() == ".onnx":
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(256)
+    except OSError:
+        return False
+    return head[:1] == b"\x08" and any(w in head for w in (b"pytorch", b"onnx", b"ONNX"))
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], path: Any = None):
+    """Rebuild the model of a loaded checkpoint, weights loaded, in eval mode (``path``: the
+    file it came from, for the message of a state that does not fit)."""
     # checkpoints written before a field existed were made without it
     model = _untrained_model(ModelConfig.from_dict({"band_stats": False, **ckpt["model_config"]}))
     try:
         model.load_state_dict(ckpt["model_state"])
     except RuntimeError as exc:
-        raise CheckpointError(f"model state does not fit its config ({str(exc)[:200]})") from None
+        where = path if path is not None else "checkpoint"
+        raise CheckpointError(f"{where}: damaged or inconsistent checkpoint: its model state "
+                              f"does not fit its settings ({library_text(exc, 160)})") from None
     return model.eval()
 
 

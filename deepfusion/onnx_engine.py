@@ -22,6 +22,7 @@ import numpy as np
 from .config import ALL_KEYS, FEATURE_KEYS, PRETRAINED_KEY, FeatureConfig
 from .data import crop_views, segments_per_clip
 from .errors import OnnxModelError, ParameterError
+from .io.atomic import library_text
 
 #: The key of deepfusion's JSON entry in the ONNX model's ``metadata_props``.
 METADATA_KEY = "deepfusion"
@@ -42,9 +43,26 @@ def import_onnxruntime():
     """onnxruntime, or :class:`OnnxModelError` saying how to install it."""
     try:
         import onnxruntime
-    except ImportError as exc:
-        raise OnnxModelError(f"onnxruntime is not installed ({exc}); {INSTALL_HINT}") from None
+    except ImportError:
+        raise OnnxModelError(f"onnxruntime is not installed; {INSTALL_HINT}") from None
     return onnxruntime
+
+
+def _not_onnx(model, exc: Exception) -> str:
+    """Why onnxruntime refused ``model`` (a path or the bytes of one), in words."""
+    import zipfile
+
+    if isinstance(model, bytes):
+        pytorch = model[:4] == b"PK\x03\x04"
+    else:
+        pytorch = Path(model).suffix.lower() in (".pth", ".pt") or zipfile.is_zipfile(model)
+    if pytorch:   # torch.save writes a zip archive
+        return ("a PyTorch checkpoint, not an ONNX model; drop --engine onnx, or export it "
+                "with deepfusion export")
+    text = str(exc)
+    reason = "protobuf parsing failed" if "Protobuf parsing failed" in text else library_text(
+        text.rsplit(" : ", 1)[-1], 120)
+    return f"not an ONNX model, or a damaged one ({reason})"
 
 
 class OnnxEngine:
@@ -115,8 +133,7 @@ class OnnxEngine:
         try:
             self.session = ort.InferenceSession(model, sess_options=options, providers=list(providers))
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for bad files
-            reason = " ".join(str(exc).split())[:160]
-            raise OnnxModelError(f"{name}: not an ONNX model, or a damaged one ({reason})") from None
+            raise OnnxModelError(f"{name}: {_not_onnx(model, exc)}") from None
         #: also sets described (the checked common fields), rows and segment_frames
         self.metadata = self._read_metadata()
         self.class_names: list[str] = list(self.described.class_names)
@@ -147,7 +164,7 @@ class OnnxEngine:
         raw = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
         if raw is None:
             raise OnnxModelError(f"{name}: not a deepfusion ONNX model (no '{METADATA_KEY}' "
-                                 "metadata; export one with deepfusion.export.export_onnx)")
+                                 "metadata); export one with deepfusion export")
         if len(raw) > MAX_METADATA_CHARS:
             raise bad(f"its '{METADATA_KEY}' metadata holds {len(raw):,} characters, over "
                       f"{MAX_METADATA_CHARS:,}")
@@ -156,13 +173,15 @@ class OnnxEngine:
         except (ValueError, RecursionError):
             raise bad(f"its '{METADATA_KEY}' metadata is not JSON") from None
         if not isinstance(meta, dict):
-            raise bad(f"its '{METADATA_KEY}' metadata is a JSON {type(meta).__name__}, "
-                      "not an object")
+            kind = {list: "array", str: "string", bool: "boolean", int: "number",
+                    float: "number", type(None): "null"}.get(type(meta), "value")
+            raise bad(f"its '{METADATA_KEY}' metadata is a JSON {kind}, not an object")
         found = meta.get("format")
         if not isinstance(found, int) or isinstance(found, bool) or found != METADATA_FORMAT:
-            raise OnnxModelError(f"{name}: deepfusion ONNX metadata format "
-                                 f"{show(found)}, this deepfusion reads format "
-                                 f"{METADATA_FORMAT} (export the model again)")
+            written = "no metadata format" if found is None else f"metadata format {show(found)}"
+            raise OnnxModelError(f"{name}: exported by another deepfusion version ({written}; "
+                                 f"this one reads {METADATA_FORMAT}); export it again with "
+                                 "deepfusion export")
         missing = [k for k in METADATA_KEYS if k not in meta]
         if missing:
             raise bad(f"no {', '.join(missing)}")
@@ -170,12 +189,12 @@ class OnnxEngine:
         outputs = self.session.get_outputs()
         names = [i.name for i in inputs], [o.name for o in outputs]
         if names[0] not in (list(FEATURE_KEYS), list(ALL_KEYS)) or names[1] != list(OUTPUT_NAMES):
-            raise OnnxModelError(f"{name}: not a deepfusion ONNX model (inputs {names[0]}, "
-                                 f"outputs {names[1]})")
+            raise OnnxModelError(f"{name}: not a deepfusion ONNX model (inputs "
+                                 f"{', '.join(names[0])}; outputs {', '.join(names[1])})")
         described = check_description(meta, bad)
         if list(described.keys) != names[0]:
-            raise bad(f"feature_config: its views {list(described.keys)} are not the graph's "
-                      f"inputs {names[0]}")
+            raise bad(f"feature_config: its views {', '.join(described.keys)} are not the "
+                      f"graph's inputs {', '.join(names[0])}")
         rows = check_rows(meta["rows"], described, bad)
         seg = check_segment_frames(meta["segment_frames"], described, bad)
         fc = described.feature_config

@@ -15,6 +15,12 @@ from deepfusion.testing import invoke, one_error_line
 TRAIN = ("--epochs", "1", "--batch-size", "8", "--val-size", "0.2", "--test-size", "0.2", "--quiet")
 
 
+def train_error_line(stderr: str) -> str:
+    """The one ``Error:`` line of a refused train, beside the warnings train may say first
+    (clips without groups)."""
+    return one_error_line("\n".join(ln for ln in stderr.splitlines() if not ln.startswith("warning: ")))
+
+
 # --------------------------------------------------------------------------- A8, A9: weights
 
 def test_weights_path_holding_more_than_tensors_is_one_line(tiny_features, tmp_path):
@@ -23,7 +29,7 @@ def test_weights_path_holding_more_than_tensors_is_one_line(tiny_features, tmp_p
     result = invoke("train", "--features", tiny_features, "--model-dir", tmp_path / "m",
                     "--backbone", "resnet18", "--weights-path", weights, *TRAIN)
     assert result.exit_code == 1, result.output
-    line = one_error_line(result.stderr)      # torch's pickle warning is not printed
+    line = train_error_line(result.stderr)      # torch's pickle warning is not printed
     assert line == (f"Error: {weights}: not a torchvision weights file (it holds more than "
                     "tensors); give the .pth torchvision downloads for resnet18")
     assert "weights_only" not in result.output and "UserWarning" not in result.output
@@ -34,7 +40,7 @@ def test_weights_path_that_is_a_checkpoint_names_the_file(trained_model_dir, tin
     result = invoke("train", "--features", tiny_features, "--model-dir", tmp_path / "m",
                     "--backbone", "resnet18", "--weights-path", best, *TRAIN)
     assert result.exit_code == 1, result.output
-    line = one_error_line(result.stderr)
+    line = train_error_line(result.stderr)
     assert line.startswith(f"Error: {best}: not torchvision's ImageNet weights for resnet18 "
                            "(no conv1.weight and ")
     assert line.endswith("more); a deepfusion checkpoint goes to --init-from")
@@ -89,3 +95,68 @@ def test_python_callers_get_the_field_too():
     with pytest.raises(ParameterError, match=r"^--n-mfcc 200: at most --n-mels \(128\)$") as info:
         FeatureConfig(n_mfcc=200)
     assert info.value.field == "n_mfcc"
+
+
+# ------------------------------------------------------------- C: checkpoints and ONNX models
+
+def test_checkpoint_lines_say_what_to_do(tiny_audio, tmp_path):
+    clip = next(tiny_audio.rglob("*.wav"))
+    missing = tmp_path / "models" / "best.pth"
+    onnx = tmp_path / "q.onnx"
+    onnx.write_bytes(b"\x08\x07\x12\x07pytorch" + bytes(100))
+    cut = tmp_path / "cut.pth"
+    torch.save({"model_state": {"w": torch.zeros(1000)}}, cut)
+    cut.write_bytes(cut.read_bytes()[:300])
+    other = tmp_path / "other.pth"
+    torch.save({"weights": torch.zeros(3)}, other)
+    cases = {
+        missing: "checkpoint not found; run deepfusion train, or give --checkpoint",
+        onnx: "an ONNX model, not a checkpoint; give --engine onnx to predict or embed, or the "
+              ".pth it was exported from",
+        cut: "not a checkpoint written by deepfusion train, or a damaged one (cut short?); give "
+             "a best.pth or last.pth",
+        other: "not a deepfusion checkpoint (it holds no model weights and settings); give a "
+               "best.pth or last.pth",
+    }
+    for path, words in cases.items():
+        result = invoke("predict", clip, "--checkpoint", path, "--cache-dir", tmp_path / "c",
+                        "--quiet")
+        assert result.exit_code == 1, result.output
+        assert one_error_line(result.stderr) == f"Error: {path}: {words}"
+
+
+def test_another_format_version_is_named_without_python_words(trained_model_dir, tmp_path):
+    ckpt = torch.load(trained_model_dir / "best.pth", weights_only=True)
+    del ckpt["format_version"]
+    old = tmp_path / "old.pth"
+    torch.save(ckpt, old)
+    result = invoke("evaluate", "--checkpoint", old, "--out-dir", tmp_path / "out")
+    assert result.exit_code == 1, result.output
+    assert one_error_line(result.stderr) == (
+        f"Error: {old}: written by another deepfusion version (no format number; this one "
+        "reads 1); train it again, or use the version that wrote it")
+
+
+def test_onnx_engine_given_a_checkpoint_or_a_precision(trained_model_dir, tiny_audio, tmp_path):
+    pytest.importorskip("onnxruntime")
+    clip = next(tiny_audio.rglob("*.wav"))
+    best = trained_model_dir / "best.pth"
+    result = invoke("predict", clip, "--engine", "onnx", "--checkpoint", best,
+                    "--cache-dir", tmp_path / "c", "--quiet")
+    assert result.exit_code == 1, result.output
+    assert one_error_line(result.stderr) == (
+        f"Error: {best}: a PyTorch checkpoint, not an ONNX model; drop --engine onnx, or export "
+        "it with deepfusion export")
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\xff" * 64)
+    result = invoke("predict", clip, "--engine", "onnx", "--checkpoint", junk,
+                    "--cache-dir", tmp_path / "c", "--quiet")
+    assert result.exit_code == 1, result.output
+    assert one_error_line(result.stderr) == (
+        f"Error: {junk}: not an ONNX model, or a damaged one (protobuf parsing failed)")
+    result = invoke("predict", clip, "--engine", "onnx", "--precision", "amp", "--checkpoint",
+                    junk, "--quiet")
+    assert result.exit_code == 2, result.output
+    assert one_error_line(result.stderr) == (
+        "Error: --precision amp: the onnx engine computes in float32 only; leave --precision "
+        "out, or use --engine torch")

@@ -154,13 +154,13 @@ ONNX_ONLY = {
     "no rows": (_drop("rows"), ONNX_BAD + "no rows"),
     "no segment frames, no model config": (_changes(_drop("segment_frames"), _drop("model_config")),
                                            ONNX_BAD + "no model_config, segment_frames"),
-    "another format": (_set("format", value=2), "deepfusion ONNX metadata format 2, this "
-                       "deepfusion reads format 1"),
+    "another format": (_set("format", value=2), "exported by another deepfusion version "
+                       "(metadata format 2; this one reads 1); export it again with deepfusion export"),
     "a format that is a string": (_set("format", value="1"), "metadata format '1'"),
-    "no format": (_drop("format"), "metadata format None"),
+    "no format": (_drop("format"), "(no metadata format; this one reads 1)"),
     "metadata a list": (lambda meta: json.dumps([meta]),
-                        ONNX_BAD + "its 'deepfusion' metadata is a JSON list, not an object"),
-    "metadata a string": (lambda meta: json.dumps("model"), "metadata is a JSON str, not an object"),
+                        ONNX_BAD + "its 'deepfusion' metadata is a JSON array, not an object"),
+    "metadata a string": (lambda meta: json.dumps("model"), "metadata is a JSON string, not an object"),
     "metadata not JSON": (lambda meta: "{class_names: rock",
                           ONNX_BAD + "its 'deepfusion' metadata is not JSON"),
     "metadata nested too deep": (lambda meta: "[" * 100_000,
