@@ -40,11 +40,10 @@ from .config import FEATURE_KEYS, PRETRAINED_KEY, FeatureConfig, TrainConfig, vi
 from .data import segment_frames
 from .pretrained.view import patch_span
 from .errors import ExportError, FeaturesFileError, ParameterError
-from .io.atomic import atomic_write, check_writable
+from .io.atomic import atomic_write, check_writable, library_text
 from .io.cache import file_digest
 from .io.guard import Destination, check_destinations
 from .onnx_engine import METADATA_FORMAT, METADATA_KEY, OUTPUT_NAMES, OnnxEngine
-from .weights import one_line
 
 EXPORTERS = ("auto", "dynamo", "torchscript")
 INSTALL_HINT = "pip install 'deepfusion[onnx-export]'"
@@ -139,12 +138,12 @@ def export_onnx(checkpoint: Path, out: Path, *, check_windows: Optional[dict[str
     for module in ("onnx", "onnxruntime"):
         if not _installed(module):
             raise ExportError(f"exporting to ONNX needs {module}, which is not installed; {INSTALL_HINT}")
-    check_destinations([Destination(out, "the ONNX file", "onnx")],
+    check_destinations([Destination(out, "--out", "onnx")],
                        {checkpoint: "the checkpoint"}, overwrite=overwrite)
     check_writable(out)
     ckpt = load_checkpoint(checkpoint)
 
-    model = model_from_checkpoint(ckpt).float().eval()
+    model = model_from_checkpoint(ckpt, checkpoint).float().eval()
     norm = normalization_of(ckpt)
     fc = feature_config_of(ckpt)
     shapes = fc.feature_shapes()
@@ -171,7 +170,9 @@ def export_onnx(checkpoint: Path, out: Path, *, check_windows: Optional[dict[str
         raise ExportError(
             f"{checkpoint}: the ONNX graph ({used}) differs from the torch model on {n} windows of "
             f"{source}: max probability difference {diffs['probability']:.3g}, attention "
-            f"{diffs['attention']:.3g} (tolerance {tolerance:g}); {out} not written")
+            f"{diffs['attention']:.3g}, over --tolerance {tolerance:g}; {out} not written; give "
+            + ("a larger --tolerance" if used == "torchscript" else
+               "--exporter torchscript, or a larger --tolerance"))
     with atomic_write(out) as fh:
         fh.write(data)
     echo(f"exported {checkpoint} -> {out} ({used} exporter, opset {opset_used}, "
@@ -232,8 +233,10 @@ def _to_onnx(wrapper: nn.Module, rows: dict[str, int], widths: dict[str, int], *
                 warnings.simplefilter("ignore")
                 return _EXPORT[which](wrapper, _example(rows, widths), opset), which
         except Exception as exc:  # noqa: BLE001 - exporters raise many types
-            failures.append(f"{which}: {one_line(exc, 200)}")
-    raise ExportError(f"{name}: ONNX export failed ({'; '.join(failures)})")
+            failures.append(f"{which}: {library_text(exc, 160)}")
+    advice = "give another --opset" if "torchscript" in order else \
+        "give --exporter torchscript, or another --opset"
+    raise ExportError(f"{name}: ONNX export failed ({', '.join(failures)}); {advice}")
 
 
 def _metadata(ckpt: dict, checkpoint: Path, fc: FeatureConfig, rows: dict[str, int], seg: int,
