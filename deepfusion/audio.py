@@ -105,17 +105,26 @@ def discover(audio_dir: Path, *, manifest: Optional[Path] = None,
 
 
 def expand_inputs(inputs: Iterable[Path]) -> list[Path]:
-    """Files as given, and the audio files under each folder (sorted)."""
+    """Files as given, and the audio files under each folder (sorted), spelled from the
+    folder as given (a relative folder gives relative paths, as the user typed it)."""
     files: list[Path] = []
     for p in map(Path, inputs):
         if p.is_dir():
             try:
-                files += [it.path for it in discover(p)]
+                files += [_as_typed(p, it) for it in discover(p)]
             except DatasetError:
                 files.append(p)   # reported as "no audio files"
         else:
             files.append(p)
     return files
+
+
+def _as_typed(folder: Path, item: AudioItem) -> Path:
+    """``item``'s path under ``folder`` as the user spelled ``folder``."""
+    try:
+        return folder / item.path.relative_to(folder.resolve())
+    except ValueError:
+        return item.path
 
 
 def _walk(root: Path) -> Iterator[Path]:
@@ -206,7 +215,8 @@ def _open(path: Path):
     # into thousands of windows
     if not (MIN_SAMPLE_RATE <= fh.samplerate <= MAX_SAMPLE_RATE and fh.channels > 0):
         fh.close()
-        raise AudioError(path, f"invalid header ({fh.channels} channels at {fh.samplerate} Hz)")
+        channels = f"{fh.channels} channel{'' if fh.channels == 1 else 's'}"
+        raise AudioError(path, f"damaged header (it claims {channels} at {fh.samplerate} Hz)")
     return fh
 
 
@@ -219,7 +229,12 @@ def _decode_error(path: Path, exc: Exception) -> AudioError:
     if reason.startswith("File does not exist or is not a regular file"):
         # what libsndfile's MP3 reader says of bytes it cannot parse; the file does exist
         reason = "no audio stream found: damaged, or not audio"
-    return AudioError(path, f"cannot decode ({reason.strip() or type(exc).__name__})")
+    from .io.atomic import library_text
+
+    if reason.startswith("Format not recognised"):
+        return AudioError(path, "cannot decode: not an audio format libsndfile reads (format not "
+                                "recognised); convert it to WAV or FLAC")
+    return AudioError(path, f"cannot decode ({library_text(reason) or 'no reason given'})")
 
 
 _DECODE_ERRORS = (RuntimeError, ValueError, OSError, EOFError, MemoryError)
@@ -239,7 +254,7 @@ def _finish(path: Path, y: np.ndarray, source_sr: int, sr: int, duration: Option
         raise AudioError(path, f"samples out of range (peak {peak:.3g}; audio lies within ±1)")
     seconds = y.shape[0] / source_sr
     if seconds < min_duration:
-        raise AudioError(path, f"too short ({seconds:.2f} s; at least {min_duration:g} s needed)")
+        raise AudioError(path, f"too short ({seconds:.2f} s; --min-duration is {min_duration:g} s)")
     if source_sr != sr:
         y = librosa.resample(y, orig_sr=source_sr, target_sr=sr, res_type="soxr_hq")
     if duration is not None:

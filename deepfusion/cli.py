@@ -19,6 +19,7 @@ from . import __version__
 from .config import (DEFAULT_FEATURES, DEFAULT_MODEL_DIR, DEFAULT_STORE,
                      FEATURE_FORMATS, PRETRAINED_VIEWS, FeatureConfig, RuntimeConfig, TrainConfig)
 from .errors import DeepFusionError, ParameterError
+from .io.atomic import plural
 from .io.names import escape_bytes, shown
 from .options import (adapt_option, cache_dir_option, checkpoint_option, device_option, feature_options,
                       features_option, jobs_option, model_options, precision_option, quiet_option,
@@ -29,6 +30,11 @@ def echo(message: object = "", **kwargs: Any) -> None:
     """click.echo that never fails on a file name: bytes that are not UTF-8 and control
     characters other than newlines and tabs are escaped (:mod:`deepfusion.io.names`)."""
     click.echo(shown(message, keep="\n\t"), **kwargs)
+
+
+def _say(line: object = "") -> None:
+    """A stage's line: on stderr when it reports a problem (``warning: ...``), else stdout."""
+    echo(line, err=str(line).startswith("warning:"))
 
 
 def _sigterm_as_interrupt() -> None:
@@ -126,7 +132,8 @@ def synth(out: Path, genres: int, clips_per_genre: int, duration: float, seed: i
 
     paths = synthesize_dataset(out, genres=genres, clips_per_genre=clips_per_genre,
                                duration=duration, seed=seed, domain=domain, overwrite=overwrite)
-    echo(f"wrote {len(paths)} clips ({genres} genres x {clips_per_genre}) to {out}")
+    echo(f"wrote {plural(len(paths), 'clip')} ({plural(genres, 'genre')} x {clips_per_genre}) "
+         f"to {out}")
 
 
 @main.command()
@@ -183,8 +190,13 @@ def extract(audio_dir: Path, out: Path | None, fmt: str, dtype: str, cache_dir: 
     for path, reason in result.errors:
         echo(f"skipped {shown(path)}: {shown(reason)}", err=True)
     genres = ", ".join(f"{k} {v}" for k, v in result.labels.items())
-    echo(f"{result.n_items} clips ({result.computed} computed, {result.cached} from cache) "
-         f"in {result.seconds:.1f} s -> {result.out}")
+    if result.n_items == 0:     # nothing was written: no summary line that names the output
+        echo(f"Error: none of the {plural(len(result.errors), 'file')} under {shown(audio_dir)} "
+             f"could be used (reasons above and in {result.errors_csv.name}); nothing written",
+             err=True)
+        sys.exit(1)
+    echo(f"{plural(result.n_items, 'clip')} ({result.computed} computed, {result.cached} from "
+         f"cache) in {result.seconds:.1f} s -> {result.out}")
     _say_repaired(result.repaired)
     if genres:
         echo(f"genres: {genres}")
@@ -198,11 +210,8 @@ def extract(audio_dir: Path, out: Path | None, fmt: str, dtype: str, cache_dir: 
         for group in result.duplicate_groups:
             echo("  " + " = ".join(map(shown, group)))
     if result.errors:
-        echo(f"{len(result.errors)} file(s) could not be read; see {result.errors_csv}",
-                   err=True)
-    if result.n_items == 0:
-        echo("Error: no file could be read", err=True)
-        sys.exit(1)
+        echo(f"{plural(len(result.errors), 'file')} skipped; reasons in {result.errors_csv}",
+             err=True)
     if strict and result.errors:
         sys.exit(1)
 
@@ -241,7 +250,7 @@ def train(features: Path, model_dir: Path, pretrained: bool | None, weights_path
                   backbone=kwargs.pop("backbone"), share_backbone=kwargs.pop("share_backbone"),
                   pretrained=pretrained, weights_path=weights_path, resume=resume,
                   overwrite=overwrite, quiet=quiet,
-                  echo=echo, model_options={"band_stats": kwargs.pop("band_stats")})
+                  echo=_say, model_options={"band_stats": kwargs.pop("band_stats")})
     if folds and _torchrun_rank() is not None:
         raise ParameterError("--folds trains its folds one after another in one process; run "
                              "it without torchrun")
@@ -265,8 +274,8 @@ def train(features: Path, model_dir: Path, pretrained: bool | None, weights_path
 
     result = run_train(features, **common)
     echo(f"best.pth: epoch {result.best_epoch} (validation clip accuracy "
-               f"{result.best_val_acc:.3f}); {result.epochs_run} epochs in {result.seconds:.0f} s; "
-               f"checkpoint {model_dir / 'best.pth'}")
+         f"{result.best_val_acc:.3f}); {plural(result.epochs_run, 'epoch')} in "
+         f"{result.seconds:.0f} s; checkpoint {model_dir / 'best.pth'}")
 
 
 @main.command()
@@ -291,7 +300,8 @@ def evaluate(checkpoint: Path, features: Path | None, split: str, split_file: st
 
     report = run_evaluate(checkpoint, features=features, split=split, split_file=split_file,
                           out_dir=out_dir, batch_size=batch_size, device=device,
-                          precision=precision, adapt=adapt, overwrite=overwrite, echo=echo)
+                          precision=precision, adapt=adapt, overwrite=overwrite, echo=echo,
+                          warn=lambda line: echo(line, err=True))
     echo(report.table())
     echo(f"\nwrote {', '.join(REPORT_FILES)} to {report.out_dir}")
 
@@ -391,10 +401,11 @@ def predict(inputs: tuple[Path, ...], checkpoints: tuple[Path, ...], engine: str
                 echo(f"{shown(result.path)}: {top}")
     _say_repaired(library.repaired)
     if out is not None:
-        echo(f"{done} files classified ({computed} analysed, {done - computed} from the cache), "
-             f"{failed} skipped in {time.perf_counter() - t0:.1f} s -> {shown(out)}", err=as_json)
+        echo(f"{plural(done, 'file')} classified ({computed} analysed, {done - computed} from the "
+             f"cache), {failed} skipped in {time.perf_counter() - t0:.1f} s -> {shown(out)}", err=as_json)
     if done == 0:
-        echo("Error: no file could be classified", err=True)
+        echo(f"Error: none of the {plural(failed, 'file')} could be classified (reasons above)",
+             err=True)
         sys.exit(1)
 
 
@@ -428,10 +439,11 @@ def embed(inputs: tuple[Path, ...], checkpoints: tuple[Path, ...], engine: str, 
         echo(f"skipped {shown(path)}: {shown(reason)}", err=True)
     _say_repaired(library.repaired)
     if len(result.paths) == 0:
-        echo("Error: no file could be embedded", err=True)
+        echo(f"Error: none of the {plural(len(result.errors), 'file')} could be embedded "
+             "(reasons above)", err=True)
         sys.exit(1)
     result.save(out)
-    echo(f"{len(result.paths)} files embedded ({result.embeddings.shape[1]} dimensions), "
+    echo(f"{plural(len(result.paths), 'file')} embedded ({result.embeddings.shape[1]} dimensions), "
          f"{len(result.errors)} skipped in {time.perf_counter() - t0:.1f} s -> {shown(out)}")
 
 
@@ -457,9 +469,10 @@ def tag(inputs: tuple[Path, ...], model: str, top_k: int, as_json: bool, cache_d
     from .tag import Tagger, Tags
 
     tagger = Tagger(inputs, model=model, cache_dir=cache_dir)
-    done = 0
+    done = failed = 0
     for result in tagger.run(jobs=jobs, timeout=timeout or None, quiet=quiet):
         if not isinstance(result, Tags):
+            failed += 1
             echo(f"skipped {shown(result[0])}: {shown(result[1])}", err=True)
             continue
         done += 1
@@ -472,7 +485,8 @@ def tag(inputs: tuple[Path, ...], model: str, top_k: int, as_json: bool, cache_d
             echo(f"{shown(result.path)}: " + ", ".join(f"{t} {p:.3f}" for t, p in result.top[:top_k]))
     _say_repaired(tagger.repaired)
     if done == 0:
-        echo("Error: no file could be tagged", err=True)
+        echo(f"Error: none of the {plural(failed, 'file')} could be tagged (reasons above)",
+             err=True)
         sys.exit(1)
 
 

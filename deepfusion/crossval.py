@@ -25,33 +25,53 @@ from .io.featureset import FeatureSet
 FOLD_FIELDS = ("fold", "clips", "clip_accuracy", "balanced_accuracy", "macro_f1", "best_epoch")
 
 
-def grouped_folds(labels: np.ndarray, groups: np.ndarray, k: int, *, seed: int = 0) -> np.ndarray:
+def grouped_folds(labels: np.ndarray, groups: np.ndarray, k: int, *, seed: int = 0,
+                  names: Optional[list[str]] = None, where: str = "") -> np.ndarray:
     """The fold (0..k-1) of every clip: stratified by genre, each group in one fold.
 
     Uses scikit-learn's :class:`~sklearn.model_selection.StratifiedGroupKFold` (shuffled,
-    seeded). Raises :class:`DatasetError` when there are fewer groups than folds, or when a
-    fold would leave a genre without training clips.
+    seeded). Raises :class:`DatasetError` when there are fewer groups than folds, when no
+    genre has ``k`` clips (scikit-learn's condition), or when a fold would leave a genre
+    without training clips. ``names``: the genres' names by label; ``where``: the features
+    file, named first in those messages.
     """
+    import warnings
+
     from sklearn.model_selection import StratifiedGroupKFold
 
     labels, groups = np.asarray(labels), np.asarray(groups)
+    prefix = f"{where}: " if where else ""
+
+    def name(label: int) -> str:
+        return str(names[label]) if names is not None else str(label)
+
     if k < 2:
-        raise ParameterError(f"folds must be >= 2, got {k}")
+        raise ParameterError(f"--folds {k}: at least 2 folds are needed; give --folds 2 or more")
     n_groups = len(np.unique(groups))
     if n_groups < k:
-        raise DatasetError(f"{k} folds need at least {k} groups of clips (tracks, artists or "
-                           f"duplicates), there are {n_groups}")
+        raise DatasetError(f"{prefix}--folds {k} needs at least {k} groups of clips (tracks, "
+                           f"artists or duplicates), it has {n_groups}; give --folds {n_groups} "
+                           "or fewer")
+    genres, clips = np.unique(labels, return_counts=True)
+    if clips.max() < k:     # scikit-learn refuses: no genre can be spread over k folds
+        most = int(np.argmax(clips))
+        raise DatasetError(f"{prefix}--folds {k} needs {k} clips of at least one genre, the "
+                           f"largest ({name(genres[most])}) has {clips[most]}; give --folds "
+                           f"{clips[most]} or fewer")
     fold = np.full(len(labels), -1, np.int64)
     splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-    for f, (_, test) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
-        fold[test] = f
+    with warnings.catch_warnings():   # a genre with fewer clips than folds: some folds lack it
+        warnings.simplefilter("ignore", UserWarning)
+        for f, (_, test) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
+            fold[test] = f
     for f in range(k):
         left = set(np.unique(labels[fold != f]).tolist())
         lost = sorted(set(np.unique(labels).tolist()) - left)
         if lost:
-            raise DatasetError(f"fold {f + 1} of {k} would hold every clip of class(es) "
-                               f"{', '.join(map(str, lost))}: fewer folds, or more groups of "
-                               "those genres")
+            genre = "genre" if len(lost) == 1 else "genres"
+            raise DatasetError(f"--folds {k}: fold {f + 1} would hold every clip of {genre} "
+                               f"{', '.join(map(name, lost))}; give fewer --folds, or add clips "
+                               f"of other tracks of {'that genre' if len(lost) == 1 else 'those genres'}")
     return fold
 
 
@@ -115,14 +135,15 @@ def cross_validate(features: Path, *, folds: int, model_dir: Path = Path("models
                        {features: "the features file",
                         **({Path(weights): "--weights-path"} if weights else {})},
                        overwrite=overwrite or resume,
-                       how="give --overwrite to replace it, or another --model-dir")
+                       option="--model-dir")
     with claim_run_folder(model_dir, resume=resume, overwrite=overwrite):
         fs = feature_set if feature_set is not None else load_features(features)
         known = fs.labels >= 0
         if not known.all():
             raise DatasetError(f"{features}: {int((~known).sum())} clips have no usable label")
         seed = config.seed if fold_seed is None else fold_seed
-        fold = grouped_folds(fs.labels, fs.groups, folds, seed=seed)
+        fold = grouped_folds(fs.labels, fs.groups, folds, seed=seed,
+                             names=list(fs.class_names), where=str(features))
         rows: list[dict[str, Any]] = []
         tables = []
         n_classes = len(fs.class_names)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -14,7 +15,7 @@ from .config import AUX_KEYS, MEL_KEYS, PRETRAINED_KEY, FeatureConfig, TrainConf
 from .data import read_split_file, segment_frames
 from .errors import DatasetError, FeaturesFileError
 from .inference import predict_clips
-from .io.atomic import atomic_write, check_writable
+from .io.atomic import atomic_write, check_writable, plural
 from .io.cache import file_digest
 from .io.features_file import load_features
 from .io.guard import check_destinations
@@ -66,7 +67,8 @@ class EvaluationReport:
         return "\n".join(lines)
 
 
-def _select(fs: FeatureSet, ckpt: dict, split: str, split_file: Optional[str], same_file: bool) -> np.ndarray:
+def _select(fs: FeatureSet, ckpt: dict, split: str, split_file: Optional[str], same_file: bool,
+            *, features: Path, checkpoint: Path) -> np.ndarray:
     """Indices of the clips to evaluate (known labels only)."""
     known = fs.labels >= 0
     if split == "all":
@@ -77,16 +79,17 @@ def _select(fs: FeatureSet, ckpt: dict, split: str, split_file: Optional[str], s
     saved = ckpt["split"]
     if saved["by"] == "index":
         if not same_file:
-            raise DatasetError("the checkpoint's split is recorded by clip index (its features file had "
-                               "no paths): evaluate its own features file, or use --split all / --split-file")
+            raise DatasetError(f"{checkpoint}: its split is recorded by clip index (its features "
+                               f"file had no paths), so it does not apply to {features}; give "
+                               "--split all, or --split-file FILE")
         chosen = np.zeros(len(fs), bool)
         chosen[np.asarray(saved[split], np.int64)] = True
     else:
         wanted = set(saved[split])
         chosen = np.array([p in wanted for p in fs.paths])
     if not (chosen & known).any():
-        raise DatasetError(f"no clip of the checkpoint's {split} split is in this features file; "
-                           "use --split all for another collection, or --split-file")
+        raise DatasetError(f"{features}: none of {checkpoint}'s {split} clips is in it; give "
+                           f"--split all to evaluate every clip, or --split-file FILE")
     return np.flatnonzero(chosen & known)
 
 
@@ -94,7 +97,7 @@ def evaluate(checkpoint: Path, *, features: Optional[Path] = None, split: str = 
              split_file: Optional[str] = None, out_dir: Optional[Path] = None,
              batch_size: int = 64, device: str = "auto", precision: str = "fp32",
              n_boot: int = 2000, adapt: str = "auto", overwrite: bool = False,
-             echo=print) -> EvaluationReport:
+             echo=print, warn=None) -> EvaluationReport:
     """Evaluate a checkpoint on held-out clips and write the report files.
 
     By default it needs nothing but the checkpoint: the features file and the test split it
@@ -110,6 +113,8 @@ def evaluate(checkpoint: Path, *, features: Optional[Path] = None, split: str = 
     ``full`` (and the model's own: BatchNorm's, or the probe's), ``none``; ``auto`` (default)
     is ``full`` for another features file than the training one with at least
     :data:`deepfusion.config.ADAPT_MIN_CLIPS` clips, else ``none``.
+
+    ``echo`` says what it does; ``warn`` (default: a line on stderr) the clips it leaves out.
 
     ``precision``: fp32 (default) classifies in float32 whatever the training run used, so
     the same checkpoint gives the same answer on every machine and train's stored test
@@ -131,6 +136,9 @@ def evaluate(checkpoint: Path, *, features: Optional[Path] = None, split: str = 
 
     from .plots import plot_attention, plot_confusion
 
+    if warn is None:   # problem lines go to stderr, never among the results on stdout
+        def warn(message: str) -> None:
+            print(message, file=sys.stderr)
     checkpoint = Path(checkpoint)
     dev = resolve_device(device)        # a device this machine lacks: one line, before any work
     used = inference_precision(dev, precision)
@@ -141,9 +149,21 @@ def evaluate(checkpoint: Path, *, features: Optional[Path] = None, split: str = 
     check_destinations(run_destinations(out_dir, REPORT_FILES),
                        {checkpoint: "the checkpoint", features: "the features file",
                         **({Path(split_file): "the --split-file"} if split_file else {})},
-                       overwrite=overwrite)
+                       overwrite=overwrite, option="--out-dir")
     class_names = list(ckpt["class_names"])
     fs = load_features(features, class_names=class_names)
+    trained = FeatureConfig.from_dict(ckpt["feature_config"])
+    if fs.feature_config:
+        here = FeatureConfig.from_dict(fs.feature_config)
+        # clip lengths change how many segments a clip has, not what a segment holds
+        if replace(here, duration=trained.duration, min_duration=trained.min_duration) != trained:
+            from .finetune import settings_differences
+
+            diff = settings_differences(replace(here, duration=trained.duration,
+                                                min_duration=trained.min_duration),
+                                        trained, there="for the model")
+            raise FeaturesFileError(f"{features}: extracted with other settings than {checkpoint} "
+                                    f"({diff}); extract it with the model's settings")
     rows = fs.rows()
     mc = ckpt["model_config"]
     expected = {**{k: mc["n_mels"] for k in MEL_KEYS}, **dict(zip(AUX_KEYS, mc["aux_rows"]))}
@@ -153,9 +173,6 @@ def evaluate(checkpoint: Path, *, features: Optional[Path] = None, split: str = 
              for k in expected if rows.get(k, 0) != expected[k]]
     if wrong:
         raise FeaturesFileError(f"{features}: features do not fit the model: {'; '.join(wrong)}")
-    if fs.feature_config and (FeatureConfig.from_dict(fs.feature_config)
-                              != FeatureConfig.from_dict(ckpt["feature_config"])):
-        echo(f"warning: {features} was extracted with other feature settings than the model was trained on")
     features_sha = fs.sha256
     same_file = features_sha == ckpt.get("features_sha256")
 
@@ -164,11 +181,13 @@ def evaluate(checkpoint: Path, *, features: Optional[Path] = None, split: str = 
         if label < 0:
             unknown[name] = unknown.get(name, 0) + 1
     if unknown:
-        echo(f"skipped {int((fs.labels < 0).sum())} clips of genres the model does not know: "
+        warn(f"warning: {plural(int((fs.labels < 0).sum()), 'clip')} left out, of genres "
+             f"{checkpoint} does not know: "
              + ", ".join(f"{k} ({v})" for k, v in sorted(unknown.items())))
-    idx = _select(fs, ckpt, split, split_file, same_file)
+    idx = _select(fs, ckpt, split, split_file, same_file, features=features, checkpoint=checkpoint)
     if len(idx) == 0:
-        raise DatasetError(f"{features}: no clip with a genre the model knows in split {split!r}")
+        raise DatasetError(f"{features}: no clip with a genre the model knows in split {split!r}; "
+                           f"the model knows {', '.join(class_names)}")
 
     train_config = TrainConfig.from_dict(ckpt["train_config"])
     seg = segment_frames(train_config.segment_seconds, FeatureConfig.from_dict(ckpt["feature_config"]), fs.n_frames)

@@ -26,7 +26,8 @@ from .io.cache import FeatureCache, file_stamp
 from .config import (DEFAULT_CACHE_DIR, DEFAULT_FEATURES, DEFAULT_STORE, FEATURE_FORMATS,
                      FeatureConfig)
 from .errors import AudioError, DeepFusionError, OutputError, ParameterError
-from .io.atomic import atomic_write, check_writable, remove_stale_temps, write_csv
+from .io.atomic import (CACHE_ENTRY_LOST, atomic_write, check_writable, read_error_reason,
+                        remove_stale_temps, write_csv)
 from .io.features_file import write_features_file
 from .io.guard import (Destination, audio_inputs, check_destinations, check_free_space,
                        check_outputs)
@@ -183,7 +184,7 @@ def extract(audio_dir: Path, *, out: Optional[Path] = None, fmt: str = "pickle",
             errors[item.relpath] = exc.reason
             continue
         except OSError as exc:
-            errors[item.relpath] = f"cannot read ({os.strerror(exc.errno or 0)})"
+            errors[item.relpath] = read_error_reason(exc)
             continue
         todo.append(item)
 
@@ -221,7 +222,7 @@ def extract(audio_dir: Path, *, out: Optional[Path] = None, fmt: str = "pickle",
                     entry = None if reason else cache.load(key)
                     fresh = True
             if entry is None:
-                errors[todo[index].relpath] = reason or "cache entry could not be read back"
+                errors[todo[index].relpath] = reason or CACHE_ENTRY_LOST
                 continue
             computed += fresh
             repaired += bool(fresh and mended)

@@ -43,11 +43,26 @@ def load_source(path: Path, feature_config: FeatureConfig,
                              "--init-from takes a network's checkpoint")
     theirs = FeatureConfig.from_dict(ckpt["feature_config"])
     if theirs != feature_config:
-        diff = ", ".join(f"{k} {a!r} there, {b!r} here"
-                         for k, (a, b) in theirs.differences(feature_config).items())
-        raise ParameterError(f"{path}: was trained on features computed with other settings "
-                             f"({diff}); extract this collection with the same settings")
+        diff = settings_differences(feature_config, theirs, there="for the model")
+        raise ParameterError(f"{path}: trained on features extracted with other settings than "
+                             f"this run's ({diff}); extract this collection with the model's "
+                             "settings")
     return ckpt
+
+
+def settings_differences(ours: FeatureConfig, theirs: FeatureConfig, *,
+                         there: str = "there") -> str:
+    """The feature settings where ``ours`` (here) and ``theirs`` differ, by their flags:
+    ``"--sr 100 here, 22050 for the model"`` (several joined by ", ")."""
+    from .options import flag_of
+
+    def value(field: str, v: Any) -> str:
+        if v is None:   # an option given as a word: --pretrained-view none, --fmax auto
+            return "none" if field == "pretrained_view" else "auto"
+        return f"{v:g}" if isinstance(v, float) else str(v)
+
+    return ", ".join(f"{flag_of(k)} {value(k, a)} here, {value(k, b)} {there}"
+                     for k, (a, b) in ours.differences(theirs).items())
 
 
 def model_config_from(source: dict[str, Any], *, n_classes: int, backbone: Optional[str],
@@ -60,12 +75,14 @@ def model_config_from(source: dict[str, Any], *, n_classes: int, backbone: Optio
              **{k: v for k, v in (model_options or {}).items() if v}}
     for name, value in given.items():
         if value is not None and value != getattr(config, name):
-            echo(f"ignored with --init-from: {name.replace('_', '-')} {value} (the model's: "
+            shown = "" if isinstance(value, bool) else f" {value}"
+            echo(f"ignored with --init-from: --{name.replace('_', '-')}{shown} (the model's: "
                  f"{getattr(config, name)})")
     return replace(config, n_classes=n_classes)
 
 
-def initialise(model: torch.nn.Module, source: dict[str, Any], class_names: list[str]) -> str:
+def initialise(model: torch.nn.Module, source: dict[str, Any], class_names: list[str],
+               path: Any = "--init-from") -> str:
     """Load ``source``'s weights into ``model`` (built by :func:`model_config_from`); the
     classifier rows of shared genres are copied. Returns one line saying what was kept."""
     state = source["model_state"]
@@ -73,7 +90,8 @@ def initialise(model: torch.nn.Module, source: dict[str, Any], class_names: list
     body = {k: v for k, v in state.items() if not k.startswith("classifier.")}
     missing = sorted(k for k in own if not k.startswith("classifier.") and k not in body)
     if missing:   # check_contents made sure of the shapes; this is a model of another layout
-        raise ParameterError(f"cannot start from a model without {missing[0]}")
+        raise ParameterError(f"{path}: its network has another layout (no {missing[0]}); "
+                             "--init-from needs a checkpoint of this deepfusion")
     model.load_state_dict({**own, **body})
     theirs = list(source["class_names"])
     shared = [g for g in class_names if g in theirs]

@@ -28,6 +28,7 @@ import numpy as np
 from .audio import AUDIO_EXTENSIONS, expand_inputs
 from .config import DEFAULT_CACHE_DIR, FEATURE_KEYS
 from .errors import ParameterError
+from .io.atomic import CACHE_ENTRY_LOST
 from .io.cache import FeatureCache
 from .metrics import softmax
 from .windows import load_window, run_file_tasks
@@ -134,7 +135,11 @@ class Library:
             raise ParameterError(f"--adapt {adapt}: the onnx engine's normalisation is inside "
                                  "its graph; adapt with the torch engine (a .pth checkpoint)")
         self.adapt = "none" if engine == "onnx" else adapt
+        inputs = [Path(p) for p in inputs]
         self.files = expand_inputs(inputs)
+        # folders typed that hold no audio file; a folder found under one (a folder named
+        # x.wav) is an input like a file, and says "is a folder, not an audio file"
+        self._typed = set(inputs)
         paths = [Path(p) for p in checkpoints]
         if not paths:
             raise ParameterError("give at least one --checkpoint")
@@ -171,7 +176,7 @@ class Library:
 
         from .adapt import resolve_mode
 
-        folders = {i for i, p in enumerate(self.files) if p.is_dir()}
+        folders = {i for i, p in enumerate(self.files) if p in self._typed and p.is_dir()}
         todo = [p for i, p in enumerate(self.files) if i not in folders]
         results = run_file_tasks(todo, cache_dir=self.cache_dir,
                                  config=self.engines[0].feature_config, jobs=jobs, timeout=timeout)
@@ -302,7 +307,7 @@ def _window_outputs(engines, cache: FeatureCache, files: list[tuple[int, str, in
                 continue
             v = load_window(cache, key, w)
             if v is None:
-                failed[j] = "cache entry could not be read back (removed or damaged meanwhile); run again"
+                failed[j] = CACHE_ENTRY_LOST
                 continue
             chunk.append(j)
             views.append(v)

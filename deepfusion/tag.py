@@ -25,6 +25,7 @@ import numpy as np
 
 from .config import DEFAULT_CACHE_DIR, PRETRAINED_KEY, PRETRAINED_VIEWS, FeatureConfig
 from .errors import ParameterError
+from .io.atomic import CACHE_ENTRY_LOST
 
 
 @dataclass
@@ -77,7 +78,11 @@ class Tagger:
         if model not in PRETRAINED_VIEWS:
             raise ParameterError(f"--model must be one of {', '.join(PRETRAINED_VIEWS)}, got {model!r}")
         self.model = model
+        inputs = [Path(p) for p in inputs]
         self.files = expand_inputs(inputs)
+        # folders typed that hold no audio file; a folder found under one (a folder named
+        # x.wav) is an input like a file, and says "is a folder, not an audio file"
+        self._typed = set(inputs)
         if destinations:
             check_destinations(destinations, audio_inputs(p for p in self.files if not p.is_dir()),
                                overwrite=overwrite)
@@ -104,7 +109,7 @@ class Tagger:
         from .progress import progress_bar
         from .windows import load_window, run_file_tasks
 
-        folders = {i for i, p in enumerate(self.files) if p.is_dir()}
+        folders = {i for i, p in enumerate(self.files) if p in self._typed and p.is_dir()}
         todo = [p for i, p in enumerate(self.files) if i not in folders]
         results = run_file_tasks(todo, cache_dir=self.cache_dir, config=self.config, jobs=jobs,
                                  timeout=timeout)
@@ -129,8 +134,7 @@ class Tagger:
                         break
                     taggrams.append(views[PRETRAINED_KEY][0, rows, :])   # (tags, patches)
                 if len(taggrams) < n_windows:
-                    yield str(path), ("cache entry could not be read back (removed or damaged "
-                                      "meanwhile); run again")
+                    yield str(path), CACHE_ENTRY_LOST
                     continue
                 if seconds < self.config.duration:
                     # one window, padded to a clip: only the patches of the file's own audio

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 from .config import FeatureConfig
 from .errors import AudioError, DeepFusionError, ParameterError
+from .io.atomic import CHANGED_WHILE_READ, library_text, read_error_reason, took_too_long
 from .io.cache import DAMAGED, VALID, FeatureCache, file_digest, file_stamp
 
 
@@ -241,7 +242,7 @@ def _decode_checked(path: str, key: str, config: FeatureConfig, timeout: Optiona
     try:
         before = file_stamp(Path(path))
     except OSError as exc:
-        return None, None, f"cannot read ({os.strerror(exc.errno or 0)})"
+        return None, None, read_error_reason(exc)
     feats = None
     try:
         # One BLAS thread whatever --jobs is: OpenBLAS sums in a different order with more
@@ -257,7 +258,7 @@ def _decode_checked(path: str, key: str, config: FeatureConfig, timeout: Optiona
             except OSError:
                 unchanged = False
     except _FileTimeout:
-        return None, None, f"gave up after {timeout:g} s (--timeout)"
+        return None, None, took_too_long(timeout, "decoding it")
     except AudioError as exc:
         return None, None, exc.reason
     except DeepFusionError as exc:
@@ -265,13 +266,14 @@ def _decode_checked(path: str, key: str, config: FeatureConfig, timeout: Optiona
     except Exception as exc:  # a library failing on odd input must not end the batch
         return None, None, _failed(exc)
     if not unchanged:  # what was decoded is not what was hashed: never cache it under that key
-        return None, None, ("changed while it was read (a copy or download still in progress?); "
-                            "run extract again when it is complete")
+        return None, None, CHANGED_WHILE_READ
     return audio, feats, None
 
 
 def _failed(exc: Exception) -> str:
-    return f"feature computation failed ({type(exc).__name__}: {exc})"
+    text = library_text(exc) or "without a message"
+    return (f"feature computation failed ({text}); this is a fault in deepfusion or a library: "
+            "please report it with this file")
 
 
 def _hash(path: str, timeout: Optional[float]) -> tuple[Optional[str], Optional[str]]:
@@ -280,9 +282,9 @@ def _hash(path: str, timeout: Optional[float]) -> tuple[Optional[str], Optional[
         with _time_limit(timeout):   # a huge or stalled file (a network mount) is a file
             return file_digest(Path(path)), None   # that takes too long, like a slow decode
     except _FileTimeout:
-        return None, f"gave up reading it after {timeout:g} s (--timeout)"
+        return None, took_too_long(timeout, "hashing it")
     except OSError as exc:
-        return None, f"cannot read ({os.strerror(exc.errno or 0)})"
+        return None, read_error_reason(exc)
 
 
 def _cache_state(cache_dir: str, config_dict: dict, key: str) -> str:
@@ -443,10 +445,22 @@ def _analyse(pending: list[tuple[int, str, Any, dict, bool]], cache: FeatureCach
                 yield index, (None, str(exc), False, False)
                 continue
             except Exception as exc:  # noqa: BLE001 - as compute_entry: report, carry on
+                _stop_if_out_of_memory(exc, device)
                 yield index, (None, _failed(exc), False, False)
                 continue
         cache.store(key, f, meta)
         yield index, (key, None, True, repaired)
+
+
+def _stop_if_out_of_memory(exc: Exception, device: str) -> None:
+    """One clip alone does not fit on ``device``: no later clip will, so stop in one line."""
+    from .runtime import is_out_of_memory
+
+    if is_out_of_memory(exc):
+        from .errors import DeviceMemoryError
+
+        raise DeviceMemoryError(f"out of memory on {device} computing the features of one clip; "
+                                "give --device cpu, or --backend numpy") from None
 
 
 def resolve_backend(backend: Optional[str] = None,

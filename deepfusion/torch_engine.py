@@ -8,8 +8,9 @@ as train and evaluate classify clips: every non-overlapping segment, outputs ave
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ from .inference import predict_clips
 from .io.cache import stamp_or_none
 from .io.featureset import FeatureSet
 from .memo import model_id
-from .runtime import inference_precision, resolve_device
+from .runtime import inference_precision, is_out_of_memory, resolve_device
 
 
 #: Segments per forward pass on the CPU and on a GPU. On this CPU (2 cores, fp32) a light
@@ -76,10 +77,28 @@ class TorchEngine:
         self.model, self.norm, self.model_id = self._trained
         if mode == "none":
             return
-        self.model, self.norm = adapt_streaming(
-            self.model, self.norm, batches(), mode=mode, seg=self.segment_frames, device=self.device,
-            again=batches() if mode == "full" else None)
+        with self._memory_line():
+            self.model, self.norm = adapt_streaming(
+                self.model, self.norm, batches(), mode=mode, seg=self.segment_frames,
+                device=self.device, again=batches() if mode == "full" else None)
         self.model_id = None
+
+    @contextlib.contextmanager
+    def _memory_line(self) -> Iterator[None]:
+        """The device running out of memory as one line (a DeviceMemoryError)."""
+        try:
+            yield
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not is_out_of_memory(exc):
+                raise
+            from .errors import DeviceMemoryError
+
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            advice = ("free some memory (other programs)" if self.device.type == "cpu"
+                      else "give --device cpu")
+            raise DeviceMemoryError(f"{self.path}: out of memory on {self.device} running this "
+                                    f"model; {advice}") from None
 
     def window_outputs(self, views: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Per window, the mean over its non-overlapping segments of the model's outputs.
@@ -99,7 +118,8 @@ class TorchEngine:
         fs = FeatureSet(views, np.full(n, -1, np.int64), self.class_names, [""] * n,
                         np.zeros(n, np.int64))
         seg = min(self.segment_frames, fs.n_frames)
-        pred = predict_clips(self.model, fs, self.norm, np.arange(n), seg=seg,
-                             batch_size=self.batch_size, device=self.device, amp=self.precision,
-                             embeddings=True)
+        with self._memory_line():
+            pred = predict_clips(self.model, fs, self.norm, np.arange(n), seg=seg,
+                                 batch_size=self.batch_size, device=self.device,
+                                 amp=self.precision, embeddings=True)
         return {"logits": pred.logits, "attention": pred.attention, "embedding": pred.embeddings}

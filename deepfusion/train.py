@@ -29,7 +29,7 @@ from .config import (ARCHITECTURE_FIELDS, AUTO_FIELDS, AUX_KEYS, PRETRAINED_KEY,
 from .data import (Augment, check_split, feature_config_of, fit_normalization, make_split,
                    make_train_loader, read_split_file, segment_frames, segments_per_clip,
                    split_lists, split_summary)
-from .errors import CheckpointError, DatasetError, ParameterError
+from .errors import CheckpointError, DatasetError, DeepFusionError, ParameterError
 from .inference import ClipPredictions, clip_loss, predict_clips
 from .loop import lr_factor, train_one_epoch
 from .io.atomic import remove_stale_temps, write_csv
@@ -154,11 +154,11 @@ def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConf
             # it); an --init-from source in the folder was read whole before (below)
             check_destinations(run_destinations(model_dir), inputs, overwrite=overwrite or resume,
                                loaded_first=[Path(config.init_from)] if source is not None else (),
-                               how="give --overwrite to replace it, or another --model-dir")
+                               option="--model-dir")
             folder.enter_context(claim_run_folder(model_dir, resume=resume, overwrite=overwrite))
             if resume and not (model_dir / "last.pth").is_file():
-                raise CheckpointError(f"{model_dir / 'last.pth'}: nothing to resume (no last.pth "
-                                      f"in {model_dir})")
+                raise CheckpointError(f"{model_dir}: nothing to resume (no last.pth there); drop "
+                                      "--resume to start a new run")
             remove_stale_temps(model_dir)  # leftovers of a run killed while writing
         device = ddp.device(runtime.device)     # a device this machine lacks: one line, now
         # an --init-from source among the files this run replaces (train --overwrite
@@ -209,13 +209,14 @@ def _train(features: Path, *, model_dir: Path, config: TrainConfig, runtime: Run
     fs = feature_set if feature_set is not None else load_features(features)
     features_sha = fs.sha256
     if state is not None and state["features_sha256"] != features_sha:
-        raise CheckpointError(f"{last_path}: was trained on another features file than {features}; "
-                              "start a new run in another --model-dir")
+        theirs = state.get("features_file") or "another features file"
+        raise CheckpointError(f"{model_dir}: its run was trained on {theirs}, not {features}; "
+                              f"give --features {theirs} to resume, or another --model-dir")
     feature_config = feature_config_of(fs)
     if not fs.has_pretrained:
-        echo(f"{features}: no pretrained view (extracted with --pretrained-view none or by an "
-             "older deepfusion); training on the six hand-made views. Extract again to add it: "
-             "it is what carries a model to music from other sources")
+        echo(f"warning: {features}: no pretrained view (extracted with --pretrained-view none or "
+             "by an older deepfusion): training on the six hand-made views; extract again to add "
+             "it (it helps on music from other sources)")
     loaded, source = source, None   # fine-tuning: the model this run starts from (a
     #                                 resumed run has its own)
     if config.init_from and state is None:
@@ -283,7 +284,7 @@ def _train(features: Path, *, model_dir: Path, config: TrainConfig, runtime: Run
     seed_everything(config.seed)
     model = build_model(replace(model_config, pretrained=False), pretrained_state=pre_state)
     if source is not None:
-        echo(finetune.initialise(model, source, list(fs.class_names)))
+        echo(finetune.initialise(model, source, list(fs.class_names), config.init_from))
     if config.freeze_branches:   # before DDP and the EMA copy see which weights train
         echo(f"--freeze-branches: {finetune.freeze_branches(model):,} branch parameters frozen")
     device = ddp.device(runtime.device)
@@ -386,6 +387,12 @@ def _train(features: Path, *, model_dir: Path, config: TrainConfig, runtime: Run
                 progress=bar, on_batch=estimate if epoch == start_epoch else None,
                 mixup=config.mixup, ema=ema)
         train_loss, train_acc = ddp.mean(train_loss, train_acc)   # over every process's share
+        if not _finite(net, scored):   # never a checkpoint of NaN weights: say what happened
+            raise DeepFusionError(
+                f"training diverged at epoch {epoch} (the weights became NaN or infinite); "
+                "give a lower --lr" + (", a longer --segment-seconds, or --no-amp"
+                                       if precision not in (False, "fp32", None)
+                                       else " or a longer --segment-seconds"))
         ddp.sync_buffers(scored)
         # validation and test in float32: the numbers evaluate reproduces on any machine
         val = predict_clips(scored, fs, norm, val_idx, seg=seg, batch_size=config.batch_size,
@@ -439,6 +446,12 @@ def _train(features: Path, *, model_dir: Path, config: TrainConfig, runtime: Run
              f"{best['epoch']})")
     return TrainResult(model_dir, int(best["epoch"]), float(best_row["val_acc"]), epoch,
                        time.perf_counter() - t_start, test_acc, history, test)
+
+
+def _finite(*models: torch.nn.Module) -> bool:
+    """Whether every floating-point weight and buffer of ``models`` is finite."""
+    return all(bool(torch.isfinite(t).all()) for m in models for t in m.state_dict().values()
+               if t.is_floating_point())
 
 
 def _train_probe(fs: FeatureSet, features: Path, split: np.ndarray, indices, *,

@@ -13,7 +13,6 @@ No torch here: the workers of ``predict --engine onnx`` run this module too.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -21,6 +20,7 @@ import numpy as np
 
 from .config import FeatureConfig
 from .errors import AudioError, DeepFusionError
+from .io.atomic import CHANGED_WHILE_READ, read_error_reason, took_too_long
 from .io.cache import FeatureCache, audio_digest, file_digest, file_stamp, stamp_or_none
 
 
@@ -65,8 +65,7 @@ def file_windows(path: str, cache_dir: str, config_dict: dict, timeout: Optional
     from .io.cache import DAMAGED, VALID
     from .tasks import _FileTimeout, _time_limit, _warm_up, hash_and_compute
 
-    changed = ("changed while it was read (a copy or download still in progress?); "
-               "run again when it is complete")
+    changed = CHANGED_WHILE_READ
     config = FeatureConfig.from_dict(config_dict)
     cache = FeatureCache(Path(cache_dir), config)
     try:
@@ -78,9 +77,12 @@ def file_windows(path: str, cache_dir: str, config_dict: dict, timeout: Optional
     except AudioError as exc:
         return None, 0, 0.0, exc.reason, 0, 0
     except OSError as exc:
-        return None, 0, 0.0, f"cannot read ({os.strerror(exc.errno or 0)})", 0, 0
+        return None, 0, 0.0, read_error_reason(exc), 0, 0
     except _FileTimeout:
-        return None, 0, 0.0, f"gave up reading its header after {timeout:g} s (--timeout)", 0, 0
+        return None, 0, 0.0, took_too_long(timeout, "reading its header"), 0, 0
+    if 0 < seconds < config.min_duration:   # the model's minimum, not an option of this command
+        return (None, 0, seconds, f"too short ({seconds:.2f} s; this model needs "
+                f"{config.min_duration:g} s)", 0, 0)
     key, reason, fresh, mended = hash_and_compute(path, cache_dir, config_dict, timeout)
     if not reason and stamp_or_none(path) != before:
         reason = changed
@@ -94,13 +96,14 @@ def file_windows(path: str, cache_dir: str, config_dict: dict, timeout: Optional
     _warm_up(config)    # imports and JIT compilation never under the clock (see there)
     written: list[str] = []
     try:
-        reason = _later_windows(Path(path), key, missing, cache, config, timeout, written)
+        reason = _later_windows(Path(path), key, missing, cache, config, timeout, written,
+                                total=windows)
         if reason is None:
             with _time_limit(timeout):
                 if file_digest(Path(path)) != key or stamp_or_none(path) != before:
                     reason = changed
-    except _FileTimeout:
-        reason = f"gave up after {timeout:g} s on one window (--timeout)"
+    except _FileTimeout as exc:
+        reason = took_too_long(timeout, f"on window {getattr(exc, 'window', 0) + 1} of {windows}")
     except OSError:
         reason = changed
     if reason:
@@ -111,8 +114,10 @@ def file_windows(path: str, cache_dir: str, config_dict: dict, timeout: Optional
 
 
 def _later_windows(path: Path, key: str, missing: list[int], cache: FeatureCache,
-                   config: FeatureConfig, timeout: Optional[float], written: list[str]) -> Optional[str]:
-    """Compute and store windows ``missing`` (all > 0) of ``path``, one at a time."""
+                   config: FeatureConfig, timeout: Optional[float], written: list[str], *,
+                   total: int) -> Optional[str]:
+    """Compute and store windows ``missing`` (all > 0) of ``path`` (``total`` by its header),
+    one at a time. A timeout propagates with the index of its window as ``window``."""
     from threadpoolctl import threadpool_limits
 
     from .audio import decode_windows
@@ -120,6 +125,7 @@ def _later_windows(path: Path, key: str, missing: list[int], cache: FeatureCache
     from .tasks import _FileTimeout, _failed, _time_limit, one_torch_thread
 
     wanted = set(missing)
+    index = 0
     try:
         with threadpool_limits(limits=1):    # as extract: numbers independent of --jobs
             windows = decode_windows(path, sr=config.sample_rate, duration=config.duration,
@@ -136,12 +142,13 @@ def _later_windows(path: Path, key: str, missing: list[int], cache: FeatureCache
                 cache.store(window_key(key, index), feats, meta)
                 written.append(window_key(key, index))
     except StopIteration:
-        return "shorter than its header says (a window could not be read)"
+        return f"damaged: shorter than its header says (window {index + 1} of {total} is missing)"
     except AudioError as exc:
         return exc.reason
     except DeepFusionError as exc:
         return str(exc)
-    except _FileTimeout:
+    except _FileTimeout as exc:
+        exc.window = index
         raise
     except Exception as exc:  # noqa: BLE001 - a library failing on odd input must not end the batch
         return _failed(exc)

@@ -244,9 +244,13 @@ def test_evaluate_on_unknown_genres_only_fails_clearly(foreign_features, trained
                  "--features", foreign_features["alone"], "--split", "all", "--out-dir", tmp_path)
     assert result.exit_code != 0
     assert "Traceback" not in result.output
-    errors = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert lines[0].startswith("warning: 2 clips left out, of genres "), result.output
+    assert lines[0].endswith("does not know: polka (2)"), result.output
+    errors = lines[1:]
     assert len(errors) == 1 and errors[0].startswith("Error:"), result.output
     assert "genre the model knows" in errors[0]
+    assert errors[0].endswith("; the model knows rock, techno, waltz"), errors[0]
     assert not (tmp_path / "evaluation.json").exists()
 
 

@@ -123,17 +123,20 @@ def _tmp_files(*folders: Path) -> list[Path]:
 
 # ----------------------------------------------------------------------------- 1. every input
 
+#: The reason of a file libsndfile cannot decode: its format unknown, or libsndfile's words.
+UNDECODABLE = (r"^cannot decode(: not an audio format libsndfile reads \(format not recognised\); "
+               r"convert it to WAV or FLAC| \(.+\))$")
 #: Bad inputs: relative path -> pattern its reason must match.
 BAD = {
-    "jazz/corrupt.wav": r"^cannot decode \(.+\)$",
+    "jazz/corrupt.wav": UNDECODABLE,
     "jazz/empty.wav": r"^empty file \(0 bytes\)$",
-    "jazz/notes.wav": r"^cannot decode \(.+\)$",
+    "jazz/notes.wav": UNDECODABLE,
     "jazz/folder.wav": r"^is a folder, not an audio file$",
-    "jazz/short.wav": r"^too short \(0\.50 s; at least 1 s needed\)$",
+    "jazz/short.wav": r"^too short \(0\.50 s; --min-duration is 1 s\)$",
     "jazz/nan.wav": r"^contains NaN or infinite samples$",
     "jazz/header_only.wav": r"^no audio samples$",
-    "jazz/bad_riff.wav": r"^cannot decode \(.+\)$",
-    "música/rota ñ.wav": r"^cannot decode \(.+\)$",
+    "jazz/bad_riff.wav": UNDECODABLE,
+    "música/rota ñ.wav": UNDECODABLE,
 }
 
 
@@ -203,7 +206,7 @@ def test_mixed_exit_and_summary(mixed):
     expected_genres = {"blues": 1, "música": 1, "rock": 7, "jazz": 6 + HAVE_MP3}
     line = next(l for l in result.stdout.splitlines() if l.startswith("genres: "))
     assert line == "genres: " + ", ".join(f"{k} {v}" for k, v in sorted(expected_genres.items()))
-    assert f"{len(BAD)} file(s) could not be read; see " in result.stderr
+    assert f"{len(BAD)} files skipped; reasons in " in result.stderr
 
 
 def test_mixed_each_bad_file_reported_once(mixed):
@@ -258,7 +261,10 @@ def test_no_readable_file_exits_nonzero(tmp_path):
     out = tmp_path / "out" / "features.pkl"
     result = _extract(audio, out, tmp_path / "cache")
     assert result.exit_code == 1, result.output
-    assert "Error: no file could be read" in result.stderr
+    assert ("Error: none of the 2 files under "
+            f"{audio} could be used (reasons above and in extract_errors.csv); nothing written"
+            ) in result.stderr
+    assert "clips (" not in result.stdout
     assert sorted(p for p, _ in _skipped(result.stderr)) == ["rock/empty.wav", "rock/notes.wav"]
     assert not out.exists()
     assert [p for p, _ in _errors_csv(out)] == ["rock/empty.wav", "rock/notes.wav"]
@@ -624,7 +630,7 @@ def test_non_ascii_names_under_c_locale(tmp_path):
     assert [os.fsencode(it["path"]) for it in items] == ["música/canción.wav".encode()]
     rows = _errors_csv(out)
     assert len(rows) == 1 and rows[0][0] == "música/rota ñ.wav"
-    assert rows[0][1].startswith("cannot decode (")
+    assert re.match(UNDECODABLE, rows[0][1]), rows[0][1]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="byte file names")

@@ -205,7 +205,8 @@ def test_extract_gpu_path_batches_in_the_main_process(tmp_path, monkeypatch):
     assert run.exit_code == 0, run.output
     assert sizes == [3, 1, 1, 1, 2]
     assert "4 clips (4 computed, 0 from cache)" in run.stdout
-    assert "feature computation failed (RuntimeError: this clip is cursed)" in run.stderr
+    assert ("feature computation failed (this clip is cursed); this is a fault in deepfusion or "
+            "a library: please report it with this file") in run.stderr
     want = {r["path"]: r for r in load_own_pickle(tmp_path / "numpy.pkl")}
     assert len(want) == 5
     for row in load_own_pickle(tmp_path / "torch.pkl"):

@@ -38,7 +38,7 @@ def test_init_from_another_genre_set_with_frozen_branches(trained_model_dir, oth
                     source, "--freeze-branches", "--epochs", "3", "--batch-size", "8",
                     "--val-size", "0.2", "--test-size", "0.2", "--backbone", "resnet18", "-q")
     assert result.exit_code == 0, result.output
-    assert "ignored with --init-from: backbone resnet18 (the model's: light)" in result.output
+    assert "ignored with --init-from: --backbone resnet18 (the model's: light)" in result.output
     assert "started from 3-genre model (1 of this collection's 3 genres shared: rock)" in result.output
     ckpt = torch.load(out / "best.pth", map_location="cpu", weights_only=True)
     assert ckpt["class_names"] == ["ambient", "reggae", "rock"]
@@ -71,8 +71,8 @@ def test_init_from_other_features_or_a_probe_is_refused(trained_model_dir, other
     result = invoke("train", "--features", other_features, "--model-dir", tmp_path / "a",
                     "--init-from", tmp_path / "fmax.pth", "--epochs", "1")
     line = one_error_line(result.stderr)
-    assert str(tmp_path / "fmax.pth") in line and "fmax 8000.0 there" in line, line
+    assert str(tmp_path / "fmax.pth") in line and "(--fmax auto here, 8000 for the model)" in line, line
     result = invoke("train", "--features", other_features, "--model-dir", tmp_path / "b",
                     "--freeze-branches", "--epochs", "1")
-    assert "needs init_from" in one_error_line(result.stderr)
+    assert "--freeze-branches needs --init-from" in one_error_line(result.stderr)
     assert not (tmp_path / "a" / "best.pth").exists() and not (tmp_path / "b" / "best.pth").exists()

@@ -39,7 +39,9 @@ def test_extract_refuses_an_out_that_is_one_of_its_inputs(tiny_audio, tmp_path):
     link.symlink_to(clip)
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes\n")
-    cases = {clip: "the audio file", link: "the audio file", manifest: "the --manifest",
+    cases = {clip: "--out is an audio file, which this command reads",
+             link: "--out is an audio file, which this command reads",
+             manifest: "--out is the --manifest, which this command reads",
              notes: "is not a features pickle"}
     for out, words in cases.items():
         before = out.read_bytes()
@@ -63,14 +65,16 @@ def test_train_and_evaluate_refuse_outputs_over_their_inputs(tiny_features, trai
     features = folder / "best.pth"                    # a features file where best.pth would go
     features.write_bytes(tiny_features.read_bytes())
     result = invoke("train", "--features", features, "--model-dir", folder, *LIGHT)
-    assert "best.pth would overwrite the features file" in one_error_line(result.stderr)
+    assert (f"{features} is the features file, which this command reads; give another "
+            "--model-dir") in one_error_line(result.stderr)
     assert features.read_bytes() == tiny_features.read_bytes()
 
     ckpt = tmp_path / "report" / "predictions.csv"     # a checkpoint where a report would go
     ckpt.parent.mkdir()
     ckpt.write_bytes((trained_model_dir / "best.pth").read_bytes())
     result = invoke("evaluate", "--checkpoint", ckpt)
-    assert "would overwrite the checkpoint" in one_error_line(result.stderr)
+    assert (f"{ckpt} is the checkpoint, which this command reads; give another --out-dir"
+            in one_error_line(result.stderr))
     assert ckpt.read_bytes() == (trained_model_dir / "best.pth").read_bytes()
 
 

@@ -249,11 +249,11 @@ def test_a_header_claiming_1_hz_is_an_invalid_header(tmp_path, trained):
     result = invoke("predict", tmp_path / "rock", "--checkpoint", trained["checkpoint"])
     assert time.perf_counter() - t0 < 60
     assert result.exit_code == 0, result.output
-    assert f"skipped {tmp_path / 'rock' / 'one_hz.wav'}: invalid header (1 channels at 1 Hz)" \
+    assert f"skipped {tmp_path / 'rock' / 'one_hz.wav'}: damaged header (it claims 1 channel at 1 Hz)" \
         in result.stderr
     result = invoke(*_extract_args(tmp_path, tmp_path / "f.pkl", tmp_path / "cache", jobs=1))
     assert result.exit_code == 0, result.output
-    assert "skipped rock/one_hz.wav: invalid header (1 channels at 1 Hz)" in result.stderr
+    assert "skipped rock/one_hz.wav: damaged header (it claims 1 channel at 1 Hz)" in result.stderr
 
 
 def test_timeout_abandons_a_decode_that_hangs(tmp_path, monkeypatch):
@@ -280,7 +280,8 @@ def test_timeout_abandons_a_decode_that_hangs(tmp_path, monkeypatch):
                      "--duration", "2", "--timeout", "1.5")
     assert time.perf_counter() - t0 < 60
     assert result.exit_code == 0, result.output
-    assert "skipped rock/stuck.wav: gave up after 1.5 s (--timeout)" in result.stderr
+    assert ("skipped rock/stuck.wav: took longer than --timeout 1.5 s (decoding it); give a larger "
+            "--timeout, or --timeout 0 for no limit") in result.stderr
     assert [it["path"] for it in load_own_pickle(tmp_path / "f.pkl")] == ["rock/a.wav", "rock/z.wav"]
 
 
@@ -323,7 +324,8 @@ for pid in children:
     assert len(lines) == 6, proc.stdout + proc.stderr
     for line in lines:
         limit, first, second = re.fullmatch(r"(\S+) (.*) \| (.*)", line).groups()
-        assert first in ("None", f"gave up after {limit} s (--timeout)"), line
+        assert first in ("None", f"took longer than --timeout {limit} s (decoding it); give a larger --timeout, "
+                                  "or --timeout 0 for no limit"), line
         assert second == "None", line
 
 

@@ -118,9 +118,8 @@ def test_a_file_of_another_kind_needs_overwrite(work, name):
         result = invoke(*_command(name, work, path))
         line = one_error_line(result.stderr)
         assert result.exit_code == 1, line
-        assert f"{path}: --out exists and is not {KIND[name]}" in line or \
-            f"{path}: the ONNX file exists and is not {KIND[name]}" in line, line
-        assert "--overwrite" in line
+        assert (f"{path} exists and is not {KIND[name]}; give --overwrite to replace it, or "
+                "another --out") in line, line
         assert path.read_bytes() == before, f"{name} replaced {what}"
     victim = foreign["a spreadsheet"]
     result = invoke(*_command(name, work, victim), "--overwrite")

@@ -134,7 +134,7 @@ def test_train_without_the_view_says_so_once(tiny_features, tmp_path):
     train(six, model_dir=tmp_path / "m", backbone="light", pretrained=False, quiet=True,
           config=TrainConfig(epochs=1, batch_size=8), echo=lines.append)
     said = [line for line in lines if "no pretrained view" in line]
-    assert len(said) == 1 and "Extract again" in said[0]
+    assert len(said) == 1 and said[0].startswith("warning: ") and "extract again to add it" in said[0]
     import torch
 
     ckpt = torch.load(tmp_path / "m" / "best.pth", weights_only=True)

@@ -263,10 +263,10 @@ def test_grouped_folds_keep_groups_whole_and_stratify():
         counts = np.bincount(labels[fold == f], minlength=3)
         assert counts.min() >= 2                          # every genre in every fold
     assert (grouped_folds(labels, groups, 5, seed=1) == fold).all()
-    with pytest.raises(DatasetError, match="at least 40 groups"):
+    with pytest.raises(DatasetError, match="--folds 40 needs at least 40 groups of clips .*, it has 30; give --folds 30 or fewer"):
         grouped_folds(labels, groups, 40)
     one_group_genre = np.where(labels == 2, 999, groups)  # genre 2: a single artist
-    with pytest.raises(DatasetError, match="would hold every clip"):
+    with pytest.raises(DatasetError, match="--folds 3: fold . would hold every clip of genre 2; give fewer --folds"):
         grouped_folds(labels, one_group_genre, 3)
 
 

@@ -86,6 +86,46 @@ def os_error_reason(exc: OSError) -> str:
     return os.strerror(exc.errno) if exc.errno else str(exc)
 
 
+def library_text(text: object, limit: int = 160) -> str:
+    """A library's message as a part of one of ours: one line, its first letter lowercase
+    (not of an acronym), no final period, cut at a word after ``limit`` characters."""
+    line = " ".join(str(text).split()).rstrip(".")
+    if line[:1].isupper() and not line[1:2].isupper():
+        line = line[0].lower() + line[1:]
+    if len(line) > limit:
+        line = line[:limit].rsplit(" ", 1)[0] + "..."
+    return line
+
+
+def read_error_reason(exc: OSError) -> str:
+    """Why one input file could not be read, for a ``skipped <path>: ...`` line."""
+    if exc.errno == errno.ENOENT:
+        return "file not found (removed during the run)"
+    return f"cannot read ({os_error_reason(exc)})"
+
+
+def took_too_long(timeout: float, doing: str) -> str:
+    """The one wording of a file that ran past ``--timeout`` (``doing``: "hashing it",
+    "reading its header", "on window 3")."""
+    return (f"took longer than --timeout {timeout:g} s ({doing}); give a larger --timeout, "
+            "or --timeout 0 for no limit")
+
+
+#: A file whose bytes changed between hashing and decoding.
+CHANGED_WHILE_READ = ("changed while it was read (a copy or download still in progress?); "
+                      "run the same command again when it is complete")
+
+
+#: A cache entry written by this run that was gone or damaged when it was to be read.
+CACHE_ENTRY_LOST = ("cache entry could not be read back (removed or damaged meanwhile); "
+                    "run the same command again")
+
+
+def plural(n: int, word: str, many: str = "") -> str:
+    """``"1 clip"``, ``"2 clips"`` (``many``: an irregular plural, "entries")."""
+    return f"{n} {word if n == 1 else (many or word + 's')}"
+
+
 def write_csv(dest: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
     """Write a UTF-8 CSV atomically (``\\n`` line ends; quoted as needed, so names may hold
     commas, quotes and newlines; bytes of names that are not UTF-8 as ``\\xNN``)."""
@@ -102,13 +142,13 @@ def check_writable(dest: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OutputError(f"{dest}: cannot create folder {folder} ({os.strerror(exc.errno or 0)})") from None
+        raise OutputError(f"{dest}: cannot create folder {folder} ({os_error_reason(exc)})") from None
     probe = _tmp_name(dest)
     try:
         with open(probe, "wb"):
             pass
     except OSError as exc:
-        raise OutputError(f"{dest}: cannot write in {folder} ({os.strerror(exc.errno or 0)})") from None
+        raise OutputError(f"{dest}: cannot write in {folder} ({os_error_reason(exc)})") from None
     finally:
         _unlink_quietly(probe)
 

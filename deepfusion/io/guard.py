@@ -33,12 +33,15 @@ def _identity(path: Path) -> Optional[tuple[int, int]]:
     return st.st_dev, st.st_ino
 
 
-def check_outputs(outputs: Mapping[Path, str], inputs: Mapping[Path, str]) -> None:
+def check_outputs(outputs: Mapping[Path, str], inputs: Mapping[Path, str], *,
+                  option: Optional[str] = None) -> None:
     """Refuse an output that is one of the inputs.
 
     ``outputs`` and ``inputs`` map paths to how the message names them (``"--out"``, ``"the
-    --manifest"``). Paths are compared resolved (symbolic links followed) and, where both
-    exist, by device and inode (hard links).
+    --manifest"``); an output named otherwise than by an option (a run folder's files, by
+    their own names) is said under ``option``, the option that chose its folder. Paths are
+    compared resolved (symbolic links followed) and, where both exist, by device and inode
+    (hard links).
 
     Raises
     ------
@@ -56,8 +59,11 @@ def check_outputs(outputs: Mapping[Path, str], inputs: Mapping[Path, str]) -> No
         if what is None and ident is not None:
             what = by_inode.get(ident)
         if what is not None:
-            raise OutputError(f"{out}: {name} would overwrite {what}, which this command reads; "
-                              "write somewhere else")
+            if name.startswith("--"):
+                raise OutputError(f"{out}: {name} is {what}, which this command reads; give "
+                                  f"another {name}")
+            instead = f"give another {option}" if option else "write somewhere else"
+            raise OutputError(f"{out} is {what}, which this command reads; {instead}")
 
 
 def same_file(a: Path, b: Path) -> bool:
@@ -168,13 +174,15 @@ class Destination:
 
 def check_destinations(destinations: Sequence[Destination], inputs: Mapping[Path, str], *,
                        overwrite: bool = False, loaded_first: Iterable[Path] = (),
-                       how: str = "give --overwrite to replace it, or write somewhere else") -> None:
+                       option: Optional[str] = None, how: Optional[str] = None) -> None:
     """The rule (see the module docstring), checked for every destination of a command.
 
     ``inputs`` maps every file the command reads to how messages name it; ``loaded_first``
     are inputs the command reads whole before it writes anything (they may be destinations);
-    ``overwrite``: replace existing files of other kinds too (never an input); ``how`` says
-    in the message what replaces a file of another kind.
+    ``overwrite``: replace existing files of other kinds too (never an input); ``option``:
+    the option that chose the destinations' folder (``--model-dir``), for those not named by
+    an option of their own; ``how`` says in the message what replaces a file of another kind
+    (default: ``--overwrite``, or another of that option).
 
     Raises
     ------
@@ -184,11 +192,15 @@ def check_destinations(destinations: Sequence[Destination], inputs: Mapping[Path
     loaded = [Path(p) for p in loaded_first]
     reads = {p: what for p, what in inputs.items()
              if p is not None and not any(same_file(p, q) for q in loaded)}
-    check_outputs({d.path: d.name for d in destinations}, reads)
+    check_outputs({d.path: d.name for d in destinations}, reads, option=option)
     for dest in destinations:
         path = Path(dest.path)
+        other = dest.name if dest.name.startswith("--") else option
         if path.is_dir():
-            raise OutputError(f"{path}: {dest.name} is a folder; give a file name")
+            if dest.name.startswith("--"):
+                raise OutputError(f"{path}: {dest.name} is a folder; give a file name")
+            raise OutputError(f"{path} is a folder, where this command writes a file; "
+                              + (f"give another {option}" if option else "remove it"))
         if overwrite or any(same_file(path, q) for q in loaded):
             continue
         kind = KINDS[dest.kind]
@@ -197,12 +209,14 @@ def check_destinations(destinations: Sequence[Destination], inputs: Mapping[Path
                 continue
         except OSError:
             continue                 # unreadable: writing it will say what is wrong
-        raise OutputError(f"{path}: {dest.name} exists and is not {kind.what}; {how}")
+        advice = how or ("give --overwrite to replace it, or "
+                         + (f"another {other}" if other else "write somewhere else"))
+        raise OutputError(f"{path} exists and is not {kind.what}; {advice}")
 
 
 def audio_inputs(paths: Iterable[Path]) -> dict[Path, str]:
     """The files of a collection, as :func:`check_outputs` names them."""
-    return {Path(p): f"the audio file {p}" for p in paths}
+    return {Path(p): "an audio file" for p in paths}
 
 
 def require_regular_file(path: Path, *, what: str, error: type = OutputError) -> None:
@@ -222,7 +236,7 @@ def require_regular_file(path: Path, *, what: str, error: type = OutputError) ->
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
         kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
                 else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
-        raise error(f"{path}: {what} is {kind}, not a file; give a regular file")
+        raise error(f"{path}: {what} is {kind}; give a regular file")
 
 
 def check_free_space(folder: Path, need: int, what: str, *, replaced: Iterable[Path] = ()) -> None:

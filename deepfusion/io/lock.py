@@ -94,7 +94,7 @@ def _lock(fh, lock_file: Path, *, wait: bool, what: str):
             except OSError:
                 if not wait:
                     raise LockedError(f"{lock_file.parent}: another process is writing {what}"
-                                      f"{_owner(fh)}; wait for it, or use another folder") from None
+                                      f"{_owner(fh)}; wait for it to finish, or use another folder") from None
                 time.sleep(0.2)
         return lambda: (fh.seek(0), msvcrt.locking(fh.fileno(), msvcrt.LK_UNLCK, 1))
     try:
@@ -103,6 +103,6 @@ def _lock(fh, lock_file: Path, *, wait: bool, what: str):
         raise LockedError(f"{lock_file.parent}: another process is writing {what}{_owner(fh)}; "
                           "wait for it to finish, or use another folder") from None
     except OSError as exc:
-        raise OutputError(f"{lock_file}: cannot lock ({os_error_reason(exc)}; a file system "
-                          "without locks?)") from None
+        raise OutputError(f"{lock_file}: cannot lock ({os_error_reason(exc)}); the file system "
+                          "may not support locks: use a local folder") from None
     return lambda: fcntl.flock(fh.fileno(), fcntl.LOCK_UN)

@@ -194,7 +194,8 @@ def synthesize_dataset(out_dir: Union[str, os.PathLike], *, genres: int = 4,
     if foreign:
         more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
         raise OutputError(f"{foreign[0]}: synth would replace this file{more}, which it did not "
-                          "write; give --overwrite to replace them, or another --out")
+                          f"write; give --overwrite to replace {'them' if more else 'it'}, or "
+                          "another --out")
     paths = []
     for g, genre in enumerate(GENRES[:genres]):
         folder = out_dir / genre
