@@ -80,10 +80,10 @@ def atomic_write(dest: Path, mode: str = "wb") -> Iterator[IO[Any]]:
 
 
 def os_error_reason(exc: OSError) -> str:
-    """The words of an OS error for a one-line message ("disk full", "Permission denied")."""
+    """The words of an OS error for a one-line message ("disk full", "permission denied")."""
     if exc.errno == errno.ENOSPC:
         return "disk full"
-    return os.strerror(exc.errno) if exc.errno else str(exc)
+    return library_text(os.strerror(exc.errno) if exc.errno else exc) or "no reason given"
 
 
 def library_text(text: object, limit: int = 160) -> str:
