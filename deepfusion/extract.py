@@ -142,9 +142,10 @@ def extract(audio_dir: Path, *, out: Optional[Path] = None, fmt: str = "pickle",
     out, cache_dir = Path(out if out is not None else default_out(fmt)), Path(cache_dir)
     items = discover(Path(audio_dir), manifest=manifest)
     if out.name == ERRORS_CSV:
-        raise ParameterError(f"{out}: that name is reserved for the error report; choose another --out")
+        raise ParameterError(f"{out}: that name is reserved for the error report; give another --out")
     if fmt == "pickle" and out.is_dir():
-        raise OutputError(f"{out}: is a folder (a feature store?); give --format store, or a file for --out")
+        raise OutputError(f"{out}: a folder (a feature store?); give --format store, or a file "
+                          "for --out")
     inputs = {**audio_inputs(it.path for it in items),
               **({Path(manifest): "the --manifest"} if manifest else {})}
     report = Destination(out.with_name(ERRORS_CSV), "the error report", "extract_errors")

@@ -82,10 +82,14 @@ def check_ensemble(engines: Sequence[Any], paths: Sequence[Path]) -> None:
     first = engines[0]
     for engine, path in zip(engines[1:], paths[1:]):
         if engine.feature_config != first.feature_config:
-            diff = [f"{k} {a!r} vs {b!r}" for k, (a, b) in
+            from .options import flag_of
+
+            diff = [f"{flag_of(k)} {'none' if b is None else b} here, {'none' if a is None else a} "
+                    "there" for k, (a, b) in
                     first.feature_config.differences(engine.feature_config).items()]
             raise ParameterError(f"{path}: its features differ from {paths[0]}'s ("
-                                 + ", ".join(diff[:3]) + "); an ensemble needs one feature configuration")
+                                 + ", ".join(diff[:3]) + "); an ensemble needs models trained on "
+                                 "features of the same settings")
         if sorted(engine.class_names) != sorted(first.class_names):
             raise ParameterError(f"{path}: its genres ({', '.join(engine.class_names)}) differ from "
                                  f"{paths[0]}'s ({', '.join(first.class_names)}); an ensemble "

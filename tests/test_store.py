@@ -428,7 +428,7 @@ def test_identity_survives_a_rewrite_and_damage_is_repaired_by_a_rerun(store, ti
 def test_format_and_out_must_agree(tiny_audio, tmp_path):
     (tmp_path / "folder").mkdir()
     (tmp_path / "file").write_bytes(b"")
-    for fmt, out, message in (("pickle", "folder", "is a folder (a feature store?)"),
+    for fmt, out, message in (("pickle", "folder", "folder: a folder (a feature store?); give --format store"),
                               ("store", "file", "is a file; a feature store is a folder")):
         line = _refused(invoke("extract", "--audio-dir", tiny_audio, "--out", tmp_path / out,
                                     "--format", fmt, "--cache-dir", tmp_path / "cache", "--quiet"))
