@@ -427,7 +427,8 @@ def embed(inputs: tuple[Path, ...], checkpoints: tuple[Path, ...], engine: str, 
     from .embed import collect
 
     if len(checkpoints) != 1:
-        raise ParameterError("embed takes one --checkpoint (an ensemble has no single embedding)")
+        raise ParameterError(f"--checkpoint given {len(checkpoints)} times: embed takes one (an "
+                             "ensemble has no single embedding); give one --checkpoint")
     t0 = time.perf_counter()
     from .io.guard import Destination
 
