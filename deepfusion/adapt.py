@@ -51,7 +51,8 @@ def resolve_mode(mode: str, *, n_clips: int, new_collection: bool) -> str:
         An unknown mode.
     """
     if mode not in ADAPT_MODES:
-        raise ParameterError(f"adapt must be one of {', '.join(ADAPT_MODES)}, got {mode!r}")
+        raise ParameterError(f"--adapt {mode}: give {', '.join(ADAPT_MODES[:-1])} or "
+                             f"{ADAPT_MODES[-1]}")
     if mode != "auto":
         return mode
     return AUTO_MODE if new_collection and n_clips >= ADAPT_MIN_CLIPS else "none"
@@ -187,7 +188,7 @@ def adapt(model, fs: FeatureSet, norm: dict, clips: np.ndarray, *, mode: str, se
     from .data import fit_normalization
 
     if mode not in ("none", "inputs", "full"):
-        raise ParameterError(f"adapt mode must be none, inputs or full, got {mode!r}")
+        raise ParameterError(f"--adapt {mode}: give none, inputs or full")
     if mode == "none" or len(clips) == 0:
         return model, norm
     own = fit_normalization(fs, np.asarray(clips, np.int64))
@@ -208,7 +209,7 @@ def adapt_streaming(model, norm: dict, batches: Iterable[FeatureSet], *, mode: s
     from .data import RunningNormalization
 
     if mode not in ("none", "inputs", "full"):
-        raise ParameterError(f"adapt mode must be none, inputs or full, got {mode!r}")
+        raise ParameterError(f"--adapt {mode}: give none, inputs or full")
     if mode == "none":
         return model, norm
     running = RunningNormalization()

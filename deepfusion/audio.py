@@ -46,15 +46,18 @@ class AudioItem:
     group: Optional[str] = None
 
 
-def resolve_inside(root: Path, relpath: str, *, source: str) -> Path:
+def resolve_inside(root: Path, relpath: str, *, source: str, show_root: bool = True) -> Path:
     """``root / relpath``, refusing paths that leave ``root`` (``../../etc/passwd``).
 
-    ``source`` names the manifest or split file the path came from, for the error message.
+    ``source`` names the manifest or split file the path came from, for the error message;
+    ``show_root``: whether the message names ``root`` (not when it is a stand-in).
     """
     root = Path(root).resolve()
     candidate = (root / relpath).resolve()
     if PurePosixPath(relpath).is_absolute() or not candidate.is_relative_to(root):
-        raise DatasetError(f"{source}: path {relpath!r} leaves the dataset root {root}")
+        where = f" {root}" if show_root else ""
+        raise DatasetError(f"{source}: path {relpath!r} leaves the dataset root{where}; paths "
+                           "are relative to --audio-dir")
     return candidate
 
 
@@ -161,7 +164,7 @@ def _read_manifest(manifest: Path, root: Path) -> list[AudioItem]:
             if "path" not in fieldnames or label_col not in fieldnames:
                 raise DatasetError(
                     f"{manifest}: needs a header with 'path' and 'label' (or 'genre') columns, "
-                    f"found {fieldnames}")
+                    f"found: {', '.join(fieldnames) or 'none'}")
             group_col = next((c for c in ("group", "track_id") if c in fieldnames), None)
             items = []
             for line, row in enumerate(reader, start=2):
@@ -177,8 +180,15 @@ def _read_manifest(manifest: Path, root: Path) -> list[AudioItem]:
                 group = (row.get(group_col) or "").strip() or None if group_col else None
                 items.append(AudioItem(path, PurePosixPath(rel).as_posix(), label, group))
             return items
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DatasetError(f"{manifest}: cannot read manifest ({exc})") from None
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{manifest}: not a UTF-8 text CSV (byte 0x{exc.object[exc.start]:02x} "
+                           f"at position {exc.start}); save the manifest as CSV UTF-8") from None
+    except OSError as exc:
+        from .io.atomic import os_error_reason
+
+        raise DatasetError(f"{manifest}: cannot read manifest ({os_error_reason(exc)})") from None
+    except csv.Error as exc:
+        raise DatasetError(f"{manifest}: not a readable CSV ({exc})") from None
 
 
 @dataclass(frozen=True)

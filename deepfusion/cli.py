@@ -183,10 +183,17 @@ def extract(audio_dir: Path, out: Path | None, fmt: str, dtype: str, cache_dir: 
     from .extract import extract as run_extract
 
     config = take(FeatureConfig, kwargs)
-    result = run_extract(audio_dir, out=out, fmt=fmt, cache_dir=cache_dir,
-                         jobs=jobs, config=config, manifest=manifest, quiet=quiet,
-                         timeout=timeout or None, scheduler=scheduler or None, dtype=dtype,
-                         backend=backend, device=device, overwrite=overwrite)
+    from click.core import ParameterSource
+
+    from .cluster import SCHEDULER_ENV, named_by
+
+    # an address from the environment is named as the variable in messages, not as the flag
+    given = click.get_current_context().get_parameter_source("scheduler")
+    with named_by(SCHEDULER_ENV if given is ParameterSource.ENVIRONMENT else "--scheduler"):
+        result = run_extract(audio_dir, out=out, fmt=fmt, cache_dir=cache_dir,
+                             jobs=jobs, config=config, manifest=manifest, quiet=quiet,
+                             timeout=timeout or None, scheduler=scheduler or None, dtype=dtype,
+                             backend=backend, device=device, overwrite=overwrite)
     for path, reason in result.errors:
         echo(f"skipped {shown(path)}: {shown(reason)}", err=True)
     genres = ", ".join(f"{k} {v}" for k, v in result.labels.items())
@@ -243,8 +250,6 @@ def extract(audio_dir: Path, out: Path | None, fmt: str, dtype: str, cache_dir: 
 def train(features: Path, model_dir: Path, pretrained: bool | None, weights_path: Path | None,
           folds: int | None, resume: bool, overwrite: bool, quiet: bool, **kwargs: Any) -> None:
     """Train the multi-modal network; writes best.pth, last.pth, training_history.csv/png."""
-    if not features.exists():
-        raise click.BadParameter(f"{features}: not found", param_hint="--features")
     config, runtime = take(TrainConfig, kwargs), take(RuntimeConfig, kwargs)
     common = dict(model_dir=model_dir, config=config, runtime=runtime,
                   backbone=kwargs.pop("backbone"), share_backbone=kwargs.pop("share_backbone"),
@@ -343,9 +348,12 @@ def _library(inputs, checkpoints, engine, cache_dir, device, precision, adapt,
              destinations=(), overwrite=False):
     from .predict import Library
 
-    if engine == "onnx" and (device not in ("auto", "cpu") or precision != "fp32"):
-        raise ParameterError("--device and --precision: the onnx engine runs in float32 on "
-                             "onnxruntime's providers; leave them at their defaults")
+    if engine == "onnx" and precision != "fp32":
+        raise ParameterError(f"--precision {precision}: the onnx engine computes in float32 "
+                             "only; leave --precision out, or use --engine torch")
+    if engine == "onnx" and device not in ("auto", "cpu"):
+        raise ParameterError(f"--device {device}: the onnx engine runs on onnxruntime's own "
+                             "providers; leave --device out, or use --engine torch")
     return Library(inputs, checkpoints=list(checkpoints), engine=engine, device=device,
                    cache_dir=cache_dir, destinations=destinations, overwrite=overwrite,
                    precision=precision, adapt=adapt)

@@ -27,9 +27,30 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 from .errors import ClusterError, ClusterLostError, ParameterError, WorkerCrashError
+from .io.atomic import library_text, os_error_reason
 
 #: Environment variable read when ``--scheduler`` is not given.
 SCHEDULER_ENV = "DEEPFUSION_SCHEDULER"
+#: How messages name the address: the flag, or the variable when the address came from it
+#: (set by the command line with :func:`named_by`).
+_NAMED_BY = ["--scheduler"]
+
+
+@contextlib.contextmanager
+def named_by(source: str) -> Iterator[None]:
+    """Messages within name the scheduler address as ``source`` gave it: ``--scheduler``
+    (``--scheduler ADDRESS:``) or :data:`SCHEDULER_ENV` (``DEEPFUSION_SCHEDULER=ADDRESS:``)."""
+    _NAMED_BY.append(source)
+    try:
+        yield
+    finally:
+        _NAMED_BY.pop()
+
+
+def _named(value: object) -> str:
+    """The address as the user gave it, for the head of a message."""
+    source = _NAMED_BY[-1]
+    return f"{source}={value}" if source == SCHEDULER_ENV else f"{source} {value}"
 #: Seconds to reach a scheduler (and for it to have a worker) before giving up with one line;
 #: the environment variable below sets another bound.
 CONNECT_TIMEOUT = 20.0
@@ -53,24 +74,24 @@ def parse_scheduler(value: str) -> tuple[str, int]:
     if value == "local" or value.startswith("local:"):
         count = value.partition(":")[2] or str(os.cpu_count() or 1)
         if not count.isdigit() or int(count) < 1:
-            raise ParameterError(f"--scheduler {value}: local:N needs a worker count N >= 1")
+            raise ParameterError(f"{_named(value)}: local:N needs a worker count N >= 1")
         return "local", int(count)
     usage = "give a scheduler address as the scheduler prints it (tcp://HOST:8786) or local:N"
     scheme, sep, rest = value.rpartition("://")
     if not sep:
         scheme, rest = "tcp", value
     if "://" in scheme or scheme not in SCHEMES:
-        raise ParameterError(f"--scheduler {value}: unknown scheme {scheme!r} (Dask speaks "
+        raise ParameterError(f"{_named(value)}: unknown scheme {scheme!r} (Dask speaks "
                              f"{', '.join(SCHEMES)}); {usage}")
     host, colon, port = rest.rpartition(":")
     if not colon or not host:
         if not rest:
-            raise ParameterError(f"--scheduler {value or repr(value)}: no host; {usage}")
-        raise ParameterError(f"--scheduler {value}: no port; {usage}")
+            raise ParameterError(f"{_named(value or repr(value))}: no host; {usage}")
+        raise ParameterError(f"{_named(value)}: no port; {usage}")
     if not _HOST.fullmatch(host):
-        raise ParameterError(f"--scheduler {value}: {host!r} is not a host name; {usage}")
+        raise ParameterError(f"{_named(value)}: {host!r} is not a host name; {usage}")
     if not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ParameterError(f"--scheduler {value}: the port {port!r} is not a number from 1 "
+        raise ParameterError(f"{_named(value)}: the port {port!r} is not a number from 1 "
                              f"to 65535; {usage}")
     return f"{scheme}://{host}:{int(port)}", 0
 
@@ -94,8 +115,8 @@ def _distributed():
     try:
         import distributed
     except ImportError:
-        raise ClusterError("--scheduler needs Dask's 'distributed' package, an optional extra: "
-                           "pip install 'deepfusion[distributed]'") from None
+        raise ClusterError(f"{_NAMED_BY[-1]} needs Dask's 'distributed' package, an optional "
+                           "extra; pip install 'deepfusion[distributed]'") from None
     return distributed
 
 
@@ -113,21 +134,20 @@ def _reach(address: str, timeout: float) -> None:
     try:
         socket.create_connection((host, int(port)), timeout=timeout).close()
     except socket.gaierror as exc:
-        raise ClusterError(f"--scheduler {address}: cannot reach the scheduler: the host name "
-                           f"{host!r} is not known "
-                           f"({exc.strerror}); check the address") from None
+        raise ClusterError(f"{_named(address)}: cannot reach the scheduler: the host name "
+                           f"{host!r} is not known ({library_text(exc.strerror or exc, 80)}); "
+                           "check the address") from None
     except ConnectionRefusedError:
-        raise ClusterError(f"--scheduler {address}: cannot reach the scheduler: nothing "
-                           f"listens there (connection refused); start it (dask scheduler "
-                           f"--port {port}) or correct the address") from None
+        raise ClusterError(f"{_named(address)}: cannot reach the scheduler: nothing "
+                           f"listens there (connection refused); start it with dask scheduler "
+                           f"--port {port}, or correct the address") from None
     except (socket.timeout, TimeoutError):
-        raise ClusterError(f"--scheduler {address}: cannot reach the scheduler: no answer "
+        raise ClusterError(f"{_named(address)}: cannot reach the scheduler: no answer "
                            f"within {timeout:g} s (the host down, or a firewall); check the "
                            f"address, or wait longer with {TIMEOUT_ENV}=SECONDS") from None
     except OSError as exc:
-        raise ClusterError(f"--scheduler {address}: cannot reach the scheduler "
-                           f"({exc.strerror or type(exc).__name__}); check the address and "
-                           "the network") from None
+        raise ClusterError(f"{_named(address)}: cannot reach the scheduler "
+                           f"({os_error_reason(exc)}); check the address and the network") from None
 
 
 @contextlib.contextmanager
@@ -168,24 +188,22 @@ def connect(scheduler: str, *, timeout: Optional[float] = None) -> Iterator[Any]
                 address = cluster.scheduler_address
                 client = distributed.Client(cluster, timeout=timeout)
             except (OSError, TimeoutError) as exc:
-                raise ClusterError(f"--scheduler {scheduler}: the local cluster did not start "
-                                   f"({exc.strerror or type(exc).__name__}); try --jobs "
-                                   "instead") from None
+                raise ClusterError(f"{_named(scheduler)}: the local cluster did not start "
+                                   f"({_reason(exc)}); give --jobs instead") from None
         else:
             _reach(address, timeout)
             try:
                 client = distributed.Client(address, timeout=timeout)
-            except (OSError, TimeoutError) as exc:
+            except (OSError, TimeoutError):
                 raise ClusterError(
-                    f"--scheduler {address}: no Dask scheduler answered there within "
-                    f"{timeout:g} s ({type(exc).__name__}); is that the scheduler's port "
-                    "(8786 by default; 8787 is its dashboard)? Wait longer with "
-                    f"{TIMEOUT_ENV}=SECONDS") from None
+                    f"{_named(address)}: no Dask scheduler answered within {timeout:g} s "
+                    "(8786 is the usual port; 8787 is its dashboard); check the address, or "
+                    f"wait longer with {TIMEOUT_ENV}=SECONDS") from None
         if not client.scheduler_info().get("workers"):
             try:
                 client.wait_for_workers(1, timeout=timeout)
             except (OSError, TimeoutError):
-                raise ClusterError(f"--scheduler {address}: the scheduler has no worker after "
+                raise ClusterError(f"{_named(address)}: the scheduler has no worker after "
                                    f"{timeout:g} s; start some (dask worker {address})") from None
         yield client
     finally:
@@ -203,7 +221,7 @@ def _probe(folder: str, token_name: str, token: str) -> Optional[str]:
     try:
         return _probe_folder(folder, token_name, token)
     except Exception as exc:  # noqa: BLE001 - a worker's failure must come back as text
-        return f"failed the check ({type(exc).__name__}: {str(exc)[:200]})"
+        return f"failed the check ({_reason(exc)})"
 
 
 def _probe_folder(folder: str, token_name: str, token: str) -> Optional[str]:
@@ -211,13 +229,13 @@ def _probe_folder(folder: str, token_name: str, token: str) -> Optional[str]:
         if Path(folder, token_name).read_text() != token:
             return "sees another file under that path"
     except OSError as exc:
-        return f"cannot see it ({os.strerror(exc.errno or 0)}): not a shared folder"
+        return f"cannot see it ({os_error_reason(exc)})"
     mine = Path(folder, f".worker-probe.{os.getpid()}.{uuid.uuid4().hex}")
     try:
         mine.write_bytes(b"")
         mine.unlink()
     except OSError as exc:
-        return f"cannot write there ({os.strerror(exc.errno or 0)})"
+        return f"cannot write there ({os_error_reason(exc)})"
     return None
 
 
@@ -278,6 +296,13 @@ def _on_worker(fn: Callable, *args) -> tuple[str, Any]:
     return get_worker().address, fn(*args)
 
 
+def _reason(exc: BaseException) -> str:
+    """An exception's words for a message: the OS's for an OS error, else its text."""
+    if isinstance(exc, OSError) and exc.errno:
+        return os_error_reason(exc)
+    return library_text(exc, 160) if str(exc) else "no reason given"
+
+
 def _address(client: Any) -> str:
     return str(getattr(client.scheduler, "address", None) or "the scheduler")
 
@@ -285,9 +310,9 @@ def _address(client: Any) -> str:
 def _lost(client: Any, exc: BaseException, done: Optional[int] = None,
           total: Optional[int] = None) -> ClusterLostError:
     """The one line for a connection to the scheduler broken mid-run."""
-    reason = ("the connection closed" if "Cancelled" in type(exc).__name__
-              else getattr(exc, "strerror", None) or type(exc).__name__)
-    return ClusterLostError(f"--scheduler {_address(client)}: lost the connection to the "
+    reason = ("the connection closed" if "Cancelled" in type(exc).__name__ or not str(exc)
+              else _reason(exc))
+    return ClusterLostError(f"{_named(_address(client))}: lost the connection to the "
                             f"scheduler mid-run ({reason}); {_kept(done, total)}: run the same "
                             "command again once the scheduler is back to continue")
 
@@ -364,7 +389,7 @@ def map_unordered(client: Any, fn: Callable, arguments: Iterable[tuple], *,
         what = f" on {label(args)}" if label and args is not None else ""
         last = getattr(exc.last_worker, "address", exc.last_worker)
         return WorkerCrashError(
-            f"--scheduler {_address(client)}: worker {last} died{what}, the last of "
+            f"{_named(_address(client))}: worker {last} died{what}, the last of "
             f"{exc.allowed_failures + 1} workers lost while running it (out of memory, "
             f"preempted, or a crash in native code); {_kept(done, total)}: run the same "
             "command again to continue (if a worker dies on the same file again, move that "
@@ -388,7 +413,7 @@ def map_unordered(client: Any, fn: Callable, arguments: Iterable[tuple], *,
             idle_since = None if workers else idle_since or time.monotonic()
             if idle_since is not None and time.monotonic() - idle_since > no_worker_timeout:
                 raise ClusterLostError(
-                    f"--scheduler {_address(client)}: no worker left for "
+                    f"{_named(_address(client))}: no worker left for "
                     f"{no_worker_timeout:g} s mid-run (all stopped or preempted); "
                     f"{_kept(done, total)}: run the same command again once workers are back "
                     f"(dask worker {_address(client)}) to continue")

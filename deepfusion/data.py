@@ -17,6 +17,7 @@ import numpy as np
 
 from .config import MEL_KEYS, PRETRAINED_KEY, FeatureConfig
 from .errors import DatasetError
+from .io.atomic import library_text, os_error_reason
 from .io.featureset import FeatureSet
 from .pretrained.view import patch_span
 
@@ -69,15 +70,20 @@ def resolve_split_file(spec: str | Path) -> Path:
     from .io.guard import require_regular_file
 
     path = Path(spec)
+    if path.is_dir():
+        raise DatasetError(f"{path}: a folder, not a split file; give a CSV with path,split "
+                           "columns")
     require_regular_file(path, what="the split file", error=DatasetError)
     if not path.is_file():
         aliases = ", ".join(SPLIT_ALIASES)
-        raise DatasetError(f"{path}: split file not found (shipped aliases: {aliases})")
+        raise DatasetError(f"{path}: split file not found; give a CSV with path,split columns, "
+                           f"or a shipped split: {aliases}")
     return path
 
 
-def read_split_file(spec: str | Path, paths: list[str]) -> np.ndarray:
+def read_split_file(spec: str | Path, paths: list[str], *, source: str = "") -> np.ndarray:
     """Splits of ``paths`` from a ``path,split`` CSV; clips it does not list get ''.
+    ``source``: the features file the paths come from (for the message of no overlap).
 
     Raises
     ------
@@ -101,29 +107,48 @@ def read_split_file(spec: str | Path, paths: list[str]) -> np.ndarray:
                 rel = (row["path"] or "").strip()
                 if name not in SPLITS:
                     raise DatasetError(f"{path}: line {line}: split must be train, val or test, got {name!r}")
-                resolve_inside(Path("/dataset-root"), rel, source=f"{path}: line {line}")
+                resolve_inside(Path("/dataset-root"), rel, source=f"{path}: line {line}",
+                               show_root=False)
                 if rel in first_line:
                     raise DatasetError(f"{path}: line {line}: {rel!r} is listed again (first on "
                                        f"line {first_line[rel]}); list each clip once")
                 first_line[rel] = line
                 wanted[rel] = name
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DatasetError(f"{path}: cannot read split file ({exc})") from None
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read split file ({os_error_reason(exc)})") from None
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path}: not a UTF-8 text CSV (byte 0x{exc.object[exc.start]:02x} "
+                           f"at position {exc.start}); save it as CSV UTF-8") from None
+    except csv.Error as exc:
+        raise DatasetError(f"{path}: not a readable CSV ({library_text(exc, 120)})") from None
     split = np.array([wanted.get(p, "") for p in paths], dtype=object)
     if not (split != "").any():
-        raise DatasetError(f"{path}: none of its paths matches a clip of the features file")
+        features = source or "the features file"
+        listed = next(iter(wanted), None)
+        example = next((p for p in paths if p), "")
+        detail = (f" (it lists {listed}; {features} has paths like {example}, relative to the "
+                  "audio folder)" if listed is not None else " (it lists no clip)")
+        raise DatasetError(f"{path}: none of its paths is a clip of {features}{detail}")
     return split
 
 
-def check_split(split: np.ndarray, groups: np.ndarray) -> None:
-    """Raise :class:`DatasetError` if a group (duplicate or track) spans two splits."""
-    seen: dict[int, str] = {}
-    for s, g in zip(split.tolist(), groups.tolist()):
+def check_split(split: np.ndarray, groups: np.ndarray, *, paths: Optional[list[str]] = None,
+                split_file: Any = None) -> None:
+    """Raise :class:`DatasetError` if a group (duplicate or track) spans two splits; the
+    message names two of its clips when ``paths`` are given, and ``split_file``."""
+    seen: dict[Any, tuple[str, int]] = {}
+    for i, (s, g) in enumerate(zip(split.tolist(), groups.tolist())):
         if s == "":
             continue
-        if seen.setdefault(g, s) != s:
-            raise DatasetError(f"a group of identical or same-track clips spans {seen[g]} and {s}; "
-                               "fix the split file")
+        first, j = seen.setdefault(g, (s, i))
+        if first != s:
+            where = f"{split_file}: " if split_file is not None else ""
+            if paths is not None and paths[j] and paths[i]:
+                raise DatasetError(f"{where}{paths[j]} and {paths[i]} are one group (identical "
+                                   "audio, or one track, album or artist) but in "
+                                   f"{first} and {s}; put them in one split")
+            raise DatasetError(f"{where}a group of identical or same-track clips spans {first} "
+                               f"and {s}; put its clips in one split")
 
 
 # ------------------------------------------------------------------------------ normalisation

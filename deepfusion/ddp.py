@@ -76,8 +76,10 @@ def launched() -> Optional[tuple[int, int, int]]:
     try:
         rank, world, local = (int(os.environ[name]) for name in ENV)
     except ValueError:
-        seen = ", ".join(f"{name}={os.environ[name]!r}" for name in ENV)
-        raise DeepFusionError(f"torchrun's environment is not understood ({seen})") from None
+        bad = ", ".join(f"{name}={os.environ[name]!r}" for name in ENV
+                        if not os.environ[name].strip().lstrip("+-").isdigit())
+        raise DeepFusionError(f"{', '.join(ENV[:-1])} and {ENV[-1]} must be whole numbers "
+                              f"({bad}); start deepfusion with torchrun, or unset them") from None
     return (rank, world, local) if world > 1 else None
 
 

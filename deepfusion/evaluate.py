@@ -74,7 +74,7 @@ def _select(fs: FeatureSet, ckpt: dict, split: str, split_file: Optional[str], s
     if split == "all":
         return np.flatnonzero(known)
     if split_file:
-        names = read_split_file(split_file, fs.paths)
+        names = read_split_file(split_file, fs.paths, source=fs.source)
         return np.flatnonzero((names == split) & known)
     saved = ckpt["split"]
     if saved["by"] == "index":
@@ -145,7 +145,12 @@ def evaluate(checkpoint: Path, *, features: Optional[Path] = None, split: str = 
     ckpt = load_checkpoint(checkpoint)
     out_dir = Path(out_dir) if out_dir is not None else checkpoint.parent
     check_writable(out_dir / "evaluation.json")
-    features = Path(features) if features is not None else Path(ckpt["features_file"])
+    if features is None:
+        features = Path(ckpt["features_file"])
+        if not features.exists():
+            raise FeaturesFileError(f"{features}: features file not found (the one {checkpoint} "
+                                    "was trained on); give --features")
+    features = Path(features)
     check_destinations(run_destinations(out_dir, REPORT_FILES),
                        {checkpoint: "the checkpoint", features: "the features file",
                         **({Path(split_file): "the --split-file"} if split_file else {})},

@@ -100,6 +100,23 @@ class SecondsOrFull(click.ParamType):
         return seconds
 
 
+class Seconds(click.ParamType):
+    """A number of seconds, 0 or more (0: no limit)."""
+
+    name = "SECONDS"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float):
+            return value
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        if not seconds >= 0:
+            self.fail(f"{value} is below 0; give 0 (no limit) or more seconds", param, ctx)
+        return seconds
+
+
 class PretrainedViewChoice(click.Choice):
     """A name of :data:`~deepfusion.config.PRETRAINED_VIEWS`, or ``none`` (None: no view)."""
 
@@ -248,7 +265,7 @@ jobs_option = click.option("--jobs", "-j", type=click.IntRange(1), default=None,
                            help="Worker processes computing features [default: all cores].")
 
 timeout_option = click.option(
-    "--timeout", type=click.FloatRange(min=0), default=120.0, show_default=True,
+    "--timeout", type=Seconds(), default=120.0, show_default=True,
     help="Seconds one file (for predict and embed, one window of a long file) may take before "
     "it is abandoned and reported (0: no limit).")
 

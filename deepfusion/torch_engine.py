@@ -55,7 +55,7 @@ class TorchEngine:
         # float32 unless asked, whatever the training run used: the same file gives the same
         # answer on every machine (mixed precision would move borderline files)
         self.precision = inference_precision(self.device, precision)
-        self.model = model_from_checkpoint(self.ckpt).to(self.device)
+        self.model = model_from_checkpoint(self.ckpt, self.path).to(self.device)
         if self.device.type != "mps":   # as train runs it (faster CNNs on CPUs and GPUs)
             self.model.to(memory_format=torch.channels_last)
         self.embedding_dim = int(self.model.classifier.in_features)

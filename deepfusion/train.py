@@ -161,6 +161,7 @@ def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConf
                                       "--resume to start a new run")
             remove_stale_temps(model_dir)  # leftovers of a run killed while writing
         device = ddp.device(runtime.device)     # a device this machine lacks: one line, now
+        precision_for(device, requested_precision(runtime.amp, runtime.amp_dtype))   # as a precision
         # an --init-from source among the files this run replaces (train --overwrite
         # --init-from M/best.pth --model-dir M) is read whole before the folder is touched
         source = None
@@ -232,8 +233,8 @@ def _train(features: Path, *, model_dir: Path, config: TrainConfig, runtime: Run
         split = np.asarray(split, dtype=object)
         check_split(split, fs.groups)
     elif config.split_file:
-        split = read_split_file(config.split_file, fs.paths)
-        check_split(split, fs.groups)
+        split = read_split_file(config.split_file, fs.paths, source=fs.source)
+        check_split(split, fs.groups, paths=fs.paths, split_file=config.split_file)
     else:
         split = make_split(fs.labels, fs.groups, val_size=config.val_size,
                            test_size=config.test_size, seed=config.seed)

@@ -160,3 +160,136 @@ def test_onnx_engine_given_a_checkpoint_or_a_precision(trained_model_dir, tiny_a
     assert one_error_line(result.stderr) == (
         "Error: --precision amp: the onnx engine computes in float32 only; leave --precision "
         "out, or use --engine torch")
+
+
+# ------------------------------------------------------------------ C: features and split files
+
+def _train_line(features, tmp_path, *extra) -> tuple[int, str]:
+    result = invoke("train", "--features", features, "--model-dir", tmp_path / "m",
+                    "--backbone", "light", "--no-pretrained", *TRAIN, *extra)
+    return result.exit_code, train_error_line(result.stderr)
+
+
+def test_features_files_that_are_missing_or_not_ours(tiny_audio, tiny_features, tmp_path):
+    wav = next(tiny_audio.rglob("*.wav"))
+    data = Path(tiny_features).read_bytes()
+    cut = tmp_path / "trunc.pkl"
+    cut.write_bytes(data[: len(data) // 2])
+    mapping = tmp_path / "dict.pkl"
+    mapping.write_bytes(pickle.dumps({"clips": []}))
+    items = pickle.loads(data)
+    items[3] = dict(items[3], label=1.5)
+    floats = tmp_path / "float.pkl"
+    floats.write_bytes(pickle.dumps(items))
+    cases = {
+        tmp_path / "nope.pkl": "features file not found; run deepfusion extract first, or give "
+                               "--features",
+        tiny_audio: "a folder, not a features file or feature store (no meta.json); give the "
+                    "--out of deepfusion extract",
+        wav: "not a features file (not a pickle); give the --out of deepfusion extract",
+        cut: "damaged features file (cut short); run deepfusion extract again",
+        mapping: "not a deepfusion features file (a mapping, where extract writes a list of clips)",
+        floats: f"clip 4 ({items[3]['path']}): label 1.5 is neither a name nor a whole number",
+    }
+    for path, words in cases.items():
+        code, line = _train_line(path, tmp_path)
+        assert code == 1, (path, line)
+        assert line == f"Error: {path}: {words}"
+
+
+def test_split_files_say_what_they_should_hold(tiny_features, tmp_path):
+    items = pickle.loads(Path(tiny_features).read_bytes())
+    elsewhere = tmp_path / "s2.csv"
+    elsewhere.write_text("path,split\nnothere.wav,train\n")
+    cases = {
+        tmp_path / "nope.csv": (2, "split file not found; give a CSV with path,split columns, "
+                                   "or a shipped split: gtzan-fault-filtered"),
+        tmp_path: (2, "a folder, not a split file; give a CSV with path,split columns"),
+        elsewhere: (2, f"none of its paths is a clip of {tiny_features} (it lists nothere.wav; "
+                       f"{tiny_features} has paths like {items[0]['path']}, relative to the audio "
+                       "folder)"),
+    }
+    for path, (code, words) in cases.items():
+        got, line = _train_line(tiny_features, tmp_path, "--split-file", path)
+        assert got == code, (path, line)
+        assert line == f"Error: {path}: {words}"
+
+
+def test_a_group_across_splits_names_two_clips(tmp_path):
+    import numpy as np
+
+    from deepfusion.data import check_split
+    from deepfusion.errors import DatasetError
+
+    split = np.array(["train", "test", "train"], dtype=object)
+    with pytest.raises(DatasetError, match=r"^s\.csv: x\.wav and y\.wav are one group \(identical "
+                       r"audio, or one track, album or artist\) but in train and test; put them "
+                       r"in one split$"):
+        check_split(split, np.array(["a", "a", "b"], dtype=object), paths=["x.wav", "y.wav", "z.wav"],
+                    split_file="s.csv")
+
+
+def test_a_manifest_that_is_not_utf8_text(tiny_audio, tmp_path):
+    manifest = tmp_path / "a.csv"
+    manifest.write_bytes(b"\x80\x04path,label\n")
+    result = invoke("extract", "--audio-dir", tiny_audio, "--manifest", manifest,
+                    "--out", tmp_path / "f.pkl", "--cache-dir", tmp_path / "c", "--quiet")
+    assert result.exit_code == 2, result.output
+    line = one_error_line(result.stderr)
+    assert line.startswith(f"Error: {manifest}: not a UTF-8 text") and "0x80" in line, line
+
+
+# ----------------------------------------------------------------- G: cluster, torchrun, musicnn
+
+def test_a_scheduler_from_the_environment_is_named_as_the_variable(tiny_audio, tmp_path, monkeypatch):
+    base = ("extract", "--audio-dir", tiny_audio, "--out", tmp_path / "f.pkl", "--cache-dir",
+            tmp_path / "cache", "--quiet")
+    monkeypatch.setenv("DEEPFUSION_SCHEDULER", "local:0")
+    result = invoke(*base)
+    assert result.exit_code == 2, result.output
+    assert one_error_line(result.stderr) == ("Error: DEEPFUSION_SCHEDULER=local:0: local:N needs "
+                                             "a worker count N >= 1")
+    result = invoke(*base, "--scheduler", "local:0")
+    assert result.exit_code == 2, result.output
+    assert one_error_line(result.stderr) == "Error: --scheduler local:0: local:N needs a worker count N >= 1"
+
+
+def test_torchrun_variables_that_are_not_numbers(monkeypatch):
+    from deepfusion import ddp
+    from deepfusion.errors import DeepFusionError
+
+    monkeypatch.setenv("RANK", "x")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(DeepFusionError, match=r"^RANK, WORLD_SIZE and LOCAL_RANK must be whole "
+                       r"numbers \(RANK='x'\); start deepfusion with torchrun, or unset them$"):
+        ddp.launched()
+
+
+def test_a_timeout_that_is_not_a_number(tmp_path):
+    result = invoke("extract", "--audio-dir", tmp_path, "--timeout", "abc")
+    assert result.exit_code == 2
+    assert "'abc' is not a number of seconds" in result.stderr
+    assert "float range" not in result.stderr
+
+
+def test_evaluate_names_the_checkpoint_whose_features_moved(trained_model_dir, tmp_path):
+    ckpt = torch.load(trained_model_dir / "best.pth", weights_only=True)
+    moved = tmp_path / "c.pkl"
+    ckpt["features_file"] = str(moved)
+    best = tmp_path / "mc" / "best.pth"
+    best.parent.mkdir()
+    torch.save(ckpt, best)
+    result = invoke("evaluate", "--checkpoint", best, "--out-dir", tmp_path / "out")
+    assert result.exit_code == 1, result.output
+    assert one_error_line(result.stderr) == (
+        f"Error: {moved}: features file not found (the one {best} was trained on); give --features")
+
+
+def test_fp16_on_the_cpu_is_refused_before_any_download(tiny_features, tmp_path):
+    result = invoke("train", "--features", tiny_features, "--model-dir", tmp_path / "m",
+                    "--backbone", "resnet18", "--device", "cpu", "--amp-dtype", "fp16", *TRAIN)
+    assert result.exit_code == 2, result.output
+    assert train_error_line(result.stderr) == ("Error: --amp-dtype fp16: the CPU has no fast fp16; "
+                                               "give --amp-dtype bf16 or auto, or --no-amp")
+    assert "ImageNet" not in result.output and "recipe" not in result.output

@@ -93,7 +93,7 @@ def test_a_file_where_some_clips_lack_the_view_is_refused(tiny_features, tmp_pat
     del items[3]["features"][PRETRAINED_KEY]
     bad = tmp_path / "mixed.pkl"
     bad.write_bytes(pickle.dumps(items))
-    with pytest.raises(FeaturesFileError, match="item 3: lacks the musicnn view"):
+    with pytest.raises(FeaturesFileError, match=rf"clip 4 \({items[3]['path']}\): lacks the musicnn view"):
         load_features(bad)
 
 

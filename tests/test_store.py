@@ -237,7 +237,7 @@ def test_clutter_is_ignored_and_a_damaged_meta_json_is_repaired(tiny_audio, tiny
     (out / ".DS_Store").write_bytes(b"finder")
     assert run().n_items == 18 and (out / ".DS_Store").exists()
     (out / META).write_text('{"format": "deepfusion-feature-st')    # damaged by hand
-    with pytest.raises(FeaturesFileError, match="unreadable meta.json"):
+    with pytest.raises(FeaturesFileError, match=r"damaged feature store \(meta.json is not JSON\); run deepfusion extract again"):
         open_store(out)
     assert run().n_items == 18 and open_store(out).sha256 == identity
 
@@ -327,20 +327,20 @@ def test_damaged_stores_get_one_line(tiny_features, trained_model_dir, tmp_path)
         return next(p for p in folder.iterdir() if p.is_dir())
 
     cases = {
-        "no-meta": (lambda f, m: (f / META).unlink(), "without meta.json, not a feature store"),
+        "no-meta": (lambda f, m: (f / META).unlink(), "a folder, not a features file or feature store (no meta.json); give the --out of deepfusion extract"),
         "other-format": (lambda f, m: m.update(format="x"), "not a valid feature store"),
         "newer": (lambda f, m: m.update(version=99), "version 99"),
         "traversal": (lambda f, m: m.update(data="../good.store/" + m["data"]), "must name a version folder"),
-        "missing-array": (lambda f, m: (version(f) / "mfcc.npy").unlink(), "mfcc.npy is missing"),
+        "missing-array": (lambda f, m: (version(f) / "mfcc.npy").unlink(), "mfcc.npy is missing); run deepfusion extract again"),
         "short-array": (lambda f, m: np.save(version(f) / "chroma.npy", np.zeros((2, 12, 3), np.float32)),
                         "chroma.npy holds float32 (2, 12, 3)"),
         "pickled-array": (lambda f, m: np.save(version(f) / "tempogram.npy",
                                                np.array([object()] * 3), allow_pickle=True),
-                          "tempogram.npy is unreadable"),
+                          "tempogram.npy is unreadable ("),
         "clip-count": (lambda f, m: m["clips"].pop(), "'clips' must list 18 clips"),
-        "one-genre": (lambda f, m: [c.update(label="rock") for c in m["clips"]], "only one class"),
+        "one-genre": (lambda f, m: [c.update(label="rock") for c in m["clips"]], "only one genre (rock); need at least two"),
         "group-list": (lambda f, m: m["clips"][3].update(group=[1, 2]),
-                       "clip 3: 'group' and 'duplicate_group' must be strings or numbers"),
+                       "clip 4: 'group' and 'duplicate_group' must be names or numbers); run deepfusion extract again"),
         "config-unknown": (lambda f, m: m.update(feature_config={"bogus": 1}),
                            "invalid feature_config (FeatureConfig: unknown field(s) bogus)"),
         "config-list": (lambda f, m: m.update(feature_config=[1]), "'feature_config' must be an object"),
@@ -350,7 +350,7 @@ def test_damaged_stores_get_one_line(tiny_features, trained_model_dir, tmp_path)
         "rows-bool": (lambda f, m: m["rows"].update(mfcc=True), "'rows' must give a positive row count"),
         "nan": (lambda f, m: np.save(version(f) / "chroma.npy", np.where(
                     np.arange(18)[:, None, None] == 7, np.nan, np.load(version(f) / "chroma.npy"))
-                    .astype(np.float32)), "clip 7 (techno/techno.00001.wav): chroma holds NaN or infinite values"),
+                    .astype(np.float32)), "clip 8 (techno/techno.00001.wav): chroma holds NaN or infinite values; run deepfusion extract again"),
     }
     for name, (change, message) in cases.items():
         folder = damaged(name, change)
@@ -370,7 +370,8 @@ def test_malformed_groups_and_feature_config_in_a_pickle_get_one_line(tiny_featu
     with open(tiny_features, "rb") as fh:
         items = pickle.load(fh)
     for name, change, message in (
-            ("group", lambda its: its[2].update(group={"a": 1}), "item 2: group must be a string or a number"),
+            ("group", lambda its: its[2].update(group={"a": 1}),
+             f"clip 3 ({items[2]['path']}): its group is a mapping, neither a name nor a number"),
             ("config", lambda its: [it.update(feature_config={"bogus": 1}) for it in its],
              "invalid feature_config (FeatureConfig: unknown field(s) bogus)")):
         damaged = [dict(it) for it in items]
@@ -398,8 +399,9 @@ def test_a_worker_unpickling_a_replaced_store_gets_one_line(store, tmp_path):
     shutil.copytree(store, copy)
     blob = pickle.dumps(open_store(copy))
     shutil.rmtree(copy / _versions(copy)[0])
-    with pytest.raises(FeaturesFileError, match=r"copy\.store: .*mel_spec_orig\.npy changed while it "
-                                                r"was in use .*was the store rewritten"):
+    with pytest.raises(FeaturesFileError, match=r"copy\.store: .*mel_spec_orig\.npy changed while in "
+                                                    r"use \(rewritten, perhaps by another extract\); "
+                                                    r"run the command again when that is done$"):
         pickle.loads(blob)
 
 
@@ -429,7 +431,7 @@ def test_format_and_out_must_agree(tiny_audio, tmp_path):
     (tmp_path / "folder").mkdir()
     (tmp_path / "file").write_bytes(b"")
     for fmt, out, message in (("pickle", "folder", "folder: a folder (a feature store?); give --format store"),
-                              ("store", "file", "is a file; a feature store is a folder")):
+                              ("store", "file", "file: a file, but --format store writes a folder; give another --out, or --format pickle")):
         line = _refused(invoke("extract", "--audio-dir", tiny_audio, "--out", tmp_path / out,
                                     "--format", fmt, "--cache-dir", tmp_path / "cache", "--quiet"))
         assert message in line, line

@@ -111,18 +111,21 @@ def test_clip_depends_on_seed_and_genre():
     assert not np.array_equal(y, render_clip("rock", seed=5, duration=1.0))
 
 
-@pytest.mark.parametrize("kwargs,bad", [
-    ({"genres": 0}, "0"),
-    ({"genres": len(GENRES) + 1}, str(len(GENRES) + 1)),
-    ({"clips_per_genre": 0}, "0"),
-    ({"duration": 0.0}, "0.0"),
-    ({"duration": -2.5}, "-2.5"),
-    ({"sr": 0}, "0"),
-    ({"sr": -22050}, "-22050"),
-    ({"seed": -1}, "-1"),
+_N = len(GENRES)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"genres": 0}, f"^--genres 0: synth has {_N} genres; give 1 to {_N}$"),
+    ({"genres": _N + 1}, f"^--genres {_N + 1}: synth has {_N} genres; give 1 to {_N}$"),
+    ({"clips_per_genre": 0}, "^--clips-per-genre 0: give a whole number 1 or more$"),
+    ({"duration": 0.0}, r"^--duration 0\.0: give a number of seconds above 0$"),
+    ({"duration": -2.5}, r"^--duration -2\.5: give a number of seconds above 0$"),
+    ({"sr": 0}, "got 0$"),
+    ({"sr": -22050}, "got -22050$"),
+    ({"seed": -1}, "got -1$"),
 ])
-def test_dataset_rejects_bad_arguments(tmp_path, kwargs, bad):
-    with pytest.raises(ParameterError, match=f"got {re.escape(bad)}$") as caught:
+def test_dataset_rejects_bad_arguments(tmp_path, kwargs, message):
+    with pytest.raises(ParameterError, match=message) as caught:
         synthesize_dataset(tmp_path / "out", **kwargs)
     assert isinstance(caught.value, ValueError)
     assert not (tmp_path / "out").exists(), "nothing is written before arguments are checked"

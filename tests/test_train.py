@@ -182,10 +182,10 @@ def _bad_files(tiny_features, tmp_path):
     text = tmp_path / "text.pkl"
     text.write_text("not a pickle")
     return {"missing keys": (save("missing.pkl", missing), "missing feature(s) chroma"),
-            "wrong shape": (save("wrong.pkl", wrong), "item 3: mfcc has 13 rows"),
-            "one class": (save("one.pkl", one_class), "only one class"),
+            "wrong shape": (save("wrong.pkl", wrong), f"clip 4 ({items[3]['path']}): mfcc has 13 rows"),
+            "one class": (save("one.pkl", one_class), "only one genre (rock); need at least two"),
             "empty": (save("empty.pkl", []), "holds no clips"),
-            "not a pickle": (text, "not a readable pickle")}
+            "not a pickle": (text, "not a features file (not a pickle); give the --out of deepfusion extract")}
 
 
 def test_bad_features_files_get_one_clear_line(tiny_features, tmp_path):

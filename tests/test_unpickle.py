@@ -144,7 +144,7 @@ def test_code_in_a_pickle_is_refused_before_it_runs(tmp_path, payload):
 def test_missing_and_folder_inputs_are_named(tmp_path):
     with pytest.raises(FeaturesFileError, match="features file not found"):
         safe_pickle_load(tmp_path / "absent.pkl")
-    with pytest.raises(FeaturesFileError, match="is a folder"):
+    with pytest.raises(FeaturesFileError, match="a folder, not a features file"):
         safe_pickle_load(tmp_path)
 
 

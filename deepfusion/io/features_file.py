@@ -19,7 +19,7 @@ from ..errors import FeaturesFileError
 from .atomic import atomic_write
 from .cache import file_digest
 from .featureset import (FeatureSet, checked_feature_config, class_names_of, label_name,
-                         merge_groups)
+                         merge_groups, what_it_is)
 from .unpickle import safe_pickle_load
 
 
@@ -49,6 +49,12 @@ def load_features(path: Path, *, class_names: Optional[list[str]] = None) -> Fea
 
 
 
+def _clip(path: Path, index: int, item: Any) -> str:
+    """``<file>: clip N (its path)`` for a message, counting clips from 1."""
+    name = item.get("path") if isinstance(item, dict) else None
+    return f"{path}: clip {index + 1}" + (f" ({name})" if isinstance(name, str) and name else "")
+
+
 def load_feature_set(path: Path, *, class_names: Optional[list[str]] = None) -> FeatureSet:
     """Read and validate a features file (deepfusion's or the original project's format).
 
@@ -75,30 +81,32 @@ def load_feature_set(path: Path, *, class_names: Optional[list[str]] = None) -> 
         sha256 = ""          # read_features_file reports the missing or unreadable file
     items = read_features_file(path)
     if not isinstance(items, list):
-        raise FeaturesFileError(f"{path}: expected a list of clips, found {type(items).__name__}")
+        raise FeaturesFileError(f"{path}: not a deepfusion features file ({what_it_is(items)}, "
+                                "where extract writes a list of clips)")
     if not items:
         raise FeaturesFileError(f"{path}: holds no clips")
     # the pretrained view is there for every clip or for none (a file of one extract run)
     for i, item in enumerate(items):
         if not isinstance(item, dict) or not isinstance(item.get("features"), dict):
-            raise FeaturesFileError(f"{path}: item {i}: needs 'features' (a dict of arrays) and "
-                                    "'label'")
+            raise FeaturesFileError(f"{_clip(path, i, item)}: needs features (named arrays) "
+                                    "and a label")
     has = [PRETRAINED_KEY in it["features"] for it in items]
     if any(has) and not all(has):
-        raise FeaturesFileError(f"{path}: item {has.index(not has[0])}: "
+        odd = has.index(not has[0])
+        raise FeaturesFileError(f"{_clip(path, odd, items[odd])}: "
                                 f"{'has' if not has[0] else 'lacks'} the {PRETRAINED_KEY} view, "
-                                f"item 0 {'has' if has[0] else 'lacks'} it; extract them together")
+                                f"clip 1 {'has' if has[0] else 'lacks'} it; extract them together")
     keys = view_keys(bool(has[0]))
     rows: dict[str, int] = {}
     frames: dict[str, list[int]] = {k: [] for k in keys}
     names: list[str] = []
     for i, item in enumerate(items):
-        where = f"{path}: item {i}"
+        where = _clip(path, i, item)
         if not isinstance(item, dict) or "features" not in item or "label" not in item:
-            raise FeaturesFileError(f"{where}: needs 'features' and 'label'")
+            raise FeaturesFileError(f"{where}: needs features (named arrays) and a label")
         feats = item["features"]
         if not isinstance(feats, dict):
-            raise FeaturesFileError(f"{where}: 'features' must be a dict of arrays")
+            raise FeaturesFileError(f"{where}: its features must be named arrays")
         missing = [k for k in keys if k not in feats]
         if missing:
             raise FeaturesFileError(f"{where}: missing feature(s) {', '.join(missing)}")
@@ -121,8 +129,8 @@ def load_feature_set(path: Path, *, class_names: Optional[list[str]] = None) -> 
             value = item.get(key)
             if not (value is None or isinstance(value, (str, int, float, np.integer, np.floating))) \
                     or isinstance(value, (bool, np.bool_)):
-                raise FeaturesFileError(f"{where}: {key} must be a string or a number, got "
-                                        f"{type(value).__name__}")
+                raise FeaturesFileError(f"{where}: its {key} is {what_it_is(value)}, neither a "
+                                        "name nor a number")
     if rows[MEL_KEYS[0]] != rows[MEL_KEYS[1]] or rows[MEL_KEYS[0]] != rows[MEL_KEYS[2]]:
         raise FeaturesFileError(f"{path}: the three mel views must have the same number of bands")
 

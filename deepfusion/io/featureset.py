@@ -30,13 +30,12 @@ class _MappedFile:
     def open(self, source: str) -> np.ndarray:
         try:
             arr = np.load(self.filename, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            arr, why = None, str(exc)
-        else:
-            why = f"it now holds {arr.dtype} {arr.shape}"
+        except (OSError, ValueError):
+            arr = None
         if arr is None or arr.shape != tuple(self.shape) or arr.dtype.str != self.dtype:
-            raise FeaturesFileError(f"{source}: {self.filename} changed while it was in use "
-                                    f"({why}); was the store rewritten? start again")
+            raise FeaturesFileError(f"{source}: {self.filename} changed while in use "
+                                    "(rewritten, perhaps by another extract); run the command "
+                                    "again when that is done")
         return arr
 
 
@@ -116,14 +115,34 @@ class FeatureSet:
 def label_name(label: Any, where: str) -> str:
     if isinstance(label, (str, int, np.integer)) and not isinstance(label, bool):
         return str(label)
-    raise FeaturesFileError(f"{where}: label must be a string or an integer, got {type(label).__name__}")
+    if isinstance(label, (float, np.floating)):
+        raise FeaturesFileError(f"{where}: label {label:g} is neither a name nor a whole number")
+    raise FeaturesFileError(f"{where}: its label is {what_it_is(label)}, neither a name nor a "
+                            "whole number")
+
+
+def what_it_is(value: Any) -> str:
+    """A value of a features file in words, never a Python type name ("a list", "none")."""
+    if value is None:
+        return "none"
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value)).lower()
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, np.ndarray):
+        return "an array"
+    if isinstance(value, (bytes, bytearray)):
+        return "bytes"
+    return "an object"
 
 
 def class_names_of(names: list[str], source: Path) -> list[str]:
     """Distinct labels in logit order: numbers numerically, then names alphabetically."""
     distinct = sorted(set(names), key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
     if len(distinct) < 2:
-        raise FeaturesFileError(f"{source}: only one class ({distinct[0]!r}); need at least two genres")
+        raise FeaturesFileError(f"{source}: only one genre ({distinct[0]}); need at least two")
     return distinct
 
 
@@ -133,7 +152,7 @@ def checked_feature_config(config: Any, source: Path) -> Optional[dict[str, Any]
         return None
     try:
         if not isinstance(config, dict):
-            raise TypeError(f"expected a dict, found {type(config).__name__}")
+            raise TypeError(f"{what_it_is(config)}, not a mapping of settings")
         FeatureConfig.from_dict(config)
     except (DeepFusionError, TypeError, ValueError) as exc:
         raise FeaturesFileError(f"{source}: invalid feature_config ({exc})") from None

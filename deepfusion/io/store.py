@@ -36,7 +36,7 @@ import numpy as np
 
 from ..config import ALL_KEYS, FEATURE_KEYS, MEL_KEYS, PRETRAINED_KEY
 from ..errors import FeaturesFileError, OutputError
-from .atomic import atomic_write, os_error_reason, remove_stale_temps
+from .atomic import atomic_write, library_text, os_error_reason, remove_stale_temps
 from .featureset import FeatureSet, checked_feature_config, class_names_of, merge_groups
 from .lock import exclusive
 
@@ -75,8 +75,8 @@ def check_destination(dest: Path) -> None:
     """
     dest = Path(dest)
     if dest.exists() and not dest.is_dir():
-        raise OutputError(f"{dest}: is a file; a feature store is a folder: give another --out "
-                          "(or --format pickle)")
+        raise OutputError(f"{dest}: a file, but --format store writes a folder; give another "
+                          "--out, or --format pickle")
     if not dest.is_dir():
         return
     try:
@@ -327,12 +327,17 @@ def read_meta(root: Path) -> dict[str, Any]:
         with open(root / META, encoding="utf-8") as fh:
             meta = json.load(fh)
     except FileNotFoundError:
-        raise FeaturesFileError(f"{root}: a folder without {META}, not a feature store") from None
-    except (OSError, ValueError) as exc:
-        raise FeaturesFileError(f"{root}: unreadable {META} ({exc})") from None
+        raise FeaturesFileError(f"{root}: a folder, not a features file or feature store (no "
+                                f"{META}); give the --out of deepfusion extract") from None
+    except OSError as exc:
+        raise FeaturesFileError(f"{root}: cannot read its {META} ({os_error_reason(exc)})") from None
+    except ValueError:
+        raise FeaturesFileError(f"{root}: damaged feature store ({META} is not JSON); run "
+                                "deepfusion extract again") from None
 
     def bad(why: str) -> FeaturesFileError:
-        return FeaturesFileError(f"{root}: not a valid feature store ({why})")
+        return FeaturesFileError(f"{root}: not a valid feature store ({why}); run deepfusion "
+                                 "extract again")
 
     def count(x: Any) -> bool:
         return isinstance(x, int) and not isinstance(x, bool) and x > 0
@@ -367,9 +372,9 @@ def read_meta(root: Path) -> dict[str, Any]:
     for i, c in enumerate(clips):
         if not (isinstance(c, dict) and isinstance(c.get("path"), str)
                 and isinstance(c.get("label"), (str, int)) and not isinstance(c.get("label"), bool)):
-            raise bad(f"clip {i} needs a path and a label")
+            raise bad(f"clip {i + 1} needs a path and a label")
         if not all(scalar(c.get(k)) for k in ("group", "duplicate_group")):
-            raise bad(f"clip {i}: 'group' and 'duplicate_group' must be strings or numbers")
+            raise bad(f"clip {i + 1}: 'group' and 'duplicate_group' must be names or numbers")
     return meta
 
 
@@ -382,16 +387,21 @@ def open_arrays(root: Path, meta: dict[str, Any]) -> dict[str, np.ndarray]:
         try:
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
         except FileNotFoundError:
-            raise FeaturesFileError(f"{root}: {meta['data']}/{key}.npy is missing (the store was "
-                                    "damaged; run extract again)") from None
-        except (OSError, ValueError) as exc:
-            raise FeaturesFileError(f"{root}: {meta['data']}/{key}.npy is unreadable ({exc})") from None
+            raise FeaturesFileError(f"{root}: damaged feature store ({meta['data']}/{key}.npy is "
+                                    "missing); run deepfusion extract again") from None
+        except OSError as exc:
+            raise FeaturesFileError(f"{root}: {meta['data']}/{key}.npy is unreadable "
+                                    f"({os_error_reason(exc)})") from None
+        except ValueError as exc:
+            raise FeaturesFileError(f"{root}: {meta['data']}/{key}.npy is unreadable "
+                                    f"({library_text(exc, 120)}); run deepfusion extract "
+                                    "again") from None
         expected = (meta["n_clips"], meta["rows"][key],
                     meta["patches"] if key == PRETRAINED_KEY else meta["frames"])
         dtype = meta.get("dtype", "float32")
         if arr.dtype != np.dtype(dtype) or arr.shape != expected:
             raise FeaturesFileError(f"{root}: {key}.npy holds {arr.dtype} {arr.shape}, "
-                                    f"{META} says {dtype} {expected}")
+                                    f"{META} says {dtype} {expected}; run deepfusion extract again")
         arrays[key] = arr
     return arrays
 
@@ -431,8 +441,9 @@ def scan(root: Path, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> str
             finite = np.isfinite(block).all(axis=(1, 2))
             if not finite.all():
                 i = start + int(np.argmin(finite))
-                raise FeaturesFileError(f"{root}: clip {i} ({meta['clips'][i]['path']}): {key} "
-                                        "holds NaN or infinite values")
+                raise FeaturesFileError(f"{root}: clip {i + 1} ({meta['clips'][i]['path']}): "
+                                        f"{key} holds NaN or infinite values; run deepfusion "
+                                        "extract again")
             h.update(memoryview(np.ascontiguousarray(block)).cast("B"))
     return h.hexdigest()
 

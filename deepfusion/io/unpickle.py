@@ -630,24 +630,41 @@ def safe_pickle_load(path: Path) -> Any:
                     gc.enable()
                 gc.collect()
     except FileNotFoundError:
-        raise FeaturesFileError(f"{path}: features file not found") from None
+        raise FeaturesFileError(f"{path}: features file not found; run deepfusion extract "
+                                "first, or give --features") from None
     except IsADirectoryError:
-        raise FeaturesFileError(f"{path}: is a folder, not a features file") from None
+        raise FeaturesFileError(f"{path}: a folder, not a features file; give the --out of "
+                                "deepfusion extract") from None
     except pickle.UnpicklingError as exc:
         msg = _one_line(str(exc))
         if msg.startswith("refused"):
             raise FeaturesFileError(f"{path}: unsafe pickle, {msg} (only containers, "
                                     "numbers, strings and numpy arrays are allowed)") from None
-        raise FeaturesFileError(f"{path}: not a readable pickle ({msg})") from None
+        short = "truncated" in msg or "exhausted before" in msg or "ran out of input" in msg.lower()
+        raise FeaturesFileError(_damaged(path, "cut short" if short else
+                                         f"not a well-formed pickle: {msg}")) from None
+    except EOFError:
+        raise FeaturesFileError(_damaged(path, "cut short")) from None
     except RecursionError:
-        raise FeaturesFileError(f"{path}: not a readable pickle (nested too deep)") from None
+        raise FeaturesFileError(_damaged(path, "nested too deep")) from None
     except MemoryError:
-        raise FeaturesFileError(f"{path}: not a readable pickle (out of memory)") from None
-    except Exception as exc:  # noqa: BLE001 - whatever a damaged stream makes the loader raise
-        # a KeyError's text is the repr of its key, which a pickle chose: never printed
-        text = "" if isinstance(exc, LookupError) else _one_line(str(exc))
-        reason = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-        raise FeaturesFileError(f"{path}: not a readable pickle ({reason})") from None
+        raise FeaturesFileError(f"{path}: too large to load here (out of memory)") from None
+    except Exception:  # noqa: BLE001 - whatever a damaged stream makes the loader raise
+        # the reason's text is never printed: a pickle chose it (a KeyError's is its key)
+        raise FeaturesFileError(_damaged(path, "not a well-formed pickle")) from None
+
+
+def _damaged(path: Path, reason: str) -> str:
+    """The line of a file the unpickler could not read: a damaged pickle (it starts as one
+    does), or no pickle at all."""
+    try:
+        with open(path, "rb") as fh:
+            pickled = fh.read(1) == b"\x80"      # PROTO: every pickle of protocol 2 or later
+    except OSError:
+        pickled = False
+    if pickled:
+        return f"{path}: damaged features file ({reason}); run deepfusion extract again"
+    return f"{path}: not a features file (not a pickle); give the --out of deepfusion extract"
 
 
 def _one_line(text: str, limit: int = 300) -> str:

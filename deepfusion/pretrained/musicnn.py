@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import ParameterError, WeightsNotFoundError
+from ..io.atomic import os_error_reason
 from .musicnn_input import (HOP, N_FFT, N_MELS, PATCH_FRAMES, SAMPLE_RATE, log_mel,  # noqa: F401
                             patches, resample_16k)
 
@@ -60,7 +61,7 @@ WEIGHTS_SHA256 = {
     "MSD_musicnn": "a4042613da4d3ae3b165b4dd584823dc5d4108574f2c3a1518e4680e137994a7",
     "MTT_musicnn": "003356da90f1af633a04c35fd6f6640483879644128871ab61aee91bf9b77780",
 }
-_HINT = "reinstall deepfusion or run benchmarks/musicnn_convert.py"
+_HINT = "reinstall deepfusion (pip install --force-reinstall deepfusion)"
 
 
 # ------------------------------------------------------------------------------ network
@@ -315,7 +316,7 @@ def read_weights(name: str, file=None) -> dict[str, np.ndarray]:
         data = file.read_bytes()
     except OSError as exc:
         raise WeightsNotFoundError(f"{file}: musicnn weights cannot be read "
-                                   f"({exc.strerror or type(exc).__name__}); {_HINT}") from None
+                                   f"({os_error_reason(exc)}); {_HINT}") from None
     digest = hashlib.sha256(data).hexdigest()
     if digest != WEIGHTS_SHA256[name]:
         raise WeightsNotFoundError(f"{file}: damaged musicnn weights (sha256 {digest[:12]}..., "

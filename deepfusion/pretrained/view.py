@@ -24,6 +24,7 @@ from typing import Optional
 
 import numpy as np
 
+from ..io.atomic import library_text
 from .musicnn_input import HOP, PATCH_FRAMES, SAMPLE_RATE
 
 #: The parts of each patch's rows, in order, with their sizes.
@@ -174,8 +175,8 @@ def _onnx_session(model: str):
                                     providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - a missing or damaged file: one line
         raise WeightsNotFoundError(f"{path}: the ONNX form of {model} cannot be loaded "
-                                   f"({str(exc).splitlines()[0][:120]}); reinstall deepfusion "
-                                   "or run benchmarks/musicnn_convert.py --onnx") from None
+                                   f"({library_text(exc, 120)}); reinstall deepfusion (pip "
+                                   "install --force-reinstall deepfusion)") from None
 
 
 @functools.lru_cache(maxsize=8)

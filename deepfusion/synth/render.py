@@ -33,11 +33,10 @@ def _check_render_args(*, duration: float, sr: int) -> int:
         raise ParameterError(f"sr must be at least {MIN_SAMPLE_RATE} Hz, got {sr!r}")
     number = isinstance(duration, (int, float, np.number)) and not isinstance(duration, bool)
     if not number or not math.isfinite(duration) or duration <= 0:
-        raise ParameterError(f"duration must be a finite number of seconds > 0, "
-                             f"got {duration!r}")
+        raise ParameterError(f"--duration {duration}: give a number of seconds above 0")
     n = int(round(duration * sr))
     if n < 1:
-        raise ParameterError(f"duration {duration!r} s is shorter than one sample at {sr} Hz")
+        raise ParameterError(f"--duration {duration:g}: shorter than one sample at {sr} Hz")
     return n
 
 
@@ -99,8 +98,11 @@ def _check_count(name: str, value: int, *, low: int, high: int | None = None) ->
     ok = (not isinstance(value, bool) and isinstance(value, (int, np.integer))
           and value >= low and (high is None or value <= high))
     if not ok:
-        bound = f"between {low} and {high}" if high is not None else f">= {low}"
-        raise ParameterError(f"{name} must be an integer {bound}, got {value!r}")
+        flag = "--" + name.replace("_", "-")
+        if name == "genres" and high is not None:
+            raise ParameterError(f"{flag} {value}: synth has {high} genres; give {low} to {high}")
+        bound = f"from {low} to {high}" if high is not None else f"{low} or more"
+        raise ParameterError(f"{flag} {value}: give a whole number {bound}")
 
 
 def _write_wav(path: Path, y: np.ndarray, *, sr: int) -> None:
