@@ -39,7 +39,8 @@ import numpy as np
 import torch
 
 from deepfusion.config import (AUX_KEYS, FEATURE_KEYS, FeatureConfig, ModelConfig, RuntimeConfig,
-                               TrainConfig, resolve_recipe)
+                               TrainConfig)
+from deepfusion.recipe import resolve_recipe
 from deepfusion.data import (feature_config_of, fit_normalization, make_split, make_train_loader,
                              segment_frames)
 from deepfusion.io.features_file import load_feature_set

@@ -14,7 +14,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterable, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -105,6 +105,45 @@ def discover(audio_dir: Path, *, manifest: Optional[Path] = None,
             f"{audio_dir}: no audio files found (looked for {', '.join(exts)} in genre folders)")
     items.sort(key=lambda it: it.relpath)
     return items
+
+
+def discover_collection(audio_dir: Path, *, manifest: Optional[Path] = None,
+                        metadata: bool = True) -> tuple[list[AudioItem], Optional[Any]]:
+    """The labelled files of a collection and the metadata table they came from.
+
+    ``manifest`` is read as :func:`deepfusion.io.metadata.read_metadata` reads any table it
+    recognises (deepfusion's manifest, MTG-Jamendo's TSV, FMA's tracks.csv): exactly the
+    listed files, paths relative to ``audio_dir``, each clip's group from the coarsest group
+    column (artist, then album, then track). Without one, a table found at the root of
+    ``audio_dir`` (:func:`~deepfusion.io.metadata.find_metadata`) is used unless
+    ``metadata`` is False; with none, :func:`discover`'s folder names give the genres and the
+    clips have no groups. Returns ``(items, metadata or None)``.
+
+    Raises
+    ------
+    DatasetError
+        As :func:`discover`; a table that cannot be read or lists a path twice or outside
+        ``audio_dir``.
+    """
+    from .io.metadata import find_metadata, read_metadata
+
+    audio_dir = Path(audio_dir)
+    if manifest is None and metadata and audio_dir.is_dir():
+        manifest = find_metadata(audio_dir)
+    if manifest is None:
+        return discover(audio_dir), None
+    if not audio_dir.is_dir():
+        return discover(audio_dir), None        # its one line: missing, or not a folder
+    from .io.guard import require_regular_file
+
+    require_regular_file(Path(manifest), what="the manifest", error=DatasetError)
+    root = audio_dir.resolve()
+    meta = read_metadata(Path(manifest), root)
+    items = [AudioItem(resolve_inside(root, rel, source=f"{manifest}: line {line}"),
+                       PurePosixPath(rel).as_posix(), label, group)
+             for rel, label, group, line in meta.rows]
+    items.sort(key=lambda it: it.relpath)
+    return items, meta
 
 
 def expand_inputs(inputs: Iterable[Path]) -> list[Path]:

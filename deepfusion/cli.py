@@ -22,8 +22,9 @@ from .errors import DeepFusionError, ParameterError
 from .io.atomic import plural
 from .io.names import escape_bytes, shown
 from .options import (adapt_option, cache_dir_option, checkpoint_option, device_option, feature_options,
-                      features_option, jobs_option, model_options, precision_option, quiet_option,
-                      recipe_options, runtime_options, split_file_option, take, timeout_option,
+                      features_option, jobs_option, library_options, model_options,
+                      overwrite_option, precision_option, quiet_option, recipe_options,
+                      runtime_options, split_file_option, take, timeout_option,
                       train_features_option)
 
 def echo(message: object = "", **kwargs: Any) -> None:
@@ -66,12 +67,6 @@ def _torchrun_rank() -> int | None:
 def _other_rank() -> bool:
     """A torchrun process other than rank 0 (its errors are rank 0's too)."""
     return _torchrun_rank() not in (None, 0)
-
-
-def _overwrite_option(func):
-    """``--overwrite`` of the commands that write files the user names (train has its own)."""
-    return click.option("--overwrite", is_flag=True, help="Replace an existing output even "
-                        "when it is not a file this command writes (never a file it reads).")(func)
 
 
 class _Group(click.Group):
@@ -124,7 +119,7 @@ def main() -> None:
 @click.option("--domain", type=click.Choice(["default", "shifted"]), default="default",
               show_default=True, help="Production: 'shifted' renders the same genres with "
                                       "another mix, EQ, tempo sub-range and timbres.")
-@_overwrite_option
+@overwrite_option
 def synth(out: Path, genres: int, clips_per_genre: int, duration: float, seed: int,
           domain: str, overwrite: bool) -> None:
     """Render a deterministic synthetic genre dataset (WAV, 22,050 Hz, mono)."""
@@ -152,7 +147,13 @@ def synth(out: Path, genres: int, clips_per_genre: int, duration: float, seed: i
               "accuracy). Needs --format store.")
 @cache_dir_option
 @click.option("--manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="CSV with 'path,label' columns (paths relative to --audio-dir) for other layouts.")
+              help="Metadata table of the collection: a CSV with 'path' and 'label' (or "
+              "'genre') columns, paths relative to --audio-dir, and optional 'artist', 'album', "
+              "'track_id' or 'group' columns that splits keep together; MTG-Jamendo's TSV and "
+              "FMA's tracks.csv are read too  [default: such a table found at the root of "
+              "--audio-dir, else genres from folder names].")
+@click.option("--no-metadata", is_flag=True, help="Ignore a metadata table at the root of "
+              "--audio-dir: genres from folder names, no groups.")
 @jobs_option
 @click.option("--scheduler", envvar="DEEPFUSION_SCHEDULER", metavar="ADDRESS",
               help="Run the per-clip work on a Dask cluster: a scheduler address "
@@ -168,12 +169,13 @@ def synth(out: Path, genres: int, clips_per_genre: int, duration: float, seed: i
               "rounding and share the cache  [default: numpy, torch when --device finds or "
               "names a GPU (--device is where the torch backend runs)].")
 @device_option
-@_overwrite_option
+@overwrite_option
 @feature_options
 def extract(audio_dir: Path, out: Path | None, fmt: str, dtype: str, cache_dir: Path,
             manifest: Path | None,
             jobs: int | None, scheduler: str | None, quiet: bool, strict: bool, timeout: float,
-            backend: str | None, device: str, overwrite: bool, **kwargs: Any) -> None:
+            backend: str | None, device: str, overwrite: bool, no_metadata: bool,
+            **kwargs: Any) -> None:
     """Compute the feature views of every clip (six hand-made ones and musicnn's), in
     parallel and cached.
 
@@ -193,7 +195,8 @@ def extract(audio_dir: Path, out: Path | None, fmt: str, dtype: str, cache_dir: 
         result = run_extract(audio_dir, out=out, fmt=fmt, cache_dir=cache_dir,
                              jobs=jobs, config=config, manifest=manifest, quiet=quiet,
                              timeout=timeout or None, scheduler=scheduler or None, dtype=dtype,
-                             backend=backend, device=device, overwrite=overwrite)
+                             backend=backend, device=device, overwrite=overwrite,
+                             metadata=not no_metadata)
     for path, reason in result.errors:
         echo(f"skipped {shown(path)}: {shown(reason)}", err=True)
     genres = ", ".join(f"{k} {v}" for k, v in result.labels.items())
@@ -205,6 +208,8 @@ def extract(audio_dir: Path, out: Path | None, fmt: str, dtype: str, cache_dir: 
     echo(f"{plural(result.n_items, 'clip')} ({result.computed} computed, {result.cached} from "
          f"cache) in {result.seconds:.1f} s -> {result.out}")
     _say_repaired(result.repaired)
+    if result.metadata:
+        echo(result.metadata)
     if genres:
         echo(f"genres: {genres}")
     if result.workers:
@@ -263,17 +268,7 @@ def train(features: Path, model_dir: Path, pretrained: bool | None, weights_path
         from .crossval import cross_validate
 
         cv = cross_validate(features, folds=folds, **common)
-        echo("fold  clips  clip acc  balanced acc  macro-F1")
-        for row in cv.folds:
-            echo(f"{row['fold']:4d}  {row['clips']:5d}  {row['clip_accuracy']:8.3f}  "
-                       f"{row['balanced_accuracy']:12.3f}  {row['macro_f1']:8.3f}")
-        for key, label in (("clip_accuracy", "clip accuracy"),
-                           ("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro-F1")):
-            mean, sd, lo, hi = cv.summary(key)
-            echo(f"{label}: {mean:.3f} +- {sd:.3f} over {folds} folds (min {lo:.3f}, max {hi:.3f})")
-        echo(f"all {len(cv.predictions)} clips: accuracy {cv.pooled_accuracy:.3f}; wrote "
-                   f"{model_dir / 'cross_validation.csv'} and "
-                   f"{model_dir / 'cross_validation_predictions.csv'}")
+        echo(cv.table())
         return
     from .train import train as run_train
 
@@ -295,7 +290,7 @@ def train(features: Path, model_dir: Path, pretrained: bool | None, weights_path
 @device_option
 @precision_option
 @adapt_option()
-@_overwrite_option
+@overwrite_option
 def evaluate(checkpoint: Path, features: Path | None, split: str, split_file: str | None,
              out_dir: Path | None, batch_size: int, device: str, precision: str,
              adapt: str, overwrite: bool) -> None:
@@ -308,32 +303,9 @@ def evaluate(checkpoint: Path, features: Path | None, split: str, split_file: st
                           precision=precision, adapt=adapt, overwrite=overwrite, echo=echo,
                           warn=lambda line: echo(line, err=True))
     echo(report.table())
+    for caution in report.cautions:
+        echo(f"warning: {caution}", err=True)
     echo(f"\nwrote {', '.join(REPORT_FILES)} to {report.out_dir}")
-
-
-def _library_options(func):
-    """Options predict and embed share: the models, the engine, the cache and the workers."""
-    options = [
-        click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path)),
-        click.option("--checkpoint", "checkpoints", multiple=True,
-                     type=click.Path(dir_okay=False, path_type=Path),
-                     default=[Path("models/best.pth")], show_default=True,
-                     help="A checkpoint written by 'deepfusion train' (a .onnx model from "
-                     "'deepfusion export' with --engine onnx); give it several times to average "
-                     "an ensemble (the fold models of train --folds, say)."),
-        click.option("--engine", type=click.Choice(["torch", "onnx"]), default="torch",
-                     show_default=True, help="onnx: run exported models with onnxruntime, "
-                     "without importing torch (pip install 'deepfusion[onnx]')."),
-        cache_dir_option,
-        jobs_option,
-        timeout_option,
-        quiet_option,
-        device_option,
-        precision_option,
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
 
 
 def _say_repaired(n: int) -> None:
@@ -360,14 +332,14 @@ def _library(inputs, checkpoints, engine, cache_dir, device, precision, adapt,
 
 
 @main.command()
-@_library_options
+@library_options
 @adapt_option()
 @click.option("--top-k", type=click.IntRange(1), default=3, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per file.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="Write a CSV: path, top-1 genre and probability, one probability column per "
               "genre, error (written when the run ends; per-file lines are then not printed).")
-@_overwrite_option
+@overwrite_option
 def predict(inputs: tuple[Path, ...], checkpoints: tuple[Path, ...], engine: str,
             cache_dir: Path, jobs: int | None, timeout: float, quiet: bool, device: str,
             precision: str, adapt: str, top_k: int, as_json: bool, out: Path | None,
@@ -418,13 +390,13 @@ def predict(inputs: tuple[Path, ...], checkpoints: tuple[Path, ...], engine: str
 
 
 @main.command()
-@_library_options
+@library_options
 # embeddings kept for an index must not move with the files embedded beside them
 @adapt_option("none")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("embeddings.npz"),
               show_default=True, help="The .npz to write: paths, embeddings (n, d), attention "
               "(n, views), genres (top-1), probabilities, class_names, modalities.")
-@_overwrite_option
+@overwrite_option
 def embed(inputs: tuple[Path, ...], checkpoints: tuple[Path, ...], engine: str, cache_dir: Path,
           jobs: int | None, timeout: float, quiet: bool, device: str, precision: str,
           adapt: str, out: Path, overwrite: bool) -> None:
@@ -511,7 +483,7 @@ def tag(inputs: tuple[Path, ...], model: str, top_k: int, as_json: bool, cache_d
 @click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto",
               show_default=True, help="torch's ONNX exporter: auto tries dynamo, then TorchScript.")
 @click.option("--opset", type=click.IntRange(7), default=None, help="ONNX opset [default: the exporter's].")
-@_overwrite_option
+@overwrite_option
 def export(checkpoint: Path, fmt: str, out: Path, tolerance: float, exporter: str,
            opset: int | None, overwrite: bool) -> None:
     """Export a checkpoint for onnxruntime: the feature views of a batch of segments in,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
 
@@ -48,11 +48,17 @@ def view_keys(pretrained: bool) -> tuple[str, ...]:
     return ALL_KEYS if pretrained else FEATURE_KEYS
 
 
-def _flag(field: str) -> str:
-    """The command-line flag of a config field (:func:`deepfusion.options.flag_of`)."""
-    from .options import flag_of   # options is generated from this module: imported on use
+#: Config fields whose command-line flag is not their name spelled with dashes.
+FLAGS = {"sample_rate": "--sr"}
 
-    return flag_of(field)
+
+def flag_of(field: str) -> str:
+    """The command-line flag of a config field: ``"sample_rate"`` -> ``"--sr"``,
+    ``"n_mfcc"`` -> ``"--n-mfcc"`` (:data:`FLAGS`, else :func:`option_name`)."""
+    return FLAGS.get(field) or option_name(field)
+
+
+_flag = flag_of
 
 
 def _bad(field: str, value: Any, rule: str) -> ParameterError:
@@ -425,89 +431,6 @@ class RuntimeConfig:
 RUNTIME_FIELDS = tuple(f.name for f in fields(RuntimeConfig))
 
 
-#: Recipe defaults per backbone, chosen with ``benchmarks/generalization.py`` (see the README):
-#: (epochs, batch_size, lr, patience). ResNets starting from ImageNet weights take a lower lr.
-_RECIPES = {
-    "light": (40, 16, 1e-3, 40),
-    "resnet18": (30, 16, 3e-4, 30),
-    "resnet34": (30, 16, 3e-4, 30),
-    "resnet50": (30, 16, 3e-4, 30),
-}
-_PRETRAINED_LR = 1e-4
-
-
-def recipe_defaults(backbone: str, pretrained: bool) -> dict[str, Any]:
-    """The "auto" values of :data:`AUTO_FIELDS` for ``backbone`` (pretrained or not)."""
-    if backbone not in _RECIPES:
-        raise ParameterError(f"backbone must be one of {', '.join(BACKBONES)}, got {backbone!r}")
-    epochs, batch_size, lr, patience = _RECIPES[backbone]
-    if pretrained and backbone != "light":
-        lr = _PRETRAINED_LR
-    return {"epochs": epochs, "batch_size": batch_size, "lr": lr, "patience": patience}
-
-
-def resolve_recipe(config: TrainConfig, backbone: str, pretrained: bool) -> TrainConfig:
-    """``config`` with its "auto" fields filled by :func:`recipe_defaults`."""
-    auto = recipe_defaults(backbone, pretrained)
-    return replace(config, **{k: v for k, v in auto.items() if getattr(config, k) is None})
-
-
-def describe_auto() -> str:
-    """One line per backbone of the "auto" recipe, for --help and the start-up line."""
-    parts = []
-    for name in _RECIPES:
-        d = recipe_defaults(name, False)
-        parts.append(f"{name} {d['epochs']} epochs, batch {d['batch_size']}, lr {d['lr']:g}")
-    return "; ".join(parts) + f" (lr {_PRETRAINED_LR:g} for ImageNet-pretrained ResNets)"
-
-
-# ----------------------------------------------------------------------------------- resuming
-
-#: Recipe fields a resumed run may change.
-RESUME_CHANGEABLE = ("epochs", "patience")
-#: What runs saved before a field existed did (their train_config lacks the key).
-_LEGACY_RECIPE = {"model": "net", "select": "val_acc", "ema": 0.0, "mixup": 0.0,
-                  "freq_mask": 0.0, "time_mask": 0.0, "tilt_db": 0.0}
-
-
 def option_name(field_name: str) -> str:
     """The command-line spelling of a config field (``batch_size`` -> ``--batch-size``)."""
     return "--" + field_name.replace("_", "-")
-
-
-def resume_recipe(stored: dict[str, Any], given: TrainConfig, *, epochs_done: int
-                  ) -> tuple[TrainConfig, list[str]]:
-    """The recipe a resumed run continues with, and one line per thing to say.
-
-    The run keeps its recipe. ``epochs`` and ``patience`` given (not None) replace the stored
-    ones: a larger ``epochs`` extends the run. Any other field given with a value other than
-    its default and the run's own is named as ignored. (The :class:`RuntimeConfig` is not part
-    of the recipe: a resumed run always takes the new call's.)
-
-    Raises
-    ------
-    ParameterError
-        ``epochs`` below the epochs already trained.
-    """
-    old = TrainConfig.from_dict({**_LEGACY_RECIPE, **stored})
-    notes: list[str] = []
-    changes: dict[str, Any] = {}
-    if given.epochs is not None and given.epochs != old.epochs:
-        if given.epochs < epochs_done:
-            raise ParameterError(f"--epochs {given.epochs} with --resume: the run has already "
-                                 f"trained {epochs_done} epochs; give --epochs "
-                                 f"{epochs_done + 1} or more to extend it", field="epochs")
-        changes["epochs"] = given.epochs
-        notes.append(f"epochs: {old.epochs} -> {given.epochs}; the cosine learning-rate schedule "
-                     f"is that of a {given.epochs}-epoch run from epoch {epochs_done + 1} on")
-    if given.patience is not None and given.patience != old.patience:
-        changes["patience"] = given.patience
-        notes.append(f"patience: {old.patience} -> {given.patience}")
-    default = TrainConfig()
-    ignored = [f"{option_name(f.name)} {getattr(given, f.name)} (the run's: {getattr(old, f.name)})"
-               for f in fields(TrainConfig) if f.name not in RESUME_CHANGEABLE
-               and getattr(given, f.name) != getattr(default, f.name)
-               and getattr(given, f.name) != getattr(old, f.name)]
-    if ignored:
-        notes.append("ignored with --resume, the run keeps its own settings: " + ", ".join(ignored))
-    return replace(old, **changes), notes

@@ -101,6 +101,23 @@ class CrossValidation:
         sd = float(values.std(ddof=1)) if len(values) > 1 else 0.0
         return float(values.mean()), sd, float(values.min()), float(values.max())
 
+    def table(self) -> str:
+        """The folds, their summary and the files written, as aligned text (a legend first)."""
+        lines = ["(per fold: its test clips, their clip accuracy, balanced accuracy (mean recall "
+                 "over genres) and macro-F1)", "fold  clips  clip acc  balanced acc  macro-F1"]
+        for row in self.folds:
+            lines.append(f"{row['fold']:4d}  {row['clips']:5d}  {row['clip_accuracy']:8.3f}  "
+                         f"{row['balanced_accuracy']:12.3f}  {row['macro_f1']:8.3f}")
+        for key, label in (("clip_accuracy", "clip accuracy"),
+                           ("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro-F1")):
+            mean, sd, lo, hi = self.summary(key)
+            lines.append(f"{label}: {mean:.3f} +- {sd:.3f} over {len(self.folds)} folds "
+                         f"(min {lo:.3f}, max {hi:.3f})")
+        lines.append(f"all {len(self.predictions)} clips: accuracy {self.pooled_accuracy:.3f}; "
+                     f"wrote {(self.model_dir / 'cross_validation.csv').resolve()} and "
+                     f"{(self.model_dir / 'cross_validation_predictions.csv').resolve()}")
+        return "\n".join(lines)
+
     @property
     def pooled_accuracy(self) -> float:
         """Accuracy over all clips (each predicted once, by the model that never saw it)."""

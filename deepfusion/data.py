@@ -221,9 +221,26 @@ def split_lists(fs: FeatureSet, split: np.ndarray) -> dict[str, Any]:
 
 
 def split_summary(fs: FeatureSet, indices) -> str:
-    """One line: clips, genres and the clips of each split (``indices``: train, val, test)."""
+    """One line: clips, genres and the clips of each split (``indices``: train, val, test),
+    and, when the clips carry groups, what they are and how many each split holds."""
     counts = ", ".join(f"{n} {len(i)}" for n, i in zip(SPLITS, indices))
-    return f"{len(fs)} clips, {len(fs.class_names)} genres ({', '.join(fs.class_names)}); split: {counts}"
+    line = f"{len(fs)} clips, {len(fs.class_names)} genres ({', '.join(fs.class_names)}); split: {counts}"
+    if fs.group_by:
+        per = "/".join(str(len(set(fs.groups[i].tolist()))) for i in indices)
+        line += f"; each {fs.group_by} on one side ({per} {fs.group_by}s)"
+    return line
+
+
+def ungrouped_warning(fs: FeatureSet) -> Optional[str]:
+    """The line train says before a split it makes of clips that carry no groups (no artist,
+    album or track: only identical audio is kept together), else None."""
+    if fs.group_by is not None:
+        return None
+    return ("warning: the clips carry no artist, album or track, so test clips may be excerpts "
+            "of recordings in the training clips, and the test accuracy then measures the "
+            "recording, not the genre; give extract a metadata table with an artist, album or "
+            "track_id column (a manifest.csv at the collection root, or --manifest), or train "
+            "with a --split-file")
 
 
 def feature_config_of(fs: FeatureSet) -> FeatureConfig:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -21,7 +21,7 @@ from .io.features_file import load_features
 from .io.guard import check_destinations
 from .io.run_folder import REPORT_FILES, destinations as run_destinations
 from .io.featureset import FeatureSet
-from .metrics import bootstrap_interval, confusion_matrix, per_class_scores, summary_metrics
+from .metrics import accuracy_interval, confusion_matrix, per_class_scores, summary_metrics
 from .runtime import inference_precision, memory_guard, resolve_device
 
 
@@ -41,10 +41,14 @@ class EvaluationReport:
     skipped_labels: dict[str, int]
     out_dir: Optional[Path] = None
     info: Optional[dict] = None
+    ci_method: str = ""                 # how accuracy_ci was computed (Wilson, groups)
+    #: what the figures cannot tell (too few clips, too few groups per genre), one line each
+    cautions: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {**(self.info or {}), "split": self.split, "n_clips": self.n_clips,
                 "metrics": self.metrics, "accuracy_ci95": list(self.accuracy_ci),
+                "accuracy_ci95_method": self.ci_method, "cautions": self.cautions,
                 "per_class": self.per_class, "confusion_matrix": self.confusion.tolist(),
                 "class_names": self.class_names, "skipped_unknown_labels": self.skipped_labels}
 
@@ -54,7 +58,8 @@ class EvaluationReport:
         width = max(12, *(len(n) for n in self.class_names))
         lines = [
             f"split {self.split}: {self.n_clips} clips",
-            f"clip accuracy      {m['accuracy']:.3f}  (95% bootstrap CI {self.accuracy_ci[0]:.3f}-{self.accuracy_ci[1]:.3f})",
+            f"clip accuracy      {m['accuracy']:.3f}  (95% CI {self.accuracy_ci[0]:.3f}-"
+            f"{self.accuracy_ci[1]:.3f}: {self.ci_method})",
             f"balanced accuracy  {m['balanced_accuracy']:.3f}",
             f"macro-F1           {m['macro_f1']:.3f}",
             f"segment accuracy   {m['segment_accuracy']:.3f}  ({m['n_segments']} segments)",
@@ -64,7 +69,42 @@ class EvaluationReport:
         for row in self.per_class:
             lines.append(f"{row['genre']:<{width}}  {row['precision']:9.3f}  {row['recall']:6.3f}  "
                          f"{row['f1']:5.3f}  {row['support']:7d}")
+        lines.append("(balanced accuracy: mean recall over genres; segment accuracy: of the "
+                     "segments each clip is cut into; precision: of the clips called that "
+                     "genre, the share that are; recall: of the genre's clips, the share "
+                     "found; support: the genre's clips)")
         return "\n".join(lines)
+
+
+#: Below these a test set says little, and evaluate says so: clips in all, and groups
+#: (artists, albums or tracks; clips when the collection has none) of each genre.
+MIN_CLIPS, MIN_GROUPS_PER_GENRE = 30, 5
+
+
+def reliability_cautions(truth: np.ndarray, groups: np.ndarray, class_names: list[str],
+                         group_by: Optional[str]) -> list[str]:
+    """What a test set of these clips cannot tell, one line each (empty when it is large and
+    varied enough): under :data:`MIN_CLIPS` clips, or a genre with under
+    :data:`MIN_GROUPS_PER_GENRE` groups (its accuracy is that of a few artists or tracks)."""
+    cautions = []
+    if len(truth) < MIN_CLIPS:
+        cautions.append(f"only {len(truth)} test clips: one clip moves the accuracy by "
+                        f"{1 / max(len(truth), 1):.2f}; read the interval, not the figure")
+    what = f"{group_by}s" if group_by else "clips"
+    few = []
+    for c in sorted(set(truth.tolist())):
+        n = len(set(groups[truth == c].tolist()))
+        if n < MIN_GROUPS_PER_GENRE:
+            few.append(f"{class_names[c]} {n}")
+    absent = [g for c, g in enumerate(class_names) if not (truth == c).any()]
+    if absent:
+        cautions.append(f"no test clip of {', '.join(absent)}: the figures say nothing of "
+                        f"{'it' if len(absent) == 1 else 'them'}")
+    if few:
+        cautions.append(f"few {what} per genre in the test ({', '.join(few)}; under "
+                        f"{MIN_GROUPS_PER_GENRE}): each genre's figures are those of a few "
+                        f"{what}; evaluate on another collection (--features OTHER.pkl --split all)")
+    return cautions
 
 
 def _select(fs: FeatureSet, ckpt: dict, split: str, split_file: Optional[str], same_file: bool,
@@ -211,7 +251,9 @@ def evaluate(checkpoint: Path, *, features: Optional[Path] = None, split: str = 
     metrics = summary_metrics(truth, guess, n_classes)
     metrics["segment_accuracy"] = pred.segment_correct / max(pred.segment_total, 1)
     metrics["n_segments"] = pred.segment_total
-    ci = bootstrap_interval(truth == guess, n_boot=n_boot)
+    grouped = fs.groups[idx] if fs.group_by else None     # only identical audio is grouped else
+    *ci, ci_method = accuracy_interval(truth == guess, grouped, n_boot=n_boot)
+    cautions = reliability_cautions(truth, fs.groups[idx], class_names, fs.group_by)
     cm = confusion_matrix(truth, guess, n_classes)
     scores = per_class_scores(cm)
     per_class = [{"genre": g, "precision": float(scores["precision"][i]), "recall": float(scores["recall"][i]),
@@ -222,7 +264,8 @@ def evaluate(checkpoint: Path, *, features: Optional[Path] = None, split: str = 
             "split_source": split_file or ("checkpoint" if split != "all" else "all clips"),
             "device": str(dev), "precision": used, "adapt": adapted,
             "clips": [fs.paths[i] for i in idx]}
-    report = EvaluationReport(split, len(idx), metrics, ci, per_class, cm, class_names, unknown, out_dir, info)
+    report = EvaluationReport(split, len(idx), metrics, tuple(ci), per_class, cm, class_names, unknown,
+                              out_dir, info, ci_method, cautions)
 
     with atomic_write(out_dir / "evaluation.json", "w") as fh:
         json.dump(report.to_dict(), fh, indent=2)

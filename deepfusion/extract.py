@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .audio import AudioItem, check_file, discover
+from .audio import AudioItem, check_file, discover_collection
 from .io.cache import FeatureCache, file_stamp
 from .config import (DEFAULT_CACHE_DIR, DEFAULT_FEATURES, DEFAULT_STORE, FEATURE_FORMATS,
                      FeatureConfig)
@@ -32,7 +32,8 @@ from .io.features_file import write_features_file
 from .io.guard import (Destination, audio_inputs, check_destinations, check_free_space,
                        check_outputs)
 from .progress import progress_bar
-from .tasks import DEFAULT_TIMEOUT, compute_entry, feature_tasks, resolve_backend
+from .device_batches import feature_tasks
+from .tasks import DEFAULT_TIMEOUT, compute_entry, resolve_backend
 # the per-file work moved to tasks.py; windows.py, predict and the tests import these from here
 from .tasks import _FileTimeout as _FileTimeout, _time_limit as _time_limit
 from .tasks import _warm_up as _warm_up, default_jobs as default_jobs
@@ -56,6 +57,8 @@ class ExtractResult:
     labels: dict[str, int] = field(default_factory=dict)                # clips per genre
     workers: dict[str, int] = field(default_factory=dict)   # Dask worker -> files it processed
     repaired: int = 0          # damaged cache entries computed again (counted in ``computed``)
+    #: the metadata table the clips came from, in one line (None: genres from folder names)
+    metadata: Optional[str] = None
 
 
 def default_out(fmt: str = "pickle") -> Path:
@@ -69,7 +72,7 @@ def extract(audio_dir: Path, *, out: Optional[Path] = None, fmt: str = "pickle",
             quiet: bool = False, timeout: Optional[float] = DEFAULT_TIMEOUT,
             scheduler: Optional[str] = None, dtype: str = "float32",
             backend: Optional[str] = None, device: str = "auto",
-            overwrite: bool = False) -> ExtractResult:
+            overwrite: bool = False, metadata: bool = True) -> ExtractResult:
     """Compute (or fetch from the cache) the features of every clip under ``audio_dir``.
 
     Parameters
@@ -89,7 +92,12 @@ def extract(audio_dir: Path, *, out: Optional[Path] = None, fmt: str = "pickle",
         Worker processes; default all cores.
     config : FeatureConfig
     manifest : Path, optional
-        CSV ``path,label`` listing the files to use instead of scanning folders.
+        A metadata table listing the files to use instead of scanning folders: deepfusion's
+        CSV (``path`` and ``label`` or ``genre``; optional ``artist``, ``album``,
+        ``track_id`` or ``group`` columns), MTG-Jamendo's TSV or FMA's ``tracks.csv``
+        (:mod:`deepfusion.io.metadata`). Without one, a table at the root of ``audio_dir`` is
+        used (``metadata=False``: never); each clip's group is the coarsest the table has, and
+        train keeps a group on one side of its split.
     quiet : bool
         No progress bar.
     timeout : float, optional
@@ -137,10 +145,11 @@ def extract(audio_dir: Path, *, out: Optional[Path] = None, fmt: str = "pickle",
     if fmt not in FEATURE_FORMATS:
         raise ParameterError(f"format must be one of {', '.join(FEATURE_FORMATS)}, got {fmt!r}")
     if dtype not in ("float32", "float16") or (dtype != "float32" and fmt != "store"):
-        raise ParameterError(f"--dtype {dtype}: a store holds float32 or float16, a pickle "
-                             "float32 (give --format store)")
+        raise ParameterError(f"--dtype {dtype}: " + ("needs --format store (a pickle holds "
+                             "float32 only)" if dtype == "float16" else "give float32 or float16"))
     out, cache_dir = Path(out if out is not None else default_out(fmt)), Path(cache_dir)
-    items = discover(Path(audio_dir), manifest=manifest)
+    items, table = discover_collection(Path(audio_dir), manifest=manifest, metadata=metadata)
+    group_by = table.group_by if table is not None else None
     if out.name == ERRORS_CSV:
         raise ParameterError(f"{out}: that name is reserved for the error report; give another --out")
     if fmt == "pickle" and out.is_dir():
@@ -174,7 +183,8 @@ def extract(audio_dir: Path, *, out: Optional[Path] = None, fmt: str = "pickle",
         return ExtractResult(out=out, errors_csv=out.with_name(ERRORS_CSV), n_items=done["n_items"],
                              computed=0, cached=done["n_items"], seconds=time.perf_counter() - t0,
                              errors=[tuple(e) for e in done["errors"]],
-                             duplicate_groups=done["duplicate_groups"], labels=done["labels"])
+                             duplicate_groups=done["duplicate_groups"], labels=done["labels"],
+                             metadata=table.describe() if table is not None else None)
 
     errors: dict[str, str] = {}
     todo: list[AudioItem] = []
@@ -242,7 +252,8 @@ def extract(audio_dir: Path, *, out: Optional[Path] = None, fmt: str = "pickle",
             assembled.append({
                 "features": features, "label": item.label, "path": item.relpath,
                 "duplicate_group": group_ids.setdefault(sha, len(group_ids)),
-                "group": item.group, "audio_sha": sha, "file_sha": key,
+                "group": item.group, "group_by": group_by if item.group is not None else None,
+                "audio_sha": sha, "file_sha": key,
                 "source_sr": meta["source_sr"], "channels": meta["channels"],
                 "source_seconds": meta["source_seconds"], "feature_config": config_dict,
             })
@@ -264,6 +275,7 @@ def extract(audio_dir: Path, *, out: Optional[Path] = None, fmt: str = "pickle",
         errors=sorted(errors.items()),
         duplicate_groups=[paths for paths in by_audio.values() if len(paths) > 1],
         labels=dict(sorted(labels.items())),
+        metadata=table.describe() if table is not None else None,
         workers=dict(sorted(workers.items())), repaired=repaired,
     )
     if assembled and not any(reason for reason in errors.values() if _transient(reason)):

@@ -54,7 +54,7 @@ def settings_differences(ours: FeatureConfig, theirs: FeatureConfig, *,
                          there: str = "there") -> str:
     """The feature settings where ``ours`` (here) and ``theirs`` differ, by their flags:
     ``"--sr 100 here, 22050 for the model"`` (several joined by ", ")."""
-    from .options import flag_of
+    from .config import flag_of
 
     def value(field: str, v: Any) -> str:
         if v is None:   # an option given as a word: --pretrained-view none, --fmax auto

@@ -84,3 +84,10 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, *, dev
         if on_batch is not None:
             on_batch(b, time.perf_counter() - t0)
     return float(loss_sum) / max(seen, 1), int(correct) / max(seen, 1)
+
+
+def all_finite(*models: torch.nn.Module) -> bool:
+    """Whether every floating-point weight and buffer of ``models`` is finite (a run that
+    diverged must stop before it saves a checkpoint of NaN weights)."""
+    return all(bool(torch.isfinite(t).all()) for m in models for t in m.state_dict().values()
+               if t.is_floating_point())

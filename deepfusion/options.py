@@ -18,10 +18,11 @@ from typing import Any, Callable, Optional
 
 import click
 
+from .recipe import describe_auto
 from .config import (ADAPT_MIN_CLIPS, ADAPT_MODES, AMP_DTYPES, BACKBONES, DEFAULT_CACHE_DIR, DEFAULT_FEATURES, INFERENCE_PRECISIONS, MODEL_KINDS,
                      PRETRAINED_VIEWS,
                      SELECTIONS, FeatureConfig, ModelConfig, RuntimeConfig, TrainConfig,
-                     describe_auto, option_name)
+                     flag_of, option_name)
 
 
 @dataclass(frozen=True)
@@ -37,21 +38,11 @@ class Opt:
 
 
 #: The flag of every config field that has an option and a flag of its own (``--sr``).
-_FLAGS: dict[str, str] = {}
-
-
-def flag_of(field: str) -> str:
-    """The command-line flag of a config field: ``"sample_rate"`` -> ``"--sr"``,
-    ``"n_mfcc"`` -> ``"--n-mfcc"`` (from the option definitions below; a field without an
-    option of its own is spelled as :func:`~deepfusion.config.option_name` spells it)."""
-    return _FLAGS.get(field) or option_name(field)
 
 
 def config_options(cls: type, specs: list[Opt]) -> Callable[[Callable], Callable]:
     """A decorator adding one option per spec, with the default of ``cls``'s field."""
     defaults = {f.name: f.default for f in fields(cls)}
-    for spec in specs:
-        _FLAGS[spec.field] = spec.flag or option_name(spec.field)
 
     def decorate(func: Callable) -> Callable:
         for spec in reversed(specs):
@@ -133,7 +124,7 @@ class PretrainedViewChoice(click.Choice):
 # ----------------------------------------------------------------------------- FeatureConfig
 
 feature_options = config_options(FeatureConfig, [
-    Opt("sample_rate", "Sample rate to decode to (Hz).", flag="--sr"),
+    Opt("sample_rate", "Sample rate to decode to (Hz).", flag=flag_of("sample_rate")),
     Opt("duration", "Clip length in seconds; shorter clips are zero-padded, longer trimmed."),
     Opt("min_duration", "Files shorter than this (seconds) are reported, not used."),
     Opt("n_fft", "STFT frame length."),
@@ -299,3 +290,34 @@ def adapt_option(default: str = "auto") -> Callable[[Callable], Callable]:
         "inputs (the views'), full (and the network's BatchNorm statistics, or the probe's); "
         f"auto: full for another collection than the training one with at least {ADAPT_MIN_CLIPS} "
         "clips. A prediction then depends on the other files classified with it.")
+
+
+def overwrite_option(func):
+    """``--overwrite`` of the commands that write files the user names (train has its own)."""
+    return click.option("--overwrite", is_flag=True, help="Replace an existing output even "
+                        "when it is not a file this command writes (never a file it reads).")(func)
+
+
+def library_options(func):
+    """Options predict and embed share: the models, the engine, the cache and the workers."""
+    options = [
+        click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path)),
+        click.option("--checkpoint", "checkpoints", multiple=True,
+                     type=click.Path(dir_okay=False, path_type=Path),
+                     default=[Path("models/best.pth")], show_default=True,
+                     help="A checkpoint written by 'deepfusion train' (a .onnx model from "
+                     "'deepfusion export' with --engine onnx); give it several times to average "
+                     "an ensemble (the fold models of train --folds, say)."),
+        click.option("--engine", type=click.Choice(["torch", "onnx"]), default="torch",
+                     show_default=True, help="onnx: run exported models with onnxruntime, "
+                     "without importing torch (pip install 'deepfusion[onnx]')."),
+        cache_dir_option,
+        jobs_option,
+        timeout_option,
+        quiet_option,
+        device_option,
+        precision_option,
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func

@@ -82,7 +82,7 @@ def check_ensemble(engines: Sequence[Any], paths: Sequence[Path]) -> None:
     first = engines[0]
     for engine, path in zip(engines[1:], paths[1:]):
         if engine.feature_config != first.feature_config:
-            from .options import flag_of
+            from .config import flag_of
 
             diff = [f"{flag_of(k)} {'none' if b is None else b} here, {'none' if a is None else a} "
                     "there" for k, (a, b) in

@@ -36,3 +36,12 @@ def epoch_estimate(batch_ends: list[float], n_batches: int, n_val_segments: int,
     else:
         per_batch = batch_ends[0]
     return per_batch * (n_batches + 0.25 * n_val_segments / batch_size)
+
+
+def epoch_legend(select: str) -> str:
+    """The line before train's epoch table: what its columns and its ``*`` mean."""
+    chosen = {"val_acc": "accuracy", "val_loss": "loss"}.get(select)
+    star = (f"* = best validation {chosen} so far, saved as best.pth" if chosen
+            else "* = saved as best.pth (the last epoch's model)")
+    return ("(per epoch: loss and clip accuracy on the training and validation clips, segment "
+            f"accuracy on validation, seconds; {star})")

@@ -1,12 +1,11 @@
 """The train stage: features file to a self-contained best checkpoint, logs and curves.
 
-The loop reads top to bottom: load and validate the features, split (groups kept together),
-fit normalisation on the training clips, build the model, then per epoch
-:func:`train_one_epoch`, :func:`~deepfusion.inference.predict_clips` on the validation clips,
-checkpoints, CSV and plot. ``last.pth`` after every epoch makes ``resume`` continue exactly
-where a run stopped; the crops, shuffles and dropout of epoch *e* are seeded by (seed, e), so a
-resumed run on the CPU repeats the uninterrupted one. Under ``torchrun`` the same loop runs in
-every process with DistributedDataParallel (:mod:`deepfusion.ddp`); rank 0 writes and prints.
+The loop reads top to bottom: load and check the features, split (groups kept together), fit
+normalisation on the training clips, build the model, then per epoch :func:`train_one_epoch`,
+:func:`~deepfusion.inference.predict_clips` on the validation clips, checkpoints, CSV, plot.
+``last.pth`` makes ``resume`` continue where a run stopped; the crops, shuffles and dropout of
+epoch *e* are seeded by (seed, e), so a resumed CPU run repeats the uninterrupted one. Under
+``torchrun`` the loop runs in every process with DistributedDataParallel (rank 0 writes).
 """
 
 from __future__ import annotations
@@ -24,25 +23,25 @@ import torch
 
 from . import ddp, finetune
 from .checkpoint import expected_sizes, library_versions, load_checkpoint, save_checkpoint
-from .config import (ARCHITECTURE_FIELDS, AUTO_FIELDS, AUX_KEYS, PRETRAINED_KEY, FeatureConfig, ModelConfig,
-                     RuntimeConfig, TrainConfig, resolve_recipe, resume_recipe)
+from .config import (ARCHITECTURE_FIELDS, AUTO_FIELDS, AUX_KEYS, PRETRAINED_KEY, FeatureConfig,
+                     ModelConfig, RuntimeConfig, TrainConfig)
+from .recipe import resolve_recipe, resume_recipe
 from .data import (Augment, check_split, feature_config_of, fit_normalization, make_split,
                    make_train_loader, read_split_file, segment_frames, segments_per_clip,
-                   split_lists, split_summary)
+                   split_lists, split_summary, ungrouped_warning)
 from .errors import CheckpointError, DatasetError, DeepFusionError, ParameterError
 from .inference import ClipPredictions, clip_loss, predict_clips
-from .loop import lr_factor, train_one_epoch
+from .loop import all_finite, lr_factor, train_one_epoch
 from .io.atomic import remove_stale_temps, write_csv
-from .io.features_file import load_features
+from .io.features_file import FeatureSet, load_features
 from .io.guard import check_destinations, check_free_space, same_file
 from .io.run_folder import claim_run_folder, destinations as run_destinations
-from .io.featureset import FeatureSet
 from .models import build_model, check_input_size, count_parameters
-from .progress import duration_text, epoch_estimate, progress_bar
-from .runtime import (backend_settings, default_num_workers, memory_check,
-                      memory_guard, precision_for, requested_precision, restore_scaler, rng_state,
+from .progress import duration_text, epoch_estimate, epoch_legend, progress_bar
+from .runtime import (backend_settings, default_num_workers, memory_check, memory_guard,
+                      precision_for, requested_precision, restore_scaler, rng_state,
                       seed_everything, seed_torch, set_rng_state, synchronize)
-from .weights import resolve_pretrained
+from .weights import pretrained_mode, resolve_pretrained
 
 HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds",
                   "val_segment_acc")
@@ -75,14 +74,6 @@ def _write_run(model_dir: Path, history: list[dict], *, best: Optional[dict] = N
     write_csv(model_dir / "training_history.csv", HISTORY_FIELDS,
               ([row[k] for k in HISTORY_FIELDS] for row in history))
     plot_history(history, model_dir / "training_history.png")
-
-
-def pretrained_mode(pretrained: Any) -> str:
-    """``True`` -> require, ``False`` -> never, ``None`` -> auto, or a mode name as it is."""
-    mode = {True: "require", False: "never", None: "auto"}.get(pretrained, pretrained)
-    if mode not in ("auto", "require", "never"):
-        raise ParameterError(f"pretrained must be auto, require or never, got {pretrained!r}")
-    return mode
 
 
 def _base_payload(fs: FeatureSet, features: Path, split: np.ndarray, norm: dict, *,
@@ -229,6 +220,7 @@ def _train(features: Path, *, model_dir: Path, config: TrainConfig, runtime: Run
         model_options = {k: getattr(mc, k) for k in ARCHITECTURE_FIELDS}
     backbone = backbone or ModelConfig.backbone
 
+    ungrouped = ungrouped_warning(fs) if split is None and not config.split_file else None
     if split is not None:
         split = np.asarray(split, dtype=object)
         check_split(split, fs.groups)
@@ -253,7 +245,7 @@ def _train(features: Path, *, model_dir: Path, config: TrainConfig, runtime: Run
                                   "nothing to resume")
         return _train_probe(fs, features, split, (train_idx, val_idx, test_idx), config=config,
                             feature_config=feature_config, model_dir=model_dir, echo=echo,
-                            t_start=t_start)
+                            t_start=t_start, ungrouped=ungrouped)
 
     seg = segment_frames(config.segment_seconds, feature_config, fs.n_frames)
     check_input_size(backbone, n_mels=fs.rows()["mel_spec_orig"], frames=seg, clip_frames=fs.n_frames,
@@ -375,6 +367,10 @@ def _train(features: Path, *, model_dir: Path, config: TrainConfig, runtime: Run
                      "far faster")
 
     epoch = start_epoch - 1
+    if ungrouped:               # said once every check has passed, before the work
+        echo(ungrouped)
+    if start_epoch <= last_epoch:
+        echo(epoch_legend(config.select))
     for epoch in range(start_epoch, last_epoch + 1):
         t0 = time.perf_counter()
         # every random draw of epoch e depends on (seed, e, rank) alone: resume repeats it exactly
@@ -388,7 +384,7 @@ def _train(features: Path, *, model_dir: Path, config: TrainConfig, runtime: Run
                 progress=bar, on_batch=estimate if epoch == start_epoch else None,
                 mixup=config.mixup, ema=ema)
         train_loss, train_acc = ddp.mean(train_loss, train_acc)   # over every process's share
-        if not _finite(net, scored):   # never a checkpoint of NaN weights: say what happened
+        if not all_finite(net, scored):   # never a checkpoint of NaN weights: say what happened
             raise DeepFusionError(
                 f"training diverged at epoch {epoch} (the weights became NaN or infinite); "
                 "give a lower --lr" + (", a longer --segment-seconds, or --no-amp"
@@ -449,15 +445,10 @@ def _train(features: Path, *, model_dir: Path, config: TrainConfig, runtime: Run
                        time.perf_counter() - t_start, test_acc, history, test)
 
 
-def _finite(*models: torch.nn.Module) -> bool:
-    """Whether every floating-point weight and buffer of ``models`` is finite."""
-    return all(bool(torch.isfinite(t).all()) for m in models for t in m.state_dict().values()
-               if t.is_floating_point())
-
-
 def _train_probe(fs: FeatureSet, features: Path, split: np.ndarray, indices, *,
                  config: TrainConfig, feature_config: FeatureConfig, model_dir: Path,
-                 echo: Callable[[str], None], t_start: float) -> TrainResult:
+                 echo: Callable[[str], None], t_start: float,
+                 ungrouped: Optional[str] = None) -> TrainResult:
     """Fit the linear probe (logistic regression on time-pooled statistics of the views,
     :mod:`deepfusion.probe`) and save it as ``best.pth`` in the network's checkpoint format."""
     from .probe import fit_probe
@@ -474,6 +465,8 @@ def _train_probe(fs: FeatureSet, features: Path, split: np.ndarray, indices, *,
     echo(f"model: linear probe (logistic regression, C={config.probe_c:g}) on the mean and "
          "standard deviation over time of every row of the "
          + ("six views and the pretrained view" if fs.has_pretrained else "six views"))
+    if ungrouped:
+        echo(ungrouped)
     t0 = time.perf_counter()
     model = fit_probe(fs, norm, train_idx, n_mels=model_config.n_mels,
                       aux_rows=model_config.aux_rows,

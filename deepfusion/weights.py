@@ -35,6 +35,14 @@ _TMP_PREFIX = ".deepfusion-download-"
 _STALE_TMP_SECONDS = 3600
 
 
+def pretrained_mode(pretrained: object) -> str:
+    """``True`` -> require, ``False`` -> never, ``None`` -> auto, or a mode name as it is."""
+    mode = {True: "require", False: "never", None: "auto"}.get(pretrained, pretrained)
+    if mode not in ("auto", "require", "never"):
+        raise ParameterError(f"pretrained must be auto, require or never, got {pretrained!r}")
+    return mode
+
+
 def _weights_enum(backbone: str):
     import torchvision.models as tvm
 

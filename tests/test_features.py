@@ -102,8 +102,13 @@ def test_matches_plain_librosa_definitions():
 @pytest.mark.parametrize("bad", [dict(n_fft=0), dict(hpss_kernel=30), dict(duration=-1.0),
                                  dict(fmax=20000.0), dict(hpss_margin=0.5), dict(n_mfcc=200)])
 def test_bad_config_values_are_named(bad):
-    with pytest.raises(ParameterError, match=next(iter(bad))):
+    """The message names the command-line flag (``--n-fft 0: ...``), the error the field."""
+    from deepfusion.config import flag_of
+
+    name = next(iter(bad))
+    with pytest.raises(ParameterError, match=f"^{flag_of(name)} ") as err:
         FeatureConfig(**bad)
+    assert err.value.field == name
 
 
 def test_config_round_trips_through_a_dict():

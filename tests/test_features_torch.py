@@ -176,7 +176,7 @@ def test_extract_gpu_path_batches_in_the_main_process(tmp_path, monkeypatch):
     clips: a full batch and a remainder of 2); a batch that fails is redone clip by clip, and
     a clip that fails alone is reported as that file's error, the others kept."""
     import deepfusion.features_torch as ft
-    import deepfusion.tasks as tasks
+    import deepfusion.device_batches as device_batches
     from deepfusion.synth import synthesize_dataset
 
     audio = tmp_path / "audio"
@@ -196,8 +196,8 @@ def test_extract_gpu_path_batches_in_the_main_process(tmp_path, monkeypatch):
             raise RuntimeError("this clip is cursed")
         return real(y, config, device=device)
 
-    monkeypatch.setattr(tasks, "TORCH_IN_WORKERS", ())
-    monkeypatch.setattr(tasks, "TORCH_BATCH_SAMPLES", 3 * CONFIG.sample_rate * 4)
+    monkeypatch.setattr(device_batches, "TORCH_IN_WORKERS", ())
+    monkeypatch.setattr(device_batches, "TORCH_BATCH_SAMPLES", 3 * CONFIG.sample_rate * 4)
     monkeypatch.setattr(ft, "compute_features_torch", flaky)
     run = invoke("extract", "--audio-dir", audio, "--out", tmp_path / "torch.pkl",
                  "--cache-dir", tmp_path / "cache-torch", "--jobs", 2, "--quiet",

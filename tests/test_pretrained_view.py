@@ -77,8 +77,9 @@ def test_fingerprint_without_the_view_is_the_six_view_namespace():
 
 
 def test_unknown_view_is_refused():
-    with pytest.raises(ParameterError, match="pretrained_view"):
+    with pytest.raises(ParameterError, match="--pretrained-view VGG: not a pretrained view") as err:
         FeatureConfig(pretrained_view="VGG")
+    assert err.value.field == "pretrained_view"
 
 
 def test_features_file_holds_the_view(tiny_features):

@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 import torch
 
-from deepfusion.config import FEATURE_KEYS, MEL_KEYS, TrainConfig, resolve_recipe
+from deepfusion.config import FEATURE_KEYS, MEL_KEYS, TrainConfig
+from deepfusion.recipe import resolve_recipe
 from deepfusion.crossval import grouped_folds
 from deepfusion.data import Augment, make_torch_dataset
 from deepfusion.io.featureset import FeatureSet

@@ -494,7 +494,7 @@ def test_a_float16_store_halves_the_bytes_and_trains(tiny_audio, tiny_features, 
     assert result.exit_code == 0, result.output
     refused = invoke("extract", "--audio-dir", tiny_audio, "--out", tmp_path / "f.pkl",
                      "--dtype", "float16", "--quiet")
-    assert refused.exit_code == 2 and "give --format store" in one_error_line(refused.stderr)
+    assert refused.exit_code == 2 and "--dtype float16: needs --format store" in one_error_line(refused.stderr)
 
 
 def test_an_unchanged_collection_is_not_read_again(tiny_audio, tmp_path, monkeypatch):

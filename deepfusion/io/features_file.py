@@ -19,7 +19,7 @@ from ..errors import FeaturesFileError
 from .atomic import atomic_write
 from .cache import file_digest
 from .featureset import (FeatureSet, checked_feature_config, class_names_of, label_name,
-                         merge_groups, what_it_is)
+                         group_by_of, merge_groups, what_it_is)
 from .unpickle import safe_pickle_load
 
 
@@ -160,7 +160,7 @@ def load_feature_set(path: Path, *, class_names: Optional[list[str]] = None) -> 
     feature_config = checked_feature_config(
         next((it.get("feature_config") for it in items if it.get("feature_config")), None), path)
     return FeatureSet(arrays, labels, list(class_names), paths, groups, feature_config, str(path),
-                      names, sha256)
+                      names, sha256, group_by_of(items))
 
 
 #: A features file may take this many times its size in memory (float16 data doubles), plus

@@ -52,6 +52,9 @@ class FeatureSet:
     source: str = ""
     label_names: list[str] = field(default_factory=list)   # each clip's label as written
     sha256: str = ""                     # identity of the file or store it came from
+    #: what the clips' groups are (artist, album, track, group: the metadata column extract
+    #: took them from), or None when the clips carry none (only identical audio is grouped)
+    group_by: Optional[str] = None
 
     def __post_init__(self) -> None:
         # the settings a file records and the views it holds must agree: a model trained on it
@@ -169,6 +172,16 @@ def _group_key(value: Any) -> str:
     if isinstance(number, float) and number.is_integer():
         number = int(number)
     return f"n{number!r}"
+
+
+def group_by_of(items: list[dict]) -> Optional[str]:
+    """What the clips' ``group`` values are (``artist``, ...), from the first clip that has
+    one; ``group`` for files written before extract recorded it; None without groups."""
+    for it in items:
+        if it.get("group") is not None:
+            by = it.get("group_by")
+            return by if isinstance(by, str) and by.isidentifier() else "group"
+    return None
 
 
 def merge_groups(items: list[dict]) -> np.ndarray:

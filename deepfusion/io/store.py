@@ -37,7 +37,8 @@ import numpy as np
 from ..config import ALL_KEYS, FEATURE_KEYS, MEL_KEYS, PRETRAINED_KEY
 from ..errors import FeaturesFileError, OutputError
 from .atomic import atomic_write, library_text, os_error_reason, remove_stale_temps
-from .featureset import FeatureSet, checked_feature_config, class_names_of, merge_groups
+from .featureset import (FeatureSet, checked_feature_config, class_names_of, group_by_of,
+                         merge_groups)
 from .lock import exclusive
 
 FORMAT = "deepfusion-feature-store"
@@ -47,7 +48,7 @@ LOCK = ".lock"
 _VERSION_RE = re.compile(r"v\.\d{1,10}\.[0-9a-f]{8}")
 _ARRAY_FILES = {f"{key}.npy" for key in ALL_KEYS}
 #: per-clip fields kept in meta.json (the pickle's item keys other than 'features')
-CLIP_FIELDS = ("path", "label", "group", "duplicate_group", "file_sha", "audio_sha",
+CLIP_FIELDS = ("path", "label", "group", "group_by", "duplicate_group", "file_sha", "audio_sha",
                "source_sr", "channels", "source_seconds")
 #: What a store may hold its views as: float16 halves the disk and page cache (the model
 #: computes in float32 either way; see the README for its effect on accuracy).
@@ -471,4 +472,5 @@ def open_store(folder: Path, *, class_names: Optional[list[str]] = None) -> Feat
     labels = np.array([index.get(name, -1) for name in names], np.int64)
     sha256 = scan(folder, meta, arrays)
     return FeatureSet(arrays, labels, list(class_names), [c["path"] for c in clips],
-                      merge_groups(clips), feature_config, str(folder), names, sha256)
+                      merge_groups(clips), feature_config, str(folder), names, sha256,
+                      group_by_of(clips))

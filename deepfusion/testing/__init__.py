@@ -44,10 +44,12 @@ def invoke(*args: Any):
 def one_error_line(stderr: str) -> str:
     """The single ``Error: ...`` line a refused input or an impossible output must produce.
 
-    Fails (AssertionError) on a traceback, several lines, or an "internal error" (a bug).
+    Fails (AssertionError) on a traceback, several error lines, any other line, or an
+    "internal error" (a bug). One-line ``warning: ...`` notes said before the failure (train's
+    on a collection without groups, say) may precede it; they are not part of the error.
     """
     assert "Traceback" not in stderr, stderr
-    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    lines = [ln for ln in stderr.splitlines() if ln.strip() and not ln.startswith("warning: ")]
     assert len(lines) == 1 and lines[0].startswith("Error: "), stderr
     assert "internal error" not in lines[0], stderr
     return lines[0]
