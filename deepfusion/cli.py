@@ -264,6 +264,9 @@ def train(features: Path, model_dir: Path, pretrained: bool | None, weights_path
     if folds and _torchrun_rank() is not None:
         raise ParameterError("--folds trains its folds one after another in one process; run "
                              "it without torchrun")
+    from .io.features_file import preload
+
+    common["feature_set"] = preload(features)   # a wrong file: one line before torch loads
     if folds:
         from .crossval import cross_validate
 

@@ -49,6 +49,31 @@ def load_features(path: Path, *, class_names: Optional[list[str]] = None) -> Fea
 
 
 
+#: Features files up to this size are read by :func:`preload` before the heavy imports.
+PRELOAD_BYTES = 64 * 2**20
+
+
+def preload(path: Path) -> Optional[FeatureSet]:
+    """``load_features(path)`` when that is cheap (a file up to :data:`PRELOAD_BYTES`, or a
+    path that is missing or not a file), else None (the caller loads it later). A command
+    calls it before importing torch, so a mistake (a pickled number, a WAV, a CSV given as
+    the features) costs a second, not a start-up; a large file is left until the run's other
+    checks (its outputs, say) have passed.
+
+    Raises
+    ------
+    FeaturesFileError
+    """
+    path = Path(path)
+    try:
+        big = path.is_file() and path.stat().st_size > PRELOAD_BYTES
+    except OSError:
+        big = False
+    if big or path.is_dir():
+        return None
+    return load_features(path)
+
+
 def _clip(path: Path, index: int, item: Any) -> str:
     """``<file>: clip N (its path)`` for a message, counting clips from 1."""
     name = item.get("path") if isinstance(item, dict) else None
