@@ -8,7 +8,6 @@ no more memory than a clip.
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import sys
@@ -65,21 +64,18 @@ def _is_hidden(rel: Path) -> bool:
     return any(part.startswith(".") for part in rel.parts)
 
 
-def discover(audio_dir: Path, *, manifest: Optional[Path] = None,
+def discover(audio_dir: Path, *,
              extensions: Iterable[str] = AUDIO_EXTENSIONS) -> list[AudioItem]:
     """Every labelled audio file under ``audio_dir``, sorted by relative path.
 
-    Without a manifest the genre is the name of the file's parent folder
-    (``blues/blues.00042.wav``); hidden files and folders (``.DS_Store``, ``._x.wav``) are
-    skipped. With a manifest (CSV with columns ``path`` and ``label`` or ``genre``) exactly the
-    listed files are used, paths relative to ``audio_dir``; an optional ``group`` (or
-    ``track_id``) column names clips that splits must keep together. Entries that are not readable
-    files (a folder named ``x.wav``, a missing file) are kept: decoding reports them.
+    The genre is the name of the file's parent folder (``blues/blues.00042.wav``); hidden
+    files and folders (``.DS_Store``, ``._x.wav``) are skipped. A metadata table instead:
+    :func:`discover_collection`.
 
     Raises
     ------
     DatasetError
-        ``audio_dir`` is missing or not a folder, the manifest is malformed, or nothing is found.
+        ``audio_dir`` is missing or not a folder, or nothing is found.
     """
     audio_dir = Path(audio_dir)
     if not audio_dir.exists():
@@ -89,17 +85,14 @@ def discover(audio_dir: Path, *, manifest: Optional[Path] = None,
     root = audio_dir.resolve()
     exts = tuple(e.lower() for e in extensions)
     items: list[AudioItem] = []
-    if manifest is not None:
-        items = _read_manifest(Path(manifest), root)
-    else:
-        for path in _walk(root):
-            rel = path.relative_to(root)
-            if path.name.lower().endswith(exts) and not _is_hidden(rel):
-                if len(rel.parts) < 2:
-                    label = root.name  # a flat folder: the folder itself names the genre
-                else:
-                    label = rel.parts[-2]
-                items.append(AudioItem(path, rel.as_posix(), label))
+    for path in _walk(root):
+        rel = path.relative_to(root)
+        if path.name.lower().endswith(exts) and not _is_hidden(rel):
+            if len(rel.parts) < 2:
+                label = root.name  # a flat folder: the folder itself names the genre
+            else:
+                label = rel.parts[-2]
+            items.append(AudioItem(path, rel.as_posix(), label))
     if not items:
         raise DatasetError(
             f"{audio_dir}: no audio files found (looked for {', '.join(exts)} in genre folders)")
@@ -187,47 +180,6 @@ def _walk(root: Path) -> Iterator[Path]:
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in [*files, *dirs]:    # a folder named x.wav is kept: decoding reports it
             yield Path(folder, name)
-
-
-def _read_manifest(manifest: Path, root: Path) -> list[AudioItem]:
-    from .io.guard import require_regular_file
-
-    require_regular_file(manifest, what="the manifest", error=DatasetError)
-    seen: dict[str, int] = {}
-    try:
-        # utf-8-sig: spreadsheets save "CSV UTF-8" with a byte-order mark
-        with open(manifest, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            fieldnames = reader.fieldnames or []
-            label_col = "label" if "label" in fieldnames else "genre"
-            if "path" not in fieldnames or label_col not in fieldnames:
-                raise DatasetError(
-                    f"{manifest}: needs a header with 'path' and 'label' (or 'genre') columns, "
-                    f"found: {', '.join(fieldnames) or 'none'}")
-            group_col = next((c for c in ("group", "track_id") if c in fieldnames), None)
-            items = []
-            for line, row in enumerate(reader, start=2):
-                rel, label = (row.get("path") or "").strip(), (row.get(label_col) or "").strip()
-                if not rel or not label:
-                    raise DatasetError(f"{manifest}: line {line}: empty path or label")
-                path = resolve_inside(root, rel, source=f"{manifest}: line {line}")
-                key = PurePosixPath(rel).as_posix()
-                if key in seen:
-                    raise DatasetError(f"{manifest}: line {line}: {rel!r} is listed again "
-                                       f"(first on line {seen[key]}); list each file once")
-                seen[key] = line
-                group = (row.get(group_col) or "").strip() or None if group_col else None
-                items.append(AudioItem(path, PurePosixPath(rel).as_posix(), label, group))
-            return items
-    except UnicodeDecodeError as exc:
-        raise DatasetError(f"{manifest}: not a UTF-8 text CSV (byte 0x{exc.object[exc.start]:02x} "
-                           f"at position {exc.start}); save the manifest as CSV UTF-8") from None
-    except OSError as exc:
-        from .io.atomic import os_error_reason
-
-        raise DatasetError(f"{manifest}: cannot read manifest ({os_error_reason(exc)})") from None
-    except csv.Error as exc:
-        raise DatasetError(f"{manifest}: not a readable CSV ({exc})") from None
 
 
 @dataclass(frozen=True)

@@ -58,13 +58,11 @@ def flag_of(field: str) -> str:
     return FLAGS.get(field) or option_name(field)
 
 
-_flag = flag_of
-
 
 def _bad(field: str, value: Any, rule: str) -> ParameterError:
     """``--flag VALUE: rule``, for Python and CLI users alike; the field kept on the error."""
     shown = format(value, "g") if isinstance(value, float) else str(value)
-    return ParameterError(f"{_flag(field)} {shown}: {rule}", field=field)
+    return ParameterError(f"{flag_of(field)} {shown}: {rule}", field=field)
 
 
 def _from_dict(cls, data: dict[str, Any]):
@@ -132,20 +130,20 @@ class FeatureConfig:
             raise _bad("min_duration", self.min_duration, "must be 0 seconds or more")
         if not self.min_duration <= self.duration:
             raise _bad("min_duration", self.min_duration,
-                       f"at most {_flag('duration')} ({self.duration:g})")
+                       f"at most {flag_of('duration')} ({self.duration:g})")
         if self.hop_length > self.n_fft:
-            raise _bad("hop_length", self.hop_length, f"at most {_flag('n_fft')} ({self.n_fft})")
+            raise _bad("hop_length", self.hop_length, f"at most {flag_of('n_fft')} ({self.n_fft})")
         nyquist = self.sample_rate / 2
-        half = f"half of {_flag('sample_rate')}, {nyquist:g} Hz"
+        half = f"half of {flag_of('sample_rate')}, {nyquist:g} Hz"
         if self.fmax is not None and not 0 < self.fmax <= nyquist:
             raise _bad("fmax", self.fmax,
-                       f"must be above 0 and at most half of {_flag('sample_rate')} ({nyquist:g} Hz)")
+                       f"must be above 0 and at most half of {flag_of('sample_rate')} ({nyquist:g} Hz)")
         if not 0 <= self.fmin:
             raise _bad("fmin", self.fmin, "must be 0 Hz or more")
         if self.fmax is None and not self.fmin < nyquist:
-            raise _bad("fmin", self.fmin, f"must be below {_flag('fmax')} (default: {half})")
+            raise _bad("fmin", self.fmin, f"must be below {flag_of('fmax')} (default: {half})")
         if self.fmax is not None and not self.fmin < self.fmax:
-            raise _bad("fmin", self.fmin, f"must be below {_flag('fmax')} ({self.fmax:g})")
+            raise _bad("fmin", self.fmin, f"must be below {flag_of('fmax')} ({self.fmax:g})")
         if self.hpss_margin < 1:
             raise _bad("hpss_margin", self.hpss_margin, "must be 1 or more")
         if self.hpss_power <= 0:
@@ -153,7 +151,7 @@ class FeatureConfig:
         if self.top_db <= 0:
             raise _bad("top_db", self.top_db, "must be above 0")
         if self.n_mfcc > self.n_mels:
-            raise _bad("n_mfcc", self.n_mfcc, f"at most {_flag('n_mels')} ({self.n_mels})")
+            raise _bad("n_mfcc", self.n_mfcc, f"at most {flag_of('n_mels')} ({self.n_mels})")
 
     @property
     def n_samples(self) -> int:
@@ -339,7 +337,7 @@ class TrainConfig:
                 raise _bad(name, getattr(self, name), "must be 0 or more and below 1")
         if not self.val_size + self.test_size < 1:
             raise ParameterError(
-                f"{_flag('val_size')} {self.val_size:g} and {_flag('test_size')} "
+                f"{flag_of('val_size')} {self.val_size:g} and {flag_of('test_size')} "
                 f"{self.test_size:g} leave no training clips; their sum must be below 1",
                 field="val_size")
         if self.segment_seconds is not None and not self.segment_seconds > 0:
@@ -354,11 +352,11 @@ class TrainConfig:
         if not self.probe_c > 0:
             raise _bad("probe_c", self.probe_c, "must be above 0")
         if self.freeze_branches and not self.init_from:
-            raise ParameterError(f"{_flag('freeze_branches')} needs {_flag('init_from')} "
+            raise ParameterError(f"{flag_of('freeze_branches')} needs {flag_of('init_from')} "
                                  "CHECKPOINT (frozen untrained branches would learn nothing)",
                                  field="freeze_branches")
         if self.init_from and self.model == "probe":
-            raise ParameterError(f"{_flag('init_from')}: {_flag('model')} probe has nothing to "
+            raise ParameterError(f"{flag_of('init_from')}: {flag_of('model')} probe has nothing to "
                                  "start from; drop one of them", field="init_from")
 
     @property
