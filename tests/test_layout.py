@@ -1,4 +1,4 @@
-"""The house rules the README's layout section states, checked on the source.
+"""The house rules the layout in docs/architecture.md states, checked on the source.
 
 Imports flow one way (no cycle among the package's modules, counting imports inside functions),
 no stage imports another stage, nothing on the stage path imports the test support package,
