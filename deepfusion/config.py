@@ -407,8 +407,14 @@ class RuntimeConfig:
     #: repeatable GPU runs: deterministic algorithms and cuDNN, no TF32, no cuDNN autotuning
     #: (slower; see :func:`deepfusion.runtime.backend_settings`)
     deterministic: bool = False
+    #: seconds of training between writes of best.pth and last.pth (also written at the end
+    #: and when the run is interrupted); 0 writes them after every epoch
+    save_every: float = 300.0
 
     def __post_init__(self) -> None:
+        if isinstance(self.save_every, bool) or not isinstance(self.save_every, (int, float)) \
+                or not 0 <= self.save_every < float("inf"):
+            raise _bad("save_every", self.save_every, "must be a number of seconds, 0 or more")
         if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
             raise _bad("device", self.device, "not a device; give auto, cpu, cuda, cuda:N or mps")
         if self.num_workers is not None and (not isinstance(self.num_workers, int)

@@ -91,3 +91,30 @@ def all_finite(*models: torch.nn.Module) -> bool:
     diverged must stop before it saves a checkpoint of NaN weights)."""
     return all(bool(torch.isfinite(t).all()) for m in models for t in m.state_dict().values()
                if t.is_floating_point())
+
+
+def step_seconds(model: torch.nn.Module, loader, *, device: torch.device,
+                 amp: Union[bool, str], loss_fn, steps: int = 3) -> float:
+    """Seconds one training step of ``model`` takes on a batch of ``loader``, timed before a
+    run starts on a copy of the model with an optimizer of its own (the run's model, optimizer
+    and data order are left as they are; every epoch reseeds the random streams).
+
+    The first step pays for warm-up (oneDNN builds its kernels; cuDNN picks its algorithms),
+    which the run then reuses, so the time is that of the steps after it.
+    """
+    import copy
+
+    from .runtime import synchronize
+
+    n = len(loader.dataset)
+    batch = loader.collate_fn([loader.dataset[(i, 0)] for i in range(min(loader.batch_size, n))])
+    twin = copy.deepcopy(model)
+    optimizer = torch.optim.AdamW([p for p in twin.parameters() if p.requires_grad])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    ends: list[float] = []
+    train_one_epoch(twin, [batch] * max(steps, 2), optimizer, scheduler, scaler, loss_fn,
+                    device=device, amp=amp,
+                    on_batch=lambda b, elapsed: ends.append(elapsed + synchronize(device)))
+    del twin, optimizer, scheduler
+    return (ends[-1] - ends[0]) / (len(ends) - 1)

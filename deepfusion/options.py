@@ -206,7 +206,8 @@ recipe_options = config_options(TrainConfig, [
 
 model_options = config_options(ModelConfig, [
     Opt("backbone", "CNN of the three mel branches; 'light' is a small CNN for CPUs.",
-        type=click.Choice(BACKBONES), auto="resnet50"),
+        type=click.Choice(BACKBONES),
+        auto="light on a CPU or a Mac's GPU, resnet50 (the reference design) on a CUDA GPU"),
     Opt("share_backbone", "One set of CNN weights for all three mel views."),
     Opt("band_stats", "Each mel branch also sees the mean and standard deviation over time of "
         "every mel band (the long-term spectral shape) beside its CNN's pooled output."),
@@ -233,6 +234,10 @@ runtime_options = config_options(RuntimeConfig, [
     Opt("deterministic", "Repeatable GPU runs: deterministic algorithms and cuDNN, no TF32, no "
         "cuDNN autotuning (slower). Without it cuDNN autotunes its convolutions on CUDA. CPU "
         "runs repeat either way."),
+    Opt("save_every", "Write best.pth and last.pth (a ResNet-50's last.pth is 0.9 GB) at most "
+        "every SECONDS of training, at the end, and when the run is interrupted (Ctrl-C, "
+        "SIGTERM); a kill -9 loses at most this much. 0: after every epoch.",
+        type=click.FloatRange(min=0)),
 ])
 
 precision_option = click.option(

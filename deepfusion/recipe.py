@@ -21,6 +21,18 @@ _RECIPES = {
 }
 _PRETRAINED_LR = 1e-4
 
+#: The backbone train takes when none is given, per kind of device: the reference design's
+#: ResNet-50 on a CUDA GPU, the light CNN elsewhere (a CPU, a Mac's GPU), where a ResNet-50 run
+#: takes hours and gigabytes. The measurements behind the choice: docs/training.md, "The
+#: default recipe per device".
+DEFAULT_BACKBONES = {"cuda": "resnet50"}
+
+
+def default_backbone(device_type: str) -> str:
+    """The backbone of a run on a device of this kind (``cpu``, ``cuda``, ``mps``) when the
+    call names none (see :data:`DEFAULT_BACKBONES`)."""
+    return DEFAULT_BACKBONES.get(device_type, "light")
+
 
 def recipe_defaults(backbone: str, pretrained: bool) -> dict[str, Any]:
     """The "auto" values of :data:`AUTO_FIELDS` for ``backbone`` (pretrained or not)."""

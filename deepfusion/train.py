@@ -23,29 +23,26 @@ import torch
 
 from . import ddp, finetune
 from .checkpoint import expected_sizes, library_versions, load_checkpoint, save_checkpoint
+from .run_writer import RunWriter, write_log
 from .config import (ARCHITECTURE_FIELDS, AUTO_FIELDS, AUX_KEYS, PRETRAINED_KEY, FeatureConfig,
                      ModelConfig, RuntimeConfig, TrainConfig)
-from .recipe import resolve_recipe, resume_recipe
+from .recipe import default_backbone, resolve_recipe, resume_recipe
 from .data import (Augment, check_split, feature_config_of, fit_normalization, make_split,
                    make_train_loader, read_split_file, segment_frames, segments_per_clip,
                    split_lists, split_summary, ungrouped_warning)
 from .errors import CheckpointError, DatasetError, DeepFusionError, ParameterError
 from .inference import ClipPredictions, clip_loss, predict_clips
-from .loop import all_finite, lr_factor, train_one_epoch
-from .io.atomic import remove_stale_temps, write_csv
+from .loop import all_finite, lr_factor, step_seconds, train_one_epoch
+from .io.atomic import remove_stale_temps
 from .io.features_file import FeatureSet, load_features
 from .io.guard import check_destinations, check_free_space, same_file
 from .io.run_folder import claim_run_folder, destinations as run_destinations
 from .models import build_model, check_input_size, count_parameters
-from .progress import duration_text, epoch_estimate, epoch_legend, progress_bar
+from .progress import duration_text, epoch_legend, epoch_seconds, plan_line, progress_bar
 from .runtime import (backend_settings, default_num_workers, memory_check, memory_guard,
                       precision_for, requested_precision, restore_scaler, rng_state,
-                      seed_everything, seed_torch, set_rng_state, synchronize)
+                      seed_everything, seed_torch, set_rng_state)
 from .weights import pretrained_mode, resolve_pretrained
-
-HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds",
-                  "val_segment_acc")
-
 
 @dataclass
 class TrainResult:
@@ -60,20 +57,6 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     #: the best checkpoint's outputs on the test clips (None without a test split)
     test_predictions: Optional[ClipPredictions] = None
-
-
-def _write_run(model_dir: Path, history: list[dict], *, best: Optional[dict] = None,
-               last: Optional[dict] = None) -> None:
-    """The run's files after an epoch (rank 0's work): checkpoints, then history CSV and plot."""
-    from .plots import plot_history
-
-    if best is not None:
-        save_checkpoint(model_dir / "best.pth", best)
-    if last is not None:
-        save_checkpoint(model_dir / "last.pth", last)
-    write_csv(model_dir / "training_history.csv", HISTORY_FIELDS,
-              ([row[k] for k in HISTORY_FIELDS] for row in history))
-    plot_history(history, model_dir / "training_history.png")
 
 
 def _base_payload(fs: FeatureSet, features: Path, split: np.ndarray, norm: dict, *,
@@ -218,7 +201,9 @@ def _train(features: Path, *, model_dir: Path, config: TrainConfig, runtime: Run
                                         model_options=model_options, echo=echo)
         backbone, share_backbone = mc.backbone, mc.share_backbone
         model_options = {k: getattr(mc, k) for k in ARCHITECTURE_FIELDS}
-    backbone = backbone or ModelConfig.backbone
+    device = ddp.device(runtime.device)
+    backbone_by = "given" if backbone else f"auto for {device.type}"
+    backbone = backbone or default_backbone(device.type)
 
     ungrouped = ungrouped_warning(fs) if split is None and not config.split_file else None
     if split is not None:
@@ -254,6 +239,7 @@ def _train(features: Path, *, model_dir: Path, config: TrainConfig, runtime: Run
                      frame_seconds=feature_config.hop_length / feature_config.sample_rate)
     # ImageNet weights: a resumed run takes its weights from last.pth instead
     if state or source:
+        backbone_by = "the run's" if state else f"from {config.init_from}"
         pre_state, pre_source = None, (state.get("pretrained_source", "not used") if state else
                                        f"fine-tuned from {config.init_from}")
     else:
@@ -263,10 +249,6 @@ def _train(features: Path, *, model_dir: Path, config: TrainConfig, runtime: Run
         else pre_state is not None
     auto = [f for f in AUTO_FIELDS if getattr(config, f) is None]
     config = resolve_recipe(config, backbone, was_pretrained)
-    if auto:
-        echo(f"recipe for {backbone}{' (pretrained)' if was_pretrained else ''}: "
-             + ", ".join(f"{f.replace('_', ' ')} {getattr(config, f):g}" for f in auto)
-             + " (auto; set them to change)")
 
     norm = fit_normalization(fs, train_idx)
     model_config = ModelConfig(n_classes=len(fs.class_names), n_mels=fs.rows()["mel_spec_orig"],
@@ -280,7 +262,6 @@ def _train(features: Path, *, model_dir: Path, config: TrainConfig, runtime: Run
         echo(finetune.initialise(model, source, list(fs.class_names), config.init_from))
     if config.freeze_branches:   # before DDP and the EMA copy see which weights train
         echo(f"--freeze-branches: {finetune.freeze_branches(model):,} branch parameters frozen")
-    device = ddp.device(runtime.device)
     precision = precision_for(device, requested_precision(runtime.amp, runtime.amp_dtype))
     model.to(device)
     if runtime.channels_last and device.type != "mps":
@@ -323,7 +304,7 @@ def _train(features: Path, *, model_dir: Path, config: TrainConfig, runtime: Run
         best_score = state.get("best_score", state.get("best_val_acc", -math.inf))
         echo(f"resuming after epoch {state['epoch']} (best.pth from epoch {best_epoch})")
         # a kill between last.pth and the history files leaves those an epoch behind
-        ddp.on_main(_write_run, model_dir, history)
+        ddp.on_main(write_log, model_dir, history)
         if bad_epochs >= config.patience:  # the run had stopped early: only the test is left
             last_epoch = state["epoch"]
             echo(f"the run stopped early at epoch {state['epoch']} ({bad_epochs} epochs without a "
@@ -334,9 +315,6 @@ def _train(features: Path, *, model_dir: Path, config: TrainConfig, runtime: Run
     if ddp.world_size() > 1:
         echo(ddp.describe(config.batch_size))
     echo(split_summary(fs, (train_idx, val_idx, test_idx)))
-    echo(f"model: {backbone}{' (shared)' if share_backbone else ''}, "
-         f"{count_parameters(model) / 1e6:.2f} M parameters, on {device}"
-         f"{f' with {precision} autocast' if precision != 'fp32' else ''}; segments of {seg} frames")
     warning = memory_check(model, device, backbone=backbone, precision=precision,
                            batch_size=config.batch_size, n_mels=model_config.n_mels, frames=seg)
     if warning:
@@ -349,82 +327,96 @@ def _train(features: Path, *, model_dir: Path, config: TrainConfig, runtime: Run
     ddp.on_main(check_free_space, model_dir, best_bytes + 2 * last_bytes + 2**23,
                 "this run's checkpoints and logs", replaced=(best_path, last_path))
 
-    batch_ends: list[float] = []
-    n_val = len(val_idx) * segments_per_clip(fs.n_frames, seg)
-
-    def estimate(batch: int, elapsed: float) -> None:
-        batch_ends.append(elapsed + (synchronize(device) if batch <= 4 else 0.0))
-        if batch == min(4, len(loader) - 1):
-            guess = epoch_estimate(batch_ends, len(loader), n_val, config.batch_size)
-            to_go = last_epoch - start_epoch + 1
-            total = guess * to_go
-            echo(f"estimated {guess:.0f} s per epoch ({len(loader)} batch"
-                 f"{'es' if len(loader) != 1 else ''} of {config.batch_size}); "
-                 f"{duration_text(total)} for the {to_go} epoch{'s' if to_go != 1 else ''} to go "
-                 "unless it stops early")
-            if device.type == "cpu" and backbone != "light" and total > 1800:
-                echo(f"{backbone} on a CPU: about {duration_text(total)}; --backbone light trains "
-                     "far faster")
+    to_go, per_epoch = last_epoch - start_epoch + 1, None
+    if to_go > 0 and ddp.rank() == 0:   # what will run, and about how long it takes
+        step = step_seconds(model, loader, device=device, amp=precision, loss_fn=loss_fn)
+        per_epoch = epoch_seconds(step, len(loader), len(val_idx) * segments_per_clip(
+            fs.n_frames, seg), config.batch_size)
+        echo(plan_line(f"{backbone}{' (shared)' if share_backbone else ''} ({backbone_by}"
+                       f"{', ImageNet weights' if was_pretrained else ''})", config, auto=auto,
+                       parameters=count_parameters(model), where=f"{device}, {precision}",
+                       batches=len(loader), epochs=(start_epoch, last_epoch),
+                       segment_seconds=seg * feature_config.hop_length / feature_config.sample_rate,
+                       step=step, total=per_epoch * to_go))
+        if device.type == "cpu" and backbone != "light" and per_epoch * to_go > 1800:
+            echo(f"{backbone} on a CPU: about {duration_text(per_epoch * to_go)}; --backbone "
+                 "light trains far faster")
 
     epoch = start_epoch - 1
     if ungrouped:               # said once every check has passed, before the work
         echo(ungrouped)
     if start_epoch <= last_epoch:
-        echo(epoch_legend(config.select))
-    for epoch in range(start_epoch, last_epoch + 1):
-        t0 = time.perf_counter()
-        # every random draw of epoch e depends on (seed, e, rank) alone: resume repeats it exactly
-        seed_torch(config.seed * 1_000_003 + epoch + 7_919 * ddp.rank(), device)
-        loader.sampler.set_epoch(epoch)
-        with progress_bar(len(loader), desc=f"epoch {epoch}/{config.epochs}", unit="batch",
-                          quiet=quiet, leave=False) as bar, \
-                memory_guard(device, batch_size=config.batch_size, frames=seg):
-            train_loss, train_acc = train_one_epoch(
-                net, loader, optimizer, scheduler, scaler, loss_fn, device=device, amp=precision,
-                progress=bar, on_batch=estimate if epoch == start_epoch else None,
-                mixup=config.mixup, ema=ema)
-        train_loss, train_acc = ddp.mean(train_loss, train_acc)   # over every process's share
-        if not all_finite(net, scored):   # never a checkpoint of NaN weights: say what happened
-            raise DeepFusionError(
-                f"training diverged at epoch {epoch} (the weights became NaN or infinite); "
-                "give a lower --lr" + (", a longer --segment-seconds, or --no-amp"
-                                       if precision not in (False, "fp32", None)
-                                       else " or a longer --segment-seconds"))
-        ddp.sync_buffers(scored)
-        # validation and test in float32: the numbers evaluate reproduces on any machine
-        val = predict_clips(scored, fs, norm, val_idx, seg=seg, batch_size=config.batch_size,
-                            device=device, amp=False, shard=True)
-        val_acc = float((val.predicted == fs.labels[val_idx]).mean())
-        row = {"epoch": epoch, "train_loss": round(train_loss, 6), "train_acc": round(train_acc, 6),
-               "val_loss": round(clip_loss(val, fs.labels), 6), "val_acc": round(val_acc, 6),
-               "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 2),
-               "val_segment_acc": round(val.segment_correct / max(val.segment_total, 1), 6)}
-        history.append(row)
-        # early stopping watches validation accuracy (select val_acc) or loss (otherwise)
-        score = val_acc if config.select == "val_acc" else -row["val_loss"]
-        improved = score > best_score
-        if improved:
-            best_score, bad_epochs = score, 0
-        else:
-            bad_epochs += 1
-        saved = improved if config.select != "last" else True
-        best_epoch = epoch if saved else best_epoch
-        best = {**base_payload, "model_state": scored.state_dict(), "epoch": epoch,
-                "metrics": {"val": row}} if saved else None
-        extra = {"ema_state": ema.state_dict(), "model_state_raw": model.state_dict()} if ema else {}
-        last = {
-            **base_payload, "model_state": scored.state_dict(), "epoch": epoch,
-            "optimizer_state": optimizer.state_dict(), "scheduler_state": scheduler.state_dict(),
-            "scaler_state": scaler.state_dict(), "rng_state": rng_state(device), "history": history,
-            "best_score": best_score, "best_epoch": best_epoch, "bad_epochs": bad_epochs, **extra}
-        ddp.on_main(_write_run, model_dir, history, best=best, last=last)
-        echo(f"epoch {epoch:3d}  train loss {train_loss:.4f} acc {train_acc:.3f}  "
-             f"val loss {row['val_loss']:.4f} acc {val_acc:.3f} (segments {row['val_segment_acc']:.3f})  "
-             f"{row['seconds']:.1f} s{'  *' if saved else ''}")
-        if bad_epochs >= config.patience:
-            what = "accuracy" if config.select == "val_acc" else "loss"
-            echo(f"early stop: no better validation {what} for {config.patience} epochs")
-            break
+        echo(epoch_legend(config.select, runtime.save_every))
+    writer, took = RunWriter(model_dir, runtime.save_every), []
+    try:
+        for epoch in range(start_epoch, last_epoch + 1):
+            t0 = time.perf_counter()
+            # every random draw of epoch e depends on (seed, e, rank) alone: resume repeats it
+            seed_torch(config.seed * 1_000_003 + epoch + 7_919 * ddp.rank(), device)
+            loader.sampler.set_epoch(epoch)
+            left = f", about {duration_text(per_epoch * (last_epoch - epoch + 1))} to go" \
+                if per_epoch else ""
+            with progress_bar(len(loader), desc=f"epoch {epoch}/{config.epochs}{left}",
+                              unit="batch", quiet=quiet, leave=False) as bar, \
+                    memory_guard(device, batch_size=config.batch_size, frames=seg):
+                train_loss, train_acc = train_one_epoch(
+                    net, loader, optimizer, scheduler, scaler, loss_fn, device=device,
+                    amp=precision, progress=bar, mixup=config.mixup, ema=ema)
+            train_loss, train_acc = ddp.mean(train_loss, train_acc)   # over every process
+            if not all_finite(net, scored):   # never a checkpoint of NaN weights
+                raise DeepFusionError(
+                    f"training diverged at epoch {epoch} (the weights became NaN or infinite); "
+                    "give a lower --lr" + (", a longer --segment-seconds, or --no-amp"
+                                           if precision not in (False, "fp32", None)
+                                           else " or a longer --segment-seconds"))
+            ddp.sync_buffers(scored)
+            # validation and test in float32: the numbers evaluate reproduces on any machine
+            val = predict_clips(scored, fs, norm, val_idx, seg=seg, batch_size=config.batch_size,
+                                device=device, amp=False, shard=True)
+            val_acc = float((val.predicted == fs.labels[val_idx]).mean())
+            row = {"epoch": epoch, "train_loss": round(train_loss, 6),
+                   "train_acc": round(train_acc, 6),
+                   "val_loss": round(clip_loss(val, fs.labels), 6), "val_acc": round(val_acc, 6),
+                   "lr": optimizer.param_groups[0]["lr"],
+                   "seconds": round(time.perf_counter() - t0, 2),
+                   "val_segment_acc": round(val.segment_correct / max(val.segment_total, 1), 6)}
+            history.append(row)
+            took.append(row["seconds"])
+            per_epoch = sum(took) / len(took)
+            # early stopping watches validation accuracy (select val_acc) or loss (otherwise)
+            score = val_acc if config.select == "val_acc" else -row["val_loss"]
+            improved = score > best_score
+            if improved:
+                best_score, bad_epochs = score, 0
+            else:
+                bad_epochs += 1
+            saved = improved if config.select != "last" else True
+            best_epoch = epoch if saved else best_epoch
+            best = {**base_payload, "model_state": scored.state_dict(), "epoch": epoch,
+                    "metrics": {"val": row}} if saved else None
+            extra = {"ema_state": ema.state_dict(), "model_state_raw": model.state_dict()} \
+                if ema else {}
+            last = {
+                **base_payload, "model_state": scored.state_dict(), "epoch": epoch,
+                "optimizer_state": optimizer.state_dict(),
+                "scheduler_state": scheduler.state_dict(), "scaler_state": scaler.state_dict(),
+                "rng_state": rng_state(device), "history": history, "best_score": best_score,
+                "best_epoch": best_epoch, "bad_epochs": bad_epochs, **extra}
+            stop = bad_epochs >= config.patience
+            ddp.on_main(writer.epoch_done, history, best=best, last=last,
+                        final=stop or epoch == last_epoch)
+            echo(f"epoch {epoch:3d}  train loss {train_loss:.4f} acc {train_acc:.3f}  "
+                 f"val loss {row['val_loss']:.4f} acc {val_acc:.3f} "
+                 f"(segments {row['val_segment_acc']:.3f})  {row['seconds']:.1f} s"
+                 f"{'  *' if saved else ''}")
+            if stop:
+                what = "accuracy" if config.select == "val_acc" else "loss"
+                echo(f"early stop: no better validation {what} for {config.patience} epochs")
+                break
+    except BaseException as exc:   # the finished epochs held in memory are written first
+        if ddp.rank() == 0:
+            writer.on_exit(exc, echo)
+        raise
 
     best = ddp.on_main(load_checkpoint, best_path)
     best_row = best["metrics"]["val"]
@@ -491,8 +483,9 @@ def _train_probe(fs: FeatureSet, features: Path, split: np.ndarray, indices, *,
                             feature_config=feature_config, config=config,
                             runtime=RuntimeConfig(device="cpu", amp=False),
                             pretrained_source="not used")
-    _write_run(model_dir, [row], best={**payload, "model_state": model.state_dict(), "epoch": 1,
-                                       "metrics": metrics})
+    save_checkpoint(model_dir / "best.pth", {**payload, "model_state": model.state_dict(),
+                                             "epoch": 1, "metrics": metrics})
+    write_log(model_dir, [row])
     echo(f"probe: train accuracy {row['train_acc']:.3f}, validation accuracy {val_acc:.3f}")
     if test_acc is not None:
         echo(f"test: clip accuracy {test_acc:.3f} on {len(test_idx)} clips")

@@ -90,7 +90,8 @@ def extracted(work, dataset) -> dict:
 def _train_args(features: Path, model_dir: Path) -> list:
     return ["train", "--features", features, "--model-dir", model_dir, "--backbone", "light",
             "--no-pretrained", "--epochs", "4", "--batch-size", "4", "--lr", "1e-3",
-            "--val-size", "0.25", "--test-size", "0.25", "--seed", "5", "--quiet"]
+            "--val-size", "0.25", "--test-size", "0.25", "--seed", "5", "--quiet",
+            "--save-every", "0"]   # checkpoints after every epoch: a kill lands between them
 
 
 @pytest.fixture(scope="module")

@@ -210,7 +210,8 @@ def test_resume_with_device_cpu_continues_a_run_stored_on_another_device(tiny_fe
     assert resumed["epoch"] == 2
     assert resumed["runtime_config"] == {"device": "cpu", "amp": True, "amp_dtype": "auto",
                                          "channels_last": True, "num_workers": 0,
-                                         "sync_bn": False, "deterministic": False}
+                                         "sync_bn": False, "deterministic": False,
+                                         "save_every": 300.0}
     report = invoke("evaluate", "--checkpoint", out / "best.pth", "--device", "cpu",
                     "--out-dir", tmp_path / "report")
     assert report.exit_code == 0, report.output

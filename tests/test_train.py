@@ -20,7 +20,7 @@ from deepfusion.data import check_split, fit_normalization, make_split
 from deepfusion.io.features_file import load_feature_set
 from deepfusion.errors import DatasetError
 from deepfusion.models import MultiModalNet, count_parameters
-from deepfusion.progress import epoch_estimate
+from deepfusion.progress import epoch_seconds
 from deepfusion.testing import cli_command, invoke, subprocess_env
 
 ROWS = {"mel_spec_orig": 32, "mel_spec_harm": 32, "mel_spec_perc": 32, "mfcc": 20,
@@ -112,8 +112,11 @@ def test_train_command_writes_checkpoints_logs_and_curves(tiny_features, tmp_pat
                   "--val-size", "0.2", "--test-size", "0.2", "--quiet")
     assert result.exit_code == 0, result.output
     assert re.search(r"^best\.pth: epoch 2 \(validation clip accuracy [\d.]+\)", result.output, re.M)
-    assert re.search(r"^estimated \d+ s per epoch \(1 batch of 8\); \d+ s for the 2 epochs to go "
-                     r"unless it stops early$", result.output, re.M), result.output
+    plan = re.search(r"^training light \(given\), [\d.]+ M parameters, on cpu, \w+: 2 epochs of 1 "
+                     r"batch of 8 segments of 3 s, lr 0.001, no early stop; patience auto for "
+                     r"this backbone; about \d+ s \([\d.]+ s a batch, timed before the first "
+                     r"epoch\)$", result.output, re.M)
+    assert plan and plan.start() < result.output.index("epoch   1"), result.output
     for name in ("best.pth", "last.pth", "training_history.csv", "training_history.png"):
         assert (out / name).is_file(), name
     rows = list(csv.DictReader(open(out / "training_history.csv")))
@@ -124,11 +127,11 @@ def test_train_command_writes_checkpoints_logs_and_curves(tiny_features, tmp_pat
     assert not list(out.glob(".*.tmp"))
 
 
-def test_epoch_estimate_leaves_out_the_warm_up_batch():
-    # a 10-s warm-up batch, then 1 s per batch: 20 training batches and 80 validation
-    # segments of batch 8 (= 10 batches at 0.25 of a training step's cost)
-    assert epoch_estimate([10.0, 11.0, 12.0, 13.0, 14.0], 20, 80, 8) == pytest.approx(22.5)
-    assert epoch_estimate([3.0], 1, 0, 8) == pytest.approx(3.0)   # one batch: all there is
+def test_epoch_seconds_counts_validation_as_a_quarter_of_a_training_step():
+    # 1 s per batch: 20 training batches and 80 validation segments of batch 8 (= 10 batches
+    # at 0.25 of a training step's cost)
+    assert epoch_seconds(1.0, 20, 80, 8) == pytest.approx(22.5)
+    assert epoch_seconds(3.0, 1, 0, 8) == pytest.approx(3.0)
 
 
 def test_checkpoint_is_self_contained(trained_model_dir, tiny_features):
@@ -215,17 +218,25 @@ def test_insisting_on_missing_pretrained_weights_fails_before_training(tiny_feat
 @pytest.mark.slow
 def test_default_train_trains_from_scratch_when_weights_cannot_be_had(tiny_features, tmp_path,
                                                                       monkeypatch):
-    # the mission's own command, nothing else: resnet50, pretrained auto, an empty torch cache
-    # and no network (downloads go to a closed port on 127.0.0.1)
+    # the mission's own command, nothing else: on a CPU the light backbone (auto); then the
+    # reference design's resnet50 with pretrained auto, an empty torch cache and no network
+    # (downloads go to a closed port on 127.0.0.1)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "features.pkl").write_bytes(Path(tiny_features).read_bytes())
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
     result = invoke("train", "--epochs", "1", "--batch-size", "8", "--quiet")
     assert result.exit_code == 0, result.output
+    assert re.search(r"^training light \(auto for cpu\), ", result.output, re.M), result.output
+    assert "ImageNet" not in result.output
+    raw = torch.load(tmp_path / "models" / "best.pth", weights_only=True)
+    assert raw["model_config"]["backbone"] == "light"
+    result = invoke("train", "--epochs", "1", "--batch-size", "8", "--quiet", "--backbone",
+                    "resnet50", "--model-dir", "r50")
+    assert result.exit_code == 0, result.output
     lines = [ln for ln in result.output.splitlines() if "ImageNet weights" in ln]
     assert len(lines) == 1 and "training from scratch" in lines[0] and "resnet50" in lines[0]
-    raw = torch.load(tmp_path / "models" / "best.pth", weights_only=True)
+    raw = torch.load(tmp_path / "r50" / "best.pth", weights_only=True)
     assert raw["pretrained_source"].startswith("none (") and raw["model_config"]["pretrained"] is False
 
 
@@ -237,7 +248,7 @@ def _history(path: Path) -> list[dict]:
 def test_resume_after_kill_matches_uninterrupted_run(tiny_features, tmp_path):
     args = ["train", "--features", tiny_features, "--backbone", "light",
             "--no-pretrained", "--epochs", "5", "--batch-size", "8", "--lr", "1e-3", "--quiet",
-            "--val-size", "0.2", "--test-size", "0.2", "--seed", "3"]
+            "--val-size", "0.2", "--test-size", "0.2", "--seed", "3", "--save-every", "0"]
     env = subprocess_env()
     full, killed = tmp_path / "full", tmp_path / "killed"
     subprocess.run(cli_command(*args, "--model-dir", full), check=True, env=env,
