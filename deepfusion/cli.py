@@ -8,7 +8,6 @@ line on stderr and a non-zero exit status.
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,9 @@ import click
 from . import __version__
 from .config import (DEFAULT_FEATURES, DEFAULT_MODEL_DIR, DEFAULT_STORE,
                      FEATURE_FORMATS, PRETRAINED_VIEWS, FeatureConfig, RuntimeConfig, TrainConfig)
-from .errors import DeepFusionError, ParameterError
+from .console import (CommandGroup, echo, found, say, say_repaired, stamp, torchrun_rank,
+                      wrote)
+from .errors import ParameterError
 from .io.atomic import plural
 from .io.names import escape_bytes, shown
 from .options import (adapt_option, cache_dir_option, checkpoint_option, device_option, feature_options,
@@ -27,81 +28,8 @@ from .options import (adapt_option, cache_dir_option, checkpoint_option, device_
                       runtime_options, split_file_option, take, timeout_option,
                       train_features_option)
 
-def echo(message: object = "", **kwargs: Any) -> None:
-    """click.echo that never fails on a file name: bytes that are not UTF-8 and control
-    characters other than newlines and tabs are escaped (:mod:`deepfusion.io.names`)."""
-    click.echo(shown(message, keep="\n\t"), **kwargs)
 
-
-def _say(line: object = "") -> None:
-    """A stage's line: on stderr when it reports a problem (``warning: ...``), else stdout."""
-    echo(line, err=str(line).startswith("warning:"))
-
-
-def _sigterm_as_interrupt() -> None:
-    """SIGTERM (``kill``, a scheduler's time limit, ``docker stop``) ends a command as Ctrl-C
-    does: workers stopped, temporary files removed, finished work kept, the same one line."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM"):
-        return
-
-    def interrupt(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)    # one is enough; clean-up runs now
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupt)
-
-
-def _torchrun_rank() -> int | None:
-    """This process's rank when torchrun started two or more, else None. Read from the
-    environment as :func:`deepfusion.ddp.launched` does, without importing torch at start-up
-    (malformed values are ddp's to report)."""
-    try:
-        return int(os.environ["RANK"]) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
-    except (KeyError, ValueError):
-        return None
-
-
-def _other_rank() -> bool:
-    """A torchrun process other than rank 0 (its errors are rank 0's too)."""
-    return _torchrun_rank() not in (None, 0)
-
-
-class _Group(click.Group):
-    """Turns deepfusion's own errors into one line and an exit status, never a traceback."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        _sigterm_as_interrupt()
-        try:
-            return super().invoke(ctx)
-        except DeepFusionError as exc:
-            if not _other_rank():          # under torchrun rank 0 says it, once
-                echo(f"Error: {shown(exc)}", err=True)
-            sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            if not _other_rank():
-                echo("Interrupted: finished work is kept; run the same command again to continue.",
-                     err=True)
-            sys.exit(130)
-        except BrokenPipeError:    # `deepfusion predict DIR | head`: the reader has enough
-            try:                  # (and Python must not complain again at exit)
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            except (OSError, ValueError):
-                pass
-            sys.exit(141)         # what a shell reports for SIGPIPE
-        except (click.exceptions.Exit, click.ClickException, SystemExit):
-            raise
-        except Exception as exc:  # a bug, not a user error: one line unless debugging
-            if os.environ.get("DEEPFUSION_DEBUG"):
-                raise
-            echo(f"Error: internal error {type(exc).__name__}: {shown(exc)} "
-                       "(set DEEPFUSION_DEBUG=1 for the traceback, and please report it)", err=True)
-            sys.exit(70)
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=CommandGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="deepfusion")
 def main() -> None:
     """deepfusion: multi-modal music-genre classification, from raw audio to a usable model."""
@@ -128,7 +56,7 @@ def synth(out: Path, genres: int, clips_per_genre: int, duration: float, seed: i
     paths = synthesize_dataset(out, genres=genres, clips_per_genre=clips_per_genre,
                                duration=duration, seed=seed, domain=domain, overwrite=overwrite)
     echo(f"wrote {plural(len(paths), 'clip')} ({plural(genres, 'genre')} x {clips_per_genre}) "
-         f"to {out}")
+         f"to {Path(out).absolute()}")
 
 
 @main.command()
@@ -191,6 +119,9 @@ def extract(audio_dir: Path, out: Path | None, fmt: str, dtype: str, cache_dir: 
 
     # an address from the environment is named as the variable in messages, not as the flag
     given = click.get_current_context().get_parameter_source("scheduler")
+    from .extract import default_out
+
+    before = stamp(out or default_out(fmt))
     with named_by(SCHEDULER_ENV if given is ParameterSource.ENVIRONMENT else "--scheduler"):
         result = run_extract(audio_dir, out=out, fmt=fmt, cache_dir=cache_dir,
                              jobs=jobs, config=config, manifest=manifest, quiet=quiet,
@@ -206,8 +137,8 @@ def extract(audio_dir: Path, out: Path | None, fmt: str, dtype: str, cache_dir: 
              err=True)
         sys.exit(1)
     echo(f"{plural(result.n_items, 'clip')} ({result.computed} computed, {result.cached} from "
-         f"cache) in {result.seconds:.1f} s -> {result.out}")
-    _say_repaired(result.repaired)
+         f"cache) in {result.seconds:.1f} s")
+    say_repaired(result.repaired)
     if result.metadata:
         echo(result.metadata)
     if genres:
@@ -222,8 +153,14 @@ def extract(audio_dir: Path, out: Path | None, fmt: str, dtype: str, cache_dir: 
         for group in result.duplicate_groups:
             echo("  " + " = ".join(map(shown, group)))
     if result.errors:
-        echo(f"{plural(len(result.errors), 'file')} skipped; reasons in {result.errors_csv}",
+        echo(f"{plural(len(result.errors), 'file')} skipped; reasons in extract_errors.csv",
              err=True)
+    if before is not None and stamp(result.out) == before:
+        echo(f"{result.out.absolute()} is up to date: nothing written")
+    else:
+        wrote([result.out, result.errors_csv])
+    if result.computed:
+        echo(f"cache {cache_dir.absolute()}: {plural(result.computed, 'new entry', 'new entries')}")
     if strict and result.errors:
         sys.exit(1)
 
@@ -260,25 +197,30 @@ def train(features: Path, model_dir: Path, pretrained: bool | None, weights_path
                   backbone=kwargs.pop("backbone"), share_backbone=kwargs.pop("share_backbone"),
                   pretrained=pretrained, weights_path=weights_path, resume=resume,
                   overwrite=overwrite, quiet=quiet,
-                  echo=_say, model_options={"band_stats": kwargs.pop("band_stats")})
-    if folds and _torchrun_rank() is not None:
+                  echo=say, model_options={"band_stats": kwargs.pop("band_stats")})
+    if folds and torchrun_rank() is not None:
         raise ParameterError("--folds trains its folds one after another in one process; run "
                              "it without torchrun")
     from .io.features_file import preload
 
+    features = found(features, DEFAULT_FEATURES.parent, "features file")
     common["feature_set"] = preload(features)   # a wrong file: one line before torch loads
     if folds:
         from .crossval import cross_validate
 
         cv = cross_validate(features, folds=folds, **common)
         echo(cv.table())
+        wrote(cv.files)
         return
     from .train import train as run_train
 
     result = run_train(features, **common)
     echo(f"best.pth: epoch {result.best_epoch} (validation clip accuracy "
          f"{result.best_val_acc:.3f}); {plural(result.epochs_run, 'epoch')} in "
-         f"{result.seconds:.0f} s; checkpoint {model_dir / 'best.pth'}")
+         f"{result.seconds:.0f} s")
+    from .io.run_folder import TRAIN_FILES
+
+    wrote(p for p in (Path(model_dir) / name for name in TRAIN_FILES) if p.exists())
 
 
 @main.command()
@@ -301,6 +243,8 @@ def evaluate(checkpoint: Path, features: Path | None, split: str, split_file: st
     from .evaluate import evaluate as run_evaluate
     from .io.run_folder import REPORT_FILES
 
+    checkpoint = found(checkpoint, DEFAULT_MODEL_DIR, "checkpoint")
+    features = features and found(features, DEFAULT_FEATURES.parent, "features file")
     report = run_evaluate(checkpoint, features=features, split=split, split_file=split_file,
                           out_dir=out_dir, batch_size=batch_size, device=device,
                           precision=precision, adapt=adapt, overwrite=overwrite, echo=echo,
@@ -308,15 +252,8 @@ def evaluate(checkpoint: Path, features: Path | None, split: str, split_file: st
     echo(report.table())
     for caution in report.cautions:
         echo(f"warning: {caution}", err=True)
-    echo(f"\nwrote {', '.join(REPORT_FILES)} to {report.out_dir}")
-
-
-def _say_repaired(n: int) -> None:
-    """The one line on damaged cache entries a run computed again (stderr: never mixed with
-    the results a pipe reads)."""
-    if n:
-        echo(f"repaired {n} damaged cache entr{'y' if n == 1 else 'ies'} (computed again and "
-             "replaced)", err=True)
+    echo()
+    wrote(Path(report.out_dir) / name for name in REPORT_FILES)
 
 
 def _library(inputs, checkpoints, engine, cache_dir, device, precision, adapt,
@@ -329,7 +266,8 @@ def _library(inputs, checkpoints, engine, cache_dir, device, precision, adapt,
     if engine == "onnx" and device not in ("auto", "cpu"):
         raise ParameterError(f"--device {device}: the onnx engine runs on onnxruntime's own "
                              "providers; leave --device out, or use --engine torch")
-    return Library(inputs, checkpoints=list(checkpoints), engine=engine, device=device,
+    checkpoints = [found(c, DEFAULT_MODEL_DIR, "checkpoint") for c in checkpoints]
+    return Library(inputs, checkpoints=checkpoints, engine=engine, device=device,
                    cache_dir=cache_dir, destinations=destinations, overwrite=overwrite,
                    precision=precision, adapt=adapt)
 
@@ -382,10 +320,11 @@ def predict(inputs: tuple[Path, ...], checkpoints: tuple[Path, ...], engine: str
             else:
                 top = ", ".join(f"{g} {p:.3f}" for g, p in result.top)
                 echo(f"{shown(result.path)}: {top}")
-    _say_repaired(library.repaired)
+    say_repaired(library.repaired)
     if out is not None:
         echo(f"{plural(done, 'file')} classified ({computed} analysed, {done - computed} from the "
-             f"cache), {failed} skipped in {time.perf_counter() - t0:.1f} s -> {shown(out)}", err=as_json)
+             f"cache), {failed} skipped in {time.perf_counter() - t0:.1f} s", err=as_json)
+        wrote([out], err=as_json)
     if done == 0:
         echo(f"Error: none of the {plural(failed, 'file')} could be classified (reasons above)",
              err=True)
@@ -421,14 +360,15 @@ def embed(inputs: tuple[Path, ...], checkpoints: tuple[Path, ...], engine: str, 
                      library.class_names, library.engines[0].embedding_dim)
     for path, reason in result.errors:
         echo(f"skipped {shown(path)}: {shown(reason)}", err=True)
-    _say_repaired(library.repaired)
+    say_repaired(library.repaired)
     if len(result.paths) == 0:
         echo(f"Error: none of the {plural(len(result.errors), 'file')} could be embedded "
              "(reasons above)", err=True)
         sys.exit(1)
     result.save(out)
     echo(f"{plural(len(result.paths), 'file')} embedded ({result.embeddings.shape[1]} dimensions), "
-         f"{len(result.errors)} skipped in {time.perf_counter() - t0:.1f} s -> {shown(out)}")
+         f"{len(result.errors)} skipped in {time.perf_counter() - t0:.1f} s")
+    wrote([out])
 
 
 @main.command()
@@ -467,7 +407,7 @@ def tag(inputs: tuple[Path, ...], model: str, top_k: int, as_json: bool, cache_d
             echo(line)
         else:
             echo(f"{shown(result.path)}: " + ", ".join(f"{t} {p:.3f}" for t, p in result.top[:top_k]))
-    _say_repaired(tagger.repaired)
+    say_repaired(tagger.repaired)
     if done == 0:
         echo(f"Error: none of the {plural(failed, 'file')} could be tagged (reasons above)",
              err=True)
@@ -493,5 +433,7 @@ def export(checkpoint: Path, fmt: str, out: Path, tolerance: float, exporter: st
     logits, attention and embedding out; checked against torch on real windows first."""
     from .export import export_onnx
 
+    checkpoint = found(checkpoint, DEFAULT_MODEL_DIR, "checkpoint")
     export_onnx(checkpoint, out, tolerance=tolerance, exporter=exporter, opset=opset,
                 overwrite=overwrite, echo=echo)
+    wrote([out])

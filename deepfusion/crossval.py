@@ -113,10 +113,17 @@ class CrossValidation:
             mean, sd, lo, hi = self.summary(key)
             lines.append(f"{label}: {mean:.3f} +- {sd:.3f} over {len(self.folds)} folds "
                          f"(min {lo:.3f}, max {hi:.3f})")
-        lines.append(f"all {len(self.predictions)} clips: accuracy {self.pooled_accuracy:.3f}; "
-                     f"wrote {(self.model_dir / 'cross_validation.csv').resolve()} and "
-                     f"{(self.model_dir / 'cross_validation_predictions.csv').resolve()}")
+        lines.append(f"all {len(self.predictions)} clips: accuracy {self.pooled_accuracy:.3f}")
         return "\n".join(lines)
+
+    @property
+    def files(self) -> list[Path]:
+        """What the run wrote: every fold's run files, then the two tables."""
+        from .io.run_folder import TRAIN_FILES
+
+        return [self.model_dir / f"fold-{row['fold']}" / name for row in self.folds
+                for name in TRAIN_FILES] + [self.model_dir / "cross_validation.csv",
+                                            self.model_dir / "cross_validation_predictions.csv"]
 
     @property
     def pooled_accuracy(self) -> float:

@@ -202,7 +202,12 @@ def test_mixed_exit_and_summary(mixed):
     assert result.exit_code == 0, result.output
     n = len(mixed["good"])
     assert _summary(result) == (n, n, 0)
-    assert f"-> {mixed['out']}" in result.stdout
+    # every file written named once, at the end, by absolute path
+    written = [l for l in result.stdout.splitlines() if l.startswith("wrote ")]
+    assert written == [f"wrote {Path(mixed['out']).absolute()}",
+                       f"wrote {Path(mixed['out']).absolute().with_name('extract_errors.csv')}"]
+    assert result.stdout.splitlines()[-2:] == written[-1:] + [
+        f"cache {Path(mixed['cache']).absolute()}: {n} new entries"]
     expected_genres = {"blues": 1, "música": 1, "rock": 7, "jazz": 6 + HAVE_MP3}
     line = next(l for l in result.stdout.splitlines() if l.startswith("genres: "))
     assert line == "genres: " + ", ".join(f"{k} {v}" for k, v in sorted(expected_genres.items()))

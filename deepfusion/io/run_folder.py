@@ -29,9 +29,10 @@ ASIDE = ".replaced-run"
 #: The files evaluate writes (by default beside the checkpoint, so into the run's folder).
 REPORT_FILES = ("evaluation.json", "classification_report.csv", "predictions.csv",
                 "confusion_matrix.png", "attention.png")
+#: What a training run writes into its folder.
+TRAIN_FILES = ("best.pth", "last.pth", "training_history.csv", "training_history.png")
 #: What a run writes into its folder: train's, train --folds', then evaluate's.
-RUN_FILES = ("best.pth", "last.pth", "training_history.csv", "training_history.png",
-             "cross_validation.csv", "cross_validation_predictions.csv", *REPORT_FILES)
+RUN_FILES = (*TRAIN_FILES, "cross_validation.csv", "cross_validation_predictions.csv", *REPORT_FILES)
 #: A run is in the folder when one of these is.
 RUN_MARKERS = ("best.pth", "last.pth", "cross_validation.csv")
 #: The kind (:data:`deepfusion.io.guard.KINDS`) of every file a run folder holds.
