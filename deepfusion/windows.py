@@ -171,16 +171,19 @@ def run_file_tasks(paths: list[Path], *, cache_dir: Path, config: FeatureConfig,
 
     At most ``2 * jobs`` files are in flight, so memory does not grow with the number of files.
     """
-    from .tasks import default_jobs, pool_results
-
-    jobs = default_jobs() if jobs is None else max(1, int(jobs))
     config_dict = config.to_dict()
     tasks = [(str(p), str(cache_dir), config_dict, timeout) for p in paths]
-    if jobs <= 1 or len(tasks) <= 1:
+    if len(tasks) > 1:
+        from .tasks import default_jobs
+
+        jobs = default_jobs() if jobs is None else max(1, int(jobs))
+    if len(tasks) <= 1 or jobs <= 1:   # here: no pool to start (nor joblib to import)
         for task in tasks:
             yield file_windows(*task)
         return
     from joblib import delayed
+
+    from .tasks import pool_results
 
     yield from pool_results((delayed(file_windows)(*task) for task in tasks), min(jobs, len(tasks)),
                             ordered=True, what="analysing files")
