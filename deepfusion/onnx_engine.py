@@ -78,6 +78,9 @@ class OnnxEngine:
         Threads of one operator (onnxruntime's ``intra_op_num_threads``; default: its own choice).
     batch_size : int
         Segments per onnxruntime call.
+    ids : ModelIds, optional
+        The model files' digests known so far (:class:`~deepfusion.memo.ModelIds`): a model
+        seen before is not hashed again to find its outputs in the cache.
 
     Attributes
     ----------
@@ -99,11 +102,11 @@ class OnnxEngine:
     """
 
     def __init__(self, path: Union[str, Path], *, providers: Optional[Sequence[str]] = None,
-                 threads: Optional[int] = None, batch_size: int = DEFAULT_BATCH):
+                 threads: Optional[int] = None, batch_size: int = DEFAULT_BATCH, ids=None):
         path = Path(path)
         if not path.is_file():
             raise OnnxModelError(f"{path}: ONNX model not found")
-        self._load(str(path), str(path), providers, threads, batch_size)
+        self._load(str(path), str(path), providers, threads, batch_size, ids)
 
     @classmethod
     def from_bytes(cls, data: bytes, *, name: str = "<in memory>",
@@ -115,7 +118,7 @@ class OnnxEngine:
         engine._load(data, name, providers, threads, batch_size)
         return engine
 
-    def _load(self, model, name: str, providers, threads, batch_size: int) -> None:
+    def _load(self, model, name: str, providers, threads, batch_size: int, ids=None) -> None:
         from .io.cache import stamp_or_none
         from .memo import model_id
 
@@ -146,7 +149,7 @@ class OnnxEngine:
         # what deepfusion.memo keeps this model's outputs under (None: nothing kept)
         ran = self.session.get_providers()[0] if self.session.get_providers() else "cpu"
         self.model_id = (model_id(model, "onnx", ran) if isinstance(model, bytes) else
-                         model_id(model, "onnx", ran, stamp=stamp) if stamp else None)
+                         model_id(model, "onnx", ran, stamp=stamp, ids=ids) if stamp else None)
         self.kind = "onnx"
 
     def _read_metadata(self) -> dict:

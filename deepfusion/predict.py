@@ -30,6 +30,7 @@ from .config import DEFAULT_CACHE_DIR, FEATURE_KEYS
 from .errors import ParameterError
 from .io.atomic import CACHE_ENTRY_LOST
 from .io.cache import FeatureCache
+from .memo import ModelIds
 from .metrics import softmax
 from .windows import load_window, run_file_tasks
 
@@ -56,19 +57,19 @@ class Prediction:
 
 
 def load_engine(path: Path, *, engine: str = "torch", device: str = "auto",
-                precision: str = "fp32"):
+                precision: str = "fp32", ids: Optional[ModelIds] = None):
     """A :class:`~deepfusion.torch_engine.TorchEngine` for a checkpoint, or an
     :class:`~deepfusion.onnx_engine.OnnxEngine` for an exported model (``engine='onnx'``,
-    which never imports torch)."""
+    which never imports torch). ``ids``: model digests known so far (see the engines)."""
     if engine == "onnx":
         from .onnx_engine import OnnxEngine
 
-        return OnnxEngine(Path(path))
+        return OnnxEngine(Path(path), ids=ids)
     if engine != "torch":
         raise ParameterError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     from .torch_engine import TorchEngine
 
-    return TorchEngine(Path(path), device=device, precision=precision)
+    return TorchEngine(Path(path), device=device, precision=precision, ids=ids)
 
 
 def check_ensemble(engines: Sequence[Any], paths: Sequence[Path]) -> None:
@@ -153,7 +154,8 @@ class Library:
                                               **models}, overwrite=overwrite)
             for dest in destinations:
                 check_writable(dest.path)
-        self.engines = [load_engine(p, engine=engine, device=device, precision=precision)
+        ids = ModelIds(cache_dir)
+        self.engines = [load_engine(p, engine=engine, device=device, precision=precision, ids=ids)
                         for p in paths]
         check_ensemble(self.engines, paths)
         first = self.engines[0]
@@ -164,6 +166,7 @@ class Library:
         self.cache_dir = Path(cache_dir)
         self.cache = FeatureCache(self.cache_dir, first.feature_config)
         self.cache.prepare()
+        ids.save()      # the models hashed now are not hashed again
         #: damaged cache entries (features of a window, a model's outputs) this run replaced
         self.repaired = 0
 

@@ -21,7 +21,7 @@ from .data import segment_frames
 from .inference import predict_clips
 from .io.cache import stamp_or_none
 from .io.featureset import FeatureSet
-from .memo import model_id
+from .memo import ModelIds, model_id
 from .runtime import inference_precision, is_out_of_memory, resolve_device
 
 
@@ -36,12 +36,14 @@ SEGMENT_BATCH_DEFAULT = 64
 class TorchEngine:
     """A ``best.pth`` loaded once, classifying windows on ``device`` in ``precision``
     (``fp32``, or ``amp``: see :func:`deepfusion.runtime.inference_precision`), ``batch_size``
-    segments at a time (default :data:`SEGMENT_BATCH` for the device)."""
+    segments at a time (default :data:`SEGMENT_BATCH` for the device). ``ids``: the model
+    files' digests known so far (:class:`~deepfusion.memo.ModelIds`: a checkpoint seen before
+    is not hashed again to find its outputs in the cache)."""
 
     kind = "torch"
 
     def __init__(self, checkpoint: Path, *, device: str = "auto", batch_size: Optional[int] = None,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", ids: Optional[ModelIds] = None):
         self.path = Path(checkpoint)
         stamp = stamp_or_none(self.path)
         self.ckpt = load_checkpoint(self.path)
@@ -63,7 +65,7 @@ class TorchEngine:
         self.keys = tuple(self.model.keys)
         # what deepfusion.memo keeps this model's outputs under (None: nothing kept)
         self.model_id = model_id(self.path, "torch", self.device.type, self.precision,
-                                 stamp=stamp) if stamp else None
+                                 stamp=stamp, ids=ids) if stamp else None
         self.batch_size = batch_size or SEGMENT_BATCH.get(self.device.type, SEGMENT_BATCH_DEFAULT)
         self._trained = (self.model, self.norm, self.model_id)     # what adapt starts from
 

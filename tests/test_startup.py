@@ -1,0 +1,158 @@
+"""Fast to start, fast for one file (issue 22, section 3): a model file is hashed once, and
+each command imports only what the path it takes needs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from deepfusion import memo
+from deepfusion.memo import ModelIds, model_id
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def hashes(monkeypatch) -> list[Path]:
+    """The files whose bytes :func:`deepfusion.memo.model_id` reads (every call recorded)."""
+    seen: list[Path] = []
+    real = memo.file_digest
+
+    def counted(path):
+        seen.append(Path(path))
+        return real(path)
+
+    monkeypatch.setattr(memo, "file_digest", counted)
+    return seen
+
+
+def _model(path: Path, data: bytes = b"weights " * 1000) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def test_a_model_file_is_hashed_once(tmp_path, hashes):
+    model = _model(tmp_path / "best.pth")
+    cache = tmp_path / "cache"
+    full = model_id(model, "torch", "cpu", "fp32")        # no id file: hashed every time
+    assert len(hashes) == 1
+    ids = ModelIds(cache)
+    assert model_id(model, "torch", "cpu", "fp32", ids=ids) == full
+    assert len(hashes) == 2 and not (cache / ModelIds.NAME).exists()    # nothing until save
+    ids.save()
+    assert (cache / ModelIds.NAME).is_file()
+    # the next run (a new process reads the file): the same id, the bytes not read
+    again = ModelIds(cache)
+    assert model_id(model, "torch", "cpu", "fp32", ids=again) == full
+    assert model_id(model, "onnx", "CPUExecutionProvider", ids=again).startswith(full[:32])
+    assert len(hashes) == 2
+    again.save()       # nothing new: the file is not written again
+    assert json.loads((cache / ModelIds.NAME).read_text())["ids"] == again._known
+
+
+def test_a_model_changed_in_place_is_hashed_again(tmp_path, hashes):
+    model = _model(tmp_path / "best.pth")
+    cache = tmp_path / "cache"
+    ids = ModelIds(cache)
+    first = model_id(model, "torch", ids=ids)
+    ids.save()
+    st = os.stat(model)
+    # other bytes of the same size, the modification time set back: the change time moved
+    with open(model, "r+b") as fh:
+        fh.write(b"W")
+    os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns))
+    ids = ModelIds(cache)
+    second = model_id(model, "torch", ids=ids)
+    assert second != first and len(hashes) == 2
+    # a new size, a new file under the old name (another inode)
+    _model(tmp_path / "other.pth", b"other " * 10).replace(model)
+    third = model_id(model, "torch", ids=ids)
+    assert third not in (first, second) and len(hashes) == 3
+    ids.save()
+    assert len(json.loads((cache / ModelIds.NAME).read_text())["ids"]) == 3
+
+
+def test_a_model_changed_while_loaded_has_no_identity(tmp_path, hashes):
+    model = _model(tmp_path / "best.pth")
+    ids = ModelIds(tmp_path / "cache")
+    model_id(model, ids=ids)
+    ids.save()
+    stamp = memo.file_stamp(model)
+    _model(tmp_path / "new.pth", b"new").replace(model)       # replaced after it was loaded
+    assert model_id(model, "torch", stamp=stamp, ids=ModelIds(tmp_path / "cache")) is None
+
+
+@pytest.mark.parametrize("damage", [b"{\"ids\": {\"1:2\": ", b"\x00\xff garbage", b"[1, 2]",
+                                    b'{"ids": {"1:2:3": "not a digest"}}', b"{" + b" " * 70000])
+def test_a_damaged_id_file_is_ignored_and_rewritten(tmp_path, hashes, damage):
+    model = _model(tmp_path / "best.pth")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / ModelIds.NAME).write_bytes(damage)
+    ids = ModelIds(cache)
+    assert model_id(model, ids=ids) == model_id(model)
+    ids.save()
+    data = json.loads((cache / ModelIds.NAME).read_text())
+    assert list(data["ids"].values()) == [memo.file_digest(model)]
+    hashes.clear()
+    model_id(model, ids=ModelIds(cache))
+    assert hashes == []
+
+
+def test_a_forged_entry_cannot_name_another_file(tmp_path, hashes):
+    """An entry is found by the file's whole stamp (device, inode, size, both times): an entry
+    for other numbers is never used for this file."""
+    model = _model(tmp_path / "best.pth")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    dev, ino, size, mtime, ctime = memo.file_stamp(model)
+    forged = {f"{dev}:{ino}:{size}:{mtime}:{ctime + 1}": "0" * 64,
+              f"{dev}:{ino}:{size + 1}:{mtime}:{ctime}": "1" * 64}
+    (cache / ModelIds.NAME).write_text(json.dumps({"format": 1, "ids": forged}))
+    assert model_id(model, ids=ModelIds(cache)) == model_id(model)
+    assert len(hashes) == 2
+
+
+def test_the_id_file_is_bounded_and_keeps_the_newest(tmp_path, monkeypatch):
+    monkeypatch.setattr(ModelIds, "LIMIT", 3)
+    cache = tmp_path / "cache"
+    for i in range(5):
+        ids = ModelIds(cache)
+        model_id(_model(tmp_path / f"m{i}.pth", bytes([i]) * 10), ids=ids)
+        ids.save()
+    kept = ModelIds(cache)._known
+    assert len(kept) == 3
+    assert all(kept.get(ModelIds._key(memo.file_stamp(tmp_path / f"m{i}.pth"))) for i in (2, 3, 4))
+
+
+def test_an_id_file_that_cannot_be_written_costs_only_a_hash(tmp_path):
+    cache = tmp_path / "cache"
+    cache.write_text("a file where the cache folder would be")
+    ids = ModelIds(cache)
+    assert model_id(_model(tmp_path / "best.pth"), ids=ids) is not None
+    ids.save()          # no error: the next run hashes again
+    assert cache.read_text().startswith("a file")
+
+
+def test_predict_writes_the_id_file_only_once_it_starts(tiny_audio, trained_model_dir, tmp_path,
+                                                        hashes):
+    """The Library hashes a checkpoint once; a run refused before it starts writes nothing."""
+    from deepfusion.errors import OutputError
+    from deepfusion.predict import Library, Prediction
+
+    checkpoint = trained_model_dir / "best.pth"
+    cache = tmp_path / "cache"
+    files = sorted(tiny_audio.rglob("*.wav"))[:2]
+    for _ in range(2):
+        lib = Library(files, checkpoints=[checkpoint], cache_dir=cache)
+        assert all(isinstance(r, Prediction) for r in lib.run(jobs=1))
+    assert hashes.count(checkpoint) == 1
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file")
+    with pytest.raises(OutputError):
+        Library(files, checkpoints=[checkpoint], cache_dir=blocked / "cache")
+    assert blocked.read_text() == "a file"
+
