@@ -61,6 +61,7 @@ def test_inputs_is_the_collections_own_normalisation(trained_model_dir, shifted)
     assert adapt(model, fs, norm, clips, mode="none", seg=5) == (model, norm)
 
 
+@pytest.mark.slow
 def test_full_reestimates_batchnorm_on_a_copy(trained_model_dir, shifted):
     import torch
 
@@ -80,6 +81,7 @@ def test_full_reestimates_batchnorm_on_a_copy(trained_model_dir, shifted):
             assert torch.equal(v, before[k]), k
 
 
+@pytest.mark.slow
 def test_full_on_the_probe_standardises_its_statistics_by_the_collection(tiny_features, shifted,
                                                                          tmp_path):
     from deepfusion.config import TrainConfig
@@ -105,6 +107,7 @@ def test_full_on_the_probe_standardises_its_statistics_by_the_collection(tiny_fe
                                rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_adaptation_recovers_a_shifted_collection(tiny_features, shifted, tmp_path):
     """The probe on a collection whose every row moved: without adaptation it is lost, with
     it the shift is undone (the shift is per row, exactly what the statistics remove)."""
@@ -123,6 +126,7 @@ def test_adaptation_recovers_a_shifted_collection(tiny_features, shifted, tmp_pa
     assert scores["inputs"] > scores["none"] and scores["full"] >= 0.9
 
 
+@pytest.mark.slow
 def test_auto_in_evaluate(trained_model_dir, shifted, tmp_path, monkeypatch):
     from deepfusion.evaluate import evaluate
 

@@ -80,6 +80,7 @@ def test_inconsistent_checkpoints_are_refused_naming_the_file(trained_model_dir,
     assert not (tmp_path / "report").exists()
 
 
+@pytest.mark.slow
 def test_a_last_checkpoint_without_its_training_state_is_refused(tiny_features, tmp_path):
     model_dir = tmp_path / "run"
     assert invoke("train", "--features", tiny_features, "--model-dir", model_dir, *LIGHT).exit_code == 0
@@ -100,6 +101,7 @@ def test_a_last_checkpoint_without_its_training_state_is_refused(tiny_features, 
 
 # ------------------------------------------------------- sizes the backbone cannot take
 
+@pytest.mark.slow
 def test_inputs_too_small_for_the_backbone_are_refused_before_work(tiny_audio, tiny_features, tmp_path):
     cases = [(tiny_features, ["--segment-seconds", "0.05"], "use --segment-seconds 0.38 or more")]
     for extra, words in ((["--n-mels", "8", "--n-mfcc", "8"], "mel bands"),
@@ -143,6 +145,7 @@ def test_a_disk_too_full_for_the_run_is_found_before_the_first_epoch(tiny_audio,
 
 # ------------------------------------------------------------------ names and encodings
 
+@pytest.mark.slow
 @posix_only
 @pytest.mark.skipif(sys.platform == "darwin", reason="macOS refuses names that are not UTF-8")
 def test_names_that_are_not_utf8_are_reported_and_written_safely(tiny_audio, trained_model_dir,
@@ -186,6 +189,7 @@ def test_symlinked_genre_folders_are_followed_once(tiny_audio, tmp_path):
 
 # ------------------------------------------------------------- --timeout covers the hashing
 
+@pytest.mark.slow
 def test_timeout_covers_hashing_a_file(tiny_audio, tmp_path, monkeypatch):
     import deepfusion.tasks as extract_module   # where the workers hash
 

@@ -138,6 +138,7 @@ def _same(a: Path, b: Path) -> None:
             np.testing.assert_array_equal(x[k], y[k])
 
 
+@pytest.mark.slow
 def test_every_reader_repairs_each_kind_of_damage(tiny_audio, trained_model_dir, clean):
     work, inputs = clean["work"], clean["inputs"]
     checkpoint = trained_model_dir / "best.pth"
@@ -181,6 +182,7 @@ def test_every_reader_repairs_each_kind_of_damage(tiny_audio, trained_model_dir,
                     damage(path)
 
 
+@pytest.mark.slow
 def test_damaged_model_outputs_are_recomputed(tiny_audio, trained_model_dir, clean, tmp_path):
     inputs, checkpoint = clean["inputs"], trained_model_dir / "best.pth"
     cache = tmp_path / "cache"
@@ -224,6 +226,7 @@ def test_the_up_to_date_shortcut_looks_at_its_entries(tiny_audio, tmp_path):
     assert "0 computed" in invoke(*args).output
 
 
+@pytest.mark.slow
 def test_dask_workers_repair_damaged_entries(tiny_audio, tmp_path):
     pytest.importorskip("distributed")
     cache = tmp_path / "cache"
@@ -238,6 +241,7 @@ def test_dask_workers_repair_damaged_entries(tiny_audio, tmp_path):
     _all_sound(cache)
 
 
+@pytest.mark.slow
 def test_tag_repairs_damaged_entries(clean, tmp_path):
     files = clean["inputs"][:2]
     cache = tmp_path / "cache"

@@ -174,6 +174,7 @@ def test_evaluate_writes_beside_the_checkpoint_by_default(trained_model_dir, tmp
     check_pngs(copy)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("split", ["all", "val"])
 def test_evaluate_other_splits(split, trained_model_dir, tmp_path):
     from deepfusion.checkpoint import load_checkpoint

@@ -93,6 +93,7 @@ def torch_outputs(checkpoint: Path, views: dict[str, np.ndarray]):
                          seg=seg, embeddings=True), seg
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["light", "probe", pytest.param("resnet18", marks=pytest.mark.slow)])
 def test_onnxruntime_agrees_with_torch(name, exported, windows):
     checkpoint, out, result = exported(name)
@@ -121,6 +122,7 @@ def test_onnxruntime_agrees_with_torch(name, exported, windows):
     assert meta["deepfusion_version"] and meta["exporter"] == result.exporter
 
 
+@pytest.mark.slow
 def test_segments_in_small_batches_give_the_same_windows(exported, windows):
     _, out, _ = exported("light")
     whole = OnnxEngine(out).window_outputs(windows)
@@ -132,6 +134,7 @@ def test_segments_in_small_batches_give_the_same_windows(exported, windows):
     assert empty["logits"].shape == (0, 3)
 
 
+@pytest.mark.slow
 def test_wrong_views_are_refused(exported, windows):
     engine = OnnxEngine(exported("light")[1])
     with pytest.raises(ParameterError, match="missing view"):
@@ -142,6 +145,7 @@ def test_wrong_views_are_refused(exported, windows):
         engine.window_outputs({k: v[:, :, :10] for k, v in windows.items()})
 
 
+@pytest.mark.slow
 def test_a_graph_that_differs_from_torch_is_not_written(checkpoints, windows, tmp_path, monkeypatch):
     """The exporter is handed a model whose classifier was shifted; the torch reference is the
     checkpoint's model: the check must catch the difference and write nothing."""
@@ -182,6 +186,7 @@ def test_a_graph_that_differs_from_torch_is_not_written(checkpoints, windows, tm
     assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
 
 
+@pytest.mark.slow
 def test_exporter_fallback_and_failures(checkpoints, windows, tmp_path, monkeypatch):
     import deepfusion.export as export
 
@@ -208,6 +213,7 @@ def test_exporter_fallback_and_failures(checkpoints, windows, tmp_path, monkeypa
         export_onnx(checkpoints("probe"), tmp_path / "c.onnx", exporter="tflite")
 
 
+@pytest.mark.slow
 def test_check_falls_back_to_synthetic_clips(checkpoints, tmp_path):
     """Without windows and without the training features file, the check renders clips."""
     ckpt = load_checkpoint(checkpoints("probe"))
@@ -234,6 +240,7 @@ def test_export_refuses_to_replace_its_checkpoint_or_other_files(checkpoints, tm
     assert other.read_text() == "my notes"
 
 
+@pytest.mark.slow
 def test_files_that_are_not_deepfusion_models(exported, tmp_path, monkeypatch):
     import onnx
 
@@ -285,6 +292,7 @@ print(",".join(engine.class_names), engine.segment_frames)
 """
 
 
+@pytest.mark.slow
 def test_engine_runs_where_torch_cannot_be_imported(exported, windows, tmp_path):
     checkpoint, out, _ = exported("light")
     fake = tmp_path / "fake"
@@ -305,6 +313,7 @@ def test_engine_runs_where_torch_cannot_be_imported(exported, windows, tmp_path)
 
 # ------------------------------------------------------------- the commands: export, predict --engine onnx
 
+@pytest.mark.slow
 def test_export_then_predict_with_the_onnx_engine_where_torch_cannot_load(checkpoints, tiny_audio,
                                                                           tmp_path):
     """``deepfusion export`` then ``predict --engine onnx`` (and ``embed``) in a process where

@@ -616,6 +616,7 @@ def test_output_or_cache_path_blocked_by_a_file(tmp_path, blocked):
 
 # ----------------------------------------------------------------------------- file names
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX locale and byte file names")
 def test_non_ascii_names_under_c_locale(tmp_path):
     """No UTF-8 locale: names still decode, and the reports are still UTF-8."""

@@ -78,6 +78,7 @@ def test_silence_gives_zeros_not_nan():
         assert np.isfinite(v).all() and (k == PRETRAINED_KEY or not v.any()), k
 
 
+@pytest.mark.slow
 def test_synthetic_music_matches_numpy_in_one_batch(tmp_path):
     """Clips of the project's generator, three genres in one batch, with a fixed tuning too."""
     from deepfusion.audio import decode, discover
@@ -93,6 +94,7 @@ def test_synthetic_music_matches_numpy_in_one_batch(tmp_path):
             _assert_close(got, compute_features(y, config))
 
 
+@pytest.mark.slow
 def test_other_settings_match_numpy():
     """Odd kernel, margin > 1 (hard zeros), other FFT size, hop and tempogram window."""
     config = FeatureConfig(duration=2.0, n_fft=1024, hop_length=256, n_mels=64, hpss_kernel=17,
@@ -148,6 +150,7 @@ def _extract(audio, out, cache, *extra):
     return result
 
 
+@pytest.mark.slow
 def test_extract_torch_backend_matches_numpy_and_shares_its_cache(tmp_path):
     from deepfusion.synth import synthesize_dataset
 
@@ -171,6 +174,7 @@ def test_extract_torch_backend_matches_numpy_and_shares_its_cache(tmp_path):
         sorted(p.name for p in (tmp_path / "cache-torch").iterdir())
 
 
+@pytest.mark.slow
 def test_extract_gpu_path_batches_in_the_main_process(tmp_path, monkeypatch):
     """The GPU design run on the CPU: workers decode, this process analyses batches of 3 (5
     clips: a full batch and a remainder of 2); a batch that fails is redone clip by clip, and
@@ -214,6 +218,7 @@ def test_extract_gpu_path_batches_in_the_main_process(tmp_path, monkeypatch):
         _assert_close(row["features"], want[row["path"]]["features"], row["path"])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(HAVE_GPU, reason="this machine has a GPU")
 def test_extract_on_a_missing_gpu_is_one_line(tmp_path):
     from deepfusion.testing import run_command

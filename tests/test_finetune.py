@@ -31,6 +31,7 @@ def _state(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)["model_state"]
 
 
+@pytest.mark.slow
 def test_init_from_another_genre_set_with_frozen_branches(trained_model_dir, other_features, tmp_path):
     source = trained_model_dir / "best.pth"
     out = tmp_path / "tuned"
@@ -55,6 +56,7 @@ def test_init_from_another_genre_set_with_frozen_branches(trained_model_dir, oth
     assert report.exit_code == 0, report.output
 
 
+@pytest.mark.slow
 def test_init_from_trains_everything_without_freezing(trained_model_dir, other_features, tmp_path):
     source = trained_model_dir / "best.pth"
     result = invoke("train", "--features", other_features, "--model-dir", tmp_path / "m",

@@ -279,6 +279,7 @@ def test_to_cpu_copies_every_tensor_of_nested_states(monkeypatch):
     assert isinstance(out["pair"], tuple) and out["scaler_state"] == {}
 
 
+@pytest.mark.slow
 def test_saved_checkpoints_hold_cpu_tensors_only(cpu_run):
     out, _ = cpu_run
     for name in ("best.pth", "last.pth"):
@@ -287,6 +288,7 @@ def test_saved_checkpoints_hold_cpu_tensors_only(cpu_run):
         assert all(t.device.type == "cpu" for t in _tensors(raw))
 
 
+@pytest.mark.slow
 def test_a_checkpoint_written_on_a_gpu_loads_on_this_machine(cpu_run, tmp_path, monkeypatch):
     """A file whose tensors say cuda:1 (written by a run before this fix, or by torch.save of
     a GPU state) loads through load_checkpoint here, and saving it again makes it CPU-only."""
@@ -306,6 +308,7 @@ def test_a_checkpoint_written_on_a_gpu_loads_on_this_machine(cpu_run, tmp_path, 
     assert _locations(tmp_path / "again.pth") == {"cpu"}
 
 
+@pytest.mark.slow
 def test_load_checkpoint_maps_to_the_cpu_and_loads_weights_only(cpu_run, monkeypatch):
     out, _ = cpu_run
     seen = {}
@@ -321,6 +324,7 @@ def test_load_checkpoint_maps_to_the_cpu_and_loads_weights_only(cpu_run, monkeyp
 
 # -------------------------------------------------------------------- runs and resume on CPU
 
+@pytest.mark.slow
 def test_a_cpu_run_on_a_gpu_machine_never_touches_cuda(cpu_run):
     """The fixture's run would have failed on any CUDA call; it trained in bf16 (as on a CPU
     with native bf16), and warned before training that the memory is too small."""
@@ -334,6 +338,7 @@ def test_a_cpu_run_on_a_gpu_machine_never_touches_cuda(cpu_run):
     assert last["runtime_config"]["deterministic"] is True
 
 
+@pytest.mark.slow
 def test_resume_from_another_machine_onto_this_device(cpu_run, tmp_path, monkeypatch):
     """last.pth as an 8-GPU fp16 run on cuda:1 would write it (every GPU's generator, a scaler
     state, cuda:1 in its runtime): a --device cpu resume on a machine with one GPU continues
@@ -402,6 +407,7 @@ def test_rng_state_of_a_cuda_run_is_its_own_devices_generator(monkeypatch):
 
 # ---------------------------------------------------------------------- float32 inference
 
+@pytest.mark.slow
 def test_stored_test_accuracy_equals_evaluates_on_another_machine(cpu_run, tmp_path, monkeypatch):
     """Trained in bf16 on a 'native bf16' CPU; evaluated on a CPU without bf16 (this one): the
     test numbers agree exactly, because both classify in float32."""
@@ -419,6 +425,7 @@ def test_stored_test_accuracy_equals_evaluates_on_another_machine(cpu_run, tmp_p
     assert saved["precision"] == "fp32" and saved["device"] == "cpu"
 
 
+@pytest.mark.slow
 def test_evaluate_precision_amp_is_recorded(cpu_run, tmp_path, monkeypatch):
     from deepfusion.evaluate import evaluate
 
@@ -451,6 +458,7 @@ def test_out_of_memory_in_training_is_one_line(kind, tiny_features, tmp_path, mo
     assert line.endswith("use a smaller --batch-size or --segment-seconds")
 
 
+@pytest.mark.slow
 def test_out_of_memory_in_evaluate_is_one_line(cpu_run, tmp_path, monkeypatch):
     from deepfusion.models import MultiModalNet
 
@@ -588,6 +596,7 @@ def test_the_train_loop_waits_for_the_device_once_per_log_step(monkeypatch):
 
 # ------------------------------------------------------------------------- the GPU check script
 
+@pytest.mark.slow
 def test_gpu_check_script_on_a_machine_without_a_gpu(tmp_path):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable,
            "GPU_CHECK_DIR": str(tmp_path), "PYTHONPATH": str(REPO)}

@@ -80,6 +80,7 @@ def test_train_and_evaluate_refuse_outputs_over_their_inputs(tiny_features, trai
 
 # ---------------------------------------------------------------------- 2. one run per folder
 
+@pytest.mark.slow
 def test_a_used_model_folder_needs_resume_or_overwrite(tiny_features, tmp_path):
     out = tmp_path / "m"
     assert invoke("train", "--features", tiny_features, "--model-dir", out, *LIGHT).exit_code == 0
@@ -99,6 +100,7 @@ def test_a_used_model_folder_needs_resume_or_overwrite(tiny_features, tmp_path):
     assert torch.load(out / "best.pth", weights_only=True)["train_config"]["seed"] == 4
 
 
+@pytest.mark.slow
 def test_a_second_writer_is_refused_and_a_dead_owner_frees_the_folder(tiny_features, tmp_path):
     out = tmp_path / "m"
     out.mkdir()
@@ -120,6 +122,7 @@ def test_a_second_writer_is_refused_and_a_dead_owner_frees_the_folder(tiny_featu
 
 # ----------------------------------------------------------- 3. inputs: BOM, duplicates, FIFOs
 
+@pytest.mark.slow
 def test_csv_inputs_with_a_byte_order_mark_are_read(tiny_audio, tiny_features, tmp_path):
     rows = [f"{p.relative_to(tiny_audio).as_posix()},{p.parent.name}"
             for p in sorted(tiny_audio.rglob("*.wav"))]
@@ -153,6 +156,7 @@ def test_repeated_manifest_and_split_rows_are_refused(tiny_audio, tiny_features,
     assert "line 3" in line and "listed again" in line
 
 
+@pytest.mark.slow
 def test_fifos_as_inputs_are_refused_not_waited_on(tiny_audio, tiny_features, trained_model_dir,
                                                    tmp_path):
     fifo = tmp_path / "pipe"

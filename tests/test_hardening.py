@@ -129,6 +129,7 @@ def _evil_checkpoint(path: Path, payload: str, marker: Path, *, zipped: bool = T
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("payload", sorted(PAYLOADS))
 def test_malicious_features_pickle_is_refused_by_train_and_evaluate(tmp_path, trained, payload):
     marker = tmp_path / "MARKER"
@@ -149,6 +150,7 @@ def test_malicious_features_pickle_is_refused_by_train_and_evaluate(tmp_path, tr
     assert not (tmp_path / "report" / "evaluation.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("payload", sorted(PAYLOADS))
 @pytest.mark.parametrize("zipped", [True, False], ids=["torch.save", "bare-pickle"])
 def test_malicious_checkpoint_is_refused_by_evaluate_predict_and_resume(
@@ -174,6 +176,7 @@ def test_malicious_checkpoint_is_refused_by_evaluate_predict_and_resume(
     assert sorted(p.name for p in resume_dir.iterdir() if p.name != LOCK_NAME) == ["last.pth"]
 
 
+@pytest.mark.slow
 def test_split_file_paths_cannot_leave_the_dataset_root(tmp_path, trained):
     split = tmp_path / "split.csv"
     split.write_text("path,split\nrock/clip02.wav,train\n../../etc/passwd,test\n")
@@ -239,6 +242,7 @@ def test_hundreds_of_damaged_files_neither_crash_nor_hang_extract_or_predict(tmp
     assert done | skipped == {*good, *damaged} and not done & skipped
 
 
+@pytest.mark.slow
 def test_a_header_claiming_1_hz_is_an_invalid_header(tmp_path, trained):
     """Its few kilobytes would "last" hours: thousands of predict windows for one bad file."""
     data = damage.DAMAGES["wav_rate_one"][1](None, damage.encode(damage.clip(0), "WAV", "PCM_16"))
@@ -500,6 +504,7 @@ def test_two_extracts_on_one_cache_at_once(tmp_path, dataset, extracted, outputs
     assert leftovers(cache) == []
 
 
+@pytest.mark.slow
 def test_damaged_cache_entries_are_computed_again(tmp_path, work, dataset, extracted):
     """However an entry is damaged (a torn write by another tool, a bad disk), it is never
     loaded half: a header numpy cannot even tokenize used to escape as an internal error."""
@@ -592,6 +597,7 @@ def test_many_files_cost_no_memory_beyond_their_features(tmp_path):
 READ_ONLY = [Path("/proc/deepfusion"), Path("/proc/self"), Path("/sys/deepfusion")]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc")
 @pytest.mark.parametrize("folder", READ_ONLY, ids=str)
 @pytest.mark.parametrize("stage", ["extract --out", "extract --cache-dir", "train --model-dir",
@@ -653,6 +659,7 @@ def _assert_disk_full_error(result, path: Path) -> None:
     assert str(path) in line and "cannot write (disk full)" in line, line
 
 
+@pytest.mark.slow
 def test_full_disk_keeps_the_previous_features_and_cache(tmp_path, dataset, extracted, monkeypatch):
     import deepfusion.io.atomic
 
@@ -676,6 +683,7 @@ def test_full_disk_keeps_the_previous_features_and_cache(tmp_path, dataset, extr
     assert out.read_bytes() == before and leftovers(out.parent, cache) == []
 
 
+@pytest.mark.slow
 def test_full_disk_during_training_stops_cleanly_and_resume_finishes(tmp_path, trained, monkeypatch):
     import deepfusion.io.atomic
 

@@ -47,6 +47,7 @@ def summary(result) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_predict_twice_on_the_cache_and_a_csv(tiny_audio, checkpoint, tmp_path):
     cache, out = tmp_path / "cache", tmp_path / "p.csv"
     first = invoke("predict", tiny_audio, "--checkpoint", checkpoint, "--cache-dir", cache,
@@ -77,6 +78,7 @@ def test_predict_twice_on_the_cache_and_a_csv(tiny_audio, checkpoint, tmp_path):
     assert (tmp_path / "q.csv").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_a_second_run_runs_no_network_unless_the_model_changed(tiny_audio, checkpoint,
                                                               second_checkpoint, tmp_path,
                                                               monkeypatch):
@@ -163,6 +165,7 @@ def test_csv_quotes_any_name_and_lists_failures(tiny_audio, checkpoint, tmp_path
     assert "skipped" in result.stderr and str(tmp_path / "broken.wav") in result.stderr
 
 
+@pytest.mark.slow
 def test_ensemble_averages_probabilities(tiny_audio, checkpoint, second_checkpoint, tmp_path):
     files = [tiny_audio / "waltz" / "waltz.00001.wav", tiny_audio / "techno" / "techno.00004.wav"]
 
@@ -197,6 +200,7 @@ def test_mismatched_ensembles_are_refused(tiny_audio, checkpoint, tmp_path):
         assert str(bad) in line and words in line, line
 
 
+@pytest.mark.slow
 def test_embed_shapes_and_top1_equal_predict(tiny_audio, checkpoint, tmp_path):
     out = tmp_path / "emb.npz"
     result = invoke("embed", tiny_audio, "--checkpoint", checkpoint, "--out", out, "--jobs", "2")

@@ -44,6 +44,7 @@ def test_evaluate_refuses_features_of_other_settings_by_their_flags(trained_mode
         "the model); extract it with the model's settings")
 
 
+@pytest.mark.slow
 def test_training_that_diverges_stops_before_a_checkpoint_of_nan(tiny_features, tmp_path,
                                                                  monkeypatch):
     """NaN weights were saved, and evaluate then blamed the checkpoint file."""

@@ -46,6 +46,7 @@ def test_weights_path_that_is_a_checkpoint_names_the_file(trained_model_dir, tin
     assert line.endswith("more); a deepfusion checkpoint goes to --init-from")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, why", [
     (("--backbone", "light"), "backbone light has no ImageNet weights"),
 ])
@@ -170,6 +171,7 @@ def _train_line(features, tmp_path, *extra) -> tuple[int, str]:
     return result.exit_code, train_error_line(result.stderr)
 
 
+@pytest.mark.slow
 def test_features_files_that_are_missing_or_not_ours(tiny_audio, tiny_features, tmp_path):
     wav = next(tiny_audio.rglob("*.wav"))
     data = Path(tiny_features).read_bytes()
@@ -197,6 +199,7 @@ def test_features_files_that_are_missing_or_not_ours(tiny_audio, tiny_features, 
         assert line == f"Error: {path}: {words}"
 
 
+@pytest.mark.slow
 def test_split_files_say_what_they_should_hold(tiny_features, tmp_path):
     items = pickle.loads(Path(tiny_features).read_bytes())
     elsewhere = tmp_path / "s2.csv"

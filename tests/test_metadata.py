@@ -46,6 +46,7 @@ def _extract(root: Path, out: Path, *extra):
     return result
 
 
+@pytest.mark.slow
 def test_a_manifest_at_the_root_groups_the_split_by_artist(collection, tmp_path):
     features = tmp_path / "f.pkl"
     result = _extract(collection, features)
@@ -67,6 +68,7 @@ def test_a_manifest_at_the_root_groups_the_split_by_artist(collection, tmp_path)
     assert "warning: only" in report.stderr and "few artists per genre" in report.stderr
 
 
+@pytest.mark.slow
 def test_no_metadata_means_folder_genres_and_one_warning(collection, tmp_path):
     features = tmp_path / "f.pkl"
     result = _extract(collection, features, "--no-metadata")

@@ -26,6 +26,8 @@ from deepfusion.testing import invoke, one_error_line  # noqa: E402
 ONNX_BAD = "damaged or inconsistent ONNX model: "
 CKPT_BAD = "damaged or inconsistent checkpoint: "
 
+pytestmark = pytest.mark.slow   # every test needs the module's ONNX export (about 10 s)
+
 
 @pytest.fixture(scope="module")
 def exported(trained_model_dir, tmp_path_factory) -> Path:

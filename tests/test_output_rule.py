@@ -106,7 +106,9 @@ KIND = {"predict": "a predictions CSV", "embed": "an embeddings .npz",
         "export": "an ONNX model exported by deepfusion", "extract": "a features pickle"}
 
 
-@pytest.mark.parametrize("name", ["predict", "embed", "export", "extract"])
+@pytest.mark.parametrize("name", ["predict", "embed",
+                                  pytest.param("export", marks=pytest.mark.slow),
+                                  pytest.param("extract", marks=pytest.mark.slow)])
 def test_a_file_of_another_kind_needs_overwrite(work, name):
     foreign = _foreign_files(work)
     for what, path in foreign.items():
@@ -127,6 +129,7 @@ def test_a_file_of_another_kind_needs_overwrite(work, name):
     assert victim.read_text(errors="replace") != SPREADSHEET
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["predict", "embed", "extract"])
 def test_its_own_kind_is_replaced_and_an_empty_file_too(work, name):
     out = work["tmp"] / f"out-{name}"
@@ -141,6 +144,7 @@ def test_its_own_kind_is_replaced_and_an_empty_file_too(work, name):
     assert empty.stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_evaluate_reports_never_replace_other_files(work):
     folder = work["ckpt"].parent
     (folder / "predictions.csv").write_text(SPREADSHEET)
@@ -162,6 +166,7 @@ def test_evaluate_reports_never_replace_other_files(work):
     assert "which this command reads" in one_error_line(result.stderr)
 
 
+@pytest.mark.slow
 def test_train_refuses_other_files_in_its_folder_and_keeps_init_from(work, tiny_features):
     folder = work["tmp"] / "fresh"
     folder.mkdir()
@@ -231,6 +236,7 @@ def test_the_kinds_recognise_what_deepfusion_writes(work):
     assert not KINDS["embeddings"].test(out / "plain.npz")
 
 
+@pytest.mark.slow
 def test_cross_validation_tables_never_replace_other_files(work, tiny_features):
     folder = work["tmp"] / "cv"
     folder.mkdir()
@@ -247,6 +253,7 @@ def test_cross_validation_tables_never_replace_other_files(work, tiny_features):
     assert "which this command reads" in one_error_line(result.stderr)
 
 
+@pytest.mark.slow
 def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(work, tiny_features):
     model = work["ckpt"].parent
     (model / "training_history.csv").write_text("epoch,train_loss\n1,0.5\n")

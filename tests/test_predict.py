@@ -114,6 +114,7 @@ def odd_files(tiny_audio, tmp_path_factory) -> dict[str, Path]:
     return {"stereo": work / "stereo.ogg", "long": work / "long.wav", "corrupt": work / "corrupt.wav"}
 
 
+@pytest.mark.slow
 def test_predict_stereo_ogg_long_file_and_a_corrupt_one(odd_files, clip, checkpoint):
     import soundfile as sf
 

@@ -256,6 +256,7 @@ def test_http_error(fake, http_server, monkeypatch):
     _cache_is_clean(fake.cached.parent)
 
 
+@pytest.mark.slow
 def test_server_that_never_answers_times_out(fake, silent_server, monkeypatch):
     monkeypatch.setenv(weights.WEIGHTS_URL_ENV, silent_server)
     echo = Echo()
@@ -273,6 +274,7 @@ def test_server_that_never_answers_times_out(fake, silent_server, monkeypatch):
     assert socket.getdefaulttimeout() is None             # the global default is restored
 
 
+@pytest.mark.slow
 def test_trickling_download_hits_the_wall_clock_bound(fake, trickle_server, monkeypatch):
     monkeypatch.setenv(weights.WEIGHTS_URL_ENV, trickle_server)
     echo = Echo()
@@ -447,6 +449,7 @@ def test_build_model_legacy_path_never_downloads(torch_home, monkeypatch):
         build_model(_small(pretrained=True))
 
 
+@pytest.mark.slow
 def test_dns_failure_and_dns_hang(fake, monkeypatch):
     """Offline: name resolution fails at once, or hangs (socket time-outs do not cover it)."""
     monkeypatch.setenv(weights.WEIGHTS_URL_ENV, "http://weights.invalid/")

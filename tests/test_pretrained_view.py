@@ -126,6 +126,7 @@ def test_store_round_trip_keeps_the_view(tiny_features, tmp_path):
         assert np.array_equal(back.arrays[k], fs.arrays[k]), k
 
 
+@pytest.mark.slow
 def test_train_without_the_view_says_so_once(tiny_features, tmp_path):
     from deepfusion.config import TrainConfig
     from deepfusion.train import train
@@ -173,6 +174,7 @@ def test_a_checkpoint_whose_view_rows_disagree_is_refused(trained_model_dir, tmp
         load_checkpoint(tmp_path / "bad.pth")
 
 
+@pytest.mark.slow
 def test_probe_uses_the_view(tiny_features, tmp_path):
     from deepfusion.config import TrainConfig
     from deepfusion.probe import LinearProbe, n_pooled_stats
@@ -264,6 +266,7 @@ assert "torch" not in sys.modules, "torch was imported"
 """
 
 
+@pytest.mark.slow
 def test_the_view_without_torch_runs_the_shipped_onnx_form(tmp_path):
     """predict --engine onnx on a machine without torch still computes the view (onnxruntime
     on weights/<model>.onnx), equal to the torch port's within float32 rounding."""

@@ -167,6 +167,7 @@ def test_resume_with_more_epochs_extends_the_run(tiny_features, tmp_path):
     assert shorter.exit_code != 0 and "already trained 4 epochs" in shorter.stderr
 
 
+@pytest.mark.slow
 def test_resume_names_options_it_ignores_and_takes_the_new_device(tiny_features, tmp_path):
     out = tmp_path / "m"
     assert invoke("train", "--features", tiny_features, "--model-dir", out, "--epochs", "1",
@@ -184,6 +185,7 @@ def test_resume_names_options_it_ignores_and_takes_the_new_device(tiny_features,
     assert "device" not in raw["train_config"]                # the recipe holds no runtime
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stored", ["runtime_config", "legacy train_config"])
 def test_resume_with_device_cpu_continues_a_run_stored_on_another_device(tiny_features, tmp_path,
                                                                          stored):
@@ -217,6 +219,7 @@ def test_resume_with_device_cpu_continues_a_run_stored_on_another_device(tiny_fe
     assert report.exit_code == 0, report.output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("select", ["val_loss", "val_acc"])
 def test_best_checkpoint_follows_the_selection_rule(tiny_features, tmp_path, select):
     out = tmp_path / select
@@ -231,6 +234,7 @@ def test_best_checkpoint_follows_the_selection_rule(tiny_features, tmp_path, sel
 
 # ------------------------------------------------------------------------------ linear probe
 
+@pytest.mark.slow
 def test_probe_trains_evaluates_and_predicts_through_the_commands(tiny_features, tiny_audio, tmp_path):
     out = tmp_path / "probe"
     result = invoke("train", "--features", tiny_features, "--model-dir", out, "--model", "probe",
@@ -302,6 +306,7 @@ def test_train_folds_writes_per_fold_figures_and_every_clip_once(tiny_features, 
 
 # ------------------------------------------------------------------------------ band stats
 
+@pytest.mark.slow
 def test_band_stats_branches_train_and_old_checkpoints_still_load(tiny_features, trained_model_dir,
                                                                   tmp_path):
     from deepfusion.checkpoint import load_checkpoint, model_from_checkpoint

@@ -60,6 +60,7 @@ def test_store_holds_what_the_pickle_holds_memory_mapped(store, tiny_features):
             {k: item[k] for k in ("file_sha", "audio_sha", "duplicate_group")}
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_on_a_store_equal_the_pickle_run(store, tiny_features, tmp_path):
     args = ["--backbone", "light", "--no-pretrained", "--epochs", "2", "--batch-size", "8",
             "--lr", "1e-3", "--val-size", "0.2", "--test-size", "0.2", "--quiet"]
@@ -309,6 +310,7 @@ writer.commit([{{"path": p, "label": n}} for p, n in zip(fs.paths, fs.label_name
     np.testing.assert_array_equal(open_store(out).arrays["mfcc"], fs.arrays["mfcc"])
 
 
+@pytest.mark.slow
 def test_damaged_stores_get_one_line(tiny_features, trained_model_dir, tmp_path):
     fs = load_feature_set(tiny_features)
     good = tmp_path / "good.store"
@@ -438,6 +440,7 @@ def test_format_and_out_must_agree(tiny_audio, tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
+@pytest.mark.slow
 def test_a_store_travels_to_spawned_workers_by_name(store):
     """Worker processes started by spawn (macOS's and Windows' default) receive the dataset
     pickled: a store's arrays must travel as file names and be mapped again, not copied."""
@@ -477,6 +480,7 @@ def test_a_store_with_failed_files_is_compacted_in_place(tiny_audio, tiny_featur
     assert all(a.shape[0] == 18 for a in arrays.values())
 
 
+@pytest.mark.slow
 def test_a_float16_store_halves_the_bytes_and_trains(tiny_audio, tiny_features, tmp_path):
     out = tmp_path / "half.store"
     result = invoke("extract", "--audio-dir", tiny_audio, "--out", out, "--format", "store",
@@ -497,6 +501,7 @@ def test_a_float16_store_halves_the_bytes_and_trains(tiny_audio, tiny_features, 
     assert refused.exit_code == 2 and "--dtype float16: needs --format store" in one_error_line(refused.stderr)
 
 
+@pytest.mark.slow
 def test_an_unchanged_collection_is_not_read_again(tiny_audio, tmp_path, monkeypatch):
     """Up to date by the files' stat: a rerun hashes nothing; a touched file is read again."""
     import deepfusion.tasks as extract_module   # where the workers hash

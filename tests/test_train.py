@@ -31,7 +31,9 @@ def batch(b: int = 2, t: int = 24) -> dict[str, torch.Tensor]:
     return {k: torch.randn(b, r, t) for k, r in ROWS.items()}
 
 
-@pytest.mark.parametrize("backbone", ["light", "resnet18", "resnet34", "resnet50"])
+@pytest.mark.parametrize("backbone", ["light", "resnet18",
+                                      pytest.param("resnet34", marks=pytest.mark.slow),
+                                      pytest.param("resnet50", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("share", [False, True])
 def test_model_shapes_and_attention(backbone, share):
     config = ModelConfig(n_classes=5, n_mels=32, aux_rows=(20, 12, 48), backbone=backbone,
@@ -159,6 +161,7 @@ def test_learns_the_synthetic_genres(trained_model_dir):
     assert raw["metrics"]["test"]["clip_acc"] > 0.5
 
 
+@pytest.mark.slow
 def test_seed_format_pickle_is_accepted(tiny_features, tmp_path):
     items = pickle.loads(Path(tiny_features).read_bytes())
     names = sorted({it["label"] for it in items})
@@ -191,6 +194,7 @@ def _bad_files(tiny_features, tmp_path):
             "not a pickle": (text, "not a features file (not a pickle); give the --out of deepfusion extract")}
 
 
+@pytest.mark.slow
 def test_bad_features_files_get_one_clear_line(tiny_features, tmp_path):
     for case, (path, expected) in _bad_files(tiny_features, tmp_path).items():
         result = invoke("train", "--features", path, "--model-dir",

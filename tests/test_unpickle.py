@@ -285,6 +285,7 @@ def test_fuzz_findings_stay_within_the_bound(tmp_path):
         assert seconds < LOAD_SECONDS and mb < LOAD_MB, (path, seconds, mb)
 
 
+@pytest.mark.slow
 def test_legitimate_files_share_and_nest_within_the_meter(tmp_path):
     """The meter's floor and per-byte allowance leave room for what real files do: clips that
     share one feature_config dict and one label string, sets and frozensets of tuples, nested
@@ -315,6 +316,7 @@ def _pointing_at(checkpoint: Path, features: Path) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["str-of-shared-lists", "shared-tuple-as-key"])
 def test_costly_features_pickle_is_one_line_from_every_command(tmp_path, trained_model_dir, name):
     """train, train --folds and evaluate, given the file or finding it in the checkpoint (every

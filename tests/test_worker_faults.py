@@ -76,6 +76,7 @@ def test_unreachable_schedulers_are_one_line_at_once(tiny_audio, tmp_path):
     assert not (tmp_path / "f.pkl").exists()
 
 
+@pytest.mark.slow
 def test_a_silent_port_is_one_line_in_bounded_time(tiny_audio, tmp_path, monkeypatch):
     """A port that accepts connections and never speaks (a black hole, a wrong service)."""
     pytest.importorskip("distributed")
