@@ -8,8 +8,9 @@ the CLI turns SIGTERM into the same). Between writes it holds the newest finishe
 states as a CPU copy, so an interruption saves the last finished epoch and a ``kill -9`` loses
 at most ``save_every`` seconds of training. Every write is atomic (best first, then last: a
 kill between the two leaves a ``last.pth`` whose record of the best epoch is older, which
-resume reads). ``training_history.csv`` and ``training_history.png`` are small and rewritten
-after every epoch; a resumed run rewrites them from ``last.pth``'s history.
+resume reads). ``training_history.csv`` is small and rewritten after every epoch, its plot
+``training_history.png`` with the checkpoints (drawing it costs about as much as an epoch of
+the light model on a small collection); a resumed run rewrites both from ``last.pth``'s history.
 """
 
 from __future__ import annotations
@@ -27,13 +28,14 @@ HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr
                   "val_segment_acc")
 
 
-def write_log(model_dir: Path, history: list[dict]) -> None:
-    """``training_history.csv`` and ``training_history.png`` of ``history``."""
-    from .plots import plot_history
-
+def write_log(model_dir: Path, history: list[dict], *, plot: bool = True) -> None:
+    """``training_history.csv`` of ``history``, and (``plot``) ``training_history.png``."""
     write_csv(model_dir / "training_history.csv", HISTORY_FIELDS,
               ([row[k] for k in HISTORY_FIELDS] for row in history))
-    plot_history(history, model_dir / "training_history.png")
+    if plot:
+        from .plots import plot_history
+
+        plot_history(history, model_dir / "training_history.png")
 
 
 def cpu_copy(obj: Any) -> Any:
@@ -73,7 +75,7 @@ class RunWriter:
         self._last = last if due else cpu_copy(last)
         if due:
             self.flush()
-        write_log(self.model_dir, history)
+        write_log(self.model_dir, history, plot=due)
         return due
 
     def flush(self) -> Optional[int]:
@@ -87,11 +89,15 @@ class RunWriter:
         self._written_at = self._clock()
         return self.saved_epoch
 
-    def on_exit(self, exc: BaseException, echo: Callable[[str], None]) -> None:
+    def on_exit(self, exc: BaseException, echo: Callable[[str], None],
+                history: Optional[list[dict]] = None) -> None:
         """The run ends with ``exc`` (an interruption, an error) between checkpoint writes: the
-        finished epochs held are written, and an interruption says where the run can go on."""
+        finished epochs held are written (and the plot of ``history``), and an interruption
+        says where the run can go on."""
         try:
             saved = self.flush() if self.pending else self.saved_epoch
+            if history:
+                write_log(self.model_dir, history)
         except Exception:   # noqa: BLE001 - a failed save must not hide why the run ended
             if not isinstance(exc, KeyboardInterrupt):
                 return

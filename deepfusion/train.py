@@ -329,7 +329,8 @@ def _train(features: Path, *, model_dir: Path, config: TrainConfig, runtime: Run
 
     to_go, per_epoch = last_epoch - start_epoch + 1, None
     if to_go > 0 and ddp.rank() == 0:   # what will run, and about how long it takes
-        step = step_seconds(model, loader, device=device, amp=precision, loss_fn=loss_fn)
+        with memory_guard(device, batch_size=config.batch_size, frames=seg):
+            step = step_seconds(model, loader, device=device, amp=precision, loss_fn=loss_fn)
         per_epoch = epoch_seconds(step, len(loader), len(val_idx) * segments_per_clip(
             fs.n_frames, seg), config.batch_size)
         echo(plan_line(f"{backbone}{' (shared)' if share_backbone else ''} ({backbone_by}"
@@ -415,7 +416,7 @@ def _train(features: Path, *, model_dir: Path, config: TrainConfig, runtime: Run
                 break
     except BaseException as exc:   # the finished epochs held in memory are written first
         if ddp.rank() == 0:
-            writer.on_exit(exc, echo)
+            writer.on_exit(exc, echo, history)
         raise
 
     best = ddp.on_main(load_checkpoint, best_path)

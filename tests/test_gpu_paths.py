@@ -329,7 +329,7 @@ def test_a_cpu_run_on_a_gpu_machine_never_touches_cuda(cpu_run):
     """The fixture's run would have failed on any CUDA call; it trained in bf16 (as on a CPU
     with native bf16), and warned before training that the memory is too small."""
     out, output = cpu_run
-    assert "on cpu with bf16 autocast" in output
+    assert ", on cpu, bf16: " in output
     warnings = [ln for ln in output.splitlines() if ln.startswith("warning: a training step")]
     assert len(warnings) == 1 and "--batch-size (now 8)" in warnings[0]
     last = torch.load(out / "last.pth", weights_only=True)
@@ -359,7 +359,7 @@ def test_resume_from_another_machine_onto_this_device(cpu_run, tmp_path, monkeyp
     result = invoke("train", "--features", raw["features_file"], "--model-dir", out, "--resume",
                     "--epochs", "3", "--device", "cpu", "--no-amp", "--quiet")
     assert result.exit_code == 0, result.output
-    assert "resuming after epoch 2" in result.output and "on cpu;" in result.output
+    assert "resuming after epoch 2" in result.output and ", on cpu, fp32: " in result.output
     resumed = torch.load(out / "last.pth", weights_only=True)
     assert resumed["epoch"] == 3 and resumed["runtime_config"]["device"] == "cpu"
     assert resumed["runtime_config"]["amp"] is False

@@ -52,9 +52,11 @@ def test_checkpoints_are_written_on_the_time_budget_and_the_log_every_epoch(tmp_
     assert not _epoch(writer, clock, history, w, 1)            # t = 4 s
     assert not (tmp_path / "last.pth").exists() and not (tmp_path / "best.pth").exists()
     assert len((tmp_path / "training_history.csv").read_text().splitlines()) == 2
+    assert not (tmp_path / "training_history.png").exists()    # drawn with the checkpoints
     assert not _epoch(writer, clock, history, w, 2)            # t = 8 s
     assert _epoch(writer, clock, history, w, 3)                # t = 12 s: due
     assert _epoch_of(tmp_path / "last.pth") == 3 == _epoch_of(tmp_path / "best.pth")
+    assert (tmp_path / "training_history.png").stat().st_size > 0
     assert not _epoch(writer, clock, history, w, 4)            # 4 s after the write
     assert _epoch_of(tmp_path / "last.pth") == 3
     assert _epoch(writer, clock, history, w, 5, final=True)    # the last epoch: always
