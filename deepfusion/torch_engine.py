@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .checkpoint import feature_config_of, load_checkpoint, model_from_checkpoint, normalization_of
-from .config import TrainConfig
+from .config import ModelConfig, TrainConfig, view_keys
 from .data import segment_frames
 from .inference import predict_clips
 from .io.cache import stamp_or_none
@@ -57,17 +57,34 @@ class TorchEngine:
         # float32 unless asked, whatever the training run used: the same file gives the same
         # answer on every machine (mixed precision would move borderline files)
         self.precision = inference_precision(self.device, precision)
-        self.model = model_from_checkpoint(self.ckpt, self.path).to(self.device)
-        if self.device.type != "mps":   # as train runs it (faster CNNs on CPUs and GPUs)
-            self.model.to(memory_format=torch.channels_last)
-        self.embedding_dim = int(self.model.classifier.in_features)
+        self._trained_model: Optional[torch.nn.Module] = None   # built when first asked for
+        self._adapted: Optional[torch.nn.Module] = None
+        model_config = ModelConfig.from_dict({"band_stats": False, **self.ckpt["model_config"]})
+        # from the checkpoint, whose state load_checkpoint checked against the config: the
+        # network (or probe) itself is built only when a window goes through it, and a run
+        # whose outputs all come from the cache (deepfusion.memo) builds none
+        self.embedding_dim = int(self.ckpt["model_state"]["classifier.weight"].shape[1])
         #: the views the model reads (its attention's columns)
-        self.keys = tuple(self.model.keys)
+        self.keys = tuple(view_keys(model_config.pretrained_view_rows > 0))
         # what deepfusion.memo keeps this model's outputs under (None: nothing kept)
         self.model_id = model_id(self.path, "torch", self.device.type, self.precision,
                                  stamp=stamp, ids=ids) if stamp else None
         self.batch_size = batch_size or SEGMENT_BATCH.get(self.device.type, SEGMENT_BATCH_DEFAULT)
-        self._trained = (self.model, self.norm, self.model_id)     # what adapt starts from
+        self._trained = (self.norm, self.model_id)     # what adapt starts from
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The network in use: the checkpoint's (built on first use), or the one adapted to
+        a collection (:meth:`adapt`)."""
+        if self._adapted is not None:
+            return self._adapted
+        if self._trained_model is None:
+            with self._memory_line():
+                model = model_from_checkpoint(self.ckpt, self.path).to(self.device)
+                if self.device.type != "mps":   # as train runs it (faster CNNs on CPUs and GPUs)
+                    model.to(memory_format=torch.channels_last)
+            self._trained_model = model
+        return self._trained_model
 
     def adapt(self, mode: str, batches) -> None:
         """Adapt to a collection (:mod:`deepfusion.adapt`): ``batches()`` yields its windows
@@ -76,11 +93,12 @@ class TorchEngine:
         (``model_id`` None)."""
         from .adapt import adapt_streaming
 
-        self.model, self.norm, self.model_id = self._trained
+        self._adapted = None
+        self.norm, self.model_id = self._trained
         if mode == "none":
             return
         with self._memory_line():
-            self.model, self.norm = adapt_streaming(
+            self._adapted, self.norm = adapt_streaming(
                 self.model, self.norm, batches(), mode=mode, seg=self.segment_frames,
                 device=self.device, again=batches() if mode == "full" else None)
         self.model_id = None

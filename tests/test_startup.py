@@ -139,16 +139,19 @@ def test_an_id_file_that_cannot_be_written_costs_only_a_hash(tmp_path):
 
 def test_predict_writes_the_id_file_only_once_it_starts(tiny_audio, trained_model_dir, tmp_path,
                                                         hashes):
-    """The Library hashes a checkpoint once; a run refused before it starts writes nothing."""
+    """The Library hashes a checkpoint once, and builds no network when every output is
+    kept; a run refused before it starts writes nothing."""
     from deepfusion.errors import OutputError
     from deepfusion.predict import Library, Prediction
 
     checkpoint = trained_model_dir / "best.pth"
     cache = tmp_path / "cache"
     files = sorted(tiny_audio.rglob("*.wav"))[:2]
-    for _ in range(2):
+    for run in range(2):
         lib = Library(files, checkpoints=[checkpoint], cache_dir=cache)
         assert all(isinstance(r, Prediction) for r in lib.run(jobs=1))
+        # the network is built only when a window goes through it: not when all is kept
+        assert (lib.engines[0]._trained_model is None) == (run == 1)
     assert hashes.count(checkpoint) == 1
     blocked = tmp_path / "blocked"
     blocked.write_text("a file")
