@@ -10,11 +10,9 @@ from typing import Optional
 import numpy as np
 
 from .adapt import adapt as adapt_model, resolve_mode
-from .checkpoint import load_checkpoint, model_from_checkpoint, normalization_of
 from .config import AUX_KEYS, MEL_KEYS, PRETRAINED_KEY, FeatureConfig, TrainConfig
 from .data import read_split_file, segment_frames
 from .errors import DatasetError, FeaturesFileError
-from .inference import predict_clips
 from .io.atomic import atomic_write, check_writable, plural
 from .io.cache import file_digest
 from .io.features_file import load_features
@@ -22,7 +20,6 @@ from .io.guard import check_destinations
 from .io.run_folder import REPORT_FILES, destinations as run_destinations
 from .io.featureset import FeatureSet
 from .metrics import accuracy_interval, confusion_matrix, per_class_scores, summary_metrics
-from .runtime import inference_precision, memory_guard, resolve_device
 
 
 # --------------------------------------------------------------------------- the evaluate stage
@@ -172,14 +169,18 @@ def evaluate(checkpoint: Path, *, features: Optional[Path] = None, split: str = 
     """
     import json
 
-    import pandas as pd
-
-    from .plots import plot_attention, plot_confusion
-
     if warn is None:   # problem lines go to stderr, never among the results on stdout
         def warn(message: str) -> None:
             print(message, file=sys.stderr)
     checkpoint = Path(checkpoint)
+    if device in ("auto", "cpu"):       # no device to refuse (else that comes first):
+        from .model_meta import check_checkpoint_path
+
+        check_checkpoint_path(checkpoint)   # a mistyped path costs no torch import (seconds)
+    from .checkpoint import load_checkpoint, model_from_checkpoint, normalization_of
+    from .inference import predict_clips
+    from .runtime import inference_precision, memory_guard, resolve_device
+
     dev = resolve_device(device)        # a device this machine lacks: one line, before any work
     used = inference_precision(dev, precision)
     ckpt = load_checkpoint(checkpoint)
@@ -266,6 +267,10 @@ def evaluate(checkpoint: Path, *, features: Optional[Path] = None, split: str = 
             "clips": [fs.paths[i] for i in idx]}
     report = EvaluationReport(split, len(idx), metrics, tuple(ci), per_class, cm, class_names, unknown,
                               out_dir, info, ci_method, cautions)
+
+    import pandas as pd     # here: a refused run never waits for pandas and matplotlib
+
+    from .plots import plot_attention, plot_confusion
 
     with atomic_write(out_dir / "evaluation.json", "w") as fh:
         json.dump(report.to_dict(), fh, indent=2)

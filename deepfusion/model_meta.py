@@ -241,3 +241,24 @@ def check_normalization(norm: Any, description: ModelDescription, bad: Bad) -> N
             value = stats.get(stat) if isinstance(stats, Mapping) else None
             if tuple(getattr(value, "shape", ())) != (rows[key],):
                 raise bad(f"normalization {key} {stat} is not a vector of {rows[key]} values")
+
+
+def check_checkpoint_path(path: Any) -> None:
+    """What a checkpoint's path can be refused for without opening it (nor importing torch,
+    which costs seconds): a folder, or no file there; the words of
+    :func:`deepfusion.checkpoint.load_checkpoint`, which reads it.
+
+    Raises
+    ------
+    CheckpointError
+    """
+    from pathlib import Path
+
+    from .errors import CheckpointError
+
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: a folder, not a checkpoint; give its best.pth or last.pth")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found; run deepfusion train, or give "
+                              "--checkpoint")

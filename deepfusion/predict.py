@@ -67,6 +67,9 @@ def load_engine(path: Path, *, engine: str = "torch", device: str = "auto",
         return OnnxEngine(Path(path), ids=ids)
     if engine != "torch":
         raise ParameterError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    from .model_meta import check_checkpoint_path
+
+    check_checkpoint_path(path)      # a mistyped path costs no torch import
     from .torch_engine import TorchEngine
 
     return TorchEngine(Path(path), device=device, precision=precision, ids=ids)
@@ -154,6 +157,11 @@ class Library:
                                               **models}, overwrite=overwrite)
             for dest in destinations:
                 check_writable(dest.path)
+        if engine == "torch":
+            from .model_meta import check_checkpoint_path
+
+            for path in paths:      # every one before torch is imported for the first
+                check_checkpoint_path(path)
         ids = ModelIds(cache_dir)
         self.engines = [load_engine(p, engine=engine, device=device, precision=precision, ids=ids)
                         for p in paths]

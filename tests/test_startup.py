@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -159,3 +161,100 @@ def test_predict_writes_the_id_file_only_once_it_starts(tiny_audio, trained_mode
         Library(files, checkpoints=[checkpoint], cache_dir=blocked / "cache")
     assert blocked.read_text() == "a file"
 
+
+# ------------------------------------------------------------ what each path imports
+
+#: Runs the command of argv[1:] in this process, then prints the heavy modules it imported.
+IMPORTED = """
+import sys
+from deepfusion.cli import main
+try:
+    main(sys.argv[1:], standalone_mode=False)
+finally:
+    heavy = ("torch", "librosa", "scipy.signal", "numba", "joblib", "onnxruntime", "pandas",
+             "torchvision")
+    print("imported:", ",".join(m for m in heavy if m in sys.modules), file=sys.stderr)
+"""
+
+
+def imported(*args, env=None) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """A deepfusion command run in a fresh process, and the heavy modules it imported."""
+    from deepfusion.testing import subprocess_env
+
+    proc = subprocess.run([sys.executable, "-c", IMPORTED, *map(str, args)],
+                          env=subprocess_env(**(env or {})), capture_output=True, text=True,
+                          timeout=300)
+    line = [ln for ln in proc.stderr.splitlines() if ln.startswith("imported:")][-1]
+    return proc, set(filter(None, line.split(":", 1)[1].strip().split(",")))
+
+
+@pytest.fixture(scope="module")
+def cached_clip(tiny_audio, trained_model_dir, tmp_path_factory):
+    """One clip whose features, and the light model's outputs for it, are in a cache; the
+    model exported to ONNX, its outputs kept too. Returns (clip, checkpoint, onnx, cache)."""
+    from deepfusion.export import export_onnx
+    from deepfusion.predict import Library, Prediction
+
+    work = tmp_path_factory.mktemp("startup")
+    clip = sorted(tiny_audio.rglob("*.wav"))[0]
+    checkpoint = trained_model_dir / "best.pth"
+    onnx = work / "model.onnx"
+    export_onnx(checkpoint, onnx, echo=lambda s: None)
+    for model, engine in ((checkpoint, "torch"), (onnx, "onnx")):
+        lib = Library([clip], checkpoints=[model], engine=engine, cache_dir=work / "cache")
+        assert all(isinstance(r, Prediction) for r in lib.run(jobs=1))
+    return clip, checkpoint, onnx, work / "cache"
+
+
+def test_extract_of_a_cached_clip_imports_no_torch_nor_librosa(cached_clip, tmp_path):
+    clip, _, _, cache = cached_clip
+    (tmp_path / "one" / "rock").mkdir(parents=True)
+    (tmp_path / "one" / "rock" / clip.name).write_bytes(clip.read_bytes())
+    proc, heavy = imported("extract", "--audio-dir", tmp_path / "one", "--out",
+                           tmp_path / "f.pkl", "--cache-dir", cache, "--quiet",
+                           "--duration", "6")
+    assert "1 clip (0 computed, 1 from cache)" in proc.stdout, proc.stderr
+    assert heavy == set(), heavy
+
+
+def test_predict_of_a_cached_file_imports_only_its_engine(cached_clip):
+    clip, checkpoint, onnx, cache = cached_clip
+    proc, heavy = imported("predict", clip, "--checkpoint", checkpoint, "--cache-dir", cache)
+    assert proc.stdout.startswith(f"{clip}: "), proc.stderr
+    assert heavy == {"torch"}, heavy        # no librosa, no pool, no torchvision to build it
+    proc, heavy = imported("predict", clip, "--checkpoint", onnx, "--engine", "onnx",
+                           "--cache-dir", cache)
+    assert proc.stdout.startswith(f"{clip}: "), proc.stderr
+    assert heavy == {"onnxruntime"}, heavy
+
+
+@pytest.mark.parametrize("command", [
+    ("predict", "CLIP", "--checkpoint", "nothere.pth"),
+    ("predict", "CLIP", "--checkpoint", "MODEL", "--checkpoint", "nothere.pth"),
+    ("evaluate", "--checkpoint", "nothere.pth")])
+def test_a_mistyped_checkpoint_is_refused_before_torch_is_imported(cached_clip, tmp_path,
+                                                                   command):
+    clip, checkpoint, _, _ = cached_clip
+    args = [{"CLIP": clip, "MODEL": checkpoint}.get(a, a) for a in command]
+    proc, heavy = imported(*args, "--cache-dir" if command[0] == "predict" else "--out-dir",
+                           tmp_path / "out")
+    assert "nothere.pth: checkpoint not found; run deepfusion train" in proc.stderr
+    assert "torch" not in heavy and "pandas" not in heavy, heavy
+    assert not (tmp_path / "out").exists()
+
+
+def test_extract_on_a_machine_without_a_gpu_asks_torch_nothing(monkeypatch, tmp_path):
+    """--device auto: no GPU driver's device file on Linux means the CPU, told without
+    importing torch (a cached clip needs none); with torch imported, torch is asked."""
+    from deepfusion import runtime, tasks
+
+    asked = []
+    monkeypatch.setattr(runtime, "resolve_device", lambda name: asked.append(name) or "cpu")
+    monkeypatch.setattr(tasks, "GPU_DEVICE_FILES", (str(tmp_path / "no-such-device"),))
+    monkeypatch.delitem(sys.modules, "torch")      # as in a command's process, before
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert tasks.resolve_backend(None, "auto") == ("numpy", None)
+    assert tasks.resolve_backend("torch", "auto") == ("torch", "cpu")
+    assert "torch" not in sys.modules and asked == []
+    (tmp_path / "no-such-device").touch()          # a GPU's driver: torch decides
+    assert tasks.resolve_backend(None, "auto") == ("numpy", None) and asked == ["auto"]
