@@ -77,4 +77,15 @@ def test_init_from_other_features_or_a_probe_is_refused(trained_model_dir, other
     result = invoke("train", "--features", other_features, "--model-dir", tmp_path / "b",
                     "--freeze-branches", "--epochs", "1")
     assert "--freeze-branches needs --init-from" in one_error_line(result.stderr)
-    assert not (tmp_path / "a" / "best.pth").exists() and not (tmp_path / "b" / "best.pth").exists()
+    # a linear probe of this very collection (its features agree): refused for being a probe
+    from deepfusion.config import TrainConfig
+    from deepfusion.train import train
+
+    train(other_features, model_dir=tmp_path / "probe", quiet=True,
+          config=TrainConfig(model="probe"), echo=lambda s: None)
+    probe = tmp_path / "probe" / "best.pth"
+    result = invoke("train", "--features", other_features, "--model-dir", tmp_path / "c",
+                    "--init-from", probe, "--epochs", "1")
+    line = one_error_line(result.stderr)
+    assert f"{probe}: a linear probe has no branches to start from" in line, line
+    assert not any((tmp_path / d / "best.pth").exists() for d in "abc")
