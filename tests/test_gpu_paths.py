@@ -67,6 +67,55 @@ def _tensors(obj):
             yield from _tensors(v)
 
 
+class _OnGpu(torch.Tensor):
+    """A tensor as a run on a GPU hands it over: it says it is on cuda:1, ``.cpu()`` and
+    ``.to("cpu")`` copy it into a plain CPU tensor, and torch.save writes it as a plain tensor
+    (its storage tagged cuda:1 by :func:`_on_gpu`'s patch)."""
+
+    @property
+    def device(self):
+        return torch.device("cuda", 1)
+
+    @property
+    def is_cuda(self):
+        return True
+
+    def cpu(self, *args, **kwargs):
+        return self.as_subclass(torch.Tensor).clone()
+
+    def to(self, *args, **kwargs):
+        target = kwargs.get("device", args[0] if args else None)
+        if isinstance(target, (str, torch.device)) and torch.device(target).type == "cpu":
+            return self.cpu()
+        return super().to(*args, **kwargs)
+
+    def __reduce_ex__(self, protocol):
+        return self.as_subclass(torch.Tensor).__reduce_ex__(protocol)
+
+
+def _on_gpu(obj, mp: pytest.MonkeyPatch):
+    """``obj`` with every tensor a copy "on cuda:1" (:class:`_OnGpu`); from now on torch.save
+    writes their storages with the location cuda:1, as it would for real GPU tensors."""
+    storages: set[int] = set()
+
+    def move(o):
+        if isinstance(o, torch.Tensor):
+            t = o.clone().as_subclass(_OnGpu)
+            storages.add(t.untyped_storage().data_ptr())
+            return t
+        if isinstance(o, dict):
+            return {k: move(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return type(o)(move(v) for v in o)
+        return o
+    real_tag = torch.serialization.location_tag
+    mp.setattr(torch.serialization, "location_tag",
+               lambda storage: "cuda:1" if storage.data_ptr() in storages else real_tag(storage))
+    moved = move(obj)
+    assert all(t.device == torch.device("cuda", 1) for t in _tensors(moved))
+    return moved
+
+
 def _locations(path: Path) -> set[str]:
     """The device each storage of a saved file says it lives on."""
     seen: set[str] = set()
@@ -280,12 +329,20 @@ def test_to_cpu_copies_every_tensor_of_nested_states(monkeypatch):
 
 
 @pytest.mark.slow
-def test_saved_checkpoints_hold_cpu_tensors_only(cpu_run):
+def test_saved_checkpoints_hold_cpu_tensors_only(cpu_run, tmp_path, monkeypatch):
+    """The run's files, and (what a CPU run cannot show) a GPU run's states: save_checkpoint
+    given tensors on cuda:1 writes CPU tensors only."""
     out, _ = cpu_run
     for name in ("best.pth", "last.pth"):
         assert _locations(out / name) == {"cpu"}
         raw = torch.load(out / name, weights_only=True)        # no map_location needed
         assert all(t.device.type == "cpu" for t in _tensors(raw))
+        raw.pop("format_version")
+        save_checkpoint(tmp_path / name, _on_gpu(raw, monkeypatch))
+        assert _locations(tmp_path / name) == {"cpu"}
+        again = torch.load(tmp_path / name, weights_only=True)
+        assert all(type(t) is torch.Tensor and t.device.type == "cpu" for t in _tensors(again))
+        assert len(list(_tensors(again))) == len(list(_tensors(raw)))
 
 
 @pytest.mark.slow
@@ -304,7 +361,9 @@ def test_a_checkpoint_written_on_a_gpu_loads_on_this_machine(cpu_run, tmp_path, 
             torch.load(foreign, weights_only=True)      # what a plain load does without CUDA
     ckpt = load_checkpoint(foreign)
     assert all(t.device.type == "cpu" for t in _tensors(ckpt))
-    save_checkpoint(tmp_path / "again.pth", {k: v for k, v in ckpt.items() if k != "format_version"})
+    # saved again from its states on the GPU (as a resumed run on cuda:1 would)
+    on_gpu = _on_gpu({k: v for k, v in ckpt.items() if k != "format_version"}, monkeypatch)
+    save_checkpoint(tmp_path / "again.pth", on_gpu)
     assert _locations(tmp_path / "again.pth") == {"cpu"}
 
 
