@@ -5,8 +5,8 @@
 #
 #   deepfusion extract --audio-dir minigenres
 #   deepfusion train --features features.pkl
-#   deepfusion evaluate --checkpoint models/best.pth
-#   deepfusion predict minigenres/<clip> --checkpoint models/best.pth
+#   deepfusion evaluate --checkpoint best.pth
+#   deepfusion predict minigenres/<a held-out clip> --checkpoint best.pth
 #
 # and prints each command with its whole output (stdout and stderr), then the wall time of
 # each. The deepfusion of this checkout runs (it is put first on PYTHONPATH), whatever is
@@ -16,7 +16,6 @@ set -uo pipefail
 
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 corpus="${1:-$repo/../shared/data/minigenres}"
-clip="minigenres/metal/metal.00000.ogg"
 
 if [ ! -f "$corpus/manifest.csv" ]; then
     echo "tour.sh: $corpus holds no manifest.csv; give the minigenres folder as the argument" >&2
@@ -52,8 +51,10 @@ run() {
 
 run deepfusion extract --audio-dir minigenres
 run deepfusion train --features features.pkl
-run deepfusion evaluate --checkpoint models/best.pth
-run deepfusion predict "$clip" --checkpoint models/best.pth
+run deepfusion evaluate --checkpoint best.pth
+# a clip of the test split (evaluate's predictions.csv lists them), never seen in training
+clip="minigenres/$(python3 -c 'import csv; print(next(csv.DictReader(open("models/predictions.csv")))["path"])')"
+run deepfusion predict "$clip" --checkpoint best.pth
 
 echo "wall times ($(nproc) cores):"
 for i in "${!names[@]}"; do

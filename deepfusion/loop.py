@@ -94,14 +94,17 @@ def all_finite(*models: torch.nn.Module) -> bool:
 
 
 def step_seconds(model: torch.nn.Module, loader, *, device: torch.device,
-                 amp: Union[bool, str], loss_fn, steps: int = 3) -> float:
+                 amp: Union[bool, str], loss_fn, steps: int = 4) -> float:
     """Seconds one training step of ``model`` takes on a batch of ``loader``, timed before a
     run starts on a copy of the model with an optimizer of its own (the run's model, optimizer
     and data order are left as they are; every epoch reseeds the random streams).
 
     The first step pays for warm-up (oneDNN builds its kernels; cuDNN picks its algorithms),
-    which the run then reuses, so the time is that of the steps after it.
+    which the run then reuses, and the next ones may still pay some: the time is the median
+    of the steps after the first.
     """
+    import statistics
+
     import copy
 
     from .runtime import synchronize
@@ -117,4 +120,4 @@ def step_seconds(model: torch.nn.Module, loader, *, device: torch.device,
                     device=device, amp=amp,
                     on_batch=lambda b, elapsed: ends.append(elapsed + synchronize(device)))
     del twin, optimizer, scheduler
-    return (ends[-1] - ends[0]) / (len(ends) - 1)
+    return statistics.median(b - a for a, b in zip(ends, ends[1:]))
