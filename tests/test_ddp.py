@@ -64,10 +64,17 @@ def test_one_process_trains_on_the_whole_order_as_before():
 
 
 @pytest.mark.parametrize("n, world", [(7, 2), (3, 4), (9, 3)])
-def test_evaluation_shards_go_back_in_order(n, world):
+def test_evaluation_shards_go_back_in_order(n, world, monkeypatch):
     items = np.arange(n * 2, dtype=np.float32).reshape(n, 2)
-    parts = [items[r::world] for r in range(world)]
+    parts = []
+    for r in range(world):       # each rank's own ddp.shard, as in a group of `world`
+        monkeypatch.setattr(ddp, "_GROUP", ddp.Group(r, world, r, "gloo", torch.device("cpu")))
+        parts.append(ddp.shard(items))
+    monkeypatch.setattr(ddp, "_GROUP", None)
+    sizes = [len(p) for p in parts]
+    assert sum(sizes) == n and max(sizes) - min(sizes) <= 1                 # shares, not copies
     np.testing.assert_array_equal(ddp.unshard(parts), items)
+    np.testing.assert_array_equal(ddp.shard(items), items)                  # without a group
 
 
 def test_without_torchrun_nothing_is_distributed(monkeypatch):
