@@ -357,7 +357,7 @@ def test_a_checkpoint_written_on_a_gpu_loads_on_this_machine(cpu_run, tmp_path, 
         torch.save(raw, foreign)
     assert _locations(foreign) == {"cuda:1"}
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError):
+        with pytest.raises(RuntimeError, match="on a CUDA device but torch.cuda.is_available"):
             torch.load(foreign, weights_only=True)      # what a plain load does without CUDA
     ckpt = load_checkpoint(foreign)
     assert all(t.device.type == "cpu" for t in _tensors(ckpt))
@@ -426,7 +426,7 @@ def test_resume_from_another_machine_onto_this_device(cpu_run, tmp_path, monkeyp
 
 def test_an_fp16_resume_accepts_the_empty_scaler_state_of_a_bf16_run():
     scaler = torch.amp.GradScaler("cpu", enabled=True, init_scale=4.0)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="state dict is empty"):
         scaler.load_state_dict({})                   # what torch does with it
     restore_scaler(scaler, {})                       # a bf16, float32 or CPU run's state
     assert scaler.get_scale() == 4.0
@@ -533,7 +533,7 @@ def test_other_runtime_errors_are_not_taken_for_out_of_memory():
     with pytest.raises(RuntimeError, match="shape"):
         with runtime.memory_guard(torch.device("cpu"), batch_size=8):
             raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
-    with pytest.raises(DeviceMemoryError):
+    with pytest.raises(DeviceMemoryError, match="^out of memory on cpu with --batch-size 8; "):
         with runtime.memory_guard(torch.device("cpu"), batch_size=8):
             raise torch.OutOfMemoryError("CUDA out of memory")
     assert out_of_memory_message("cuda:0", batch_size=64, frames=1292) == (
@@ -559,7 +559,7 @@ def test_memory_estimate_and_warning():
     assert "cuda:0 has 16.0 GiB" in line and "--batch-size (now 64)" in line
     assert memory_warning(crop, gpu16, device="cuda:0", batch_size=16, frames=129) is None
     assert memory_warning(amp, None, device="mps", batch_size=64, frames=1292) is None
-    with pytest.raises(ParameterError):
+    with pytest.raises(ParameterError, match="^no memory estimate for backbone 'vgg'$"):
         estimate_training_bytes("vgg", n_mels=1, frames=1, batch_size=1)
 
 

@@ -427,9 +427,11 @@ def test_build_model_takes_a_resolved_state(tmp_path):
     model = build_model(_small(pretrained=True), weights_path=path)
     assert torch.equal(model.mel["mel_spec_orig"].body.layer1[0].conv1.weight,
                        state["layer1.0.conv1.weight"])
-    with pytest.raises(ParameterError):
+    with pytest.raises(ParameterError, match="^build_model: give pretrained_state or "
+                       "weights_path, not both$"):
         build_model(_small(), pretrained_state=state, weights_path=path)
-    with pytest.raises(ParameterError):
+    with pytest.raises(ParameterError, match="^backbone light has no pretrained weights; "
+                       "pretrained_state must be None$"):
         build_model(_small("light"), pretrained_state=state)
 
 

@@ -99,9 +99,13 @@ def test_auto_fields_resolve_per_backbone_and_bad_values_are_refused():
     assert light.resolved and light.lr == 1e-3
     assert resolve_recipe(TrainConfig(), "resnet50", True).lr < resolve_recipe(TrainConfig(), "resnet50", False).lr
     assert resolve_recipe(TrainConfig(lr=0.5), "light", False).lr == 0.5     # given wins
-    for bad in (dict(select="best"), dict(ema=1.0), dict(mixup=-1), dict(time_mask=1.0),
-                dict(model="svm"), dict(probe_c=0)):
-        with pytest.raises(ParameterError):
+    for bad, message in ((dict(select="best"), "--select best: give last, val_loss, val_acc"),
+                         (dict(ema=1.0), "--ema 1: must be 0 or more and below 1"),
+                         (dict(mixup=-1), "--mixup -1: must be 0 or more"),
+                         (dict(time_mask=1.0), "--time-mask 1: must be 0 or more and below 1"),
+                         (dict(model="svm"), "--model svm: give net or probe"),
+                         (dict(probe_c=0), "--probe-c 0: must be above 0")):
+        with pytest.raises(ParameterError, match=f"^{re.escape(message)}$"):
             TrainConfig(**bad)
 
 

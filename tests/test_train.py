@@ -76,7 +76,7 @@ def test_split_is_stratified_and_keeps_groups_together():
     assert (split == make_split(labels, groups, val_size=0.2, test_size=0.2, seed=0)).all()
     bad = split.copy()
     bad[0], bad[1] = "train", "test"
-    with pytest.raises(DatasetError):
+    with pytest.raises(DatasetError, match="spans train and test; put its clips in one split"):
         check_split(bad, groups)
 
 
