@@ -18,7 +18,7 @@ from deepfusion.crossval import grouped_folds
 from deepfusion.data import Augment, make_torch_dataset
 from deepfusion.io.featureset import FeatureSet
 from deepfusion.errors import DatasetError, ParameterError
-from deepfusion.testing import invoke
+from deepfusion.testing import invoke, one_error_line
 
 COMMON = ("--backbone", "light", "--no-pretrained", "--batch-size", "8", "--lr", "3e-3",
           "--val-size", "0.2", "--test-size", "0.2", "--quiet")
@@ -250,14 +250,24 @@ def test_probe_trains_evaluates_and_predicts_through_the_commands(tiny_features,
     report = invoke("evaluate", "--checkpoint", out / "best.pth")
     assert report.exit_code == 0, report.stderr
     acc = float(re.search(r"clip accuracy\s+([\d.]+)", report.output).group(1))
-    assert acc == pytest.approx(raw["metrics"]["test"]["clip_acc"])
+    assert acc == pytest.approx(raw["metrics"]["test"]["clip_acc"], abs=5e-4)   # 3 decimals
     assert acc > 0.5                                     # 3 genres: chance is 1/3
+    # on all 18 clips: a random guess reaches 13 with probability 8.5e-4
+    every = invoke("evaluate", "--checkpoint", out / "best.pth", "--split", "all",
+                   "--out-dir", tmp_path / "all")
+    assert every.exit_code == 0, every.stderr
+    acc = float(re.search(r"clip accuracy\s+([\d.]+)", every.output).group(1))
+    assert round(acc * 18) >= 13, every.output
     clip = sorted(Path(tiny_audio).rglob("*.wav"))[0]
     pred = invoke("predict", clip, "--checkpoint", out / "best.pth")
     assert pred.exit_code == 0 and pred.output.startswith(str(clip))
+    fitted = (out / "best.pth").read_bytes()
     resumed = invoke("train", "--features", tiny_features, "--model-dir", out, "--model", "probe",
                      "--resume")
     assert resumed.exit_code != 0
+    line = one_error_line(resumed.stderr)         # a probe writes no last.pth to resume from
+    assert f"{out}: nothing to resume (no last.pth there)" in line, line
+    assert (out / "best.pth").read_bytes() == fitted
 
 
 # -------------------------------------------------------------------------- cross-validation
