@@ -41,9 +41,19 @@ def test_median_filter_matches_scipy(size, axis):
 
 
 def test_shapes_and_dtypes():
+    # written out from the definitions, not asked of the config: a centred STFT of 6 s at
+    # 22,050 Hz, hop 512, has 1 + 132,300 // 512 = 259 frames; 128 mel bands, 20 MFCCs,
+    # 12 chroma bins, 384 tempogram lags; musicnn's 200 penultimate units and 50 tags for
+    # one patch (6 s holds two whole 3-s patches, and one in every 4 is taken)
+    frames = 1 + int(6.0 * SR) // 512
+    assert frames == 259
+    expected = {"mel_spec_orig": (128, frames), "mel_spec_harm": (128, frames),
+                "mel_spec_perc": (128, frames), "mfcc": (20, frames), "chroma": (12, frames),
+                "tempogram": (384, frames), "musicnn": (200 + 50, 1)}
     feats = compute_features(tone(440.0), CONFIG)
     assert tuple(feats) == CONFIG.keys and set(FEATURE_KEYS) < set(feats)
-    for key, shape in CONFIG.feature_shapes().items():
+    assert CONFIG.feature_shapes() == expected
+    for key, shape in expected.items():
         assert feats[key].shape == shape, key
         assert feats[key].dtype == np.float32
         assert feats[key].flags.c_contiguous
