@@ -14,7 +14,7 @@ Rows:
   * ``predict`` (torch engine) of one new file (an empty ``--cache-dir`` each run) against
     ``import torch``: at most 2x;
   * ``predict --engine onnx`` of one cached file: under 1 s (its ratio to
-    ``import numpy, onnxruntime`` for reference);
+    ``import numpy, onnxruntime`` for reference), and of one new file (for comparison);
   * unless ``--no-resnet50``: ``predict`` of one cached file with a ResNet-50 checkpoint (three
     ResNet-50 branches, about 300 MB, untrained: speed does not depend on the weights), its
     identity read from ``model-ids.json``, against the same call with that file removed
@@ -216,7 +216,11 @@ def main() -> None:
             base_torch, 2.0, lambda i: shutil.rmtree(new_cache, ignore_errors=True)),
         Row("predict --engine onnx, one cached file", predict(paths["onnx"], "--engine", "onnx"),
             base_ort, "< 1 s"),
+        Row("predict --engine onnx, one new file", predict(
+            paths["onnx"], "--engine", "onnx", cache_dir=new_cache), base_ort, None,
+            lambda i: shutil.rmtree(new_cache, ignore_errors=True)),
     ]
+    paths_rows = len(rows)
     if "resnet50" in paths:
         ids = cache / "model-ids.json"
         rows += [
@@ -253,7 +257,7 @@ def main() -> None:
               f"read and hashed in {time.perf_counter() - t0:.2f} s here")
 
     print("\nheavy modules imported (-X importtime):")
-    for row in rows[:4]:
+    for row in rows[:paths_rows]:
         if row.prepare is not None:
             row.prepare(-1)
         print(f"  {row.name:<38} {', '.join(runner.imports(row.command(-1))) or '-'}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import warnings
 from functools import lru_cache
+from typing import Optional
 
 import bottleneck
 import librosa
@@ -107,7 +108,8 @@ def stft_magnitude(y: np.ndarray, config: FeatureConfig) -> np.ndarray:
     return np.abs(librosa.stft(y, n_fft=config.n_fft, hop_length=config.hop_length))
 
 
-def compute_features(y: np.ndarray, config: FeatureConfig = FeatureConfig()) -> dict[str, np.ndarray]:
+def compute_features(y: np.ndarray, config: FeatureConfig = FeatureConfig(), *,
+                     view_runtime: Optional[str] = None) -> dict[str, np.ndarray]:
     """All feature views of one clip: the six hand-made ones and, if the config names one,
     the pretrained view.
 
@@ -116,6 +118,9 @@ def compute_features(y: np.ndarray, config: FeatureConfig = FeatureConfig()) -> 
     y : np.ndarray [shape=(n_samples,)]
         Mono waveform at ``config.sample_rate`` (already padded or trimmed).
     config : FeatureConfig
+    view_runtime : {None, 'onnx'}
+        What runs the pretrained view's network (:func:`deepfusion.pretrained.view.pretrained_view`'s
+        ``runtime``): torch where installed, or onnxruntime.
 
     Returns
     -------
@@ -161,5 +166,6 @@ def compute_features(y: np.ndarray, config: FeatureConfig = FeatureConfig()) -> 
         from .pretrained.view import pretrained_view
 
         out[PRETRAINED_KEY] = pretrained_view(y, sr, config.pretrained_view,
-                                              stride=config.pretrained_stride)
+                                              stride=config.pretrained_stride,
+                                              runtime=view_runtime)
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}

@@ -193,8 +193,11 @@ class Library:
 
         folders = {i for i, p in enumerate(self.files) if p in self._typed and p.is_dir()}
         todo = [p for i, p in enumerate(self.files) if i not in folders]
+        # the onnx engine's path never imports torch: musicnn's view on onnxruntime too
+        runtime = "onnx" if self.engines[0].kind == "onnx" else None
         results = run_file_tasks(todo, cache_dir=self.cache_dir,
-                                 config=self.engines[0].feature_config, jobs=jobs, timeout=timeout)
+                                 config=self.engines[0].feature_config, jobs=jobs,
+                                 timeout=timeout, view_runtime=runtime)
         self.adapted = resolve_mode(self.adapt, n_clips=len(todo), new_collection=True)
         if self.adapted == "none":
             for engine in self.engines:

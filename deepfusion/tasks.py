@@ -56,7 +56,7 @@ def _time_limit(seconds: Optional[float]):
         signal.signal(signal.SIGALRM, previous)
 
 
-_warmed: set[tuple[bool, Optional[str]]] = set()
+_warmed: set[tuple[bool, Optional[str], Optional[str]]] = set()
 
 
 @contextlib.contextmanager
@@ -77,6 +77,15 @@ def one_torch_thread(needed: bool = True):
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def numpy_features(y, config: FeatureConfig, view_runtime: Optional[str] = None) -> dict:
+    """:func:`~deepfusion.features.compute_features` as a worker runs it: one torch thread
+    when torch runs the pretrained view (``view_runtime`` None), none imported otherwise."""
+    from .features import compute_features
+
+    with one_torch_thread(config.pretrained_view is not None and view_runtime != "onnx"):
+        return compute_features(y, config, view_runtime=view_runtime)
 
 
 def _jit_marker(features: bool, device: Optional[str]) -> Optional[Path]:
@@ -145,7 +154,7 @@ WARM_UP_SECONDS = 5.0
 
 
 def _warm_up(config: FeatureConfig, *, features: bool = True,
-             device: Optional[str] = None) -> None:
+             device: Optional[str] = None, view_runtime: Optional[str] = None) -> None:
     """Run every import and JIT compilation that decoding and features need, once per process.
 
     ``--timeout`` raises wherever the clock runs out. Inside a first import (librosa loads
@@ -153,14 +162,15 @@ def _warm_up(config: FeatureConfig, *, features: bool = True,
     later file of the process then fails (``NameError: name '_ndimage_api' is not defined``).
     So this runs before the first file's clock starts: a clip of noise through resampling and
     (unless ``features`` is False: a worker that only decodes) all six features, with the torch
-    backend on ``device`` when one is given. The clip is :data:`WARM_UP_SECONDS` long, not a
+    backend on ``device`` when one is given (else the pretrained view on ``view_runtime``, see
+    :func:`numpy_features`). The clip is :data:`WARM_UP_SECONDS` long, not a
     whole clip: the same code and the same array types (what numba compiles for), at a sixth
     of the cost, which a run of one new file pays in full (a 30-s clip of noise cost 0.9 s of
     CPU here, the six views and musicnn's, on top of the file's own).
     """
-    if (features, device) in _warmed:
+    if (features, device, view_runtime) in _warmed:
         return
-    _warmed.add((features, device))
+    _warmed.add((features, device, view_runtime))
     # see _one_compiler: a cache that crashes every later run
     with _one_compiler(_jit_marker(features, device)) as done:
         try:
@@ -169,16 +179,13 @@ def _warm_up(config: FeatureConfig, *, features: bool = True,
             import soundfile  # noqa: F401
             from threadpoolctl import threadpool_limits
 
-            from .features import compute_features
-
             n = min(config.n_samples, int(WARM_UP_SECONDS * config.sample_rate))
             y = 0.1 * np.random.default_rng(0).standard_normal(n).astype(np.float32)
             with threadpool_limits(limits=1):
                 librosa.resample(y[:4410], orig_sr=44100, target_sr=config.sample_rate,
                                  res_type="soxr_hq")
                 if features and device is None:
-                    with one_torch_thread(config.pretrained_view is not None):
-                        compute_features(y, config)
+                    numpy_features(y, config, view_runtime)
                 elif features:
                     from .features_torch import compute_features_torch
 
@@ -190,26 +197,27 @@ def _warm_up(config: FeatureConfig, *, features: bool = True,
 
 def compute_entry(path: str, key: str, cache_dir: str, config_dict: dict,
                   timeout: Optional[float] = DEFAULT_TIMEOUT, *,
-                  device: Optional[str] = None) -> Optional[str]:
+                  device: Optional[str] = None, view_runtime: Optional[str] = None
+                  ) -> Optional[str]:
     """Decode one file, compute its features and store them in the cache (runs in a worker).
 
     Returns ``None`` on success or the reason the file could not be used. A file that takes
     longer than ``timeout`` seconds (a hostile header, say) is abandoned and reported.
     ``device`` (a torch device name) computes the features with the torch backend
-    (:mod:`deepfusion.features_torch`, one torch thread on the CPU) instead of numpy.
+    (:mod:`deepfusion.features_torch`, one torch thread on the CPU) instead of numpy;
+    ``view_runtime``: what runs numpy's pretrained view (:func:`numpy_features`).
     """
-    from .features import compute_features
-
     config = FeatureConfig.from_dict(config_dict)
 
     def compute(y):
-        with one_torch_thread(device is not None or config.pretrained_view is not None):
-            if device is None:
-                return compute_features(y, config)
-            from .features_torch import compute_features_torch
+        if device is None:
+            return numpy_features(y, config, view_runtime)
+        from .features_torch import compute_features_torch
 
+        with one_torch_thread():
             return compute_features_torch(y, config, device=device)[0]
-    audio, feats, reason = _decode_checked(path, key, config, timeout, compute, device)
+    audio, feats, reason = _decode_checked(path, key, config, timeout, compute, device,
+                                           view_runtime)
     if reason is None:
         FeatureCache(Path(cache_dir), config).store(key, feats, _entry_meta(audio))
     return reason
@@ -235,7 +243,8 @@ def _entry_meta(audio) -> dict[str, Any]:
 
 
 def _decode_checked(path: str, key: str, config: FeatureConfig, timeout: Optional[float],
-                    compute, device: Optional[str] = None) -> tuple[Any, Any, Optional[str]]:
+                    compute, device: Optional[str] = None, view_runtime: Optional[str] = None
+                    ) -> tuple[Any, Any, Optional[str]]:
     """``(audio, compute(audio.y), None)``, or ``(None, None, reason)``.
 
     Decoding and ``compute`` (None: decode only) run under ``timeout``; afterwards the file
@@ -246,7 +255,7 @@ def _decode_checked(path: str, key: str, config: FeatureConfig, timeout: Optiona
     from .audio import decode
 
     # always: imports never under the clock, and the JIT compiled by one process at a time
-    _warm_up(config, features=compute is not None, device=device)
+    _warm_up(config, features=compute is not None, device=device, view_runtime=view_runtime)
     try:
         before = file_stamp(Path(path))
     except OSError as exc:
@@ -302,13 +311,14 @@ def _cache_state(cache_dir: str, config_dict: dict, key: str) -> str:
 
 
 def hash_and_compute(path: str, cache_dir: str, config_dict: dict, timeout: Optional[float],
-                     device: Optional[str] = None
+                     device: Optional[str] = None, view_runtime: Optional[str] = None
                      ) -> tuple[Optional[str], Optional[str], bool, bool]:
     """One file's task (in a worker): ``(content key, None, computed, repaired)`` or ``(None,
     reason, False, False)``. The file is hashed, and decoded and analysed unless the cache
     holds a sound entry for its content; ``repaired``: the entry there was damaged and has
     been replaced. ``timeout`` bounds the hashing as it bounds the decoding. ``device``: the
-    torch backend on that device (see :func:`compute_entry`)."""
+    torch backend on that device, ``view_runtime``: what runs numpy's pretrained view (see
+    :func:`compute_entry`)."""
     if device is not None:
         # torch's memory comes with a worker's first task, even one the cache answers: loky
         # takes a later jump of 300 MB for a leak and replaces the worker
@@ -319,7 +329,8 @@ def hash_and_compute(path: str, cache_dir: str, config_dict: dict, timeout: Opti
     state = _cache_state(cache_dir, config_dict, key)
     if state == VALID:
         return key, None, False, False
-    reason = compute_entry(path, key, cache_dir, config_dict, timeout, device=device)
+    reason = compute_entry(path, key, cache_dir, config_dict, timeout, device=device,
+                           view_runtime=view_runtime)
     return (None, reason, False, False) if reason else (key, None, True, state == DAMAGED)
 
 

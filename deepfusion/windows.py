@@ -50,7 +50,8 @@ def count_windows(path: Path, config: FeatureConfig) -> tuple[int, float]:
     return len(window_starts(frames, size, int(config.min_duration * sr))), frames / sr
 
 
-def file_windows(path: str, cache_dir: str, config_dict: dict, timeout: Optional[float]
+def file_windows(path: str, cache_dir: str, config_dict: dict, timeout: Optional[float],
+                 view_runtime: Optional[str] = None
                  ) -> tuple[Optional[str], int, float, Optional[str], int, int]:
     """One file's task (in a worker): make sure every window of ``path`` is in the cache,
     sound (a damaged entry is computed again and replaced).
@@ -59,7 +60,8 @@ def file_windows(path: str, cache_dir: str, config_dict: dict, timeout: Optional
     number of windows, the file's length, ``None`` or the reason the file cannot be used, how
     many windows were computed (0 when all came from the cache) and how many of those replaced
     a damaged entry. ``timeout`` bounds the hashing, the first window (as in extract) and each
-    further window.
+    further window. ``view_runtime``: what runs the pretrained view
+    (:func:`~deepfusion.tasks.numpy_features`).
     """
     from .audio import check_file
     from .io.cache import DAMAGED, VALID
@@ -83,7 +85,8 @@ def file_windows(path: str, cache_dir: str, config_dict: dict, timeout: Optional
     if 0 < seconds < config.min_duration:   # the model's minimum, not an option of this command
         return (None, 0, seconds, f"too short ({seconds:.2f} s; this model needs "
                 f"{config.min_duration:g} s)", 0, 0)
-    key, reason, fresh, mended = hash_and_compute(path, cache_dir, config_dict, timeout)
+    key, reason, fresh, mended = hash_and_compute(path, cache_dir, config_dict, timeout,
+                                                  view_runtime=view_runtime)
     if not reason and stamp_or_none(path) != before:
         reason = changed
     if reason:
@@ -93,11 +96,12 @@ def file_windows(path: str, cache_dir: str, config_dict: dict, timeout: Optional
     repaired = int(mended) + sum(state == DAMAGED for state in states.values())
     if not missing:
         return key, windows, seconds, None, int(fresh), repaired
-    _warm_up(config)    # imports and JIT compilation never under the clock (see there)
+    # imports and JIT compilation never under the clock (see there)
+    _warm_up(config, view_runtime=view_runtime)
     written: list[str] = []
     try:
         reason = _later_windows(Path(path), key, missing, cache, config, timeout, written,
-                                total=windows)
+                                total=windows, view_runtime=view_runtime)
         if reason is None:
             with _time_limit(timeout):
                 if file_digest(Path(path)) != key or stamp_or_none(path) != before:
@@ -115,14 +119,13 @@ def file_windows(path: str, cache_dir: str, config_dict: dict, timeout: Optional
 
 def _later_windows(path: Path, key: str, missing: list[int], cache: FeatureCache,
                    config: FeatureConfig, timeout: Optional[float], written: list[str], *,
-                   total: int) -> Optional[str]:
+                   total: int, view_runtime: Optional[str] = None) -> Optional[str]:
     """Compute and store windows ``missing`` (all > 0) of ``path`` (``total`` by its header),
     one at a time. A timeout propagates with the index of its window as ``window``."""
     from threadpoolctl import threadpool_limits
 
     from .audio import decode_windows
-    from .features import compute_features
-    from .tasks import _FileTimeout, _failed, _time_limit, one_torch_thread
+    from .tasks import _FileTimeout, _failed, _time_limit, numpy_features
 
     wanted = set(missing)
     index = 0
@@ -135,8 +138,7 @@ def _later_windows(path: Path, key: str, missing: list[int], cache: FeatureCache
                     start, seconds, y = next(windows)
                     if index not in wanted:
                         continue
-                    with one_torch_thread(config.pretrained_view is not None):
-                        feats = compute_features(y, config)
+                    feats = numpy_features(y, config, view_runtime)
                 meta = {"audio_sha": audio_digest(y), "source_sr": None, "channels": None,
                         "source_seconds": round(seconds, 4), "start_seconds": round(start, 4)}
                 cache.store(window_key(key, index), feats, meta)
@@ -165,14 +167,15 @@ def load_window(cache: FeatureCache, key: str, index: int) -> Optional[dict[str,
 
 
 def run_file_tasks(paths: list[Path], *, cache_dir: Path, config: FeatureConfig,
-                   jobs: Optional[int], timeout: Optional[float]) -> Iterator[tuple]:
+                   jobs: Optional[int], timeout: Optional[float],
+                   view_runtime: Optional[str] = None) -> Iterator[tuple]:
     """:func:`file_windows` of every path, in the order of ``paths``, on ``jobs`` processes
-    (default all cores).
+    (default all cores); ``view_runtime``: what runs the pretrained view.
 
     At most ``2 * jobs`` files are in flight, so memory does not grow with the number of files.
     """
     config_dict = config.to_dict()
-    tasks = [(str(p), str(cache_dir), config_dict, timeout) for p in paths]
+    tasks = [(str(p), str(cache_dir), config_dict, timeout, view_runtime) for p in paths]
     if len(tasks) > 1:
         from .tasks import default_jobs
 

@@ -228,6 +228,24 @@ def test_predict_of_a_cached_file_imports_only_its_engine(cached_clip):
     assert heavy == {"onnxruntime"}, heavy
 
 
+def test_predict_with_the_onnx_engine_on_a_new_file_imports_no_torch(cached_clip, tmp_path):
+    """Where torch is installed too: the pretrained view runs on onnxruntime, to the torch
+    port's values within float32 rounding (the same cache entries but for that)."""
+    import numpy as np
+
+    clip, _, onnx, cache = cached_clip
+    proc, heavy = imported("predict", clip, "--checkpoint", onnx, "--engine", "onnx",
+                           "--cache-dir", tmp_path / "new", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert "torch" not in heavy and "onnxruntime" in heavy and "librosa" in heavy, heavy
+    (new,) = (tmp_path / "new").glob("features-*/*/*.npz")
+    with np.load(new) as got, np.load(next(cache.glob(f"features-*/*/{new.name}"))) as kept:
+        for key in got.files:
+            if key != "__meta__":
+                np.testing.assert_allclose(got[key], kept[key], rtol=0,
+                                           atol=1e-5 * max(1.0, np.abs(kept[key]).max()))
+
+
 @pytest.mark.parametrize("command", [
     ("predict", "CLIP", "--checkpoint", "nothere.pth"),
     ("predict", "CLIP", "--checkpoint", "MODEL", "--checkpoint", "nothere.pth"),

@@ -78,7 +78,8 @@ def patch_span(start: int, length: int, n_frames: int, patches: int) -> tuple[in
 
 
 def pretrained_view(y: np.ndarray, sample_rate: int, model: str = "MTT_musicnn", *,
-                    stride: int = 1, device: Optional[str] = None) -> np.ndarray:
+                    stride: int = 1, device: Optional[str] = None,
+                    runtime: Optional[str] = None) -> np.ndarray:
     """The pretrained view of one clip.
 
     Parameters
@@ -91,16 +92,22 @@ def pretrained_view(y: np.ndarray, sample_rate: int, model: str = "MTT_musicnn",
         One patch in every ``stride`` (:func:`chosen_patches`); 1: all of them.
     device : str, optional
         A torch device for the network (default: the CPU).
+    runtime : {None, 'onnx'}
+        None: torch where it is installed, else onnxruntime; ``onnx``: onnxruntime on the
+        shipped ONNX form even where torch is installed (``predict --engine onnx`` never
+        imports torch). Either gives the view within float32 rounding.
 
     Returns
     -------
     np.ndarray [shape=(VIEW_ROWS, n_patches(len(y), sample_rate, stride))], float32
     """
-    return pretrained_views(y[None], sample_rate, model, stride=stride, device=device)[0]
+    return pretrained_views(y[None], sample_rate, model, stride=stride, device=device,
+                            runtime=runtime)[0]
 
 
 def pretrained_views(ys: np.ndarray, sample_rate: int, model: str = "MTT_musicnn", *,
-                     stride: int = 1, device: Optional[str] = None) -> np.ndarray:
+                     stride: int = 1, device: Optional[str] = None,
+                     runtime: Optional[str] = None) -> np.ndarray:
     """:func:`pretrained_view` of a batch of clips of one length.
 
     Parameters
@@ -124,7 +131,7 @@ def pretrained_views(ys: np.ndarray, sample_rate: int, model: str = "MTT_musicnn
         p = patches(log_mel(y16))                                   # (n, 187, 96)
         mels.append(p[chosen])
     x = np.concatenate(mels)                                        # (batch * want, 187, 96)
-    rows = _run(model, device, x).reshape(len(ys), want, VIEW_ROWS)
+    rows = _run(model, device, x, runtime).reshape(len(ys), want, VIEW_ROWS)
     return np.ascontiguousarray(rows.transpose(0, 2, 1), dtype=np.float32)
 
 
@@ -137,11 +144,14 @@ def view_rows(out: dict):
                       out["taggram"]], dim=1)                       # (P, 50)
 
 
-def _run(model: str, device: Optional[str], x: np.ndarray) -> np.ndarray:
-    """The rows of patches ``x`` (P, 187, 96): torch where it is installed, else onnxruntime
-    on the shipped ONNX form of the same network (a machine that only classifies with
-    ``predict --engine onnx``)."""
+def _run(model: str, device: Optional[str], x: np.ndarray,
+         runtime: Optional[str] = None) -> np.ndarray:
+    """The rows of patches ``x`` (P, 187, 96): torch where it is installed (unless ``runtime``
+    is ``onnx``), else onnxruntime on the shipped ONNX form of the same network (a machine
+    that only classifies with ``predict --engine onnx``)."""
     try:
+        if runtime == "onnx":
+            raise ImportError
         import torch
     except ImportError:
         return _onnx_session(model).run(None, {"patches": x})[0]
