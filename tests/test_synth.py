@@ -22,6 +22,13 @@ MAJOR_PROFILE = np.array([6.35, 2.23, 3.48, 2.33, 4.38, 4.09, 2.52, 5.19, 2.39, 
 MINOR_PROFILE = np.array([6.33, 2.68, 3.52, 5.38, 2.60, 3.53, 2.54, 4.75, 3.98, 2.69, 3.34, 3.17])
 
 
+def documented_seed(seed: int, genre_index: int, clip_index: int) -> int:
+    """The seed of a dataset's clip as the module documents it, computed here: the first
+    64-bit word of numpy's SeedSequence of (seed, genre index, clip index)."""
+    return int(np.random.SeedSequence([seed, genre_index, clip_index])
+               .generate_state(1, dtype=np.uint64)[0])
+
+
 def onset_envelope(y: np.ndarray) -> np.ndarray:
     """librosa's onset strength at a hop of HOP samples (finer tempo resolution than 512)."""
     import librosa
@@ -37,7 +44,8 @@ def test_every_genre_has_a_recipe(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(GENRES)
     assert paths == sorted(tmp_path / g / f"{g}.00000.wav" for g in GENRES)
     for g, genre in enumerate(GENRES):
-        expected = render_clip(genre, seed=clip_seed(0, g, 0), duration=0.5, sr=8000)
+        assert clip_seed(0, g, 0) == documented_seed(0, g, 0)
+        expected = render_clip(genre, seed=documented_seed(0, g, 0), duration=0.5, sr=8000)
         stored, _ = sf.read(tmp_path / genre / f"{genre}.00000.wav", dtype="int16")
         np.testing.assert_array_equal(stored, np.round(expected * 32767).astype(np.int16))
     for name, recipe in RECIPES.items():
@@ -76,9 +84,9 @@ def test_dataset_is_byte_identical_for_a_seed(tmp_path):
 
 def test_dataset_file_holds_the_rendered_clip(tmp_path):
     paths = synthesize_dataset(tmp_path, genres=2, clips_per_genre=2, duration=0.5, seed=3)
-    path = tmp_path / GENRES[1] / f"{GENRES[1]}.00001.wav"
+    path = tmp_path / GENRES[1] / f"{GENRES[1]}.00000.wav"      # genre 1, clip 0: not (0, 1)
     assert path in paths
-    expected = render_clip(GENRES[1], seed=clip_seed(3, 1, 1), duration=0.5)
+    expected = render_clip(GENRES[1], seed=documented_seed(3, 1, 0), duration=0.5)
     stored, sr = sf.read(path, dtype="int16")
     assert sr == SR
     np.testing.assert_array_equal(stored, np.round(expected * 32767).astype(np.int16))
@@ -213,14 +221,25 @@ def test_mode_shows_in_chroma(genre, seed, mode):
 # Domains: the same genres with another production (a generalisation check without real data)
 
 # SHA-256 (first 16 hex digits) of the 16-bit PCM of render_clip(genre, seed=1, duration=0.5),
-# taken from the generator before domains existed. The module promises byte-identical datasets
-# across runs and machines; a mismatch means the default production changed (or numpy/scipy
-# changed a filter's last bits, which breaks that promise too).
+# taken from the generator before domains existed (commit bf595e0, deepfusion/synth.py; run
+# there again, it gives these). The module promises byte-identical datasets across runs and
+# machines; a mismatch means the default production changed (or numpy/scipy changed a
+# filter's last bits, which breaks that promise too).
 DEFAULT_PCM_SHA256 = {
     "techno": "2d9b0a88690d8ff3", "rock": "6513bcd8148d2c7f", "waltz": "43683784cb710da8",
     "reggae": "36dd260fb6587885", "ambient": "afdef82b7283e776", "funk": "c9f00fd3f1f2b3f7",
     "march": "eefa7f1003897607", "ballad": "1fde43400e768de2", "bossa": "2cef4e23c59cc778",
     "noise": "2ee4b5761960a1f0",
+}
+
+
+# The same for the PCM of each file of synthesize_dataset(genres=3, clips_per_genre=2,
+# duration=0.5, seed=4), from the same commit's generator: the seeds of a dataset's clips,
+# the genres' order and the quantisation, not this code's own output.
+DATASET_PCM_SHA256 = {
+    "rock/rock.00000.wav": "277f41026b363d71", "rock/rock.00001.wav": "8b2a41d96dde1eab",
+    "techno/techno.00000.wav": "99dc4588f95c353b", "techno/techno.00001.wav": "2caf51509e5118cc",
+    "waltz/waltz.00000.wav": "75c9d300a21ee6db", "waltz/waltz.00001.wav": "b380be46e960c3fa",
 }
 
 
@@ -245,10 +264,15 @@ def test_default_domain_is_the_production_of_before():
 
 
 def test_default_domain_dataset_is_the_dataset_without_the_argument(tmp_path):
-    kwargs = dict(genres=2, clips_per_genre=1, duration=0.5, seed=4)
+    import hashlib
+
+    kwargs = dict(genres=3, clips_per_genre=2, duration=0.5, seed=4)
     plain = synthesize_dataset(tmp_path / "a", **kwargs)
     named = synthesize_dataset(tmp_path / "b", domain="default", **kwargs)
     assert [p.read_bytes() for p in plain] == [p.read_bytes() for p in named]
+    pcm = {p.relative_to(tmp_path / "a").as_posix(): sf.read(p, dtype="int16")[0] for p in plain}
+    assert {name: hashlib.sha256(y.astype("<i2").tobytes()).hexdigest()[:16]
+            for name, y in pcm.items()} == DATASET_PCM_SHA256
 
 
 def test_shifted_render_is_deterministic_and_not_the_default():
@@ -271,10 +295,11 @@ def test_shifted_dataset_is_byte_identical_and_differs_from_default(tmp_path):
     assert data == [p.read_bytes() for p in again]
     assert all(d != p.read_bytes() for d, p in zip(data, default))
     # the file is the shifted render of the clip's seed
-    path = tmp_path / "a" / GENRES[1] / f"{GENRES[1]}.00001.wav"
+    path = tmp_path / "a" / GENRES[0] / f"{GENRES[0]}.00001.wav"
     assert path in first
     stored, _ = sf.read(path, dtype="int16")
-    expected = render_clip(GENRES[1], seed=clip_seed(7, 1, 1), duration=0.5, domain="shifted")
+    expected = render_clip(GENRES[0], seed=documented_seed(7, 0, 1), duration=0.5,
+                           domain="shifted")
     np.testing.assert_array_equal(stored, np.round(expected * 32767).astype(np.int16))
 
 
