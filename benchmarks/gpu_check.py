@@ -14,7 +14,8 @@ Sub-commands (``python benchmarks/gpu_check.py CMD --help``):
                                    the largest |gpu - cpu| per view of two features files of
                                    the same clips (extract --backend torch on the GPU against
                                    the numpy backend), beside the tolerance the shared
-                                   cache key rests on (deepfusion.features_torch.TOLERANCE)
+                                   cache key rests on (deepfusion.features_torch.TOLERANCE);
+                                   exit status 1 when a view is over it
   hidden RESULTS STEP CKPT         run with CUDA hidden: the checkpoint loads with
                                    torch.load(weights_only=True), every tensor on the CPU
   contexts RESULTS STEP FEATURES DIR DEVICE
@@ -23,7 +24,9 @@ Sub-commands (``python benchmarks/gpu_check.py CMD --help``):
   memory RESULTS DEVICE            peak memory (torch.cuda.max_memory_allocated) and speed of
                                    resnet50 training steps at the default 3-s crop and at
                                    whole 30-s clips, beside deepfusion's estimate
-  table RESULTS                    the table
+  table RESULTS                    the table; exit status 1 when a row is a failure
+                                   (FAILED) or over a tolerance (OVER), so that the script
+                                   that ends with it fails too
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ import time
 from pathlib import Path
 
 GIB = 2**30
+#: How a result over its tolerance begins its verdict (:func:`table` counts it as a failure).
+OVER = "OVER the tolerance"
 
 
 def _record(results: str, step: str, result: str, seconds: float | str = "") -> None:
@@ -138,8 +143,11 @@ def views(args) -> int:
         if diff > tolerance[k]:
             over.append(k)
     verdict = ("within the tolerances the shared cache key rests on" if not over
-               else f"OVER the tolerance the shared cache key rests on: {', '.join(over)}")
+               else f"{OVER} the shared cache key rests on: {', '.join(over)}")
     _record(args.results, args.step, f"{len(rows)} clips: " + ", ".join(parts) + f"; {verdict}")
+    if over:
+        print(f"{args.step}: {OVER}: " + ", ".join(f"{k} (at most {tolerance[k]:g})" for k in over))
+        return 1
     return 0
 
 
@@ -283,6 +291,11 @@ def table(args) -> int:
     print(f"{'-' * width}  {'-' * 6}  {'-' * 40}")
     for step, result, seconds in rows:
         print(f"{step:<{width}}  {seconds:>6}  {result}")
+    failed = [step for step, result, _ in rows if result.startswith("FAILED") or OVER in result]
+    if failed:
+        print(f"\n{len(failed)} of {len(rows)} checks failed or are over a tolerance: "
+              + "; ".join(failed))
+        return 1
     return 0
 
 

@@ -655,6 +655,45 @@ def test_the_train_loop_waits_for_the_device_once_per_log_step(monkeypatch):
 
 # ------------------------------------------------------------------------- the GPU check script
 
+def test_gpu_check_exits_non_zero_for_views_over_their_tolerance(tmp_path):
+    """benchmarks/gpu_check.py views: the GPU's features of the same clips within each view's
+    tolerance exit 0, one view over it exits 1; the table (the script's last step, whose exit
+    status is the script's) exits 1 when a row failed or is over."""
+    import importlib.util
+    import pickle
+
+    import numpy as np
+
+    from deepfusion.config import FEATURE_KEYS
+    from deepfusion.features_torch import TOLERANCE
+
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    rows = dict(zip(FEATURE_KEYS, (8, 8, 8, 5, 12, 6)))
+    rng = np.random.default_rng(0)
+    clips = [{k: rng.normal(size=(r, 20)).astype(np.float32) for k, r in rows.items()}
+             for _ in range(4)]
+
+    def features(name: str, moved: dict[str, float]) -> str:
+        items = [{"features": {k: a + np.float32(moved.get(k, 0.0)) for k, a in clip.items()},
+                  "label": ("rock", "jazz")[i % 2], "path": f"{i}.wav"}
+                 for i, clip in enumerate(clips)]
+        (tmp_path / name).write_bytes(pickle.dumps(items))
+        return str(tmp_path / name)
+    cpu = features("cpu.pkl", {})
+    near = features("near.pkl", {k: TOLERANCE[k] / 2 for k in rows})
+    far = features("far.pkl", {"mfcc": 2 * TOLERANCE["mfcc"]})
+    ok, over = str(tmp_path / "ok.tsv"), str(tmp_path / "over.tsv")
+    assert gpu_check.main(["views", ok, "views", cpu, near]) == 0
+    assert gpu_check.main(["views", over, "views", cpu, far]) == 1
+    assert "OVER the tolerance the shared cache key rests on: mfcc" in Path(over).read_text()
+    assert gpu_check.main(["table", ok]) == 0
+    assert gpu_check.main(["table", over]) == 1
+    Path(ok).write_text(Path(ok).read_text() + "train light-fp16\tFAILED (exit 1): boom\t3.0\n")
+    assert gpu_check.main(["table", ok]) == 1
+
+
 @pytest.mark.slow
 def test_gpu_check_script_on_a_machine_without_a_gpu(tmp_path):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable,
