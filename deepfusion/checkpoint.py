@@ -107,12 +107,10 @@ def load_checkpoint(path: Path, *, resume: bool = False) -> dict[str, Any]:
         Missing, unreadable, holding objects other than tensors and plain data, of another
         format version, or with parts that disagree or lie outside sane ranges.
     """
+    from .model_meta import check_checkpoint_path
+
     path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"{path}: a folder, not a checkpoint; give its best.pth or last.pth")
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found; run deepfusion train, or give "
-                              "--checkpoint")
+    check_checkpoint_path(path)
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols: noise, not news
             warnings.simplefilter("ignore")
