@@ -79,13 +79,15 @@ class RunWriter:
         return due
 
     def flush(self) -> Optional[int]:
-        """Write what is held (best first, then last); returns the epoch ``last.pth`` holds."""
-        if self._best is not None:
-            save_checkpoint(self.model_dir / "best.pth", self._best)
-        if self._last is not None:
-            save_checkpoint(self.model_dir / "last.pth", self._last)
-            self.saved_epoch = int(self._last["epoch"])
-        self._best = self._last = None
+        """Write what is held (best first, then last); returns the epoch ``last.pth`` holds.
+        What is held is let go first: a write that fails (a full disk) is not tried again on
+        the way out."""
+        best, last, self._best, self._last = self._best, self._last, None, None
+        if best is not None:
+            save_checkpoint(self.model_dir / "best.pth", best)
+        if last is not None:
+            save_checkpoint(self.model_dir / "last.pth", last)
+            self.saved_epoch = int(last["epoch"])
         self._written_at = self._clock()
         return self.saved_epoch
 

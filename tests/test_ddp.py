@@ -196,8 +196,10 @@ def test_one_rank_crashing_ends_the_run_and_resume_recovers(ddp_run, tiny_featur
 
     full, _ = ddp_run
     model_dir = tmp_path / "run"
+    # checkpoints after every epoch (not on the 300-s budget): the kill lands between them
     proc = subprocess.Popen(torchrun_command("--features", tiny_features, "--model-dir",
-                                             model_dir, "--epochs", 3, *RUN),
+                                             model_dir, "--epochs", 3, *RUN,
+                                             "--save-every", 0),
                             env=subprocess_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:

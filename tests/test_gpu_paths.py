@@ -67,6 +67,9 @@ def _tensors(obj):
             yield from _tensors(v)
 
 
+_TAG = torch.serialization.location_tag   # torch's, before any test patches it
+
+
 class _OnGpu(torch.Tensor):
     """A tensor as a run on a GPU hands it over: it says it is on cuda:1, ``.cpu()`` and
     ``.to("cpu")`` copy it into a plain CPU tensor, and torch.save writes it as a plain tensor
@@ -108,9 +111,10 @@ def _on_gpu(obj, mp: pytest.MonkeyPatch):
         if isinstance(o, (list, tuple)):
             return type(o)(move(v) for v in o)
         return o
-    real_tag = torch.serialization.location_tag
+    # torch's own tag, not an earlier call's patch: that one would tag freed addresses of its
+    # own copies, which a later CPU copy may reuse (the test failed so, once in a full run)
     mp.setattr(torch.serialization, "location_tag",
-               lambda storage: "cuda:1" if storage.data_ptr() in storages else real_tag(storage))
+               lambda storage: "cuda:1" if storage.data_ptr() in storages else _TAG(storage))
     moved = move(obj)
     assert all(t.device == torch.device("cuda", 1) for t in _tensors(moved))
     return moved
