@@ -8,7 +8,8 @@ start=$(date +%s)
 
 python3 -m pip install -q -e .
 
-deepfusion synth --out data/demo/audio --genres 4 --clips-per-genre 15 --duration 30 --seed 0
+deepfusion synth --out data/demo/audio --genres 4 --clips-per-genre 15 --duration 30 --seed 0 \
+    --overwrite   # the demo owns data/demo: clips of an older demo are replaced too
 deepfusion extract --audio-dir data/demo/audio --out data/demo/features.pkl \
     --cache-dir data/cache --quiet
 deepfusion train --features data/demo/features.pkl --model-dir models/demo --overwrite \
