@@ -42,15 +42,16 @@ def library_versions() -> dict[str, str]:
             "numpy": str(numpy.__version__), "python": platform.python_version()}
 
 
-def to_cpu(obj: Any) -> Any:
+def to_cpu(obj: Any, *, copy: bool = False) -> Any:
     """``obj`` with every tensor in it (in dicts, lists and tuples, as in optimizer states)
-    copied to the CPU; tensors already there are kept as they are."""
+    copied to the CPU; tensors already there are kept as they are, or with ``copy`` copied
+    too (a snapshot that later in-place training steps leave as it is)."""
     if isinstance(obj, torch.Tensor):
-        return obj.cpu()
+        return obj.detach().to("cpu", copy=True) if copy else obj.cpu()
     if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
+        return {k: to_cpu(v, copy=copy) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v) for v in obj)
+        return type(obj)(to_cpu(v, copy=copy) for v in obj)
     return obj
 
 

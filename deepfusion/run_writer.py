@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
-import torch
 
-from .checkpoint import save_checkpoint
+from .checkpoint import save_checkpoint, to_cpu
 from .io.atomic import write_csv
 
 HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds",
@@ -36,19 +35,6 @@ def write_log(model_dir: Path, history: list[dict], *, plot: bool = True) -> Non
         from .plots import plot_history
 
         plot_history(history, model_dir / "training_history.png")
-
-
-def cpu_copy(obj: Any) -> Any:
-    """``obj`` with every tensor copied to new CPU memory (and every dict, list and tuple
-    rebuilt): a snapshot that later training steps, which update tensors in place, and later
-    epochs, which append to lists, leave as it is."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: cpu_copy(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(cpu_copy(v) for v in obj)
-    return obj
 
 
 class RunWriter:
@@ -71,8 +57,8 @@ class RunWriter:
         checkpoints were written."""
         due = final or self._clock() - self._written_at >= self.save_every
         if best is not None:
-            self._best = best if due else cpu_copy(best)
-        self._last = last if due else cpu_copy(last)
+            self._best = best if due else to_cpu(best, copy=True)
+        self._last = last if due else to_cpu(last, copy=True)
         if due:
             self.flush()
         write_log(self.model_dir, history, plot=due)
@@ -97,7 +83,7 @@ class RunWriter:
         finished epochs held are written (and the plot of ``history``), and an interruption
         says where the run can go on."""
         try:
-            saved = self.flush() if self.pending else self.saved_epoch
+            saved = self.flush()   # what is held, if anything; the epoch on disk
             if history:
                 write_log(self.model_dir, history)
         except Exception:   # noqa: BLE001 - a failed save must not hide why the run ended
