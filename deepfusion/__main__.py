@@ -1,6 +1,6 @@
 """``python -m deepfusion`` is the ``deepfusion`` command."""
 
-from .cli import main
+from deepfusion.cli import main
 
 if __name__ == "__main__":
     main()

@@ -29,9 +29,9 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from .config import ADAPT_MIN_CLIPS, ADAPT_MODES
-from .errors import ParameterError
-from .io.featureset import FeatureSet
+from deepfusion.config import ADAPT_MIN_CLIPS, ADAPT_MODES
+from deepfusion.errors import ParameterError
+from deepfusion.io.featureset import FeatureSet
 
 #: Segments per batch of the BatchNorm pass: fixed, not the caller's inference batch, because
 #: in training mode a layer's output depends on its batch (evaluate and predict must agree).
@@ -105,11 +105,11 @@ class Adapter:
 
     def add(self, fs: FeatureSet, clips: np.ndarray) -> None:
         """Clips ``clips`` of ``fs`` (a collection, or a batch of a library's windows)."""
-        from .data import eval_segments, make_torch_dataset
+        from deepfusion.data import eval_segments, make_torch_dataset
 
         clips = np.asarray(clips, np.int64)
         if _is_probe(self._model):
-            from .probe import clip_stats
+            from deepfusion.probe import clip_stats
 
             stats = clip_stats(fs, self.norm, clips, self._model.keys)
             part = np.stack([stats.sum(axis=0), (stats * stats).sum(axis=0)])
@@ -129,7 +129,7 @@ class Adapter:
     def _forward(self) -> None:
         import torch
 
-        from .runtime import to_device
+        from deepfusion.runtime import to_device
 
         if not self._pending:
             return
@@ -185,7 +185,7 @@ def adapt(model, fs: FeatureSet, norm: dict, clips: np.ndarray, *, mode: str, se
     -------
     (model, norm)
     """
-    from .data import fit_normalization
+    from deepfusion.data import fit_normalization
 
     if mode not in ("none", "inputs", "full"):
         raise ParameterError(f"--adapt {mode}: give none, inputs or full")
@@ -206,7 +206,7 @@ def adapt_streaming(model, norm: dict, batches: Iterable[FeatureSet], *, mode: s
     """:func:`adapt` over a collection read in batches (``FeatureSet`` s of windows): one pass
     for the views' statistics and, for ``full``, a second over ``again`` (the same batches
     read anew)."""
-    from .data import RunningNormalization
+    from deepfusion.data import RunningNormalization
 
     if mode not in ("none", "inputs", "full"):
         raise ParameterError(f"--adapt {mode}: give none, inputs or full")

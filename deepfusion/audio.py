@@ -17,7 +17,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 
-from .errors import AudioError, DatasetError
+from deepfusion.errors import AudioError, DatasetError
 
 #: File name endings that discovery treats as audio.
 AUDIO_EXTENSIONS = (".wav", ".au", ".snd", ".aif", ".aiff", ".flac", ".ogg", ".oga",
@@ -118,7 +118,7 @@ def discover_collection(audio_dir: Path, *, manifest: Optional[Path] = None,
         As :func:`discover`; a table that cannot be read or lists a path twice or outside
         ``audio_dir``.
     """
-    from .io.metadata import find_metadata, read_metadata
+    from deepfusion.io.metadata import find_metadata, read_metadata
 
     audio_dir = Path(audio_dir)
     if manifest is None and metadata and audio_dir.is_dir():
@@ -127,7 +127,7 @@ def discover_collection(audio_dir: Path, *, manifest: Optional[Path] = None,
         return discover(audio_dir), None
     if not audio_dir.is_dir():
         return discover(audio_dir), None        # its one line: missing, or not a folder
-    from .io.guard import require_regular_file
+    from deepfusion.io.guard import require_regular_file
 
     require_regular_file(Path(manifest), what="the manifest", error=DatasetError)
     root = audio_dir.resolve()
@@ -230,7 +230,7 @@ def _decode_error(path: Path, exc: Exception) -> AudioError:
     if reason.startswith("File does not exist or is not a regular file"):
         # what libsndfile's MP3 reader says of bytes it cannot parse; the file does exist
         reason = "no audio stream found: damaged, or not audio"
-    from .io.atomic import library_text
+    from deepfusion.io.atomic import library_text
 
     if reason.startswith("Format not recognised"):
         return AudioError(path, "cannot decode: not an audio format libsndfile reads (format not "

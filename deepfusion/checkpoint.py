@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from .config import RUNTIME_FIELDS, FeatureConfig, ModelConfig, RuntimeConfig
-from .errors import CheckpointError
-from .io.atomic import atomic_write, library_text
-from .weights import one_line
+from deepfusion.config import RUNTIME_FIELDS, FeatureConfig, ModelConfig, RuntimeConfig
+from deepfusion.errors import CheckpointError
+from deepfusion.io.atomic import atomic_write, library_text
+from deepfusion.weights import one_line
 
 FORMAT_VERSION = 1
 
@@ -35,7 +35,7 @@ def library_versions() -> dict[str, str]:
     import numpy
     import torchvision
 
-    from . import __version__
+    from deepfusion import __version__
 
     return {"deepfusion": __version__, "torch": str(torch.__version__),
             "torchvision": str(torchvision.__version__), "librosa": str(librosa.__version__),
@@ -108,7 +108,7 @@ def load_checkpoint(path: Path, *, resume: bool = False) -> dict[str, Any]:
         Missing, unreadable, holding objects other than tensors and plain data, of another
         format version, or with parts that disagree or lie outside sane ranges.
     """
-    from .model_meta import check_checkpoint_path
+    from deepfusion.model_meta import check_checkpoint_path
 
     path = Path(path)
     check_checkpoint_path(path)
@@ -158,9 +158,9 @@ def check_contents(ckpt: dict[str, Any], path: Path, *, resume: bool = False) ->
     CheckpointError
         Naming ``path`` and the first part that is wrong.
     """
-    from .config import TrainConfig
-    from .errors import ParameterError
-    from .model_meta import check_description
+    from deepfusion.config import TrainConfig
+    from deepfusion.errors import ParameterError
+    from deepfusion.model_meta import check_description
 
     def bad(message: str) -> CheckpointError:
         return CheckpointError(f"{path}: damaged or inconsistent checkpoint: {message}")
@@ -188,7 +188,7 @@ def check_contents(ckpt: dict[str, Any], path: Path, *, resume: bool = False) ->
 def _check_normalization(norm: Any, described, bad) -> None:
     """The statistics' views and shapes (:func:`~deepfusion.model_meta.check_normalization`),
     then their values: float tensors, finite, the standard deviations positive."""
-    from .model_meta import check_normalization
+    from deepfusion.model_meta import check_normalization
 
     check_normalization(norm, described, bad)
     for key in described.keys:
@@ -247,8 +247,8 @@ def _refused_object(message: str) -> str:
 def _untrained_model(config: ModelConfig):
     """The network or linear probe ``config`` describes, never loading ImageNet weights (a
     checkpoint's own weights replace them)."""
-    from .models import MultiModalNet
-    from .probe import LinearProbe
+    from deepfusion.models import MultiModalNet
+    from deepfusion.probe import LinearProbe
 
     if config.kind == "probe":
         return LinearProbe.from_config(config)

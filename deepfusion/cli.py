@@ -14,15 +14,15 @@ from typing import Any
 
 import click
 
-from . import __version__
-from .config import (DEFAULT_FEATURES, DEFAULT_MODEL_DIR, DEFAULT_STORE,
+from deepfusion import __version__
+from deepfusion.config import (DEFAULT_FEATURES, DEFAULT_MODEL_DIR, DEFAULT_STORE,
                      FEATURE_FORMATS, PRETRAINED_VIEWS, FeatureConfig, RuntimeConfig, TrainConfig)
-from .console import (CommandGroup, echo, found, say, say_repaired, stamp, torchrun_rank,
+from deepfusion.console import (CommandGroup, echo, found, say, say_repaired, stamp, torchrun_rank,
                       wrote)
-from .errors import ParameterError
-from .io.atomic import plural
-from .io.names import escape_bytes, shown
-from .options import (adapt_option, cache_dir_option, checkpoint_option, device_option, feature_options,
+from deepfusion.errors import ParameterError
+from deepfusion.io.atomic import plural
+from deepfusion.io.names import escape_bytes, shown
+from deepfusion.options import (adapt_option, cache_dir_option, checkpoint_option, device_option, feature_options,
                       features_option, jobs_option, library_options, model_options,
                       overwrite_option, precision_option, quiet_option, recipe_options,
                       runtime_options, split_file_option, take, timeout_option,
@@ -51,7 +51,7 @@ def main() -> None:
 def synth(out: Path, genres: int, clips_per_genre: int, duration: float, seed: int,
           domain: str, overwrite: bool) -> None:
     """Render a deterministic synthetic genre dataset (WAV, 22,050 Hz, mono)."""
-    from .synth import synthesize_dataset
+    from deepfusion.synth import synthesize_dataset
 
     paths = synthesize_dataset(out, genres=genres, clips_per_genre=clips_per_genre,
                                duration=duration, seed=seed, domain=domain, overwrite=overwrite)
@@ -110,16 +110,16 @@ def extract(audio_dir: Path, out: Path | None, fmt: str, dtype: str, cache_dir: 
     Writes OUT (a pickle: a list of dicts with 'features', 'label', 'path', ...; or a feature
     store folder) and extract_errors.csv beside it.
     """
-    from .extract import extract as run_extract
+    from deepfusion.extract import extract as run_extract
 
     config = take(FeatureConfig, kwargs)
     from click.core import ParameterSource
 
-    from .cluster import SCHEDULER_ENV, named_by
+    from deepfusion.cluster import SCHEDULER_ENV, named_by
 
     # an address from the environment is named as the variable in messages, not as the flag
     given = click.get_current_context().get_parameter_source("scheduler")
-    from .extract import default_out
+    from deepfusion.extract import default_out
 
     before = stamp(out or default_out(fmt))
     with named_by(SCHEDULER_ENV if given is ParameterSource.ENVIRONMENT else "--scheduler"):
@@ -201,24 +201,24 @@ def train(features: Path, model_dir: Path, pretrained: bool | None, weights_path
     if folds and torchrun_rank() is not None:
         raise ParameterError("--folds trains its folds one after another in one process; run "
                              "it without torchrun")
-    from .io.features_file import preload
+    from deepfusion.io.features_file import preload
 
     features = found(features, DEFAULT_FEATURES.parent, "features file")
     common["feature_set"] = preload(features)   # a wrong file: one line before torch loads
     if folds:
-        from .crossval import cross_validate
+        from deepfusion.crossval import cross_validate
 
         cv = cross_validate(features, folds=folds, **common)
         echo(cv.table())
         wrote(cv.files)
         return
-    from .train import train as run_train
+    from deepfusion.train import train as run_train
 
     result = run_train(features, **common)
     echo(f"best.pth: epoch {result.best_epoch} (validation clip accuracy "
          f"{result.best_val_acc:.3f}); {plural(result.epochs_run, 'epoch')} in "
          f"{result.seconds:.0f} s")
-    from .io.run_folder import TRAIN_FILES
+    from deepfusion.io.run_folder import TRAIN_FILES
 
     wrote(p for p in (Path(model_dir) / name for name in TRAIN_FILES) if p.exists())
 
@@ -240,8 +240,8 @@ def evaluate(checkpoint: Path, features: Path | None, split: str, split_file: st
              out_dir: Path | None, batch_size: int, device: str, precision: str,
              adapt: str, overwrite: bool) -> None:
     """Report what a checkpoint does on held-out clips (table, CSVs, JSON, figures)."""
-    from .evaluate import evaluate as run_evaluate
-    from .io.run_folder import REPORT_FILES
+    from deepfusion.evaluate import evaluate as run_evaluate
+    from deepfusion.io.run_folder import REPORT_FILES
 
     checkpoint = found(checkpoint, DEFAULT_MODEL_DIR, "checkpoint")
     features = features and found(features, DEFAULT_FEATURES.parent, "features file")
@@ -258,7 +258,7 @@ def evaluate(checkpoint: Path, features: Path | None, split: str, split_file: st
 
 def _library(inputs, checkpoints, engine, cache_dir, device, precision, adapt,
              destinations=(), overwrite=False):
-    from .predict import Library
+    from deepfusion.predict import Library
 
     if engine == "onnx" and precision != "fp32":
         raise ParameterError(f"--precision {precision}: the onnx engine computes in float32 "
@@ -290,10 +290,10 @@ def predict(inputs: tuple[Path, ...], checkpoints: tuple[Path, ...], engine: str
     import json
     import time
 
-    from .predict import Prediction, PredictionsCSV
+    from deepfusion.predict import Prediction, PredictionsCSV
 
     t0 = time.perf_counter()
-    from .io.guard import Destination
+    from deepfusion.io.guard import Destination
 
     library = _library(inputs, checkpoints, engine, cache_dir, device, precision, adapt,
                        [Destination(out, "--out", "predictions")] if out else (), overwrite)
@@ -346,13 +346,13 @@ def embed(inputs: tuple[Path, ...], checkpoints: tuple[Path, ...], engine: str, 
     similarity search and clustering."""
     import time
 
-    from .embed import collect
+    from deepfusion.embed import collect
 
     if len(checkpoints) != 1:
         raise ParameterError(f"--checkpoint given {len(checkpoints)} times: embed takes one (an "
                              "ensemble has no single embedding); give one --checkpoint")
     t0 = time.perf_counter()
-    from .io.guard import Destination
+    from deepfusion.io.guard import Destination
 
     library = _library(inputs, checkpoints, engine, cache_dir, device, precision, adapt,
                        [Destination(out, "--out", "embeddings")], overwrite)
@@ -390,7 +390,7 @@ def tag(inputs: tuple[Path, ...], model: str, top_k: int, as_json: bool, cache_d
     over each file's 3-s patches, through the feature cache."""
     import json
 
-    from .tag import Tagger, Tags
+    from deepfusion.tag import Tagger, Tags
 
     tagger = Tagger(inputs, model=model, cache_dir=cache_dir)
     done = failed = 0
@@ -431,7 +431,7 @@ def export(checkpoint: Path, fmt: str, out: Path, tolerance: float, exporter: st
            opset: int | None, overwrite: bool) -> None:
     """Export a checkpoint for onnxruntime: the feature views of a batch of segments in,
     logits, attention and embedding out; checked against torch on real windows first."""
-    from .export import export_onnx
+    from deepfusion.export import export_onnx
 
     checkpoint = found(checkpoint, DEFAULT_MODEL_DIR, "checkpoint")
     export_onnx(checkpoint, out, tolerance=tolerance, exporter=exporter, opset=opset,

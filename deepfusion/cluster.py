@@ -26,8 +26,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
-from .errors import ClusterError, ClusterLostError, ParameterError, WorkerCrashError
-from .io.atomic import library_text, os_error_reason
+from deepfusion.errors import ClusterError, ClusterLostError, ParameterError, WorkerCrashError
+from deepfusion.io.atomic import library_text, os_error_reason
 
 #: Environment variable read when ``--scheduler`` is not given.
 SCHEDULER_ENV = "DEEPFUSION_SCHEDULER"

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import ParameterError
+from deepfusion.errors import ParameterError
 
 #: Where the stages read and write when not told otherwise (relative to the working folder).
 DEFAULT_FEATURES = Path("data/features.pkl")
@@ -171,7 +171,7 @@ class FeatureConfig:
     @property
     def n_patches(self) -> int:
         """Patches per clip of the pretrained view: whole 3-s patches, at least one."""
-        from .pretrained.view import n_patches
+        from deepfusion.pretrained.view import n_patches
 
         return n_patches(self.n_samples, self.sample_rate, self.pretrained_stride)
 
@@ -181,7 +181,7 @@ class FeatureConfig:
         shapes = {**{k: (self.n_mels, t) for k in MEL_KEYS}, "mfcc": (self.n_mfcc, t),
                   "chroma": (self.n_chroma, t), "tempogram": (self.tempogram_win_length, t)}
         if self.pretrained_view is not None:
-            from .pretrained.view import VIEW_ROWS
+            from deepfusion.pretrained.view import VIEW_ROWS
 
             shapes[PRETRAINED_KEY] = (VIEW_ROWS, self.n_patches)
         return shapes

@@ -14,15 +14,15 @@ from typing import Any, Iterable, Optional
 
 import click
 
-from .errors import DeepFusionError
-from .io.names import shown
+from deepfusion.errors import DeepFusionError
+from deepfusion.io.names import shown
 
 
 def echo(message: object = "", **kwargs: Any) -> None:
     """click.echo that never fails on a file name: bytes that are not UTF-8 and control
     characters other than newlines and tabs are escaped (:mod:`deepfusion.io.names`). A
     progress bar on the terminal is cleared while the line is printed, then drawn again."""
-    from .progress import say_around_bars
+    from deepfusion.progress import say_around_bars
 
     with say_around_bars():
         click.echo(shown(message, keep="\n\t"), **kwargs)

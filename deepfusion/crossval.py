@@ -16,11 +16,11 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from .config import TrainConfig
-from .data import make_split
-from .errors import DatasetError, ParameterError
-from .io.features_file import load_features
-from .io.featureset import FeatureSet
+from deepfusion.config import TrainConfig
+from deepfusion.data import make_split
+from deepfusion.errors import DatasetError, ParameterError
+from deepfusion.io.features_file import load_features
+from deepfusion.io.featureset import FeatureSet
 
 FOLD_FIELDS = ("fold", "clips", "clip_accuracy", "balanced_accuracy", "macro_f1", "best_epoch")
 
@@ -119,7 +119,7 @@ class CrossValidation:
     @property
     def files(self) -> list[Path]:
         """What the run wrote: every fold's run files, then the two tables."""
-        from .io.run_folder import TRAIN_FILES
+        from deepfusion.io.run_folder import TRAIN_FILES
 
         return [self.model_dir / f"fold-{row['fold']}" / name for row in self.folds
                 for name in TRAIN_FILES] + [self.model_dir / "cross_validation.csv",
@@ -146,11 +146,11 @@ def cross_validate(features: Path, *, folds: int, model_dir: Path = Path("models
     """
     import pandas as pd
 
-    from .io.atomic import atomic_write
-    from .io.guard import check_destinations
-    from .io.run_folder import claim_run_folder, destinations as run_destinations
-    from .metrics import summary_metrics
-    from .train import train
+    from deepfusion.io.atomic import atomic_write
+    from deepfusion.io.guard import check_destinations
+    from deepfusion.io.run_folder import claim_run_folder, destinations as run_destinations
+    from deepfusion.metrics import summary_metrics
+    from deepfusion.train import train
 
     features, model_dir = Path(features), Path(model_dir)
     weights = train_kwargs.get("weights_path")

@@ -15,11 +15,11 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .config import MEL_KEYS, PRETRAINED_KEY, FeatureConfig
-from .errors import DatasetError
-from .io.atomic import library_text, os_error_reason
-from .io.featureset import FeatureSet
-from .pretrained.view import patch_span
+from deepfusion.config import MEL_KEYS, PRETRAINED_KEY, FeatureConfig
+from deepfusion.errors import DatasetError
+from deepfusion.io.atomic import library_text, os_error_reason
+from deepfusion.io.featureset import FeatureSet
+from deepfusion.pretrained.view import patch_span
 
 SPLITS = ("train", "val", "test")
 
@@ -67,7 +67,7 @@ def resolve_split_file(spec: str | Path) -> Path:
     """A split file path, or a shipped one by alias (``gtzan-fault-filtered``)."""
     if str(spec) in SPLIT_ALIASES:
         return Path(str(resources.files("deepfusion") / "splits" / SPLIT_ALIASES[str(spec)]))
-    from .io.guard import require_regular_file
+    from deepfusion.io.guard import require_regular_file
 
     path = Path(spec)
     if path.is_dir():
@@ -90,7 +90,7 @@ def read_split_file(spec: str | Path, paths: list[str], *, source: str = "") -> 
     DatasetError
         Malformed file, unknown split names, paths leaving the dataset root, or no overlap.
     """
-    from .audio import resolve_inside
+    from deepfusion.audio import resolve_inside
 
     path = resolve_split_file(spec)
     if not any(paths):
@@ -411,7 +411,7 @@ def epoch_order(n: int, *, seed: int, epoch: int, rank: int = 0, world_size: int
     (:func:`deepfusion.ddp.epoch_share`: the same number of items on every process)."""
     import torch
 
-    from .ddp import epoch_share
+    from deepfusion.ddp import epoch_share
 
     g = torch.Generator().manual_seed(seed * 1_000_033 + epoch)
     return epoch_share(torch.randperm(n, generator=g).tolist(), rank, world_size)

@@ -27,8 +27,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
 import numpy as np
 import torch
 
-from .errors import DeepFusionError, ParameterError
-from .runtime import resolve_device
+from deepfusion.errors import DeepFusionError, ParameterError
+from deepfusion.runtime import resolve_device
 
 T = TypeVar("T")
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from .config import FeatureConfig
-from .errors import DeepFusionError
-from .io.cache import FeatureCache
-from .tasks import _failed, _run_tasks, hash_and_decode
+from deepfusion.config import FeatureConfig
+from deepfusion.errors import DeepFusionError
+from deepfusion.io.cache import FeatureCache
+from deepfusion.tasks import _failed, _run_tasks, hash_and_decode
 
 #: Devices on which the torch backend runs per file in the workers, as numpy does (on a GPU
 #: the workers only decode, and this process analyses batches of their clips).
@@ -46,7 +46,7 @@ def _analyse(pending: list[tuple[int, str, Any, dict, bool]], cache: FeatureCach
              config: FeatureConfig, device: str) -> Iterator[tuple[int, tuple]]:
     import numpy as np
 
-    from .features_torch import compute_features_torch
+    from deepfusion.features_torch import compute_features_torch
 
     try:
         feats = compute_features_torch(np.stack([y for _, _, y, _, _ in pending]), config,
@@ -70,10 +70,10 @@ def _analyse(pending: list[tuple[int, str, Any, dict, bool]], cache: FeatureCach
 
 def _stop_if_out_of_memory(exc: Exception, device: str) -> None:
     """One clip alone does not fit on ``device``: no later clip will, so stop in one line."""
-    from .runtime import is_out_of_memory
+    from deepfusion.runtime import is_out_of_memory
 
     if is_out_of_memory(exc):
-        from .errors import DeviceMemoryError
+        from deepfusion.errors import DeviceMemoryError
 
         raise DeviceMemoryError(f"out of memory on {device} computing the features of one clip; "
                                 "give --device cpu, or --backend numpy") from None

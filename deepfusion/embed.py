@@ -14,8 +14,8 @@ from typing import Iterable, Optional, Union
 
 import numpy as np
 
-from .config import ALL_KEYS, DEFAULT_CACHE_DIR
-from .predict import Library, Prediction
+from deepfusion.config import ALL_KEYS, DEFAULT_CACHE_DIR
+from deepfusion.predict import Library, Prediction
 
 
 @dataclass
@@ -39,7 +39,7 @@ class Embeddings:
 
     def save(self, out: Path) -> None:
         """Write an ``.npz`` atomically (``np.load(out)`` reads it without pickle)."""
-        from .io.atomic import atomic_write
+        from deepfusion.io.atomic import atomic_write
 
         with atomic_write(Path(out)) as fh:
             np.savez(fh, **self.arrays())
@@ -82,7 +82,7 @@ def embed(inputs: Iterable[Union[str, Path]], *, checkpoint: Path, engine: str =
         embeddings ``.npz`` (unless ``overwrite``), or cannot be written; the cache cannot be
         written (all before any work).
     """
-    from .io.guard import Destination
+    from deepfusion.io.guard import Destination
 
     library = Library(inputs, checkpoints=[Path(checkpoint)], engine=engine, device=device,
                       cache_dir=cache_dir, adapt=adapt, overwrite=overwrite,

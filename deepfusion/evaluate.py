@@ -9,17 +9,17 @@ from typing import Optional
 
 import numpy as np
 
-from .adapt import adapt as adapt_model, resolve_mode
-from .config import AUX_KEYS, MEL_KEYS, PRETRAINED_KEY, FeatureConfig, TrainConfig
-from .data import read_split_file, segment_frames
-from .errors import DatasetError, FeaturesFileError
-from .io.atomic import atomic_write, check_writable, plural
-from .io.cache import file_digest
-from .io.features_file import load_features
-from .io.guard import check_destinations
-from .io.run_folder import REPORT_FILES, destinations as run_destinations
-from .io.featureset import FeatureSet
-from .metrics import accuracy_interval, confusion_matrix, per_class_scores, summary_metrics
+from deepfusion.adapt import adapt as adapt_model, resolve_mode
+from deepfusion.config import AUX_KEYS, MEL_KEYS, PRETRAINED_KEY, FeatureConfig, TrainConfig
+from deepfusion.data import read_split_file, segment_frames
+from deepfusion.errors import DatasetError, FeaturesFileError
+from deepfusion.io.atomic import atomic_write, check_writable, plural
+from deepfusion.io.cache import file_digest
+from deepfusion.io.features_file import load_features
+from deepfusion.io.guard import check_destinations
+from deepfusion.io.run_folder import REPORT_FILES, destinations as run_destinations
+from deepfusion.io.featureset import FeatureSet
+from deepfusion.metrics import accuracy_interval, confusion_matrix, per_class_scores, summary_metrics
 
 
 # --------------------------------------------------------------------------- the evaluate stage
@@ -174,12 +174,12 @@ def evaluate(checkpoint: Path, *, features: Optional[Path] = None, split: str = 
             print(message, file=sys.stderr)
     checkpoint = Path(checkpoint)
     if device in ("auto", "cpu"):       # no device to refuse (else that comes first):
-        from .model_meta import check_checkpoint_path
+        from deepfusion.model_meta import check_checkpoint_path
 
         check_checkpoint_path(checkpoint)   # a mistyped path costs no torch import (seconds)
-    from .checkpoint import load_checkpoint, model_from_checkpoint, normalization_of
-    from .inference import predict_clips
-    from .runtime import inference_precision, memory_guard, resolve_device
+    from deepfusion.checkpoint import load_checkpoint, model_from_checkpoint, normalization_of
+    from deepfusion.inference import predict_clips
+    from deepfusion.runtime import inference_precision, memory_guard, resolve_device
 
     dev = resolve_device(device)        # a device this machine lacks: one line, before any work
     used = inference_precision(dev, precision)
@@ -203,7 +203,7 @@ def evaluate(checkpoint: Path, *, features: Optional[Path] = None, split: str = 
         here = FeatureConfig.from_dict(fs.feature_config)
         # clip lengths change how many segments a clip has, not what a segment holds
         if replace(here, duration=trained.duration, min_duration=trained.min_duration) != trained:
-            from .finetune import settings_differences
+            from deepfusion.finetune import settings_differences
 
             diff = settings_differences(replace(here, duration=trained.duration,
                                                 min_duration=trained.min_duration),
@@ -270,7 +270,7 @@ def evaluate(checkpoint: Path, *, features: Optional[Path] = None, split: str = 
 
     import pandas as pd     # here: a refused run never waits for pandas and matplotlib
 
-    from .plots import plot_attention, plot_confusion
+    from deepfusion.plots import plot_attention, plot_confusion
 
     with atomic_write(out_dir / "evaluation.json", "w") as fh:
         json.dump(report.to_dict(), fh, indent=2)

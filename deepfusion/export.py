@@ -35,15 +35,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import feature_config_of, load_checkpoint, model_from_checkpoint, normalization_of
-from .config import FEATURE_KEYS, PRETRAINED_KEY, FeatureConfig, TrainConfig, view_keys
-from .data import segment_frames
-from .pretrained.view import patch_span
-from .errors import ExportError, FeaturesFileError, ParameterError
-from .io.atomic import atomic_write, check_writable, library_text
-from .io.cache import file_digest
-from .io.guard import Destination, check_destinations
-from .onnx_engine import METADATA_FORMAT, METADATA_KEY, OUTPUT_NAMES, OnnxEngine
+from deepfusion.checkpoint import feature_config_of, load_checkpoint, model_from_checkpoint, normalization_of
+from deepfusion.config import FEATURE_KEYS, PRETRAINED_KEY, FeatureConfig, TrainConfig, view_keys
+from deepfusion.data import segment_frames
+from deepfusion.pretrained.view import patch_span
+from deepfusion.errors import ExportError, FeaturesFileError, ParameterError
+from deepfusion.io.atomic import atomic_write, check_writable, library_text
+from deepfusion.io.cache import file_digest
+from deepfusion.io.guard import Destination, check_destinations
+from deepfusion.onnx_engine import METADATA_FORMAT, METADATA_KEY, OUTPUT_NAMES, OnnxEngine
 
 EXPORTERS = ("auto", "dynamo", "torchscript")
 INSTALL_HINT = "pip install 'deepfusion[onnx-export]'"
@@ -241,7 +241,7 @@ def _to_onnx(wrapper: nn.Module, rows: dict[str, int], widths: dict[str, int], *
 
 def _metadata(ckpt: dict, checkpoint: Path, fc: FeatureConfig, rows: dict[str, int], seg: int,
               *, exporter: str, opset: int) -> dict:
-    from . import __version__
+    from deepfusion import __version__
 
     return {"format": METADATA_FORMAT,
             "class_names": list(ckpt["class_names"]),
@@ -275,7 +275,7 @@ def _windows_for_check(given: Optional[dict], ckpt: dict, fc: FeatureConfig,
         return {k: np.asarray(given[k], np.float32) for k in rows if k in given}, "the given windows"
     path = ckpt.get("features_file")
     if path and Path(path).exists():
-        from .io.features_file import load_features
+        from deepfusion.io.features_file import load_features
 
         try:
             fs = load_features(Path(path), class_names=list(ckpt["class_names"]))
@@ -290,8 +290,8 @@ def _windows_for_check(given: Optional[dict], ckpt: dict, fc: FeatureConfig,
 
 
 def _synthetic_windows(fc: FeatureConfig) -> dict[str, np.ndarray]:
-    from .features import compute_features
-    from .synth import GENRES, render_clip
+    from deepfusion.features import compute_features
+    from deepfusion.synth import GENRES, render_clip
 
     feats = [compute_features(render_clip(genre, seed=i, duration=fc.duration, sr=fc.sample_rate), fc)
              for i, genre in enumerate(GENRES[:2])]
@@ -308,9 +308,9 @@ def compare_with_torch(model: nn.Module, norm: dict, engine: OnnxEngine,
     dict: ``probability`` (softmax of the mean logits), ``attention``, ``logits``, ``embedding``
     (each the max absolute difference)
     """
-    from .inference import predict_clips
-    from .io.featureset import FeatureSet
-    from .metrics import softmax
+    from deepfusion.inference import predict_clips
+    from deepfusion.io.featureset import FeatureSet
+    from deepfusion.metrics import softmax
 
     onnx_out = engine.window_outputs(windows)
     n = len(windows[FEATURE_KEYS[0]])

@@ -21,23 +21,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .audio import AudioItem, check_file, discover_collection
-from .io.cache import FeatureCache, file_stamp
-from .config import (DEFAULT_CACHE_DIR, DEFAULT_FEATURES, DEFAULT_STORE, FEATURE_FORMATS,
+from deepfusion.audio import AudioItem, check_file, discover_collection
+from deepfusion.io.cache import FeatureCache, file_stamp
+from deepfusion.config import (DEFAULT_CACHE_DIR, DEFAULT_FEATURES, DEFAULT_STORE, FEATURE_FORMATS,
                      FeatureConfig)
-from .errors import AudioError, DeepFusionError, OutputError, ParameterError
-from .io.atomic import (CACHE_ENTRY_LOST, atomic_write, check_writable, read_error_reason,
+from deepfusion.errors import AudioError, DeepFusionError, OutputError, ParameterError
+from deepfusion.io.atomic import (CACHE_ENTRY_LOST, atomic_write, check_writable, read_error_reason,
                         remove_stale_temps, write_csv)
-from .io.features_file import write_features_file
-from .io.guard import (Destination, audio_inputs, check_destinations, check_free_space,
+from deepfusion.io.features_file import write_features_file
+from deepfusion.io.guard import (Destination, audio_inputs, check_destinations, check_free_space,
                        check_outputs)
-from .progress import progress_bar
-from .device_batches import feature_tasks
-from .tasks import DEFAULT_TIMEOUT, compute_entry, resolve_backend
+from deepfusion.progress import progress_bar
+from deepfusion.device_batches import feature_tasks
+from deepfusion.tasks import DEFAULT_TIMEOUT, compute_entry, resolve_backend
 # the per-file work moved to tasks.py; windows.py, predict and the tests import these from here
-from .tasks import _FileTimeout as _FileTimeout, _time_limit as _time_limit
-from .tasks import _warm_up as _warm_up, default_jobs as default_jobs
-from .tasks import hash_and_compute as hash_and_compute
+from deepfusion.tasks import _FileTimeout as _FileTimeout, _time_limit as _time_limit
+from deepfusion.tasks import _warm_up as _warm_up, default_jobs as default_jobs
+from deepfusion.tasks import hash_and_compute as hash_and_compute
 
 ERRORS_CSV = "extract_errors.csv"
 
@@ -139,7 +139,7 @@ def extract(audio_dir: Path, *, out: Optional[Path] = None, fmt: str = "pickle",
     t0 = time.perf_counter()
     backend, device = resolve_backend(backend, device)
     if scheduler:
-        from .cluster import parse_scheduler
+        from deepfusion.cluster import parse_scheduler
 
         parse_scheduler(scheduler)   # not an address: one line, even when nothing is to do
     if fmt not in FEATURE_FORMATS:
@@ -165,7 +165,7 @@ def extract(audio_dir: Path, *, out: Optional[Path] = None, fmt: str = "pickle",
         check_outputs({out: "--out"}, inputs)
         check_destinations([report], inputs, overwrite=overwrite)
     if fmt == "store":
-        from .io.store import check_destination
+        from deepfusion.io.store import check_destination
 
         check_destination(out)
     check_writable(out / "meta.json" if fmt == "store" and out.is_dir() else out)
@@ -211,7 +211,7 @@ def extract(audio_dir: Path, *, out: Optional[Path] = None, fmt: str = "pickle",
     with contextlib.ExitStack() as stack:
         writer = None
         if fmt == "store" and todo:
-            from .io.store import StoreWriter
+            from deepfusion.io.store import StoreWriter
 
             shapes = config.feature_shapes()
             writer = stack.enter_context(StoreWriter(
@@ -286,7 +286,7 @@ def extract(audio_dir: Path, *, out: Optional[Path] = None, fmt: str = "pickle",
 def _stamp(out: Path) -> list:
     """Size and mtime of every file extract wrote to ``out`` (a store: meta.json and the
     arrays it names), to tell whether the output was touched since."""
-    from .io.store import META, is_store, read_meta
+    from deepfusion.io.store import META, is_store, read_meta
 
     if not is_store(out):
         files = [out]

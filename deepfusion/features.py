@@ -23,7 +23,7 @@ import bottleneck
 import librosa
 import numpy as np
 
-from .config import PRETRAINED_KEY, FeatureConfig
+from deepfusion.config import PRETRAINED_KEY, FeatureConfig
 
 
 def median_filter_axis(S: np.ndarray, *, size: int, axis: int) -> np.ndarray:
@@ -163,7 +163,7 @@ def compute_features(y: np.ndarray, config: FeatureConfig = FeatureConfig(), *,
         "tempogram": tempogram,
     }
     if config.pretrained_view is not None:
-        from .pretrained.view import pretrained_view
+        from deepfusion.pretrained.view import pretrained_view
 
         out[PRETRAINED_KEY] = pretrained_view(y, sr, config.pretrained_view,
                                               stride=config.pretrained_stride,

@@ -30,8 +30,8 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 
-from .config import PRETRAINED_KEY, FeatureConfig
-from .errors import ParameterError
+from deepfusion.config import PRETRAINED_KEY, FeatureConfig
+from deepfusion.errors import ParameterError
 
 #: Largest absolute difference from :func:`deepfusion.features.compute_features` allowed per
 #: view (set above what 80 real clips and the synthetic test clips show; see
@@ -57,7 +57,7 @@ def _constants(config: FeatureConfig) -> dict[str, np.ndarray]:
     import librosa
     import scipy.fft
 
-    from .features import _mel_basis
+    from deepfusion.features import _mel_basis
 
     window = librosa.filters.get_window("hann", config.n_fft, fftbins=True)
     # librosa.feature.mfcc is scipy.fft.dct(S, axis=-2, type=2, norm="ortho")[:n_mfcc]: a
@@ -109,7 +109,7 @@ def median_filter(S: torch.Tensor, *, size: int, dim: int) -> torch.Tensor:
     if size <= 1:
         return S.clone()
     if S.device.type == "cpu":
-        from .features import median_filter_axis
+        from deepfusion.features import median_filter_axis
 
         return torch.from_numpy(median_filter_axis(S.numpy(), size=size, axis=dim))
     return median_filter_unfold(S, size=size, dim=dim)
@@ -383,7 +383,7 @@ def compute_features_torch(
              "mfcc": mfcc, "chroma": chroma, "tempogram": tempo}
     host = {k: v.float().cpu().numpy() for k, v in views.items()}
     if config.pretrained_view is not None:
-        from .pretrained.view import pretrained_views
+        from deepfusion.pretrained.view import pretrained_views
 
         host[PRETRAINED_KEY] = pretrained_views(y.float().cpu().numpy(), sr, config.pretrained_view,
                                                 stride=config.pretrained_stride, device=str(device))

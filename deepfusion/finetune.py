@@ -17,9 +17,9 @@ from typing import Any, Optional
 
 import torch
 
-from .checkpoint import load_checkpoint
-from .config import FeatureConfig, ModelConfig
-from .errors import ParameterError
+from deepfusion.checkpoint import load_checkpoint
+from deepfusion.config import FeatureConfig, ModelConfig
+from deepfusion.errors import ParameterError
 
 #: Modules of :class:`~deepfusion.models.MultiModalNet` that ``--freeze-branches`` freezes.
 BRANCHES = ("mel", "aux")
@@ -54,7 +54,7 @@ def settings_differences(ours: FeatureConfig, theirs: FeatureConfig, *,
                          there: str = "there") -> str:
     """The feature settings where ``ours`` (here) and ``theirs`` differ, by their flags:
     ``"--sr 100 here, 22050 for the model"`` (several joined by ", ")."""
-    from .config import flag_of
+    from deepfusion.config import flag_of
 
     def value(field: str, v: Any) -> str:
         if v is None:   # an option given as a word: --pretrained-view none, --fmax auto

@@ -13,11 +13,11 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from . import ddp
-from .data import eval_segments, make_torch_dataset
-from .io.featureset import FeatureSet
-from .metrics import log_loss, softmax
-from .runtime import autocast_for, to_device
+from deepfusion import ddp
+from deepfusion.data import eval_segments, make_torch_dataset
+from deepfusion.io.featureset import FeatureSet
+from deepfusion.metrics import log_loss, softmax
+from deepfusion.runtime import autocast_for, to_device
 
 
 @dataclass

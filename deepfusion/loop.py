@@ -12,8 +12,8 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from .config import TrainConfig
-from .runtime import autocast_for, to_device
+from deepfusion.config import TrainConfig
+from deepfusion.runtime import autocast_for, to_device
 
 LOG_EVERY = 20   #: batches between the progress bar's updates (each waits for the GPU)
 
@@ -107,7 +107,7 @@ def step_seconds(model: torch.nn.Module, loader, *, device: torch.device,
 
     import copy
 
-    from .runtime import synchronize
+    from deepfusion.runtime import synchronize
 
     n = len(loader.dataset)
     batch = loader.collate_fn([loader.dataset[(i, 0)] for i in range(min(loader.batch_size, n))])

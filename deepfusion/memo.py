@@ -27,7 +27,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from .io.cache import FeatureCache, file_digest, file_stamp
+from deepfusion.io.cache import FeatureCache, file_digest, file_stamp
 
 _FIELDS = ("logits", "attention", "embedding", "frames")
 
@@ -114,8 +114,8 @@ class ModelIds:
             return
         import json
 
-        from .errors import OutputError
-        from .io.atomic import atomic_write
+        from deepfusion.errors import OutputError
+        from deepfusion.io.atomic import atomic_write
 
         merged = {**self._read(), **self._new}      # another run's additions meanwhile
         for key in list(merged)[:-self.LIMIT]:
@@ -177,8 +177,8 @@ class OutputsMemo:
         """Keep one file's sums (atomically; a failure to write only costs the next run time)."""
         if self.root is None:
             return
-        from .errors import OutputError
-        from .io.atomic import atomic_write
+        from deepfusion.errors import OutputError
+        from deepfusion.io.atomic import atomic_write
 
         path = self._path(key, windows)
         try:

@@ -19,8 +19,8 @@ from dataclasses import dataclass, fields
 from numbers import Integral, Real
 from typing import Any, Callable, Mapping, Optional
 
-from .config import PRETRAINED_KEY, FeatureConfig, ModelConfig
-from .errors import ParameterError
+from deepfusion.config import PRETRAINED_KEY, FeatureConfig, ModelConfig
+from deepfusion.errors import ParameterError
 
 Bad = Callable[[str], Exception]
 
@@ -254,7 +254,7 @@ def check_checkpoint_path(path: Any) -> None:
     """
     from pathlib import Path
 
-    from .errors import CheckpointError
+    from deepfusion.errors import CheckpointError
 
     path = Path(path)
     if path.is_dir():

@@ -22,9 +22,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .config import AUX_KEYS, MEL_KEYS, PRETRAINED_KEY, ModelConfig, view_keys
-from .errors import ParameterError, WeightsNotFoundError
-from .weights import RESNETS, load_pretrained_state, one_line
+from deepfusion.config import AUX_KEYS, MEL_KEYS, PRETRAINED_KEY, ModelConfig, view_keys
+from deepfusion.errors import ParameterError, WeightsNotFoundError
+from deepfusion.weights import RESNETS, load_pretrained_state, one_line
 
 def _light_cnn() -> tuple[nn.Module, int]:
     """A small CNN for CPUs: four conv blocks, about 0.1 M parameters."""

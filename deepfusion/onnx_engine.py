@@ -19,10 +19,10 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from .config import ALL_KEYS, FEATURE_KEYS, PRETRAINED_KEY, FeatureConfig
-from .data import crop_views, segments_per_clip
-from .errors import OnnxModelError, ParameterError
-from .io.atomic import library_text
+from deepfusion.config import ALL_KEYS, FEATURE_KEYS, PRETRAINED_KEY, FeatureConfig
+from deepfusion.data import crop_views, segments_per_clip
+from deepfusion.errors import OnnxModelError, ParameterError
+from deepfusion.io.atomic import library_text
 
 #: The key of deepfusion's JSON entry in the ONNX model's ``metadata_props``.
 METADATA_KEY = "deepfusion"
@@ -119,8 +119,8 @@ class OnnxEngine:
         return engine
 
     def _load(self, model, name: str, providers, threads, batch_size: int, ids=None) -> None:
-        from .io.cache import stamp_or_none
-        from .memo import model_id
+        from deepfusion.io.cache import stamp_or_none
+        from deepfusion.memo import model_id
 
         ort = import_onnxruntime()
         stamp = None if isinstance(model, bytes) else stamp_or_none(model)
@@ -156,7 +156,7 @@ class OnnxEngine:
         """The ``deepfusion`` metadata, checked field by field (:mod:`deepfusion.model_meta`,
         as a checkpoint is) and against the graph's inputs and outputs; sets
         :attr:`described`, :attr:`rows` and :attr:`segment_frames`."""
-        from .model_meta import (check_class_count, check_description, check_rows,
+        from deepfusion.model_meta import (check_class_count, check_description, check_rows,
                                  check_segment_frames, show)
 
         name = self.name
@@ -203,7 +203,7 @@ class OnnxEngine:
         fc = described.feature_config
         widths = {k: seg for k in described.keys}
         if PRETRAINED_KEY in widths:   # the patches a segment of frames covers
-            from .pretrained.view import patch_span
+            from deepfusion.pretrained.view import patch_span
 
             widths[PRETRAINED_KEY] = patch_span(0, seg, fc.n_frames, fc.n_patches)[1]
         for given in inputs:   # (batch, rows, frames): static but the batch

@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .io.atomic import atomic_write  # noqa: E402
+from deepfusion.io.atomic import atomic_write  # noqa: E402
 
 
 def _save(fig, path: Path) -> None:
@@ -65,7 +65,7 @@ def plot_attention(attention, labels, class_names: Sequence[str], path: Path) ->
     the pretrained one: the attention's columns) each genre leans on."""
     import numpy as np
 
-    from .config import ALL_KEYS
+    from deepfusion.config import ALL_KEYS
 
     attention, labels = np.asarray(attention), np.asarray(labels)
     keys = ALL_KEYS[:attention.shape[1]]

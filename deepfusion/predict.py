@@ -25,14 +25,14 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from .audio import AUDIO_EXTENSIONS, expand_inputs
-from .config import DEFAULT_CACHE_DIR, FEATURE_KEYS
-from .errors import ParameterError
-from .io.atomic import CACHE_ENTRY_LOST
-from .io.cache import FeatureCache
-from .memo import ModelIds
-from .metrics import softmax
-from .windows import load_window, run_file_tasks
+from deepfusion.audio import AUDIO_EXTENSIONS, expand_inputs
+from deepfusion.config import DEFAULT_CACHE_DIR, FEATURE_KEYS
+from deepfusion.errors import ParameterError
+from deepfusion.io.atomic import CACHE_ENTRY_LOST
+from deepfusion.io.cache import FeatureCache
+from deepfusion.memo import ModelIds
+from deepfusion.metrics import softmax
+from deepfusion.windows import load_window, run_file_tasks
 
 ENGINES = ("torch", "onnx")
 
@@ -62,15 +62,15 @@ def load_engine(path: Path, *, engine: str = "torch", device: str = "auto",
     :class:`~deepfusion.onnx_engine.OnnxEngine` for an exported model (``engine='onnx'``,
     which never imports torch). ``ids``: model digests known so far (see the engines)."""
     if engine == "onnx":
-        from .onnx_engine import OnnxEngine
+        from deepfusion.onnx_engine import OnnxEngine
 
         return OnnxEngine(Path(path), ids=ids)
     if engine != "torch":
         raise ParameterError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-    from .model_meta import check_checkpoint_path
+    from deepfusion.model_meta import check_checkpoint_path
 
     check_checkpoint_path(path)      # a mistyped path costs no torch import
-    from .torch_engine import TorchEngine
+    from deepfusion.torch_engine import TorchEngine
 
     return TorchEngine(Path(path), device=device, precision=precision, ids=ids)
 
@@ -86,7 +86,7 @@ def check_ensemble(engines: Sequence[Any], paths: Sequence[Path]) -> None:
     first = engines[0]
     for engine, path in zip(engines[1:], paths[1:]):
         if engine.feature_config != first.feature_config:
-            from .config import flag_of
+            from deepfusion.config import flag_of
 
             diff = [f"{flag_of(k)} {'none' if b is None else b} here, {'none' if a is None else a} "
                     "there" for k, (a, b) in
@@ -133,10 +133,10 @@ class Library:
                  engine: str = "torch", device: str = "auto",
                  cache_dir: Path = DEFAULT_CACHE_DIR, destinations: Sequence[Any] = (),
                  overwrite: bool = False, precision: str = "fp32", adapt: str = "auto"):
-        from .io.atomic import check_writable
-        from .io.guard import audio_inputs, check_destinations
+        from deepfusion.io.atomic import check_writable
+        from deepfusion.io.guard import audio_inputs, check_destinations
 
-        from .adapt import resolve_mode
+        from deepfusion.adapt import resolve_mode
 
         resolve_mode(adapt, n_clips=0, new_collection=True)     # an unknown mode: now
         if engine == "onnx" and adapt in ("inputs", "full"):
@@ -158,7 +158,7 @@ class Library:
             for dest in destinations:
                 check_writable(dest.path)
         if engine == "torch":
-            from .model_meta import check_checkpoint_path
+            from deepfusion.model_meta import check_checkpoint_path
 
             for path in paths:      # every one before torch is imported for the first
                 check_checkpoint_path(path)
@@ -187,9 +187,9 @@ class Library:
         seconds one file (one window of a long file) may take before it is reported;
         ``quiet``: no progress bar.
         """
-        from .progress import progress_bar
+        from deepfusion.progress import progress_bar
 
-        from .adapt import resolve_mode
+        from deepfusion.adapt import resolve_mode
 
         folders = {i for i, p in enumerate(self.files) if p in self._typed and p.is_dir()}
         todo = [p for i, p in enumerate(self.files) if i not in folders]
@@ -235,7 +235,7 @@ class Library:
                   ) -> Iterator[Union[Prediction, tuple[str, str]]]:
         """The results of a batch of files, in order: their windows go through each model
         together (several files' windows per call are faster than one file's)."""
-        from .data import segments_per_clip
+        from deepfusion.data import segments_per_clip
 
         ready = {j: r for j, (_, r) in enumerate(pending) if r is not None and r[3] is None}
         outputs, mended = _window_outputs(self.engines, self.cache,
@@ -271,7 +271,7 @@ def _window_sets(cache: FeatureCache, files: list[tuple[str, int]], class_names:
     """The windows of ``files`` (``(key, windows)``) as FeatureSets of up to
     :data:`BATCH_WINDOWS` windows (unlabelled), read from the cache; a window that cannot be
     read is left out (the classification pass reports its file)."""
-    from .io.featureset import FeatureSet
+    from deepfusion.io.featureset import FeatureSet
 
     batch: list[dict[str, np.ndarray]] = []
 
@@ -302,7 +302,7 @@ def _window_outputs(engines, cache: FeatureCache, files: list[tuple[int, str, in
     :class:`~deepfusion.memo.OutputsMemo`; the others' windows go through the models
     :data:`BATCH_WINDOWS` at a time, and their sums are kept for the next run. Also returns
     how many damaged memo entries were found (each is computed again and replaced)."""
-    from .memo import OutputsMemo
+    from deepfusion.memo import OutputsMemo
 
     memos = [OutputsMemo(cache, getattr(e, "model_id", None),
                          (len(e.class_names), int(getattr(e, "embedding_dim", 0) or 0), len(e.keys)))
@@ -379,7 +379,7 @@ class PredictionsCSV:
     FIXED = ("path", "genre", "probability")
 
     def __init__(self, out: Path, class_names: Sequence[str]):
-        from .io.atomic import atomic_write
+        from deepfusion.io.atomic import atomic_write
 
         self.class_names = list(class_names)
         columns = [g if g not in self.FIXED + ("error",) else f"{g} (probability)"
@@ -391,7 +391,7 @@ class PredictionsCSV:
         self.rows = 0
 
     def add(self, result: Union[Prediction, tuple[str, str]]) -> None:
-        from .io.names import escape_bytes
+        from deepfusion.io.names import escape_bytes
 
         if isinstance(result, Prediction):
             genre, p = max(result.probabilities.items(), key=lambda kv: kv[1])

@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import fields, replace
 from typing import Any
 
-from .config import BACKBONES, TrainConfig, option_name
-from .errors import ParameterError
+from deepfusion.config import BACKBONES, TrainConfig, option_name
+from deepfusion.errors import ParameterError
 
 #: Recipe defaults per backbone, chosen with ``benchmarks/generalization.py`` (see the README):
 #: (epochs, batch_size, lr, patience). ResNets starting from ImageNet weights take a lower lr.

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 
-from .checkpoint import save_checkpoint, to_cpu
-from .io.atomic import write_csv
+from deepfusion.checkpoint import save_checkpoint, to_cpu
+from deepfusion.io.atomic import write_csv
 
 HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds",
                   "val_segment_acc")
@@ -32,7 +32,7 @@ def write_log(model_dir: Path, history: list[dict], *, plot: bool = True) -> Non
     write_csv(model_dir / "training_history.csv", HISTORY_FIELDS,
               ([row[k] for k in HISTORY_FIELDS] for row in history))
     if plot:
-        from .plots import plot_history
+        from deepfusion.plots import plot_history
 
         plot_history(history, model_dir / "training_history.png")
 

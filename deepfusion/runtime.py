@@ -24,8 +24,8 @@ from typing import Any, Iterator, Optional, Union
 import numpy as np
 import torch
 
-from .config import INFERENCE_PRECISIONS
-from .errors import DeviceError, DeviceMemoryError, ParameterError
+from deepfusion.config import INFERENCE_PRECISIONS
+from deepfusion.errors import DeviceError, DeviceMemoryError, ParameterError
 
 #: What a run computes in: float32, or float32 weights with bf16/fp16 autocast.
 PRECISIONS = ("fp32", "bf16", "fp16")

@@ -23,9 +23,9 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from .config import DEFAULT_CACHE_DIR, PRETRAINED_KEY, PRETRAINED_VIEWS, FeatureConfig
-from .errors import ParameterError
-from .io.atomic import CACHE_ENTRY_LOST
+from deepfusion.config import DEFAULT_CACHE_DIR, PRETRAINED_KEY, PRETRAINED_VIEWS, FeatureConfig
+from deepfusion.errors import ParameterError
+from deepfusion.io.atomic import CACHE_ENTRY_LOST
 
 
 @dataclass
@@ -70,10 +70,10 @@ class Tagger:
     def __init__(self, inputs: Iterable[Union[str, Path]], *, model: str = "MTT_musicnn",
                  cache_dir: Path = DEFAULT_CACHE_DIR, destinations: Sequence[Any] = (),
                  overwrite: bool = False):
-        from .io.atomic import check_writable
-        from .io.cache import FeatureCache
-        from .io.guard import audio_inputs, check_destinations
-        from .audio import expand_inputs
+        from deepfusion.io.atomic import check_writable
+        from deepfusion.io.cache import FeatureCache
+        from deepfusion.io.guard import audio_inputs, check_destinations
+        from deepfusion.audio import expand_inputs
 
         if model not in PRETRAINED_VIEWS:
             raise ParameterError(f"--model must be one of {', '.join(PRETRAINED_VIEWS)}, got {model!r}")
@@ -94,7 +94,7 @@ class Tagger:
         self.cache = FeatureCache(self.cache_dir, self.config)
         self.cache.prepare()
         self.repaired = 0          # damaged cache entries this run replaced
-        from .pretrained.musicnn import TAGS
+        from deepfusion.pretrained.musicnn import TAGS
 
         self.tag_names = list(TAGS[model])
 
@@ -105,15 +105,15 @@ class Tagger:
         ``jobs``: worker processes (default all cores); ``timeout``: seconds one file (one
         window of a long file) may take; ``quiet``: no progress bar.
         """
-        from .audio import AUDIO_EXTENSIONS
-        from .progress import progress_bar
-        from .windows import load_window, run_file_tasks
+        from deepfusion.audio import AUDIO_EXTENSIONS
+        from deepfusion.progress import progress_bar
+        from deepfusion.windows import load_window, run_file_tasks
 
         folders = {i for i, p in enumerate(self.files) if p in self._typed and p.is_dir()}
         todo = [p for i, p in enumerate(self.files) if i not in folders]
         results = run_file_tasks(todo, cache_dir=self.cache_dir, config=self.config, jobs=jobs,
                                  timeout=timeout)
-        from .pretrained.view import all_patches, part_rows
+        from deepfusion.pretrained.view import all_patches, part_rows
 
         rows = part_rows("taggram")
         with progress_bar(len(todo), desc="tag", unit="file", quiet=quiet) as bar:

@@ -15,10 +15,10 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
-from .config import FeatureConfig
-from .errors import AudioError, DeepFusionError, ParameterError
-from .io.atomic import CHANGED_WHILE_READ, library_text, read_error_reason, took_too_long
-from .io.cache import DAMAGED, VALID, FeatureCache, file_digest, file_stamp
+from deepfusion.config import FeatureConfig
+from deepfusion.errors import AudioError, DeepFusionError, ParameterError
+from deepfusion.io.atomic import CHANGED_WHILE_READ, library_text, read_error_reason, took_too_long
+from deepfusion.io.cache import DAMAGED, VALID, FeatureCache, file_digest, file_stamp
 
 
 def default_jobs() -> int:
@@ -82,7 +82,7 @@ def one_torch_thread(needed: bool = True):
 def numpy_features(y, config: FeatureConfig, view_runtime: Optional[str] = None) -> dict:
     """:func:`~deepfusion.features.compute_features` as a worker runs it: one torch thread
     when torch runs the pretrained view (``view_runtime`` None), none imported otherwise."""
-    from .features import compute_features
+    from deepfusion.features import compute_features
 
     with one_torch_thread(config.pretrained_view is not None and view_runtime != "onnx"):
         return compute_features(y, config, view_runtime=view_runtime)
@@ -127,7 +127,7 @@ def _one_compiler(marker: Optional[Path]) -> Iterator[Callable[[], None]]:
     """
     import tempfile
 
-    from .io.lock import exclusive
+    from deepfusion.io.lock import exclusive
 
     def done() -> None:
         if marker is not None:
@@ -187,7 +187,7 @@ def _warm_up(config: FeatureConfig, *, features: bool = True,
                 if features and device is None:
                     numpy_features(y, config, view_runtime)
                 elif features:
-                    from .features_torch import compute_features_torch
+                    from deepfusion.features_torch import compute_features_torch
 
                     compute_features_torch(y, config, device=device)
             done()
@@ -212,7 +212,7 @@ def compute_entry(path: str, key: str, cache_dir: str, config_dict: dict,
     def compute(y):
         if device is None:
             return numpy_features(y, config, view_runtime)
-        from .features_torch import compute_features_torch
+        from deepfusion.features_torch import compute_features_torch
 
         with one_torch_thread():
             return compute_features_torch(y, config, device=device)[0]
@@ -236,7 +236,7 @@ def decode_entry(path: str, key: str, config_dict: dict,
 
 
 def _entry_meta(audio) -> dict[str, Any]:
-    from .io.cache import audio_digest
+    from deepfusion.io.cache import audio_digest
 
     return {"audio_sha": audio_digest(audio.y), "source_sr": audio.source_sr,
             "channels": audio.channels, "source_seconds": round(audio.source_seconds, 4)}
@@ -252,7 +252,7 @@ def _decode_checked(path: str, key: str, config: FeatureConfig, timeout: Optiona
     """
     from threadpoolctl import threadpool_limits
 
-    from .audio import decode
+    from deepfusion.audio import decode
 
     # always: imports never under the clock, and the JIT compiled by one process at a time
     _warm_up(config, features=compute is not None, device=device, view_runtime=view_runtime)
@@ -360,7 +360,7 @@ def _run_tasks(tasks: list[tuple], jobs: Optional[int], scheduler: Optional[str]
         return
     indexed = [(i, task, *args) for i, args in enumerate(tasks)]
     if scheduler:
-        from .cluster import check_shared, connect, map_unordered, recount
+        from deepfusion.cluster import check_shared, connect, map_unordered, recount
 
         with connect(scheduler) as client:
             started = check_shared(client, cache_dir)
@@ -396,7 +396,7 @@ def pool_results(calls: Iterable, n_jobs: int, *, ordered: bool, what: str) -> I
     from joblib import Parallel
     from joblib.externals.loky.process_executor import TerminatedWorkerError
 
-    from .errors import worker_crash
+    from deepfusion.errors import worker_crash
 
     if not os.environ.get("DEEPFUSION_DEBUG"):
         # loky turns on faulthandler in its workers unless this is set: a dying worker's 40
@@ -445,7 +445,7 @@ def resolve_backend(backend: Optional[str] = None,
     if device == "cpu" or (device == "auto" and not _gpu_possible()):
         resolved = "cpu"      # told without importing torch (seconds): a cached clip needs none
     else:
-        from .runtime import resolve_device
+        from deepfusion.runtime import resolve_device
 
         resolved = str(resolve_device(device))     # DeviceError (a ParameterError): not here
     if backend is None and resolved == "cpu":

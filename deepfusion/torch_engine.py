@@ -15,14 +15,14 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from .checkpoint import feature_config_of, load_checkpoint, model_from_checkpoint, normalization_of
-from .config import ModelConfig, TrainConfig, view_keys
-from .data import segment_frames
-from .inference import predict_clips
-from .io.cache import stamp_or_none
-from .io.featureset import FeatureSet
-from .memo import ModelIds, model_id
-from .runtime import inference_precision, is_out_of_memory, resolve_device
+from deepfusion.checkpoint import feature_config_of, load_checkpoint, model_from_checkpoint, normalization_of
+from deepfusion.config import ModelConfig, TrainConfig, view_keys
+from deepfusion.data import segment_frames
+from deepfusion.inference import predict_clips
+from deepfusion.io.cache import stamp_or_none
+from deepfusion.io.featureset import FeatureSet
+from deepfusion.memo import ModelIds, model_id
+from deepfusion.runtime import inference_precision, is_out_of_memory, resolve_device
 
 
 #: Segments per forward pass on the CPU and on a GPU. On this CPU (2 cores, fp32) a light
@@ -91,7 +91,7 @@ class TorchEngine:
         as FeatureSets, anew at each call; always from the trained model (``none``: back to
         it). The outputs then depend on the collection, so they are not kept in the cache
         (``model_id`` None)."""
-        from .adapt import adapt_streaming
+        from deepfusion.adapt import adapt_streaming
 
         self._adapted = None
         self.norm, self.model_id = self._trained
@@ -111,7 +111,7 @@ class TorchEngine:
         except (torch.OutOfMemoryError, RuntimeError) as exc:
             if not is_out_of_memory(exc):
                 raise
-            from .errors import DeviceMemoryError
+            from deepfusion.errors import DeviceMemoryError
 
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -21,28 +21,28 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from . import ddp, finetune
-from .checkpoint import expected_sizes, library_versions, load_checkpoint, save_checkpoint
-from .run_writer import RunWriter, write_log
-from .config import (ARCHITECTURE_FIELDS, AUTO_FIELDS, AUX_KEYS, PRETRAINED_KEY, FeatureConfig,
+from deepfusion import ddp, finetune
+from deepfusion.checkpoint import expected_sizes, library_versions, load_checkpoint, save_checkpoint
+from deepfusion.run_writer import RunWriter, write_log
+from deepfusion.config import (ARCHITECTURE_FIELDS, AUTO_FIELDS, AUX_KEYS, PRETRAINED_KEY, FeatureConfig,
                      ModelConfig, RuntimeConfig, TrainConfig)
-from .recipe import default_backbone, resolve_recipe, resume_recipe
-from .data import (Augment, check_split, feature_config_of, fit_normalization, make_split,
+from deepfusion.recipe import default_backbone, resolve_recipe, resume_recipe
+from deepfusion.data import (Augment, check_split, feature_config_of, fit_normalization, make_split,
                    make_train_loader, read_split_file, segment_frames, segments_per_clip,
                    split_lists, split_summary, ungrouped_warning)
-from .errors import CheckpointError, DatasetError, DeepFusionError, ParameterError
-from .inference import ClipPredictions, clip_loss, predict_clips
-from .loop import all_finite, lr_factor, step_seconds, train_one_epoch
-from .io.atomic import remove_stale_temps
-from .io.features_file import FeatureSet, load_features
-from .io.guard import check_destinations, check_free_space, same_file
-from .io.run_folder import claim_run_folder, destinations as run_destinations
-from .models import build_model, check_input_size, count_parameters
-from .progress import duration_text, epoch_legend, epoch_seconds, plan_line, progress_bar
-from .runtime import (backend_settings, default_num_workers, memory_check, memory_guard,
+from deepfusion.errors import CheckpointError, DatasetError, DeepFusionError, ParameterError
+from deepfusion.inference import ClipPredictions, clip_loss, predict_clips
+from deepfusion.loop import all_finite, lr_factor, step_seconds, train_one_epoch
+from deepfusion.io.atomic import remove_stale_temps
+from deepfusion.io.features_file import FeatureSet, load_features
+from deepfusion.io.guard import check_destinations, check_free_space, same_file
+from deepfusion.io.run_folder import claim_run_folder, destinations as run_destinations
+from deepfusion.models import build_model, check_input_size, count_parameters
+from deepfusion.progress import duration_text, epoch_legend, epoch_seconds, plan_line, progress_bar
+from deepfusion.runtime import (backend_settings, default_num_workers, memory_check, memory_guard,
                       precision_for, requested_precision, restore_scaler, rng_state,
                       seed_everything, seed_torch, set_rng_state)
-from .weights import pretrained_mode, resolve_pretrained
+from deepfusion.weights import pretrained_mode, resolve_pretrained
 
 @dataclass
 class TrainResult:
@@ -444,7 +444,7 @@ def _train_probe(fs: FeatureSet, features: Path, split: np.ndarray, indices, *,
                  ungrouped: Optional[str] = None) -> TrainResult:
     """Fit the linear probe (logistic regression on time-pooled statistics of the views,
     :mod:`deepfusion.probe`) and save it as ``best.pth`` in the network's checkpoint format."""
-    from .probe import fit_probe
+    from deepfusion.probe import fit_probe
 
     train_idx, val_idx, test_idx = indices
     config = replace(resolve_recipe(config, "light", False), segment_seconds=None, epochs=1,

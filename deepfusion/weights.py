@@ -17,8 +17,8 @@ from urllib.parse import urlparse
 
 import torch
 
-from .errors import ParameterError, WeightsNotFoundError
-from .io.atomic import library_text, os_error_reason
+from deepfusion.errors import ParameterError, WeightsNotFoundError
+from deepfusion.io.atomic import library_text, os_error_reason
 
 #: backbone -> (torchvision builder, weights enum, width of the pooled output)
 RESNETS = {"resnet18": ("resnet18", "ResNet18_Weights", 512),

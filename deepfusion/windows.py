@@ -18,10 +18,10 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from .config import FeatureConfig
-from .errors import AudioError, DeepFusionError
-from .io.atomic import CHANGED_WHILE_READ, read_error_reason, took_too_long
-from .io.cache import FeatureCache, audio_digest, file_digest, file_stamp, stamp_or_none
+from deepfusion.config import FeatureConfig
+from deepfusion.errors import AudioError, DeepFusionError
+from deepfusion.io.atomic import CHANGED_WHILE_READ, read_error_reason, took_too_long
+from deepfusion.io.cache import FeatureCache, audio_digest, file_digest, file_stamp, stamp_or_none
 
 
 def window_key(key: str, index: int) -> str:
@@ -37,7 +37,7 @@ def count_windows(path: Path, config: FeatureConfig) -> tuple[int, float]:
     AudioError
         Not a readable audio file.
     """
-    from .audio import _decode_error, _open, window_starts
+    from deepfusion.audio import _decode_error, _open, window_starts
 
     try:
         with _open(Path(path)) as fh:
@@ -63,9 +63,9 @@ def file_windows(path: str, cache_dir: str, config_dict: dict, timeout: Optional
     further window. ``view_runtime``: what runs the pretrained view
     (:func:`~deepfusion.tasks.numpy_features`).
     """
-    from .audio import check_file
-    from .io.cache import DAMAGED, VALID
-    from .tasks import _FileTimeout, _time_limit, _warm_up, hash_and_compute
+    from deepfusion.audio import check_file
+    from deepfusion.io.cache import DAMAGED, VALID
+    from deepfusion.tasks import _FileTimeout, _time_limit, _warm_up, hash_and_compute
 
     changed = CHANGED_WHILE_READ
     config = FeatureConfig.from_dict(config_dict)
@@ -124,8 +124,8 @@ def _later_windows(path: Path, key: str, missing: list[int], cache: FeatureCache
     one at a time. A timeout propagates with the index of its window as ``window``."""
     from threadpoolctl import threadpool_limits
 
-    from .audio import decode_windows
-    from .tasks import _FileTimeout, _failed, _time_limit, numpy_features
+    from deepfusion.audio import decode_windows
+    from deepfusion.tasks import _FileTimeout, _failed, _time_limit, numpy_features
 
     wanted = set(missing)
     index = 0
@@ -177,7 +177,7 @@ def run_file_tasks(paths: list[Path], *, cache_dir: Path, config: FeatureConfig,
     config_dict = config.to_dict()
     tasks = [(str(p), str(cache_dir), config_dict, timeout, view_runtime) for p in paths]
     if len(tasks) > 1:
-        from .tasks import default_jobs
+        from deepfusion.tasks import default_jobs
 
         jobs = default_jobs() if jobs is None else max(1, int(jobs))
     if len(tasks) <= 1 or jobs <= 1:   # here: no pool to start (nor joblib to import)
@@ -186,7 +186,7 @@ def run_file_tasks(paths: list[Path], *, cache_dir: Path, config: FeatureConfig,
         return
     from joblib import delayed
 
-    from .tasks import pool_results
+    from deepfusion.tasks import pool_results
 
     yield from pool_results((delayed(file_windows)(*task) for task in tasks), min(jobs, len(tasks)),
                             ordered=True, what="analysing files")

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator, Sequence
 
-from ..errors import OutputError
-from .names import escape_bytes
+from deepfusion.errors import OutputError
+from deepfusion.io.names import escape_bytes
 
 #: ``.NAME.<pid>.<where>.<random>.tmp``: <where> tags the host and PID namespace of the writer
 _TMP_RE = re.compile(r"^\..+\.(\d+)\.([0-9a-f]{8})\.[0-9a-f]{8}\.tmp$")

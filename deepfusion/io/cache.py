@@ -26,9 +26,9 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from ..config import FeatureConfig
-from ..errors import OutputError
-from .atomic import atomic_write, remove_stale_temps
+from deepfusion.config import FeatureConfig
+from deepfusion.errors import OutputError
+from deepfusion.io.atomic import atomic_write, remove_stale_temps
 
 _META = "__meta__"
 _META_KEYS = {"audio_sha", "source_sr", "channels", "source_seconds"}

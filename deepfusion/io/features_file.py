@@ -14,13 +14,13 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..config import FEATURE_KEYS, MEL_KEYS, PRETRAINED_KEY, view_keys
-from ..errors import FeaturesFileError
-from .atomic import atomic_write
-from .cache import file_digest
-from .featureset import (FeatureSet, checked_feature_config, class_names_of, label_name,
+from deepfusion.config import FEATURE_KEYS, MEL_KEYS, PRETRAINED_KEY, view_keys
+from deepfusion.errors import FeaturesFileError
+from deepfusion.io.atomic import atomic_write
+from deepfusion.io.cache import file_digest
+from deepfusion.io.featureset import (FeatureSet, checked_feature_config, class_names_of, label_name,
                          group_by_of, merge_groups, what_it_is)
-from .unpickle import safe_pickle_load
+from deepfusion.io.unpickle import safe_pickle_load
 
 
 def write_features_file(path: Path, items: list[dict[str, Any]]) -> None:
@@ -39,8 +39,8 @@ def load_features(path: Path, *, class_names: Optional[list[str]] = None) -> Fea
 
     See :func:`load_feature_set` and :func:`~deepfusion.io.store.open_store`; both raise :class:`FeaturesFileError`.
     """
-    from .guard import require_regular_file
-    from .store import is_store, open_store
+    from deepfusion.io.guard import require_regular_file
+    from deepfusion.io.store import is_store, open_store
 
     require_regular_file(path, what="the features file", error=FeaturesFileError)
     if is_store(path):

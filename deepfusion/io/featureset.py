@@ -15,8 +15,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..config import ALL_KEYS, FEATURE_KEYS, PRETRAINED_KEY, FeatureConfig
-from ..errors import DeepFusionError, FeaturesFileError
+from deepfusion.config import ALL_KEYS, FEATURE_KEYS, PRETRAINED_KEY, FeatureConfig
+from deepfusion.errors import DeepFusionError, FeaturesFileError
 
 
 @dataclass(frozen=True)

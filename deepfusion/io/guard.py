@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
-from ..errors import OutputError
+from deepfusion.errors import OutputError
 
 
 def _identity(path: Path) -> Optional[tuple[int, int]]:

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import OutputError
-from .atomic import os_error_reason
+from deepfusion.errors import OutputError
+from deepfusion.io.atomic import os_error_reason
 
 _HELD: set[str] = set()          # lock files this process holds
 

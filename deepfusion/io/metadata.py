@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Iterable, Optional
 
-from ..errors import DatasetError
+from deepfusion.errors import DatasetError
 
 #: Group columns, coarsest first: (what the column groups, the header names it goes by).
 GROUP_COLUMNS = (("group", ("group",)),
@@ -79,7 +79,7 @@ def _text_error(path: Path, exc: Exception) -> DatasetError:
         return DatasetError(f"{path}: not a UTF-8 text table (byte 0x{exc.object[exc.start]:02x} "
                             f"at position {exc.start}); save it as CSV UTF-8")
     if isinstance(exc, OSError):
-        from .atomic import os_error_reason
+        from deepfusion.io.atomic import os_error_reason
 
         return DatasetError(f"{path}: cannot read the metadata table ({os_error_reason(exc)})")
     return DatasetError(f"{path}: not a readable CSV table ({str(exc).rstrip('.')})")

@@ -19,9 +19,9 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import OutputError, ParameterError
-from .atomic import check_writable, os_error_reason
-from .lock import exclusive
+from deepfusion.errors import OutputError, ParameterError
+from deepfusion.io.atomic import check_writable, os_error_reason
+from deepfusion.io.lock import exclusive
 
 LOCK_NAME = ".deepfusion.lock"
 #: Where ``overwrite`` keeps the old run until the new one has written a checkpoint.
@@ -47,7 +47,7 @@ FILE_KINDS = {"best.pth": "checkpoint", "last.pth": "checkpoint",
 
 def destinations(folder: Path, names=RUN_FILES) -> list:
     """``names`` in ``folder`` as :class:`~deepfusion.io.guard.Destination` s."""
-    from .guard import Destination
+    from deepfusion.io.guard import Destination
 
     return [Destination(Path(folder) / name, name, FILE_KINDS[name]) for name in names]
 

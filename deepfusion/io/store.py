@@ -34,12 +34,12 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..config import ALL_KEYS, FEATURE_KEYS, MEL_KEYS, PRETRAINED_KEY
-from ..errors import FeaturesFileError, OutputError
-from .atomic import atomic_write, library_text, os_error_reason, remove_stale_temps
-from .featureset import (FeatureSet, checked_feature_config, class_names_of, group_by_of,
+from deepfusion.config import ALL_KEYS, FEATURE_KEYS, MEL_KEYS, PRETRAINED_KEY
+from deepfusion.errors import FeaturesFileError, OutputError
+from deepfusion.io.atomic import atomic_write, library_text, os_error_reason, remove_stale_temps
+from deepfusion.io.featureset import (FeatureSet, checked_feature_config, class_names_of, group_by_of,
                          merge_groups)
-from .lock import exclusive
+from deepfusion.io.lock import exclusive
 
 FORMAT = "deepfusion-feature-store"
 VERSION = 1

@@ -23,8 +23,8 @@ import struct
 from pathlib import Path
 from typing import IO, Any, Optional
 
-from ..errors import FeaturesFileError
-from .pickle_meter import (_CONTAINERS, _MAPPINGS, _SCALARS, _SET_UNITS, _TEXT, WORK_FLOOR,
+from deepfusion.errors import FeaturesFileError
+from deepfusion.io.pickle_meter import (_CONTAINERS, _MAPPINGS, _SCALARS, _SET_UNITS, _TEXT, WORK_FLOOR,
                            WORK_PER_BYTE, CostMeter, _describe, _refuse)
 
 # ----------------------------------------------------------------------------- safe unpickling

@@ -28,9 +28,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..errors import ParameterError, WeightsNotFoundError
-from ..io.atomic import os_error_reason
-from .musicnn_input import (HOP, N_FFT, N_MELS, PATCH_FRAMES, SAMPLE_RATE, log_mel,  # noqa: F401
+from deepfusion.errors import ParameterError, WeightsNotFoundError
+from deepfusion.io.atomic import os_error_reason
+from deepfusion.pretrained.musicnn_input import (HOP, N_FFT, N_MELS, PATCH_FRAMES, SAMPLE_RATE, log_mel,  # noqa: F401
                             patches, resample_16k)
 
 MODELS = ("MSD_musicnn", "MTT_musicnn")

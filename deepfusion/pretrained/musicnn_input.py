@@ -9,7 +9,7 @@ import functools
 
 import numpy as np
 
-from ..errors import ParameterError
+from deepfusion.errors import ParameterError
 
 SAMPLE_RATE = 16000
 N_FFT = 512

@@ -24,8 +24,8 @@ from typing import Optional
 
 import numpy as np
 
-from ..io.atomic import library_text
-from .musicnn_input import HOP, PATCH_FRAMES, SAMPLE_RATE
+from deepfusion.io.atomic import library_text
+from deepfusion.pretrained.musicnn_input import HOP, PATCH_FRAMES, SAMPLE_RATE
 
 #: The parts of each patch's rows, in order, with their sizes.
 PARTS = (("penultimate", 200), ("taggram", 50))
@@ -118,7 +118,7 @@ def pretrained_views(ys: np.ndarray, sample_rate: int, model: str = "MTT_musicnn
     -------
     np.ndarray [shape=(batch, VIEW_ROWS, n_patches)], float32
     """
-    from .musicnn_input import log_mel, patches, resample_16k
+    from deepfusion.pretrained.musicnn_input import log_mel, patches, resample_16k
 
     ys = np.asarray(ys, np.float32)
     chosen = list(chosen_patches(all_patches(ys.shape[-1], sample_rate), stride))
@@ -169,7 +169,7 @@ def _onnx_session(model: str):
     """An onnxruntime session on ``weights/<model>.onnx``, once per process."""
     from importlib import resources
 
-    from ..errors import WeightsNotFoundError
+    from deepfusion.errors import WeightsNotFoundError
 
     try:
         import onnxruntime as ort
@@ -195,7 +195,7 @@ def _network(model: str, device: str):
     CPU copy is never moved, other callers share it)."""
     import copy
 
-    from .musicnn import load_musicnn
+    from deepfusion.pretrained.musicnn import load_musicnn
 
     net = load_musicnn(model)
     return net if device == "cpu" else copy.deepcopy(net).to(device)

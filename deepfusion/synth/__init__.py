@@ -77,9 +77,9 @@ A shifted clip keeps the key, register, swing and every other value of its defau
 seed), but not the bar-to-bar variation: the events are drawn for another tempo.
 """
 
-from .params import DOMAINS, ClipParams, clip_params
-from .recipes import GENRES, RECIPES, STEPS_PER_BEAT, GenreRecipe, Range
-from .render import MIN_SAMPLE_RATE, clip_seed, render_clip, synthesize_dataset
+from deepfusion.synth.params import DOMAINS, ClipParams, clip_params
+from deepfusion.synth.recipes import GENRES, RECIPES, STEPS_PER_BEAT, GenreRecipe, Range
+from deepfusion.synth.render import MIN_SAMPLE_RATE, clip_seed, render_clip, synthesize_dataset
 
 __all__ = ["DOMAINS", "GENRES", "MIN_SAMPLE_RATE", "RECIPES", "STEPS_PER_BEAT",
            "ClipParams", "GenreRecipe", "Range", "clip_params", "clip_seed",

@@ -9,8 +9,8 @@ import math
 import numpy as np
 from scipy import signal
 
-from ..errors import ParameterError
-from .recipes import _TIMBRES
+from deepfusion.errors import ParameterError
+from deepfusion.synth.recipes import _TIMBRES
 
 # The tilt of the "shifted" production (:func:`_tilt`).
 _TILT_PIVOT = 1000.0                  # Hz: the tilt leaves this frequency's level alone

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from ..errors import ParameterError
-from .recipes import GENRES, RECIPES, GenreRecipe, Range
+from deepfusion.errors import ParameterError
+from deepfusion.synth.recipes import GENRES, RECIPES, GenreRecipe, Range
 
 #: Productions :func:`render_clip` can render the recipes with (see :mod:`deepfusion.synth`).
 DOMAINS = ("default", "shifted")

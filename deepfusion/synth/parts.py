@@ -9,9 +9,9 @@ from typing import Callable, Hashable, Sequence
 import numpy as np
 from scipy import signal
 
-from .dsp import _drive, _envelope, _filter, _hat, _kick, _oscillator, _rim, _snare
-from .params import ClipParams
-from .recipes import (
+from deepfusion.synth.dsp import _drive, _envelope, _filter, _hat, _kick, _oscillator, _rim, _snare
+from deepfusion.synth.params import ClipParams
+from deepfusion.synth.recipes import (
     _BASS_TONE,
     _VELOCITY,
     STEPS_PER_BEAT,

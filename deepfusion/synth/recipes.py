@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, fields
 
-from ..errors import ParameterError
+from deepfusion.errors import ParameterError
 
 #: Steps per beat of every drum, bass and chord pattern (16th notes).
 STEPS_PER_BEAT = 4

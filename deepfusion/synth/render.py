@@ -11,12 +11,12 @@ from typing import Union
 
 import numpy as np
 
-from ..errors import OutputError, ParameterError
-from ..io.atomic import atomic_write
-from .dsp import _drive, _tilt
-from .params import _check_domain, _check_seed, clip_params
-from .parts import _bass, _chords, _drums, _texture
-from .recipes import GENRES, RECIPES, STEPS_PER_BEAT
+from deepfusion.errors import OutputError, ParameterError
+from deepfusion.io.atomic import atomic_write
+from deepfusion.synth.dsp import _drive, _tilt
+from deepfusion.synth.params import _check_domain, _check_seed, clip_params
+from deepfusion.synth.parts import _bass, _chords, _drums, _texture
+from deepfusion.synth.recipes import GENRES, RECIPES, STEPS_PER_BEAT
 
 #: Lowest sample rate :func:`render_clip` accepts: the hi-hats need content up to ~4 kHz.
 MIN_SAMPLE_RATE = 8000

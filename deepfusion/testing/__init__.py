@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import FEATURE_KEYS, PRETRAINED_KEY, FeatureConfig
+from deepfusion.config import FEATURE_KEYS, PRETRAINED_KEY, FeatureConfig
 
 #: The suite's tiny dataset: 3 synthetic genres x 6 clips of 6 s, and its feature settings.
 TINY_DATASET = dict(genres=3, clips_per_genre=6, duration=6.0, seed=0)
@@ -36,7 +36,7 @@ def invoke(*args: Any):
     ``CliRunner``; the result has ``exit_code``, ``stdout``, ``stderr`` and ``output``."""
     from click.testing import CliRunner
 
-    from ..cli import main
+    from deepfusion.cli import main
 
     return CliRunner().invoke(main, [str(a) for a in args])
 
@@ -205,7 +205,7 @@ def assert_same_training(a: Path, b: Path) -> None:
 def save_store(fs, folder: Path) -> None:
     """Write a loaded :class:`~deepfusion.io.featureset.FeatureSet` as a feature store, one
     clip at a time (extract writes stores from the cache; tests start from a FeatureSet)."""
-    from ..io.store import StoreWriter
+    from deepfusion.io.store import StoreWriter
 
     names = fs.label_names or [fs.class_names[c] for c in fs.labels]
     with StoreWriter(Path(folder), n_clips=len(fs), rows=fs.rows(), frames=fs.n_frames,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
-from . import subprocess_env
+from deepfusion.testing import subprocess_env
 
 
 @dataclass

@@ -78,7 +78,7 @@ def crash_on(folder: Path, *names: str, signum: int = signal.SIGKILL,
 
 def hooked_env(hook: Path, **extra: str) -> dict[str, str]:
     """The environment of a ``python -m deepfusion`` subprocess that loads ``hook``."""
-    from . import subprocess_env
+    from deepfusion.testing import subprocess_env
 
     env = subprocess_env(**extra)
     env["PYTHONPATH"] = os.pathsep.join([str(hook.parent), env["PYTHONPATH"]])

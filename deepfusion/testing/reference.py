@@ -7,7 +7,7 @@ from __future__ import annotations
 import librosa
 import numpy as np
 
-from ..config import FeatureConfig
+from deepfusion.config import FeatureConfig
 
 
 def reference_features(y: np.ndarray, config: FeatureConfig = FeatureConfig()) -> dict[str, np.ndarray]:
