@@ -8,7 +8,7 @@ views, and ``pretrained_view=None``: the six hand-made ones), then for both dire
 every seed each recipe is trained on the whole of one collection exactly as ``deepfusion
 train`` does (its own train/validation split of that collection) and evaluated with
 ``deepfusion.evaluate`` on every clip of the other (``split="all"``) under each adaptation
-(``none``, ``inputs``, ``full``; see :mod:`deepfusion.adapt`).
+(``none``, ``inputs``, ``full``; see :mod:`deepfusion.inference.adapt`).
 
 Rows: the network with the six views, the network with the pretrained view (what ``deepfusion
 train --features features.pkl --backbone light`` trains), and the linear probe on the same
@@ -40,7 +40,7 @@ import numpy as np
 from deepfusion.config import FeatureConfig, RuntimeConfig, TrainConfig
 from deepfusion.evaluate import evaluate
 from deepfusion.extract import extract
-from deepfusion.train import train
+from deepfusion.train.run import train
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_A = ROOT.parent / "shared" / "data" / "minigenres"

@@ -10,7 +10,7 @@ Prints, on the same clips:
     definitions computed with plain librosa/scipy calls (``reference_features``);
   * clips/s of the whole extract stage (decode + features + cache) with 1 and 2 jobs, on a warm
     worker pool, and their ratio;
-  * the torch path (``deepfusion.features_torch``): the largest absolute difference per view
+  * the torch path (``deepfusion.features.torch_views``): the largest absolute difference per view
     from ``compute_features`` on real clips (``--diff-clips`` of the audio folder) and on
     synthetic ones, on every torch device this machine has, seconds per clip on every torch device this machine has beside numpy's
     (ratios), and the clips/s of ``extract --backend torch`` beside ``--backend numpy``.
@@ -34,10 +34,10 @@ from threadpoolctl import threadpool_limits
 
 from deepfusion.audio import decode, discover
 from deepfusion.config import FEATURE_KEYS, FeatureConfig
-from deepfusion.tasks import one_torch_thread
+from deepfusion.jobs.job import one_torch_thread
 from deepfusion.extract import extract
-from deepfusion.features import compute_features
-from deepfusion.features_torch import compute_features_torch
+from deepfusion.features.numpy_views import compute_features
+from deepfusion.features.torch_views import compute_features_torch
 from deepfusion.testing.reference import reference_features
 
 

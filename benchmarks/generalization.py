@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from deepfusion.config import FeatureConfig, TrainConfig
-from deepfusion.crossval import cross_validate
+from deepfusion.train.crossval import cross_validate
 from deepfusion.io.features_file import load_features
 from deepfusion.extract import extract
 
@@ -123,7 +123,7 @@ def shifted_check(work: Path, *, seeds: list[int], recipes: dict[str, TrainConfi
     """Train on default-production synthetic clips, test on shifted-production ones."""
     from deepfusion.evaluate import evaluate
     from deepfusion.synth import synthesize_dataset
-    from deepfusion.train import train
+    from deepfusion.train.run import train
 
     config = FeatureConfig(duration=duration)
     sets = {}

@@ -14,7 +14,7 @@ Sub-commands (``python benchmarks/gpu_check.py CMD --help``):
                                    the largest |gpu - cpu| per view of two features files of
                                    the same clips (extract --backend torch on the GPU against
                                    the numpy backend), beside the tolerance the shared
-                                   cache key rests on (deepfusion.features_torch.TOLERANCE);
+                                   cache key rests on (deepfusion.features.torch_views.TOLERANCE);
                                    exit status 1 when a view is over it
   hidden RESULTS STEP CKPT         run with CUDA hidden: the checkpoint loads with
                                    torch.load(weights_only=True), every tensor on the CPU
@@ -52,7 +52,7 @@ def probe(args) -> int:
     import torch
 
     from deepfusion.errors import DeepFusionError
-    from deepfusion.runtime import device_capability, precision_for, resolve_device
+    from deepfusion.runtime.device import device_capability, precision_for, resolve_device
 
     if not torch.cuda.is_available():
         built = torch.version.cuda or "none (a CPU-only build)"
@@ -130,7 +130,7 @@ def compare(args) -> int:
 def views(args) -> int:
     import numpy as np
 
-    from deepfusion.features_torch import TOLERANCE as tolerance
+    from deepfusion.features.torch_views import TOLERANCE as tolerance
     from deepfusion.io.features_file import load_features
 
     cpu, gpu = load_features(Path(args.cpu)), load_features(Path(args.gpu))
@@ -154,7 +154,7 @@ def views(args) -> int:
 def hidden(args) -> int:
     import torch
 
-    from deepfusion.checkpoint import load_checkpoint, model_from_checkpoint
+    from deepfusion.models.checkpoint import load_checkpoint, model_from_checkpoint
 
     assert not torch.cuda.is_available(), "run with CUDA_VISIBLE_DEVICES="
     raw = torch.load(args.checkpoint, weights_only=True)        # no map_location
@@ -181,7 +181,7 @@ def contexts(args) -> int:
     import torch
 
     from deepfusion.config import RuntimeConfig, TrainConfig
-    from deepfusion.train import train
+    from deepfusion.train.run import train
 
     t0 = time.perf_counter()
     train(Path(args.features), model_dir=Path(args.dir), backbone="light", pretrained=False,
@@ -206,8 +206,8 @@ def _step_memory(device, *, backbone: str, frames: int, batch: int, precision: s
     import torch
 
     from deepfusion.config import FEATURE_KEYS, ModelConfig
-    from deepfusion.models import MultiModalNet
-    from deepfusion.runtime import autocast_for, backend_settings
+    from deepfusion.models.net import MultiModalNet
+    from deepfusion.runtime.device import autocast_for, backend_settings
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
@@ -246,7 +246,7 @@ def _step_memory(device, *, backbone: str, frames: int, batch: int, precision: s
 def memory(args) -> int:
     import torch
 
-    from deepfusion.runtime import estimate_training_bytes, precision_for, resolve_device
+    from deepfusion.runtime.device import estimate_training_bytes, precision_for, resolve_device
 
     device = resolve_device(args.device)
     precision = precision_for(device)

@@ -1,16 +1,16 @@
-"""Rebuild deepfusion/pretrained/weights/{MSD,MTT}_musicnn.npz from the musicnn 0.1.0 wheel.
+"""Rebuild deepfusion/features/pretrained/weights/{MSD,MTT}_musicnn.npz from the musicnn 0.1.0 wheel.
 
 The wheel (ISC licence, on PyPI) holds TensorFlow 1 checkpoints; this reads them without
 TensorFlow or protobuf: a checkpoint's ``.index`` is a LevelDB table (an SSTable) mapping each
 variable name to a ``BundleEntryProto`` (dtype, shape, offset and size in the
 ``.data-00000-of-00001`` file, CRC32C of the bytes). Only the 64 inference variables of
-``deepfusion.pretrained.musicnn.VARIABLES`` are kept (not Adam's slots nor the beta powers),
+``deepfusion.features.pretrained.musicnn.VARIABLES`` are kept (not Adam's slots nor the beta powers),
 float32, TensorFlow names and layouts, in that fixed order, in a zip without compression and
 with fixed timestamps, so the files are byte-reproducible; each is written atomically and its
 SHA-256 checked against ``musicnn.WEIGHTS_SHA256`` (exit 1 on a mismatch).
 
 Usage: python benchmarks/musicnn_convert.py [--wheel musicnn-0.1.0-py3-none-any.whl]
-       [--out-dir deepfusion/pretrained/weights]
+       [--out-dir deepfusion/features/pretrained/weights]
        python benchmarks/musicnn_convert.py --onnx     # the ONNX forms, from the weights
 
 ``--onnx`` writes ``<model>.onnx``: the network from patches to the pretrained view's rows,
@@ -38,7 +38,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from deepfusion.pretrained import musicnn  # noqa: E402
+from deepfusion.features.pretrained import musicnn  # noqa: E402
 
 WHEEL = "musicnn==0.1.0"
 _TABLE_MAGIC = 0xDB4775248B80FB57
@@ -234,7 +234,7 @@ def convert(wheel: Path, out_dir: Path) -> bool:
 
 def export_onnx(out_dir: Path) -> bool:
     """Write ``<model>.onnx`` beside the weights: the port from patches (P, 187, 96) to the
-    pretrained view's rows (P, 811) (:func:`deepfusion.pretrained.view.view_rows`), for a
+    pretrained view's rows (P, 811) (:func:`deepfusion.features.pretrained.view.view_rows`), for a
     machine that classifies with onnxruntime and has no torch. Checked against the torch port
     on the reference patches of ``tests/data`` (and random ones) before it is kept."""
     import io
@@ -242,7 +242,7 @@ def export_onnx(out_dir: Path) -> bool:
     import onnxruntime as ort
     import torch
 
-    from deepfusion.pretrained.view import view_rows
+    from deepfusion.features.pretrained.view import view_rows
 
     class Rows(torch.nn.Module):
         def __init__(self, net):
@@ -285,7 +285,7 @@ def export_onnx(out_dir: Path) -> bool:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--wheel", type=Path, help="musicnn-0.1.0 wheel (default: pip download it)")
-    ap.add_argument("--out-dir", type=Path, default=ROOT / "deepfusion/pretrained/weights")
+    ap.add_argument("--out-dir", type=Path, default=ROOT / "deepfusion/features/pretrained/weights")
     ap.add_argument("--onnx", action="store_true", help="write the ONNX forms only (from the "
                     "shipped weights; needs torch, onnx and onnxruntime)")
     args = ap.parse_args(argv)

@@ -4,7 +4,7 @@ The original runs in its own virtual environment (``--venv``, default /tmp/music
 first use with ``pip install tensorflow-cpu librosa resampy``; never the main environment),
 from the musicnn 0.1.0 wheel's own meta graphs and checkpoints (``import_meta_graph`` after
 stripping every node's ``_output_shapes``), in a subprocess. Both sides get the SAME input: the
-patches of :func:`deepfusion.pretrained.musicnn.log_mel` of real clips (``--per-genre`` clips of
+patches of :func:`deepfusion.features.pretrained.musicnn.log_mel` of real clips (``--per-genre`` clips of
 each genre folder of ``--data``, all their patches), passed by .npy file. Prints, per model,
 the largest absolute difference of each output over all patches, and PASS when taggram,
 logits and penultimate agree within 1e-4, and front end, mid end and both pools (values up to
@@ -41,7 +41,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from deepfusion.pretrained import musicnn  # noqa: E402
+from deepfusion.features.pretrained import musicnn  # noqa: E402
 
 TOL = 1e-4
 #: compared in absolute terms; the other TENSORS (features) relative to their largest value

@@ -3,7 +3,7 @@
 Prints, from one run:
   * the installed size of onnxruntime and of torch, each with the packages it requires
     (recursively, from the installed distributions' file lists);
-  * start-up time of a fresh process: ``import deepfusion.onnx_engine; OnnxEngine(model)``
+  * start-up time of a fresh process: ``import deepfusion.inference.onnx_engine; OnnxEngine(model)``
     against ``load_checkpoint`` + ``model_from_checkpoint`` (wall time of the whole process,
     best of ``--repeats``; an empty ``python -c pass`` for reference), with each process's
     peak resident memory;
@@ -76,7 +76,7 @@ def installed_size(name: str) -> tuple[int, int, list[str]]:
 PEAK = 'print(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])'
 
 ONNX_START = """
-from deepfusion.onnx_engine import OnnxEngine
+from deepfusion.inference.onnx_engine import OnnxEngine
 OnnxEngine({model!r}, threads={threads})
 import sys
 assert "torch" not in sys.modules
@@ -84,7 +84,7 @@ print(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
 """
 
 TORCH_START = """
-from deepfusion.checkpoint import load_checkpoint, model_from_checkpoint
+from deepfusion.models.checkpoint import load_checkpoint, model_from_checkpoint
 import torch
 torch.set_num_threads({threads})
 model_from_checkpoint(load_checkpoint({model!r}))
@@ -120,13 +120,13 @@ def main() -> None:
 
     import torch
 
-    from deepfusion.checkpoint import load_checkpoint, model_from_checkpoint, normalization_of
+    from deepfusion.models.checkpoint import load_checkpoint, model_from_checkpoint, normalization_of
     from deepfusion.config import FEATURE_KEYS, TrainConfig
     from deepfusion.export import export_onnx
-    from deepfusion.inference import predict_clips
+    from deepfusion.inference.clips import predict_clips
     from deepfusion.io.features_file import load_features
     from deepfusion.metrics import softmax
-    from deepfusion.onnx_engine import OnnxEngine
+    from deepfusion.inference.onnx_engine import OnnxEngine
 
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -140,7 +140,7 @@ def main() -> None:
                            manifest=manifest if manifest.is_file() else None, quiet=True).out
     checkpoint = args.checkpoint
     if checkpoint is None:
-        from deepfusion.train import train
+        from deepfusion.train.run import train
 
         t0 = time.perf_counter()
         train(features, model_dir=work / "model", backbone=args.backbone, pretrained=False,

@@ -123,8 +123,8 @@ def resnet50_flops() -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     from deepfusion.config import FEATURE_KEYS, FeatureConfig, ModelConfig
-    from deepfusion.data import segment_frames
-    from deepfusion.models import MultiModalNet
+    from deepfusion.data.dataset import segment_frames
+    from deepfusion.models.net import MultiModalNet
 
     fc = FeatureConfig()
     seg = segment_frames(3.0, fc, fc.n_frames)

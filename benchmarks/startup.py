@@ -55,9 +55,9 @@ HEAVY = ("torch", "librosa", "scipy.signal", "numba", "joblib", "onnxruntime", "
 
 BUILD_RESNET50 = """
 import dataclasses, sys
-from deepfusion.checkpoint import load_checkpoint, save_checkpoint
+from deepfusion.models.checkpoint import load_checkpoint, save_checkpoint
 from deepfusion.config import ModelConfig
-from deepfusion.models import MultiModalNet
+from deepfusion.models.net import MultiModalNet
 ckpt = load_checkpoint(sys.argv[1])
 config = dataclasses.replace(ModelConfig.from_dict(ckpt["model_config"]), backbone="resnet50",
                              pretrained=False)

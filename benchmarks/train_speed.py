@@ -1,7 +1,7 @@
 """Training and inference speed on the CPU, and the data-loading share, in one run.
 
 Prints, side by side:
-  * samples/s of one real training step (``deepfusion.loop.train_one_epoch`` on one batch:
+  * samples/s of one real training step (``deepfusion.train.loop.train_one_epoch`` on one batch:
     forward, label-smoothed cross-entropy, backward, AdamW step) and of inference (eval mode,
     ``torch.inference_mode()``, as in ``predict_clips``) of the full ``MultiModalNet`` for each
     backbone, on random 3-s segments (mel views (B, 128, 129), mfcc (B, 20, 129), chroma
@@ -10,7 +10,7 @@ Prints, side by side:
       bf16+cl  bf16 autocast (``autocast_for(cpu, True)``) and a channels_last model;
     and the bf16+cl / fp32 ratio per backbone;
   * the share of training-step time blocked in ``next(iterator)`` of the DataLoader that
-    ``deepfusion.train.train`` builds (``make_train_loader`` over a FeatureSet of 80 clips x
+    ``deepfusion.train.run.train`` builds (``make_train_loader`` over a FeatureSet of 80 clips x
     1292 frames, random values unless ``--features`` is given), light backbone, whole epochs,
     for ``num_workers`` 0 and 2.
 
@@ -40,14 +40,14 @@ import torch
 
 from deepfusion.config import (AUX_KEYS, FEATURE_KEYS, FeatureConfig, ModelConfig, RuntimeConfig,
                                TrainConfig)
-from deepfusion.recipe import resolve_recipe
-from deepfusion.data import (feature_config_of, fit_normalization, make_split, make_train_loader,
+from deepfusion.train.recipe import resolve_recipe
+from deepfusion.data.dataset import (feature_config_of, fit_normalization, make_split, make_train_loader,
                              segment_frames)
 from deepfusion.io.features_file import load_feature_set
 from deepfusion.io.featureset import FeatureSet
-from deepfusion.models import MultiModalNet, count_parameters
-from deepfusion.runtime import autocast_for, cpu_supports_bf16, use_amp
-from deepfusion.loop import train_one_epoch
+from deepfusion.models.net import MultiModalNet, count_parameters
+from deepfusion.runtime.device import autocast_for, cpu_supports_bf16, use_amp
+from deepfusion.train.loop import train_one_epoch
 
 CPU = torch.device("cpu")
 #: mode name -> (bf16 autocast, channels_last model)
@@ -220,7 +220,7 @@ def bench_data(fs: FeatureSet, modes: list[str], workers: list[int], *, batch_si
                epochs: int) -> list[dict]:
     """Share of light-backbone training time spent waiting for batches, per mode and workers.
 
-    Set up as ``deepfusion.train.train`` does: split, normalisation fitted on the training
+    Set up as ``deepfusion.train.run.train`` does: split, normalisation fitted on the training
     clips, 3-s random crops, a shuffled DataLoader with ``drop_last`` when the training set is
     larger than a batch. One warm-up epoch, then ``epochs`` timed epochs.
     """

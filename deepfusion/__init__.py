@@ -24,7 +24,7 @@ _API = {
     "FeatureConfig": "config",
     "FEATURE_KEYS": "config",
     "DeepFusionError": "errors",
-    "compute_features": "features",
+    "compute_features": "features.numpy_views",
     "decode": "audio",
     "discover": "audio",
     "ExtractResult": "extract",
@@ -36,7 +36,7 @@ _API = {
     "Embeddings": "embed",
     "Tagger": "tag",
     "ALL_KEYS": "config",
-    "load_checkpoint": "checkpoint",
+    "load_checkpoint": "models.checkpoint",
 }
 
 __all__ = ["__version__", *_API]

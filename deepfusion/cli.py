@@ -115,7 +115,7 @@ def extract(audio_dir: Path, out: Path | None, fmt: str, dtype: str, cache_dir: 
     config = take(FeatureConfig, kwargs)
     from click.core import ParameterSource
 
-    from deepfusion.cluster import SCHEDULER_ENV, named_by
+    from deepfusion.runtime.cluster import SCHEDULER_ENV, named_by
 
     # an address from the environment is named as the variable in messages, not as the flag
     given = click.get_current_context().get_parameter_source("scheduler")
@@ -206,13 +206,13 @@ def train(features: Path, model_dir: Path, pretrained: bool | None, weights_path
     features = found(features, DEFAULT_FEATURES.parent, "features file")
     common["feature_set"] = preload(features)   # a wrong file: one line before torch loads
     if folds:
-        from deepfusion.crossval import cross_validate
+        from deepfusion.train.crossval import cross_validate
 
         cv = cross_validate(features, folds=folds, **common)
         echo(cv.table())
         wrote(cv.files)
         return
-    from deepfusion.train import train as run_train
+    from deepfusion.train.run import train as run_train
 
     result = run_train(features, **common)
     echo(f"best.pth: epoch {result.best_epoch} (validation clip accuracy "

@@ -35,7 +35,7 @@ FEATURE_KEYS = ("mel_spec_orig", "mel_spec_harm", "mel_spec_perc", "mfcc", "chro
 MEL_KEYS = FEATURE_KEYS[:3]
 AUX_KEYS = FEATURE_KEYS[3:]
 #: The pretrained view: a frozen music network's representation of each 3-s patch
-#: (:mod:`deepfusion.pretrained`). Its time axis is the network's patches, not STFT frames.
+#: (:mod:`deepfusion.features.pretrained`). Its time axis is the network's patches, not STFT frames.
 PRETRAINED_KEY = "musicnn"
 #: Every view a features file may hold, in the order the model consumes them.
 ALL_KEYS = FEATURE_KEYS + (PRETRAINED_KEY,)
@@ -101,7 +101,7 @@ class FeatureConfig:
     #: Tuning deviation in fractions of a chroma bin; ``None`` estimates it per clip.
     chroma_tuning: Optional[float] = None
     tempogram_win_length: int = 384
-    #: The frozen music network of the seventh view (see :mod:`deepfusion.pretrained`);
+    #: The frozen music network of the seventh view (see :mod:`deepfusion.features.pretrained`);
     #: ``None``: the six hand-made views only.
     pretrained_view: Optional[str] = "MTT_musicnn"
     #: One 3-s patch in every ``pretrained_stride`` goes through that network (1: all).
@@ -171,7 +171,7 @@ class FeatureConfig:
     @property
     def n_patches(self) -> int:
         """Patches per clip of the pretrained view: whole 3-s patches, at least one."""
-        from deepfusion.pretrained.view import n_patches
+        from deepfusion.features.pretrained.view import n_patches
 
         return n_patches(self.n_samples, self.sample_rate, self.pretrained_stride)
 
@@ -181,7 +181,7 @@ class FeatureConfig:
         shapes = {**{k: (self.n_mels, t) for k in MEL_KEYS}, "mfcc": (self.n_mfcc, t),
                   "chroma": (self.n_chroma, t), "tempogram": (self.tempogram_win_length, t)}
         if self.pretrained_view is not None:
-            from deepfusion.pretrained.view import VIEW_ROWS
+            from deepfusion.features.pretrained.view import VIEW_ROWS
 
             shapes[PRETRAINED_KEY] = (VIEW_ROWS, self.n_patches)
         return shapes
@@ -219,7 +219,7 @@ MODEL_KINDS = ("net", "probe")
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Everything needed to rebuild a :class:`~deepfusion.models.MultiModalNet`.
+    """Everything needed to rebuild a :class:`~deepfusion.models.net.MultiModalNet`.
 
     ``aux_rows`` gives the number of rows of each auxiliary feature (MFCC, chroma, tempogram),
     ``n_mels`` the height of the three mel views; both come from the features.
@@ -301,7 +301,7 @@ class TrainConfig:
     test_size: float = 0.1
     seed: int = 0
     split_file: Optional[str] = None
-    #: network or linear probe (see :mod:`deepfusion.probe`)
+    #: network or linear probe (see :mod:`deepfusion.models.probe`)
     model: str = "net"
     #: how best.pth is chosen (see :data:`SELECTIONS`)
     select: str = "last"
@@ -374,7 +374,7 @@ class TrainConfig:
         return _from_dict(cls, {k: v for k, v in data.items() if k not in RUNTIME_FIELDS})
 
 
-#: What evaluate's and predict's ``--adapt`` may say (see :mod:`deepfusion.adapt`).
+#: What evaluate's and predict's ``--adapt`` may say (see :mod:`deepfusion.inference.adapt`).
 ADAPT_MODES = ("auto", "none", "inputs", "full")
 #: The fewest clips whose statistics ``--adapt auto`` trusts: below, one file weighs too much.
 ADAPT_MIN_CLIPS = 20
@@ -393,19 +393,19 @@ class RuntimeConfig:
     device: str = "auto"
     #: mixed precision where the device computes it natively: bf16 on GPUs of compute
     #: capability 8.0 or later (Ampere), fp16 with loss scaling on older GPUs, bf16 on CPUs
-    #: with native bf16; never on MPS (see :func:`deepfusion.runtime.choose_precision`)
+    #: with native bf16; never on MPS (see :func:`deepfusion.runtime.device.choose_precision`)
     amp: bool = True
     #: the reduced precision of ``amp``: auto (as above), or bf16 / fp16 by name
     amp_dtype: str = "auto"
     #: channels-last memory format for the CNNs (not on MPS)
     channels_last: bool = True
     #: DataLoader worker processes; None: auto (up to 4 per process on CUDA, else 0; see
-    #: :func:`deepfusion.runtime.default_num_workers`)
+    #: :func:`deepfusion.runtime.device.default_num_workers`)
     num_workers: Optional[int] = None
     #: under torchrun on GPUs, BatchNorm statistics over all processes' segments (SyncBatchNorm)
     sync_bn: bool = False
     #: repeatable GPU runs: deterministic algorithms and cuDNN, no TF32, no cuDNN autotuning
-    #: (slower; see :func:`deepfusion.runtime.backend_settings`)
+    #: (slower; see :func:`deepfusion.runtime.device.backend_settings`)
     deterministic: bool = False
     #: seconds of training between writes of best.pth and last.pth (also written at the end
     #: and when the run is interrupted); 0 writes them after every epoch

@@ -51,7 +51,7 @@ def sigterm_as_interrupt() -> None:
 
 def torchrun_rank() -> int | None:
     """This process's rank when torchrun started two or more, else None. Read from the
-    environment as :func:`deepfusion.ddp.launched` does, without importing torch at start-up
+    environment as :func:`deepfusion.runtime.ddp.launched` does, without importing torch at start-up
     (malformed values are ddp's to report)."""
     try:
         return int(os.environ["RANK"]) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None

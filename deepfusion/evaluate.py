@@ -9,9 +9,9 @@ from typing import Optional
 
 import numpy as np
 
-from deepfusion.adapt import adapt as adapt_model, resolve_mode
+from deepfusion.inference.adapt import adapt as adapt_model, resolve_mode
 from deepfusion.config import AUX_KEYS, MEL_KEYS, PRETRAINED_KEY, FeatureConfig, TrainConfig
-from deepfusion.data import read_split_file, segment_frames
+from deepfusion.data.dataset import read_split_file, segment_frames
 from deepfusion.errors import DatasetError, FeaturesFileError
 from deepfusion.io.atomic import atomic_write, check_writable, plural
 from deepfusion.io.cache import file_digest
@@ -145,7 +145,7 @@ def evaluate(checkpoint: Path, *, features: Optional[Path] = None, split: str = 
     confusion_matrix.png and attention.png: an existing file there of another kind is
     refused unless ``overwrite`` (:func:`~deepfusion.io.guard.check_destinations`).
 
-    ``adapt`` (:mod:`deepfusion.adapt`): normalise by the statistics of the collection being
+    ``adapt`` (:mod:`deepfusion.inference.adapt`): normalise by the statistics of the collection being
     classified (all clips of the features file, labels unused): ``inputs`` (the views'),
     ``full`` (and the model's own: BatchNorm's, or the probe's), ``none``; ``auto`` (default)
     is ``full`` for another features file than the training one with at least
@@ -156,7 +156,7 @@ def evaluate(checkpoint: Path, *, features: Optional[Path] = None, split: str = 
     ``precision``: fp32 (default) classifies in float32 whatever the training run used, so
     the same checkpoint gives the same answer on every machine and train's stored test
     accuracy is reproduced; amp uses autocast where the device computes it natively
-    (:func:`~deepfusion.runtime.inference_precision`). evaluation.json records the device and
+    (:func:`~deepfusion.runtime.device.inference_precision`). evaluation.json records the device and
     the precision used.
 
     Raises
@@ -174,12 +174,12 @@ def evaluate(checkpoint: Path, *, features: Optional[Path] = None, split: str = 
             print(message, file=sys.stderr)
     checkpoint = Path(checkpoint)
     if device in ("auto", "cpu"):       # no device to refuse (else that comes first):
-        from deepfusion.model_meta import check_checkpoint_path
+        from deepfusion.models.meta import check_checkpoint_path
 
         check_checkpoint_path(checkpoint)   # a mistyped path costs no torch import (seconds)
-    from deepfusion.checkpoint import load_checkpoint, model_from_checkpoint, normalization_of
-    from deepfusion.inference import predict_clips
-    from deepfusion.runtime import inference_precision, memory_guard, resolve_device
+    from deepfusion.models.checkpoint import load_checkpoint, model_from_checkpoint, normalization_of
+    from deepfusion.inference.clips import predict_clips
+    from deepfusion.runtime.device import inference_precision, memory_guard, resolve_device
 
     dev = resolve_device(device)        # a device this machine lacks: one line, before any work
     used = inference_precision(dev, precision)
@@ -203,7 +203,7 @@ def evaluate(checkpoint: Path, *, features: Optional[Path] = None, split: str = 
         here = FeatureConfig.from_dict(fs.feature_config)
         # clip lengths change how many segments a clip has, not what a segment holds
         if replace(here, duration=trained.duration, min_duration=trained.min_duration) != trained:
-            from deepfusion.finetune import settings_differences
+            from deepfusion.train.finetune import settings_differences
 
             diff = settings_differences(replace(here, duration=trained.duration,
                                                 min_duration=trained.min_duration),

@@ -7,7 +7,7 @@ segment_frames)`` float32 (the pretrained view: the patches a segment covers) wi
 batch axis ``B``; the checkpoint's normalisation (per row, ``(view - mean) / std``) is inside
 the graph. Its outputs are ``logits`` ``(B, n_classes)``, ``attention`` ``(B, M)`` for M
 views and ``embedding`` ``(B, d)``. One JSON entry of the model's
-``metadata_props`` (key ``deepfusion``) holds what :class:`~deepfusion.onnx_engine.OnnxEngine`
+``metadata_props`` (key ``deepfusion``) holds what :class:`~deepfusion.inference.onnx_engine.OnnxEngine`
 needs: class names in logit order, the :class:`FeatureConfig`, the segment frames, the
 checkpoint's sha256 and format version, the versions that wrote it.
 
@@ -35,15 +35,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from deepfusion.checkpoint import feature_config_of, load_checkpoint, model_from_checkpoint, normalization_of
+from deepfusion.models.checkpoint import feature_config_of, load_checkpoint, model_from_checkpoint, normalization_of
 from deepfusion.config import FEATURE_KEYS, PRETRAINED_KEY, FeatureConfig, TrainConfig, view_keys
-from deepfusion.data import segment_frames
-from deepfusion.pretrained.view import patch_span
+from deepfusion.data.dataset import segment_frames
+from deepfusion.features.pretrained.view import patch_span
 from deepfusion.errors import ExportError, FeaturesFileError, ParameterError
 from deepfusion.io.atomic import atomic_write, check_writable, library_text
 from deepfusion.io.cache import file_digest
 from deepfusion.io.guard import Destination, check_destinations
-from deepfusion.onnx_engine import METADATA_FORMAT, METADATA_KEY, OUTPUT_NAMES, OnnxEngine
+from deepfusion.inference.onnx_engine import METADATA_FORMAT, METADATA_KEY, OUTPUT_NAMES, OnnxEngine
 
 EXPORTERS = ("auto", "dynamo", "torchscript")
 INSTALL_HINT = "pip install 'deepfusion[onnx-export]'"
@@ -290,7 +290,7 @@ def _windows_for_check(given: Optional[dict], ckpt: dict, fc: FeatureConfig,
 
 
 def _synthetic_windows(fc: FeatureConfig) -> dict[str, np.ndarray]:
-    from deepfusion.features import compute_features
+    from deepfusion.features.numpy_views import compute_features
     from deepfusion.synth import GENRES, render_clip
 
     feats = [compute_features(render_clip(genre, seed=i, duration=fc.duration, sr=fc.sample_rate), fc)
@@ -300,15 +300,15 @@ def _synthetic_windows(fc: FeatureConfig) -> dict[str, np.ndarray]:
 
 def compare_with_torch(model: nn.Module, norm: dict, engine: OnnxEngine,
                        windows: dict[str, np.ndarray], seg: int) -> dict[str, float]:
-    """Largest differences between torch (:func:`~deepfusion.inference.predict_clips`, fp32)
-    and ``engine`` (:meth:`~deepfusion.onnx_engine.OnnxEngine.window_outputs`) on ``windows``.
+    """Largest differences between torch (:func:`~deepfusion.inference.clips.predict_clips`, fp32)
+    and ``engine`` (:meth:`~deepfusion.inference.onnx_engine.OnnxEngine.window_outputs`) on ``windows``.
 
     Returns
     -------
     dict: ``probability`` (softmax of the mean logits), ``attention``, ``logits``, ``embedding``
     (each the max absolute difference)
     """
-    from deepfusion.inference import predict_clips
+    from deepfusion.inference.clips import predict_clips
     from deepfusion.io.featureset import FeatureSet
     from deepfusion.metrics import softmax
 

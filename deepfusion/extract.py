@@ -3,7 +3,7 @@
 Work is split so that nothing computed is ever lost: worker processes decode a clip, compute its
 features and write its cache entry atomically; only then does the main process assemble the
 features file (a pickle, or a memory-mappable store folder) from the cache, in sorted path
-order, and replace the output atomically (the per-file work is in :mod:`deepfusion.tasks`).
+order, and replace the output atomically (the per-file work is in :mod:`deepfusion.jobs.job`).
 With the torch backend on a GPU (``--backend torch --device cuda``, or a GPU found by
 ``--device auto``) the workers only hash and decode; the main process analyses the decoded
 clips in batches on the GPU and writes their cache entries itself. On the CPU the torch backend
@@ -32,12 +32,12 @@ from deepfusion.io.features_file import write_features_file
 from deepfusion.io.guard import (Destination, audio_inputs, check_destinations, check_free_space,
                        check_outputs)
 from deepfusion.progress import progress_bar
-from deepfusion.device_batches import feature_tasks
-from deepfusion.tasks import DEFAULT_TIMEOUT, compute_entry, resolve_backend
+from deepfusion.jobs.batcher import feature_tasks
+from deepfusion.jobs.job import DEFAULT_TIMEOUT, compute_entry, resolve_backend
 # the per-file work moved to tasks.py; windows.py, predict and the tests import these from here
-from deepfusion.tasks import _FileTimeout as _FileTimeout, _time_limit as _time_limit
-from deepfusion.tasks import _warm_up as _warm_up, default_jobs as default_jobs
-from deepfusion.tasks import hash_and_compute as hash_and_compute
+from deepfusion.jobs.job import _FileTimeout as _FileTimeout, _time_limit as _time_limit
+from deepfusion.jobs.job import _warm_up as _warm_up, default_jobs as default_jobs
+from deepfusion.jobs.job import hash_and_compute as hash_and_compute
 
 ERRORS_CSV = "extract_errors.csv"
 
@@ -104,14 +104,14 @@ def extract(audio_dir: Path, *, out: Optional[Path] = None, fmt: str = "pickle",
         Seconds one file may take before it is abandoned and reported (None: no limit).
     scheduler : str, optional
         Run the per-clip work on a Dask cluster instead of ``jobs`` local processes: a
-        scheduler address (``tcp://host:8786``) or ``local:N`` (see :mod:`deepfusion.cluster`).
+        scheduler address (``tcp://host:8786``) or ``local:N`` (see :mod:`deepfusion.runtime.cluster`).
         ``cache_dir`` must then be a folder every worker shares.
     dtype : {'float32', 'float16'}
         How a store holds the views (``float16``: half the disk and page cache); a pickle is
         always float32.
     backend : {None, 'numpy', 'torch'}
-        The feature code: :func:`deepfusion.features.compute_features` in the worker processes
-        (numpy), or :func:`deepfusion.features_torch.compute_features_torch` (torch): on a GPU
+        The feature code: :func:`deepfusion.features.numpy_views.compute_features` in the worker processes
+        (numpy), or :func:`deepfusion.features.torch_views.compute_features_torch` (torch): on a GPU
         in this process, on batches of clips the workers decode; on the CPU in the workers, one
         torch thread each. ``None``: torch when ``device`` finds or names a GPU, else numpy. Both write the same cache entries (they
         agree to float32 rounding, see the README), so either reuses the other's.
@@ -139,7 +139,7 @@ def extract(audio_dir: Path, *, out: Optional[Path] = None, fmt: str = "pickle",
     t0 = time.perf_counter()
     backend, device = resolve_backend(backend, device)
     if scheduler:
-        from deepfusion.cluster import parse_scheduler
+        from deepfusion.runtime.cluster import parse_scheduler
 
         parse_scheduler(scheduler)   # not an address: one line, even when nothing is to do
     if fmt not in FEATURE_FORMATS:

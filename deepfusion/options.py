@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 
 import click
 
-from deepfusion.recipe import describe_auto
+from deepfusion.train.recipe import describe_auto
 from deepfusion.config import (ADAPT_MIN_CLIPS, ADAPT_MODES, AMP_DTYPES, BACKBONES, DEFAULT_CACHE_DIR, DEFAULT_FEATURES, INFERENCE_PRECISIONS, MODEL_KINDS,
                      PRETRAINED_VIEWS,
                      SELECTIONS, FeatureConfig, ModelConfig, RuntimeConfig, TrainConfig,

@@ -1,6 +1,6 @@
 """Genre predictions (and embeddings) for a library of audio files, through the feature cache.
 
-Features come from the cache ``extract`` fills (:mod:`deepfusion.windows`): a file already
+Features come from the cache ``extract`` fills (:mod:`deepfusion.jobs.windows`): a file already
 extracted or classified is not decoded again, and a killed run continues from what its
 workers stored. Files are analysed in parallel worker processes, in the order given, with a
 bounded number in flight, and classified in this process a few windows at a time
@@ -13,7 +13,7 @@ into the same non-overlapping segments as evaluation; a file's logits are the me
 windows. Several checkpoints form an ensemble: their probabilities are averaged.
 
 The engine is torch (a ``best.pth``) or onnxruntime (a model from ``deepfusion export``,
-:mod:`deepfusion.onnx_engine`); this module imports neither until asked.
+:mod:`deepfusion.inference.onnx_engine`); this module imports neither until asked.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from deepfusion.config import DEFAULT_CACHE_DIR, FEATURE_KEYS
 from deepfusion.errors import ParameterError
 from deepfusion.io.atomic import CACHE_ENTRY_LOST
 from deepfusion.io.cache import FeatureCache
-from deepfusion.memo import ModelIds
+from deepfusion.io.memo import ModelIds
 from deepfusion.metrics import softmax
-from deepfusion.windows import load_window, run_file_tasks
+from deepfusion.jobs.windows import load_window, run_file_tasks
 
 ENGINES = ("torch", "onnx")
 
@@ -58,19 +58,19 @@ class Prediction:
 
 def load_engine(path: Path, *, engine: str = "torch", device: str = "auto",
                 precision: str = "fp32", ids: Optional[ModelIds] = None):
-    """A :class:`~deepfusion.torch_engine.TorchEngine` for a checkpoint, or an
-    :class:`~deepfusion.onnx_engine.OnnxEngine` for an exported model (``engine='onnx'``,
+    """A :class:`~deepfusion.inference.torch_engine.TorchEngine` for a checkpoint, or an
+    :class:`~deepfusion.inference.onnx_engine.OnnxEngine` for an exported model (``engine='onnx'``,
     which never imports torch). ``ids``: model digests known so far (see the engines)."""
     if engine == "onnx":
-        from deepfusion.onnx_engine import OnnxEngine
+        from deepfusion.inference.onnx_engine import OnnxEngine
 
         return OnnxEngine(Path(path), ids=ids)
     if engine != "torch":
         raise ParameterError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-    from deepfusion.model_meta import check_checkpoint_path
+    from deepfusion.models.meta import check_checkpoint_path
 
     check_checkpoint_path(path)      # a mistyped path costs no torch import
-    from deepfusion.torch_engine import TorchEngine
+    from deepfusion.inference.torch_engine import TorchEngine
 
     return TorchEngine(Path(path), device=device, precision=precision, ids=ids)
 
@@ -117,7 +117,7 @@ class Library:
         (an audio file, a model), is an existing file of another kind (unless ``overwrite``)
         or cannot be written
     adapt : normalise by the statistics of the files classified together
-        (:mod:`deepfusion.adapt`): ``none``, ``inputs``, ``full``, or ``auto`` (``full`` for
+        (:mod:`deepfusion.inference.adapt`): ``none``, ``inputs``, ``full``, or ``auto`` (``full`` for
         at least ``ADAPT_MIN_CLIPS`` files, else ``none``); the torch engine only (the onnx
         engine's normalisation is inside its graph: ``auto`` is ``none`` there)
 
@@ -136,7 +136,7 @@ class Library:
         from deepfusion.io.atomic import check_writable
         from deepfusion.io.guard import audio_inputs, check_destinations
 
-        from deepfusion.adapt import resolve_mode
+        from deepfusion.inference.adapt import resolve_mode
 
         resolve_mode(adapt, n_clips=0, new_collection=True)     # an unknown mode: now
         if engine == "onnx" and adapt in ("inputs", "full"):
@@ -158,7 +158,7 @@ class Library:
             for dest in destinations:
                 check_writable(dest.path)
         if engine == "torch":
-            from deepfusion.model_meta import check_checkpoint_path
+            from deepfusion.models.meta import check_checkpoint_path
 
             for path in paths:      # every one before torch is imported for the first
                 check_checkpoint_path(path)
@@ -189,7 +189,7 @@ class Library:
         """
         from deepfusion.progress import progress_bar
 
-        from deepfusion.adapt import resolve_mode
+        from deepfusion.inference.adapt import resolve_mode
 
         folders = {i for i, p in enumerate(self.files) if p in self._typed and p.is_dir()}
         todo = [p for i, p in enumerate(self.files) if i not in folders]
@@ -235,7 +235,7 @@ class Library:
                   ) -> Iterator[Union[Prediction, tuple[str, str]]]:
         """The results of a batch of files, in order: their windows go through each model
         together (several files' windows per call are faster than one file's)."""
-        from deepfusion.data import segments_per_clip
+        from deepfusion.data.dataset import segments_per_clip
 
         ready = {j: r for j, (_, r) in enumerate(pending) if r is not None and r[3] is None}
         outputs, mended = _window_outputs(self.engines, self.cache,
@@ -299,10 +299,10 @@ def _window_outputs(engines, cache: FeatureCache, files: list[tuple[int, str, in
     """Per file ``j`` of ``files`` (``(j, key, windows)``): the sums over its windows of each
     model's logits, the first model's attention and embedding, and the frames per window; or
     the reason it failed. Files every model has seen before come from their
-    :class:`~deepfusion.memo.OutputsMemo`; the others' windows go through the models
+    :class:`~deepfusion.io.memo.OutputsMemo`; the others' windows go through the models
     :data:`BATCH_WINDOWS` at a time, and their sums are kept for the next run. Also returns
     how many damaged memo entries were found (each is computed again and replaced)."""
-    from deepfusion.memo import OutputsMemo
+    from deepfusion.io.memo import OutputsMemo
 
     memos = [OutputsMemo(cache, getattr(e, "model_id", None),
                          (len(e.class_names), int(getattr(e, "embedding_dim", 0) or 0), len(e.keys)))

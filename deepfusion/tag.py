@@ -1,14 +1,14 @@
 """Music tags of audio files from musicnn: the 50 tag likelihoods of a file, averaged over its
 3-s patches, as musicnn's own tagger reports them.
 
-The tags are rows of the pretrained view (:mod:`deepfusion.pretrained.view`) computed on
+The tags are rows of the pretrained view (:mod:`deepfusion.features.pretrained.view`) computed on
 every patch (``pretrained_stride=1``), so a file goes through exactly the per-file job
 ``extract`` and ``predict`` run (decoding under
 ``--timeout``, the same cache, the same worker processes and one-line reasons for files that
 cannot be read): a file extracted or classified before with the same model is not decoded
 again (with extract's and predict's ``--pretrained-stride 1``; their default, one patch in
 four, is another cache namespace). A file longer than a clip is covered by
-clip-length windows (:mod:`deepfusion.windows`); its likelihoods are the mean over the patches
+clip-length windows (:mod:`deepfusion.jobs.windows`); its likelihoods are the mean over the patches
 of all its windows, and a file shorter than a clip counts only the patches of its own audio
 (not those of the padding). The audio reaches musicnn resampled twice (the source rate to the features'
 rate with soxr, then to 16 kHz with musicnn's own resampler): for a source at 22,050 Hz, the
@@ -94,7 +94,7 @@ class Tagger:
         self.cache = FeatureCache(self.cache_dir, self.config)
         self.cache.prepare()
         self.repaired = 0          # damaged cache entries this run replaced
-        from deepfusion.pretrained.musicnn import TAGS
+        from deepfusion.features.pretrained.musicnn import TAGS
 
         self.tag_names = list(TAGS[model])
 
@@ -107,13 +107,13 @@ class Tagger:
         """
         from deepfusion.audio import AUDIO_EXTENSIONS
         from deepfusion.progress import progress_bar
-        from deepfusion.windows import load_window, run_file_tasks
+        from deepfusion.jobs.windows import load_window, run_file_tasks
 
         folders = {i for i, p in enumerate(self.files) if p in self._typed and p.is_dir()}
         todo = [p for i, p in enumerate(self.files) if i not in folders]
         results = run_file_tasks(todo, cache_dir=self.cache_dir, config=self.config, jobs=jobs,
                                  timeout=timeout)
-        from deepfusion.pretrained.view import all_patches, part_rows
+        from deepfusion.features.pretrained.view import all_patches, part_rows
 
         rows = part_rows("taggram")
         with progress_bar(len(todo), desc="tag", unit="file", quiet=quiet) as bar:

@@ -53,7 +53,7 @@ def tiny_features(tiny_audio, tmp_path_factory) -> Path:
 def trained_model_dir(tiny_features, tmp_path_factory) -> Path:
     """A model directory after a short light-backbone training run (12 epochs, ~10 s)."""
     from deepfusion.config import TrainConfig
-    from deepfusion.train import train
+    from deepfusion.train.run import train
 
     model_dir = tmp_path_factory.mktemp("model")
     train(tiny_features, model_dir=model_dir, backbone="light", pretrained=False, quiet=True,

@@ -1,4 +1,4 @@
-"""Adaptation to the collection being classified (deepfusion.adapt): what each mode changes,
+"""Adaptation to the collection being classified (deepfusion.inference.adapt): what each mode changes,
 that evaluate and predict adapt alike, and when ``auto`` applies."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import pickle
 import numpy as np
 import pytest
 
-from deepfusion import adapt as adapt_module
-from deepfusion.adapt import Adapter, adapt, resolve_mode
-from deepfusion.checkpoint import load_checkpoint, model_from_checkpoint, normalization_of
+from deepfusion.inference import adapt as adapt_module
+from deepfusion.inference.adapt import Adapter, adapt, resolve_mode
+from deepfusion.models.checkpoint import load_checkpoint, model_from_checkpoint, normalization_of
 from deepfusion.config import ADAPT_MIN_CLIPS
-from deepfusion.data import fit_normalization
+from deepfusion.data.dataset import fit_normalization
 from deepfusion.errors import ParameterError
 from deepfusion.io.features_file import load_features
 from deepfusion.testing import invoke, load_own_pickle
@@ -85,8 +85,8 @@ def test_full_reestimates_batchnorm_on_a_copy(trained_model_dir, shifted):
 def test_full_on_the_probe_standardises_its_statistics_by_the_collection(tiny_features, shifted,
                                                                          tmp_path):
     from deepfusion.config import TrainConfig
-    from deepfusion.probe import clip_stats
-    from deepfusion.train import train
+    from deepfusion.models.probe import clip_stats
+    from deepfusion.train.run import train
 
     train(tiny_features, model_dir=tmp_path / "p", quiet=True, config=TrainConfig(model="probe"),
           echo=lambda s: None)
@@ -113,7 +113,7 @@ def test_adaptation_recovers_a_shifted_collection(tiny_features, shifted, tmp_pa
     it the shift is undone (the shift is per row, exactly what the statistics remove)."""
     from deepfusion.config import TrainConfig
     from deepfusion.evaluate import evaluate
-    from deepfusion.train import train
+    from deepfusion.train.run import train
 
     train(tiny_features, model_dir=tmp_path / "p", quiet=True,
           config=TrainConfig(model="probe", val_size=0.2, test_size=0.0), echo=lambda s: None)

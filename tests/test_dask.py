@@ -110,7 +110,7 @@ def test_bad_scheduler_values_and_a_missing_extra(tiny_audio, tmp_path, monkeypa
 
 _HIDE = """
 # a worker on another machine: the driver's folder does not exist there
-import deepfusion.cluster as cluster
+import deepfusion.runtime.cluster as cluster
 if not hasattr(cluster, "_seen_probe_folder"):   # the preload may run more than once
     cluster._seen_probe_folder = cluster._probe_folder
     cluster._probe_folder = lambda folder, name, token: cluster._seen_probe_folder(

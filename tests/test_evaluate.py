@@ -118,7 +118,7 @@ def check_predictions(folder: Path, n: int, known_only: bool = True) -> pd.DataF
 
 def test_evaluate_with_only_the_checkpoint(default_run, trained_model_dir, tiny_features):
     from deepfusion.io.cache import file_digest
-    from deepfusion.checkpoint import load_checkpoint
+    from deepfusion.models.checkpoint import load_checkpoint
 
     result, out = default_run
     assert result.exit_code == 0, result.output
@@ -177,7 +177,7 @@ def test_evaluate_writes_beside_the_checkpoint_by_default(trained_model_dir, tmp
 @pytest.mark.slow
 @pytest.mark.parametrize("split", ["all", "val"])
 def test_evaluate_other_splits(split, trained_model_dir, tmp_path):
-    from deepfusion.checkpoint import load_checkpoint
+    from deepfusion.models.checkpoint import load_checkpoint
 
     result = invoke("evaluate", "--checkpoint", trained_model_dir / "best.pth", "--split", split,
                  "--out-dir", tmp_path)

@@ -1,4 +1,4 @@
-"""ONNX export (deepfusion.export) and the torch-free onnxruntime engine (deepfusion.onnx_engine)."""
+"""ONNX export (deepfusion.export) and the torch-free onnxruntime engine (deepfusion.inference.onnx_engine)."""
 
 from __future__ import annotations
 
@@ -16,17 +16,17 @@ pytest.importorskip("onnx")
 
 import torch  # noqa: E402
 
-from deepfusion.checkpoint import (feature_config_of, load_checkpoint, model_from_checkpoint,  # noqa: E402
+from deepfusion.models.checkpoint import (feature_config_of, load_checkpoint, model_from_checkpoint,  # noqa: E402
                                    normalization_of, save_checkpoint)
 from deepfusion.config import FEATURE_KEYS, TrainConfig  # noqa: E402
-from deepfusion.data import segment_frames  # noqa: E402
+from deepfusion.data.dataset import segment_frames  # noqa: E402
 from deepfusion.errors import ExportError, OnnxModelError, OutputError, ParameterError  # noqa: E402
 from deepfusion.export import export_onnx  # noqa: E402
-from deepfusion.inference import predict_clips  # noqa: E402
+from deepfusion.inference.clips import predict_clips  # noqa: E402
 from deepfusion.io.cache import file_digest  # noqa: E402
 from deepfusion.io.featureset import FeatureSet  # noqa: E402
 from deepfusion.metrics import softmax  # noqa: E402
-from deepfusion.onnx_engine import METADATA_KEY, OnnxEngine  # noqa: E402
+from deepfusion.inference.onnx_engine import METADATA_KEY, OnnxEngine  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,7 +42,7 @@ def windows(tiny_features) -> dict[str, np.ndarray]:
 
 
 def _train(tiny_features, model_dir: Path, **kwargs) -> Path:
-    from deepfusion.train import train
+    from deepfusion.train.run import train
 
     train(tiny_features, model_dir=model_dir, quiet=True, echo=lambda s: None, **kwargs)
     return model_dir / "best.pth"
@@ -281,7 +281,7 @@ except ImportError:
     pass
 else:
     sys.exit("torch imported")
-from deepfusion.onnx_engine import OnnxEngine
+from deepfusion.inference.onnx_engine import OnnxEngine
 engine = OnnxEngine(sys.argv[1])
 with np.load(sys.argv[2]) as f:
     views = dict(f)

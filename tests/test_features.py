@@ -8,7 +8,7 @@ import scipy.ndimage
 
 from deepfusion.config import FEATURE_KEYS, FeatureConfig
 from deepfusion.errors import ParameterError
-from deepfusion.features import compute_features, median_filter_axis
+from deepfusion.features.numpy_views import compute_features, median_filter_axis
 from deepfusion.testing.reference import reference_features
 
 SR = 22050

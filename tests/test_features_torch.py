@@ -1,8 +1,8 @@
-"""The torch feature path (:mod:`deepfusion.features_torch`) against the numpy one.
+"""The torch feature path (:mod:`deepfusion.features.torch_views`) against the numpy one.
 
 Both compute librosa's definitions from one STFT; they differ by float32 rounding (another FFT,
 other summation orders), which HPSS's median filters and the dB scale pass on. The tolerances
-(``deepfusion.features_torch.TOLERANCE``) are the largest absolute difference allowed per view,
+(``deepfusion.features.torch_views.TOLERANCE``) are the largest absolute difference allowed per view,
 set above what 80 real 30-s clips (``../shared/data/minigenres``, see
 ``benchmarks/extract_speed.py``) and the synthetic clips here show: mel dB views 0.1 dB (measured up to 0.076 dB, on the percussive view of quiet
 high bands), MFCC 0.01 (measured 0.0013), chroma 1e-4 (measured 2e-6) and tempogram 1e-3
@@ -19,8 +19,8 @@ import torch
 
 from deepfusion.config import FEATURE_KEYS, PRETRAINED_KEY, FeatureConfig
 from deepfusion.errors import ParameterError
-from deepfusion.features import compute_features, median_filter_axis
-from deepfusion.features_torch import (TOLERANCE, compute_features_torch, median_filter,
+from deepfusion.features.numpy_views import compute_features, median_filter_axis
+from deepfusion.features.torch_views import (TOLERANCE, compute_features_torch, median_filter,
                                       median_filter_unfold)
 from deepfusion.testing import invoke, load_own_pickle, one_error_line
 
@@ -110,7 +110,7 @@ def test_other_settings_match_numpy():
 def test_unfolded_median_equals_the_numpy_one(shape, dim, monkeypatch):
     """The accelerators' median filter (run here on the CPU), in small chunks, equals
     bottleneck's, also where the window is longer than the axis (reflected again)."""
-    import deepfusion.features_torch as ft
+    import deepfusion.features.torch_views as ft
 
     monkeypatch.setattr(ft, "MEDIAN_CHUNK_ELEMENTS", 31 * 64)       # several chunks
     S = np.random.default_rng(1).random(shape, dtype=np.float32)
@@ -129,7 +129,7 @@ def test_bad_batches_are_refused():
 # ------------------------------------------------------------------ extract --backend --device
 
 def test_resolve_backend():
-    from deepfusion.tasks import resolve_backend
+    from deepfusion.jobs.job import resolve_backend
 
     assert resolve_backend("numpy", "auto") == ("numpy", None)
     assert resolve_backend(None, "cpu") == ("numpy", None)
@@ -179,8 +179,8 @@ def test_extract_gpu_path_batches_in_the_main_process(tmp_path, monkeypatch):
     """The GPU design run on the CPU: workers decode, this process analyses batches of 3 (5
     clips: a full batch and a remainder of 2); a batch that fails is redone clip by clip, and
     a clip that fails alone is reported as that file's error, the others kept."""
-    import deepfusion.features_torch as ft
-    import deepfusion.device_batches as device_batches
+    import deepfusion.features.torch_views as ft
+    import deepfusion.jobs.batcher as device_batches
     from deepfusion.synth import synthesize_dataset
 
     audio = tmp_path / "audio"

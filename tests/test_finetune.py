@@ -79,7 +79,7 @@ def test_init_from_other_features_or_a_probe_is_refused(trained_model_dir, other
     assert "--freeze-branches needs --init-from" in one_error_line(result.stderr)
     # a linear probe of this very collection (its features agree): refused for being a probe
     from deepfusion.config import TrainConfig
-    from deepfusion.train import train
+    from deepfusion.train.run import train
 
     train(other_features, model_dir=tmp_path / "probe", quiet=True,
           config=TrainConfig(model="probe"), echo=lambda s: None)

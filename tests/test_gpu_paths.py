@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from deepfusion import runtime
-from deepfusion.checkpoint import load_checkpoint, save_checkpoint, to_cpu
+from deepfusion.runtime import device as runtime
+from deepfusion.models.checkpoint import load_checkpoint, save_checkpoint, to_cpu
 from deepfusion.errors import DeviceError, DeviceMemoryError, ParameterError
-from deepfusion.runtime import (backend_settings, choose_precision, default_num_workers,
+from deepfusion.runtime.device import (backend_settings, choose_precision, default_num_workers,
                                 device_choice, estimate_training_bytes, inference_precision,
                                 memory_warning, out_of_memory_message, precision_for,
                                 requested_precision, resolve_device, restore_scaler,
@@ -510,7 +510,7 @@ def _out_of_memory(kind: str):
 
 @pytest.mark.parametrize("kind", ["cuda", "mps"])
 def test_out_of_memory_in_training_is_one_line(kind, tiny_features, tmp_path, monkeypatch):
-    from deepfusion.models import MultiModalNet
+    from deepfusion.models.net import MultiModalNet
 
     monkeypatch.setattr(MultiModalNet, "forward", _out_of_memory(kind))
     result = invoke("train", "--features", tiny_features, "--model-dir", tmp_path / "m",
@@ -523,7 +523,7 @@ def test_out_of_memory_in_training_is_one_line(kind, tiny_features, tmp_path, mo
 
 @pytest.mark.slow
 def test_out_of_memory_in_evaluate_is_one_line(cpu_run, tmp_path, monkeypatch):
-    from deepfusion.models import MultiModalNet
+    from deepfusion.models.net import MultiModalNet
 
     monkeypatch.setattr(MultiModalNet, "forward", _out_of_memory("cuda"))
     result = invoke("evaluate", "--checkpoint", cpu_run[0] / "best.pth", "--device", "cpu",
@@ -569,7 +569,7 @@ def test_memory_estimate_and_warning():
 
 def test_memory_estimate_matches_saved_activations_of_light():
     """The per-value constant of the light CNN against autograd's saved tensors, measured."""
-    from deepfusion.models import MelCNN
+    from deepfusion.models.net import MelCNN
 
     sizes = {}
     for frames in (64, 128):
@@ -614,7 +614,7 @@ def test_the_train_loop_waits_for_the_device_once_per_log_step(monkeypatch):
     at the progress bar's updates (batches 0, 20, 40, 44) and once at the end, not 90 times."""
     import inspect
 
-    from deepfusion import loop as train_module
+    from deepfusion.train import loop as train_module
 
     reads = []
     for name in ("__float__", "__int__", "item"):
@@ -669,7 +669,7 @@ def test_gpu_check_exits_non_zero_for_views_over_their_tolerance(tmp_path):
     import numpy as np
 
     from deepfusion.config import FEATURE_KEYS
-    from deepfusion.features_torch import TOLERANCE
+    from deepfusion.features.torch_views import TOLERANCE
 
     spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
     gpu_check = importlib.util.module_from_spec(spec)

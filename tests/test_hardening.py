@@ -597,7 +597,7 @@ def test_many_files_cost_no_memory_beyond_their_features(tmp_path):
 READ_ONLY = [Path("/proc/deepfusion"), Path("/proc/self"), Path("/sys/deepfusion")]
 #: The first work of each stage after its outputs are checked: (module, function).
 FIRST_WORK = {"extract": ("deepfusion.extract", "feature_tasks"),     # decoding, in workers
-              "train": ("deepfusion.train", "load_features"),
+              "train": ("deepfusion.train.run", "load_features"),
               "evaluate": ("deepfusion.evaluate", "load_features")}
 
 

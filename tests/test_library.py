@@ -27,7 +27,7 @@ def checkpoint(trained_model_dir) -> Path:
 def second_checkpoint(tiny_features, tmp_path_factory) -> Path:
     """Another model of the same data (another seed): an ensemble's second member."""
     from deepfusion.config import TrainConfig
-    from deepfusion.train import train
+    from deepfusion.train.run import train
 
     model_dir = tmp_path_factory.mktemp("model2")
     train(tiny_features, model_dir=model_dir, backbone="light", pretrained=False, quiet=True,
@@ -82,11 +82,11 @@ def test_predict_twice_on_the_cache_and_a_csv(tiny_audio, checkpoint, tmp_path):
 def test_a_second_run_runs_no_network_unless_the_model_changed(tiny_audio, checkpoint,
                                                               second_checkpoint, tmp_path,
                                                               monkeypatch):
-    """The outputs of a model per file are kept (deepfusion.memo): run again with the same
+    """The outputs of a model per file are kept (deepfusion.io.memo): run again with the same
     model, no window goes through the network; another model, a damaged entry or another
     precision does."""
     from deepfusion.predict import Library, Prediction
-    from deepfusion.torch_engine import TorchEngine
+    from deepfusion.inference.torch_engine import TorchEngine
 
     calls = []
     real = TorchEngine.window_outputs
@@ -120,7 +120,7 @@ def test_a_second_run_runs_no_network_unless_the_model_changed(tiny_audio, check
     # a damaged entry is computed again, to the same answer
     outputs = next(cache.glob("features-*")) / "outputs"
     assert len(list(outputs.rglob("*.npz"))) == 2 * 18
-    from deepfusion.memo import model_id
+    from deepfusion.io.memo import model_id
 
     entry = sorted((outputs / model_id(checkpoint, "torch", "cpu", "fp32")).rglob("*.npz"))[0]
     entry.write_bytes(b"PK\x03\x04 not a zip")
@@ -139,7 +139,7 @@ def test_a_second_run_runs_no_network_unless_the_model_changed(tiny_audio, check
     _, windows = run(same_name)
     assert windows == 18
     # another precision is another model
-    from deepfusion.runtime import inference_precision
+    from deepfusion.runtime.device import inference_precision
 
     other = inference_precision(torch.device("cpu"), "amp") != "fp32"
     _, windows = run(checkpoint, precision="amp")
@@ -266,7 +266,7 @@ def test_killed_predict_continues_from_the_cache(tiny_audio, checkpoint, tmp_pat
 CRASHING_WORKERS = """
 import os, signal
 if os.environ.get("DEEPFUSION_TEST_CRASH") and os.getpid() != int(os.environ["DEEPFUSION_TEST_CRASH"]):
-    import deepfusion.features as features
+    import deepfusion.features.numpy_views as features
     real, calls = features.compute_features, []
 
     def crashing(*args, **kwargs):

@@ -50,7 +50,7 @@ def test_training_that_diverges_stops_before_a_checkpoint_of_nan(tiny_features, 
     """NaN weights were saved, and evaluate then blamed the checkpoint file."""
     import torch
 
-    import deepfusion.train as train_module
+    import deepfusion.train.run as train_module
 
     real = train_module.train_one_epoch
 
@@ -94,7 +94,7 @@ def test_a_folder_named_like_audio_is_not_an_empty_input_and_paths_stay_as_typed
 
 def test_a_file_that_changes_while_read_says_run_the_same_command(trained_model_dir, tmp_path,
                                                                    monkeypatch):
-    import deepfusion.windows as windows_module
+    import deepfusion.jobs.windows as windows_module
 
     (tmp_path / "a.wav").write_bytes(damage.encode(damage.clip(0, seconds=1.5), "WAV", "PCM_16"))
     monkeypatch.setattr(windows_module, "stamp_or_none", lambda path: ("moved",))
@@ -155,7 +155,7 @@ def test_synth_names_one_foreign_file_as_it(tmp_path, foreign):
 
 def test_out_of_device_memory_in_predict_is_one_line(trained_model_dir, tmp_path, monkeypatch):
     """Only train and evaluate turned it into one line; predict showed an internal error."""
-    import deepfusion.torch_engine as engine_module
+    import deepfusion.inference.torch_engine as engine_module
 
     def out_of_memory(*args, **kwargs):
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")

@@ -221,7 +221,7 @@ def test_split_files_say_what_they_should_hold(tiny_features, tmp_path):
 def test_a_group_across_splits_names_two_clips(tmp_path):
     import numpy as np
 
-    from deepfusion.data import check_split
+    from deepfusion.data.dataset import check_split
     from deepfusion.errors import DatasetError
 
     split = np.array(["train", "test", "train"], dtype=object)
@@ -258,7 +258,7 @@ def test_a_scheduler_from_the_environment_is_named_as_the_variable(tiny_audio, t
 
 
 def test_torchrun_variables_that_are_not_numbers(monkeypatch):
-    from deepfusion import ddp
+    from deepfusion.runtime import ddp
     from deepfusion.errors import DeepFusionError
 
     monkeypatch.setenv("RANK", "x")

@@ -1,5 +1,5 @@
 """Models that lie about themselves: an ONNX model's ``deepfusion`` metadata and a checkpoint
-checked with one schema (:mod:`deepfusion.model_meta`), through every command that loads them.
+checked with one schema (:mod:`deepfusion.models.meta`), through every command that loads them.
 
 Each forgery must end the command with the error's own exit code (never 70, an internal error)
 and one line naming the file and the field; the same forgery of a checkpoint and of an ONNX
@@ -20,7 +20,7 @@ onnx = pytest.importorskip("onnx")
 import torch  # noqa: E402
 
 from deepfusion.errors import CheckpointError, OnnxModelError  # noqa: E402
-from deepfusion.onnx_engine import METADATA_KEY, OnnxEngine  # noqa: E402
+from deepfusion.inference.onnx_engine import METADATA_KEY, OnnxEngine  # noqa: E402
 from deepfusion.testing import invoke, one_error_line  # noqa: E402
 
 ONNX_BAD = "damaged or inconsistent ONNX model: "
@@ -214,7 +214,7 @@ def test_forged_onnx_metadata_is_one_line_naming_the_field(name, exported, clip,
 
 
 def test_oversized_metadata_is_refused_before_it_is_parsed(exported, clip, tmp_path, monkeypatch):
-    from deepfusion import onnx_engine
+    from deepfusion.inference import onnx_engine
 
     monkeypatch.setattr(onnx_engine, "MAX_METADATA_CHARS", 1000)
     said = _refusal(invoke("predict", clip, "--checkpoint", exported, "--engine", "onnx"), exported,

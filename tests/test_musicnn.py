@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from deepfusion.errors import ParameterError, WeightsNotFoundError
-from deepfusion.pretrained import musicnn
-from deepfusion.pretrained.musicnn import (MODELS, PATCH_FRAMES, SAMPLE_RATE, TAGS,
+from deepfusion.features.pretrained import musicnn
+from deepfusion.features.pretrained.musicnn import (MODELS, PATCH_FRAMES, SAMPLE_RATE, TAGS,
                                            load_musicnn, log_mel, patches, resample_16k)
 
 FIXTURE = Path(__file__).parent / "data" / "musicnn_reference.npz"
@@ -156,7 +156,7 @@ def test_resampler_is_resampys_kaiser_best(sr, n):
     """The polyphase form gives resampy's own output (22051 Hz: resampy itself runs)."""
     import resampy
 
-    from deepfusion.pretrained.musicnn_input import _kaiser_best
+    from deepfusion.features.pretrained.musicnn_input import _kaiser_best
 
     y = (np.random.default_rng(n).standard_normal(n) * 0.3).astype(np.float32)
     want = resampy.resample(y, sr, 16000, filter="kaiser_best")

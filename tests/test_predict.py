@@ -171,7 +171,7 @@ def test_predict_features_equal_extract_features(tiny_audio, tiny_features, tmp_
     from deepfusion.io.cache import FeatureCache
     from deepfusion.io.features_file import read_features_file
     from deepfusion.testing import TINY_FEATURES
-    from deepfusion.windows import file_windows, load_window
+    from deepfusion.jobs.windows import file_windows, load_window
 
     items = {it["path"]: it for it in read_features_file(tiny_features)}
     cache = FeatureCache(tmp_path, TINY_FEATURES)

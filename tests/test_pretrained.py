@@ -23,11 +23,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from deepfusion import weights
+from deepfusion.models import weights
 from deepfusion.config import ModelConfig
 from deepfusion.errors import ParameterError, WeightsNotFoundError
-from deepfusion.models import build_model
-from deepfusion.weights import pretrained_weights_file, resolve_pretrained
+from deepfusion.models.net import build_model
+from deepfusion.models.weights import pretrained_weights_file, resolve_pretrained
 
 REAL_URL = "https://download.pytorch.org/models"
 
@@ -363,7 +363,7 @@ def test_killed_download_leaves_nothing_taken_as_weights(torch_home, trickle_ser
     """A run killed mid-download (real resnet18 name) leaves no file at the cache name."""
     env = dict(os.environ, TORCH_HOME=str(torch_home.parent.parent),
                **{weights.WEIGHTS_URL_ENV: trickle_server})
-    code = ("from deepfusion.weights import resolve_pretrained; "
+    code = ("from deepfusion.models.weights import resolve_pretrained; "
             "resolve_pretrained('resnet18', mode='require', progress=False)")
     proc = subprocess.Popen([sys.executable, "-c", code], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

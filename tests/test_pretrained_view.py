@@ -14,7 +14,7 @@ import pytest
 from deepfusion.config import FEATURE_KEYS, PRETRAINED_KEY, FeatureConfig, ModelConfig
 from deepfusion.errors import FeaturesFileError, ParameterError
 from deepfusion.io.features_file import load_features
-from deepfusion.pretrained.view import (PARTS, VIEW_ROWS, all_patches, chosen_patches, n_patches,
+from deepfusion.features.pretrained.view import (PARTS, VIEW_ROWS, all_patches, chosen_patches, n_patches,
                                         part_rows, patch_span, pretrained_view)
 from deepfusion.testing import TINY_FEATURES, invoke, load_own_pickle, save_store
 
@@ -129,7 +129,7 @@ def test_store_round_trip_keeps_the_view(tiny_features, tmp_path):
 @pytest.mark.slow
 def test_train_without_the_view_says_so_once(tiny_features, tmp_path):
     from deepfusion.config import TrainConfig
-    from deepfusion.train import train
+    from deepfusion.train.run import train
 
     six = _six_view_file(tiny_features, tmp_path)
     lines: list[str] = []
@@ -147,7 +147,7 @@ def test_train_without_the_view_says_so_once(tiny_features, tmp_path):
 def test_network_has_a_branch_for_the_view(trained_model_dir):
     import torch
 
-    from deepfusion.checkpoint import load_checkpoint, model_from_checkpoint
+    from deepfusion.models.checkpoint import load_checkpoint, model_from_checkpoint
 
     ckpt = load_checkpoint(trained_model_dir / "best.pth")
     assert ckpt["model_config"]["pretrained_view_rows"] == VIEW_ROWS
@@ -164,7 +164,7 @@ def test_network_has_a_branch_for_the_view(trained_model_dir):
 def test_a_checkpoint_whose_view_rows_disagree_is_refused(trained_model_dir, tmp_path):
     import torch
 
-    from deepfusion.checkpoint import load_checkpoint
+    from deepfusion.models.checkpoint import load_checkpoint
     from deepfusion.errors import CheckpointError
 
     ckpt = torch.load(trained_model_dir / "best.pth", weights_only=True)
@@ -177,8 +177,8 @@ def test_a_checkpoint_whose_view_rows_disagree_is_refused(trained_model_dir, tmp
 @pytest.mark.slow
 def test_probe_uses_the_view(tiny_features, tmp_path):
     from deepfusion.config import TrainConfig
-    from deepfusion.probe import LinearProbe, n_pooled_stats
-    from deepfusion.train import train
+    from deepfusion.models.probe import LinearProbe, n_pooled_stats
+    from deepfusion.train.run import train
 
     train(tiny_features, model_dir=tmp_path / "p", quiet=True,
           config=TrainConfig(model="probe"), echo=lambda s: None)
@@ -197,7 +197,7 @@ def test_probe_uses_the_view(tiny_features, tmp_path):
 def test_export_takes_seven_inputs_and_matches_torch(trained_model_dir, tmp_path):
     pytest.importorskip("onnxruntime")
     from deepfusion.export import export_onnx
-    from deepfusion.onnx_engine import OnnxEngine
+    from deepfusion.inference.onnx_engine import OnnxEngine
 
     result = export_onnx(trained_model_dir / "best.pth", tmp_path / "m.onnx", echo=lambda s: None)
     assert result.max_prob_diff < 1e-4
@@ -208,7 +208,7 @@ def test_export_takes_seven_inputs_and_matches_torch(trained_model_dir, tmp_path
 
 @pytest.mark.slow
 def test_tag_command(tiny_audio, tmp_path):
-    from deepfusion.pretrained.musicnn import TAGS
+    from deepfusion.features.pretrained.musicnn import TAGS
 
     clips = sorted(tiny_audio.rglob("*.wav"))[:2]
     cache = tmp_path / "cache"
@@ -259,7 +259,7 @@ def test_model_config_default_has_no_view():
 ONNX_VIEW_SCRIPT = """
 import sys
 import numpy as np
-from deepfusion.pretrained.view import pretrained_view
+from deepfusion.features.pretrained.view import pretrained_view
 y = np.load(sys.argv[1])
 np.save(sys.argv[2], pretrained_view(y, 22050))
 assert "torch" not in sys.modules, "torch was imported"
@@ -307,7 +307,7 @@ def test_settings_that_disagree_with_the_views_are_refused(tiny_features, tmp_pa
 
 def test_a_file_without_settings_guesses_them_from_its_views(tiny_features, tmp_path):
     """The original project's pickle (features and label only): no pretrained view."""
-    from deepfusion.data import feature_config_of
+    from deepfusion.data.dataset import feature_config_of
 
     items = load_own_pickle(tiny_features)
     plain = [{"features": {k: v for k, v in it["features"].items() if k != PRETRAINED_KEY},

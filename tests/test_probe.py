@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from deepfusion.config import FEATURE_KEYS
-from deepfusion.data import fit_normalization
+from deepfusion.data.dataset import fit_normalization
 from deepfusion.io.featureset import FeatureSet
-from deepfusion.inference import predict_clips
-from deepfusion.probe import LinearProbe, clip_stats, fit_probe, pooled_stats
+from deepfusion.inference.clips import predict_clips
+from deepfusion.models.probe import LinearProbe, clip_stats, fit_probe, pooled_stats
 
 N_MELS, AUX_ROWS, T = 8, (5, 4, 6), 40
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from deepfusion.config import FEATURE_KEYS, MEL_KEYS, TrainConfig
-from deepfusion.recipe import resolve_recipe
-from deepfusion.crossval import grouped_folds
-from deepfusion.data import Augment, make_torch_dataset
+from deepfusion.train.recipe import resolve_recipe
+from deepfusion.train.crossval import grouped_folds
+from deepfusion.data.dataset import Augment, make_torch_dataset
 from deepfusion.io.featureset import FeatureSet
 from deepfusion.errors import DatasetError, ParameterError
 from deepfusion.testing import invoke, one_error_line
@@ -120,7 +120,7 @@ def test_train_help_says_what_auto_means():
 @pytest.mark.slow
 def test_ema_mixup_and_augmentation_train_and_resume_exactly(tiny_features, tmp_path):
     """An interrupted run of the full recipe resumes to the same weights as an uninterrupted one."""
-    from deepfusion.train import train
+    from deepfusion.train.run import train
 
     config = TrainConfig(epochs=4, batch_size=8, lr=3e-3, val_size=0.2, test_size=0.2, seed=2,
                          ema=0.9, mixup=0.4, freq_mask=0.15, time_mask=0.1, tilt_db=6.0)
@@ -323,7 +323,7 @@ def test_train_folds_writes_per_fold_figures_and_every_clip_once(tiny_features, 
 @pytest.mark.slow
 def test_band_stats_branches_train_and_old_checkpoints_still_load(tiny_features, trained_model_dir,
                                                                   tmp_path):
-    from deepfusion.checkpoint import load_checkpoint, model_from_checkpoint
+    from deepfusion.models.checkpoint import load_checkpoint, model_from_checkpoint
 
     out = tmp_path / "bs"
     result = invoke("train", "--features", tiny_features, "--model-dir", out, "--epochs", "1",

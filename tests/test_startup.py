@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from deepfusion import memo
-from deepfusion.memo import ModelIds, model_id
+from deepfusion.io import memo
+from deepfusion.io.memo import ModelIds, model_id
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def hashes(monkeypatch) -> list[Path]:
-    """The files whose bytes :func:`deepfusion.memo.model_id` reads (every call recorded)."""
+    """The files whose bytes :func:`deepfusion.io.memo.model_id` reads (every call recorded)."""
     seen: list[Path] = []
     real = memo.file_digest
 
@@ -264,7 +264,8 @@ def test_a_mistyped_checkpoint_is_refused_before_torch_is_imported(cached_clip, 
 def test_extract_on_a_machine_without_a_gpu_asks_torch_nothing(monkeypatch, tmp_path):
     """--device auto: no GPU driver's device file on Linux means the CPU, told without
     importing torch (a cached clip needs none); with torch imported, torch is asked."""
-    from deepfusion import runtime, tasks
+    from deepfusion.runtime import device as runtime
+    from deepfusion.jobs import job as tasks
 
     asked = []
     monkeypatch.setattr(runtime, "resolve_device", lambda name: asked.append(name) or "cpu")

@@ -444,7 +444,7 @@ def test_format_and_out_must_agree(tiny_audio, tmp_path):
 def test_a_store_travels_to_spawned_workers_by_name(store):
     """Worker processes started by spawn (macOS's and Windows' default) receive the dataset
     pickled: a store's arrays must travel as file names and be mapped again, not copied."""
-    from deepfusion.data import fit_normalization, make_torch_dataset
+    from deepfusion.data.dataset import fit_normalization, make_torch_dataset
 
     fs = load_features(store)
     norm = fit_normalization(fs, np.arange(len(fs)))
@@ -504,7 +504,7 @@ def test_a_float16_store_halves_the_bytes_and_trains(tiny_audio, tiny_features, 
 @pytest.mark.slow
 def test_an_unchanged_collection_is_not_read_again(tiny_audio, tmp_path, monkeypatch):
     """Up to date by the files' stat: a rerun hashes nothing; a touched file is read again."""
-    import deepfusion.tasks as extract_module   # where the workers hash
+    import deepfusion.jobs.job as extract_module   # where the workers hash
 
     audio = tmp_path / "audio"
     shutil.copytree(tiny_audio, audio)

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from deepfusion.checkpoint import load_checkpoint, model_from_checkpoint, normalization_of
+from deepfusion.models.checkpoint import load_checkpoint, model_from_checkpoint, normalization_of
 from deepfusion.config import FEATURE_KEYS, ModelConfig
-from deepfusion.data import check_split, fit_normalization, make_split
+from deepfusion.data.dataset import check_split, fit_normalization, make_split
 from deepfusion.io.features_file import load_feature_set
 from deepfusion.errors import DatasetError
-from deepfusion.models import MultiModalNet, count_parameters
+from deepfusion.models.net import MultiModalNet, count_parameters
 from deepfusion.progress import epoch_seconds
 from deepfusion.testing import cli_command, invoke, subprocess_env
 
@@ -156,8 +156,8 @@ def test_checkpoint_is_self_contained(trained_model_dir, tiny_features):
 
 def test_learns_the_synthetic_genres(trained_model_dir, tiny_features):
     from deepfusion.config import FeatureConfig
-    from deepfusion.data import segment_frames
-    from deepfusion.inference import predict_clips
+    from deepfusion.data.dataset import segment_frames
+    from deepfusion.inference.clips import predict_clips
 
     raw = torch.load(trained_model_dir / "best.pth", map_location="cpu", weights_only=True)
     # 3 balanced genres: chance is 1/3 on the held-out clips (3 val, 3 test)

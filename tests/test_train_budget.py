@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from deepfusion.progress import PlainProgress, progress_bar, say_around_bars
-from deepfusion.recipe import default_backbone
-from deepfusion.run_writer import RunWriter
+from deepfusion.train.recipe import default_backbone
+from deepfusion.train.run_writer import RunWriter
 from deepfusion.testing import cli_command, subprocess_env
 
 

@@ -51,10 +51,10 @@ def _wrap(module, name):
     setattr(module, name, call)
 
 
-import deepfusion.cluster, deepfusion.tasks, deepfusion.windows  # noqa: E401,E402
-_wrap(deepfusion.cluster, "_on_worker")
-_wrap(deepfusion.tasks, "_indexed")
-_wrap(deepfusion.windows, "file_windows")
+import deepfusion.runtime.cluster, deepfusion.jobs.job, deepfusion.jobs.windows  # noqa: E401,E402
+_wrap(deepfusion.runtime.cluster, "_on_worker")
+_wrap(deepfusion.jobs.job, "_indexed")
+_wrap(deepfusion.jobs.windows, "file_windows")
 """
 
 

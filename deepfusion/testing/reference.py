@@ -11,7 +11,7 @@ from deepfusion.config import FeatureConfig
 
 
 def reference_features(y: np.ndarray, config: FeatureConfig = FeatureConfig()) -> dict[str, np.ndarray]:
-    """The definitions of :func:`deepfusion.features.compute_features` computed with plain
+    """The definitions of :func:`deepfusion.features.numpy_views.compute_features` computed with plain
     librosa calls, one call per view (HPSS of the complex STFT, mel of each part, MFCC of the
     original's dB mel, chroma of the power STFT, tempogram of the onset strength)."""
     sr = config.sample_rate

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from deepfusion.errors import DeepFusionError, ParameterError
-from deepfusion.runtime import resolve_device
+from deepfusion.runtime.device import resolve_device
 
 T = TypeVar("T")
 
@@ -162,7 +162,7 @@ def process_group(device: str = "auto") -> Iterator[Optional[Group]]:
 
 def device(name: str = "auto") -> torch.device:
     """This process's device: the group's (see :func:`process_group`), else
-    :func:`~deepfusion.runtime.resolve_device` of ``name``."""
+    :func:`~deepfusion.runtime.device.resolve_device` of ``name``."""
     return _GROUP.device if _GROUP else resolve_device(name)
 
 

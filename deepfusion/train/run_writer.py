@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 
-from deepfusion.checkpoint import save_checkpoint, to_cpu
+from deepfusion.models.checkpoint import save_checkpoint, to_cpu
 from deepfusion.io.atomic import write_csv
 
 HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds",

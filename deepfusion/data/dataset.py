@@ -19,7 +19,7 @@ from deepfusion.config import MEL_KEYS, PRETRAINED_KEY, FeatureConfig
 from deepfusion.errors import DatasetError
 from deepfusion.io.atomic import library_text, os_error_reason
 from deepfusion.io.featureset import FeatureSet
-from deepfusion.pretrained.view import patch_span
+from deepfusion.features.pretrained.view import patch_span
 
 SPLITS = ("train", "val", "test")
 
@@ -280,7 +280,7 @@ def crop_views(arrays: dict[str, np.ndarray], clip: int, start: int, seg: int,
                n_frames: int) -> dict[str, np.ndarray]:
     """Frames ``[start, start + seg)`` of clip ``clip`` of every view; for the pretrained view
     (whose time axis is patches) the patches those frames cover
-    (:func:`deepfusion.pretrained.view.patch_span`)."""
+    (:func:`deepfusion.features.pretrained.view.patch_span`)."""
     out = {}
     for k, arr in arrays.items():
         if k == PRETRAINED_KEY:
@@ -408,10 +408,10 @@ def make_torch_dataset(fs: FeatureSet, norm: dict, clips: np.ndarray, *, seg: in
 def epoch_order(n: int, *, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> list[int]:
     """The training order of epoch ``epoch`` over ``n`` items: a permutation drawn from
     ``(seed, epoch)`` alone, of which process ``rank`` of ``world_size`` takes its share
-    (:func:`deepfusion.ddp.epoch_share`: the same number of items on every process)."""
+    (:func:`deepfusion.runtime.ddp.epoch_share`: the same number of items on every process)."""
     import torch
 
-    from deepfusion.ddp import epoch_share
+    from deepfusion.runtime.ddp import epoch_share
 
     g = torch.Generator().manual_seed(seed * 1_000_033 + epoch)
     return epoch_share(torch.randperm(n, generator=g).tolist(), rank, world_size)

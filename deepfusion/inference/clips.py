@@ -13,11 +13,11 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from deepfusion import ddp
-from deepfusion.data import eval_segments, make_torch_dataset
+from deepfusion.runtime import ddp
+from deepfusion.data.dataset import eval_segments, make_torch_dataset
 from deepfusion.io.featureset import FeatureSet
 from deepfusion.metrics import log_loss, softmax
-from deepfusion.runtime import autocast_for, to_device
+from deepfusion.runtime.device import autocast_for, to_device
 
 
 @dataclass
@@ -48,9 +48,9 @@ def predict_clips(model: torch.nn.Module, fs: FeatureSet, norm: dict, clips: np.
     """Mean logits and attention over all non-overlapping segments of each clip.
 
     ``amp``: the precision (``fp32``, ``bf16``, ``fp16``, or a bool as
-    :func:`~deepfusion.runtime.autocast_for` reads it). ``labels`` (default the FeatureSet's)
+    :func:`~deepfusion.runtime.device.autocast_for` reads it). ``labels`` (default the FeatureSet's)
     only serve the segment-level accuracy. ``shard``:
-    in a torchrun group (:mod:`deepfusion.ddp`; every process calls, with the same ``clips``)
+    in a torchrun group (:mod:`deepfusion.runtime.ddp`; every process calls, with the same ``clips``)
     each process predicts its share of the clips and every process returns all of them, the
     same on every process. ``embeddings``: also the mean fused embedding of each clip (the
     classifier's input; not with ``shard``).

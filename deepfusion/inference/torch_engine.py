@@ -1,8 +1,8 @@
 """A checkpoint as an engine for predict and embed: windows of features in, outputs out.
 
-:class:`TorchEngine` and :class:`deepfusion.onnx_engine.OnnxEngine` answer the same question
+:class:`TorchEngine` and :class:`deepfusion.inference.onnx_engine.OnnxEngine` answer the same question
 (``window_outputs``) from the same un-normalised views, so the library commands do not care
-which one runs. Windows are classified through :func:`deepfusion.inference.predict_clips`,
+which one runs. Windows are classified through :func:`deepfusion.inference.clips.predict_clips`,
 as train and evaluate classify clips: every non-overlapping segment, outputs averaged.
 """
 
@@ -15,14 +15,14 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from deepfusion.checkpoint import feature_config_of, load_checkpoint, model_from_checkpoint, normalization_of
+from deepfusion.models.checkpoint import feature_config_of, load_checkpoint, model_from_checkpoint, normalization_of
 from deepfusion.config import ModelConfig, TrainConfig, view_keys
-from deepfusion.data import segment_frames
-from deepfusion.inference import predict_clips
+from deepfusion.data.dataset import segment_frames
+from deepfusion.inference.clips import predict_clips
 from deepfusion.io.cache import stamp_or_none
 from deepfusion.io.featureset import FeatureSet
-from deepfusion.memo import ModelIds, model_id
-from deepfusion.runtime import inference_precision, is_out_of_memory, resolve_device
+from deepfusion.io.memo import ModelIds, model_id
+from deepfusion.runtime.device import inference_precision, is_out_of_memory, resolve_device
 
 
 #: Segments per forward pass on the CPU and on a GPU. On this CPU (2 cores, fp32) a light
@@ -35,9 +35,9 @@ SEGMENT_BATCH_DEFAULT = 64
 
 class TorchEngine:
     """A ``best.pth`` loaded once, classifying windows on ``device`` in ``precision``
-    (``fp32``, or ``amp``: see :func:`deepfusion.runtime.inference_precision`), ``batch_size``
+    (``fp32``, or ``amp``: see :func:`deepfusion.runtime.device.inference_precision`), ``batch_size``
     segments at a time (default :data:`SEGMENT_BATCH` for the device). ``ids``: the model
-    files' digests known so far (:class:`~deepfusion.memo.ModelIds`: a checkpoint seen before
+    files' digests known so far (:class:`~deepfusion.io.memo.ModelIds`: a checkpoint seen before
     is not hashed again to find its outputs in the cache)."""
 
     kind = "torch"
@@ -62,11 +62,11 @@ class TorchEngine:
         model_config = ModelConfig.from_dict({"band_stats": False, **self.ckpt["model_config"]})
         # from the checkpoint, whose state load_checkpoint checked against the config: the
         # network (or probe) itself is built only when a window goes through it, and a run
-        # whose outputs all come from the cache (deepfusion.memo) builds none
+        # whose outputs all come from the cache (deepfusion.io.memo) builds none
         self.embedding_dim = int(self.ckpt["model_state"]["classifier.weight"].shape[1])
         #: the views the model reads (its attention's columns)
         self.keys = tuple(view_keys(model_config.pretrained_view_rows > 0))
-        # what deepfusion.memo keeps this model's outputs under (None: nothing kept)
+        # what deepfusion.io.memo keeps this model's outputs under (None: nothing kept)
         self.model_id = model_id(self.path, "torch", self.device.type, self.precision,
                                  stamp=stamp, ids=ids) if stamp else None
         self.batch_size = batch_size or SEGMENT_BATCH.get(self.device.type, SEGMENT_BATCH_DEFAULT)
@@ -87,11 +87,11 @@ class TorchEngine:
         return self._trained_model
 
     def adapt(self, mode: str, batches) -> None:
-        """Adapt to a collection (:mod:`deepfusion.adapt`): ``batches()`` yields its windows
+        """Adapt to a collection (:mod:`deepfusion.inference.adapt`): ``batches()`` yields its windows
         as FeatureSets, anew at each call; always from the trained model (``none``: back to
         it). The outputs then depend on the collection, so they are not kept in the cache
         (``model_id`` None)."""
-        from deepfusion.adapt import adapt_streaming
+        from deepfusion.inference.adapt import adapt_streaming
 
         self._adapted = None
         self.norm, self.model_id = self._trained

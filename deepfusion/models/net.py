@@ -1,6 +1,6 @@
 """Branches, modality attention and the fused multi-modal network.
 
-Inputs are the feature views of a batch of segments (normalised, see ``deepfusion.data``)::
+Inputs are the feature views of a batch of segments (normalised, see ``deepfusion.data.dataset``)::
 
     mel_spec_orig, mel_spec_harm, mel_spec_perc  (B, n_mels, T)   -> three MelCNN branches
     mfcc, chroma, tempogram                      (B, rows, T)     -> three AuxiliaryFeatureMLPs
@@ -24,7 +24,7 @@ from torch import nn
 
 from deepfusion.config import AUX_KEYS, MEL_KEYS, PRETRAINED_KEY, ModelConfig, view_keys
 from deepfusion.errors import ParameterError, WeightsNotFoundError
-from deepfusion.weights import RESNETS, load_pretrained_state, one_line
+from deepfusion.models.weights import RESNETS, load_pretrained_state, one_line
 
 def _light_cnn() -> tuple[nn.Module, int]:
     """A small CNN for CPUs: four conv blocks, about 0.1 M parameters."""

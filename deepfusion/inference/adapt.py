@@ -5,7 +5,7 @@ every view's rows sit elsewhere. Re-estimating, on the collection being classifi
 model normalises by removes much of that shift without a single label:
 
 - ``inputs``: each view's per-row mean and standard deviation (what
-  :func:`deepfusion.data.fit_normalization` computed on the training clips) are the
+  :func:`deepfusion.data.dataset.fit_normalization` computed on the training clips) are the
   collection's own;
 - ``full``: that, and the statistics the model itself normalises by, re-estimated on the
   collection: the running mean and variance of every BatchNorm layer of the network over the
@@ -105,11 +105,11 @@ class Adapter:
 
     def add(self, fs: FeatureSet, clips: np.ndarray) -> None:
         """Clips ``clips`` of ``fs`` (a collection, or a batch of a library's windows)."""
-        from deepfusion.data import eval_segments, make_torch_dataset
+        from deepfusion.data.dataset import eval_segments, make_torch_dataset
 
         clips = np.asarray(clips, np.int64)
         if _is_probe(self._model):
-            from deepfusion.probe import clip_stats
+            from deepfusion.models.probe import clip_stats
 
             stats = clip_stats(fs, self.norm, clips, self._model.keys)
             part = np.stack([stats.sum(axis=0), (stats * stats).sum(axis=0)])
@@ -129,7 +129,7 @@ class Adapter:
     def _forward(self) -> None:
         import torch
 
-        from deepfusion.runtime import to_device
+        from deepfusion.runtime.device import to_device
 
         if not self._pending:
             return
@@ -174,7 +174,7 @@ def adapt(model, fs: FeatureSet, norm: dict, clips: np.ndarray, *, mode: str, se
     fs : FeatureSet
         The collection (labels unused).
     norm : dict
-        The checkpoint's normalisation (:func:`deepfusion.checkpoint.normalization_of`).
+        The checkpoint's normalisation (:func:`deepfusion.models.checkpoint.normalization_of`).
     clips : array of int
         The clips whose statistics are the collection's.
     mode : "none", "inputs" or "full" (see the module docstring; resolve ``auto`` first)
@@ -185,7 +185,7 @@ def adapt(model, fs: FeatureSet, norm: dict, clips: np.ndarray, *, mode: str, se
     -------
     (model, norm)
     """
-    from deepfusion.data import fit_normalization
+    from deepfusion.data.dataset import fit_normalization
 
     if mode not in ("none", "inputs", "full"):
         raise ParameterError(f"--adapt {mode}: give none, inputs or full")
@@ -206,7 +206,7 @@ def adapt_streaming(model, norm: dict, batches: Iterable[FeatureSet], *, mode: s
     """:func:`adapt` over a collection read in batches (``FeatureSet`` s of windows): one pass
     for the views' statistics and, for ``full``, a second over ``again`` (the same batches
     read anew)."""
-    from deepfusion.data import RunningNormalization
+    from deepfusion.data.dataset import RunningNormalization
 
     if mode not in ("none", "inputs", "full"):
         raise ParameterError(f"--adapt {mode}: give none, inputs or full")

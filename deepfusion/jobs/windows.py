@@ -61,11 +61,11 @@ def file_windows(path: str, cache_dir: str, config_dict: dict, timeout: Optional
     many windows were computed (0 when all came from the cache) and how many of those replaced
     a damaged entry. ``timeout`` bounds the hashing, the first window (as in extract) and each
     further window. ``view_runtime``: what runs the pretrained view
-    (:func:`~deepfusion.tasks.numpy_features`).
+    (:func:`~deepfusion.jobs.job.numpy_features`).
     """
     from deepfusion.audio import check_file
     from deepfusion.io.cache import DAMAGED, VALID
-    from deepfusion.tasks import _FileTimeout, _time_limit, _warm_up, hash_and_compute
+    from deepfusion.jobs.job import _FileTimeout, _time_limit, _warm_up, hash_and_compute
 
     changed = CHANGED_WHILE_READ
     config = FeatureConfig.from_dict(config_dict)
@@ -125,7 +125,7 @@ def _later_windows(path: Path, key: str, missing: list[int], cache: FeatureCache
     from threadpoolctl import threadpool_limits
 
     from deepfusion.audio import decode_windows
-    from deepfusion.tasks import _FileTimeout, _failed, _time_limit, numpy_features
+    from deepfusion.jobs.job import _FileTimeout, _failed, _time_limit, numpy_features
 
     wanted = set(missing)
     index = 0
@@ -177,7 +177,7 @@ def run_file_tasks(paths: list[Path], *, cache_dir: Path, config: FeatureConfig,
     config_dict = config.to_dict()
     tasks = [(str(p), str(cache_dir), config_dict, timeout, view_runtime) for p in paths]
     if len(tasks) > 1:
-        from deepfusion.tasks import default_jobs
+        from deepfusion.jobs.job import default_jobs
 
         jobs = default_jobs() if jobs is None else max(1, int(jobs))
     if len(tasks) <= 1 or jobs <= 1:   # here: no pool to start (nor joblib to import)
@@ -186,7 +186,7 @@ def run_file_tasks(paths: list[Path], *, cache_dir: Path, config: FeatureConfig,
         return
     from joblib import delayed
 
-    from deepfusion.tasks import pool_results
+    from deepfusion.jobs.job import pool_results
 
     yield from pool_results((delayed(file_windows)(*task) for task in tasks), min(jobs, len(tasks)),
                             ordered=True, what="analysing files")

@@ -12,7 +12,7 @@ as those views (the extraction budget is 2.5x the six views); ``stride=1`` takes
 segment of frames to the patches that represent it.
 
 Pure: arrays in, arrays out; the network is loaded once per process
-(:func:`deepfusion.pretrained.musicnn.load_musicnn`). Importing this module loads neither
+(:func:`deepfusion.features.pretrained.musicnn.load_musicnn`). Importing this module loads neither
 torch nor librosa (the features' config asks it for shapes).
 """
 
@@ -25,7 +25,7 @@ from typing import Optional
 import numpy as np
 
 from deepfusion.io.atomic import library_text
-from deepfusion.pretrained.musicnn_input import HOP, PATCH_FRAMES, SAMPLE_RATE
+from deepfusion.features.pretrained.musicnn_input import HOP, PATCH_FRAMES, SAMPLE_RATE
 
 #: The parts of each patch's rows, in order, with their sizes.
 PARTS = (("penultimate", 200), ("taggram", 50))
@@ -118,7 +118,7 @@ def pretrained_views(ys: np.ndarray, sample_rate: int, model: str = "MTT_musicnn
     -------
     np.ndarray [shape=(batch, VIEW_ROWS, n_patches)], float32
     """
-    from deepfusion.pretrained.musicnn_input import log_mel, patches, resample_16k
+    from deepfusion.features.pretrained.musicnn_input import log_mel, patches, resample_16k
 
     ys = np.asarray(ys, np.float32)
     chosen = list(chosen_patches(all_patches(ys.shape[-1], sample_rate), stride))
@@ -177,7 +177,7 @@ def _onnx_session(model: str):
         raise WeightsNotFoundError("the pretrained view needs torch or onnxruntime, and neither "
                                    "is installed (pip install torch, or pip install "
                                    "'deepfusion[onnx]')") from None
-    path = resources.files("deepfusion") / "pretrained" / "weights" / f"{model}.onnx"
+    path = resources.files("deepfusion") / "features" / "pretrained" / "weights" / f"{model}.onnx"
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1      # as torch's one thread in a worker
     try:
@@ -195,7 +195,7 @@ def _network(model: str, device: str):
     CPU copy is never moved, other callers share it)."""
     import copy
 
-    from deepfusion.pretrained.musicnn import load_musicnn
+    from deepfusion.features.pretrained.musicnn import load_musicnn
 
     net = load_musicnn(model)
     return net if device == "cpu" else copy.deepcopy(net).to(device)

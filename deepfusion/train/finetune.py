@@ -17,11 +17,11 @@ from typing import Any, Optional
 
 import torch
 
-from deepfusion.checkpoint import load_checkpoint
+from deepfusion.models.checkpoint import load_checkpoint
 from deepfusion.config import FeatureConfig, ModelConfig
 from deepfusion.errors import ParameterError
 
-#: Modules of :class:`~deepfusion.models.MultiModalNet` that ``--freeze-branches`` freezes.
+#: Modules of :class:`~deepfusion.models.net.MultiModalNet` that ``--freeze-branches`` freezes.
 BRANCHES = ("mel", "aux")
 
 

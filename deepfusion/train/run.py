@@ -2,7 +2,7 @@
 
 The loop reads top to bottom: load and check the features, split (groups kept together), fit
 normalisation on the training clips, build the model, then per epoch :func:`train_one_epoch`,
-:func:`~deepfusion.inference.predict_clips` on the validation clips, checkpoints, CSV, plot.
+:func:`~deepfusion.inference.clips.predict_clips` on the validation clips, checkpoints, CSV, plot.
 ``last.pth`` makes ``resume`` continue where a run stopped; the crops, shuffles and dropout of
 epoch *e* are seeded by (seed, e), so a resumed CPU run repeats the uninterrupted one. Under
 ``torchrun`` the loop runs in every process with DistributedDataParallel (rank 0 writes).
@@ -21,28 +21,29 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from deepfusion import ddp, finetune
-from deepfusion.checkpoint import expected_sizes, library_versions, load_checkpoint, save_checkpoint
-from deepfusion.run_writer import RunWriter, write_log
+from deepfusion.runtime import ddp
+from deepfusion.train import finetune
+from deepfusion.models.checkpoint import expected_sizes, library_versions, load_checkpoint, save_checkpoint
+from deepfusion.train.run_writer import RunWriter, write_log
 from deepfusion.config import (ARCHITECTURE_FIELDS, AUTO_FIELDS, AUX_KEYS, PRETRAINED_KEY, FeatureConfig,
                      ModelConfig, RuntimeConfig, TrainConfig)
-from deepfusion.recipe import default_backbone, resolve_recipe, resume_recipe
-from deepfusion.data import (Augment, check_split, feature_config_of, fit_normalization, make_split,
+from deepfusion.train.recipe import default_backbone, resolve_recipe, resume_recipe
+from deepfusion.data.dataset import (Augment, check_split, feature_config_of, fit_normalization, make_split,
                    make_train_loader, read_split_file, segment_frames, segments_per_clip,
                    split_lists, split_summary, ungrouped_warning)
 from deepfusion.errors import CheckpointError, DatasetError, DeepFusionError, ParameterError
-from deepfusion.inference import ClipPredictions, clip_loss, predict_clips
-from deepfusion.loop import all_finite, lr_factor, step_seconds, train_one_epoch
+from deepfusion.inference.clips import ClipPredictions, clip_loss, predict_clips
+from deepfusion.train.loop import all_finite, lr_factor, step_seconds, train_one_epoch
 from deepfusion.io.atomic import remove_stale_temps
 from deepfusion.io.features_file import FeatureSet, load_features
 from deepfusion.io.guard import check_destinations, check_free_space, same_file
 from deepfusion.io.run_folder import claim_run_folder, destinations as run_destinations
-from deepfusion.models import build_model, check_input_size, count_parameters
+from deepfusion.models.net import build_model, check_input_size, count_parameters
 from deepfusion.progress import duration_text, epoch_legend, epoch_seconds, plan_line, progress_bar
-from deepfusion.runtime import (backend_settings, default_num_workers, memory_check, memory_guard,
+from deepfusion.runtime.device import (backend_settings, default_num_workers, memory_check, memory_guard,
                       precision_for, requested_precision, restore_scaler, rng_state,
                       seed_everything, seed_torch, set_rng_state)
-from deepfusion.weights import pretrained_mode, resolve_pretrained
+from deepfusion.models.weights import pretrained_mode, resolve_pretrained
 
 @dataclass
 class TrainResult:
@@ -99,7 +100,7 @@ def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConf
     One run per folder: a second writer is refused while this one runs, and a folder that
     holds a run needs ``resume`` (continue it) or ``overwrite`` (replace it).
 
-    Under ``torchrun`` (:mod:`deepfusion.ddp`) each process trains its share of every epoch
+    Under ``torchrun`` (:mod:`deepfusion.runtime.ddp`) each process trains its share of every epoch
     with DistributedDataParallel, ``config.batch_size`` segments per process and step; rank 0
     alone holds the folder, reads and writes its files and prints. All return the same result.
 
@@ -443,8 +444,8 @@ def _train_probe(fs: FeatureSet, features: Path, split: np.ndarray, indices, *,
                  echo: Callable[[str], None], t_start: float,
                  ungrouped: Optional[str] = None) -> TrainResult:
     """Fit the linear probe (logistic regression on time-pooled statistics of the views,
-    :mod:`deepfusion.probe`) and save it as ``best.pth`` in the network's checkpoint format."""
-    from deepfusion.probe import fit_probe
+    :mod:`deepfusion.models.probe`) and save it as ``best.pth`` in the network's checkpoint format."""
+    from deepfusion.models.probe import fit_probe
 
     train_idx, val_idx, test_idx = indices
     config = replace(resolve_recipe(config, "light", False), segment_seconds=None, epochs=1,

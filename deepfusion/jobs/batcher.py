@@ -11,7 +11,7 @@ from typing import Any, Iterator, Optional
 from deepfusion.config import FeatureConfig
 from deepfusion.errors import DeepFusionError
 from deepfusion.io.cache import FeatureCache
-from deepfusion.tasks import _failed, _run_tasks, hash_and_decode
+from deepfusion.jobs.job import _failed, _run_tasks, hash_and_decode
 
 #: Devices on which the torch backend runs per file in the workers, as numpy does (on a GPU
 #: the workers only decode, and this process analyses batches of their clips).
@@ -46,7 +46,7 @@ def _analyse(pending: list[tuple[int, str, Any, dict, bool]], cache: FeatureCach
              config: FeatureConfig, device: str) -> Iterator[tuple[int, tuple]]:
     import numpy as np
 
-    from deepfusion.features_torch import compute_features_torch
+    from deepfusion.features.torch_views import compute_features_torch
 
     try:
         feats = compute_features_torch(np.stack([y for _, _, y, _, _ in pending]), config,
@@ -70,7 +70,7 @@ def _analyse(pending: list[tuple[int, str, Any, dict, bool]], cache: FeatureCach
 
 def _stop_if_out_of_memory(exc: Exception, device: str) -> None:
     """One clip alone does not fit on ``device``: no later clip will, so stop in one line."""
-    from deepfusion.runtime import is_out_of_memory
+    from deepfusion.runtime.device import is_out_of_memory
 
     if is_out_of_memory(exc):
         from deepfusion.errors import DeviceMemoryError

@@ -1,6 +1,6 @@
 """One epoch of training steps, and the learning-rate schedule the steps follow.
 
-Kept apart from :mod:`deepfusion.train` (which sets a run up, validates and saves) so that the
+Kept apart from :mod:`deepfusion.train.run` (which sets a run up, validates and saves) so that the
 loop a benchmark times (``benchmarks/train_speed.py``) is the one training runs.
 """
 
@@ -13,7 +13,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from deepfusion.config import TrainConfig
-from deepfusion.runtime import autocast_for, to_device
+from deepfusion.runtime.device import autocast_for, to_device
 
 LOG_EVERY = 20   #: batches between the progress bar's updates (each waits for the GPU)
 
@@ -36,7 +36,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, *, dev
                     on_batch: Optional[Callable[[int, float], None]] = None,
                     mixup: float = 0.0, ema=None) -> tuple[float, float]:
     """One pass over the training crops in precision ``amp`` (fp32, bf16, fp16; a bool as
-    :func:`~deepfusion.runtime.autocast_for` reads it). Returns (mean loss, accuracy).
+    :func:`~deepfusion.runtime.device.autocast_for` reads it). Returns (mean loss, accuracy).
 
     ``mixup`` > 0 trains on convex mixtures of pairs of segments (weight drawn from
     Beta(mixup, mixup) per batch, from torch's seeded generator) against the same mixture of
@@ -107,7 +107,7 @@ def step_seconds(model: torch.nn.Module, loader, *, device: torch.device,
 
     import copy
 
-    from deepfusion.runtime import synchronize
+    from deepfusion.runtime.device import synchronize
 
     n = len(loader.dataset)
     batch = loader.collate_fn([loader.dataset[(i, 0)] for i in range(min(loader.batch_size, n))])

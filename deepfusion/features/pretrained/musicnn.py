@@ -12,7 +12,7 @@ The pipeline is the original's, step for step::
     x = patches(mel)                   # (n_patches, 187, 96): 3-s patches, no overlap
     out = load_musicnn("MSD_musicnn")(torch.from_numpy(x))   # dict, see Musicnn.forward
 
-The input steps live in :mod:`deepfusion.pretrained.musicnn_input` (no torch) and are
+The input steps live in :mod:`deepfusion.features.pretrained.musicnn_input` (no torch) and are
 re-exported here.
 """
 
@@ -30,7 +30,7 @@ from torch.nn import functional as F
 
 from deepfusion.errors import ParameterError, WeightsNotFoundError
 from deepfusion.io.atomic import os_error_reason
-from deepfusion.pretrained.musicnn_input import (HOP, N_FFT, N_MELS, PATCH_FRAMES, SAMPLE_RATE, log_mel,  # noqa: F401
+from deepfusion.features.pretrained.musicnn_input import (HOP, N_FFT, N_MELS, PATCH_FRAMES, SAMPLE_RATE, log_mel,  # noqa: F401
                             patches, resample_16k)
 
 MODELS = ("MSD_musicnn", "MTT_musicnn")
@@ -280,7 +280,7 @@ def _check_name(name: str) -> None:
 
 def weights_file(name: str):
     """Where the shipped weights of model ``name`` are: package data
-    ``deepfusion/pretrained/weights/<name>.npz`` (a :class:`importlib.resources.abc.Traversable`,
+    ``deepfusion/features/pretrained/weights/<name>.npz`` (a :class:`importlib.resources.abc.Traversable`,
     a :class:`pathlib.Path` for an ordinary install)."""
     _check_name(name)
     return resources.files(__package__).joinpath("weights", f"{name}.npz")

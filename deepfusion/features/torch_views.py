@@ -1,9 +1,9 @@
 """The six feature views in torch, batched over clips, on any device (cpu, cuda, mps).
 
-The definitions are :func:`deepfusion.features.compute_features`' (librosa's), step for step:
+The definitions are :func:`deepfusion.features.numpy_views.compute_features`' (librosa's), step for step:
 one centred STFT per clip (``torch.stft``, zero padding as ``librosa.stft``), median-filter HPSS
 soft masks (kernel along time and along frequency, borders reflected as
-:func:`~deepfusion.features.median_filter_axis` does), the mel filter bank, ``power_to_db``
+:func:`~deepfusion.features.numpy_views.median_filter_axis` does), the mel filter bank, ``power_to_db``
 relative to each clip's maximum, MFCC (DCT-II, orthonormal), chroma (``chroma_stft``, tuning
 estimated per clip with ``piptrack`` as librosa does unless the config fixes it), onset
 strength and the autocorrelation tempogram. Every constant matrix (mel, chroma, DCT, window) is
@@ -14,10 +14,10 @@ piptrack's peak picking) runs on the device in float32. Two small steps run on t
 librosa's own code because they are not arithmetic but counting: the median and histogram of
 the picked peaks that give a clip's tuning (a few thousand numbers per clip), and the chroma
 filter bank of that tuning. On the CPU device the two median filters run through
-:func:`~deepfusion.features.median_filter_axis` (bottleneck), ten times faster there than
+:func:`~deepfusion.features.numpy_views.median_filter_axis` (bottleneck), ten times faster there than
 ``torch.median`` over unfolded windows; both give the same values (a median picks an input).
 
-The values agree with :func:`~deepfusion.features.compute_features` to float32 rounding of
+The values agree with :func:`~deepfusion.features.numpy_views.compute_features` to float32 rounding of
 the STFT, not bit for bit: :data:`TOLERANCE` per view (``tests/test_features_torch.py``).
 """
 
@@ -33,7 +33,7 @@ import torch
 from deepfusion.config import PRETRAINED_KEY, FeatureConfig
 from deepfusion.errors import ParameterError
 
-#: Largest absolute difference from :func:`deepfusion.features.compute_features` allowed per
+#: Largest absolute difference from :func:`deepfusion.features.numpy_views.compute_features` allowed per
 #: view (set above what 80 real clips and the synthetic test clips show; see
 #: ``tests/test_features_torch.py``): within these the two backends share the cache key. The
 #: pretrained view is the same network on either backend; on a GPU it differs by float32
@@ -57,7 +57,7 @@ def _constants(config: FeatureConfig) -> dict[str, np.ndarray]:
     import librosa
     import scipy.fft
 
-    from deepfusion.features import _mel_basis
+    from deepfusion.features.numpy_views import _mel_basis
 
     window = librosa.filters.get_window("hann", config.n_fft, fftbins=True)
     # librosa.feature.mfcc is scipy.fft.dct(S, axis=-2, type=2, norm="ortho")[:n_mfcc]: a
@@ -90,7 +90,7 @@ def _symmetric_index(n: int, before: int, after: int) -> np.ndarray:
 def median_filter(S: torch.Tensor, *, size: int, dim: int) -> torch.Tensor:
     """Running median of ``S`` along ``dim``, borders reflected (edge sample repeated).
 
-    Equals :func:`deepfusion.features.median_filter_axis` on each clip. On accelerators the
+    Equals :func:`deepfusion.features.numpy_views.median_filter_axis` on each clip. On accelerators the
     windows are unfolded and reduced with ``torch.median``, in chunks of at most
     :data:`MEDIAN_CHUNK_ELEMENTS`; on the CPU bottleneck's running median does the same faster.
 
@@ -109,7 +109,7 @@ def median_filter(S: torch.Tensor, *, size: int, dim: int) -> torch.Tensor:
     if size <= 1:
         return S.clone()
     if S.device.type == "cpu":
-        from deepfusion.features import median_filter_axis
+        from deepfusion.features.numpy_views import median_filter_axis
 
         return torch.from_numpy(median_filter_axis(S.numpy(), size=size, axis=dim))
     return median_filter_unfold(S, size=size, dim=dim)
@@ -329,7 +329,7 @@ def compute_features_torch(
 
     Returns
     -------
-    list of B dicts of np.ndarray, all float32, as :func:`deepfusion.features.compute_features`:
+    list of B dicts of np.ndarray, all float32, as :func:`deepfusion.features.numpy_views.compute_features`:
         ``mel_spec_orig``, ``mel_spec_harm``, ``mel_spec_perc`` [shape=(n_mels, t)] in dB,
         ``mfcc`` [shape=(n_mfcc, t)], ``chroma`` [shape=(n_chroma, t)] and
         ``tempogram`` [shape=(tempogram_win_length, t)], with ``t = 1 + n_samples // hop``.
@@ -383,7 +383,7 @@ def compute_features_torch(
              "mfcc": mfcc, "chroma": chroma, "tempogram": tempo}
     host = {k: v.float().cpu().numpy() for k, v in views.items()}
     if config.pretrained_view is not None:
-        from deepfusion.pretrained.view import pretrained_views
+        from deepfusion.features.pretrained.view import pretrained_views
 
         host[PRETRAINED_KEY] = pretrained_views(y.float().cpu().numpy(), sr, config.pretrained_view,
                                                 stride=config.pretrained_stride, device=str(device))

@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from deepfusion.config import TrainConfig
-from deepfusion.data import make_split
+from deepfusion.data.dataset import make_split
 from deepfusion.errors import DatasetError, ParameterError
 from deepfusion.io.features_file import load_features
 from deepfusion.io.featureset import FeatureSet
@@ -138,11 +138,11 @@ def cross_validate(features: Path, *, folds: int, model_dir: Path = Path("models
                    echo: Callable[[str], None] = print, **train_kwargs: Any) -> CrossValidation:
     """K-fold grouped, stratified cross-validation of a training recipe.
 
-    ``train_kwargs`` go to :func:`deepfusion.train.train` (backbone, pretrained, quiet, ...).
+    ``train_kwargs`` go to :func:`deepfusion.train.run.train` (backbone, pretrained, quiet, ...).
     The folds depend on ``fold_seed`` (default ``config.seed``) only, so recipes compared
     with the same seed see the same folds. Writes ``cross_validation.csv`` and
     ``cross_validation_predictions.csv`` into ``model_dir``, which holds one run as
-    :func:`deepfusion.train.train`'s folder does (``resume`` or ``overwrite`` for a used one).
+    :func:`deepfusion.train.run.train`'s folder does (``resume`` or ``overwrite`` for a used one).
     """
     import pandas as pd
 
@@ -150,7 +150,7 @@ def cross_validate(features: Path, *, folds: int, model_dir: Path = Path("models
     from deepfusion.io.guard import check_destinations
     from deepfusion.io.run_folder import claim_run_folder, destinations as run_destinations
     from deepfusion.metrics import summary_metrics
-    from deepfusion.train import train
+    from deepfusion.train.run import train
 
     features, model_dir = Path(features), Path(model_dir)
     weights = train_kwargs.get("weights_path")

@@ -80,9 +80,9 @@ def one_torch_thread(needed: bool = True):
 
 
 def numpy_features(y, config: FeatureConfig, view_runtime: Optional[str] = None) -> dict:
-    """:func:`~deepfusion.features.compute_features` as a worker runs it: one torch thread
+    """:func:`~deepfusion.features.numpy_views.compute_features` as a worker runs it: one torch thread
     when torch runs the pretrained view (``view_runtime`` None), none imported otherwise."""
-    from deepfusion.features import compute_features
+    from deepfusion.features.numpy_views import compute_features
 
     with one_torch_thread(config.pretrained_view is not None and view_runtime != "onnx"):
         return compute_features(y, config, view_runtime=view_runtime)
@@ -187,7 +187,7 @@ def _warm_up(config: FeatureConfig, *, features: bool = True,
                 if features and device is None:
                     numpy_features(y, config, view_runtime)
                 elif features:
-                    from deepfusion.features_torch import compute_features_torch
+                    from deepfusion.features.torch_views import compute_features_torch
 
                     compute_features_torch(y, config, device=device)
             done()
@@ -204,7 +204,7 @@ def compute_entry(path: str, key: str, cache_dir: str, config_dict: dict,
     Returns ``None`` on success or the reason the file could not be used. A file that takes
     longer than ``timeout`` seconds (a hostile header, say) is abandoned and reported.
     ``device`` (a torch device name) computes the features with the torch backend
-    (:mod:`deepfusion.features_torch`, one torch thread on the CPU) instead of numpy;
+    (:mod:`deepfusion.features.torch_views`, one torch thread on the CPU) instead of numpy;
     ``view_runtime``: what runs numpy's pretrained view (:func:`numpy_features`).
     """
     config = FeatureConfig.from_dict(config_dict)
@@ -212,7 +212,7 @@ def compute_entry(path: str, key: str, cache_dir: str, config_dict: dict,
     def compute(y):
         if device is None:
             return numpy_features(y, config, view_runtime)
-        from deepfusion.features_torch import compute_features_torch
+        from deepfusion.features.torch_views import compute_features_torch
 
         with one_torch_thread():
             return compute_features_torch(y, config, device=device)[0]
@@ -354,13 +354,13 @@ def _run_tasks(tasks: list[tuple], jobs: Optional[int], scheduler: Optional[str]
                cache_dir: Path, workers: dict[str, int],
                task: Callable = hash_and_compute) -> Iterator[tuple[int, tuple]]:
     """``(index, task(*tasks[index]))`` as tasks finish, on joblib workers or on a Dask
-    cluster (``scheduler``, see :mod:`deepfusion.cluster`; ``workers`` counts the tasks each
+    cluster (``scheduler``, see :mod:`deepfusion.runtime.cluster`; ``workers`` counts the tasks each
     Dask worker ran)."""
     if not tasks:
         return
     indexed = [(i, task, *args) for i, args in enumerate(tasks)]
     if scheduler:
-        from deepfusion.cluster import check_shared, connect, map_unordered, recount
+        from deepfusion.runtime.cluster import check_shared, connect, map_unordered, recount
 
         with connect(scheduler) as client:
             started = check_shared(client, cache_dir)
@@ -445,7 +445,7 @@ def resolve_backend(backend: Optional[str] = None,
     if device == "cpu" or (device == "auto" and not _gpu_possible()):
         resolved = "cpu"      # told without importing torch (seconds): a cached clip needs none
     else:
-        from deepfusion.runtime import resolve_device
+        from deepfusion.runtime.device import resolve_device
 
         resolved = str(resolve_device(device))     # DeviceError (a ParameterError): not here
     if backend is None and resolved == "cpu":

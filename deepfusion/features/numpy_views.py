@@ -3,7 +3,7 @@
 No files, no globals. Every function takes numpy arrays and a
 :class:`~deepfusion.config.FeatureConfig` and returns float32 arrays. The six hand-made views
 need no torch; the seventh, pretrained view (when ``config.pretrained_view`` names one) is a
-frozen torch network's (:mod:`deepfusion.pretrained.view`), loaded once per process.
+frozen torch network's (:mod:`deepfusion.features.pretrained.view`), loaded once per process.
 
 The definitions are librosa's (``librosa.decompose.hpss``, ``librosa.feature.melspectrogram``,
 ``mfcc``, ``chroma_stft``, ``tempogram``); what differs is the cost: the STFT is computed once,
@@ -119,7 +119,7 @@ def compute_features(y: np.ndarray, config: FeatureConfig = FeatureConfig(), *,
         Mono waveform at ``config.sample_rate`` (already padded or trimmed).
     config : FeatureConfig
     view_runtime : {None, 'onnx'}
-        What runs the pretrained view's network (:func:`deepfusion.pretrained.view.pretrained_view`'s
+        What runs the pretrained view's network (:func:`deepfusion.features.pretrained.view.pretrained_view`'s
         ``runtime``): torch where installed, or onnxruntime.
 
     Returns
@@ -129,7 +129,7 @@ def compute_features(y: np.ndarray, config: FeatureConfig = FeatureConfig(), *,
         ``mfcc`` [shape=(n_mfcc, t)], ``chroma`` [shape=(n_chroma, t)] and
         ``tempogram`` [shape=(tempogram_win_length, t)], with ``t = 1 + n_samples // hop``;
         ``musicnn`` [shape=(VIEW_ROWS, n_patches)] when ``config.pretrained_view`` is set
-        (see :func:`deepfusion.pretrained.view.pretrained_view`).
+        (see :func:`deepfusion.features.pretrained.view.pretrained_view`).
     """
     y = np.ascontiguousarray(y, dtype=np.float32)
     sr = config.sample_rate
@@ -163,7 +163,7 @@ def compute_features(y: np.ndarray, config: FeatureConfig = FeatureConfig(), *,
         "tempogram": tempogram,
     }
     if config.pretrained_view is not None:
-        from deepfusion.pretrained.view import pretrained_view
+        from deepfusion.features.pretrained.view import pretrained_view
 
         out[PRETRAINED_KEY] = pretrained_view(y, sr, config.pretrained_view,
                                               stride=config.pretrained_stride,

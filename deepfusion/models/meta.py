@@ -1,7 +1,7 @@
 """What a saved model says of itself, checked once for checkpoints and ONNX files alike.
 
-A checkpoint (:mod:`deepfusion.checkpoint`) and an exported ONNX model's ``deepfusion``
-metadata (:mod:`deepfusion.onnx_engine`) describe a model with the same fields: the class names
+A checkpoint (:mod:`deepfusion.models.checkpoint`) and an exported ONNX model's ``deepfusion``
+metadata (:mod:`deepfusion.inference.onnx_engine`) describe a model with the same fields: the class names
 in logit order, the :class:`FeatureConfig`, the :class:`ModelConfig` and, derived from those,
 the rows of each view; an ONNX model adds the rows and segment frames its graph takes, a
 checkpoint the normalisation statistics. The functions here check those fields (types, sane
@@ -246,7 +246,7 @@ def check_normalization(norm: Any, description: ModelDescription, bad: Bad) -> N
 def check_checkpoint_path(path: Any) -> None:
     """What a checkpoint's path can be refused for without opening it (nor importing torch,
     which costs seconds): a folder, or no file there; the words of
-    :func:`deepfusion.checkpoint.load_checkpoint`, which reads it.
+    :func:`deepfusion.models.checkpoint.load_checkpoint`, which reads it.
 
     Raises
     ------

@@ -2,7 +2,7 @@
 
 The probe sees exactly what the network sees (the six views and, where the features have it,
 the pretrained view, normalised per row by the
-dataset, see :class:`deepfusion.data.SegmentDataset`) and reduces every view to the mean and
+dataset, see :class:`deepfusion.data.dataset.SegmentDataset`) and reduces every view to the mean and
 the standard deviation over time of each of its rows (:func:`pooled_stats`). These statistics
 are standardised with the training clips' mean and scale and fed to one linear layer.
 
@@ -99,7 +99,7 @@ class LinearProbe(nn.Module):
     Buffers ``stat_mean`` and ``stat_scale`` standardise the statistics (fitted on training
     clips by :func:`fit_probe`; 0 and 1 until then); ``classifier`` is the ``nn.Linear``.
     ``forward`` returns ``{'logits': (B, n_classes), 'attention': (B, M)}`` like
-    :class:`~deepfusion.models.MultiModalNet`; the probe has no modality attention, so
+    :class:`~deepfusion.models.net.MultiModalNet`; the probe has no modality attention, so
     ``attention`` is uniform (1/M for each of its M views), only there for the common interface.
 
     The whole forward runs in float32 with autocast disabled (the statistics, the
@@ -179,7 +179,7 @@ def fit_probe(fs, norm: dict, train_idx: np.ndarray, *, n_mels: int,
     ----------
     fs : FeatureSet
     norm : dict
-        Per-row normalisation of the views (:func:`deepfusion.data.fit_normalization`).
+        Per-row normalisation of the views (:func:`deepfusion.data.dataset.fit_normalization`).
     train_idx : array of int
         Training clips; clips of unknown genre (label < 0) are left out.
     n_mels, aux_rows, pretrained_view_rows : int, (int, int, int), int

@@ -24,7 +24,7 @@ import torch
 from deepfusion.config import RUNTIME_FIELDS, FeatureConfig, ModelConfig, RuntimeConfig
 from deepfusion.errors import CheckpointError
 from deepfusion.io.atomic import atomic_write, library_text
-from deepfusion.weights import one_line
+from deepfusion.models.weights import one_line
 
 FORMAT_VERSION = 1
 
@@ -108,7 +108,7 @@ def load_checkpoint(path: Path, *, resume: bool = False) -> dict[str, Any]:
         Missing, unreadable, holding objects other than tensors and plain data, of another
         format version, or with parts that disagree or lie outside sane ranges.
     """
-    from deepfusion.model_meta import check_checkpoint_path
+    from deepfusion.models.meta import check_checkpoint_path
 
     path = Path(path)
     check_checkpoint_path(path)
@@ -149,7 +149,7 @@ def check_contents(ckpt: dict[str, Any], path: Path, *, resume: bool = False) ->
 
     Runs before anything is built or allocated from the file: the fields every saved model
     has (class names, feature and model configs, normalisation statistics) are checked by
-    :mod:`deepfusion.model_meta`, as an ONNX model's metadata is, then every tensor of the
+    :mod:`deepfusion.models.meta`, as an ONNX model's metadata is, then every tensor of the
     model state must have the shape the model config gives it (checked on the meta device,
     which allocates nothing). ``resume`` also asks for what ``last.pth`` adds.
 
@@ -160,7 +160,7 @@ def check_contents(ckpt: dict[str, Any], path: Path, *, resume: bool = False) ->
     """
     from deepfusion.config import TrainConfig
     from deepfusion.errors import ParameterError
-    from deepfusion.model_meta import check_description
+    from deepfusion.models.meta import check_description
 
     def bad(message: str) -> CheckpointError:
         return CheckpointError(f"{path}: damaged or inconsistent checkpoint: {message}")
@@ -186,9 +186,9 @@ def check_contents(ckpt: dict[str, Any], path: Path, *, resume: bool = False) ->
 
 
 def _check_normalization(norm: Any, described, bad) -> None:
-    """The statistics' views and shapes (:func:`~deepfusion.model_meta.check_normalization`),
+    """The statistics' views and shapes (:func:`~deepfusion.models.meta.check_normalization`),
     then their values: float tensors, finite, the standard deviations positive."""
-    from deepfusion.model_meta import check_normalization
+    from deepfusion.models.meta import check_normalization
 
     check_normalization(norm, described, bad)
     for key in described.keys:
@@ -247,8 +247,8 @@ def _refused_object(message: str) -> str:
 def _untrained_model(config: ModelConfig):
     """The network or linear probe ``config`` describes, never loading ImageNet weights (a
     checkpoint's own weights replace them)."""
-    from deepfusion.models import MultiModalNet
-    from deepfusion.probe import LinearProbe
+    from deepfusion.models.net import MultiModalNet
+    from deepfusion.models.probe import LinearProbe
 
     if config.kind == "probe":
         return LinearProbe.from_config(config)

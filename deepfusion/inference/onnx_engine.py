@@ -1,14 +1,14 @@
 """A deepfusion model exported to ONNX (:mod:`deepfusion.export`), run with onnxruntime.
 
 This module never imports torch, nor does anything it imports (numpy, onnxruntime,
-:mod:`deepfusion.config`, :mod:`deepfusion.data`, :mod:`deepfusion.model_meta`): a machine that
+:mod:`deepfusion.config`, :mod:`deepfusion.data.dataset`, :mod:`deepfusion.models.meta`): a machine that
 only classifies needs ``pip install 'deepfusion[onnx]'`` and no torch. The graph takes the views
 of a batch of segments (the six, and the pretrained one when the model has it), un-normalised
 (the checkpoint's normalisation is inside it); :meth:`OnnxEngine.window_outputs` cuts
 clip-length windows into the same non-overlapping segments as
-:func:`deepfusion.inference.predict_clips` and averages the segments' outputs per window. The
+:func:`deepfusion.inference.clips.predict_clips` and averages the segments' outputs per window. The
 model's ``deepfusion`` metadata is checked with the same schema as a checkpoint
-(:mod:`deepfusion.model_meta`) and against the graph's inputs and outputs before it is used.
+(:mod:`deepfusion.models.meta`) and against the graph's inputs and outputs before it is used.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from deepfusion.config import ALL_KEYS, FEATURE_KEYS, PRETRAINED_KEY, FeatureConfig
-from deepfusion.data import crop_views, segments_per_clip
+from deepfusion.data.dataset import crop_views, segments_per_clip
 from deepfusion.errors import OnnxModelError, ParameterError
 from deepfusion.io.atomic import library_text
 
@@ -79,7 +79,7 @@ class OnnxEngine:
     batch_size : int
         Segments per onnxruntime call.
     ids : ModelIds, optional
-        The model files' digests known so far (:class:`~deepfusion.memo.ModelIds`): a model
+        The model files' digests known so far (:class:`~deepfusion.io.memo.ModelIds`): a model
         seen before is not hashed again to find its outputs in the cache.
 
     Attributes
@@ -120,7 +120,7 @@ class OnnxEngine:
 
     def _load(self, model, name: str, providers, threads, batch_size: int, ids=None) -> None:
         from deepfusion.io.cache import stamp_or_none
-        from deepfusion.memo import model_id
+        from deepfusion.io.memo import model_id
 
         ort = import_onnxruntime()
         stamp = None if isinstance(model, bytes) else stamp_or_none(model)
@@ -146,17 +146,17 @@ class OnnxEngine:
         # the width of the classifier's input (what embed writes): static in the graph
         shape = self.session.get_outputs()[OUTPUT_NAMES.index("embedding")].shape
         self.embedding_dim: int = int(shape[-1]) if isinstance(shape[-1], int) else 0
-        # what deepfusion.memo keeps this model's outputs under (None: nothing kept)
+        # what deepfusion.io.memo keeps this model's outputs under (None: nothing kept)
         ran = self.session.get_providers()[0] if self.session.get_providers() else "cpu"
         self.model_id = (model_id(model, "onnx", ran) if isinstance(model, bytes) else
                          model_id(model, "onnx", ran, stamp=stamp, ids=ids) if stamp else None)
         self.kind = "onnx"
 
     def _read_metadata(self) -> dict:
-        """The ``deepfusion`` metadata, checked field by field (:mod:`deepfusion.model_meta`,
+        """The ``deepfusion`` metadata, checked field by field (:mod:`deepfusion.models.meta`,
         as a checkpoint is) and against the graph's inputs and outputs; sets
         :attr:`described`, :attr:`rows` and :attr:`segment_frames`."""
-        from deepfusion.model_meta import (check_class_count, check_description, check_rows,
+        from deepfusion.models.meta import (check_class_count, check_description, check_rows,
                                  check_segment_frames, show)
 
         name = self.name
@@ -203,7 +203,7 @@ class OnnxEngine:
         fc = described.feature_config
         widths = {k: seg for k in described.keys}
         if PRETRAINED_KEY in widths:   # the patches a segment of frames covers
-            from deepfusion.pretrained.view import patch_span
+            from deepfusion.features.pretrained.view import patch_span
 
             widths[PRETRAINED_KEY] = patch_span(0, seg, fc.n_frames, fc.n_patches)[1]
         for given in inputs:   # (batch, rows, frames): static but the batch
@@ -259,7 +259,7 @@ class OnnxEngine:
     def window_outputs(self, views: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Mean outputs over the non-overlapping segments of each window.
 
-        What :func:`deepfusion.inference.predict_clips` computes (fp32) for clips holding these
+        What :func:`deepfusion.inference.clips.predict_clips` computes (fp32) for clips holding these
         views: each window is cut into ``segments_per_clip(T, segment_frames)`` segments from
         frame 0, the outputs of all segments summed in float64 and divided by their number.
 
@@ -268,7 +268,7 @@ class OnnxEngine:
         views : dict of key -> np.ndarray [shape=(n, rows, T)]
             The views of ``n`` clip-length windows (the pretrained view's ``T`` counts its
             patches), un-normalised (as
-            :func:`deepfusion.features.compute_features` makes them, stacked), ``T >=
+            :func:`deepfusion.features.numpy_views.compute_features` makes them, stacked), ``T >=
             segment_frames``.
 
         Returns
