@@ -28,3 +28,11 @@ def shown(text: object, *, keep: str = "") -> str:
     those in ``keep`` (``"\\n"`` for a multi-line report) escaped."""
     table = {c: e for c, e in _CONTROL.items() if chr(c) not in keep}
     return escape_bytes(text).translate(table)
+
+
+def one_line(text: object, limit: int = 200) -> str:
+    """``text`` (an exception's, a server's, a pickle's) on one line of printable
+    characters, cut to ``limit`` characters."""
+    text = str(text)[:4 * limit]        # a pickle or a server chose it: bounded work
+    line = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import IO, Any, Optional
 
 from deepfusion.errors import FeaturesFileError
+from deepfusion.io.names import one_line
 from deepfusion.io.pickle_meter import (_CONTAINERS, _MAPPINGS, _SCALARS, _SET_UNITS, _TEXT, WORK_FLOOR,
                            WORK_PER_BYTE, CostMeter, _describe, _refuse)
 
@@ -335,16 +336,10 @@ class _RestrictedUnpickler(CostMeter, pickle._Unpickler):  # type: ignore[name-d
 
 
 def safe_pickle_load(path: Path) -> Any:
-    """Load a pickle that may hold only builtin containers/scalars and numpy arrays.
-
-    Anything else (a class, a function, ``os.system``) is refused before it can run, and the
-    arguments of every numpy call are checked before numpy sees them.
-
-    Raises
-    ------
-    FeaturesFileError
-        Missing, unreadable, truncated or unsafe file; the message names the file and reason.
-    """
+    """Load a pickle that may hold only builtin containers/scalars and numpy arrays: anything
+    else (a class, a function, ``os.system``) is refused before it can run, and the arguments
+    of every numpy call are checked before numpy sees them. A missing, unreadable, truncated or
+    unsafe file raises FeaturesFileError naming the file and the reason."""
     path = Path(path)
     try:
         with open(path, "rb") as fh:
@@ -371,7 +366,7 @@ def safe_pickle_load(path: Path) -> Any:
         raise FeaturesFileError(f"{path}: a folder, not a features file; give the --out of "
                                 "deepfusion extract") from None
     except pickle.UnpicklingError as exc:
-        msg = _one_line(str(exc))
+        msg = one_line(exc, 300)
         if msg.startswith("refused"):
             raise FeaturesFileError(f"{path}: unsafe pickle, {msg} (only containers, "
                                     "numbers, strings and numpy arrays are allowed)") from None
@@ -401,9 +396,3 @@ def _damaged(path: Path, reason: str) -> str:
         return f"{path}: damaged features file ({reason}); run deepfusion extract again"
     return f"{path}: not a features file (not a pickle); give the --out of deepfusion extract"
 
-
-def _one_line(text: str, limit: int = 300) -> str:
-    """``text`` on one line of printable characters, cut to ``limit`` (a pickle chose it)."""
-    text = text[:limit + 1]
-    text = "".join(c if c.isprintable() else " " for c in text)
-    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -24,7 +24,7 @@ import torch
 from deepfusion.config import RUNTIME_FIELDS, FeatureConfig, ModelConfig, RuntimeConfig
 from deepfusion.errors import CheckpointError
 from deepfusion.io.atomic import atomic_write, library_text
-from deepfusion.models.weights import one_line
+from deepfusion.io.names import one_line
 
 FORMAT_VERSION = 1
 

@@ -24,7 +24,8 @@ from torch import nn
 
 from deepfusion.config import AUX_KEYS, MEL_KEYS, PRETRAINED_KEY, ModelConfig, view_keys
 from deepfusion.errors import ParameterError, WeightsNotFoundError
-from deepfusion.models.weights import RESNETS, load_pretrained_state, one_line
+from deepfusion.io.names import one_line
+from deepfusion.models.weights import RESNETS, load_pretrained_state
 
 def _light_cnn() -> tuple[nn.Module, int]:
     """A small CNN for CPUs: four conv blocks, about 0.1 M parameters."""

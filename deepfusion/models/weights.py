@@ -19,6 +19,7 @@ import torch
 
 from deepfusion.errors import ParameterError, WeightsNotFoundError
 from deepfusion.io.atomic import library_text, os_error_reason
+from deepfusion.io.names import one_line
 
 #: backbone -> (torchvision builder, weights enum, width of the pooled output)
 RESNETS = {"resnet18": ("resnet18", "ResNet18_Weights", 512),
@@ -62,11 +63,6 @@ def pretrained_weights_url(backbone: str) -> str:
     if base:
         url = base.rstrip("/") + "/" + Path(urlparse(url).path).name
     return url
-
-
-def one_line(text: object, limit: int = 200) -> str:
-    line = " ".join(str(text).split())
-    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 class WeightsFile(dict):
