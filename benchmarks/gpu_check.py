@@ -246,7 +246,8 @@ def _step_memory(device, *, backbone: str, frames: int, batch: int, precision: s
 def memory(args) -> int:
     import torch
 
-    from deepfusion.runtime.device import estimate_training_bytes, precision_for, resolve_device
+    from deepfusion.runtime.device import precision_for, resolve_device
+    from deepfusion.runtime.memory import estimate_training_bytes
 
     device = resolve_device(args.device)
     precision = precision_for(device)

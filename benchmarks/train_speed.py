@@ -41,8 +41,9 @@ import torch
 from deepfusion.config import (AUX_KEYS, FEATURE_KEYS, FeatureConfig, ModelConfig, RuntimeConfig,
                                TrainConfig)
 from deepfusion.train.recipe import resolve_recipe
-from deepfusion.data.dataset import (feature_config_of, fit_normalization, make_split, make_train_loader,
-                             segment_frames)
+from deepfusion.data.dataset import feature_config_of, make_train_loader, segment_frames
+from deepfusion.data.normalize import fit_normalization
+from deepfusion.data.splits import make_split
 from deepfusion.io.features_file import load_feature_set
 from deepfusion.io.featureset import FeatureSet
 from deepfusion.models.net import MultiModalNet, count_parameters

@@ -11,7 +11,8 @@ import numpy as np
 
 from deepfusion.inference.adapt import adapt as adapt_model, resolve_mode
 from deepfusion.config import AUX_KEYS, MEL_KEYS, PRETRAINED_KEY, FeatureConfig, TrainConfig
-from deepfusion.data.dataset import read_split_file, segment_frames
+from deepfusion.data.dataset import segment_frames
+from deepfusion.data.splits import read_split_file
 from deepfusion.errors import DatasetError, FeaturesFileError
 from deepfusion.io.atomic import atomic_write, check_writable, plural
 from deepfusion.io.cache import file_digest
@@ -179,7 +180,8 @@ def evaluate(checkpoint: Path, *, features: Optional[Path] = None, split: str = 
         check_checkpoint_path(checkpoint)   # a mistyped path costs no torch import (seconds)
     from deepfusion.models.checkpoint import load_checkpoint, model_from_checkpoint, normalization_of
     from deepfusion.inference.clips import predict_clips
-    from deepfusion.runtime.device import inference_precision, memory_guard, resolve_device
+    from deepfusion.runtime.device import inference_precision, resolve_device
+    from deepfusion.runtime.memory import memory_guard
 
     dev = resolve_device(device)        # a device this machine lacks: one line, before any work
     used = inference_precision(dev, precision)

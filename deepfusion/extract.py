@@ -165,7 +165,7 @@ def extract(audio_dir: Path, *, out: Optional[Path] = None, fmt: str = "pickle",
         check_outputs({out: "--out"}, inputs)
         check_destinations([report], inputs, overwrite=overwrite)
     if fmt == "store":
-        from deepfusion.io.store import check_destination
+        from deepfusion.io.store_writer import check_destination
 
         check_destination(out)
     check_writable(out / "meta.json" if fmt == "store" and out.is_dir() else out)
@@ -211,7 +211,7 @@ def extract(audio_dir: Path, *, out: Optional[Path] = None, fmt: str = "pickle",
     with contextlib.ExitStack() as stack:
         writer = None
         if fmt == "store" and todo:
-            from deepfusion.io.store import StoreWriter
+            from deepfusion.io.store_writer import StoreWriter
 
             shapes = config.feature_shapes()
             writer = stack.enter_context(StoreWriter(

@@ -13,7 +13,7 @@ from deepfusion.inference import adapt as adapt_module
 from deepfusion.inference.adapt import Adapter, adapt, resolve_mode
 from deepfusion.models.checkpoint import load_checkpoint, model_from_checkpoint, normalization_of
 from deepfusion.config import ADAPT_MIN_CLIPS
-from deepfusion.data.dataset import fit_normalization
+from deepfusion.data.normalize import fit_normalization
 from deepfusion.errors import ParameterError
 from deepfusion.io.features_file import load_features
 from deepfusion.testing import invoke, load_own_pickle

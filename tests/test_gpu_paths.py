@@ -17,13 +17,12 @@ import pytest
 import torch
 
 from deepfusion.runtime import device as runtime
+from deepfusion.runtime import memory, seed
 from deepfusion.models.checkpoint import load_checkpoint, save_checkpoint, to_cpu
 from deepfusion.errors import DeviceError, DeviceMemoryError, ParameterError
-from deepfusion.runtime.device import (backend_settings, choose_precision, default_num_workers,
-                                device_choice, estimate_training_bytes, inference_precision,
-                                memory_warning, out_of_memory_message, precision_for,
-                                requested_precision, resolve_device, restore_scaler,
-                                set_rng_state, to_device)
+from deepfusion.runtime.device import backend_settings, choose_precision, default_num_workers, device_choice, inference_precision, precision_for, requested_precision, resolve_device, restore_scaler, to_device
+from deepfusion.runtime.seed import set_rng_state
+from deepfusion.runtime.memory import estimate_training_bytes, memory_warning, out_of_memory_message
 from deepfusion.testing import invoke, one_error_line
 
 REPO = Path(__file__).resolve().parents[1]
@@ -446,7 +445,7 @@ def test_rng_restore_tolerates_fewer_gpus(monkeypatch):
     """A state saved with 8 GPUs' generators restores on a machine with one, onto the run's
     device only; on the CPU no CUDA call at all."""
     restored = []
-    state = {**runtime.rng_state(), "cuda": [torch.full((4,), i, dtype=torch.uint8) for i in range(8)]}
+    state = {**seed.rng_state(), "cuda": [torch.full((4,), i, dtype=torch.uint8) for i in range(8)]}
     _pretend_gpu_machine(monkeypatch)
     set_rng_state(state, torch.device("cpu"))
     set_rng_state(state)
@@ -463,8 +462,8 @@ def test_rng_state_of_a_cuda_run_is_its_own_devices_generator(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: 1 / 0)
     monkeypatch.setattr(torch.cuda, "get_rng_state",
                         lambda device: asked.append(device) or torch.zeros(2, dtype=torch.uint8))
-    assert "cuda_device" in runtime.rng_state(torch.device("cuda", 1))
-    assert "cuda_device" not in runtime.rng_state(torch.device("cpu"))
+    assert "cuda_device" in seed.rng_state(torch.device("cuda", 1))
+    assert "cuda_device" not in seed.rng_state(torch.device("cpu"))
     assert asked == [torch.device("cuda", 1)]
 
 
@@ -535,10 +534,10 @@ def test_out_of_memory_in_evaluate_is_one_line(cpu_run, tmp_path, monkeypatch):
 
 def test_other_runtime_errors_are_not_taken_for_out_of_memory():
     with pytest.raises(RuntimeError, match="shape"):
-        with runtime.memory_guard(torch.device("cpu"), batch_size=8):
+        with memory.memory_guard(torch.device("cpu"), batch_size=8):
             raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
     with pytest.raises(DeviceMemoryError, match="^out of memory on cpu with --batch-size 8; "):
-        with runtime.memory_guard(torch.device("cpu"), batch_size=8):
+        with memory.memory_guard(torch.device("cpu"), batch_size=8):
             raise torch.OutOfMemoryError("CUDA out of memory")
     assert out_of_memory_message("cuda:0", batch_size=64, frames=1292) == (
         "out of memory on cuda:0 with --batch-size 64 (segments of 1292 frames); use a smaller "
@@ -583,7 +582,7 @@ def test_memory_estimate_matches_saved_activations_of_light():
             net(torch.randn(2, 64, frames))
         sizes[frames] = sum(seen.values())
     per_value = (sizes[128] - sizes[64]) / (2 * 64 * 64)
-    assert math.isclose(per_value, runtime.ACTIVATION_BYTES_PER_VALUE["light"], rel_tol=0.15)
+    assert math.isclose(per_value, memory.ACTIVATION_BYTES_PER_VALUE["light"], rel_tol=0.15)
 
 
 # -------------------------------------------------------------------------- backend switches

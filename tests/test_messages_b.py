@@ -221,7 +221,7 @@ def test_split_files_say_what_they_should_hold(tiny_features, tmp_path):
 def test_a_group_across_splits_names_two_clips(tmp_path):
     import numpy as np
 
-    from deepfusion.data.dataset import check_split
+    from deepfusion.data.splits import check_split
     from deepfusion.errors import DatasetError
 
     split = np.array(["train", "test", "train"], dtype=object)

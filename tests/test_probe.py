@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from deepfusion.config import FEATURE_KEYS
-from deepfusion.data.dataset import fit_normalization
+from deepfusion.data.normalize import fit_normalization
 from deepfusion.io.featureset import FeatureSet
 from deepfusion.inference.clips import predict_clips
 from deepfusion.models.probe import LinearProbe, clip_stats, fit_probe, pooled_stats

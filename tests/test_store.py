@@ -22,7 +22,8 @@ from deepfusion.io.store import open_store
 from deepfusion.testing import TINY_FEATURES, invoke, one_error_line, save_store
 from deepfusion.errors import FeaturesFileError, OutputError
 from deepfusion.extract import extract
-from deepfusion.io.store import META, StoreWriter
+from deepfusion.io.store import META
+from deepfusion.io.store_writer import StoreWriter
 
 
 def _refused(result) -> str:
@@ -125,7 +126,7 @@ def test_a_failed_write_leaves_the_previous_store(tiny_features, tmp_path, monke
             writer.put(bad)
     assert _versions(out) == before and (out / META).read_bytes() == meta
 
-    import deepfusion.io.store
+    import deepfusion.io.store_writer
 
     real_open = open
 
@@ -146,7 +147,7 @@ def test_a_failed_write_leaves_the_previous_store(tiny_features, tmp_path, monke
         fh = real_open(path, mode, **kwargs)
         return FullDisk(fh) if "w" in mode else fh
 
-    monkeypatch.setattr(deepfusion.io.store, "open", full_disk_open, raising=False)
+    monkeypatch.setattr(deepfusion.io.store_writer, "open", full_disk_open, raising=False)
     with pytest.raises(OutputError, match=r"f\.store: cannot write the feature store \(disk full\)"):
         save_store(fs, out)
     assert _versions(out) == before and (out / META).read_bytes() == meta
@@ -194,7 +195,7 @@ def test_leftovers_of_dead_writers_go_and_writers_take_turns(tiny_features, tmp_
 def test_a_failure_while_closing_still_releases_the_lock(tiny_features, tmp_path, monkeypatch):
     """Closing a file flushes it; on a full disk that fails again. The half-written version
     must still go and the lock be released (a later write in this process hung before)."""
-    import deepfusion.io.store
+    import deepfusion.io.store_writer
 
     fs = load_feature_set(tiny_features)
     out = tmp_path / "f.store"
@@ -215,7 +216,7 @@ def test_a_failure_while_closing_still_releases_the_lock(tiny_features, tmp_path
         def __getattr__(self, name):
             return getattr(self.fh, name)
 
-    monkeypatch.setattr(deepfusion.io.store, "open", lambda path, mode="r", **kw: FailsOnClose(
+    monkeypatch.setattr(deepfusion.io.store_writer, "open", lambda path, mode="r", **kw: FailsOnClose(
         real_open(path, mode, **kw)) if str(path).endswith(".npy") else real_open(path, mode, **kw),
         raising=False)
     with pytest.raises(OutputError, match="disk full"):
@@ -284,15 +285,15 @@ def test_a_writer_that_dies_leaves_a_readable_store(tiny_features, tmp_path, die
     save_store(fs, out)
     script = f"""
 import os
-import deepfusion.io.store as store
+import deepfusion.io.store_writer as store_writer
 from deepfusion.config import FEATURE_KEYS
 from deepfusion.io.features_file import load_feature_set
 fs = load_feature_set({str(tiny_features)!r})
-writer = store.StoreWriter({str(out)!r}, n_clips=len(fs), rows=fs.rows(), frames=fs.n_frames,
+writer = store_writer.StoreWriter({str(out)!r}, n_clips=len(fs), rows=fs.rows(), frames=fs.n_frames,
                            patches=fs.n_patches)
 writer.__enter__()
 if {dies!r}.startswith("after"):
-    store._remove_other_versions = lambda *a, **k: os._exit(9)
+    store_writer._remove_other_versions = lambda *a, **k: os._exit(9)
 for i in range(len(fs)):
     if i == len(fs) // 2 and {dies!r}.startswith("half"):
         os._exit(9)
@@ -444,7 +445,8 @@ def test_format_and_out_must_agree(tiny_audio, tmp_path):
 def test_a_store_travels_to_spawned_workers_by_name(store):
     """Worker processes started by spawn (macOS's and Windows' default) receive the dataset
     pickled: a store's arrays must travel as file names and be mapped again, not copied."""
-    from deepfusion.data.dataset import fit_normalization, make_torch_dataset
+    from deepfusion.data.dataset import make_torch_dataset
+    from deepfusion.data.normalize import fit_normalization
 
     fs = load_features(store)
     norm = fit_normalization(fs, np.arange(len(fs)))

@@ -5,7 +5,7 @@ every view's rows sit elsewhere. Re-estimating, on the collection being classifi
 model normalises by removes much of that shift without a single label:
 
 - ``inputs``: each view's per-row mean and standard deviation (what
-  :func:`deepfusion.data.dataset.fit_normalization` computed on the training clips) are the
+  :func:`deepfusion.data.normalize.fit_normalization` computed on the training clips) are the
   collection's own;
 - ``full``: that, and the statistics the model itself normalises by, re-estimated on the
   collection: the running mean and variance of every BatchNorm layer of the network over the
@@ -185,7 +185,7 @@ def adapt(model, fs: FeatureSet, norm: dict, clips: np.ndarray, *, mode: str, se
     -------
     (model, norm)
     """
-    from deepfusion.data.dataset import fit_normalization
+    from deepfusion.data.normalize import fit_normalization
 
     if mode not in ("none", "inputs", "full"):
         raise ParameterError(f"--adapt {mode}: give none, inputs or full")
@@ -206,7 +206,7 @@ def adapt_streaming(model, norm: dict, batches: Iterable[FeatureSet], *, mode: s
     """:func:`adapt` over a collection read in batches (``FeatureSet`` s of windows): one pass
     for the views' statistics and, for ``full``, a second over ``again`` (the same batches
     read anew)."""
-    from deepfusion.data.dataset import RunningNormalization
+    from deepfusion.data.normalize import RunningNormalization
 
     if mode not in ("none", "inputs", "full"):
         raise ParameterError(f"--adapt {mode}: give none, inputs or full")

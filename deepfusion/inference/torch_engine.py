@@ -22,7 +22,8 @@ from deepfusion.inference.clips import predict_clips
 from deepfusion.io.cache import stamp_or_none
 from deepfusion.io.featureset import FeatureSet
 from deepfusion.io.memo import ModelIds, model_id
-from deepfusion.runtime.device import inference_precision, is_out_of_memory, resolve_device
+from deepfusion.runtime.device import inference_precision, resolve_device
+from deepfusion.runtime.memory import is_out_of_memory
 
 
 #: Segments per forward pass on the CPU and on a GPU. On this CPU (2 cores, fp32) a light

@@ -70,7 +70,7 @@ def _analyse(pending: list[tuple[int, str, Any, dict, bool]], cache: FeatureCach
 
 def _stop_if_out_of_memory(exc: Exception, device: str) -> None:
     """One clip alone does not fit on ``device``: no later clip will, so stop in one line."""
-    from deepfusion.runtime.device import is_out_of_memory
+    from deepfusion.runtime.memory import is_out_of_memory
 
     if is_out_of_memory(exc):
         from deepfusion.errors import DeviceMemoryError

@@ -179,7 +179,7 @@ def fit_probe(fs, norm: dict, train_idx: np.ndarray, *, n_mels: int,
     ----------
     fs : FeatureSet
     norm : dict
-        Per-row normalisation of the views (:func:`deepfusion.data.dataset.fit_normalization`).
+        Per-row normalisation of the views (:func:`deepfusion.data.normalize.fit_normalization`).
     train_idx : array of int
         Training clips; clips of unknown genre (label < 0) are left out.
     n_mels, aux_rows, pretrained_view_rows : int, (int, int, int), int

@@ -1,13 +1,12 @@
-"""Where and how the model runs: device choice, precision, backend settings, memory, and the
-random-number state.
+"""Where and how the model runs: device choice, precision, backend settings (memory is
+:mod:`deepfusion.runtime.memory`, the random-number state :mod:`deepfusion.runtime.seed`).
 
 Shared by the stages that run a model (train, evaluate, predict); none of them asks another
 stage for these decisions. Each decision is a pure function of the machine's capabilities
-(:func:`device_choice`, :func:`choose_precision`, :func:`default_num_workers`,
-:func:`estimate_training_bytes`, :func:`memory_warning`, :func:`out_of_memory_message`), so it
-is tested on any machine with a table of capabilities; a thin wrapper reads the capabilities
-of *this* machine and of the chosen device (:func:`resolve_device`, :func:`precision_for`,
-:func:`inference_precision`, :func:`device_memory`).
+(:func:`device_choice`, :func:`choose_precision`, :func:`default_num_workers`), so it is
+tested on any machine with a table of capabilities; a thin wrapper reads the capabilities of
+*this* machine and of the chosen device (:func:`resolve_device`, :func:`precision_for`,
+:func:`inference_precision`).
 
 Nothing here calls CUDA unless the run is on a CUDA device: a ``--device cpu`` run on a GPU
 machine asks CUDA for nothing (no context on any GPU, no GPU random state).
@@ -17,15 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
-import time
 from typing import Any, Iterator, Optional, Union
 
-import numpy as np
 import torch
 
 from deepfusion.config import INFERENCE_PRECISIONS
-from deepfusion.errors import DeviceError, DeviceMemoryError, ParameterError
+from deepfusion.errors import DeviceError, ParameterError
 
 #: What a run computes in: float32, or float32 weights with bf16/fp16 autocast.
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -282,122 +278,6 @@ def backend_settings(device: torch.device, *, deterministic: bool = False) -> It
 
 # ----------------------------------------------------------------------------------- memory
 
-#: Bytes autograd keeps per input value (one mel band x one frame) of one mel branch in
-#: float32 training: the slope of the saved tensors' size with the input's, measured with
-#: ``torch.autograd.graph.saved_tensors_hooks`` (``benchmarks/gpu_check.py`` prints it beside
-#: ``torch.cuda.max_memory_allocated``).
-ACTIVATION_BYTES_PER_VALUE = {"light": 340, "resnet18": 430, "resnet34": 630, "resnet50": 1680}
-
-
-def estimate_training_bytes(backbone: str, *, n_mels: int, frames: int, batch_size: int,
-                            precision: str = "fp32", n_params: int = 0,
-                            mel_branches: int = 3) -> int:
-    """About how many bytes of device memory one training step takes.
-
-    The activations of ``mel_branches`` CNNs over ``batch_size`` segments of ``n_mels`` x
-    ``frames`` (half as many bytes under bf16/fp16 autocast), a quarter more for the gradients
-    the backward pass holds beside them, and 16 bytes per parameter (weights, gradients and
-    AdamW's two moments). The auxiliary branches are small and left out.
-
-    ResNet-50 (three unshared branches, 73 M parameters) on whole 30-s clips (128 x 1292) at
-    batch 64: about 32 GiB with autocast, 63 GiB in float32; on the default 3-s crops (129
-    frames) at batch 16, about 2 GiB.
-    """
-    if backbone not in ACTIVATION_BYTES_PER_VALUE:
-        raise ParameterError(f"no memory estimate for backbone {backbone!r}")
-    activations = ACTIVATION_BYTES_PER_VALUE[backbone] * n_mels * frames * batch_size * mel_branches
-    if precision != "fp32":
-        activations *= 0.5
-    return int(1.25 * activations + 16 * n_params)
-
-
-def memory_warning(needed: int, available: Optional[int], *, device: str, batch_size: int,
-                   frames: int) -> Optional[str]:
-    """The line train prints before training when ``needed`` bytes (the estimate) exceed the
-    ``available`` memory of ``device`` (None: unknown, no line)."""
-    if available is None or needed <= available:
-        return None
-    return (f"warning: a training step needs about {needed / 2**30:.1f} GiB (estimated), "
-            f"{device} has {available / 2**30:.1f} GiB: it will likely run out of memory; use a "
-            f"smaller --batch-size (now {batch_size}) or --segment-seconds (segments of "
-            f"{frames} frames now)")
-
-
-def memory_check(model: torch.nn.Module, device: torch.device, *, backbone: str,
-                 precision: str, batch_size: int, n_mels: int, frames: int) -> Optional[str]:
-    """The warning line train prints before training when :func:`estimate_training_bytes` of
-    ``model`` exceeds :func:`device_memory` (None: it fits, or the memory is unknown)."""
-    if backbone not in ACTIVATION_BYTES_PER_VALUE:
-        return None
-    needed = estimate_training_bytes(backbone, n_mels=n_mels, frames=frames,
-                                     batch_size=batch_size, precision=precision,
-                                     n_params=sum(p.numel() for p in model.parameters()))
-    return memory_warning(needed, device_memory(device), device=str(device),
-                          batch_size=batch_size, frames=frames)
-
-
-def synchronize(device: torch.device) -> float:
-    """Wait for ``device``'s queued work (CUDA; nothing elsewhere); the seconds waited."""
-    if device.type != "cuda":
-        return 0.0
-    t0 = time.perf_counter()
-    torch.cuda.synchronize(device)
-    return time.perf_counter() - t0
-
-
-def device_memory(device: torch.device) -> Optional[int]:
-    """Bytes of memory of ``device`` (the GPU's, MPS's recommended limit, or this machine's
-    RAM for the CPU); None when unknown."""
-    try:
-        if device.type == "cuda":
-            return int(torch.cuda.get_device_properties(device).total_memory)
-        if device.type == "mps":
-            return int(torch.mps.recommended_max_memory())
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError, RuntimeError):
-        return None
-
-
-def out_of_memory_message(device: str, *, batch_size: Optional[int],
-                          frames: Optional[int] = None, training: bool = True) -> str:
-    """The one line that replaces an out-of-memory error: where, with what, and what to lower."""
-    batch = f" with --batch-size {batch_size}" if batch_size else ""
-    shape = f" (segments of {frames} frames)" if frames else ""
-    advice = ("use a smaller --batch-size or --segment-seconds" if training
-              else "use a smaller --batch-size" + ("" if device == "cpu" else ", or --device cpu"))
-    return f"out of memory on {device}{batch}{shape}; {advice}"
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """Whether ``exc`` is a device running out of memory (CUDA's OutOfMemoryError, or the
-    RuntimeError MPS raises)."""
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-
-
-def device_out_of_memory(device: torch.device, *, batch_size: Optional[int],
-                         frames: Optional[int] = None, training: bool = True) -> DeviceMemoryError:
-    """The :class:`DeviceMemoryError` to raise for an out-of-memory error on ``device``
-    (:func:`out_of_memory_message`), the device's cached memory given back first."""
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return DeviceMemoryError(out_of_memory_message(str(device), batch_size=batch_size,
-                                                   frames=frames, training=training))
-
-
-@contextlib.contextmanager
-def memory_guard(device: torch.device, *, batch_size: Optional[int],
-                 frames: Optional[int] = None, training: bool = True) -> Iterator[None]:
-    """Turn an out-of-memory error inside into one line (:func:`device_out_of_memory`)."""
-    try:
-        yield
-    except (torch.OutOfMemoryError, RuntimeError) as exc:
-        if not is_out_of_memory(exc):
-            raise
-        raise device_out_of_memory(device, batch_size=batch_size, frames=frames,
-                                   training=training) from None
-
 
 def restore_scaler(scaler: torch.amp.GradScaler, state: dict[str, Any]) -> None:
     """Load a stored GradScaler ``state`` where it applies: only into a scaler in use (fp16)
@@ -409,44 +289,4 @@ def restore_scaler(scaler: torch.amp.GradScaler, state: dict[str, Any]) -> None:
 
 # ------------------------------------------------------------------------ random-number state
 
-def seed_torch(seed: int, device: Optional[torch.device] = None) -> None:
-    """Seed torch's CPU generator and, on a CUDA or MPS run, ``device``'s own; no other
-    device is asked (``torch.manual_seed`` would seed every GPU). On the CPU the numbers are
-    ``torch.manual_seed``'s."""
-    torch.random.default_generator.manual_seed(int(seed))
-    if device is not None and device.type == "cuda":
-        with torch.cuda.device(device):
-            torch.cuda.manual_seed(int(seed))
-    elif device is not None and device.type == "mps":
-        torch.mps.manual_seed(int(seed))
 
-
-def seed_everything(seed: int, device: Optional[torch.device] = None) -> None:
-    """Seed Python's, numpy's and torch's generators (:func:`seed_torch`)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    seed_torch(seed, device)
-
-
-def rng_state(device: Optional[torch.device] = None) -> dict[str, Any]:
-    """The global generators' state as CPU tensors and plain data (fits a checkpoint): the
-    CPU's, Python's, and on a CUDA run ``device``'s own generator (no other GPU is touched)."""
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-             "python_version": random.getstate()[0], "python_gauss": random.getstate()[2]}
-    if device is not None and device.type == "cuda":
-        state["cuda_device"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict[str, Any], device: Optional[torch.device] = None) -> None:
-    """Restore what :func:`rng_state` saved, on this run's ``device``: whatever device and how
-    many GPUs the saving run had (a CUDA state is restored only onto a CUDA run)."""
-    torch.set_rng_state(state["torch"])
-    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
-    if device is None or device.type != "cuda":
-        return
-    saved = state.get("cuda_device")
-    if saved is None and state.get("cuda"):      # older files: every visible GPU's state
-        saved = state["cuda"][min(device.index or 0, len(state["cuda"]) - 1)]
-    if saved is not None:
-        torch.cuda.set_rng_state(saved, device)

@@ -205,7 +205,7 @@ def assert_same_training(a: Path, b: Path) -> None:
 def save_store(fs, folder: Path) -> None:
     """Write a loaded :class:`~deepfusion.io.featureset.FeatureSet` as a feature store, one
     clip at a time (extract writes stores from the cache; tests start from a FeatureSet)."""
-    from deepfusion.io.store import StoreWriter
+    from deepfusion.io.store_writer import StoreWriter
 
     names = fs.label_names or [fs.class_names[c] for c in fs.labels]
     with StoreWriter(Path(folder), n_clips=len(fs), rows=fs.rows(), frames=fs.n_frames,

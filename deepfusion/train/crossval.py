@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from deepfusion.config import TrainConfig
-from deepfusion.data.dataset import make_split
+from deepfusion.data.splits import make_split
 from deepfusion.errors import DatasetError, ParameterError
 from deepfusion.io.features_file import load_features
 from deepfusion.io.featureset import FeatureSet

@@ -107,7 +107,7 @@ def step_seconds(model: torch.nn.Module, loader, *, device: torch.device,
 
     import copy
 
-    from deepfusion.runtime.device import synchronize
+    from deepfusion.runtime.memory import synchronize
 
     n = len(loader.dataset)
     batch = loader.collate_fn([loader.dataset[(i, 0)] for i in range(min(loader.batch_size, n))])

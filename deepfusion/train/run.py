@@ -28,9 +28,9 @@ from deepfusion.train.run_writer import RunWriter, write_log
 from deepfusion.config import (ARCHITECTURE_FIELDS, AUTO_FIELDS, AUX_KEYS, PRETRAINED_KEY, FeatureConfig,
                      ModelConfig, RuntimeConfig, TrainConfig)
 from deepfusion.train.recipe import default_backbone, resolve_recipe, resume_recipe
-from deepfusion.data.dataset import (Augment, check_split, feature_config_of, fit_normalization, make_split,
-                   make_train_loader, read_split_file, segment_frames, segments_per_clip,
-                   split_lists, split_summary, ungrouped_warning)
+from deepfusion.data.dataset import Augment, feature_config_of, make_train_loader, segment_frames, segments_per_clip
+from deepfusion.data.normalize import fit_normalization
+from deepfusion.data.splits import check_split, make_split, read_split_file, split_lists, split_summary, ungrouped_warning
 from deepfusion.errors import CheckpointError, DatasetError, DeepFusionError, ParameterError
 from deepfusion.inference.clips import ClipPredictions, clip_loss, predict_clips
 from deepfusion.train.loop import all_finite, lr_factor, step_seconds, train_one_epoch
@@ -40,9 +40,9 @@ from deepfusion.io.guard import check_destinations, check_free_space, same_file
 from deepfusion.io.run_folder import claim_run_folder, destinations as run_destinations
 from deepfusion.models.net import build_model, check_input_size, count_parameters
 from deepfusion.progress import duration_text, epoch_legend, epoch_seconds, plan_line, progress_bar
-from deepfusion.runtime.device import (backend_settings, default_num_workers, memory_check, memory_guard,
-                      precision_for, requested_precision, restore_scaler, rng_state,
-                      seed_everything, seed_torch, set_rng_state)
+from deepfusion.runtime.device import backend_settings, default_num_workers, precision_for, requested_precision, restore_scaler
+from deepfusion.runtime.seed import rng_state, seed_everything, seed_torch, set_rng_state
+from deepfusion.runtime.memory import memory_check, memory_guard
 from deepfusion.models.weights import pretrained_mode, resolve_pretrained
 
 @dataclass
