@@ -34,10 +34,10 @@ from threadpoolctl import threadpool_limits
 
 from deepfusion.audio import decode, discover
 from deepfusion.config import FEATURE_KEYS, FeatureConfig
-from deepfusion.jobs.job import one_torch_thread
 from deepfusion.extract import extract
 from deepfusion.features.numpy_views import compute_features
 from deepfusion.features.torch_views import compute_features_torch
+from deepfusion.jobs.job import one_torch_thread
 from deepfusion.testing.reference import reference_features
 
 

@@ -41,9 +41,9 @@ from typing import Any
 import numpy as np
 
 from deepfusion.config import FeatureConfig, TrainConfig
-from deepfusion.train.crossval import cross_validate
-from deepfusion.io.features_file import load_features
 from deepfusion.extract import extract
+from deepfusion.io.features_file import load_features
+from deepfusion.train.crossval import cross_validate
 
 CPU_BACKBONES = ("light",)
 

@@ -120,13 +120,14 @@ def main() -> None:
 
     import torch
 
-    from deepfusion.models.checkpoint import load_checkpoint, model_from_checkpoint, normalization_of
     from deepfusion.config import FEATURE_KEYS, TrainConfig
     from deepfusion.export import export_onnx
     from deepfusion.inference.clips import predict_clips
+    from deepfusion.inference.onnx_engine import OnnxEngine
     from deepfusion.io.features_file import load_features
     from deepfusion.metrics import softmax
-    from deepfusion.inference.onnx_engine import OnnxEngine
+    from deepfusion.models.checkpoint import (load_checkpoint, model_from_checkpoint,
+                                              normalization_of)
 
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -40,7 +40,6 @@ import torch
 
 from deepfusion.config import (AUX_KEYS, FEATURE_KEYS, FeatureConfig, ModelConfig, RuntimeConfig,
                                TrainConfig)
-from deepfusion.train.recipe import resolve_recipe
 from deepfusion.data.dataset import feature_config_of, make_train_loader, segment_frames
 from deepfusion.data.normalize import fit_normalization
 from deepfusion.data.splits import make_split
@@ -49,6 +48,7 @@ from deepfusion.io.featureset import FeatureSet
 from deepfusion.models.net import MultiModalNet, count_parameters
 from deepfusion.runtime.device import autocast_for, cpu_supports_bf16, use_amp
 from deepfusion.train.loop import train_one_epoch
+from deepfusion.train.recipe import resolve_recipe
 
 CPU = torch.device("cpu")
 #: mode name -> (bf16 autocast, channels_last model)

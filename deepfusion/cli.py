@@ -15,18 +15,18 @@ from typing import Any
 import click
 
 from deepfusion import __version__
-from deepfusion.config import (DEFAULT_FEATURES, DEFAULT_MODEL_DIR, DEFAULT_STORE,
-                     FEATURE_FORMATS, PRETRAINED_VIEWS, FeatureConfig, RuntimeConfig, TrainConfig)
+from deepfusion.config import (DEFAULT_FEATURES, DEFAULT_MODEL_DIR, DEFAULT_STORE, FEATURE_FORMATS,
+                               PRETRAINED_VIEWS, FeatureConfig, RuntimeConfig, TrainConfig)
 from deepfusion.console import (CommandGroup, echo, found, say, say_repaired, stamp, torchrun_rank,
-                      wrote)
+                                wrote)
 from deepfusion.errors import ParameterError
 from deepfusion.io.atomic import plural
 from deepfusion.io.names import escape_bytes, shown
-from deepfusion.options import (adapt_option, cache_dir_option, checkpoint_option, device_option, feature_options,
-                      features_option, jobs_option, library_options, model_options,
-                      overwrite_option, precision_option, quiet_option, recipe_options,
-                      runtime_options, split_file_option, take, timeout_option,
-                      train_features_option)
+from deepfusion.options import (adapt_option, cache_dir_option, checkpoint_option, device_option,
+                                feature_options, features_option, jobs_option, library_options,
+                                model_options, overwrite_option, precision_option, quiet_option,
+                                recipe_options, runtime_options, split_file_option, take,
+                                timeout_option, train_features_option)
 
 
 @click.group(cls=CommandGroup, context_settings={"help_option_names": ["-h", "--help"]})

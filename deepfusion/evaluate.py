@@ -9,19 +9,19 @@ from typing import Optional
 
 import numpy as np
 
-from deepfusion.inference.adapt import adapt as adapt_model, resolve_mode
 from deepfusion.config import AUX_KEYS, MEL_KEYS, PRETRAINED_KEY, FeatureConfig, TrainConfig
 from deepfusion.data.dataset import segment_frames
 from deepfusion.data.splits import read_split_file
 from deepfusion.errors import DatasetError, FeaturesFileError
+from deepfusion.inference.adapt import adapt as adapt_model, resolve_mode
 from deepfusion.io.atomic import atomic_write, check_writable, plural
 from deepfusion.io.cache import file_digest
 from deepfusion.io.features_file import load_features
+from deepfusion.io.featureset import FeatureSet
 from deepfusion.io.guard import check_destinations
 from deepfusion.io.run_folder import REPORT_FILES, destinations as run_destinations
-from deepfusion.io.featureset import FeatureSet
-from deepfusion.metrics import accuracy_interval, confusion_matrix, per_class_scores, summary_metrics
-
+from deepfusion.metrics import (accuracy_interval, confusion_matrix, per_class_scores,
+                                summary_metrics)
 
 # --------------------------------------------------------------------------- the evaluate stage
 
@@ -178,8 +178,9 @@ def evaluate(checkpoint: Path, *, features: Optional[Path] = None, split: str = 
         from deepfusion.models.meta import check_checkpoint_path
 
         check_checkpoint_path(checkpoint)   # a mistyped path costs no torch import (seconds)
-    from deepfusion.models.checkpoint import load_checkpoint, model_from_checkpoint, normalization_of
     from deepfusion.inference.clips import predict_clips
+    from deepfusion.models.checkpoint import (load_checkpoint, model_from_checkpoint,
+                                              normalization_of)
     from deepfusion.runtime.device import inference_precision, resolve_device
     from deepfusion.runtime.memory import memory_guard
 
@@ -270,7 +271,7 @@ def evaluate(checkpoint: Path, *, features: Optional[Path] = None, split: str = 
     report = EvaluationReport(split, len(idx), metrics, tuple(ci), per_class, cm, class_names, unknown,
                               out_dir, info, ci_method, cautions)
 
-    import pandas as pd     # here: a refused run never waits for pandas and matplotlib
+    import pandas as pd  # here: a refused run never waits for pandas and matplotlib
 
     from deepfusion.plots import plot_attention, plot_confusion
 

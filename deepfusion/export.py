@@ -35,15 +35,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from deepfusion.models.checkpoint import feature_config_of, load_checkpoint, model_from_checkpoint, normalization_of
 from deepfusion.config import FEATURE_KEYS, PRETRAINED_KEY, FeatureConfig, TrainConfig, view_keys
 from deepfusion.data.dataset import segment_frames
-from deepfusion.features.pretrained.view import patch_span
 from deepfusion.errors import ExportError, FeaturesFileError, ParameterError
+from deepfusion.features.pretrained.view import patch_span
+from deepfusion.inference.onnx_engine import METADATA_FORMAT, METADATA_KEY, OUTPUT_NAMES, OnnxEngine
 from deepfusion.io.atomic import atomic_write, check_writable, library_text
 from deepfusion.io.cache import file_digest
 from deepfusion.io.guard import Destination, check_destinations
-from deepfusion.inference.onnx_engine import METADATA_FORMAT, METADATA_KEY, OUTPUT_NAMES, OnnxEngine
+from deepfusion.models.checkpoint import (feature_config_of, load_checkpoint, model_from_checkpoint,
+                                          normalization_of)
 
 EXPORTERS = ("auto", "dynamo", "torchscript")
 INSTALL_HINT = "pip install 'deepfusion[onnx-export]'"

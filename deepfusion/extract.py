@@ -22,22 +22,22 @@ from pathlib import Path
 from typing import Any, Optional
 
 from deepfusion.audio import AudioItem, check_file, discover_collection
-from deepfusion.io.cache import FeatureCache, file_stamp
 from deepfusion.config import (DEFAULT_CACHE_DIR, DEFAULT_FEATURES, DEFAULT_STORE, FEATURE_FORMATS,
-                     FeatureConfig)
+                               FeatureConfig)
 from deepfusion.errors import AudioError, DeepFusionError, OutputError, ParameterError
 from deepfusion.io.atomic import (CACHE_ENTRY_LOST, atomic_write, check_writable, read_error_reason,
-                        remove_stale_temps, write_csv)
+                                  remove_stale_temps, write_csv)
+from deepfusion.io.cache import FeatureCache, file_stamp
 from deepfusion.io.features_file import write_features_file
 from deepfusion.io.guard import (Destination, audio_inputs, check_destinations, check_free_space,
-                       check_outputs)
-from deepfusion.progress import progress_bar
+                                 check_outputs)
 from deepfusion.jobs.batcher import feature_tasks
-from deepfusion.jobs.job import DEFAULT_TIMEOUT, compute_entry, resolve_backend
 # the per-file work moved to tasks.py; windows.py, predict and the tests import these from here
-from deepfusion.jobs.job import _FileTimeout as _FileTimeout, _time_limit as _time_limit
-from deepfusion.jobs.job import _warm_up as _warm_up, default_jobs as default_jobs
-from deepfusion.jobs.job import hash_and_compute as hash_and_compute
+from deepfusion.jobs.job import (DEFAULT_TIMEOUT, _FileTimeout as _FileTimeout,
+                                 _time_limit as _time_limit, _warm_up as _warm_up, compute_entry,
+                                 default_jobs as default_jobs, hash_and_compute as hash_and_compute,
+                                 resolve_backend)
+from deepfusion.progress import progress_bar
 
 ERRORS_CSV = "extract_errors.csv"
 

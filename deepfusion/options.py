@@ -18,11 +18,11 @@ from typing import Any, Callable, Optional
 
 import click
 
+from deepfusion.config import (ADAPT_MIN_CLIPS, ADAPT_MODES, AMP_DTYPES, BACKBONES,
+                               DEFAULT_CACHE_DIR, DEFAULT_FEATURES, INFERENCE_PRECISIONS,
+                               MODEL_KINDS, PRETRAINED_VIEWS, SELECTIONS, FeatureConfig,
+                               ModelConfig, RuntimeConfig, TrainConfig, flag_of, option_name)
 from deepfusion.train.recipe import describe_auto
-from deepfusion.config import (ADAPT_MIN_CLIPS, ADAPT_MODES, AMP_DTYPES, BACKBONES, DEFAULT_CACHE_DIR, DEFAULT_FEATURES, INFERENCE_PRECISIONS, MODEL_KINDS,
-                     PRETRAINED_VIEWS,
-                     SELECTIONS, FeatureConfig, ModelConfig, RuntimeConfig, TrainConfig,
-                     flag_of, option_name)
 
 
 @dataclass(frozen=True)

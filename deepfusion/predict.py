@@ -31,8 +31,8 @@ from deepfusion.errors import ParameterError
 from deepfusion.io.atomic import CACHE_ENTRY_LOST
 from deepfusion.io.cache import FeatureCache
 from deepfusion.io.memo import ModelIds
-from deepfusion.metrics import softmax
 from deepfusion.jobs.windows import load_window, run_file_tasks
+from deepfusion.metrics import softmax
 
 ENGINES = ("torch", "onnx")
 
@@ -133,10 +133,9 @@ class Library:
                  engine: str = "torch", device: str = "auto",
                  cache_dir: Path = DEFAULT_CACHE_DIR, destinations: Sequence[Any] = (),
                  overwrite: bool = False, precision: str = "fp32", adapt: str = "auto"):
+        from deepfusion.inference.adapt import resolve_mode
         from deepfusion.io.atomic import check_writable
         from deepfusion.io.guard import audio_inputs, check_destinations
-
-        from deepfusion.inference.adapt import resolve_mode
 
         resolve_mode(adapt, n_clips=0, new_collection=True)     # an unknown mode: now
         if engine == "onnx" and adapt in ("inputs", "full"):
@@ -187,9 +186,8 @@ class Library:
         seconds one file (one window of a long file) may take before it is reported;
         ``quiet``: no progress bar.
         """
-        from deepfusion.progress import progress_bar
-
         from deepfusion.inference.adapt import resolve_mode
+        from deepfusion.progress import progress_bar
 
         folders = {i for i, p in enumerate(self.files) if p in self._typed and p.is_dir()}
         todo = [p for i, p in enumerate(self.files) if i not in folders]

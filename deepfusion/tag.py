@@ -70,10 +70,10 @@ class Tagger:
     def __init__(self, inputs: Iterable[Union[str, Path]], *, model: str = "MTT_musicnn",
                  cache_dir: Path = DEFAULT_CACHE_DIR, destinations: Sequence[Any] = (),
                  overwrite: bool = False):
+        from deepfusion.audio import expand_inputs
         from deepfusion.io.atomic import check_writable
         from deepfusion.io.cache import FeatureCache
         from deepfusion.io.guard import audio_inputs, check_destinations
-        from deepfusion.audio import expand_inputs
 
         if model not in PRETRAINED_VIEWS:
             raise ParameterError(f"--model must be one of {', '.join(PRETRAINED_VIEWS)}, got {model!r}")
@@ -106,8 +106,8 @@ class Tagger:
         window of a long file) may take; ``quiet``: no progress bar.
         """
         from deepfusion.audio import AUDIO_EXTENSIONS
-        from deepfusion.progress import progress_bar
         from deepfusion.jobs.windows import load_window, run_file_tasks
+        from deepfusion.progress import progress_bar
 
         folders = {i for i, p in enumerate(self.files) if p in self._typed and p.is_dir()}
         todo = [p for i, p in enumerate(self.files) if i not in folders]

@@ -9,13 +9,13 @@ import pickle
 import numpy as np
 import pytest
 
-from deepfusion.inference import adapt as adapt_module
-from deepfusion.inference.adapt import Adapter, adapt, resolve_mode
-from deepfusion.models.checkpoint import load_checkpoint, model_from_checkpoint, normalization_of
 from deepfusion.config import ADAPT_MIN_CLIPS
 from deepfusion.data.normalize import fit_normalization
 from deepfusion.errors import ParameterError
+from deepfusion.inference import adapt as adapt_module
+from deepfusion.inference.adapt import Adapter, adapt, resolve_mode
 from deepfusion.io.features_file import load_features
+from deepfusion.models.checkpoint import load_checkpoint, model_from_checkpoint, normalization_of
 from deepfusion.testing import invoke, load_own_pickle
 
 

@@ -191,7 +191,7 @@ def test_symlinked_genre_folders_are_followed_once(tiny_audio, tmp_path):
 
 @pytest.mark.slow
 def test_timeout_covers_hashing_a_file(tiny_audio, tmp_path, monkeypatch):
-    import deepfusion.jobs.job as extract_module   # where the workers hash
+    import deepfusion.jobs.job as extract_module  # where the workers hash
 
     real = extract_module.file_digest
 

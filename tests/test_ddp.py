@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from deepfusion.runtime import ddp
 from deepfusion.data.dataset import epoch_order
+from deepfusion.runtime import ddp
 from deepfusion.testing import assert_same_training, history_rows, run_command, subprocess_env
 from deepfusion.testing.damage import history_epochs, kill_when
 

@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 
 from deepfusion.config import FeatureConfig
-from deepfusion.metrics import bootstrap_interval, confusion_matrix, per_class_scores, summary_metrics
+from deepfusion.metrics import (bootstrap_interval, confusion_matrix, per_class_scores,
+                                summary_metrics)
 from deepfusion.testing import invoke
 
 GENRES = ["rock", "techno", "waltz"]          # the fixture's classes, in logit order

@@ -16,17 +16,17 @@ pytest.importorskip("onnx")
 
 import torch  # noqa: E402
 
-from deepfusion.models.checkpoint import (feature_config_of, load_checkpoint, model_from_checkpoint,  # noqa: E402
-                                   normalization_of, save_checkpoint)
 from deepfusion.config import FEATURE_KEYS, TrainConfig  # noqa: E402
 from deepfusion.data.dataset import segment_frames  # noqa: E402
 from deepfusion.errors import ExportError, OnnxModelError, OutputError, ParameterError  # noqa: E402
 from deepfusion.export import export_onnx  # noqa: E402
 from deepfusion.inference.clips import predict_clips  # noqa: E402
+from deepfusion.inference.onnx_engine import METADATA_KEY, OnnxEngine  # noqa: E402
 from deepfusion.io.cache import file_digest  # noqa: E402
 from deepfusion.io.featureset import FeatureSet  # noqa: E402
 from deepfusion.metrics import softmax  # noqa: E402
-from deepfusion.inference.onnx_engine import METADATA_KEY, OnnxEngine  # noqa: E402
+from deepfusion.models.checkpoint import (feature_config_of, load_checkpoint,  # noqa: E402
+                                          model_from_checkpoint, normalization_of, save_checkpoint)
 
 REPO = Path(__file__).resolve().parents[1]
 

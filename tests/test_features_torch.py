@@ -21,7 +21,7 @@ from deepfusion.config import FEATURE_KEYS, PRETRAINED_KEY, FeatureConfig
 from deepfusion.errors import ParameterError
 from deepfusion.features.numpy_views import compute_features, median_filter_axis
 from deepfusion.features.torch_views import (TOLERANCE, compute_features_torch, median_filter,
-                                      median_filter_unfold)
+                                             median_filter_unfold)
 from deepfusion.testing import invoke, load_own_pickle, one_error_line
 
 SR = 22050

@@ -16,13 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from deepfusion.runtime import device as runtime
-from deepfusion.runtime import memory, seed
-from deepfusion.models.checkpoint import load_checkpoint, save_checkpoint, to_cpu
 from deepfusion.errors import DeviceError, DeviceMemoryError, ParameterError
-from deepfusion.runtime.device import backend_settings, choose_precision, default_num_workers, device_choice, inference_precision, precision_for, requested_precision, resolve_device, restore_scaler, to_device
-from deepfusion.runtime.seed import set_rng_state
+from deepfusion.models.checkpoint import load_checkpoint, save_checkpoint, to_cpu
+from deepfusion.runtime import device as runtime, memory, seed
+from deepfusion.runtime.device import (backend_settings, choose_precision, default_num_workers,
+                                       device_choice, inference_precision, precision_for,
+                                       requested_precision, resolve_device, restore_scaler,
+                                       to_device)
 from deepfusion.runtime.memory import estimate_training_bytes, memory_warning, out_of_memory_message
+from deepfusion.runtime.seed import set_rng_state
 from deepfusion.testing import invoke, one_error_line
 
 REPO = Path(__file__).resolve().parents[1]

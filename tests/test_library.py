@@ -85,8 +85,8 @@ def test_a_second_run_runs_no_network_unless_the_model_changed(tiny_audio, check
     """The outputs of a model per file are kept (deepfusion.io.memo): run again with the same
     model, no window goes through the network; another model, a damaged entry or another
     precision does."""
-    from deepfusion.predict import Library, Prediction
     from deepfusion.inference.torch_engine import TorchEngine
+    from deepfusion.predict import Library, Prediction
 
     calls = []
     real = TorchEngine.window_outputs

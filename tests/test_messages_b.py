@@ -258,8 +258,8 @@ def test_a_scheduler_from_the_environment_is_named_as_the_variable(tiny_audio, t
 
 
 def test_torchrun_variables_that_are_not_numbers(monkeypatch):
-    from deepfusion.runtime import ddp
     from deepfusion.errors import DeepFusionError
+    from deepfusion.runtime import ddp
 
     monkeypatch.setenv("RANK", "x")
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -17,7 +17,7 @@ import torch
 from deepfusion.errors import ParameterError, WeightsNotFoundError
 from deepfusion.features.pretrained import musicnn
 from deepfusion.features.pretrained.musicnn import (MODELS, PATCH_FRAMES, SAMPLE_RATE, TAGS,
-                                           load_musicnn, log_mel, patches, resample_16k)
+                                                    load_musicnn, log_mel, patches, resample_16k)
 
 FIXTURE = Path(__file__).parent / "data" / "musicnn_reference.npz"
 TOL = 1e-4

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deepfusion.config import FEATURE_KEYS
 from deepfusion.audio import window_starts
+from deepfusion.config import FEATURE_KEYS
 from deepfusion.testing import invoke
 
 GENRES = {"rock", "techno", "waltz"}
@@ -170,8 +170,8 @@ def test_predict_features_equal_extract_features(tiny_audio, tiny_features, tmp_
     """A window predict computes is extract's entry, bit for bit, under extract's key."""
     from deepfusion.io.cache import FeatureCache
     from deepfusion.io.features_file import read_features_file
-    from deepfusion.testing import TINY_FEATURES
     from deepfusion.jobs.windows import file_windows, load_window
+    from deepfusion.testing import TINY_FEATURES
 
     items = {it["path"]: it for it in read_features_file(tiny_features)}
     cache = FeatureCache(tmp_path, TINY_FEATURES)

@@ -23,9 +23,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from deepfusion.models import weights
 from deepfusion.config import ModelConfig
 from deepfusion.errors import ParameterError, WeightsNotFoundError
+from deepfusion.models import weights
 from deepfusion.models.net import build_model
 from deepfusion.models.weights import pretrained_weights_file, resolve_pretrained
 

@@ -13,9 +13,9 @@ import pytest
 
 from deepfusion.config import FEATURE_KEYS, PRETRAINED_KEY, FeatureConfig, ModelConfig
 from deepfusion.errors import FeaturesFileError, ParameterError
+from deepfusion.features.pretrained.view import (PARTS, VIEW_ROWS, all_patches, chosen_patches,
+                                                 n_patches, part_rows, patch_span, pretrained_view)
 from deepfusion.io.features_file import load_features
-from deepfusion.features.pretrained.view import (PARTS, VIEW_ROWS, all_patches, chosen_patches, n_patches,
-                                        part_rows, patch_span, pretrained_view)
 from deepfusion.testing import TINY_FEATURES, invoke, load_own_pickle, save_store
 
 
@@ -164,8 +164,8 @@ def test_network_has_a_branch_for_the_view(trained_model_dir):
 def test_a_checkpoint_whose_view_rows_disagree_is_refused(trained_model_dir, tmp_path):
     import torch
 
-    from deepfusion.models.checkpoint import load_checkpoint
     from deepfusion.errors import CheckpointError
+    from deepfusion.models.checkpoint import load_checkpoint
 
     ckpt = torch.load(trained_model_dir / "best.pth", weights_only=True)
     ckpt["feature_config"] = {**ckpt["feature_config"], "pretrained_view": None}

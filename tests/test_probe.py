@@ -10,8 +10,8 @@ import torch
 
 from deepfusion.config import FEATURE_KEYS
 from deepfusion.data.normalize import fit_normalization
-from deepfusion.io.featureset import FeatureSet
 from deepfusion.inference.clips import predict_clips
+from deepfusion.io.featureset import FeatureSet
 from deepfusion.models.probe import LinearProbe, clip_stats, fit_probe, pooled_stats
 
 N_MELS, AUX_ROWS, T = 8, (5, 4, 6), 40

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from deepfusion.config import FEATURE_KEYS, MEL_KEYS, TrainConfig
-from deepfusion.train.recipe import resolve_recipe
-from deepfusion.train.crossval import grouped_folds
 from deepfusion.data.dataset import Augment, make_torch_dataset
-from deepfusion.io.featureset import FeatureSet
 from deepfusion.errors import DatasetError, ParameterError
+from deepfusion.io.featureset import FeatureSet
 from deepfusion.testing import invoke, one_error_line
+from deepfusion.train.crossval import grouped_folds
+from deepfusion.train.recipe import resolve_recipe
 
 COMMON = ("--backbone", "light", "--no-pretrained", "--batch-size", "8", "--lr", "3e-3",
           "--val-size", "0.2", "--test-size", "0.2", "--quiet")

@@ -264,8 +264,8 @@ def test_a_mistyped_checkpoint_is_refused_before_torch_is_imported(cached_clip, 
 def test_extract_on_a_machine_without_a_gpu_asks_torch_nothing(monkeypatch, tmp_path):
     """--device auto: no GPU driver's device file on Linux means the CPU, told without
     importing torch (a cached clip needs none); with torch imported, torch is asked."""
-    from deepfusion.runtime import device as runtime
     from deepfusion.jobs import job as tasks
+    from deepfusion.runtime import device as runtime
 
     asked = []
     monkeypatch.setattr(runtime, "resolve_device", lambda name: asked.append(name) or "cpu")

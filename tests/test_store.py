@@ -17,13 +17,12 @@ import pytest
 import torch
 
 from deepfusion.config import FEATURE_KEYS
-from deepfusion.io.features_file import load_feature_set, load_features
-from deepfusion.io.store import open_store
-from deepfusion.testing import TINY_FEATURES, invoke, one_error_line, save_store
 from deepfusion.errors import FeaturesFileError, OutputError
 from deepfusion.extract import extract
-from deepfusion.io.store import META
+from deepfusion.io.features_file import load_feature_set, load_features
+from deepfusion.io.store import META, open_store
 from deepfusion.io.store_writer import StoreWriter
+from deepfusion.testing import TINY_FEATURES, invoke, one_error_line, save_store
 
 
 def _refused(result) -> str:
@@ -506,7 +505,7 @@ def test_a_float16_store_halves_the_bytes_and_trains(tiny_audio, tiny_features, 
 @pytest.mark.slow
 def test_an_unchanged_collection_is_not_read_again(tiny_audio, tmp_path, monkeypatch):
     """Up to date by the files' stat: a rerun hashes nothing; a touched file is read again."""
-    import deepfusion.jobs.job as extract_module   # where the workers hash
+    import deepfusion.jobs.job as extract_module  # where the workers hash
 
     audio = tmp_path / "audio"
     shutil.copytree(tiny_audio, audio)

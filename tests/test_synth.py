@@ -11,8 +11,8 @@ import pytest
 import soundfile as sf
 
 from deepfusion.errors import OutputError, ParameterError
-from deepfusion.synth import (GENRES, RECIPES, GenreRecipe, clip_params, clip_seed,
-                              render_clip, synthesize_dataset)
+from deepfusion.synth import (GENRES, RECIPES, GenreRecipe, clip_params, clip_seed, render_clip,
+                              synthesize_dataset)
 
 SR = 22050
 HOP = 256

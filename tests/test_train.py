@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from deepfusion.models.checkpoint import load_checkpoint, model_from_checkpoint, normalization_of
 from deepfusion.config import FEATURE_KEYS, ModelConfig
 from deepfusion.data.normalize import fit_normalization
 from deepfusion.data.splits import check_split, make_split
-from deepfusion.io.features_file import load_feature_set
 from deepfusion.errors import DatasetError
+from deepfusion.io.features_file import load_feature_set
+from deepfusion.models.checkpoint import load_checkpoint, model_from_checkpoint, normalization_of
 from deepfusion.models.net import MultiModalNet, count_parameters
 from deepfusion.progress import epoch_seconds
 from deepfusion.testing import cli_command, invoke, subprocess_env

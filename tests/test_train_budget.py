@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from deepfusion.progress import PlainProgress, progress_bar, say_around_bars
+from deepfusion.testing import cli_command, subprocess_env
 from deepfusion.train.recipe import default_backbone
 from deepfusion.train.run_writer import RunWriter
-from deepfusion.testing import cli_command, subprocess_env
 
 
 def _row(epoch: int) -> dict:

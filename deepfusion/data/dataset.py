@@ -13,8 +13,8 @@ from typing import Optional
 import numpy as np
 
 from deepfusion.config import MEL_KEYS, PRETRAINED_KEY, FeatureConfig
-from deepfusion.io.featureset import FeatureSet
 from deepfusion.features.pretrained.view import patch_span
+from deepfusion.io.featureset import FeatureSet
 
 
 def feature_config_of(fs: FeatureSet) -> FeatureConfig:

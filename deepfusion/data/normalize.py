@@ -2,10 +2,11 @@
 memory-mapped collection is never loaded whole)."""
 
 from __future__ import annotations
+
 import numpy as np
+
 from deepfusion.config import PRETRAINED_KEY
 from deepfusion.io.featureset import FeatureSet
-
 
 #: Per view, the smallest standard deviation a row is normalised by, as a fraction of the
 #: view's mean row deviation. The pretrained view's rows include tags that are near zero on a

@@ -3,15 +3,18 @@ source stays on one side), split files (GTZAN's fault-filtered split ships in th
 the check that no group spans two splits, and the lines that describe a split."""
 
 from __future__ import annotations
+
 import csv
 from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
+
 import numpy as np
+
+from deepfusion.config import TrainConfig
 from deepfusion.errors import DatasetError
 from deepfusion.io.atomic import library_text, os_error_reason
 from deepfusion.io.featureset import FeatureSet
-
 
 SPLITS = ("train", "val", "test")
 
@@ -173,3 +176,29 @@ def ungrouped_warning(fs: FeatureSet) -> Optional[str]:
             "recording, not the genre; give extract a metadata table with an artist, album or "
             "track_id column (a manifest.csv at the collection root, or --manifest), or train "
             "with a --split-file")
+
+
+def choose_split(fs: FeatureSet, features: Path, config: TrainConfig,
+                 split: Optional[np.ndarray] = None) -> np.ndarray:
+    """The split of a training run: the one given (checked), the ``config.split_file``'s, or a
+    grouped random one; refused when it leaves no training or validation clip, or a genre
+    without a training clip."""
+    if split is not None:
+        split = np.asarray(split, dtype=object)
+        check_split(split, fs.groups)
+    elif config.split_file:
+        split = read_split_file(config.split_file, fs.paths, source=fs.source)
+        check_split(split, fs.groups, paths=fs.paths, split_file=config.split_file)
+    else:
+        split = make_split(fs.labels, fs.groups, val_size=config.val_size,
+                           test_size=config.test_size, seed=config.seed)
+    train_idx, val_idx = (np.flatnonzero(split == s) for s in ("train", "val"))
+    if len(train_idx) == 0 or len(val_idx) == 0:
+        raise DatasetError(f"{features}: the split leaves {len(train_idx)} training and "
+                           f"{len(val_idx)} validation clips; both need at least one "
+                           "(more clips, or a larger --val-size)")
+    names = fs.class_names
+    missing = sorted({names[c] for c in fs.labels} - {names[c] for c in fs.labels[train_idx]})
+    if missing:
+        raise DatasetError(f"{features}: no training clip of genre(s) {', '.join(missing)}")
+    return split

@@ -13,10 +13,10 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from deepfusion.runtime import ddp
 from deepfusion.data.dataset import eval_segments, make_torch_dataset
 from deepfusion.io.featureset import FeatureSet
 from deepfusion.metrics import log_loss, softmax
+from deepfusion.runtime import ddp
 from deepfusion.runtime.device import autocast_for, to_device
 
 

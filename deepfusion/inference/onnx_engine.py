@@ -157,7 +157,7 @@ class OnnxEngine:
         as a checkpoint is) and against the graph's inputs and outputs; sets
         :attr:`described`, :attr:`rows` and :attr:`segment_frames`."""
         from deepfusion.models.meta import (check_class_count, check_description, check_rows,
-                                 check_segment_frames, show)
+                                            check_segment_frames, show)
 
         name = self.name
 

@@ -15,16 +15,16 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from deepfusion.models.checkpoint import feature_config_of, load_checkpoint, model_from_checkpoint, normalization_of
 from deepfusion.config import ModelConfig, TrainConfig, view_keys
 from deepfusion.data.dataset import segment_frames
 from deepfusion.inference.clips import predict_clips
 from deepfusion.io.cache import stamp_or_none
 from deepfusion.io.featureset import FeatureSet
 from deepfusion.io.memo import ModelIds, model_id
+from deepfusion.models.checkpoint import (feature_config_of, load_checkpoint, model_from_checkpoint,
+                                          normalization_of)
 from deepfusion.runtime.device import inference_precision, resolve_device
 from deepfusion.runtime.memory import is_out_of_memory
-
 
 #: Segments per forward pass on the CPU and on a GPU. On this CPU (2 cores, fp32) a light
 #: model ran 2.5-3.5 ms per segment in batches of 8 to 20 against 3.4-6.0 in batches of 40

@@ -4,13 +4,16 @@ atomic rename of ``meta.json``; old versions go once no reader can be using them
 and the reading side are :mod:`deepfusion.io.store`."""
 
 from __future__ import annotations
+
 import contextlib
 import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any, Optional
+
 import numpy as np
+
 from deepfusion.config import ALL_KEYS, PRETRAINED_KEY
 from deepfusion.errors import FeaturesFileError, OutputError
 from deepfusion.io.atomic import atomic_write, os_error_reason, remove_stale_temps

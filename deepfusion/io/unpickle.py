@@ -25,8 +25,8 @@ from typing import IO, Any, Optional
 
 from deepfusion.errors import FeaturesFileError
 from deepfusion.io.names import one_line
-from deepfusion.io.pickle_meter import (_CONTAINERS, _MAPPINGS, _SCALARS, _SET_UNITS, _TEXT, WORK_FLOOR,
-                           WORK_PER_BYTE, CostMeter, _describe, _refuse)
+from deepfusion.io.pickle_meter import (_CONTAINERS, _MAPPINGS, _SCALARS, _SET_UNITS, _TEXT,
+                                        WORK_FLOOR, WORK_PER_BYTE, CostMeter, _describe, _refuse)
 
 # ----------------------------------------------------------------------------- safe unpickling
 #

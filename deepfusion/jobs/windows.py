@@ -125,7 +125,7 @@ def _later_windows(path: Path, key: str, missing: list[int], cache: FeatureCache
     from threadpoolctl import threadpool_limits
 
     from deepfusion.audio import decode_windows
-    from deepfusion.jobs.job import _FileTimeout, _failed, _time_limit, numpy_features
+    from deepfusion.jobs.job import _failed, _FileTimeout, _time_limit, numpy_features
 
     wanted = set(missing)
     index = 0

@@ -27,6 +27,7 @@ from deepfusion.errors import ParameterError, WeightsNotFoundError
 from deepfusion.io.names import one_line
 from deepfusion.models.weights import RESNETS, load_pretrained_state
 
+
 def _light_cnn() -> tuple[nn.Module, int]:
     """A small CNN for CPUs: four conv blocks, about 0.1 M parameters."""
     layers: list[nn.Module] = []

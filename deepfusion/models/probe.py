@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from deepfusion.config import AUX_KEYS, FEATURE_KEYS, MEL_KEYS, PRETRAINED_KEY, TrainConfig, view_keys
+from deepfusion.config import (AUX_KEYS, FEATURE_KEYS, MEL_KEYS, PRETRAINED_KEY, TrainConfig,
+                               view_keys)
 from deepfusion.errors import ParameterError
 
 Array = Union[np.ndarray, torch.Tensor]

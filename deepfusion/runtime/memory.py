@@ -3,13 +3,15 @@ before a run that will not fit, and one line instead of a traceback when a devic
 (:func:`memory_guard`). Pure functions of the numbers they are given, so tested anywhere."""
 
 from __future__ import annotations
+
 import contextlib
 import os
 import time
 from typing import Iterator, Optional
-import torch
-from deepfusion.errors import DeviceMemoryError, ParameterError
 
+import torch
+
+from deepfusion.errors import DeviceMemoryError, ParameterError
 
 #: Bytes autograd keeps per input value (one mel band x one frame) of one mel branch in
 #: float32 training: the slope of the saved tensors' size with the input's, measured with

@@ -2,8 +2,10 @@
 state a checkpoint stores so that a resumed run continues the same sequence."""
 
 from __future__ import annotations
+
 import random
 from typing import Any, Optional
+
 import numpy as np
 import torch
 

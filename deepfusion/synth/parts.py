@@ -11,15 +11,8 @@ from scipy import signal
 
 from deepfusion.synth.dsp import _drive, _envelope, _filter, _hat, _kick, _oscillator, _rim, _snare
 from deepfusion.synth.params import ClipParams
-from deepfusion.synth.recipes import (
-    _BASS_TONE,
-    _VELOCITY,
-    STEPS_PER_BEAT,
-    GenreRecipe,
-    _bass_midi,
-    _chord_midi,
-    _hz,
-)
+from deepfusion.synth.recipes import (_BASS_TONE, _VELOCITY, STEPS_PER_BEAT, GenreRecipe,
+                                      _bass_midi, _chord_midi, _hz)
 
 # Paul Kellet's economy pink-noise filter (-3 dB/octave within 0.05 dB above 10 Hz at 44.1 kHz;
 # close enough at 22.05 kHz for a noise bed).

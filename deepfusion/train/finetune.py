@@ -17,9 +17,9 @@ from typing import Any, Optional
 
 import torch
 
-from deepfusion.models.checkpoint import load_checkpoint
 from deepfusion.config import FeatureConfig, ModelConfig
 from deepfusion.errors import ParameterError
+from deepfusion.models.checkpoint import load_checkpoint
 
 #: Modules of :class:`~deepfusion.models.net.MultiModalNet` that ``--freeze-branches`` freezes.
 BRANCHES = ("mel", "aux")

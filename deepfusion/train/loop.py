@@ -103,9 +103,8 @@ def step_seconds(model: torch.nn.Module, loader, *, device: torch.device,
     which the run then reuses, and the next ones may still pay some: the time is the median
     of the steps after the first.
     """
-    import statistics
-
     import copy
+    import statistics
 
     from deepfusion.runtime.memory import synchronize
 

@@ -6,9 +6,9 @@ Plain settings live in :mod:`deepfusion.config`; the rules that fill and compare
 from __future__ import annotations
 
 from dataclasses import fields, replace
-from typing import Any
+from typing import Any, Optional
 
-from deepfusion.config import BACKBONES, TrainConfig, option_name
+from deepfusion.config import ARCHITECTURE_FIELDS, BACKBONES, ModelConfig, TrainConfig, option_name
 from deepfusion.errors import ParameterError
 
 #: Recipe defaults per backbone, chosen with ``benchmarks/generalization.py`` (see the README):
@@ -104,3 +104,23 @@ def resume_recipe(stored: dict[str, Any], given: TrainConfig, *, epochs_done: in
     if ignored:
         notes.append("ignored with --resume, the run keeps its own settings: " + ", ".join(ignored))
     return replace(old, **changes), notes
+
+
+def resume_model(mc: dict[str, Any], backbone: Optional[str],
+                 model_options: Optional[dict[str, Any]]) -> tuple[str, bool, dict[str, Any], list[str]]:
+    """The network a resumed run continues: its stored model config ``mc`` wins over what
+    the command gave (each overruled option named in a note). Returns ``(backbone,
+    share_backbone, model_options, notes)``."""
+    notes: list[str] = []
+    if backbone is not None and backbone != mc["backbone"]:
+        notes.append(f"ignored with --resume: --backbone {backbone} (the run's: {mc['backbone']})")
+    backbone, share_backbone = mc["backbone"], mc["share_backbone"]
+    stored = {"band_stats": bool(mc.get("band_stats", False))}
+    default_bs = ModelConfig.__dataclass_fields__["band_stats"].default
+    given_bs = (model_options or {}).get("band_stats", default_bs)
+    if given_bs != default_bs and given_bs != stored["band_stats"]:
+        notes.append(f"ignored with --resume: --{'' if given_bs else 'no-'}band-stats "
+                     f"(the run's: {'on' if stored['band_stats'] else 'off'})")
+    # the run's own widths too (a fine-tuned run took them from its source)
+    model_options = {**{k: mc[k] for k in ARCHITECTURE_FIELDS if k in mc}, **stored}
+    return backbone, share_backbone, model_options, notes

@@ -14,65 +14,40 @@ import contextlib
 import math
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 
-from deepfusion.runtime import ddp
-from deepfusion.train import finetune
-from deepfusion.models.checkpoint import expected_sizes, library_versions, load_checkpoint, save_checkpoint
-from deepfusion.train.run_writer import RunWriter, write_log
-from deepfusion.config import (ARCHITECTURE_FIELDS, AUTO_FIELDS, AUX_KEYS, PRETRAINED_KEY, FeatureConfig,
-                     ModelConfig, RuntimeConfig, TrainConfig)
-from deepfusion.train.recipe import default_backbone, resolve_recipe, resume_recipe
-from deepfusion.data.dataset import Augment, feature_config_of, make_train_loader, segment_frames, segments_per_clip
+from deepfusion.config import (ARCHITECTURE_FIELDS, AUTO_FIELDS, AUX_KEYS, PRETRAINED_KEY,
+                               ModelConfig, RuntimeConfig, TrainConfig)
+from deepfusion.data.dataset import (Augment, feature_config_of, make_train_loader, segment_frames,
+                                     segments_per_clip)
 from deepfusion.data.normalize import fit_normalization
-from deepfusion.data.splits import check_split, make_split, read_split_file, split_lists, split_summary, ungrouped_warning
-from deepfusion.errors import CheckpointError, DatasetError, DeepFusionError, ParameterError
-from deepfusion.inference.clips import ClipPredictions, clip_loss, predict_clips
-from deepfusion.train.loop import all_finite, lr_factor, step_seconds, train_one_epoch
+from deepfusion.data.splits import choose_split, split_summary, ungrouped_warning
+from deepfusion.errors import CheckpointError, DeepFusionError, ParameterError
+from deepfusion.inference.clips import clip_loss, predict_clips
 from deepfusion.io.atomic import remove_stale_temps
 from deepfusion.io.features_file import FeatureSet, load_features
 from deepfusion.io.guard import check_destinations, check_free_space, same_file
 from deepfusion.io.run_folder import claim_run_folder, destinations as run_destinations
+from deepfusion.models.checkpoint import expected_sizes, load_checkpoint, save_checkpoint
 from deepfusion.models.net import build_model, check_input_size, count_parameters
-from deepfusion.progress import duration_text, epoch_legend, epoch_seconds, plan_line, progress_bar
-from deepfusion.runtime.device import backend_settings, default_num_workers, precision_for, requested_precision, restore_scaler
-from deepfusion.runtime.seed import rng_state, seed_everything, seed_torch, set_rng_state
-from deepfusion.runtime.memory import memory_check, memory_guard
 from deepfusion.models.weights import pretrained_mode, resolve_pretrained
-
-@dataclass
-class TrainResult:
-    """What a training run produced."""
-
-    model_dir: Path
-    best_epoch: int
-    best_val_acc: float
-    epochs_run: int
-    seconds: float
-    test_acc: Optional[float] = None
-    history: list[dict] = field(default_factory=list)
-    #: the best checkpoint's outputs on the test clips (None without a test split)
-    test_predictions: Optional[ClipPredictions] = None
-
-
-def _base_payload(fs: FeatureSet, features: Path, split: np.ndarray, norm: dict, *,
-                  model_config: ModelConfig, feature_config: FeatureConfig, config: TrainConfig,
-                  runtime: RuntimeConfig, pretrained_source: str) -> dict[str, Any]:
-    """What every checkpoint of a run holds besides its weights and epoch."""
-    return {
-        "model_config": model_config.to_dict(), "class_names": list(fs.class_names),
-        "feature_config": feature_config.to_dict(),
-        "normalization": {k: {s: torch.from_numpy(v) for s, v in d.items()} for k, d in norm.items()},
-        "split": split_lists(fs, split), "train_config": config.to_dict(),
-        "runtime_config": runtime.to_dict(),
-        "features_file": str(features.resolve()), "features_sha256": fs.sha256,
-        "pretrained_source": pretrained_source, "versions": library_versions(),
-    }
+from deepfusion.progress import duration_text, epoch_legend, epoch_seconds, plan_line, progress_bar
+from deepfusion.runtime import ddp
+from deepfusion.runtime.device import (backend_settings, default_num_workers, precision_for,
+                                       requested_precision, restore_scaler)
+from deepfusion.runtime.memory import memory_check, memory_guard
+from deepfusion.runtime.seed import rng_state, seed_everything, seed_torch, set_rng_state
+from deepfusion.train import finetune
+from deepfusion.train.loop import all_finite, lr_factor, step_seconds, train_one_epoch
+from deepfusion.train.probe_run import train_probe
+from deepfusion.train.recipe import default_backbone, resolve_recipe, resume_model, resume_recipe
+from deepfusion.train.result import TrainResult, base_payload
+from deepfusion.train.run_writer import RunWriter, write_log
 
 
 def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConfig = TrainConfig(),
@@ -168,18 +143,9 @@ def _train(features: Path, *, model_dir: Path, config: TrainConfig, runtime: Run
     if resume:   # last.pth is there (train checked): read by rank 0, handed to every process
         state = ddp.on_main(load_checkpoint, last_path, resume=True)
         config, notes = resume_recipe(state["train_config"], config, epochs_done=state["epoch"])
-        mc = state["model_config"]
-        if backbone is not None and backbone != mc["backbone"]:
-            notes.append(f"ignored with --resume: --backbone {backbone} (the run's: {mc['backbone']})")
-        backbone, share_backbone = mc["backbone"], mc["share_backbone"]
-        stored = {"band_stats": bool(mc.get("band_stats", False))}
-        default_bs = ModelConfig.__dataclass_fields__["band_stats"].default
-        given_bs = (model_options or {}).get("band_stats", default_bs)
-        if given_bs != default_bs and given_bs != stored["band_stats"]:
-            notes.append(f"ignored with --resume: --{'' if given_bs else 'no-'}band-stats "
-                         f"(the run's: {'on' if stored['band_stats'] else 'off'})")
-        # the run's own widths too (a fine-tuned run took them from its source)
-        model_options = {**{k: mc[k] for k in ARCHITECTURE_FIELDS if k in mc}, **stored}
+        backbone, share_backbone, model_options, more = resume_model(
+            state["model_config"], backbone, model_options)
+        notes += more
         for note in notes:
             echo(note)
     fs = feature_set if feature_set is not None else load_features(features)
@@ -207,29 +173,14 @@ def _train(features: Path, *, model_dir: Path, config: TrainConfig, runtime: Run
     backbone = backbone or default_backbone(device.type)
 
     ungrouped = ungrouped_warning(fs) if split is None and not config.split_file else None
-    if split is not None:
-        split = np.asarray(split, dtype=object)
-        check_split(split, fs.groups)
-    elif config.split_file:
-        split = read_split_file(config.split_file, fs.paths, source=fs.source)
-        check_split(split, fs.groups, paths=fs.paths, split_file=config.split_file)
-    else:
-        split = make_split(fs.labels, fs.groups, val_size=config.val_size,
-                           test_size=config.test_size, seed=config.seed)
+    split = choose_split(fs, features, config, split)
     train_idx, val_idx, test_idx = (np.flatnonzero(split == s) for s in ("train", "val", "test"))
-    if len(train_idx) == 0 or len(val_idx) == 0:
-        raise DatasetError(f"{features}: the split leaves {len(train_idx)} training and "
-                           f"{len(val_idx)} validation clips; both need at least one "
-                           "(more clips, or a larger --val-size)")
-    missing = sorted({fs.class_names[c] for c in fs.labels} - {fs.class_names[c] for c in fs.labels[train_idx]})
-    if missing:
-        raise DatasetError(f"{features}: no training clip of genre(s) {', '.join(missing)}")
 
     if config.model == "probe":
         if resume:
             raise CheckpointError(f"{last_path}: a linear probe is fitted in one step; there is "
                                   "nothing to resume")
-        return _train_probe(fs, features, split, (train_idx, val_idx, test_idx), config=config,
+        return train_probe(fs, features, split, (train_idx, val_idx, test_idx), config=config,
                             feature_config=feature_config, model_dir=model_dir, echo=echo,
                             t_start=t_start, ungrouped=ungrouped)
 
@@ -321,7 +272,7 @@ def _train(features: Path, *, model_dir: Path, config: TrainConfig, runtime: Run
     if warning:
         echo(warning)
 
-    base_payload = _base_payload(fs, features, split, norm, model_config=model_config,
+    payload = base_payload(fs, features, split, norm, model_config=model_config,
                                  feature_config=feature_config, config=config, runtime=runtime,
                                  pretrained_source=pre_source)
     best_bytes, last_bytes = expected_sizes(scored, ema=ema is not None)
@@ -394,12 +345,12 @@ def _train(features: Path, *, model_dir: Path, config: TrainConfig, runtime: Run
                 bad_epochs += 1
             saved = improved if config.select != "last" else True
             best_epoch = epoch if saved else best_epoch
-            best = {**base_payload, "model_state": scored.state_dict(), "epoch": epoch,
+            best = {**payload, "model_state": scored.state_dict(), "epoch": epoch,
                     "metrics": {"val": row}} if saved else None
             extra = {"ema_state": ema.state_dict(), "model_state_raw": model.state_dict()} \
                 if ema else {}
             last = {
-                **base_payload, "model_state": scored.state_dict(), "epoch": epoch,
+                **payload, "model_state": scored.state_dict(), "epoch": epoch,
                 "optimizer_state": optimizer.state_dict(),
                 "scheduler_state": scheduler.state_dict(), "scaler_state": scaler.state_dict(),
                 "rng_state": rng_state(device), "history": history, "best_score": best_score,
@@ -439,57 +390,3 @@ def _train(features: Path, *, model_dir: Path, config: TrainConfig, runtime: Run
                        time.perf_counter() - t_start, test_acc, history, test)
 
 
-def _train_probe(fs: FeatureSet, features: Path, split: np.ndarray, indices, *,
-                 config: TrainConfig, feature_config: FeatureConfig, model_dir: Path,
-                 echo: Callable[[str], None], t_start: float,
-                 ungrouped: Optional[str] = None) -> TrainResult:
-    """Fit the linear probe (logistic regression on time-pooled statistics of the views,
-    :mod:`deepfusion.models.probe`) and save it as ``best.pth`` in the network's checkpoint format."""
-    from deepfusion.models.probe import fit_probe
-
-    train_idx, val_idx, test_idx = indices
-    config = replace(resolve_recipe(config, "light", False), segment_seconds=None, epochs=1,
-                     ema=0.0, mixup=0.0, freq_mask=0.0, time_mask=0.0, tilt_db=0.0)
-    norm = fit_normalization(fs, train_idx)
-    rows = fs.rows()
-    model_config = ModelConfig(n_classes=len(fs.class_names), n_mels=rows["mel_spec_orig"],
-                               aux_rows=tuple(rows[k] for k in AUX_KEYS), kind="probe",
-                               backbone="light", pretrained_view_rows=rows.get(PRETRAINED_KEY, 0))
-    echo(split_summary(fs, indices))
-    echo(f"model: linear probe (logistic regression, C={config.probe_c:g}) on the mean and "
-         "standard deviation over time of every row of the "
-         + ("six views and the pretrained view" if fs.has_pretrained else "six views"))
-    if ungrouped:
-        echo(ungrouped)
-    t0 = time.perf_counter()
-    model = fit_probe(fs, norm, train_idx, n_mels=model_config.n_mels,
-                      aux_rows=model_config.aux_rows,
-                      pretrained_view_rows=model_config.pretrained_view_rows, C=config.probe_c,
-                      seed=config.seed)
-    seg = fs.n_frames
-    tr = predict_clips(model, fs, norm, train_idx, seg=seg)
-    val = predict_clips(model, fs, norm, val_idx, seg=seg)
-    val_acc = float((val.predicted == fs.labels[val_idx]).mean())
-    row = {"epoch": 1, "train_loss": round(clip_loss(tr, fs.labels), 6),
-           "train_acc": round(float((tr.predicted == fs.labels[train_idx]).mean()), 6),
-           "val_loss": round(clip_loss(val, fs.labels), 6), "val_acc": round(val_acc, 6),
-           "lr": 0.0, "seconds": round(time.perf_counter() - t0, 2),
-           "val_segment_acc": round(val_acc, 6)}
-    metrics: dict[str, Any] = {"val": row}
-    test, test_acc = None, None
-    if len(test_idx):
-        test = predict_clips(model, fs, norm, test_idx, seg=seg)
-        test_acc = float((test.predicted == fs.labels[test_idx]).mean())
-        metrics["test"] = {"clip_acc": test_acc, "n_clips": int(len(test_idx)), "segment_acc": test_acc}
-    payload = _base_payload(fs, features, split, norm, model_config=model_config,
-                            feature_config=feature_config, config=config,
-                            runtime=RuntimeConfig(device="cpu", amp=False),
-                            pretrained_source="not used")
-    save_checkpoint(model_dir / "best.pth", {**payload, "model_state": model.state_dict(),
-                                             "epoch": 1, "metrics": metrics})
-    write_log(model_dir, [row])
-    echo(f"probe: train accuracy {row['train_acc']:.3f}, validation accuracy {val_acc:.3f}")
-    if test_acc is not None:
-        echo(f"test: clip accuracy {test_acc:.3f} on {len(test_idx)} clips")
-    return TrainResult(model_dir, 1, val_acc, 1, time.perf_counter() - t_start, test_acc, [row],
-                       test)

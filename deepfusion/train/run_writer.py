@@ -19,9 +19,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-
-from deepfusion.models.checkpoint import save_checkpoint, to_cpu
 from deepfusion.io.atomic import write_csv
+from deepfusion.models.checkpoint import save_checkpoint, to_cpu
 
 HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds",
                   "val_segment_acc")

@@ -29,9 +29,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from deepfusion.errors import ParameterError, WeightsNotFoundError
+from deepfusion.features.pretrained.musicnn_input import (HOP, N_FFT, N_MELS,  # noqa: F401
+                                                          PATCH_FRAMES, SAMPLE_RATE, log_mel,
+                                                          patches, resample_16k)
 from deepfusion.io.atomic import os_error_reason
-from deepfusion.features.pretrained.musicnn_input import (HOP, N_FFT, N_MELS, PATCH_FRAMES, SAMPLE_RATE, log_mel,  # noqa: F401
-                            patches, resample_16k)
 
 MODELS = ("MSD_musicnn", "MTT_musicnn")
 #: batch-normalisation epsilon of tf.compat.v1.layers.batch_normalization

@@ -24,8 +24,8 @@ from typing import Optional
 
 import numpy as np
 
-from deepfusion.io.atomic import library_text
 from deepfusion.features.pretrained.musicnn_input import HOP, PATCH_FRAMES, SAMPLE_RATE
+from deepfusion.io.atomic import library_text
 
 #: The parts of each patch's rows, in order, with their sizes.
 PARTS = (("penultimate", 200), ("taggram", 50))
