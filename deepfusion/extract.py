@@ -33,10 +33,8 @@ from deepfusion.io.guard import (Destination, audio_inputs, check_destinations, 
                                  check_outputs)
 from deepfusion.jobs.batcher import feature_tasks
 # the per-file work moved to tasks.py; windows.py, predict and the tests import these from here
-from deepfusion.jobs.job import (DEFAULT_TIMEOUT, _FileTimeout as _FileTimeout,
-                                 _time_limit as _time_limit, _warm_up as _warm_up, compute_entry,
-                                 default_jobs as default_jobs, hash_and_compute as hash_and_compute,
-                                 resolve_backend)
+from deepfusion.jobs.job import compute_entry, resolve_backend
+from deepfusion.jobs.limits import DEFAULT_TIMEOUT, is_transient
 from deepfusion.progress import progress_bar
 
 ERRORS_CSV = "extract_errors.csv"
@@ -278,7 +276,7 @@ def extract(audio_dir: Path, *, out: Optional[Path] = None, fmt: str = "pickle",
         metadata=table.describe() if table is not None else None,
         workers=dict(sorted(workers.items())), repaired=repaired,
     )
-    if assembled and not any(reason for reason in errors.values() if _transient(reason)):
+    if assembled and not any(reason for reason in errors.values() if is_transient(reason)):
         _record_state(out, fingerprint, result, [cache.path(entries[i]) for i in sorted(found)])
     return result
 
@@ -361,8 +359,3 @@ def _record_state(out: Path, fingerprint: str, result: ExtractResult,
     with atomic_write(_state_path(out), "w") as fh:
         json.dump({"fingerprint": fingerprint, "stamp": _stamp(out), "summary": summary,
                    "entries": stamps}, fh)
-
-
-def _transient(reason: str) -> bool:
-    """A failure that may not recur (a time-out, a file still being written)."""
-    return "--timeout" in reason or "changed while it was read" in reason

@@ -1,6 +1,6 @@
 """The workers' warm-up: only the first JIT compilation on a machine is serialised.
 
-Every worker process runs :func:`deepfusion.jobs.job._warm_up` before its first file. The first
+Every worker process runs :func:`deepfusion.jobs.job.warm_up` before its first file. The first
 one on a machine compiles librosa's numba functions under a lock (two compilers at once can
 leave a cache that crashes later runs); once one has finished, the others load the cache side
 by side instead of queueing behind the lock one whole warm-up at a time.

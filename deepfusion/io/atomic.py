@@ -104,18 +104,6 @@ def read_error_reason(exc: OSError) -> str:
     return f"cannot read ({os_error_reason(exc)})"
 
 
-def took_too_long(timeout: float, doing: str) -> str:
-    """The one wording of a file that ran past ``--timeout`` (``doing``: "hashing it",
-    "reading its header", "on window 3")."""
-    return (f"took longer than --timeout {timeout:g} s ({doing}); give a larger --timeout, "
-            "or --timeout 0 for no limit")
-
-
-#: A file whose bytes changed between hashing and decoding.
-CHANGED_WHILE_READ = ("changed while it was read (a copy or download still in progress?); "
-                      "run the same command again when it is complete")
-
-
 #: A cache entry written by this run that was gone or damaged when it was to be read.
 CACHE_ENTRY_LOST = ("cache entry could not be read back (removed or damaged meanwhile); "
                     "run the same command again")

@@ -11,7 +11,8 @@ from typing import Any, Iterator, Optional
 from deepfusion.config import FeatureConfig
 from deepfusion.errors import DeepFusionError
 from deepfusion.io.cache import FeatureCache
-from deepfusion.jobs.job import _failed, _run_tasks, hash_and_decode
+from deepfusion.jobs.job import _run_tasks, hash_and_decode
+from deepfusion.jobs.limits import failed
 
 #: Devices on which the torch backend runs per file in the workers, as numpy does (on a GPU
 #: the workers only decode, and this process analyses batches of their clips).
@@ -62,7 +63,7 @@ def _analyse(pending: list[tuple[int, str, Any, dict, bool]], cache: FeatureCach
                 continue
             except Exception as exc:  # noqa: BLE001 - as compute_entry: report, carry on
                 _stop_if_out_of_memory(exc, device)
-                yield index, (None, _failed(exc), False, False)
+                yield index, (None, failed(exc), False, False)
                 continue
         cache.store(key, f, meta)
         yield index, (key, None, True, repaired)

@@ -10,51 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import threading
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from deepfusion.config import FeatureConfig
-from deepfusion.errors import AudioError, DeepFusionError, ParameterError
-from deepfusion.io.atomic import CHANGED_WHILE_READ, library_text, read_error_reason, took_too_long
+from deepfusion.errors import ParameterError
+from deepfusion.io.atomic import read_error_reason
 from deepfusion.io.cache import DAMAGED, VALID, FeatureCache, file_digest, file_stamp
-
-
-def default_jobs() -> int:
-    """All usable cores."""
-    import joblib
-
-    return max(1, joblib.cpu_count())
-
-
-DEFAULT_TIMEOUT = 120.0
-
-
-class _FileTimeout(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def _time_limit(seconds: Optional[float]):
-    """Raise :class:`_FileTimeout` in this thread after ``seconds`` (POSIX main thread only)."""
-    usable = (seconds and seconds > 0 and hasattr(signal, "setitimer")
-              and threading.current_thread() is threading.main_thread())
-    if not usable:
-        yield
-        return
-
-    def expire(signum, frame):
-        raise _FileTimeout()
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
+from deepfusion.jobs.limits import (CHANGED_WHILE_READ, DEFAULT_TIMEOUT, Failure, FileTimeout,
+                                    reason_of, time_limit, took_too_long)
+from deepfusion.runtime.pool import default_jobs, indexed, pool_results
 
 _warmed: set[tuple[bool, Optional[str], Optional[str]]] = set()
 
@@ -149,11 +114,11 @@ def _one_compiler(marker: Optional[Path]) -> Iterator[Callable[[], None]]:
         yield done
 
 
-#: Seconds of noise :func:`_warm_up` analyses: more than one of musicnn's 3-s patches.
+#: Seconds of noise :func:`warm_up` analyses: more than one of musicnn's 3-s patches.
 WARM_UP_SECONDS = 5.0
 
 
-def _warm_up(config: FeatureConfig, *, features: bool = True,
+def warm_up(config: FeatureConfig, *, features: bool = True,
              device: Optional[str] = None, view_runtime: Optional[str] = None) -> None:
     """Run every import and JIT compilation that decoding and features need, once per process.
 
@@ -255,16 +220,16 @@ def _decode_checked(path: str, key: str, config: FeatureConfig, timeout: Optiona
     from deepfusion.audio import decode
 
     # always: imports never under the clock, and the JIT compiled by one process at a time
-    _warm_up(config, features=compute is not None, device=device, view_runtime=view_runtime)
+    warm_up(config, features=compute is not None, device=device, view_runtime=view_runtime)
     try:
         before = file_stamp(Path(path))
     except OSError as exc:
-        return None, None, read_error_reason(exc)
+        return None, None, Failure(read_error_reason(exc))
     feats = None
     try:
         # One BLAS thread whatever --jobs is: OpenBLAS sums in a different order with more
         # threads, and an entry must not depend on how many workers happened to compute it.
-        with _time_limit(timeout), threadpool_limits(limits=1):
+        with time_limit(timeout), threadpool_limits(limits=1):
             audio = decode(Path(path), sr=config.sample_rate, duration=config.duration,
                            min_duration=config.min_duration)
             if compute is not None:
@@ -274,34 +239,22 @@ def _decode_checked(path: str, key: str, config: FeatureConfig, timeout: Optiona
                 unchanged = file_digest(Path(path)) == key and file_stamp(Path(path)) == before
             except OSError:
                 unchanged = False
-    except _FileTimeout:
-        return None, None, took_too_long(timeout, "decoding it")
-    except AudioError as exc:
-        return None, None, exc.reason
-    except DeepFusionError as exc:
-        return None, None, str(exc)
-    except Exception as exc:  # a library failing on odd input must not end the batch
-        return None, None, _failed(exc)
+    except Exception as exc:  # noqa: BLE001 - one bad file never ends the batch
+        return None, None, reason_of(exc, timeout, "decoding it")
     if not unchanged:  # what was decoded is not what was hashed: never cache it under that key
         return None, None, CHANGED_WHILE_READ
     return audio, feats, None
 
 
-def _failed(exc: Exception) -> str:
-    text = library_text(exc) or "without a message"
-    return (f"feature computation failed ({text}); this is a fault in deepfusion or a library: "
-            "please report it with this file")
-
-
 def _hash(path: str, timeout: Optional[float]) -> tuple[Optional[str], Optional[str]]:
     """``(content key, None)`` or ``(None, reason)``; ``timeout`` bounds the hashing."""
     try:
-        with _time_limit(timeout):   # a huge or stalled file (a network mount) is a file
+        with time_limit(timeout):   # a huge or stalled file (a network mount) is a file
             return file_digest(Path(path)), None   # that takes too long, like a slow decode
-    except _FileTimeout:
+    except FileTimeout:
         return None, took_too_long(timeout, "hashing it")
     except OSError as exc:
-        return None, read_error_reason(exc)
+        return None, Failure(read_error_reason(exc))
 
 
 def _cache_state(cache_dir: str, config_dict: dict, key: str) -> str:
@@ -322,7 +275,7 @@ def hash_and_compute(path: str, cache_dir: str, config_dict: dict, timeout: Opti
     if device is not None:
         # torch's memory comes with a worker's first task, even one the cache answers: loky
         # takes a later jump of 300 MB for a leak and replaces the worker
-        _warm_up(FeatureConfig.from_dict(config_dict), device=device)
+        warm_up(FeatureConfig.from_dict(config_dict), device=device)
     key, reason = _hash(path, timeout)
     if reason:
         return None, reason, False, False
@@ -358,14 +311,15 @@ def _run_tasks(tasks: list[tuple], jobs: Optional[int], scheduler: Optional[str]
     Dask worker ran)."""
     if not tasks:
         return
-    indexed = [(i, task, *args) for i, args in enumerate(tasks)]
+    numbered = [(i, task, *args) for i, args in enumerate(tasks)]
     if scheduler:
-        from deepfusion.runtime.cluster import check_shared, connect, map_unordered, recount
+        from deepfusion.runtime.cluster import check_shared, connect
+        from deepfusion.runtime.pool import map_unordered, recount
 
         with connect(scheduler) as client:
             started = check_shared(client, cache_dir)
-            results = map_unordered(client, _indexed, indexed, per_worker=workers,
-                                    label=lambda args: args[2], total=len(indexed))
+            results = map_unordered(client, indexed, numbered, per_worker=workers,
+                                    label=lambda args: args[2], total=len(numbered))
             if task is hash_and_compute:   # a task run again after a lost worker says "cached"
                 cache = FeatureCache(Path(cache_dir), FeatureConfig.from_dict(tasks[0][2]))
                 results = recount(results, cache.path, started)
@@ -373,52 +327,13 @@ def _run_tasks(tasks: list[tuple], jobs: Optional[int], scheduler: Optional[str]
         return
     if len(tasks) == 1 or (jobs is not None and int(jobs) <= 1):
         # as joblib runs one job (in this process), without importing it or starting a pool
-        yield from (_indexed(*args) for args in indexed)
+        yield from (indexed(*args) for args in numbered)
         return
     from joblib import delayed
 
     jobs = default_jobs() if jobs is None else int(jobs)
-    yield from pool_results((delayed(_indexed)(*args) for args in indexed), min(jobs, len(tasks)),
+    yield from pool_results((delayed(indexed)(*args) for args in numbered), min(jobs, len(tasks)),
                             ordered=False, what="extracting")
-
-
-def pool_results(calls: Iterable, n_jobs: int, *, ordered: bool, what: str) -> Iterator:
-    """The results of joblib ``delayed`` ``calls`` on ``n_jobs`` worker processes, at most
-    ``2 * n_jobs`` in flight, in the order of ``calls`` or (``ordered`` False) as they finish.
-
-    A worker killed by a signal becomes one line (:func:`~deepfusion.errors.worker_crash`,
-    ``what`` says what the workers were doing). A caller that stops early (Ctrl-C, SIGTERM, an
-    error) closes the pool here, without joblib's warning about the tasks that closing cancels:
-    the command has already said in one line what happened and that finished work is kept.
-    """
-    import warnings
-
-    from joblib import Parallel
-    from joblib.externals.loky.process_executor import TerminatedWorkerError
-
-    from deepfusion.errors import worker_crash
-
-    if not os.environ.get("DEEPFUSION_DEBUG"):
-        # loky turns on faulthandler in its workers unless this is set: a dying worker's 40
-        # lines of Python stack would bury worker_crash's one line (empty: Python leaves it off)
-        os.environ.setdefault("PYTHONFAULTHANDLER", "")
-    results = Parallel(n_jobs=n_jobs, return_as="generator" if ordered else "generator_unordered",
-                       batch_size=1, pre_dispatch="2*n_jobs")(calls)
-    try:
-        for result in results:    # not "yield from", which would close results outside the filter
-            yield result
-    except TerminatedWorkerError as exc:
-        raise worker_crash(exc, what) from None
-    finally:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=UserWarning, message=r"\d+ tasks (have been "
-                                    "successfully executed|which were still being processed)")
-            results.close()
-
-
-def _indexed(index: int, task: Callable, *args) -> tuple[int, tuple]:
-    return index, task(*args)
-
 
 
 def resolve_backend(backend: Optional[str] = None,

@@ -19,9 +19,12 @@ from typing import Iterator, Optional
 import numpy as np
 
 from deepfusion.config import FeatureConfig
-from deepfusion.errors import AudioError, DeepFusionError
-from deepfusion.io.atomic import CHANGED_WHILE_READ, read_error_reason, took_too_long
+from deepfusion.errors import AudioError
+from deepfusion.io.atomic import read_error_reason
 from deepfusion.io.cache import FeatureCache, audio_digest, file_digest, file_stamp, stamp_or_none
+from deepfusion.jobs.job import hash_and_compute, numpy_features, warm_up
+from deepfusion.jobs.limits import (CHANGED_WHILE_READ, Failure, FileTimeout, reason_of, time_limit,
+                                    took_too_long)
 
 
 def window_key(key: str, index: int) -> str:
@@ -65,30 +68,26 @@ def file_windows(path: str, cache_dir: str, config_dict: dict, timeout: Optional
     """
     from deepfusion.audio import check_file
     from deepfusion.io.cache import DAMAGED, VALID
-    from deepfusion.jobs.job import _FileTimeout, _time_limit, _warm_up, hash_and_compute
 
-    changed = CHANGED_WHILE_READ
     config = FeatureConfig.from_dict(config_dict)
     cache = FeatureCache(Path(cache_dir), config)
     try:
         check_file(Path(path))     # not found, a folder, empty: the usual reasons
         # the stamp first: the header's window count must be that of the bytes hashed next
         before = file_stamp(Path(path))
-        with _time_limit(timeout):
+        with time_limit(timeout):
             windows, seconds = count_windows(Path(path), config)
-    except AudioError as exc:
-        return None, 0, 0.0, exc.reason, 0, 0
     except OSError as exc:
-        return None, 0, 0.0, read_error_reason(exc), 0, 0
-    except _FileTimeout:
-        return None, 0, 0.0, took_too_long(timeout, "reading its header"), 0, 0
+        return None, 0, 0.0, Failure(read_error_reason(exc)), 0, 0
+    except (AudioError, FileTimeout) as exc:
+        return None, 0, 0.0, reason_of(exc, timeout, "reading its header"), 0, 0
     if 0 < seconds < config.min_duration:   # the model's minimum, not an option of this command
-        return (None, 0, seconds, f"too short ({seconds:.2f} s; this model needs "
-                f"{config.min_duration:g} s)", 0, 0)
+        return (None, 0, seconds, Failure(f"too short ({seconds:.2f} s; this model needs "
+                f"{config.min_duration:g} s)"), 0, 0)
     key, reason, fresh, mended = hash_and_compute(path, cache_dir, config_dict, timeout,
                                                   view_runtime=view_runtime)
     if not reason and stamp_or_none(path) != before:
-        reason = changed
+        reason = CHANGED_WHILE_READ
     if reason:
         return None, windows, seconds, reason, 0, 0
     states = {i: cache.check(window_key(key, i)) for i in range(1, windows)}
@@ -97,19 +96,19 @@ def file_windows(path: str, cache_dir: str, config_dict: dict, timeout: Optional
     if not missing:
         return key, windows, seconds, None, int(fresh), repaired
     # imports and JIT compilation never under the clock (see there)
-    _warm_up(config, view_runtime=view_runtime)
+    warm_up(config, view_runtime=view_runtime)
     written: list[str] = []
     try:
         reason = _later_windows(Path(path), key, missing, cache, config, timeout, written,
                                 total=windows, view_runtime=view_runtime)
         if reason is None:
-            with _time_limit(timeout):
+            with time_limit(timeout):
                 if file_digest(Path(path)) != key or stamp_or_none(path) != before:
-                    reason = changed
-    except _FileTimeout as exc:
-        reason = took_too_long(timeout, f"on window {getattr(exc, 'window', 0) + 1} of {windows}")
+                    reason = CHANGED_WHILE_READ
+    except FileTimeout:
+        reason = took_too_long(timeout, "hashing it")
     except OSError:
-        reason = changed
+        reason = CHANGED_WHILE_READ
     if reason:
         for name in written:     # never keep windows of other bytes under this file's key
             cache.path(name).unlink(missing_ok=True)
@@ -121,11 +120,10 @@ def _later_windows(path: Path, key: str, missing: list[int], cache: FeatureCache
                    config: FeatureConfig, timeout: Optional[float], written: list[str], *,
                    total: int, view_runtime: Optional[str] = None) -> Optional[str]:
     """Compute and store windows ``missing`` (all > 0) of ``path`` (``total`` by its header),
-    one at a time. A timeout propagates with the index of its window as ``window``."""
+    one at a time; ``None``, or why it failed (the window that ran past ``timeout``)."""
     from threadpoolctl import threadpool_limits
 
     from deepfusion.audio import decode_windows
-    from deepfusion.jobs.job import _failed, _FileTimeout, _time_limit, numpy_features
 
     wanted = set(missing)
     index = 0
@@ -134,7 +132,7 @@ def _later_windows(path: Path, key: str, missing: list[int], cache: FeatureCache
             windows = decode_windows(path, sr=config.sample_rate, duration=config.duration,
                                      min_duration=config.min_duration)
             for index in range(max(wanted) + 1):
-                with _time_limit(timeout):
+                with time_limit(timeout):
                     start, seconds, y = next(windows)
                     if index not in wanted:
                         continue
@@ -144,16 +142,10 @@ def _later_windows(path: Path, key: str, missing: list[int], cache: FeatureCache
                 cache.store(window_key(key, index), feats, meta)
                 written.append(window_key(key, index))
     except StopIteration:
-        return f"damaged: shorter than its header says (window {index + 1} of {total} is missing)"
-    except AudioError as exc:
-        return exc.reason
-    except DeepFusionError as exc:
-        return str(exc)
-    except _FileTimeout as exc:
-        exc.window = index
-        raise
-    except Exception as exc:  # noqa: BLE001 - a library failing on odd input must not end the batch
-        return _failed(exc)
+        return Failure(f"damaged: shorter than its header says (window {index + 1} of {total} "
+                       "is missing)")
+    except Exception as exc:  # noqa: BLE001 - one bad file never ends the batch
+        return reason_of(exc, timeout, f"on window {index + 1} of {total}")
     return None
 
 
@@ -177,7 +169,7 @@ def run_file_tasks(paths: list[Path], *, cache_dir: Path, config: FeatureConfig,
     config_dict = config.to_dict()
     tasks = [(str(p), str(cache_dir), config_dict, timeout, view_runtime) for p in paths]
     if len(tasks) > 1:
-        from deepfusion.jobs.job import default_jobs
+        from deepfusion.runtime.pool import default_jobs
 
         jobs = default_jobs() if jobs is None else max(1, int(jobs))
     if len(tasks) <= 1 or jobs <= 1:   # here: no pool to start (nor joblib to import)
@@ -186,7 +178,7 @@ def run_file_tasks(paths: list[Path], *, cache_dir: Path, config: FeatureConfig,
         return
     from joblib import delayed
 
-    from deepfusion.jobs.job import pool_results
+    from deepfusion.runtime.pool import pool_results
 
     yield from pool_results((delayed(file_windows)(*task) for task in tasks), min(jobs, len(tasks)),
                             ordered=True, what="analysing files")

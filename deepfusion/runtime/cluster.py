@@ -24,9 +24,9 @@ import os
 import re
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
-from deepfusion.errors import ClusterError, ClusterLostError, ParameterError, WorkerCrashError
+from deepfusion.errors import ClusterError, ClusterLostError, ParameterError
 from deepfusion.io.atomic import library_text, os_error_reason
 
 #: Environment variable read when ``--scheduler`` is not given.
@@ -47,7 +47,7 @@ def named_by(source: str) -> Iterator[None]:
         _NAMED_BY.pop()
 
 
-def _named(value: object) -> str:
+def named(value: object) -> str:
     """The address as the user gave it, for the head of a message."""
     source = _NAMED_BY[-1]
     return f"{source}={value}" if source == SCHEDULER_ENV else f"{source} {value}"
@@ -74,24 +74,24 @@ def parse_scheduler(value: str) -> tuple[str, int]:
     if value == "local" or value.startswith("local:"):
         count = value.partition(":")[2] or str(os.cpu_count() or 1)
         if not count.isdigit() or int(count) < 1:
-            raise ParameterError(f"{_named(value)}: local:N needs a worker count N >= 1")
+            raise ParameterError(f"{named(value)}: local:N needs a worker count N >= 1")
         return "local", int(count)
     usage = "give a scheduler address as the scheduler prints it (tcp://HOST:8786) or local:N"
     scheme, sep, rest = value.rpartition("://")
     if not sep:
         scheme, rest = "tcp", value
     if "://" in scheme or scheme not in SCHEMES:
-        raise ParameterError(f"{_named(value)}: unknown scheme {scheme!r} (Dask speaks "
+        raise ParameterError(f"{named(value)}: unknown scheme {scheme!r} (Dask speaks "
                              f"{', '.join(SCHEMES)}); {usage}")
     host, colon, port = rest.rpartition(":")
     if not colon or not host:
         if not rest:
-            raise ParameterError(f"{_named(value or repr(value))}: no host; {usage}")
-        raise ParameterError(f"{_named(value)}: no port; {usage}")
+            raise ParameterError(f"{named(value or repr(value))}: no host; {usage}")
+        raise ParameterError(f"{named(value)}: no port; {usage}")
     if not _HOST.fullmatch(host):
-        raise ParameterError(f"{_named(value)}: {host!r} is not a host name; {usage}")
+        raise ParameterError(f"{named(value)}: {host!r} is not a host name; {usage}")
     if not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ParameterError(f"{_named(value)}: the port {port!r} is not a number from 1 "
+        raise ParameterError(f"{named(value)}: the port {port!r} is not a number from 1 "
                              f"to 65535; {usage}")
     return f"{scheme}://{host}:{int(port)}", 0
 
@@ -111,7 +111,7 @@ def connect_timeout() -> float:
     return seconds
 
 
-def _distributed():
+def load_distributed():
     try:
         import distributed
     except ImportError:
@@ -134,19 +134,19 @@ def _reach(address: str, timeout: float) -> None:
     try:
         socket.create_connection((host, int(port)), timeout=timeout).close()
     except socket.gaierror as exc:
-        raise ClusterError(f"{_named(address)}: cannot reach the scheduler: the host name "
+        raise ClusterError(f"{named(address)}: cannot reach the scheduler: the host name "
                            f"{host!r} is not known ({library_text(exc.strerror or exc, 80)}); "
                            "check the address") from None
     except ConnectionRefusedError:
-        raise ClusterError(f"{_named(address)}: cannot reach the scheduler: nothing "
+        raise ClusterError(f"{named(address)}: cannot reach the scheduler: nothing "
                            f"listens there (connection refused); start it with dask scheduler "
                            f"--port {port}, or correct the address") from None
     except (socket.timeout, TimeoutError):
-        raise ClusterError(f"{_named(address)}: cannot reach the scheduler: no answer "
+        raise ClusterError(f"{named(address)}: cannot reach the scheduler: no answer "
                            f"within {timeout:g} s (the host down, or a firewall); check the "
                            f"address, or wait longer with {TIMEOUT_ENV}=SECONDS") from None
     except OSError as exc:
-        raise ClusterError(f"{_named(address)}: cannot reach the scheduler "
+        raise ClusterError(f"{named(address)}: cannot reach the scheduler "
                            f"({os_error_reason(exc)}); check the address and the network") from None
 
 
@@ -165,7 +165,7 @@ def connect(scheduler: str, *, timeout: Optional[float] = None) -> Iterator[Any]
     """
     address, n_local = parse_scheduler(scheduler)
     timeout = connect_timeout() if timeout is None else timeout
-    distributed = _distributed()
+    distributed = load_distributed()
     import logging
 
     # a worker lost on purpose (or a slow start, a lost scheduler) is news for the log, not
@@ -188,7 +188,7 @@ def connect(scheduler: str, *, timeout: Optional[float] = None) -> Iterator[Any]
                 address = cluster.scheduler_address
                 client = distributed.Client(cluster, timeout=timeout)
             except (OSError, TimeoutError) as exc:
-                raise ClusterError(f"{_named(scheduler)}: the local cluster did not start "
+                raise ClusterError(f"{named(scheduler)}: the local cluster did not start "
                                    f"({_reason(exc)}); give --jobs instead") from None
         else:
             _reach(address, timeout)
@@ -196,14 +196,14 @@ def connect(scheduler: str, *, timeout: Optional[float] = None) -> Iterator[Any]
                 client = distributed.Client(address, timeout=timeout)
             except (OSError, TimeoutError):
                 raise ClusterError(
-                    f"{_named(address)}: no Dask scheduler answered within {timeout:g} s "
+                    f"{named(address)}: no Dask scheduler answered within {timeout:g} s "
                     "(8786 is the usual port; 8787 is its dashboard); check the address, or "
                     f"wait longer with {TIMEOUT_ENV}=SECONDS") from None
         if not client.scheduler_info().get("workers"):
             try:
                 client.wait_for_workers(1, timeout=timeout)
             except (OSError, TimeoutError):
-                raise ClusterError(f"{_named(address)}: the scheduler has no worker after "
+                raise ClusterError(f"{named(address)}: the scheduler has no worker after "
                                    f"{timeout:g} s; start some (dask worker {address})") from None
         yield client
     finally:
@@ -255,7 +255,7 @@ def check_shared(client: Any, folder: Path) -> int:
     (folder / name).write_text(token)
     try:
         started = (folder / name).stat().st_mtime_ns
-        answers = _lost_as_one_line(client, lambda: client.run(_probe, str(folder), name, token))
+        answers = lost_as_one_line(client, lambda: client.run(_probe, str(folder), name, token))
     finally:
         (folder / name).unlink()
     for worker, problem in sorted(answers.items()):
@@ -265,37 +265,6 @@ def check_shared(client: Any, folder: Path) -> int:
     return started
 
 
-def recount(results: Iterable[tuple[int, tuple]], entry_path: Callable[[str], Path],
-            started: int) -> Iterator[tuple[int, tuple]]:
-    """``(index, (key, reason, computed, ...))`` with ``computed`` true for an entry this run
-    wrote, whichever task attempt wrote it.
-
-    Dask runs a task again when the worker holding its result is lost before the driver has
-    it; the second attempt finds the entry the first one wrote and says "cached", so a run
-    that lost a worker counted clips it computed as from the cache. An entry whose file is
-    dated ``started`` or later (see :func:`check_shared`) was computed by this run; the first
-    clip of each content counts it, a duplicate file of the same content counts as cached.
-    """
-    counted: set[str] = set()
-    for index, (key, reason, computed, *rest) in results:
-        if reason is None and key not in counted:
-            if not computed:
-                with contextlib.suppress(OSError):
-                    computed = os.stat(entry_path(key)).st_mtime_ns >= started
-        elif reason is None:
-            computed = False
-        if computed:
-            counted.add(key)
-        yield index, (key, reason, computed, *rest)
-
-
-def _on_worker(fn: Callable, *args) -> tuple[str, Any]:
-    """``fn(*args)`` and the address of the worker that ran it."""
-    from distributed import get_worker
-
-    return get_worker().address, fn(*args)
-
-
 def _reason(exc: BaseException) -> str:
     """An exception's words for a message: the OS's for an OS error, else its text."""
     if isinstance(exc, OSError) and exc.errno:
@@ -303,137 +272,35 @@ def _reason(exc: BaseException) -> str:
     return library_text(exc, 160) if str(exc) else "no reason given"
 
 
-def _address(client: Any) -> str:
+def address_of(client: Any) -> str:
     return str(getattr(client.scheduler, "address", None) or "the scheduler")
 
 
-def _lost(client: Any, exc: BaseException, done: Optional[int] = None,
+def lost(client: Any, exc: BaseException, done: Optional[int] = None,
           total: Optional[int] = None) -> ClusterLostError:
     """The one line for a connection to the scheduler broken mid-run."""
     reason = ("the connection closed" if "Cancelled" in type(exc).__name__ or not str(exc)
               else _reason(exc))
-    return ClusterLostError(f"{_named(_address(client))}: lost the connection to the "
-                            f"scheduler mid-run ({reason}); {_kept(done, total)}: run the same "
+    return ClusterLostError(f"{named(address_of(client))}: lost the connection to the "
+                            f"scheduler mid-run ({reason}); {kept(done, total)}: run the same "
                             "command again once the scheduler is back to continue")
 
 
-def _kept(done: Optional[int], total: Optional[int]) -> str:
+def kept(done: Optional[int], total: Optional[int]) -> str:
     if done is None or not total:
         return "the files done so far are cached"
     return f"the files done so far ({done} of {total}) are cached"
 
 
-def _lost_as_one_line(client: Any, call: Callable[[], Any]) -> Any:
+def lost_as_one_line(client: Any, call: Callable[[], Any]) -> Any:
     """``call()``, a broken connection to the scheduler raised as :class:`ClusterLostError`."""
     try:
         return call()
     except (OSError, TimeoutError) as exc:
-        raise _lost(client, exc) from None
+        raise lost(client, exc) from None
     except Exception as exc:
         if "Cancelled" in type(exc).__name__:
-            raise _lost(client, exc) from None
+            raise lost(client, exc) from None
         raise
 
 
-#: Seconds between looks at the scheduler while no task finishes.
-_LOOK_EVERY = 2.0
-
-
-def map_unordered(client: Any, fn: Callable, arguments: Iterable[tuple], *,
-                  in_flight: Optional[int] = None,
-                  per_worker: Optional[dict[str, int]] = None,
-                  label: Optional[Callable[[tuple], str]] = None,
-                  total: Optional[int] = None,
-                  no_worker_timeout: Optional[float] = None) -> Iterator[Any]:
-    """``fn(*args)`` for each tuple of ``arguments`` on the cluster, results as they finish.
-
-    At most ``in_flight`` tasks (default four per worker thread) are submitted at once, so a
-    collection of 100,000 files costs the driver and scheduler a bounded number of futures.
-    ``per_worker`` (if given) counts the tasks each worker address ran; ``label`` names a
-    task's arguments in messages (a file), ``total`` is how many there are.
-
-    Raises
-    ------
-    WorkerCrashError
-        Dask gave up on a task after the workers running it died (``KilledWorker``: its
-        ``allowed-failures`` retries spent), naming the last worker and the task.
-    ClusterLostError
-        The connection to the scheduler broke (the futures were cancelled, or a
-        communication error reached the client), or the scheduler has had no worker for
-        ``no_worker_timeout`` seconds (default :func:`connect_timeout`): every worker gone.
-
-    An exception raised by ``fn`` itself is raised here as it was.
-    """
-    import time
-
-    distributed = _distributed()
-    no_worker_timeout = connect_timeout() if no_worker_timeout is None else no_worker_timeout
-    arguments = iter(arguments)
-    if in_flight is None:
-        workers = _lost_as_one_line(client, lambda: client.scheduler_info()["workers"])
-        threads = sum(w.get("nthreads", 1) for w in workers.values())
-        in_flight = max(4, 4 * threads)
-    pending: dict[Any, tuple] = {}             # future -> its arguments, for messages
-    done = 0
-
-    def submit_next() -> bool:
-        for args in arguments:
-            future = _lost_as_one_line(
-                client, lambda: client.submit(_on_worker, fn, *args, pure=False))
-            pending[future] = args
-            return True
-        return False
-
-    def crash(exc: Any) -> WorkerCrashError:
-        args = next((a for f, a in pending.items() if f.key == exc.task), None)
-        what = f" on {label(args)}" if label and args is not None else ""
-        last = getattr(exc.last_worker, "address", exc.last_worker)
-        return WorkerCrashError(
-            f"{_named(_address(client))}: worker {last} died{what}, the last of "
-            f"{exc.allowed_failures + 1} workers lost while running it (out of memory, "
-            f"preempted, or a crash in native code); {_kept(done, total)}: run the same "
-            "command again to continue (if a worker dies on the same file again, move that "
-            "file aside)")
-
-    while len(pending) < in_flight and submit_next():
-        pass
-    idle_since: Optional[float] = None
-    while pending:
-        try:
-            finished = distributed.wait(list(pending), timeout=_LOOK_EVERY,
-                                        return_when="FIRST_COMPLETED").done
-        except TimeoutError:
-            finished = set()
-        except Exception as exc:            # the futures cancelled: the scheduler is gone
-            if isinstance(exc, OSError) or "Cancelled" in type(exc).__name__:
-                raise _lost(client, exc, done, total) from None
-            raise
-        if not finished:       # every worker gone (preempted, no nanny) waits forever: bound it
-            workers = _lost_as_one_line(client, lambda: client.scheduler_info()["workers"])
-            idle_since = None if workers else idle_since or time.monotonic()
-            if idle_since is not None and time.monotonic() - idle_since > no_worker_timeout:
-                raise ClusterLostError(
-                    f"{_named(_address(client))}: no worker left for "
-                    f"{no_worker_timeout:g} s mid-run (all stopped or preempted); "
-                    f"{_kept(done, total)}: run the same command again once workers are back "
-                    f"(dask worker {_address(client)}) to continue")
-            continue
-        idle_since = None
-        for future in finished:
-            try:
-                worker, result = future.result()
-            except distributed.KilledWorker as exc:
-                raise crash(exc) from None
-            except Exception as exc:
-                if future.status == "error":
-                    raise                   # fn's own exception, as joblib would raise it
-                if isinstance(exc, (OSError, TimeoutError)) or "Cancelled" in type(exc).__name__:
-                    raise _lost(client, exc, done, total) from None
-                raise
-            del pending[future]
-            future.release()
-            done += 1
-            if per_worker is not None:
-                per_worker[worker] = per_worker.get(worker, 0) + 1
-            submit_next()                   # one more for each that finished
-            yield result

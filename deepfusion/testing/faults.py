@@ -2,7 +2,7 @@
 would end them: for joblib's workers (extract, predict, embed, tag) and Dask's alike.
 
 :func:`crash_on` writes a hook that wraps the functions deepfusion sends to its workers
-(``tasks._indexed``, ``windows.file_windows``, ``cluster._on_worker``); a process given a task
+(``jobs.job.indexed``, ``jobs.windows.file_windows``, ``runtime.pool.on_worker``); a process given a task
 on one of the named files sends itself the signal. It is loaded through ``sitecustomize``
 (:func:`hooked_env`: every Python process of the run loads it, the driver too, which never
 runs a task itself with two workers or more) or as ``dask worker --preload HOOK``.
@@ -51,9 +51,9 @@ def _wrap(module, name):
     setattr(module, name, call)
 
 
-import deepfusion.runtime.cluster, deepfusion.jobs.job, deepfusion.jobs.windows  # noqa: E401,E402
-_wrap(deepfusion.runtime.cluster, "_on_worker")
-_wrap(deepfusion.jobs.job, "_indexed")
+import deepfusion.runtime.pool, deepfusion.jobs.job, deepfusion.jobs.windows  # noqa: E401,E402
+_wrap(deepfusion.runtime.pool, "on_worker")
+_wrap(deepfusion.jobs.job, "indexed")
 _wrap(deepfusion.jobs.windows, "file_windows")
 """
 
