@@ -32,7 +32,7 @@ _API = {
     "synthesize_dataset": "synth",
     "TrainConfig": "config",
     "ModelConfig": "config",
-    "Library": "predict",
+    "Library": "inference.library",
     "Embeddings": "embed",
     "Tagger": "tag",
     "ALL_KEYS": "config",

@@ -258,14 +258,8 @@ def evaluate(checkpoint: Path, features: Path | None, split: str, split_file: st
 
 def _library(inputs, checkpoints, engine, cache_dir, device, precision, adapt,
              destinations=(), overwrite=False):
-    from deepfusion.predict import Library
+    from deepfusion.inference.library import Library
 
-    if engine == "onnx" and precision != "fp32":
-        raise ParameterError(f"--precision {precision}: the onnx engine computes in float32 "
-                             "only; leave --precision out, or use --engine torch")
-    if engine == "onnx" and device not in ("auto", "cpu"):
-        raise ParameterError(f"--device {device}: the onnx engine runs on onnxruntime's own "
-                             "providers; leave --device out, or use --engine torch")
     checkpoints = [found(c, DEFAULT_MODEL_DIR, "checkpoint") for c in checkpoints]
     return Library(inputs, checkpoints=checkpoints, engine=engine, device=device,
                    cache_dir=cache_dir, destinations=destinations, overwrite=overwrite,
@@ -290,7 +284,8 @@ def predict(inputs: tuple[Path, ...], checkpoints: tuple[Path, ...], engine: str
     import json
     import time
 
-    from deepfusion.predict import Prediction, PredictionsCSV
+    from deepfusion.inference.library import Prediction
+    from deepfusion.predict import PredictionsCSV
 
     t0 = time.perf_counter()
     from deepfusion.io.guard import Destination

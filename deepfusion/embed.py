@@ -3,7 +3,7 @@
 For every readable file, the fused clip embedding (the input of the classifier, the mean over
 the file's windows and their segments), the per-modality attention and the model's top-1
 genre. Files go through the same cache, workers and error handling as ``predict``
-(:class:`deepfusion.predict.Library`).
+(:class:`deepfusion.inference.library.Library`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Iterable, Optional, Union
 import numpy as np
 
 from deepfusion.config import ALL_KEYS, DEFAULT_CACHE_DIR
-from deepfusion.predict import Library, Prediction
+from deepfusion.inference.library import Library, Prediction
 
 
 @dataclass

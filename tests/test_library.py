@@ -82,11 +82,11 @@ def test_predict_twice_on_the_cache_and_a_csv(tiny_audio, checkpoint, tmp_path):
 def test_a_second_run_runs_no_network_unless_the_model_changed(tiny_audio, checkpoint,
                                                               second_checkpoint, tmp_path,
                                                               monkeypatch):
-    """The outputs of a model per file are kept (deepfusion.io.memo): run again with the same
+    """The outputs of a model per file are kept (deepfusion.io.model_ids): run again with the same
     model, no window goes through the network; another model, a damaged entry or another
     precision does."""
     from deepfusion.inference.torch_engine import TorchEngine
-    from deepfusion.predict import Library, Prediction
+    from deepfusion.inference.library import Library, Prediction
 
     calls = []
     real = TorchEngine.window_outputs
@@ -120,7 +120,7 @@ def test_a_second_run_runs_no_network_unless_the_model_changed(tiny_audio, check
     # a damaged entry is computed again, to the same answer
     outputs = next(cache.glob("features-*")) / "outputs"
     assert len(list(outputs.rglob("*.npz"))) == 2 * 18
-    from deepfusion.io.memo import model_id
+    from deepfusion.io.model_ids import model_id
 
     entry = sorted((outputs / model_id(checkpoint, "torch", "cpu", "fp32")).rglob("*.npz"))[0]
     entry.write_bytes(b"PK\x03\x04 not a zip")

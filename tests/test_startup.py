@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from deepfusion.io import memo
-from deepfusion.io.memo import ModelIds, model_id
+from deepfusion.io import model_ids as memo
+from deepfusion.io.model_ids import ModelIds, model_id
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def hashes(monkeypatch) -> list[Path]:
-    """The files whose bytes :func:`deepfusion.io.memo.model_id` reads (every call recorded)."""
+    """The files whose bytes :func:`deepfusion.io.model_ids.model_id` reads (every call recorded)."""
     seen: list[Path] = []
     real = memo.file_digest
 
@@ -144,7 +144,7 @@ def test_predict_writes_the_id_file_only_once_it_starts(tiny_audio, trained_mode
     """The Library hashes a checkpoint once, and builds no network when every output is
     kept; a run refused before it starts writes nothing."""
     from deepfusion.errors import OutputError
-    from deepfusion.predict import Library, Prediction
+    from deepfusion.inference.library import Library, Prediction
 
     checkpoint = trained_model_dir / "best.pth"
     cache = tmp_path / "cache"
@@ -193,7 +193,7 @@ def cached_clip(tiny_audio, trained_model_dir, tmp_path_factory):
     """One clip whose features, and the light model's outputs for it, are in a cache; the
     model exported to ONNX, its outputs kept too. Returns (clip, checkpoint, onnx, cache)."""
     from deepfusion.export import export_onnx
-    from deepfusion.predict import Library, Prediction
+    from deepfusion.inference.library import Library, Prediction
 
     work = tmp_path_factory.mktemp("startup")
     clip = sorted(tiny_audio.rglob("*.wav"))[0]

@@ -79,7 +79,7 @@ class OnnxEngine:
     batch_size : int
         Segments per onnxruntime call.
     ids : ModelIds, optional
-        The model files' digests known so far (:class:`~deepfusion.io.memo.ModelIds`): a model
+        The model files' digests known so far (:class:`~deepfusion.io.model_ids.ModelIds`): a model
         seen before is not hashed again to find its outputs in the cache.
 
     Attributes
@@ -120,7 +120,7 @@ class OnnxEngine:
 
     def _load(self, model, name: str, providers, threads, batch_size: int, ids=None) -> None:
         from deepfusion.io.cache import stamp_or_none
-        from deepfusion.io.memo import model_id
+        from deepfusion.io.model_ids import model_id
 
         ort = import_onnxruntime()
         stamp = None if isinstance(model, bytes) else stamp_or_none(model)
@@ -146,7 +146,7 @@ class OnnxEngine:
         # the width of the classifier's input (what embed writes): static in the graph
         shape = self.session.get_outputs()[OUTPUT_NAMES.index("embedding")].shape
         self.embedding_dim: int = int(shape[-1]) if isinstance(shape[-1], int) else 0
-        # what deepfusion.io.memo keeps this model's outputs under (None: nothing kept)
+        # what deepfusion.io.model_ids keeps this model's outputs under (None: nothing kept)
         ran = self.session.get_providers()[0] if self.session.get_providers() else "cpu"
         self.model_id = (model_id(model, "onnx", ran) if isinstance(model, bytes) else
                          model_id(model, "onnx", ran, stamp=stamp, ids=ids) if stamp else None)

@@ -20,7 +20,7 @@ from deepfusion.data.dataset import segment_frames
 from deepfusion.inference.clips import predict_clips
 from deepfusion.io.cache import stamp_or_none
 from deepfusion.io.featureset import FeatureSet
-from deepfusion.io.memo import ModelIds, model_id
+from deepfusion.io.model_ids import ModelIds, model_id
 from deepfusion.models.checkpoint import (feature_config_of, load_checkpoint, model_from_checkpoint,
                                           normalization_of)
 from deepfusion.runtime.device import inference_precision, resolve_device
@@ -38,7 +38,7 @@ class TorchEngine:
     """A ``best.pth`` loaded once, classifying windows on ``device`` in ``precision``
     (``fp32``, or ``amp``: see :func:`deepfusion.runtime.device.inference_precision`), ``batch_size``
     segments at a time (default :data:`SEGMENT_BATCH` for the device). ``ids``: the model
-    files' digests known so far (:class:`~deepfusion.io.memo.ModelIds`: a checkpoint seen before
+    files' digests known so far (:class:`~deepfusion.io.model_ids.ModelIds`: a checkpoint seen before
     is not hashed again to find its outputs in the cache)."""
 
     kind = "torch"
@@ -63,11 +63,11 @@ class TorchEngine:
         model_config = ModelConfig.from_dict({"band_stats": False, **self.ckpt["model_config"]})
         # from the checkpoint, whose state load_checkpoint checked against the config: the
         # network (or probe) itself is built only when a window goes through it, and a run
-        # whose outputs all come from the cache (deepfusion.io.memo) builds none
+        # whose outputs all come from the cache (deepfusion.io.model_ids) builds none
         self.embedding_dim = int(self.ckpt["model_state"]["classifier.weight"].shape[1])
         #: the views the model reads (its attention's columns)
         self.keys = tuple(view_keys(model_config.pretrained_view_rows > 0))
-        # what deepfusion.io.memo keeps this model's outputs under (None: nothing kept)
+        # what deepfusion.io.model_ids keeps this model's outputs under (None: nothing kept)
         self.model_id = model_id(self.path, "torch", self.device.type, self.precision,
                                  stamp=stamp, ids=ids) if stamp else None
         self.batch_size = batch_size or SEGMENT_BATCH.get(self.device.type, SEGMENT_BATCH_DEFAULT)

@@ -1,15 +1,6 @@
-"""A model's outputs per file, kept in the feature cache: predict or embed run again over the
-same library with the same model runs the network only on files it has not seen.
-
-An entry holds what :mod:`deepfusion.predict` averages for one file: the sums over its windows
-of one model's logits, modality attention and embedding, and the frames per window. It lives
-in the feature cache's namespace (the features it was computed from) under
-``outputs/<model id>/<key[:2]>/<key>-<windows>.npz``, where ``key`` is the file's content hash.
-The model id (:func:`model_id`) names the model file's SHA-256, the engine, the device kind and
-the precision, so another or a retrained model, or a run on another kind of device or in
-another precision, never reads an entry it did not write. Entries are written atomically; one
-that cannot be read back (the zip's CRC-32 covers every array), or has other arrays, shapes or
-values that are not finite, is counted as damaged, computed again and replaced.
+"""The identity of a model file: :func:`model_id` names the outputs a model run keeps in the
+cache (:class:`~deepfusion.io.cache.OutputsCache`), so another or a retrained model, or a run
+on another kind of device or in another precision, never reads an entry it did not write.
 
 A model file is hashed once: :class:`ModelIds` remembers its SHA-256 by its stat (device,
 inode, size, modification and change times) in ``model-ids.json`` under the cache folder, so a
@@ -21,15 +12,10 @@ No torch here: the onnx engine uses it too.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional, Union
 
-import numpy as np
-
-from deepfusion.io.cache import FeatureCache, file_digest, file_stamp
-
-_FIELDS = ("logits", "attention", "embedding", "frames")
+from deepfusion.io.cache import file_digest, file_stamp
 
 
 def model_id(path: Union[str, Path, bytes], *parts: str,
@@ -126,66 +112,3 @@ class ModelIds:
         except (OSError, OutputError):
             return
         self._known, self._new = merged, {}
-
-
-class OutputsMemo:
-    """One model's entries under ``cache``'s namespace (nothing kept when ``model`` is None).
-
-    ``shapes``: ``(n_classes, embedding width, views)`` (width 0: not known; views: the
-    attention's width, 6 or 7); an entry of other shapes is not used.
-    """
-
-    def __init__(self, cache: FeatureCache, model: Optional[str], shapes: tuple[int, int, int]):
-        self.root = None if model is None else cache.root / "outputs" / model
-        self.shapes = shapes
-        #: entries found damaged by :meth:`get` (computed again by the caller, then :meth:`put`)
-        self.damaged = 0
-
-    def _path(self, key: str, windows: int) -> Path:
-        return self.root / key[:2] / f"{key}-{int(windows)}.npz"
-
-    def get(self, key: str, windows: int) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
-        """``(logit sum, attention sum, embedding sum, frames)`` of the file ``key`` of
-        ``windows`` windows, float64; None when not kept, or damaged (then counted in
-        :attr:`damaged`)."""
-        if self.root is None:
-            return None
-        path = self._path(key, windows)
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                if set(npz.files) != set(_FIELDS):
-                    raise ValueError("other arrays")
-                logits, attention, embedding, frames = (npz[k] for k in _FIELDS)
-        except FileNotFoundError:
-            return None
-        except Exception:  # noqa: BLE001 - damaged, a forged header: compute again
-            self.damaged += os.path.lexists(path)
-            return None
-        n_classes, width, views = self.shapes
-        if (logits.shape != (n_classes,) or attention.shape != (views,) or embedding.ndim != 1
-                or (width and embedding.shape != (width,)) or frames.shape != ()
-                or frames.dtype.kind not in "iu" or not 0 < int(frames) < 2**31
-                or not all(a.dtype.kind == "f" and np.isfinite(a).all()
-                           for a in (logits, attention, embedding))):
-            self.damaged += 1
-            return None
-        return (logits.astype(np.float64), attention.astype(np.float64),
-                embedding.astype(np.float64), int(frames))
-
-    def put(self, key: str, windows: int, logits: np.ndarray, attention: np.ndarray,
-            embedding: np.ndarray, frames: int) -> None:
-        """Keep one file's sums (atomically; a failure to write only costs the next run time)."""
-        if self.root is None:
-            return
-        from deepfusion.errors import OutputError
-        from deepfusion.io.atomic import atomic_write
-
-        path = self._path(key, windows)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_write(path) as fh:
-                np.savez(fh, logits=np.asarray(logits, np.float64),
-                         attention=np.asarray(attention, np.float64),
-                         embedding=np.asarray(embedding, np.float64), frames=np.asarray(int(frames)))
-        except (OSError, OutputError):
-            pass
