@@ -12,7 +12,7 @@ every epoch, under ``/usr/bin/time -v``, and print one table:
     checkpoint after every epoch (the old policy) against ``--save-every`` 300 s (the default:
     one write per 5 minutes of training and one at the end).
 
-The default (``deepfusion.train.recipe.DEFAULT_BACKBONES``) is light on a CPU; the table says what a
+The default (``deepfusion.backbones.DEFAULT_BACKBONES``) is light on a CPU; the table says what a
 ResNet costs here. Accuracy of the recipes across collections is ``benchmarks/cross_source.py``'s.
 
 Usage: python benchmarks/default_recipe.py [--audio-dir DIR] [--work DIR]

@@ -38,6 +38,7 @@ import time
 import numpy as np
 import torch
 
+from deepfusion.backbones import BACKBONES
 from deepfusion.config import (AUX_KEYS, FEATURE_KEYS, FeatureConfig, ModelConfig, RuntimeConfig,
                                TrainConfig)
 from deepfusion.data.dataset import feature_config_of, make_train_loader, segment_frames
@@ -282,7 +283,7 @@ def print_data_table(results: list[dict], fs: FeatureSet, batch_size: int, epoch
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backbones", nargs="+", default=["light", "resnet18", "resnet50"],
-                        choices=["light", "resnet18", "resnet34", "resnet50"])
+                        choices=list(BACKBONES))
     parser.add_argument("--modes", nargs="+", default=["fp32", "bf16+cl"], choices=list(MODES),
                         help="the first is the reference of the ratio, the last its numerator")
     parser.add_argument("--batch-light", type=int, default=64)

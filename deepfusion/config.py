@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
 
+from deepfusion import backbones
 from deepfusion.errors import ParameterError
 
 #: Where the stages read and write when not told otherwise (relative to the working folder).
@@ -212,7 +213,6 @@ class FeatureConfig:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-BACKBONES = ("resnet50", "resnet18", "resnet34", "light")
 #: What ``train`` fits: the multi-modal network, or the linear probe baseline.
 MODEL_KINDS = ("net", "probe")
 
@@ -243,8 +243,7 @@ class ModelConfig:
     pretrained_view_rows: int = 0
 
     def __post_init__(self) -> None:
-        if self.backbone not in BACKBONES:
-            raise ParameterError(f"backbone must be one of {', '.join(BACKBONES)}, got {self.backbone!r}")
+        backbones.backbone(self.backbone)   # one of deepfusion.backbones.BACKBONES
         if self.kind not in MODEL_KINDS:
             raise ParameterError(f"model kind must be one of {', '.join(MODEL_KINDS)}, got {self.kind!r}")
         if self.n_classes < 2:

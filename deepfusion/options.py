@@ -18,10 +18,11 @@ from typing import Any, Callable, Optional
 
 import click
 
-from deepfusion.config import (ADAPT_MIN_CLIPS, ADAPT_MODES, AMP_DTYPES, BACKBONES,
-                               DEFAULT_CACHE_DIR, DEFAULT_FEATURES, INFERENCE_PRECISIONS,
-                               MODEL_KINDS, PRETRAINED_VIEWS, SELECTIONS, FeatureConfig,
-                               ModelConfig, RuntimeConfig, TrainConfig, flag_of, option_name)
+from deepfusion.backbones import BACKBONES, default_backbone
+from deepfusion.config import (ADAPT_MIN_CLIPS, ADAPT_MODES, AMP_DTYPES, DEFAULT_CACHE_DIR,
+                               DEFAULT_FEATURES, INFERENCE_PRECISIONS, MODEL_KINDS,
+                               PRETRAINED_VIEWS, SELECTIONS, FeatureConfig, ModelConfig,
+                               RuntimeConfig, TrainConfig, flag_of, option_name)
 from deepfusion.train.recipe import describe_auto
 
 
@@ -207,7 +208,8 @@ recipe_options = config_options(TrainConfig, [
 model_options = config_options(ModelConfig, [
     Opt("backbone", "CNN of the three mel branches; 'light' is a small CNN for CPUs.",
         type=click.Choice(BACKBONES),
-        auto="light on a CPU or a Mac's GPU, resnet50 (the reference design) on a CUDA GPU"),
+        auto=f"{default_backbone('cpu')} on a CPU or a Mac's GPU, {default_backbone('cuda')} on a "
+        "CUDA GPU"),
     Opt("share_backbone", "One set of CNN weights for all three mel views."),
     Opt("band_stats", "Each mel branch also sees the mean and standard deviation over time of "
         "every mel band (the long-term spectral shape) beside its CNN's pooled output."),

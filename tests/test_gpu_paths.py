@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from deepfusion.backbones import BACKBONES
 from deepfusion.errors import DeviceError, DeviceMemoryError, ParameterError
 from deepfusion.models.checkpoint import load_checkpoint, save_checkpoint, to_cpu
 from deepfusion.runtime import device as runtime, memory, seed
@@ -564,7 +565,7 @@ def test_memory_estimate_and_warning():
     assert "cuda:0 has 16.0 GiB" in line and "--batch-size (now 64)" in line
     assert memory_warning(crop, gpu16, device="cuda:0", batch_size=16, frames=129) is None
     assert memory_warning(amp, None, device="mps", batch_size=64, frames=1292) is None
-    with pytest.raises(ParameterError, match="^no memory estimate for backbone 'vgg'$"):
+    with pytest.raises(ParameterError, match="^backbone must be one of .*, got 'vgg'$"):
         estimate_training_bytes("vgg", n_mels=1, frames=1, batch_size=1)
 
 
@@ -584,7 +585,7 @@ def test_memory_estimate_matches_saved_activations_of_light():
             net(torch.randn(2, 64, frames))
         sizes[frames] = sum(seen.values())
     per_value = (sizes[128] - sizes[64]) / (2 * 64 * 64)
-    assert math.isclose(per_value, memory.ACTIVATION_BYTES_PER_VALUE["light"], rel_tol=0.15)
+    assert math.isclose(per_value, BACKBONES["light"].activation_bytes, rel_tol=0.15)
 
 
 # -------------------------------------------------------------------------- backend switches

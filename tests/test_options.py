@@ -9,8 +9,9 @@ import click
 import pytest
 from click.testing import CliRunner
 
+from deepfusion.backbones import BACKBONES
 from deepfusion.cli import main
-from deepfusion.config import BACKBONES, FeatureConfig, ModelConfig, RuntimeConfig, TrainConfig
+from deepfusion.config import FeatureConfig, ModelConfig, RuntimeConfig, TrainConfig
 from deepfusion.options import Opt, config_options, take
 
 #: Fields whose option defaults to None ("auto": the stage resolves them)
@@ -39,7 +40,7 @@ def test_model_options_of_train_follow_model_config():
     for name in ("backbone", "share_backbone", "band_stats"):
         expected = None if name in AUTO else ModelConfig.__dataclass_fields__[name].default
         assert params[name].default == expected, name
-    assert tuple(params["backbone"].type.choices) == BACKBONES
+    assert tuple(params["backbone"].type.choices) == tuple(BACKBONES)
 
 
 @pytest.mark.parametrize("option", ["device", "checkpoint", "split_file", "quiet", "cache_dir",

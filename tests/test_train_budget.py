@@ -13,9 +13,9 @@ import sys
 import pytest
 import torch
 
+from deepfusion.backbones import default_backbone
 from deepfusion.progress import PlainProgress, progress_bar, say_around_bars
 from deepfusion.testing import cli_command, subprocess_env
-from deepfusion.train.recipe import default_backbone
 from deepfusion.train.run_writer import RunWriter
 
 

@@ -22,13 +22,14 @@ from typing import Optional
 import torch
 from torch import nn
 
+from deepfusion import backbones
 from deepfusion.config import AUX_KEYS, MEL_KEYS, PRETRAINED_KEY, ModelConfig, view_keys
 from deepfusion.errors import ParameterError, WeightsNotFoundError
 from deepfusion.io.names import one_line
-from deepfusion.models.weights import RESNETS, load_pretrained_state
+from deepfusion.models.weights import load_pretrained_state
 
 
-def _light_cnn() -> tuple[nn.Module, int]:
+def _light_cnn() -> nn.Module:
     """A small CNN for CPUs: four conv blocks, about 0.1 M parameters."""
     layers: list[nn.Module] = []
     channels = [1, 16, 32, 64, 128]
@@ -36,13 +37,13 @@ def _light_cnn() -> tuple[nn.Module, int]:
         layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
                    nn.ReLU(inplace=True), nn.MaxPool2d(2)]
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-    return nn.Sequential(*layers), channels[-1]
+    return nn.Sequential(*layers)
 
 
-#: The smallest mel view (bands and frames) each backbone takes: the light CNN halves both four
-#: times. A ResNet takes any size, but in training its last BatchNorm needs more than one value
-#: per channel, so a batch of one segment needs a view over 32 x 32.
-MIN_MEL_SIZE = {"light": 16}
+#: The constructors of the backbones torchvision does not build (the rows of
+#: :data:`deepfusion.backbones.BACKBONES` without ``torchvision``), by name: each returns a
+#: module (B, 1, n_mels, T) -> (B, width), ``width`` its row's.
+CONSTRUCTORS = {"light": _light_cnn}
 
 
 def check_input_size(backbone: str, *, n_mels: int, frames: int, clip_frames: int,
@@ -57,7 +58,8 @@ def check_input_size(backbone: str, *, n_mels: int, frames: int, clip_frames: in
     ParameterError
         Saying what to change: more mel bands, longer segments or clips, or a larger batch.
     """
-    need = MIN_MEL_SIZE.get(backbone, 1)
+    spec = backbones.backbone(backbone)
+    need = spec.min_mel_size
     if n_mels < need:
         raise ParameterError(f"the features have {n_mels} mel bands; backbone {backbone} needs at "
                              f"least {need} (extract with --n-mels {need} or more)")
@@ -69,7 +71,8 @@ def check_input_size(backbone: str, *, n_mels: int, frames: int, clip_frames: in
         raise ParameterError(f"segments of {frames} frames ({frames * frame_seconds:.3f} s) are "
                              f"too short for backbone {backbone}, which needs at least {need}; "
                              + advice)
-    if backbone != "light" and batch * math.ceil(n_mels / 32) * math.ceil(frames / 32) < 2:
+    stride = spec.last_norm_stride
+    if batch * math.ceil(n_mels / stride) * math.ceil(frames / stride) < 2:
         raise ParameterError(f"backbone {backbone} cannot train on batches of one {n_mels} x "
                              f"{frames} segment (its last BatchNorm would see one value); use "
                              "--batch-size 2 or more (and at least 2 training clips)")
@@ -78,8 +81,9 @@ def check_input_size(backbone: str, *, n_mels: int, frames: int, clip_frames: in
 class MelCNN(nn.Module):
     """A CNN over one mel view: (B, n_mels, T) -> (B, embed_dim).
 
-    ``backbone`` is a torchvision ResNet with a one-channel stem (pretrained RGB stem weights are
-    summed over colour channels) or ``light``. With ``band_stats`` (``n_mels`` > 0) the mean and
+    ``backbone`` names a row of :data:`deepfusion.backbones.BACKBONES`: a torchvision ResNet with
+    a one-channel stem (pretrained RGB stem weights are summed over colour channels), or one of
+    :data:`CONSTRUCTORS` (``light``). With ``band_stats`` (``n_mels`` > 0) the mean and
     standard deviation over time of every mel band join the CNN's pooled output before the
     projection: the long-term spectral shape, which global pooling of the CNN blurs.
     """
@@ -88,13 +92,13 @@ class MelCNN(nn.Module):
                  band_stats: int = 0):
         super().__init__()
         self.band_stats = band_stats
-        if backbone == "light":
-            self.body, width = _light_cnn()
+        spec = backbones.backbone(backbone)
+        if spec.torchvision is None:
+            self.body = CONSTRUCTORS[backbone]()
         else:
             import torchvision.models as tvm
 
-            name, _, width = RESNETS[backbone]
-            net = getattr(tvm, name)(weights=None)
+            net = getattr(tvm, spec.torchvision)(weights=None)
             if pretrained_state is not None:
                 net.load_state_dict(pretrained_state)
             stem = net.conv1.weight.detach().sum(dim=1, keepdim=True)   # RGB -> one channel
@@ -102,7 +106,8 @@ class MelCNN(nn.Module):
             net.conv1.weight.data.copy_(stem)
             net.fc = nn.Identity()
             self.body = net
-        self.proj = nn.Sequential(nn.Linear(width + 2 * band_stats, embed_dim), nn.ReLU(inplace=True))
+        self.proj = nn.Sequential(nn.Linear(spec.width + 2 * band_stats, embed_dim),
+                                  nn.ReLU(inplace=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # one channel: this tensor is contiguous in channels_last order too, so a
@@ -201,10 +206,12 @@ def build_model(config: ModelConfig, *, pretrained_state: Optional[dict] = None,
     """
     if pretrained_state is not None and weights_path is not None:
         raise ParameterError("build_model: give pretrained_state or weights_path, not both")
-    if pretrained_state is not None and config.backbone == "light":
-        raise ParameterError("backbone light has no pretrained weights; pretrained_state must be None")
+    has_weights = backbones.backbone(config.backbone).weights is not None
+    if pretrained_state is not None and not has_weights:
+        raise ParameterError(f"backbone {config.backbone} has no pretrained weights; "
+                             "pretrained_state must be None")
     state = pretrained_state
-    if state is None and config.pretrained and config.backbone != "light":
+    if state is None and config.pretrained and has_weights:
         state = load_pretrained_state(config.backbone, weights_path)
     if state is None:
         return MultiModalNet(config)
@@ -229,7 +236,8 @@ def _misfit(backbone: str, state: dict) -> str:
     import torchvision.models as tvm
 
     with torch.device("meta"):   # the names and shapes only: nothing allocated
-        wanted = getattr(tvm, RESNETS[backbone][0])(weights=None).state_dict()
+        resnet = getattr(tvm, backbones.backbone(backbone).torchvision)
+        wanted = resnet(weights=None).state_dict()
     missing = [k for k in wanted if k not in state]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""

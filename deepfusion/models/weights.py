@@ -17,14 +17,10 @@ from urllib.parse import urlparse
 
 import torch
 
+from deepfusion import backbones
 from deepfusion.errors import ParameterError, WeightsNotFoundError
 from deepfusion.io.atomic import library_text, os_error_reason
 from deepfusion.io.names import one_line
-
-#: backbone -> (torchvision builder, weights enum, width of the pooled output)
-RESNETS = {"resnet18": ("resnet18", "ResNet18_Weights", 512),
-           "resnet34": ("resnet34", "ResNet34_Weights", 512),
-           "resnet50": ("resnet50", "ResNet50_Weights", 2048)}
 
 #: environment variable that replaces the directory of the weights URL (tests, mirrors)
 WEIGHTS_URL_ENV = "DEEPFUSION_WEIGHTS_URL"
@@ -47,7 +43,7 @@ def pretrained_mode(pretrained: object) -> str:
 def _weights_enum(backbone: str):
     import torchvision.models as tvm
 
-    return getattr(tvm, RESNETS[backbone][1]).DEFAULT
+    return getattr(tvm, backbones.backbone(backbone).weights).DEFAULT
 
 
 def pretrained_weights_file(backbone: str) -> Path:
@@ -251,18 +247,21 @@ def resolve_pretrained(backbone: str, *, mode: str = "auto", weights_path: Optio
 
     Returns ``(state_dict or None, source)``; ``source`` is ``"file <path>"``,
     ``"torch cache <path>"``, ``"downloaded <url>"``, ``"none (<reason>)"`` or ``"not used"``
-    (mode ``never``, and backbone ``light`` in every mode: it has no pretrained weights).
+    (mode ``never``, and in every mode a backbone without ImageNet weights, such as ``light``).
     """
     if mode not in _RESOLVE_MODES:
         raise ParameterError(f"pretrained mode must be one of {', '.join(_RESOLVE_MODES)}, got {mode!r}")
     if not timeout > 0:
         raise ParameterError(f"download timeout must be positive, got {timeout!r}")
-    if backbone == "light" or mode == "never":
+    spec = backbones.BACKBONES.get(backbone)
+    no_weights = spec is not None and spec.weights is None
+    if no_weights or mode == "never":
         if weights_path is not None:
-            why = "backbone light has no ImageNet weights" if backbone == "light" else "--no-pretrained"
+            why = (f"backbone {backbone} has no ImageNet weights" if no_weights
+                   else "--no-pretrained")
             echo(f"warning: --weights-path: ignored ({why})")
         return None, "not used"
-    if backbone not in RESNETS:
+    if spec is None:
         raise ParameterError(f"no pretrained weights exist for backbone {backbone!r}")
     if weights_path is not None:
         path = Path(weights_path)
@@ -308,7 +307,8 @@ def load_pretrained_state(backbone: str, weights_path: Optional[Path] = None) ->
     :func:`resolve_pretrained` with mode ``require`` but never downloads. Raises
     :class:`WeightsNotFoundError` naming the missing file.
     """
-    if backbone not in RESNETS:
+    spec = backbones.BACKBONES.get(backbone)
+    if spec is None or spec.weights is None:
         raise WeightsNotFoundError(f"no pretrained weights exist for backbone {backbone!r}")
     if weights_path is not None:
         return _load_state_file(Path(weights_path), backbone)

@@ -11,13 +11,8 @@ from typing import Iterator, Optional
 
 import torch
 
-from deepfusion.errors import DeviceMemoryError, ParameterError
-
-#: Bytes autograd keeps per input value (one mel band x one frame) of one mel branch in
-#: float32 training: the slope of the saved tensors' size with the input's, measured with
-#: ``torch.autograd.graph.saved_tensors_hooks`` (``benchmarks/gpu_check.py`` prints it beside
-#: ``torch.cuda.max_memory_allocated``).
-ACTIVATION_BYTES_PER_VALUE = {"light": 340, "resnet18": 430, "resnet34": 630, "resnet50": 1680}
+from deepfusion import backbones
+from deepfusion.errors import DeviceMemoryError
 
 
 def estimate_training_bytes(backbone: str, *, n_mels: int, frames: int, batch_size: int,
@@ -25,7 +20,8 @@ def estimate_training_bytes(backbone: str, *, n_mels: int, frames: int, batch_si
                             mel_branches: int = 3) -> int:
     """About how many bytes of device memory one training step takes.
 
-    The activations of ``mel_branches`` CNNs over ``batch_size`` segments of ``n_mels`` x
+    The activations of ``mel_branches`` CNNs (their ``activation_bytes`` per input value, see
+    :data:`deepfusion.backbones.BACKBONES`) over ``batch_size`` segments of ``n_mels`` x
     ``frames`` (half as many bytes under bf16/fp16 autocast), a quarter more for the gradients
     the backward pass holds beside them, and 16 bytes per parameter (weights, gradients and
     AdamW's two moments). The auxiliary branches are small and left out.
@@ -34,9 +30,8 @@ def estimate_training_bytes(backbone: str, *, n_mels: int, frames: int, batch_si
     batch 64: about 32 GiB with autocast, 63 GiB in float32; on the default 3-s crops (129
     frames) at batch 16, about 2 GiB.
     """
-    if backbone not in ACTIVATION_BYTES_PER_VALUE:
-        raise ParameterError(f"no memory estimate for backbone {backbone!r}")
-    activations = ACTIVATION_BYTES_PER_VALUE[backbone] * n_mels * frames * batch_size * mel_branches
+    per_value = backbones.backbone(backbone).activation_bytes
+    activations = per_value * n_mels * frames * batch_size * mel_branches
     if precision != "fp32":
         activations *= 0.5
     return int(1.25 * activations + 16 * n_params)
@@ -58,8 +53,6 @@ def memory_check(model: torch.nn.Module, device: torch.device, *, backbone: str,
                  precision: str, batch_size: int, n_mels: int, frames: int) -> Optional[str]:
     """The warning line train prints before training when :func:`estimate_training_bytes` of
     ``model`` exceeds :func:`device_memory` (None: it fits, or the memory is unknown)."""
-    if backbone not in ACTIVATION_BYTES_PER_VALUE:
-        return None
     needed = estimate_training_bytes(backbone, n_mels=n_mels, frames=frames,
                                      batch_size=batch_size, precision=precision,
                                      n_params=sum(p.numel() for p in model.parameters()))

@@ -8,40 +8,20 @@ from __future__ import annotations
 from dataclasses import fields, replace
 from typing import Any, Optional
 
-from deepfusion.config import ARCHITECTURE_FIELDS, BACKBONES, ModelConfig, TrainConfig, option_name
+from deepfusion import backbones
+from deepfusion.config import (ARCHITECTURE_FIELDS, AUTO_FIELDS, ModelConfig, TrainConfig,
+                               option_name)
 from deepfusion.errors import ParameterError
-
-#: Recipe defaults per backbone, chosen with ``benchmarks/generalization.py`` (see the README):
-#: (epochs, batch_size, lr, patience). ResNets starting from ImageNet weights take a lower lr.
-_RECIPES = {
-    "light": (40, 16, 1e-3, 40),
-    "resnet18": (30, 16, 3e-4, 30),
-    "resnet34": (30, 16, 3e-4, 30),
-    "resnet50": (30, 16, 3e-4, 30),
-}
-_PRETRAINED_LR = 1e-4
-
-#: The backbone train takes when none is given, per kind of device: the reference design's
-#: ResNet-50 on a CUDA GPU, the light CNN elsewhere (a CPU, a Mac's GPU), where a ResNet-50 run
-#: takes hours and gigabytes. The measurements behind the choice: docs/training.md, "The
-#: default recipe per device".
-DEFAULT_BACKBONES = {"cuda": "resnet50"}
-
-
-def default_backbone(device_type: str) -> str:
-    """The backbone of a run on a device of this kind (``cpu``, ``cuda``, ``mps``) when the
-    call names none (see :data:`DEFAULT_BACKBONES`)."""
-    return DEFAULT_BACKBONES.get(device_type, "light")
 
 
 def recipe_defaults(backbone: str, pretrained: bool) -> dict[str, Any]:
-    """The "auto" values of :data:`AUTO_FIELDS` for ``backbone`` (pretrained or not)."""
-    if backbone not in _RECIPES:
-        raise ParameterError(f"backbone must be one of {', '.join(BACKBONES)}, got {backbone!r}")
-    epochs, batch_size, lr, patience = _RECIPES[backbone]
-    if pretrained and backbone != "light":
-        lr = _PRETRAINED_LR
-    return {"epochs": epochs, "batch_size": batch_size, "lr": lr, "patience": patience}
+    """The "auto" values of :data:`AUTO_FIELDS` for ``backbone`` (pretrained or not): its row
+    of :data:`deepfusion.backbones.BACKBONES`; from ImageNet weights, a lower lr."""
+    spec = backbones.backbone(backbone)
+    auto = {k: getattr(spec, k) for k in AUTO_FIELDS}
+    if pretrained and spec.weights is not None:
+        auto["lr"] = backbones.PRETRAINED_LR
+    return auto
 
 
 def resolve_recipe(config: TrainConfig, backbone: str, pretrained: bool) -> TrainConfig:
@@ -53,10 +33,10 @@ def resolve_recipe(config: TrainConfig, backbone: str, pretrained: bool) -> Trai
 def describe_auto() -> str:
     """One line per backbone of the "auto" recipe, for --help and the start-up line."""
     parts = []
-    for name in _RECIPES:
+    for name in backbones.BACKBONES:
         d = recipe_defaults(name, False)
         parts.append(f"{name} {d['epochs']} epochs, batch {d['batch_size']}, lr {d['lr']:g}")
-    return "; ".join(parts) + f" (lr {_PRETRAINED_LR:g} for ImageNet-pretrained ResNets)"
+    return "; ".join(parts) + f" (lr {backbones.PRETRAINED_LR:g} for ImageNet-pretrained ResNets)"
 
 
 # ----------------------------------------------------------------------------------- resuming

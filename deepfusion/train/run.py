@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from deepfusion.backbones import default_backbone
 from deepfusion.config import (ARCHITECTURE_FIELDS, AUTO_FIELDS, AUX_KEYS, PRETRAINED_KEY,
                                ModelConfig, RuntimeConfig, TrainConfig)
 from deepfusion.data.dataset import (Augment, feature_config_of, make_train_loader, segment_frames,
@@ -45,7 +46,7 @@ from deepfusion.runtime.seed import rng_state, seed_everything, seed_torch, set_
 from deepfusion.train import finetune
 from deepfusion.train.loop import all_finite, lr_factor, step_seconds, train_one_epoch
 from deepfusion.train.probe_run import train_probe
-from deepfusion.train.recipe import default_backbone, resolve_recipe, resume_model, resume_recipe
+from deepfusion.train.recipe import resolve_recipe, resume_model, resume_recipe
 from deepfusion.train.result import TrainResult, base_payload
 from deepfusion.train.run_writer import RunWriter, write_log
 
@@ -291,9 +292,10 @@ def _train(features: Path, *, model_dir: Path, config: TrainConfig, runtime: Run
                        batches=len(loader), epochs=(start_epoch, last_epoch),
                        segment_seconds=seg * feature_config.hop_length / feature_config.sample_rate,
                        step=step, total=per_epoch * to_go))
-        if device.type == "cpu" and backbone != "light" and per_epoch * to_go > 1800:
+        fast = default_backbone("cpu")
+        if device.type == "cpu" and backbone != fast and per_epoch * to_go > 1800:
             echo(f"{backbone} on a CPU: about {duration_text(per_epoch * to_go)}; --backbone "
-                 "light trains far faster")
+                 f"{fast} trains far faster")
 
     epoch = start_epoch - 1
     if ungrouped:               # said once every check has passed, before the work
