@@ -15,15 +15,15 @@ from typing import Any
 import click
 
 from deepfusion import __version__
-from deepfusion.config import (DEFAULT_FEATURES, DEFAULT_MODEL_DIR, DEFAULT_STORE, FEATURE_FORMATS,
-                               PRETRAINED_VIEWS, FeatureConfig, RuntimeConfig, TrainConfig)
+from deepfusion.config import (DEFAULT_FEATURES, DEFAULT_MODEL_DIR, PRETRAINED_VIEWS, FeatureConfig,
+                               RuntimeConfig, TrainConfig)
 from deepfusion.console import (CommandGroup, echo, found, say, say_repaired, stamp, torchrun_rank,
                                 wrote)
 from deepfusion.errors import ParameterError
 from deepfusion.io.atomic import plural
 from deepfusion.io.names import escape_bytes, shown
 from deepfusion.options import (adapt_option, cache_dir_option, checkpoint_option, device_option,
-                                feature_options, features_option, jobs_option, library_options,
+                                extract_options, features_option, jobs_option, library_options,
                                 model_options, overwrite_option, precision_option, quiet_option,
                                 recipe_options, runtime_options, split_file_option, take,
                                 timeout_option, train_features_option)
@@ -60,45 +60,7 @@ def synth(out: Path, genres: int, clips_per_genre: int, duration: float, seed: i
 
 
 @main.command()
-@click.option("--audio-dir", required=True,
-              type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Dataset root: genre folders of audio files (wav, au, flac, ogg, mp3, ...).")
-@click.option("--out", type=click.Path(path_type=Path),
-              help=f"Features pickle or store folder to write  [default: {DEFAULT_FEATURES}, "
-              f"{DEFAULT_STORE} with --format store].")
-@click.option("--format", "fmt", type=click.Choice(FEATURE_FORMATS), default=FEATURE_FORMATS[0],
-              show_default=True, help="pickle: one file, read whole into RAM by train; store: a "
-              "folder of arrays that train memory-maps (collections larger than RAM).")
-@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32",
-              show_default=True, help="How a store holds the views: float16 halves its disk "
-              "and page cache (the model computes in float32; see the README for the effect on "
-              "accuracy). Needs --format store.")
-@cache_dir_option
-@click.option("--manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Metadata table of the collection: a CSV with 'path' and 'label' (or "
-              "'genre') columns, paths relative to --audio-dir, and optional 'artist', 'album', "
-              "'track_id' or 'group' columns that splits keep together; MTG-Jamendo's TSV and "
-              "FMA's tracks.csv are read too  [default: such a table found at the root of "
-              "--audio-dir, else genres from folder names].")
-@click.option("--no-metadata", is_flag=True, help="Ignore a metadata table at the root of "
-              "--audio-dir: genres from folder names, no groups.")
-@jobs_option
-@click.option("--scheduler", envvar="DEEPFUSION_SCHEDULER", metavar="ADDRESS",
-              help="Run the per-clip work on a Dask cluster: a scheduler address "
-              "(tcp://host:8786) or local:N for N local worker processes; --cache-dir must be "
-              "a folder every worker shares. Needs pip install 'deepfusion[distributed]' "
-              "[env: DEEPFUSION_SCHEDULER].")
-@quiet_option
-@click.option("--strict", is_flag=True, help="Exit non-zero if any file could not be read.")
-@timeout_option
-@click.option("--backend", type=click.Choice(["numpy", "torch"]), default=None,
-              help="Feature code: numpy (librosa) or torch (on a GPU: batches of decoded clips "
-              "in the main process; on the CPU: per file in the workers). Both agree to float32 "
-              "rounding and share the cache  [default: numpy, torch when --device finds or "
-              "names a GPU (--device is where the torch backend runs)].")
-@device_option
-@overwrite_option
-@feature_options
+@extract_options
 def extract(audio_dir: Path, out: Path | None, fmt: str, dtype: str, cache_dir: Path,
             manifest: Path | None,
             jobs: int | None, scheduler: str | None, quiet: bool, strict: bool, timeout: float,

@@ -20,9 +20,10 @@ import click
 
 from deepfusion.backbones import BACKBONES, default_backbone
 from deepfusion.config import (ADAPT_MIN_CLIPS, ADAPT_MODES, AMP_DTYPES, DEFAULT_CACHE_DIR,
-                               DEFAULT_FEATURES, INFERENCE_PRECISIONS, MODEL_KINDS,
-                               PRETRAINED_VIEWS, SELECTIONS, FeatureConfig, ModelConfig,
-                               RuntimeConfig, TrainConfig, flag_of, option_name)
+                               DEFAULT_FEATURES, DEFAULT_STORE, FEATURE_FORMATS,
+                               INFERENCE_PRECISIONS, MODEL_KINDS, PRETRAINED_VIEWS, SELECTIONS,
+                               FeatureConfig, ModelConfig, RuntimeConfig, TrainConfig, flag_of,
+                               option_name)
 from deepfusion.train.recipe import describe_auto
 
 
@@ -324,6 +325,54 @@ def library_options(func):
         quiet_option,
         device_option,
         precision_option,
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def extract_options(func):
+    """The options of ``deepfusion extract`` besides the feature settings' own."""
+    options = [
+        click.option("--audio-dir", required=True,
+                     type=click.Path(exists=True, file_okay=False, path_type=Path),
+                     help="Dataset root: genre folders of audio files (wav, au, flac, ogg, mp3, ...)."),
+        click.option("--out", type=click.Path(path_type=Path),
+                     help=f"Features pickle or store folder to write  [default: {DEFAULT_FEATURES}, "
+                     f"{DEFAULT_STORE} with --format store]."),
+        click.option("--format", "fmt", type=click.Choice(FEATURE_FORMATS), default=FEATURE_FORMATS[0],
+                     show_default=True, help="pickle: one file, read whole into RAM by train; store: a "
+                     "folder of arrays that train memory-maps (collections larger than RAM)."),
+        click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32",
+                     show_default=True, help="How a store holds the views: float16 halves its disk "
+                     "and page cache (the model computes in float32; see the README for the effect on "
+                     "accuracy). Needs --format store."),
+        cache_dir_option,
+        click.option("--manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help="Metadata table of the collection: a CSV with 'path' and 'label' (or "
+                     "'genre') columns, paths relative to --audio-dir, and optional 'artist', 'album', "
+                     "'track_id' or 'group' columns that splits keep together; MTG-Jamendo's TSV and "
+                     "FMA's tracks.csv are read too  [default: such a table found at the root of "
+                     "--audio-dir, else genres from folder names]."),
+        click.option("--no-metadata", is_flag=True, help="Ignore a metadata table at the root of "
+                     "--audio-dir: genres from folder names, no groups."),
+        jobs_option,
+        click.option("--scheduler", envvar="DEEPFUSION_SCHEDULER", metavar="ADDRESS",
+                     help="Run the per-clip work on a Dask cluster: a scheduler address "
+                     "(tcp://host:8786) or local:N for N local worker processes; --cache-dir must be "
+                     "a folder every worker shares. Needs pip install 'deepfusion[distributed]' "
+                     "[env: DEEPFUSION_SCHEDULER]."),
+        quiet_option,
+        click.option("--strict", is_flag=True, help="Exit non-zero if any file could not be read."),
+        timeout_option,
+        click.option("--backend", type=click.Choice(["numpy", "torch"]), default=None,
+                     help="Feature code: numpy (librosa) or torch (on a GPU: batches of decoded clips "
+                     "in the main process; on the CPU: per file in the workers). Both agree to float32 "
+                     "rounding and share the cache  [default: numpy, torch when --device finds or "
+                     "names a GPU (--device is where the torch backend runs)]."),
+        device_option,
+        overwrite_option,
+        feature_options,
     ]
     for option in reversed(options):
         func = option(func)
