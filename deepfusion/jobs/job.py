@@ -276,15 +276,10 @@ def hash_and_compute(path: str, cache_dir: str, config_dict: dict, timeout: Opti
         # torch's memory comes with a worker's first task, even one the cache answers: loky
         # takes a later jump of 300 MB for a leak and replaces the worker
         warm_up(FeatureConfig.from_dict(config_dict), device=device)
-    key, reason = _hash(path, timeout)
-    if reason:
-        return None, reason, False, False
-    state = _cache_state(cache_dir, config_dict, key)
-    if state == VALID:
-        return key, None, False, False
-    reason = compute_entry(path, key, cache_dir, config_dict, timeout, device=device,
-                           view_runtime=view_runtime)
-    return (None, reason, False, False) if reason else (key, None, True, state == DAMAGED)
+    key, reason, computed, repaired = _file_job(path, cache_dir, config_dict, timeout, lambda key: (
+        compute_entry(path, key, cache_dir, config_dict, timeout, device=device,
+                      view_runtime=view_runtime), True))
+    return key, reason, bool(computed), repaired
 
 
 def hash_and_decode(path: str, cache_dir: str, config_dict: dict,
@@ -293,14 +288,24 @@ def hash_and_decode(path: str, cache_dir: str, config_dict: dict,
     repaired)`` or ``(None, reason, None, False)``, where ``decoded`` is ``None`` when the
     cache holds a sound entry for the content and else ``(samples, entry metadata)`` for the
     main process to analyse (``repaired``: it replaces a damaged entry)."""
+    return _file_job(path, cache_dir, config_dict, timeout,
+                     lambda key: decode_entry(path, key, config_dict, timeout))
+
+
+def _file_job(path: str, cache_dir: str, config_dict: dict, timeout: Optional[float],
+              work: Callable[[str], tuple[Optional[str], Any]]
+              ) -> tuple[Optional[str], Optional[str], Any, bool]:
+    """The one per-file job: hash the file, and unless the cache holds a sound entry for its
+    content run ``work(key)`` (``(reason, output)``). Returns ``(key, None, output, repaired)``
+    (``output`` None: the cache had it) or ``(None, reason, None, False)``."""
     key, reason = _hash(path, timeout)
     if reason:
         return None, reason, None, False
     state = _cache_state(cache_dir, config_dict, key)
     if state == VALID:
         return key, None, None, False
-    reason, decoded = decode_entry(path, key, config_dict, timeout)
-    return (None, reason, None, False) if reason else (key, None, decoded, state == DAMAGED)
+    reason, output = work(key)
+    return (None, reason, None, False) if reason else (key, None, output, state == DAMAGED)
 
 
 def _run_tasks(tasks: list[tuple], jobs: Optional[int], scheduler: Optional[str],
