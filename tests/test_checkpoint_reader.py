@@ -31,12 +31,8 @@ DAMAGES = {
 }
 
 
-@pytest.fixture(scope="module")
-def clip(tiny_audio) -> Path:
-    return tiny_audio / "rock" / "rock.00000.wav"
-
-
-def _commands(checkpoint: Path, clip: Path, out: Path) -> dict[str, list]:
+def _commands(checkpoint: Path, audio: Path, out: Path) -> dict[str, list]:
+    clip = audio / "rock" / "rock.00000.wav"
     return {"evaluate": ["evaluate", "--checkpoint", checkpoint, "--out-dir", out / "report"],
             "export": ["export", "--checkpoint", checkpoint, "--out", out / "model.onnx",
                        "--exporter", "torchscript"],
@@ -44,14 +40,15 @@ def _commands(checkpoint: Path, clip: Path, out: Path) -> dict[str, list]:
 
 
 @pytest.mark.parametrize("name", list(DAMAGES))
-def test_a_damaged_field_reads_the_same_in_every_command(name, trained_model_dir, clip, tmp_path):
+def test_a_damaged_field_reads_the_same_in_every_command(name, trained_model_dir, tiny_audio,
+                                                         tmp_path):
     damage, words = DAMAGES[name]
     ckpt = torch.load(trained_model_dir / "best.pth", map_location="cpu", weights_only=True)
     damage(ckpt)
     path = tmp_path / "damaged.pth"
     torch.save(ckpt, path)
     said = {}
-    for command, args in _commands(path, clip, tmp_path).items():
+    for command, args in _commands(path, tiny_audio, tmp_path).items():
         result = invoke(*args)
         assert result.exit_code == CheckpointError.exit_code, (command, result.output)
         said[command] = one_error_line(result.stderr)
@@ -61,7 +58,8 @@ def test_a_damaged_field_reads_the_same_in_every_command(name, trained_model_dir
     assert not (tmp_path / "report").exists() and not (tmp_path / "model.onnx").exists()
 
 
-def test_each_command_unpacks_the_checkpoint_once(trained_model_dir, clip, tmp_path, monkeypatch):
+def test_each_command_unpacks_the_checkpoint_once(trained_model_dir, tiny_audio, tmp_path,
+                                                  monkeypatch):
     unpacked: list[Path] = []
     unpack = Checkpoint.from_dict.__func__
 
@@ -71,7 +69,7 @@ def test_each_command_unpacks_the_checkpoint_once(trained_model_dir, clip, tmp_p
 
     monkeypatch.setattr(Checkpoint, "from_dict", classmethod(spy))
     best = trained_model_dir / "best.pth"
-    for command, args in _commands(best, clip, tmp_path).items():
+    for command, args in _commands(best, tiny_audio, tmp_path).items():
         unpacked.clear()
         result = invoke(*args)
         assert result.exit_code == 0, (command, result.output)
