@@ -9,8 +9,7 @@ from typing import Optional
 
 import numpy as np
 
-from deepfusion.config import AUX_KEYS, MEL_KEYS, PRETRAINED_KEY, FeatureConfig, TrainConfig
-from deepfusion.data.dataset import segment_frames
+from deepfusion.config import FeatureConfig
 from deepfusion.data.splits import read_split_file
 from deepfusion.errors import DatasetError, FeaturesFileError
 from deepfusion.inference.adapt import adapt as adapt_model, resolve_mode
@@ -105,16 +104,15 @@ def reliability_cautions(truth: np.ndarray, groups: np.ndarray, class_names: lis
     return cautions
 
 
-def _select(fs: FeatureSet, ckpt: dict, split: str, split_file: Optional[str], same_file: bool,
-            *, features: Path, checkpoint: Path) -> np.ndarray:
-    """Indices of the clips to evaluate (known labels only)."""
+def _select(fs: FeatureSet, saved: Optional[dict], split: str, split_file: Optional[str],
+            same_file: bool, *, features: Path, checkpoint: Path) -> np.ndarray:
+    """Indices of the clips to evaluate (known labels only; ``saved``: the checkpoint's split)."""
     known = fs.labels >= 0
     if split == "all":
         return np.flatnonzero(known)
     if split_file:
         names = read_split_file(split_file, fs.paths, source=fs.source)
         return np.flatnonzero((names == split) & known)
-    saved = ckpt["split"]
     if saved["by"] == "index":
         if not same_file:
             raise DatasetError(f"{checkpoint}: its split is recorded by clip index (its features "
@@ -179,18 +177,17 @@ def evaluate(checkpoint: Path, *, features: Optional[Path] = None, split: str = 
 
         check_checkpoint_path(checkpoint)   # a mistyped path costs no torch import (seconds)
     from deepfusion.inference.clips import predict_clips
-    from deepfusion.models.checkpoint import (load_checkpoint, model_from_checkpoint,
-                                              normalization_of)
+    from deepfusion.models.checkpoint import read_checkpoint
     from deepfusion.runtime.device import inference_precision, resolve_device
     from deepfusion.runtime.memory import memory_guard
 
     dev = resolve_device(device)        # a device this machine lacks: one line, before any work
     used = inference_precision(dev, precision)
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = read_checkpoint(checkpoint)
     out_dir = Path(out_dir) if out_dir is not None else checkpoint.parent
     check_writable(out_dir / "evaluation.json")
     if features is None:
-        features = Path(ckpt["features_file"])
+        features = Path(ckpt.features_file)
         if not features.exists():
             raise FeaturesFileError(f"{features}: features file not found (the one {checkpoint} "
                                     "was trained on); give --features")
@@ -199,9 +196,9 @@ def evaluate(checkpoint: Path, *, features: Optional[Path] = None, split: str = 
                        {checkpoint: "the checkpoint", features: "the features file",
                         **({Path(split_file): "the --split-file"} if split_file else {})},
                        overwrite=overwrite, option="--out-dir")
-    class_names = list(ckpt["class_names"])
+    class_names = list(ckpt.class_names)
     fs = load_features(features, class_names=class_names)
-    trained = FeatureConfig.from_dict(ckpt["feature_config"])
+    trained = ckpt.feature_config
     if fs.feature_config:
         here = FeatureConfig.from_dict(fs.feature_config)
         # clip lengths change how many segments a clip has, not what a segment holds
@@ -214,16 +211,13 @@ def evaluate(checkpoint: Path, *, features: Optional[Path] = None, split: str = 
             raise FeaturesFileError(f"{features}: extracted with other settings than {checkpoint} "
                                     f"({diff}); extract it with the model's settings")
     rows = fs.rows()
-    mc = ckpt["model_config"]
-    expected = {**{k: mc["n_mels"] for k in MEL_KEYS}, **dict(zip(AUX_KEYS, mc["aux_rows"]))}
-    if mc.get("pretrained_view_rows"):
-        expected[PRETRAINED_KEY] = mc["pretrained_view_rows"]
+    expected = ckpt.rows
     wrong = [f"{k} has {rows.get(k, 0)} rows, the model expects {expected[k]}"
              for k in expected if rows.get(k, 0) != expected[k]]
     if wrong:
         raise FeaturesFileError(f"{features}: features do not fit the model: {'; '.join(wrong)}")
     features_sha = fs.sha256
-    same_file = features_sha == ckpt.get("features_sha256")
+    same_file = features_sha == ckpt.features_sha256
 
     unknown: dict[str, int] = {}
     for name, label in zip(fs.label_names, fs.labels):
@@ -233,20 +227,20 @@ def evaluate(checkpoint: Path, *, features: Optional[Path] = None, split: str = 
         warn(f"warning: {plural(int((fs.labels < 0).sum()), 'clip')} left out, of genres "
              f"{checkpoint} does not know: "
              + ", ".join(f"{k} ({v})" for k, v in sorted(unknown.items())))
-    idx = _select(fs, ckpt, split, split_file, same_file, features=features, checkpoint=checkpoint)
+    idx = _select(fs, ckpt.split, split, split_file, same_file, features=features,
+                  checkpoint=checkpoint)
     if len(idx) == 0:
         raise DatasetError(f"{features}: no clip with a genre the model knows in split {split!r}; "
                            f"the model knows {', '.join(class_names)}")
 
-    train_config = TrainConfig.from_dict(ckpt["train_config"])
-    seg = segment_frames(train_config.segment_seconds, FeatureConfig.from_dict(ckpt["feature_config"]), fs.n_frames)
+    seg = ckpt.segment_frames_for(fs.n_frames)
     adapted = resolve_mode(adapt, n_clips=len(fs), new_collection=not same_file)
     if adapted != "none":
         echo(f"adapting to {features.name} ({adapted}): normalisation statistics of its "
              f"{len(fs)} clips, no labels (--adapt none: the training statistics)")
     with memory_guard(dev, batch_size=batch_size, training=False):
-        model = model_from_checkpoint(ckpt).to(dev)
-        model, norm = adapt_model(model, fs, normalization_of(ckpt), np.arange(len(fs)),
+        model = ckpt.build_model().to(dev)
+        model, norm = adapt_model(model, fs, ckpt.normalization, np.arange(len(fs)),
                                   mode=adapted, seg=seg, device=dev)
         pred = predict_clips(model, fs, norm, idx, seg=seg,
                              batch_size=batch_size, device=dev, amp=used)

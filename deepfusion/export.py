@@ -35,16 +35,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from deepfusion.config import FEATURE_KEYS, PRETRAINED_KEY, FeatureConfig, TrainConfig, view_keys
-from deepfusion.data.dataset import segment_frames
+from deepfusion.config import FEATURE_KEYS, PRETRAINED_KEY, FeatureConfig
 from deepfusion.errors import ExportError, FeaturesFileError, ParameterError
 from deepfusion.features.pretrained.view import patch_span
 from deepfusion.inference.onnx_engine import METADATA_FORMAT, METADATA_KEY, OUTPUT_NAMES, OnnxEngine
 from deepfusion.io.atomic import atomic_write, check_writable, library_text
 from deepfusion.io.cache import file_digest
 from deepfusion.io.guard import Destination, check_destinations
-from deepfusion.models.checkpoint import (feature_config_of, load_checkpoint, model_from_checkpoint,
-                                          normalization_of)
+from deepfusion.models.checkpoint import Checkpoint, read_checkpoint
 
 EXPORTERS = ("auto", "dynamo", "torchscript")
 INSTALL_HINT = "pip install 'deepfusion[onnx-export]'"
@@ -142,16 +140,11 @@ def export_onnx(checkpoint: Path, out: Path, *, check_windows: Optional[dict[str
     check_destinations([Destination(out, "--out", "onnx")],
                        {checkpoint: "the checkpoint"}, overwrite=overwrite)
     check_writable(out)
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = read_checkpoint(checkpoint)
 
-    model = model_from_checkpoint(ckpt, checkpoint).float().eval()
-    norm = normalization_of(ckpt)
-    fc = feature_config_of(ckpt)
-    shapes = fc.feature_shapes()
-    keys = view_keys(bool(ckpt["model_config"].get("pretrained_view_rows")))
-    rows = {k: int(shapes[k][0]) for k in keys}
-    seg = segment_frames(TrainConfig.from_dict(ckpt["train_config"]).segment_seconds, fc,
-                         shapes[FEATURE_KEYS[0]][1])
+    model = ckpt.build_model().float().eval()
+    norm, fc, keys, rows = ckpt.normalization, ckpt.feature_config, ckpt.keys, ckpt.rows
+    seg = ckpt.segment_frames
     # the pretrained view's segment: the patches a segment of frames covers
     widths = {k: seg for k in keys}
     if PRETRAINED_KEY in keys:
@@ -159,11 +152,11 @@ def export_onnx(checkpoint: Path, out: Path, *, check_windows: Optional[dict[str
     wrapper = NormalisedModel(model, norm, keys).eval()
     proto, used = _to_onnx(wrapper, rows, widths, opset=opset, exporter=exporter, name=checkpoint)
     opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-    meta = _metadata(ckpt, checkpoint, fc, rows, seg, exporter=used, opset=opset_used)
+    meta = _metadata(ckpt, rows, seg, exporter=used, opset=opset_used)
     _set_metadata(proto, meta)
     data = proto.SerializeToString()
 
-    windows, source = _windows_for_check(check_windows, ckpt, fc, rows, seg)
+    windows, source = _windows_for_check(check_windows, ckpt, rows, seg)
     windows = {k: windows[k] for k in keys if k in windows}
     diffs = compare_with_torch(model, norm, OnnxEngine.from_bytes(data, name=str(out)), windows, seg)
     n = len(windows[FEATURE_KEYS[0]])
@@ -240,21 +233,21 @@ def _to_onnx(wrapper: nn.Module, rows: dict[str, int], widths: dict[str, int], *
     raise ExportError(f"{name}: ONNX export failed ({', '.join(failures)}); {advice}")
 
 
-def _metadata(ckpt: dict, checkpoint: Path, fc: FeatureConfig, rows: dict[str, int], seg: int,
-              *, exporter: str, opset: int) -> dict:
+def _metadata(ckpt: Checkpoint, rows: dict[str, int], seg: int, *, exporter: str,
+              opset: int) -> dict:
     from deepfusion import __version__
 
     return {"format": METADATA_FORMAT,
-            "class_names": list(ckpt["class_names"]),
-            "feature_config": fc.to_dict(),
+            "class_names": list(ckpt.class_names),
+            "feature_config": ckpt.feature_config.to_dict(),
             "segment_frames": int(seg),
-            "segment_seconds": TrainConfig.from_dict(ckpt["train_config"]).segment_seconds,
+            "segment_seconds": ckpt.train_config.segment_seconds,
             "rows": rows,
             "inputs": list(rows), "outputs": list(OUTPUT_NAMES),
             "normalization": "inside the graph",
-            "model_config": dict(ckpt["model_config"]),
-            "checkpoint": {"file": checkpoint.name, "sha256": file_digest(checkpoint),
-                           "format_version": ckpt.get("format_version")},
+            "model_config": ckpt.model_config.to_dict(),
+            "checkpoint": {"file": ckpt.path.name, "sha256": file_digest(ckpt.path),
+                           "format_version": ckpt.format_version},
             "deepfusion_version": __version__, "torch_version": str(torch.__version__),
             "exporter": exporter, "opset": opset}
 
@@ -269,17 +262,17 @@ def _set_metadata(proto, meta: dict) -> None:
 
 # ----------------------------------------------------------------------------------- the check
 
-def _windows_for_check(given: Optional[dict], ckpt: dict, fc: FeatureConfig,
-                       rows: dict[str, int], seg: int) -> tuple[dict[str, np.ndarray], str]:
+def _windows_for_check(given: Optional[dict], ckpt: Checkpoint, rows: dict[str, int],
+                       seg: int) -> tuple[dict[str, np.ndarray], str]:
     """The windows to check on, and where they came from (for the messages)."""
     if given is not None:
         return {k: np.asarray(given[k], np.float32) for k in rows if k in given}, "the given windows"
-    path = ckpt.get("features_file")
+    path = ckpt.features_file
     if path and Path(path).exists():
         from deepfusion.io.features_file import load_features
 
         try:
-            fs = load_features(Path(path), class_names=list(ckpt["class_names"]))
+            fs = load_features(Path(path), class_names=list(ckpt.class_names))
         except FeaturesFileError:
             fs = None
         if fs is not None and len(fs) and all(fs.rows().get(k) == r for k, r in rows.items()) \
@@ -287,7 +280,7 @@ def _windows_for_check(given: Optional[dict], ckpt: dict, fc: FeatureConfig,
             idx = np.unique(np.linspace(0, len(fs) - 1, min(CHECK_CLIPS, len(fs))).round().astype(int))
             return ({k: np.asarray(fs.arrays[k][idx], np.float32) for k in rows},
                     f"the training features file {path}")
-    return _synthetic_windows(fc), "two synthetic clips"
+    return _synthetic_windows(ckpt.feature_config), "two synthetic clips"
 
 
 def _synthetic_windows(fc: FeatureConfig) -> dict[str, np.ndarray]:

@@ -174,7 +174,8 @@ def adapt(model, fs: FeatureSet, norm: dict, clips: np.ndarray, *, mode: str, se
     fs : FeatureSet
         The collection (labels unused).
     norm : dict
-        The checkpoint's normalisation (:func:`deepfusion.models.checkpoint.normalization_of`).
+        The checkpoint's normalisation
+        (:attr:`~deepfusion.models.checkpoint.Checkpoint.normalization`).
     clips : array of int
         The clips whose statistics are the collection's.
     mode : "none", "inputs" or "full" (see the module docstring; resolve ``auto`` first)

@@ -15,14 +15,11 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from deepfusion.config import ModelConfig, TrainConfig, view_keys
-from deepfusion.data.dataset import segment_frames
 from deepfusion.inference.clips import predict_clips
 from deepfusion.io.cache import stamp_or_none
 from deepfusion.io.featureset import FeatureSet
 from deepfusion.io.model_ids import ModelIds, model_id
-from deepfusion.models.checkpoint import (feature_config_of, load_checkpoint, model_from_checkpoint,
-                                          normalization_of)
+from deepfusion.models.checkpoint import read_checkpoint
 from deepfusion.runtime.device import inference_precision, resolve_device
 from deepfusion.runtime.memory import is_out_of_memory
 
@@ -47,26 +44,23 @@ class TorchEngine:
                  precision: str = "fp32", ids: Optional[ModelIds] = None):
         self.path = Path(checkpoint)
         stamp = stamp_or_none(self.path)
-        self.ckpt = load_checkpoint(self.path)
-        self.class_names = list(self.ckpt["class_names"])
-        self.feature_config = feature_config_of(self.ckpt)
-        self.norm = normalization_of(self.ckpt)
-        train_config = TrainConfig.from_dict(self.ckpt["train_config"])
-        self.segment_frames = segment_frames(train_config.segment_seconds, self.feature_config,
-                                             self.feature_config.n_frames)
+        self.checkpoint = read_checkpoint(self.path)
+        self.class_names = list(self.checkpoint.class_names)
+        self.feature_config = self.checkpoint.feature_config
+        self.norm = self.checkpoint.normalization
+        self.segment_frames = self.checkpoint.segment_frames
         self.device = resolve_device(device)
         # float32 unless asked, whatever the training run used: the same file gives the same
         # answer on every machine (mixed precision would move borderline files)
         self.precision = inference_precision(self.device, precision)
         self._trained_model: Optional[torch.nn.Module] = None   # built when first asked for
         self._adapted: Optional[torch.nn.Module] = None
-        model_config = ModelConfig.from_dict({"band_stats": False, **self.ckpt["model_config"]})
         # from the checkpoint, whose state load_checkpoint checked against the config: the
         # network (or probe) itself is built only when a window goes through it, and a run
         # whose outputs all come from the cache (deepfusion.io.model_ids) builds none
-        self.embedding_dim = int(self.ckpt["model_state"]["classifier.weight"].shape[1])
+        self.embedding_dim = self.checkpoint.embedding_dim
         #: the views the model reads (its attention's columns)
-        self.keys = tuple(view_keys(model_config.pretrained_view_rows > 0))
+        self.keys = self.checkpoint.keys
         # what deepfusion.io.model_ids keeps this model's outputs under (None: nothing kept)
         self.model_id = model_id(self.path, "torch", self.device.type, self.precision,
                                  stamp=stamp, ids=ids) if stamp else None
@@ -81,7 +75,7 @@ class TorchEngine:
             return self._adapted
         if self._trained_model is None:
             with self._memory_line():
-                model = model_from_checkpoint(self.ckpt, self.path).to(self.device)
+                model = self.checkpoint.build_model().to(self.device)
                 if self.device.type != "mps":   # as train runs it (faster CNNs on CPUs and GPUs)
                     model.to(memory_format=torch.channels_last)
             self._trained_model = model

@@ -8,6 +8,10 @@ need: the model state and its :class:`ModelConfig`, the class names in logit ord
 :class:`FeatureConfig`, the normalisation statistics, the split, the :class:`TrainConfig` and
 :class:`RuntimeConfig`, the metrics, library versions and a format version. ``last.pth`` adds
 the optimizer, scheduler, scaler and RNG states.
+
+:func:`read_checkpoint` is how a command reads one: :func:`load_checkpoint`'s checks, then the
+fields unpacked once into a typed :class:`Checkpoint` (configs, class names, numpy
+normalisation, segment frames, provenance), which builds the network itself.
 """
 
 from __future__ import annotations
@@ -15,16 +19,20 @@ from __future__ import annotations
 import platform
 import re
 import warnings
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
+import numpy as np
 import torch
 
-from deepfusion.config import RUNTIME_FIELDS, FeatureConfig, ModelConfig, RuntimeConfig
-from deepfusion.errors import CheckpointError
+from deepfusion.config import (RUNTIME_FIELDS, FeatureConfig, ModelConfig, RuntimeConfig,
+                               TrainConfig, view_keys)
+from deepfusion.errors import CheckpointError, ParameterError
 from deepfusion.io.atomic import atomic_write, library_text
 from deepfusion.io.names import one_line
+from deepfusion.models.meta import (MODEL_DEFAULTS, check_checkpoint_path, check_description,
+                                    check_normalization)
 
 FORMAT_VERSION = 1
 
@@ -108,8 +116,6 @@ def load_checkpoint(path: Path, *, resume: bool = False) -> dict[str, Any]:
         Missing, unreadable, holding objects other than tensors and plain data, of another
         format version, or with parts that disagree or lie outside sane ranges.
     """
-    from deepfusion.models.meta import check_checkpoint_path
-
     path = Path(path)
     check_checkpoint_path(path)
     try:
@@ -158,10 +164,6 @@ def check_contents(ckpt: dict[str, Any], path: Path, *, resume: bool = False) ->
     CheckpointError
         Naming ``path`` and the first part that is wrong.
     """
-    from deepfusion.config import TrainConfig
-    from deepfusion.errors import ParameterError
-    from deepfusion.models.meta import check_description
-
     def bad(message: str) -> CheckpointError:
         return CheckpointError(f"{path}: damaged or inconsistent checkpoint: {message}")
 
@@ -188,8 +190,6 @@ def check_contents(ckpt: dict[str, Any], path: Path, *, resume: bool = False) ->
 def _check_normalization(norm: Any, described, bad) -> None:
     """The statistics' views and shapes (:func:`~deepfusion.models.meta.check_normalization`),
     then their values: float tensors, finite, the standard deviations positive."""
-    from deepfusion.models.meta import check_normalization
-
     check_normalization(norm, described, bad)
     for key in described.keys:
         stats = norm[key]
@@ -268,18 +268,102 @@ def is_onnx_file(path: Path) -> bool:
     return head[:1] == b"\x08" and any(w in head for w in (b"pytorch", b"onnx", b"ONNX"))
 
 
-def model_from_checkpoint(ckpt: dict[str, Any], path: Any = None):
-    """Rebuild the model of a loaded checkpoint, weights loaded, in eval mode (``path``: the
-    file it came from, for the message of a state that does not fit)."""
-    # checkpoints written before a field existed were made without it
-    model = _untrained_model(ModelConfig.from_dict({"band_stats": False, **ckpt["model_config"]}))
+@dataclass(frozen=True, eq=False)
+class Checkpoint:
+    """A loaded checkpoint, its fields typed: what evaluate, export, the torch engine and
+    fine-tuning read of it, unpacked in one place (:meth:`from_dict`)."""
+
+    path: Optional[Path]                  # the file it came from (None: a dict in memory)
+    model_config: ModelConfig
+    feature_config: FeatureConfig
+    train_config: TrainConfig
+    class_names: tuple[str, ...]          # in logit order
+    normalization: dict[str, dict[str, np.ndarray]]   # view -> {"mean", "std"}, numpy
+    model_state: dict[str, torch.Tensor]
+    # as stored (None where absent): only their readers rely on them
+    split: Optional[dict[str, Any]]       # {"by": "path" or "index", "train": [...], ...}
+    features_file: Optional[str]          # provenance: the features file it was trained on,
+    features_sha256: Optional[str]        # its digest,
+    pretrained_source: Optional[str]      # where its ImageNet weights came from,
+    versions: Optional[dict[str, str]]    # and the libraries that wrote it
+    format_version: Optional[int]
+    epoch: Optional[int]                  # of the weights held
+    metrics: Optional[dict[str, Any]]
+
+    @classmethod
+    def from_dict(cls, ckpt: dict[str, Any], path: Any = None) -> "Checkpoint":
+        """Unpack a checkpoint :func:`load_checkpoint` returned (checked), ``path`` its file."""
+        return cls(path=Path(path) if path is not None else None,
+                   model_config=model_config_of(ckpt), feature_config=feature_config_of(ckpt),
+                   train_config=TrainConfig.from_dict(ckpt["train_config"]),
+                   class_names=tuple(ckpt["class_names"]),
+                   normalization=normalization_of(ckpt), model_state=ckpt["model_state"],
+                   split=ckpt.get("split"), features_file=ckpt.get("features_file"),
+                   features_sha256=ckpt.get("features_sha256"),
+                   pretrained_source=ckpt.get("pretrained_source"),
+                   versions=ckpt.get("versions"), format_version=ckpt.get("format_version"),
+                   epoch=ckpt.get("epoch"), metrics=ckpt.get("metrics"))
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The views the model reads, in its order (its attention's columns)."""
+        return view_keys(self.model_config.pretrained_view_rows > 0)
+
+    @property
+    def rows(self) -> dict[str, int]:
+        """Rows of each of the model's views (:func:`check_contents` made the model config and
+        the feature config agree on them)."""
+        shapes = self.feature_config.feature_shapes()
+        return {k: int(shapes[k][0]) for k in self.keys}
+
+    def segment_frames_for(self, n_frames: int) -> int:
+        """Frames per segment the model classifies, of clips of ``n_frames`` frames."""
+        from deepfusion.data.dataset import segment_frames
+
+        return segment_frames(self.train_config.segment_seconds, self.feature_config, n_frames)
+
+    @property
+    def segment_frames(self) -> int:
+        """Frames per segment, of clips of the feature config's length."""
+        return self.segment_frames_for(self.feature_config.n_frames)
+
+    @property
+    def embedding_dim(self) -> int:
+        """The width of the classifier's input (what embed writes)."""
+        return int(self.model_state["classifier.weight"].shape[1])
+
+    def build_model(self) -> torch.nn.Module:
+        """The network or probe, its weights loaded, in eval mode."""
+        return restore_model(self.model_config, self.model_state, self.path)
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """:func:`load_checkpoint` (the same checks, the same messages), unpacked into a
+    :class:`Checkpoint`: the one reader of evaluate, export and the torch engine."""
+    return Checkpoint.from_dict(load_checkpoint(path), path)
+
+
+def restore_model(config: ModelConfig, state: dict[str, torch.Tensor], path: Any = None):
+    """The model ``config`` describes with the weights ``state``, in eval mode (``path``: the
+    file they came from, for the message of a state that does not fit)."""
+    model = _untrained_model(config)
     try:
-        model.load_state_dict(ckpt["model_state"])
+        model.load_state_dict(state)
     except RuntimeError as exc:
         where = path if path is not None else "checkpoint"
         raise CheckpointError(f"{where}: damaged or inconsistent checkpoint: its model state "
                               f"does not fit its settings ({library_text(exc, 160)})") from None
     return model.eval()
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], path: Any = None):
+    """Rebuild the model of a loaded checkpoint dict (:meth:`Checkpoint.build_model`)."""
+    return restore_model(model_config_of(ckpt), ckpt["model_state"], path)
+
+
+def model_config_of(ckpt: dict[str, Any]) -> ModelConfig:
+    """The model config (checkpoints written before a field existed were made without it)."""
+    return ModelConfig.from_dict({**MODEL_DEFAULTS, **ckpt["model_config"]})
 
 
 def feature_config_of(ckpt: dict[str, Any]) -> FeatureConfig:

@@ -19,16 +19,19 @@ import torch
 
 from deepfusion.config import FeatureConfig, ModelConfig
 from deepfusion.errors import ParameterError
-from deepfusion.models.checkpoint import load_checkpoint
+from deepfusion.models.checkpoint import Checkpoint, load_checkpoint
+from deepfusion.runtime import ddp
 
 #: Modules of :class:`~deepfusion.models.net.MultiModalNet` that ``--freeze-branches`` freezes.
 BRANCHES = ("mel", "aux")
 
 
 def load_source(path: Path, feature_config: FeatureConfig,
-                loaded: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+                loaded: Optional[dict[str, Any]] = None) -> Checkpoint:
     """The checkpoint to start from, checked against this run's features (``loaded``: the
-    file's contents, read before the run replaced it).
+    file's contents, read before the run replaced it). Read and checked by rank 0 of a
+    distributed run (its errors stop every rank), unpacked by each process: ranks hand each
+    other plain data.
 
     Raises
     ------
@@ -37,17 +40,21 @@ def load_source(path: Path, feature_config: FeatureConfig,
     ParameterError
         A linear probe, or features computed with other settings (named).
     """
-    ckpt = loaded if loaded is not None else load_checkpoint(Path(path))
-    if ckpt["model_config"].get("kind", "net") != "net":
+    raw = loaded if loaded is not None else ddp.on_main(load_checkpoint, Path(path))
+    source = Checkpoint.from_dict(raw, path)
+    ddp.on_main(_check_source, source, path, feature_config)
+    return source
+
+
+def _check_source(source: Checkpoint, path: Path, feature_config: FeatureConfig) -> None:
+    if source.model_config.kind != "net":
         raise ParameterError(f"{path}: a linear probe has no branches to start from; "
                              "--init-from takes a network's checkpoint")
-    theirs = FeatureConfig.from_dict(ckpt["feature_config"])
-    if theirs != feature_config:
-        diff = settings_differences(feature_config, theirs, there="for the model")
+    if source.feature_config != feature_config:
+        diff = settings_differences(feature_config, source.feature_config, there="for the model")
         raise ParameterError(f"{path}: trained on features extracted with other settings than "
                              f"this run's ({diff}); extract this collection with the model's "
                              "settings")
-    return ckpt
 
 
 def settings_differences(ours: FeatureConfig, theirs: FeatureConfig, *,
@@ -65,12 +72,12 @@ def settings_differences(ours: FeatureConfig, theirs: FeatureConfig, *,
                      for k, (a, b) in ours.differences(theirs).items())
 
 
-def model_config_from(source: dict[str, Any], *, n_classes: int, backbone: Optional[str],
+def model_config_from(source: Checkpoint, *, n_classes: int, backbone: Optional[str],
                       share_backbone: bool, model_options: Optional[dict[str, Any]],
                       echo) -> ModelConfig:
     """The source's network with this collection's number of genres. Options this call gave
     that the source contradicts are ignored, said in one line each."""
-    config = ModelConfig.from_dict(source["model_config"])
+    config = source.model_config
     given = {"backbone": backbone, "share_backbone": share_backbone or None,
              **{k: v for k, v in (model_options or {}).items() if v}}
     for name, value in given.items():
@@ -81,11 +88,11 @@ def model_config_from(source: dict[str, Any], *, n_classes: int, backbone: Optio
     return replace(config, n_classes=n_classes)
 
 
-def initialise(model: torch.nn.Module, source: dict[str, Any], class_names: list[str],
+def initialise(model: torch.nn.Module, source: Checkpoint, class_names: list[str],
                path: Any = "--init-from") -> str:
     """Load ``source``'s weights into ``model`` (built by :func:`model_config_from`); the
     classifier rows of shared genres are copied. Returns one line saying what was kept."""
-    state = source["model_state"]
+    state = source.model_state
     own = model.state_dict()
     body = {k: v for k, v in state.items() if not k.startswith("classifier.")}
     missing = sorted(k for k in own if not k.startswith("classifier.") and k not in body)
@@ -93,7 +100,7 @@ def initialise(model: torch.nn.Module, source: dict[str, Any], class_names: list
         raise ParameterError(f"{path}: its network has another layout (no {missing[0]}); "
                              "--init-from needs a checkpoint of this deepfusion")
     model.load_state_dict({**own, **body})
-    theirs = list(source["class_names"])
+    theirs = list(source.class_names)
     shared = [g for g in class_names if g in theirs]
     with torch.no_grad():
         for g in shared:

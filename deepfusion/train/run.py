@@ -163,7 +163,7 @@ def _train(features: Path, *, model_dir: Path, config: TrainConfig, runtime: Run
     loaded, source = source, None   # fine-tuning: the model this run starts from (a
     #                                 resumed run has its own)
     if config.init_from and state is None:
-        source = ddp.on_main(finetune.load_source, Path(config.init_from), feature_config, loaded)
+        source = finetune.load_source(Path(config.init_from), feature_config, loaded)
         mc = finetune.model_config_from(source, n_classes=len(fs.class_names), backbone=backbone,
                                         share_backbone=share_backbone,
                                         model_options=model_options, echo=echo)
@@ -198,8 +198,8 @@ def _train(features: Path, *, model_dir: Path, config: TrainConfig, runtime: Run
     else:
         pre_state, pre_source = ddp.on_main(resolve_pretrained, backbone, mode=mode,
                                             weights_path=weights_path, echo=echo)
-    was_pretrained = (state or source)["model_config"]["pretrained"] if state or source \
-        else pre_state is not None
+    was_pretrained = (state["model_config"]["pretrained"] if state else
+                      source.model_config.pretrained if source else pre_state is not None)
     auto = [f for f in AUTO_FIELDS if getattr(config, f) is None]
     config = resolve_recipe(config, backbone, was_pretrained)
 
