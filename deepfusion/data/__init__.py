@@ -1,0 +1,1 @@
+"""Training data from a features file: splits, normalisation, segments and the Dataset."""

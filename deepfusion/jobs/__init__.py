@@ -1,0 +1,1 @@
+"""The one per-file job (hash, cache, decode, views, entry), its windows, limits and batcher."""

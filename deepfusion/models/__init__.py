@@ -1,0 +1,1 @@
+"""The networks, their ImageNet weights, the linear probe and self-contained checkpoints."""

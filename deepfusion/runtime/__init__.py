@@ -1,0 +1,1 @@
+"""Where and how things run: device, precision, memory, seeds, torchrun, Dask and worker pools."""
