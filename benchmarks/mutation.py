@@ -74,7 +74,11 @@ TARGETS = {
             "an_input_is_found_however_the_output_spells_it",
             "each_kind_recognises_its_own_files_only", "the_sniffers_read_only_so_much",
             "destinations_of_another_kind_need_overwrite", "destinations_that_are_folders_or_inputs",
-            "inputs_that_are_not_regular_files_are_named", "free_space_counts_what_is_replaced"))),
+            "inputs_that_are_not_regular_files_are_named", "free_space_counts_what_is_replaced",
+            "the_sniffer_factories_on_files_of_each_kind",
+            "each_destination_is_checked_after_one_that_may_be_replaced",
+            "an_input_not_yet_there_and_one_file_under_two_names",
+            "a_block_device_is_named_a_device"))),
     "metrics": Target("deepfusion/metrics.py", tuple(
         f"tests/test_evaluate.py::test_{t}" for t in (
             "confusion_matrix_counts_true_by_predicted", "per_class_scores_by_hand",
@@ -88,7 +92,7 @@ TARGETS = {
     "ddp": Target("deepfusion/runtime/ddp.py", ("tests/test_ddp.py",),
                   functions=("shard", "unshard", "rank", "world_size"), isolation="forkserver"),
     "meta": Target("deepfusion/models/meta.py", ("tests/test_model_metadata.py",),
-                   isolation="forkserver"),
+                   isolation="fork"),
 }
 
 #: Survivors that behave exactly as the code does: (target, function, original line, mutant

@@ -509,3 +509,77 @@ def test_free_space_counts_what_is_replaced(tmp_path, monkeypatch):
         raise OSError("no statfs here")
     monkeypatch.setattr(shutil_module, "disk_usage", cannot_say)
     check_free_space(tmp_path, 2**60, "x")
+
+
+def test_the_sniffer_factories_on_files_of_each_kind(tmp_path):
+    """_csv, _zip_holding and _json_object make the sniffers of KINDS (once, on import): the
+    sniffers they make now judge the same files alike."""
+    from deepfusion.io import guard
+
+    fresh = {"predictions": guard._csv("path,genre,probability"), "history_csv": guard._csv("epoch,"),
+             "class_report": guard._csv("genre,precision"),
+             "evaluation": guard._json_object("split", "metrics"),
+             "checkpoint": guard._zip_holding(lambda names: any(n.endswith("/data.pkl") for n in names)),
+             "embeddings": guard._zip_holding(lambda names: {"paths.npy", "embeddings.npy"} <= set(names))}
+    seen = set()
+    for name, path, ok in _kind_files(tmp_path).values():
+        if name in fresh:
+            assert fresh[name](path) is ok, (name, path.read_bytes()[:40])
+            seen.add(name)
+    assert seen == set(fresh)
+    big = tmp_path / "big.json"
+    big.write_bytes(b'{"split": 1, "metrics": 2}' + b" " * (64 * 2**20))
+    assert not fresh["evaluation"](big)
+
+
+def test_each_destination_is_checked_after_one_that_may_be_replaced(tmp_path, monkeypatch):
+    from deepfusion.io import guard
+    from deepfusion.io.guard import Destination, check_destinations
+
+    sheet = tmp_path / "budget.csv"
+    sheet.write_text(SPREADSHEET)
+    empty, loaded = tmp_path / "empty.csv", tmp_path / "init.pth"
+    empty.write_bytes(b"")
+    loaded.write_text(SPREADSHEET)
+
+    def unreadable(path):
+        raise PermissionError(path)
+    monkeypatch.setitem(guard.KINDS, "locked", guard.Kind("a locked kind", unreadable))
+    for first in (Destination(empty, "--out", "predictions"), Destination(loaded, "--init", "checkpoint"),
+                  Destination(sheet, "--out", "locked")):
+        said = _refused_by_guard(check_destinations, [first, Destination(sheet, "--log", "history_csv")],
+                                 {loaded: "the --init-from checkpoint"}, loaded_first=[loaded])
+        assert said.startswith(f"{sheet} exists and is not a training history"), (first, said)
+
+
+def test_an_input_not_yet_there_and_one_file_under_two_names(tmp_path):
+    from deepfusion.io.guard import Destination, check_destinations, check_outputs
+
+    absent = tmp_path / "later.csv"
+    (tmp_path / "sub").mkdir()
+    assert _refused_by_guard(check_outputs, {tmp_path / "sub" / ".." / "later.csv": "--out"},
+                             {absent: "the --manifest"}).endswith(
+        "--out is the --manifest, which this command reads; give another --out")
+    features = tmp_path / "features.pkl"
+    features.write_bytes(b"\x80")
+    hard = tmp_path / "hard.pkl"
+    os.link(features, hard)
+    inputs = {features: "the features file", hard: "the hard link"}
+    assert _refused_by_guard(check_outputs, {features: "--out"}, inputs) == (
+        f"{features}: --out is the features file, which this command reads; give another --out")
+    assert _refused_by_guard(check_destinations, [Destination(features, "best.pth", "checkpoint")],
+                             inputs, option="--model-dir").endswith("give another --model-dir")
+
+
+def test_a_block_device_is_named_a_device(tmp_path):
+    import stat
+
+    from deepfusion.io.guard import require_regular_file
+
+    node = tmp_path / "disk"
+    try:
+        os.mknod(node, stat.S_IFBLK | 0o600, os.makedev(7, 0))
+    except (PermissionError, OSError) as exc:
+        pytest.skip(f"no device node here: {exc}")
+    assert _refused_by_guard(require_regular_file, node, what="the --out").endswith(
+        "the --out is a device; give a regular file")
