@@ -143,10 +143,29 @@ def test_code_in_a_pickle_is_refused_before_it_runs(tmp_path, payload):
 
 
 def test_missing_and_folder_inputs_are_named(tmp_path):
-    with pytest.raises(FeaturesFileError, match="features file not found"):
+    with pytest.raises(FeaturesFileError) as info:
         safe_pickle_load(tmp_path / "absent.pkl")
-    with pytest.raises(FeaturesFileError, match="a folder, not a features file"):
+    assert str(info.value) == (f"{tmp_path / 'absent.pkl'}: features file not found; run "
+                               "deepfusion extract first, or give --features")
+    with pytest.raises(FeaturesFileError) as info:
         safe_pickle_load(tmp_path)
+    assert str(info.value) == (f"{tmp_path}: a folder, not a features file; give the --out of "
+                               "deepfusion extract")
+
+
+@pytest.mark.parametrize("error, reason", [(RecursionError, "damaged features file (nested too deep)"),
+                                           (MemoryError, "too large to load here (out of memory)")])
+def test_a_load_that_runs_out_of_stack_or_memory_says_so(tmp_path, monkeypatch, error, reason):
+    from deepfusion.io import unpickle
+
+    def load(self):
+        raise error()
+    monkeypatch.setattr(unpickle._RestrictedUnpickler, "load", load)
+    path = tmp_path / "deep.pkl"
+    path.write_bytes(pickle.dumps([1], protocol=2))
+    with pytest.raises(FeaturesFileError) as info:
+        safe_pickle_load(path)
+    assert str(info.value).startswith(f"{path}: {reason}")
 
 
 # ------------------------------------------------------------------ the cost of loading (issue 21)
@@ -495,6 +514,12 @@ REFUSED = {   # name: (pickle, what "refused to load" names)
                         "axis order (True, 0)"),
     "axis order text": (_pickled((_FROMBUFFER, (bytes(24), F4, (2, 3), "K", "10"))),
                         "axis order '10'"),
+    "dtype order X": (_dtype_state((3, "X", None, None, None, -1, -1, 0)),
+                      "dtype state (3, 'X', None, None, None, -1, -1, 0)"),
+    "dict of 2": (_pickled((dict, ([], []))), "a call of dict with 2 arguments"),
+    "NEWOBJ_EX list with a keyword": (_newobj(b"builtins", b"list", b"]\x85}X\x01\x00\x00\x00xK\x01s",
+                                              b"\x92", 4), "a call of list with 2 arguments"),
+    "dtype called on an int": (b"\x80\x02cnumpy\ndtype\nK\x05R.", "a call of _dtype with 5"),
 }
 
 
@@ -551,6 +576,17 @@ LOADED = {   # name: (pickle, what it loads as; None: what pickle.loads makes of
     "big bytearray, protocol 5": (pickle.dumps(bytearray(100_000), protocol=5), bytearray(100_000)),
     "big-endian, protocol 2": (pickle.dumps(np.arange(3, dtype=">f8"), protocol=2), None),
     "big-endian, protocol 5": (pickle.dumps(np.arange(3, dtype=">f8"), protocol=5), None),
+    "NEWOBJ_EX int, base 2": (_newobj(b"builtins", b"int", b"X\x02\x00\x00\x0010\x85}X\x04\x00\x00\x00"
+                                      b"baseK\x02s", b"\x92", 4), 2),
+    "frombuffer K, 3 axes": (_pickled((_FROMBUFFER, (_I4.tobytes(), _I4.dtype, (1, 2, 3), "K", (2, 0, 1)))),
+                             _I4.reshape(1, 2, 3).transpose(2, 0, 1)),
+    "an array written by numpy 1": (pickle.dumps(np.arange(3.0), protocol=2).replace(
+        b"numpy._core.multiarray", b"numpy.core.multiarray"), None),
+    "a scalar written by numpy 1": (pickle.dumps(np.float32(2), protocol=2).replace(
+        b"numpy._core.multiarray", b"numpy.core.multiarray"), None),
+    "frombuffer named by numpy 1": (_pickled((_FROMBUFFER, (_I4.tobytes(), _I4.dtype, (6,), "C"))).replace(
+        b"numpy._core.numeric", b"numpy.core.numeric"), _I4),
+    "2 MB of text": (pickle.dumps([f"{i:05d}" + "x" * 995 for i in range(2000)], protocol=4), None),
 }
 
 
@@ -586,6 +622,7 @@ def test_a_dtype_may_be_as_wide_as_the_file_and_64_bytes(tmp_path):
     (pickle.dumps(bytearray(100_000), protocol=5)[:50_000], "damaged features file (cut short)"),
     (pickle.dumps(_BIG, protocol=2)[:50_000], "damaged features file (cut short)"),
     (b"\x80\x02", "damaged features file (cut short)"),
+    (b"\x80\x05\x96" + (1000).to_bytes(8, "little") + b"x" * 10, "damaged features file (cut short)"),
     (b"\x80\x02h\x05.", "damaged features file (not a well-formed pickle: Memo value not found at "
                         "index 5); run deepfusion extract again"),
     (b"\x80\x02\xff.", "damaged features file (not a well-formed pickle); run deepfusion extract again"),
