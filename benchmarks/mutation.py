@@ -24,12 +24,14 @@ line when it is missing):
     python benchmarks/mutation.py --module unpickle  # one (repeatable)
     python benchmarks/mutation.py --jobs 1 --keep    # one worker; keep the work folders
 
-Targets: unpickle, pickle_meter, guard, metrics, ddp (shard, unshard and the rank/world size
-they read), meta (the checkpoint checks). Splits and the feature cache's entry validation are
-not targets yet (being reorganised).
+Targets: unpickle, guard (the output rule), metrics, ddp (shard, unshard and the rank/world
+size they read), meta (the checkpoint checks); pickle_meter only when named (not worked on
+yet: 53.5%). Splits and the feature cache's entry validation are not targets yet (being
+reorganised).
 
-Took here (2 shared cores, ``--jobs 2``): see the table printed at the end of a run; the whole
-set ran in about 10 minutes.
+Took here (2 shared cores, ``--jobs 2``, mutmut 3.8.1), the default set: 1714 mutants in about
+7 minutes (unpickle 237 s, meta 69 s, metrics 49 s, guard 33 s, ddp 32 s), 1593 killed, 46
+survived, 75 equivalent: 97.2% (each module 93.5% or more).
 """
 
 from __future__ import annotations
@@ -58,15 +60,18 @@ class Target:
     deselect: tuple[str, ...] = ()  # test ids left out (see the docstring)
     functions: tuple[str, ...] = () # only these functions' mutants (all when empty)
     isolation: str = "fork"         # mutmut's process_isolation ("forkserver" after torch)
+    optional: bool = False          # run only when named with --module
 
 
 TARGETS = {
     "unpickle": Target("deepfusion/io/unpickle.py", ("tests/test_unpickle.py",), deselect=(
         "tests/test_unpickle.py::test_costly_pickles_are_refused_within_the_bound",
         "tests/test_unpickle.py::test_fuzz_findings_stay_within_the_bound")),
+    # not worked on yet (53.5% here): its costly cases are tested in a child process, out of
+    # mutmut's sight; in-process tests of the meter are still to write
     "pickle_meter": Target("deepfusion/io/pickle_meter.py", ("tests/test_unpickle.py",), deselect=(
         "tests/test_unpickle.py::test_costly_pickles_are_refused_within_the_bound",
-        "tests/test_unpickle.py::test_fuzz_findings_stay_within_the_bound")),
+        "tests/test_unpickle.py::test_fuzz_findings_stay_within_the_bound"), optional=True),
     # the rule's own tests: those through the commands (test_output_rule, test_guards,
     # test_hardening) train a model per session, far too slow to run once per mutant
     "guard": Target("deepfusion/io/guard.py", tuple(
@@ -518,7 +523,7 @@ def _table(runs: list[dict]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--module", action="append", choices=sorted(TARGETS),
-                        help="a target to run (repeatable; default: all)")
+                        help="a target to run (repeatable; default: all but pickle_meter)")
     parser.add_argument("--jobs", type=int, default=2, help="mutants tested at once (default 2)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary work folders")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -527,7 +532,7 @@ def main(argv=None) -> int:
         print("mutation.py needs mutmut 3: pip install 'mutmut>=3.8,<4'", file=sys.stderr)
         return 2
     runs = []
-    for name in args.module or list(TARGETS):
+    for name in args.module or [n for n, t in TARGETS.items() if not t.optional]:
         run = run_target(name, TARGETS[name], args.jobs, args.keep)
         c = run["counts"]
         print(f"{name}: {c['mutants']} mutants, {c['killed'] + c['timeout']} killed, "
