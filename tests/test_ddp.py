@@ -63,9 +63,11 @@ def test_one_process_trains_on_the_whole_order_as_before():
     assert ddp.epoch_share([4, 2, 0], 0, 1) == [4, 2, 0]
 
 
-@pytest.mark.parametrize("n, world", [(7, 2), (3, 4), (9, 3)])
-def test_evaluation_shards_go_back_in_order(n, world, monkeypatch):
-    items = np.arange(n * 2, dtype=np.float32).reshape(n, 2)
+@pytest.mark.parametrize("n, world", [(7, 2), (3, 4), (9, 3), (5, 1)])
+@pytest.mark.parametrize("dtype", [np.float32, np.int64, "<U5"])
+def test_evaluation_shards_go_back_in_order(n, world, dtype, monkeypatch):
+    """Probabilities, labels and names alike come back in their order, shape and dtype."""
+    items = np.arange(n * 2).reshape(n, 2).astype(dtype)
     parts = []
     for r in range(world):       # each rank's own ddp.shard, as in a group of `world`
         monkeypatch.setattr(ddp, "_GROUP", ddp.Group(r, world, r, "gloo", torch.device("cpu")))
@@ -73,7 +75,9 @@ def test_evaluation_shards_go_back_in_order(n, world, monkeypatch):
     monkeypatch.setattr(ddp, "_GROUP", None)
     sizes = [len(p) for p in parts]
     assert sum(sizes) == n and max(sizes) - min(sizes) <= 1                 # shares, not copies
-    np.testing.assert_array_equal(ddp.unshard(parts), items)
+    back = ddp.unshard(parts)
+    assert back.dtype == items.dtype and back.shape == items.shape
+    np.testing.assert_array_equal(back, items)
     np.testing.assert_array_equal(ddp.shard(items), items)                  # without a group
 
 

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from deepfusion.config import FeatureConfig
-from deepfusion.metrics import (bootstrap_interval, confusion_matrix, per_class_scores,
-                                summary_metrics)
+from deepfusion.metrics import (accuracy_interval, bootstrap_interval, confusion_matrix, log_loss,
+                                per_class_scores, softmax, summary_metrics, wilson_interval)
 from deepfusion.testing import invoke
 
 GENRES = ["rock", "techno", "waltz"]          # the fixture's classes, in logit order
@@ -47,6 +47,23 @@ def test_per_class_scores_by_hand():
     np.testing.assert_allclose(s["f1"], [3 / 4, 4 / 7, 0, 0])
     np.testing.assert_array_equal(s["support"], [4, 3, 2, 0])
     assert np.isfinite(s["precision"]).all() and np.isfinite(s["f1"]).all()
+    assert s["support"].dtype == np.int64
+
+
+def test_per_class_scores_are_exactly_zero_where_undefined():
+    """A class never predicted, or without support, scores 0, never what memory held before
+    (numpy's divide leaves the skipped entries as they were: the output must start at 0)."""
+    import warnings
+
+    cm = confusion_matrix(TRUTH, GUESS, 4)
+    for _ in range(20):
+        junk = [np.full(4, 7.0) for _ in range(50)]     # freed blocks numpy may hand out again
+        del junk
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            s = per_class_scores(cm)
+        assert s["precision"].tolist()[2:] == [0.0, 0.0]
+        assert s["recall"].tolist()[3] == 0.0 and s["f1"].tolist()[2:] == [0.0, 0.0]
 
 
 def test_summary_metrics_by_hand():
@@ -76,6 +93,62 @@ def test_bootstrap_interval_contains_estimate_narrows_and_is_seeded():
     assert bootstrap_interval(many, seed=0) == (lo500, hi500)
     assert bootstrap_interval(np.ones(10)) == (1.0, 1.0)
     assert all(np.isnan(bootstrap_interval(np.zeros(0))))
+    assert bootstrap_interval([True]) == (1.0, 1.0)        # one clip: nothing to resample
+
+
+# 12 clips of 6 tracks: right 8 times, tracks right or wrong together more often than not
+CORRECT = np.array([1, 1, 1, 0, 1, 0, 0, 1, 1, 1, 1, 0], float)
+TRACKS = np.array([0, 0, 0, 1, 1, 2, 2, 3, 4, 4, 5, 5])
+
+
+def test_softmax_and_log_loss_by_hand():
+    logits = np.array([[0.0, np.log(3.0)], [1000.0, 1000.0 + np.log(3.0)], [-5.0, -5.0]])
+    p = softmax(logits)     # rows of any scale: each is shifted by its own maximum
+    np.testing.assert_allclose(p, [[0.25, 0.75], [0.25, 0.75], [0.5, 0.5]], rtol=1e-12)
+    assert log_loss(p, np.array([1, 0, 1])) == pytest.approx(-np.log([0.75, 0.25, 0.5]).mean())
+    # a probability of 0 costs as much as 1e-12, not infinity
+    assert log_loss(np.array([[1.0, 0.0], [0.5, 0.5]]), np.array([1, 0])) == pytest.approx(
+        (-np.log(1e-12) - np.log(0.5)) / 2)
+
+
+@pytest.mark.filterwarnings("ignore:Mean of empty slice", "ignore:invalid value encountered")
+def test_summary_metrics_of_no_clips_and_of_single_clip_classes():
+    empty = np.zeros(0, np.int64)
+    m = summary_metrics(empty, empty, 3)
+    assert np.isnan(m["accuracy"]) and np.isnan(m["balanced_accuracy"])
+    # a class with one clip counts in the balanced accuracy and the macro F1
+    m = summary_metrics(np.array([0, 0, 1]), np.array([0, 0, 0]), 2)
+    assert m["balanced_accuracy"] == pytest.approx(0.5) and m["macro_f1"] == pytest.approx(0.4)
+
+
+def test_wilson_interval_by_hand_and_at_its_edges():
+    assert wilson_interval(3, 10) == pytest.approx((0.107791, 0.603222), abs=1e-6)
+    assert wilson_interval(3, 10, level=0.5) == pytest.approx((0.212715, 0.404691), abs=1e-6)
+    assert wilson_interval(1, 1) == pytest.approx((0.206549, 1.0), abs=1e-6)
+    assert all(np.isnan(wilson_interval(0, 0)))
+    # within [0, 1] where rounding would step out of it (9 of 9; 0 of 21)
+    assert wilson_interval(9, 9)[1] == 1.0 and wilson_interval(0, 21)[0] == 0.0
+
+
+def test_accuracy_interval_by_hand_with_and_without_groups():
+    lo, hi, how = accuracy_interval(CORRECT)
+    assert (lo, hi) == pytest.approx(wilson_interval(8, 12)) and how == "Wilson, 12 clips"
+    assert accuracy_interval(CORRECT, level=0.5)[:2] == pytest.approx(wilson_interval(8, 12, level=0.5))
+    assert accuracy_interval(CORRECT, np.arange(12)) == (lo, hi, how)   # groups of one: clips
+    lo, hi, how = accuracy_interval(CORRECT, TRACKS)
+    assert how == "Wilson over 6 groups and a bootstrap of whole groups"
+    # the low end is Wilson's over 6 observations of 8/12, the high end the bootstrap's
+    assert lo == pytest.approx(wilson_interval(4, 6)[0]) and lo < wilson_interval(4, 6)[1] < hi
+    assert (lo, hi) == pytest.approx((0.299993, 0.928571), abs=1e-6)
+    assert accuracy_interval(CORRECT, TRACKS, n_boot=2000, seed=0) == (lo, hi, how)
+    assert accuracy_interval(CORRECT, TRACKS, seed=1)[1] != hi            # seeded
+    assert accuracy_interval(CORRECT, TRACKS, level=0.5)[:2] == pytest.approx((0.529222, 0.780618),
+                                                                              abs=1e-6)
+    assert accuracy_interval(CORRECT.astype(bool), TRACKS.astype(str)) == (lo, hi, how)
+    assert accuracy_interval(list(CORRECT.astype(int)), TRACKS) == (lo, hi, how)
+    lo1, hi1, _ = accuracy_interval([1.0])
+    assert (lo1, hi1) == pytest.approx(wilson_interval(1, 1))
+    assert accuracy_interval([])[2] == "no clips" and all(np.isnan(accuracy_interval([])[:2]))
 
 
 # ------------------------------------------------------------------------ the evaluate stage

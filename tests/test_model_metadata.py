@@ -26,7 +26,8 @@ from deepfusion.testing import invoke, one_error_line  # noqa: E402
 ONNX_BAD = "damaged or inconsistent ONNX model: "
 CKPT_BAD = "damaged or inconsistent checkpoint: "
 
-pytestmark = pytest.mark.slow   # every test needs the module's ONNX export (about 10 s)
+# the tests through ONNX models and checkpoints are slow (each needs the module's ONNX export,
+# about 10 s); those of the checks themselves (deepfusion.models.meta, at the end) are not
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +187,7 @@ def _onnx_commands(clip: Path, model: Path, out: Path) -> dict[str, list]:
             "embed": ["embed", clip, "--checkpoint", model, "--engine", "onnx", "--out", out]}
 
 
+@pytest.mark.slow
 def test_a_valid_exported_model_is_accepted(exported, clip, tmp_path):
     engine = OnnxEngine(exported)
     meta = _metadata(exported)
@@ -197,6 +199,7 @@ def test_a_valid_exported_model_is_accepted(exported, clip, tmp_path):
     assert (tmp_path / "e.npz").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(COMMON) + list(ONNX_ONLY))
 def test_forged_onnx_metadata_is_one_line_naming_the_field(name, exported, clip, tmp_path):
     change, words = {**COMMON, **ONNX_ONLY}[name]
@@ -213,6 +216,7 @@ def test_forged_onnx_metadata_is_one_line_naming_the_field(name, exported, clip,
     assert str(info.value) == f"{forged}: {said}"
 
 
+@pytest.mark.slow
 def test_oversized_metadata_is_refused_before_it_is_parsed(exported, clip, tmp_path, monkeypatch):
     from deepfusion.inference import onnx_engine
 
@@ -222,6 +226,7 @@ def test_oversized_metadata_is_refused_before_it_is_parsed(exported, clip, tmp_p
     assert said.startswith(ONNX_BAD + "its 'deepfusion' metadata holds ") and "over 1,000" in said
 
 
+@pytest.mark.slow
 def test_the_class_width_is_checked_again_on_each_batch(exported):
     """A graph may leave its logits width symbolic (onnxruntime then knows it only when it
     runs): the outputs of each batch are checked against the class names too."""
@@ -236,6 +241,7 @@ def test_the_class_width_is_checked_again_on_each_batch(exported):
         engine.window_outputs(views)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(COMMON))
 def test_a_forged_checkpoint_reads_as_the_same_forged_onnx_model(name, trained_model_dir, exported,
                                                                 clip, tmp_path):
@@ -257,3 +263,219 @@ def test_a_forged_checkpoint_reads_as_the_same_forged_onnx_model(name, trained_m
         assert said == CKPT_BAD + onnx_said, (args[0], said, onnx_said)
         assert words in said
     assert not (tmp_path / "report").exists()
+
+
+# ------------------------------------------------- the checks themselves (fast, no model needed)
+#
+# The same forgeries handed straight to deepfusion.models.meta: what each check refuses, in its
+# own words, and what it lets through (issue 23: these are the tests its mutants meet).
+
+def _described() -> dict:
+    """What a checkpoint or an ONNX model of 3 genres says of itself, as JSON gives it back."""
+    from deepfusion.config import FeatureConfig, ModelConfig
+
+    fc = FeatureConfig(duration=6.0)
+    mc = ModelConfig(n_classes=3, n_mels=fc.n_mels, backbone="light",
+                     aux_rows=(fc.n_mfcc, fc.n_chroma, fc.tempogram_win_length),
+                     pretrained_view_rows=fc.feature_shapes()["musicnn"][0])
+    return json.loads(json.dumps({"class_names": ["blues", "classical", "rock"],
+                                  "feature_config": fc.to_dict(), "model_config": mc.to_dict()}))
+
+
+def _refused_by_meta(check, *args) -> str:
+    class Forged(Exception):
+        pass
+    with pytest.raises(Forged) as info:
+        check(*args, Forged)
+    return str(info.value)
+
+
+def test_a_true_description_is_accepted_as_it_is():
+    from deepfusion.config import FeatureConfig
+    from deepfusion.models.meta import check_description
+
+    saved = _described()
+    described = check_description(saved, ValueError)
+    assert described.class_names == ["blues", "classical", "rock"]
+    assert described.feature_config == FeatureConfig(duration=6.0)
+    assert described.model_config.aux_rows == (20, 12, 384)
+    assert described.model_config.band_stats is False       # a field saved before it existed
+    assert described.rows == {"mel_spec_orig": 128, "mel_spec_harm": 128, "mel_spec_perc": 128,
+                              "mfcc": 20, "chroma": 12, "tempogram": 384, "musicnn": 250}
+    assert described.keys == tuple(described.rows)
+    del saved["model_config"]["band_stats"]
+    assert check_description(saved, ValueError).model_config.band_stats is False
+
+
+@pytest.mark.parametrize("name", [n for n, (_, words) in COMMON.items() if not words.startswith("no ")])
+def test_each_forgery_is_refused_by_the_check_itself(name):
+    """check_description refuses each forgery with the words the commands print (a missing
+    field is the caller's to name: it never reaches the check)."""
+    from deepfusion.models.meta import check_description
+
+    change, words = COMMON[name]
+    saved = _described()
+    change(saved)
+    said = _refused_by_meta(check_description, saved)
+    assert words in said and "\n" not in said, said
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("sample_rate", 999, "feature_config.sample_rate 999 is outside [1000, 384000]"),
+    ("sample_rate", 384_001, "feature_config.sample_rate 384001 is outside"),
+    ("hpss_kernel", 1025, "feature_config.hpss_kernel 1025 is outside [1, 1023]"),
+    ("fmax", "8000", "feature_config.fmax '8000' is not a finite number or none"),
+    ("fmax", True, "feature_config.fmax True is not a finite number or none"),
+    ("fmax", float("inf"), "feature_config.fmax inf is not a finite number or none"),
+    ("n_mels", 2.5, "feature_config.n_mels 2.5 is not a whole number"),
+    ("n_mels", False, "feature_config.n_mels False is not a whole number"),
+    ("pretrained_view", 3, "feature_config.pretrained_view 3 is not a string or none"),
+])
+def test_feature_settings_out_of_range_or_of_the_wrong_type(field, value, words):
+    from deepfusion.models.meta import check_description
+
+    saved = _described()
+    saved["feature_config"][field] = value
+    assert words in _refused_by_meta(check_description, saved)
+
+
+def test_feature_settings_at_their_limits_are_accepted():
+    from deepfusion.models.meta import FEATURE_LIMITS, check_description
+
+    for field in ("sample_rate", "hpss_kernel"):
+        for value in FEATURE_LIMITS[field]:
+            saved = _described()
+            saved["feature_config"][field] = value
+            try:
+                check_description(saved, ValueError)
+            except ValueError as exc:     # another check may refuse it, never the range's
+                assert "is outside" not in str(exc), (field, value, exc)
+    saved = _described()
+    saved["feature_config"].update(fmax=8000, fmin=20)     # whole numbers are numbers too
+    assert check_description(saved, ValueError).feature_config.fmax == 8000
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"n_classes": 100_001}, "model_config.n_classes 100001 is outside [2, 100000]"),
+    ({"embed_dim": 8193}, "model_config.embed_dim 8193 is outside [1, 8192]"),
+    ({"aux_hidden": 0}, "model_config.aux_hidden 0 is outside [1, 16384]"),
+    ({"fusion_hidden": [8] * 17}, "model_config.fusion_hidden [8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, "
+                                  "8, 8, 8, 8, 8] is not 1 to 16 widths of 1 to 65536"),
+    ({"fusion_hidden": [0]}, "model_config.fusion_hidden [0] is not 1 to 16 widths"),
+    ({"fusion_hidden": [65_537]}, "model_config.fusion_hidden [65537] is not 1 to 16 widths"),
+    ({"fusion_hidden": [1, True]}, "model_config.fusion_hidden [1, True] is not a list of whole "
+                                   "numbers"),
+    ({"aux_rows": [20, 12]}, "model_config.aux_rows [20, 12] is not a list of whole numbers of 3"),
+    ({"aux_rows": [20, 13, 384]}, "the model takes 128 mel bands and aux rows [20, 13, 384], the "
+                                  "feature config makes 128 and [20, 12, 384]"),
+    ({"pretrained_view_rows": 50}, "model_config.pretrained_view_rows: the model takes 50 rows of "
+                                   "the pretrained view, the feature config makes 250"),
+    ({"band_stats": 1}, "model_config.band_stats 1 is not true or false"),
+    ({"backbone": "vgg"}, "model_config: backbone must be one of"),
+    ({"dropout": 1.0}, "model_config: dropout must be in [0, 1)"),
+])
+def test_model_settings_out_of_range_or_disagreeing(change, words):
+    from deepfusion.models.meta import check_description
+
+    saved = _described()
+    saved["model_config"].update(change)
+    assert words in _refused_by_meta(check_description, saved)
+
+
+def test_model_settings_at_their_limits_are_accepted():
+    from deepfusion.models.meta import check_description
+
+    saved = _described()
+    saved["model_config"].update(fusion_hidden=[65_536] + [1] * 15, embed_dim=8192, aux_hidden=1)
+    assert check_description(saved, ValueError).model_config.fusion_hidden[0] == 65_536
+    saved["model_config"].update(fusion_hidden=[], embed_dim=1, aux_hidden=16_384)
+    assert check_description(saved, ValueError).model_config.fusion_hidden == ()
+
+
+def test_class_names_are_a_list_of_distinct_names_as_wide_as_the_classifier():
+    from deepfusion.models.meta import MODEL_LIMITS, check_class_count, check_class_names
+
+    assert check_class_names(("a", "b"), ValueError) == ["a", "b"]
+    assert check_class_names([f"g{i}" for i in range(100_000)], ValueError)[-1] == "g99999"
+    assert _refused_by_meta(check_class_names, {"a": 1}) == (
+        "class_names is dict {'a': 1}, not a list of distinct non-empty names")
+    assert _refused_by_meta(check_class_names, ["a", None]) == (
+        "class_names[1] None is not a non-empty name (class_names is not a list of distinct "
+        "non-empty names)")
+    assert _refused_by_meta(check_class_names, ["a", "b", "a"]) == (
+        "class_names holds 'a' twice (class_names is not a list of distinct non-empty names)")
+    assert _refused_by_meta(check_class_names, ["x"] * 100_001) == (
+        f"class_names holds 100,001 names, over {MODEL_LIMITS['n_classes'][1]:,}")
+    check_class_count(["a", "b"], 2, "a classifier of", ValueError)
+    assert _refused_by_meta(check_class_count, ["a", "b"], 3, "a graph whose logits output has") \
+        == "class_names: 2 class names for a graph whose logits output has 3 classes"
+
+
+def test_rows_and_segment_frames_of_an_onnx_model():
+    import numpy as np
+
+    from deepfusion.models.meta import check_description, check_rows, check_segment_frames
+
+    described = check_description(_described(), ValueError)
+    rows = dict(described.rows)
+    got = check_rows({k: np.int64(v) for k, v in reversed(rows.items())}, described, ValueError)
+    assert got == rows and all(type(v) is int for v in got.values()) and list(check_rows(rows, described, ValueError)) == list(described.keys)
+    want = ", ".join(f"'{k}': {v}" for k, v in rows.items())
+    for forged in ([128], {**rows, "mfcc": 13}, {**rows, "mfcc": "20"}, {**rows, "mfcc": 20.0},
+                   {**rows, "extra": 1},
+                   {k: v for k, v in rows.items() if k != "chroma"}):
+        said = _refused_by_meta(check_rows, forged, described)
+        assert said.startswith("rows ") and said.endswith(
+            f" are not the rows its feature_config makes ({{{want}}})"), said
+    frames = described.feature_config.n_frames
+    assert check_segment_frames(1, described, ValueError) == 1
+    assert check_segment_frames(frames, described, ValueError) == frames
+    for forged in (0, frames + 1, 2.0, True, "9"):
+        assert _refused_by_meta(check_segment_frames, forged, described) == (
+            f"segment_frames {forged!r} is not a whole number in [1, {frames}] (the frames of a "
+            "clip)")
+
+
+def test_normalization_statistics_hold_each_view_with_its_rows():
+    import numpy as np
+
+    from deepfusion.models.meta import check_description, check_normalization
+
+    described = check_description(_described(), ValueError)
+    good = {k: {"mean": np.zeros(r), "std": np.ones(r)} for k, r in described.rows.items()}
+    check_normalization(good, described, ValueError)
+    views = ", ".join(described.keys)
+    for forged in (None, {k: v for k, v in good.items() if k != "mfcc"}, {**good, "extra": {}}):
+        assert _refused_by_meta(check_normalization, forged, described) == (
+            f"normalization does not hold the model's views ({views})")
+    for stats, stat in (([0.0] * 20, "mean"), ({"mean": np.zeros(20)}, "std"),
+                        ({"mean": np.zeros(19), "std": np.ones(20)}, "mean"),
+                        ({"mean": np.zeros(20), "std": np.ones((20, 1))}, "std")):
+        assert _refused_by_meta(check_normalization, {**good, "mfcc": stats}, described) == (
+            f"normalization mfcc {stat} is not a vector of 20 values")
+
+
+def test_cut_and_show_keep_a_forged_value_on_one_short_line():
+    from deepfusion.models.meta import cut, show
+
+    assert cut("a\n b\t c") == "a b c"
+    assert cut("x" * 60) == "x" * 60 and cut("x" * 61) == "x" * 57 + "..."
+    assert cut("abcdef", 5) == "ab..." and show("abcdef", 7) == "'abc..."
+    assert show([1, 2]) == "[1, 2]"
+    huge = 10 ** 5000                       # repr refuses: more digits than Python prints
+    assert show(huge) == "<int>"
+
+
+def test_a_checkpoint_path_is_refused_when_no_file_is_there(tmp_path):
+    from deepfusion.errors import CheckpointError
+    from deepfusion.models.meta import check_checkpoint_path
+
+    with pytest.raises(CheckpointError) as info:
+        check_checkpoint_path(tmp_path)
+    assert str(info.value) == f"{tmp_path}: a folder, not a checkpoint; give its best.pth or last.pth"
+    with pytest.raises(CheckpointError) as info:
+        check_checkpoint_path(str(tmp_path / "best.pth"))
+    assert str(info.value) == (f"{tmp_path / 'best.pth'}: checkpoint not found; run deepfusion "
+                               "train, or give --checkpoint")
+    (tmp_path / "best.pth").write_bytes(b"")
+    check_checkpoint_path(str(tmp_path / "best.pth"))

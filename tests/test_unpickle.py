@@ -11,6 +11,7 @@ malicious files (train, evaluate, predict, resume) is tested through the real co
 
 from __future__ import annotations
 
+import collections
 import json
 import lzma
 import pickle
@@ -142,10 +143,29 @@ def test_code_in_a_pickle_is_refused_before_it_runs(tmp_path, payload):
 
 
 def test_missing_and_folder_inputs_are_named(tmp_path):
-    with pytest.raises(FeaturesFileError, match="features file not found"):
+    with pytest.raises(FeaturesFileError) as info:
         safe_pickle_load(tmp_path / "absent.pkl")
-    with pytest.raises(FeaturesFileError, match="a folder, not a features file"):
+    assert str(info.value) == (f"{tmp_path / 'absent.pkl'}: features file not found; run "
+                               "deepfusion extract first, or give --features")
+    with pytest.raises(FeaturesFileError) as info:
         safe_pickle_load(tmp_path)
+    assert str(info.value) == (f"{tmp_path}: a folder, not a features file; give the --out of "
+                               "deepfusion extract")
+
+
+@pytest.mark.parametrize("error, reason", [(RecursionError, "damaged features file (nested too deep)"),
+                                           (MemoryError, "too large to load here (out of memory)")])
+def test_a_load_that_runs_out_of_stack_or_memory_says_so(tmp_path, monkeypatch, error, reason):
+    from deepfusion.io import unpickle
+
+    def load(self):
+        raise error()
+    monkeypatch.setattr(unpickle._RestrictedUnpickler, "load", load)
+    path = tmp_path / "deep.pkl"
+    path.write_bytes(pickle.dumps([1], protocol=2))
+    with pytest.raises(FeaturesFileError) as info:
+        safe_pickle_load(path)
+    assert str(info.value).startswith(f"{path}: {reason}")
 
 
 # ------------------------------------------------------------------ the cost of loading (issue 21)
@@ -360,3 +380,280 @@ def test_group_ids_that_collide_in_hash_stay_linear():
     assert len(set(groups.tolist())) == 30_000
     same = merge_groups([{"group": 5}, {"group": 5.0}, {"group": np.int64(5)}, {"group": "5"}])
     assert same.tolist() == [0, 0, 0, 1]
+
+
+# ------------------------------------------ every refusal, in its own words (issue 23, in process)
+#
+# The loader's checks one by one, each with the line it refuses in: what a pickle names, calls,
+# builds or hands numpy. In this process (the cases numpy could crash on are refused before
+# numpy sees them; the crash itself is tested above, in a process of its own).
+
+_RECONSTRUCT = np.zeros(1).__reduce__()[0]          # numpy.(_)core.multiarray._reconstruct
+_SCALAR = np.float32(1).__reduce__()[0]             # numpy.(_)core.multiarray.scalar
+_FROMBUFFER = np.zeros(3).__reduce_ex__(5)[0]       # numpy.(_)core.numeric._frombuffer
+F4 = np.dtype("f4")
+
+
+def _pickled(rv, protocol: int = 2) -> bytes:
+    return pickle.dumps(_reduce(rv), protocol=protocol)
+
+
+def _global(module: str, name: str, protocol: int = 2) -> bytes:
+    return b"\x80" + bytes([protocol]) + f"c{module}\n{name}\n".encode() + b"."
+
+
+def _dtype_state(state, spec: str = "f4") -> bytes:
+    """A dtype whose BUILD hands numpy ``state``."""
+    return _pickled((np.dtype, (spec, False, True), state))
+
+
+def _array_state(state) -> bytes:
+    """An array whose BUILD hands numpy ``state``."""
+    return _pickled((_RECONSTRUCT, (np.ndarray, (0,), b"b"), state))
+
+
+def _newobj(module: bytes, name: bytes, args: bytes, op: bytes = b"\x81", protocol: int = 2) -> bytes:
+    """NEWOBJ (or NEWOBJ_EX) of ``module.name`` on the pickled ``args``."""
+    return b"\x80" + bytes([protocol]) + b"c" + module + b"\n" + name + b"\n" + args + op + b"."
+
+
+def _encode(*args):
+    import _codecs
+
+    return _pickled((_codecs.encode, args))
+
+
+REFUSED = {   # name: (pickle, what "refused to load" names)
+    "eval": (_pickled((eval, ("1",))), "builtins.eval"),
+    "eval, protocol 4": (_pickled((eval, ("1",)), 4), "builtins.eval"),
+    "long names": (_global("a" * 100, "b" * 100), "a" * 80 + "." + "b" * 80),
+    "xrange, protocol 2": (_global("__builtin__", "xrange"), "builtins.range"),
+    "xrange, protocol 3": (_global("__builtin__", "xrange", 3), "__builtin__.xrange"),
+    "__builtin__.str, protocol 3": (_global("__builtin__", "str", 3), "__builtin__.str"),
+    "a dtype class elsewhere": (_global("os", "Float32DType"), "os.Float32DType"),
+    "no such dtype class": (_global("numpy.dtypes", "NoSuchDType"), "numpy.dtypes.NoSuchDType"),
+    "a call of ndarray": (_pickled((np.ndarray, ((2,),))), "a call of ndarray"),
+    "a call of ndarray by INST": (b"(K\x02inumpy\nndarray\n.", "a call of ndarray"),
+    "a call of a dtype class": (_pickled((type(F4), ())), f"a call of {type(F4).__name__}"),
+    "a call of an int": (b"\x80\x02K\x01)R.", "a call of int"),
+    "a call with a list": (b"\x80\x02c__builtin__\nlist\n]R.", "a call of list with []"),
+    "a slice of 4": (_pickled((slice, (1, 2, 3, 4))), "a slice of 4 values"),
+    "int of a list": (_pickled((int, ([1],))), "a call of int on [1]"),
+    "float of 5001 characters": (_pickled((float, (" " * 4998 + "1.5",))),
+                                 "float() of 5001 characters"),
+    "str of numbers": (_pickled((str, (1, 2))), "a call of str on 1, 2"),
+    "list of 2": (_pickled((list, ([1], [2]))), "a call of list with 2 arguments"),
+    "list of 2 by NEWOBJ": (_newobj(b"__builtin__", b"list", b"]]\x86"), "a call of list with 2 arguments"),
+    "list of an int": (_pickled((list, (1,))), "a list from 1"),
+    "dict of non-pairs": (_pickled((dict, ([1, 2],))), "a dict from [1, 2]"),
+    "dict of triples": (_pickled((dict, ([(1, 2, 3)],))), "a dict from a list of 1 items"),
+    "NEWOBJ of ndarray": (_newobj(b"numpy", b"ndarray", b"K\x02\x85"), "an object of ndarray"),
+    "NEWOBJ of an int": (b"\x80\x02K\x01)\x81.", "an object of int"),
+    "NEWOBJ_EX with a list": (_newobj(b"builtins", b"dict", b")]", b"\x92", 4), "a call of dict with ()"),
+    "NEWOBJ_EX with int keys": (_newobj(b"builtins", b"dict", b")}K\x01K\x02s", b"\x92", 4),
+                                "a call of dict with keywords that are not names"),
+    "a state for a list": (b"\x80\x02]}b.", "a state for list"),
+    "bytes of a size": (_pickled((bytes, (10,))), "bytes of a given size"),
+    "bytearray of a size": (_pickled((bytearray, (10,))), "bytearray of a given size"),
+    "bytes in rot13": (_pickled((bytes, ("a", "rot13"))), "the codec 'rot13'"),
+    "bytes, errors 1": (_pickled((bytes, ("a", "ascii", 1))), "the error handler 1"),
+    "bytes of a dict": (_pickled((bytes, ({},))), "bytes from a dict of 0 items"),
+    "encode in rot13": (_encode("a", "rot13"), "the codec 'rot13'"),
+    "encode an int": (_encode(1, "ascii"), "the codec 'ascii'"),
+    "encode, errors 1": (_encode("a", "ascii", 1), "the codec 'ascii'"),
+    "dtype of an int": (_pickled((np.dtype, (5, False, True))),
+                        "dtype 5 (only numbers, booleans and fixed-size strings)"),
+    "dtype of objects": (_pickled((np.dtype, ("O8", False, True))),
+                         "dtype 'O8' (only numbers, booleans and fixed-size strings)"),
+    "dtype of size 0": (_pickled((np.dtype, ("S0", False, True))), "dtype 'S0'"),
+    "dtype order x": (_dtype_state((3, "x", None, None, None, -1, -1, 0)),
+                      "dtype state (3, 'x', None, None, None, -1, -1, 0)"),
+    "dtype state of 9": (_dtype_state((3, "<", None, None, None, -1, -1, 0, 1)),
+                         "dtype state a tuple of 9 items"),
+    "dtype state a list": (_dtype_state([3, "<", None, None, None, -1, -1, 0]),
+                           "dtype state [3, '<', None, None, None, -1, -1, 0]"),
+    "dtype state version 2": (_dtype_state((2, "<", None, None, None, -1, -1, 0)),
+                              "dtype state (2, '<', None, None, None, -1, -1, 0)"),
+    "bytes dtype with an order": (_dtype_state((3, "<", None, None, None, 4, 1, 8), "S4"),
+                                  "dtype state (3, '<', None, None, None, 4, 1, 8)"),
+    "array state version 2": (_array_state((2, (2,), F4, False, bytes(8))),
+                              "array state a tuple of 5 items"),
+    "array state version True": (_array_state((True, (2,), F4, False, bytes(8))),
+                                 "array state a tuple of 5 items"),
+    "array order x": (_array_state((1, (2,), F4, "x", bytes(8))), "array state a tuple of 5 items"),
+    "array data text": (_array_state((1, (2,), F4, False, "abcdefgh")),
+                        "array state a tuple of 5 items"),
+    "array state of 6": (_array_state((1, (2,), F4, False, bytes(8), 5)),
+                         "array state a tuple of 6 items"),
+    "array state a list": (_array_state([1, (2,), F4, False, bytes(8)]), "array state a list of 5 items"),
+    "array shape a list": (_array_state((1, [2], F4, False, bytes(8))), "array shape [2]"),
+    "array of 33 dimensions": (_array_state((1, (1,) * 33, F4, False, bytes(4))),
+                               "array shape a tuple of 33 items"),
+    "array dimension True": (_array_state((1, (True,), F4, False, bytes(4))), "array shape (True,)"),
+    "array too wide": (_array_state((1, (0, 2**20 + 1), F4, False, b"")), "array shape (0, 1048577)"),
+    "array data short": (_array_state((1, (10,), F4, False, bytes(4))),
+                         "array shape (10,) of float32 over 4 bytes of data"),
+    "array of a list": (_pickled((_RECONSTRUCT, (list, (0,), b"b"))), "an array of type a type"),
+    "array dtype a string": (_array_state((1, (2,), "f4", False, bytes(8))), "an array of dtype 'f4'"),
+    "scalar dtype a string": (_pickled((_SCALAR, ("f4", bytes(4)))), "an array of dtype 'f4'"),
+    "scalar of text": (_pickled((_SCALAR, (F4, "abcd"))), "a scalar of float32 from str"),
+    "scalar short": (_pickled((_SCALAR, (F4, b"ab"))), "a scalar of float32 from bytes"),
+    "frombuffer of text": (_pickled((_FROMBUFFER, ("abcd", F4, (1,), "C"))),
+                           "an array from str in order 'C'"),
+    "frombuffer order X": (_pickled((_FROMBUFFER, (bytes(4), F4, (1,), "X"))),
+                           "an array from bytes in order 'X'"),
+    "frombuffer order 1": (_pickled((_FROMBUFFER, (bytes(4), F4, (1,), 1))),
+                           "an array from bytes in order 1"),
+    "frombuffer shape": (_pickled((_FROMBUFFER, (bytes(24), F4, (2, 2), "C"))),
+                         "array shape (2, 2) of float32 over 24 bytes of data"),
+    "axis order repeated": (_pickled((_FROMBUFFER, (bytes(24), F4, (2, 3), "K", (0, 0)))),
+                            "axis order (0, 0)"),
+    "axis order of 3": (_pickled((_FROMBUFFER, (bytes(24), F4, (2, 3), "K", (0, 1, 2)))),
+                        "axis order (0, 1, 2)"),
+    "axis order True": (_pickled((_FROMBUFFER, (bytes(24), F4, (2, 3), "K", (True, 0)))),
+                        "axis order (True, 0)"),
+    "axis order text": (_pickled((_FROMBUFFER, (bytes(24), F4, (2, 3), "K", "10"))),
+                        "axis order '10'"),
+    "dtype order X": (_dtype_state((3, "X", None, None, None, -1, -1, 0)),
+                      "dtype state (3, 'X', None, None, None, -1, -1, 0)"),
+    "dict of 2": (_pickled((dict, ([], []))), "a call of dict with 2 arguments"),
+    "NEWOBJ_EX list with a keyword": (_newobj(b"builtins", b"list", b"]\x85}X\x01\x00\x00\x00xK\x01s",
+                                              b"\x92", 4), "a call of list with 2 arguments"),
+    "dtype called on an int": (b"\x80\x02cnumpy\ndtype\nK\x05R.", "a call of _dtype with 5"),
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_each_refusal_names_what_it_refused(tmp_path, name):
+    data, what = REFUSED[name]
+    path = tmp_path / "refused.pkl"
+    path.write_bytes(data)
+    with pytest.raises(FeaturesFileError) as info:
+        safe_pickle_load(path)
+    assert str(info.value) == (f"{path}: unsafe pickle, refused to load {what} (only containers, "
+                               "numbers, strings and numpy arrays are allowed)")
+
+
+_BIG = np.arange(30_000, dtype=np.float32)       # 120 KB: read outside a pickle frame
+_I4 = np.arange(6, dtype="<i4")
+
+LOADED = {   # name: (pickle, what it loads as; None: what pickle.loads makes of it)
+    "a dtype class": (_global("numpy.dtypes", type(F4).__name__, 4), type(F4)),
+    "float of 5000 characters": (_pickled((float, (" " * 4997 + "1.5",))), 1.5),
+    "str of 6000 characters": (_pickled((str, ("x" * 6000,))), "x" * 6000),
+    "a slice of 3": (_pickled((slice, (1, 2, 3))), slice(1, 2, 3)),
+    "list of text": (_pickled((list, ("ab",))), ["a", "b"]),
+    "list of lists": (_pickled((list, ([[1], [2]],))), [[1], [2]]),
+    "dict of pairs": (_pickled((dict, ([("a", [1])],))), {"a": [1]}),
+    "dict of a dict": (_pickled((dict, ({"a": 1},))), {"a": 1}),
+    "OrderedDict of pairs": (_pickled((collections.OrderedDict, ([("b", 1), ("a", 2)],))),
+                             collections.OrderedDict([("b", 1), ("a", 2)])),
+    "set of ints": (_pickled((set, ([1, 2, 1],))), {1, 2}),
+    "NEWOBJ tuple": (_newobj(b"__builtin__", b"tuple", b"K\x01K\x02\x86\x85"), (1, 2)),
+    "NEWOBJ OrderedDict": (_newobj(b"collections", b"OrderedDict", b")"), collections.OrderedDict()),
+    "NEWOBJ unicode": (_newobj(b"__builtin__", b"unicode", b"X\x02\x00\x00\x00ab\x85"), "ab"),
+    "NEWOBJ_EX dict": (_newobj(b"builtins", b"dict", b"](X\x01\x00\x00\x00aK\x01\x86e\x85"
+                               b"}X\x01\x00\x00\x00bK\x02s", b"\x92", 4), {}),
+    "NEWOBJ_EX tuple": (_newobj(b"builtins", b"tuple", b"K\x01K\x02\x86\x85}", b"\x92", 4), (1, 2)),
+    "INST list": (b"(S'ab'\ni__builtin__\nlist\n.", ["a", "b"]),
+    "OBJ list": (b"(c__builtin__\nlist\nS'ab'\no.", ["a", "b"]),
+    "bytes of ints": (_pickled((bytes, ([1, 2],))), b"\x01\x02"),
+    "bytes in LATIN1": (_pickled((bytes, ("\xe9", "LATIN1"))), b"\xe9"),
+    "bytearray, errors strict": (_pickled((bytearray, ("ab", "ascii", "strict"))), bytearray(b"ab")),
+    "encode, errors replace": (_encode("\xe9", "ascii", "replace"), b"?"),
+    "encode in UTF-8": (_encode("\xe9"), b"\xc3\xa9"),
+    "frombuffer K, axes": (_pickled((_FROMBUFFER, (_I4.tobytes(), _I4.dtype, (3, 2), "K", (1, 0)))),
+                           _I4.reshape(3, 2).T),
+    "frombuffer K": (_pickled((_FROMBUFFER, (_I4.tobytes(), _I4.dtype, (2, 3), "K"))),
+                     _I4.reshape(2, 3)),
+    "frombuffer F": (_pickled((_FROMBUFFER, (_I4.tobytes(), _I4.dtype, (2, 3), "F"))),
+                     _I4.reshape((2, 3), order="F")),
+    "array wide and empty": (_array_state((1, (0, 2**20), F4, False, b"")), np.zeros((0, 2**20), F4)),
+    "array of 32 dimensions": (_array_state((1, (1,) * 32, F4, False, bytes(4))),
+                               np.zeros((1,) * 32, F4)),
+    "big array, protocol 2": (pickle.dumps(_BIG, protocol=2), _BIG),
+    "big array, protocol 5": (pickle.dumps(_BIG, protocol=5), _BIG),
+    "big bytearray, protocol 5": (pickle.dumps(bytearray(100_000), protocol=5), bytearray(100_000)),
+    "big-endian, protocol 2": (pickle.dumps(np.arange(3, dtype=">f8"), protocol=2), None),
+    "big-endian, protocol 5": (pickle.dumps(np.arange(3, dtype=">f8"), protocol=5), None),
+    "NEWOBJ_EX int, base 2": (_newobj(b"builtins", b"int", b"X\x02\x00\x00\x0010\x85}X\x04\x00\x00\x00"
+                                      b"baseK\x02s", b"\x92", 4), 2),
+    "frombuffer K, 3 axes": (_pickled((_FROMBUFFER, (_I4.tobytes(), _I4.dtype, (1, 2, 3), "K", (2, 0, 1)))),
+                             _I4.reshape(1, 2, 3).transpose(2, 0, 1)),
+    "an array written by numpy 1": (pickle.dumps(np.arange(3.0), protocol=2).replace(
+        b"numpy._core.multiarray", b"numpy.core.multiarray"), None),
+    "a scalar written by numpy 1": (pickle.dumps(np.float32(2), protocol=2).replace(
+        b"numpy._core.multiarray", b"numpy.core.multiarray"), None),
+    "frombuffer named by numpy 1": (_pickled((_FROMBUFFER, (_I4.tobytes(), _I4.dtype, (6,), "C"))).replace(
+        b"numpy._core.numeric", b"numpy.core.numeric"), _I4),
+    "2 MB of text": (pickle.dumps([f"{i:05d}" + "x" * 995 for i in range(2000)], protocol=4), None),
+}
+
+
+@pytest.mark.parametrize("name", list(LOADED))
+def test_each_allowed_construction_loads_as_pickle_would(tmp_path, name):
+    data, want = LOADED[name]
+    path = tmp_path / "allowed.pkl"
+    path.write_bytes(data)
+    got = safe_pickle_load(path)
+    want = pickle.loads(data) if want is None else want
+    if isinstance(want, np.ndarray):
+        assert type(got) is np.ndarray and got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
+    else:
+        assert got == want and type(got) is type(want)
+
+
+def test_a_dtype_may_be_as_wide_as_the_file_and_64_bytes(tmp_path):
+    path = tmp_path / "dtype.pkl"
+    n = 100
+    while n != len(_pickled((np.dtype, (f"S{n}", False, True)))) + 64:   # the bound, exactly
+        n = len(_pickled((np.dtype, (f"S{n}", False, True)))) + 64
+    path.write_bytes(_pickled((np.dtype, (f"S{n}", False, True))))
+    assert safe_pickle_load(path) == np.dtype(f"S{n}")
+    path.write_bytes(_pickled((np.dtype, (f"S{n + 1}", False, True))))
+    with pytest.raises(FeaturesFileError, match=f"refused to load dtype 'S{n + 1}' "):
+        safe_pickle_load(path)
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"\x80\x04\x8e" + (2**40).to_bytes(8, "little") + b".", "damaged features file (cut short)"),
+    (b"\x80\x05\x96" + (2**63).to_bytes(8, "little") + b".", "damaged features file (cut short)"),
+    (pickle.dumps(bytearray(100_000), protocol=5)[:50_000], "damaged features file (cut short)"),
+    (pickle.dumps(_BIG, protocol=2)[:50_000], "damaged features file (cut short)"),
+    (b"\x80\x02", "damaged features file (cut short)"),
+    (b"\x80\x05\x96" + (1000).to_bytes(8, "little") + b"x" * 10, "damaged features file (cut short)"),
+    (b"\x80\x02h\x05.", "damaged features file (not a well-formed pickle: Memo value not found at "
+                        "index 5); run deepfusion extract again"),
+    (b"\x80\x02\xff.", "damaged features file (not a well-formed pickle); run deepfusion extract again"),
+    (b"\x80\x02K\x01K\x02s.", "damaged features file (not a well-formed pickle)"),
+    (b"genre,path\nrock,a.wav\n", "not a features file (not a pickle)"),
+])
+def test_damaged_files_say_how(tmp_path, data, reason):
+    path = tmp_path / "damaged.pkl"
+    path.write_bytes(data)
+    with pytest.raises(FeaturesFileError) as info:
+        safe_pickle_load(path)
+    assert str(info.value).startswith(f"{path}: {reason}"), str(info.value)
+
+
+def test_a_load_keeps_nothing_and_leaves_the_collector_as_it_was(tmp_path):
+    """The loaded objects are the caller's alone (the unpickler's memo, in a reference cycle, is
+    released at once), and the garbage collector is switched back on, or left off."""
+    import gc
+    import weakref
+
+    path = tmp_path / "one.pkl"
+    path.write_bytes(pickle.dumps([np.zeros(1000)], protocol=5))
+    assert gc.isenabled()
+    got = safe_pickle_load(path)
+    assert gc.isenabled()
+    ref = weakref.ref(got[0])
+    del got
+    assert ref() is None
+    gc.disable()
+    try:
+        safe_pickle_load(path)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
