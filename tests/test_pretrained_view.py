@@ -66,7 +66,7 @@ def test_the_view_of_a_clip(tiny_audio):
     assert np.array_equal(view, pretrained_view(y, 22050))
 
 
-def test_fingerprint_without_the_view_is_the_six_view_namespace():
+def test_fingerprint_without_the_view_is_the_six_view_namespace(version_1_views):
     """Caches written before the view existed stay valid for --pretrained-view none."""
     assert FeatureConfig(pretrained_view=None).fingerprint() == "09bc1cf4567ee34b"
     assert FeatureConfig(pretrained_view=None, pretrained_stride=1).fingerprint() == "09bc1cf4567ee34b"
