@@ -153,11 +153,11 @@ def test_network_has_a_branch_for_the_view(trained_model_dir):
     assert ckpt["model_config"]["pretrained_view_rows"] == VIEW_ROWS
     model = model_from_checkpoint(ckpt)
     assert model.keys[-1] == PRETRAINED_KEY and PRETRAINED_KEY in model.aux
-    x = {k: torch.randn(2, r, 50) for k, r in
-         {**{k: 128 for k in FEATURE_KEYS[:3]}, "mfcc": 20, "chroma": 12, "tempogram": 384}.items()}
+    shapes = FeatureConfig.from_dict(ckpt["feature_config"]).feature_shapes()
+    x = {k: torch.randn(2, r, 50) for k, (r, _) in shapes.items() if k in FEATURE_KEYS}
     x[PRETRAINED_KEY] = torch.randn(2, VIEW_ROWS, 1)
     out = model(x)
-    assert out["attention"].shape == (2, 7)
+    assert out["attention"].shape == (2, len(FEATURE_KEYS) + 1)
     torch.testing.assert_close(out["attention"].sum(1), torch.ones(2))
 
 
