@@ -187,7 +187,8 @@ def test_probe_uses_the_view(tiny_features, tmp_path):
     ckpt = torch.load(tmp_path / "p" / "best.pth", weights_only=True)
     probe = LinearProbe.from_config(ckpt["model_config"])
     assert probe.keys[-1] == PRETRAINED_KEY
-    assert probe.classifier.in_features == n_pooled_stats(128, (20, 12, 384), VIEW_ROWS)
+    default = ModelConfig(n_classes=2)          # the tiny features have the default settings
+    assert probe.classifier.in_features == n_pooled_stats(128, default.aux_rows, VIEW_ROWS)
     # an old probe config (no pretrained_view_rows) is the six-view probe
     old = {k: v for k, v in ckpt["model_config"].items() if k != "pretrained_view_rows"}
     assert LinearProbe.from_config(old).keys == FEATURE_KEYS

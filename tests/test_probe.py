@@ -179,7 +179,7 @@ def test_forward_under_cpu_bf16_autocast():
         ref = probe(x)["logits"]
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = probe(x)
-    assert out["logits"].dtype == torch.float32 and out["attention"].shape == (18, 6)
+    assert out["logits"].dtype == torch.float32 and out["attention"].shape == (18, len(FEATURE_KEYS))
     torch.testing.assert_close(out["logits"], ref, atol=1e-3, rtol=1e-3)
 
 
