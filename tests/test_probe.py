@@ -202,4 +202,4 @@ def test_predict_clips_on_whole_clips_gives_the_probe_logits():
     with torch.no_grad():                               # the probe on whole clips, one batch
         expected = probe(whole_clips(fs, norm, idx))["logits"].numpy()
     np.testing.assert_allclose(pred.logits, expected, atol=1e-4, rtol=1e-4)
-    np.testing.assert_allclose(pred.attention, 1 / 6, rtol=1e-6)
+    np.testing.assert_allclose(pred.attention, 1 / len(FEATURE_KEYS), rtol=1e-6)
