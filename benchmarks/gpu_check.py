@@ -205,7 +205,7 @@ def _step_memory(device, *, backbone: str, frames: int, batch: int, precision: s
     """Peak bytes and samples/s of resnet training steps as train runs them."""
     import torch
 
-    from deepfusion.config import FEATURE_KEYS, ModelConfig
+    from deepfusion.config import FEATURE_KEYS, FeatureConfig, ModelConfig
     from deepfusion.models.net import MultiModalNet
     from deepfusion.runtime.device import autocast_for, backend_settings
 
@@ -220,7 +220,7 @@ def _step_memory(device, *, backbone: str, frames: int, batch: int, precision: s
         model.to(device).to(memory_format=torch.channels_last)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
-        rows = dict(zip(FEATURE_KEYS, (128, 128, 128, 20, 12, 384)))
+        rows = {k: r for k, (r, _) in FeatureConfig().feature_shapes().items() if k in FEATURE_KEYS}
         x = {k: torch.randn(batch, r, frames, device=device) for k, r in rows.items()}
         y = torch.randint(0, 10, (batch,), device=device)
         with backend_settings(device):

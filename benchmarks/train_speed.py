@@ -120,7 +120,7 @@ def _rate(batch: int, times: list[float]) -> tuple[float, float]:
 def bench_models(backbones: list[str], modes: list[str], batches: dict[str, int], *,
                  steps: int, warmup: int) -> list[dict]:
     """Train and inference samples/s of every backbone in every mode (round-robin timing)."""
-    rows = {k: r for k, r in zip(FEATURE_KEYS, (128, 128, 128, 20, 12, 384))}
+    rows = {k: r for k, (r, _) in FeatureConfig().feature_shapes().items()}
     results = []
     for backbone in backbones:
         t_backbone = time.perf_counter()

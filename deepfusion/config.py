@@ -17,6 +17,10 @@ from typing import Any, Optional
 
 from deepfusion import backbones
 from deepfusion.errors import ParameterError
+from deepfusion.patches import n_patches
+# the views are rows of one table (deepfusion.views); their names are importable from here too
+from deepfusion.views import (ALL_KEYS, AUX_KEYS, FEATURE_KEYS, MEL_KEYS,  # noqa: F401
+                              PRETRAINED_KEY, feature_shapes, view_keys)
 
 #: Where the stages read and write when not told otherwise (relative to the working folder).
 DEFAULT_FEATURES = Path("data/features.pkl")
@@ -30,23 +34,12 @@ FEATURE_FORMATS = ("pickle", "store")
 FEATURE_CODE_VERSION = 1
 #: The same for the pretrained view (its rows, its input): part of the key of configs with it.
 PRETRAINED_VIEW_VERSION = 1
-
-#: The six feature views, in the order the model consumes them.
-FEATURE_KEYS = ("mel_spec_orig", "mel_spec_harm", "mel_spec_perc", "mfcc", "chroma", "tempogram")
-MEL_KEYS = FEATURE_KEYS[:3]
-AUX_KEYS = FEATURE_KEYS[3:]
-#: The pretrained view: a frozen music network's representation of each 3-s patch
-#: (:mod:`deepfusion.features.pretrained`). Its time axis is the network's patches, not STFT frames.
-PRETRAINED_KEY = "musicnn"
-#: Every view a features file may hold, in the order the model consumes them.
-ALL_KEYS = FEATURE_KEYS + (PRETRAINED_KEY,)
+#: The views of the feature code's version 1; a view added to :data:`deepfusion.views.VIEWS`
+#: since joins the cache key by name (:meth:`FeatureConfig.fingerprint`). Never edited.
+VERSION_1_VIEWS = ("mel_spec_orig", "mel_spec_harm", "mel_spec_perc", "mfcc", "chroma",
+                   "tempogram", "musicnn")
 #: The networks the pretrained view may come from (``None``: no pretrained view).
 PRETRAINED_VIEWS = ("MTT_musicnn", "MSD_musicnn")
-
-
-def view_keys(pretrained: bool) -> tuple[str, ...]:
-    """The views of a features file or model: the six, and the pretrained one if present."""
-    return ALL_KEYS if pretrained else FEATURE_KEYS
 
 
 #: Config fields whose command-line flag is not their name spelled with dashes.
@@ -172,20 +165,12 @@ class FeatureConfig:
     @property
     def n_patches(self) -> int:
         """Patches per clip of the pretrained view: whole 3-s patches, at least one."""
-        from deepfusion.features.pretrained.view import n_patches
-
         return n_patches(self.n_samples, self.sample_rate, self.pretrained_stride)
 
     def feature_shapes(self) -> dict[str, tuple[int, int]]:
-        """The ``(rows, frames)`` shape of each view (frames: patches for the pretrained one)."""
-        t = self.n_frames
-        shapes = {**{k: (self.n_mels, t) for k in MEL_KEYS}, "mfcc": (self.n_mfcc, t),
-                  "chroma": (self.n_chroma, t), "tempogram": (self.tempogram_win_length, t)}
-        if self.pretrained_view is not None:
-            from deepfusion.features.pretrained.view import VIEW_ROWS
-
-            shapes[PRETRAINED_KEY] = (VIEW_ROWS, self.n_patches)
-        return shapes
+        """The ``(rows, frames)`` shape of each view (frames: patches for the pretrained one),
+        from the rows of :data:`deepfusion.views.VIEWS`."""
+        return feature_shapes(self)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -209,6 +194,9 @@ class FeatureConfig:
             del config["pretrained_view"], config["pretrained_stride"]
         else:
             code["view"] = PRETRAINED_VIEW_VERSION
+        added = [k for k in self.keys if k not in VERSION_1_VIEWS]
+        if added:
+            code["views"] = added
         payload = json.dumps({"config": config, **code}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -221,15 +209,16 @@ MODEL_KINDS = ("net", "probe")
 class ModelConfig:
     """Everything needed to rebuild a :class:`~deepfusion.models.net.MultiModalNet`.
 
-    ``aux_rows`` gives the number of rows of each auxiliary feature (MFCC, chroma, tempogram),
-    ``n_mels`` the height of the three mel views; both come from the features.
+    ``aux_rows`` gives the number of rows of each vector view (:data:`AUX_KEYS`: MFCC,
+    chroma, tempogram), ``n_mels`` the height of the mel views; both come from the features
+    (:func:`deepfusion.views.model_rows`).
     """
 
     n_classes: int
     n_mels: int = 128
     #: "net" (the multi-modal network) or "probe" (the linear probe baseline)
     kind: str = "net"
-    aux_rows: tuple[int, int, int] = (20, 12, 384)
+    aux_rows: tuple[int, ...] = tuple(FeatureConfig().feature_shapes()[k][0] for k in AUX_KEYS)
     backbone: str = "resnet50"
     share_backbone: bool = False
     pretrained: bool = False

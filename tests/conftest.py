@@ -60,3 +60,16 @@ def trained_model_dir(tiny_features, tmp_path_factory) -> Path:
           config=TrainConfig(epochs=12, batch_size=8, lr=3e-3, val_size=0.2, test_size=0.2),
           echo=lambda s: None)
     return model_dir
+
+
+@pytest.fixture
+def version_1_views(monkeypatch):
+    """The registry's keys as the feature code's version 1 had them (the seven views): the
+    cache keys the tests pin are theirs; a view added to deepfusion.views since changes them
+    (it joins the key by name), as it must."""
+    from deepfusion import views
+    from deepfusion.config import VERSION_1_VIEWS
+
+    monkeypatch.setattr(views, "FEATURE_KEYS",
+                        tuple(k for k in VERSION_1_VIEWS if k != views.PRETRAINED_KEY))
+    monkeypatch.setattr(views, "ALL_KEYS", VERSION_1_VIEWS)

@@ -670,13 +670,13 @@ def test_gpu_check_exits_non_zero_for_views_over_their_tolerance(tmp_path):
 
     import numpy as np
 
-    from deepfusion.config import FEATURE_KEYS
     from deepfusion.features.torch_views import TOLERANCE
+    from deepfusion.testing import small_rows
 
     spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)
-    rows = dict(zip(FEATURE_KEYS, (8, 8, 8, 5, 12, 6)))
+    rows = small_rows(8, mfcc=5, chroma=12, tempogram=6)
     rng = np.random.default_rng(0)
     clips = [{k: rng.normal(size=(r, 20)).astype(np.float32) for k, r in rows.items()}
              for _ in range(4)]

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
+from deepfusion.config import ALL_KEYS
 from deepfusion.testing import cli_command, invoke, one_error_line, subprocess_env
 
 SUMMARY = "files classified"
@@ -212,7 +213,7 @@ def test_embed_shapes_and_top1_equal_predict(tiny_audio, checkpoint, tmp_path):
     assert arrays["embeddings"].dtype == np.float32 and arrays["embeddings"].shape[0] == n
     assert arrays["embeddings"].shape[1] == torch.load(checkpoint, weights_only=True)[
         "model_state"]["classifier.weight"].shape[1]
-    assert arrays["attention"].shape == (n, 7)            # six views and the pretrained one
+    assert arrays["attention"].shape == (n, len(ALL_KEYS))    # the hand-made views and musicnn
     assert list(arrays["modalities"])[-1] == "musicnn"
     assert np.allclose(arrays["attention"].sum(axis=1), 1, atol=1e-5)
     assert np.isfinite(arrays["embeddings"]).all() and arrays["embeddings"].std(axis=0).max() > 0

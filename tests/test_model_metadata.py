@@ -123,7 +123,7 @@ COMMON = {
     "mel bands disagree": (_set("model_config", "n_mels", value=64),
                            "model_config.n_mels, aux_rows: the model takes 64 mel bands"),
     "aux rows a string": (_set("model_config", "aux_rows", value="20,12,384"),
-                          "model_config.aux_rows '20,12,384' is not a list of whole numbers of 3"),
+                          "model_config.aux_rows '20,12,384' is not a list of whole numbers"),
     "huge fusion layer": (_set("model_config", "fusion_hidden", value=[10**9]),
                           "model_config.fusion_hidden [1000000000]"),
     "huge embedding": (_set("model_config", "embed_dim", value=2**40),

@@ -66,7 +66,7 @@ def test_the_view_of_a_clip(tiny_audio):
     assert np.array_equal(view, pretrained_view(y, 22050))
 
 
-def test_fingerprint_without_the_view_is_the_six_view_namespace():
+def test_fingerprint_without_the_view_is_the_six_view_namespace(version_1_views):
     """Caches written before the view existed stay valid for --pretrained-view none."""
     assert FeatureConfig(pretrained_view=None).fingerprint() == "09bc1cf4567ee34b"
     assert FeatureConfig(pretrained_view=None, pretrained_stride=1).fingerprint() == "09bc1cf4567ee34b"
@@ -153,11 +153,11 @@ def test_network_has_a_branch_for_the_view(trained_model_dir):
     assert ckpt["model_config"]["pretrained_view_rows"] == VIEW_ROWS
     model = model_from_checkpoint(ckpt)
     assert model.keys[-1] == PRETRAINED_KEY and PRETRAINED_KEY in model.aux
-    x = {k: torch.randn(2, r, 50) for k, r in
-         {**{k: 128 for k in FEATURE_KEYS[:3]}, "mfcc": 20, "chroma": 12, "tempogram": 384}.items()}
+    shapes = FeatureConfig.from_dict(ckpt["feature_config"]).feature_shapes()
+    x = {k: torch.randn(2, r, 50) for k, (r, _) in shapes.items() if k in FEATURE_KEYS}
     x[PRETRAINED_KEY] = torch.randn(2, VIEW_ROWS, 1)
     out = model(x)
-    assert out["attention"].shape == (2, 7)
+    assert out["attention"].shape == (2, len(FEATURE_KEYS) + 1)
     torch.testing.assert_close(out["attention"].sum(1), torch.ones(2))
 
 
@@ -187,7 +187,8 @@ def test_probe_uses_the_view(tiny_features, tmp_path):
     ckpt = torch.load(tmp_path / "p" / "best.pth", weights_only=True)
     probe = LinearProbe.from_config(ckpt["model_config"])
     assert probe.keys[-1] == PRETRAINED_KEY
-    assert probe.classifier.in_features == n_pooled_stats(128, (20, 12, 384), VIEW_ROWS)
+    default = ModelConfig(n_classes=2)          # the tiny features have the default settings
+    assert probe.classifier.in_features == n_pooled_stats(128, default.aux_rows, VIEW_ROWS)
     # an old probe config (no pretrained_view_rows) is the six-view probe
     old = {k: v for k, v in ckpt["model_config"].items() if k != "pretrained_view_rows"}
     assert LinearProbe.from_config(old).keys == FEATURE_KEYS

@@ -8,17 +8,21 @@ import numpy as np
 import pytest
 import torch
 
-from deepfusion.config import FEATURE_KEYS
+from deepfusion.config import AUX_KEYS, FEATURE_KEYS
 from deepfusion.data.normalize import fit_normalization
 from deepfusion.inference.clips import predict_clips
 from deepfusion.io.featureset import FeatureSet
 from deepfusion.models.probe import LinearProbe, clip_stats, fit_probe, pooled_stats
+from deepfusion.testing import small_rows
 
-N_MELS, AUX_ROWS, T = 8, (5, 4, 6), 40
+N_MELS, T = 8, 40
 
 
 def _rows() -> dict[str, int]:
-    return dict(zip(FEATURE_KEYS, (N_MELS,) * 3 + AUX_ROWS))
+    return small_rows(N_MELS, mfcc=5, chroma=4, tempogram=6)
+
+
+AUX_ROWS = tuple(_rows()[k] for k in AUX_KEYS)
 
 
 def make_fs(labels, *, seed: int = 0, shift: float = 0.0, n_classes=None) -> FeatureSet:
@@ -67,8 +71,8 @@ def test_pooled_stats_numpy_and_torch_agree():
     m = x["mel_spec_orig"]
     np.testing.assert_allclose(a[:, :N_MELS], m.mean(-1), rtol=1e-6)
     np.testing.assert_allclose(a[:, N_MELS:2 * N_MELS], m.std(-1), rtol=1e-5)
-    t = x["tempogram"]
-    np.testing.assert_allclose(a[:, -AUX_ROWS[2]:], t.std(-1), rtol=1e-5)
+    last = x[FEATURE_KEYS[-1]]
+    np.testing.assert_allclose(a[:, -last.shape[1]:], last.std(-1), rtol=1e-5)
     # bf16 input is reduced in float32
     c = pooled_stats({k: torch.from_numpy(v).bfloat16() for k, v in x.items()})
     assert c.dtype == torch.float32
@@ -90,7 +94,8 @@ def test_logits_equal_sklearn_decision_function():
     # the path evaluate and predict take: whole clips through predict_clips
     np.testing.assert_allclose(predict_clips(probe, fs, norm, every, seg=fs.n_frames).logits,
                                expected, atol=1e-4, rtol=1e-4)
-    assert torch.allclose(out["attention"], torch.full((24, 6), 1 / 6))
+    n_views = len(FEATURE_KEYS)
+    assert torch.allclose(out["attention"], torch.full((24, n_views), 1 / n_views))
     assert probe.classifier.out_features == 3
     from deepfusion.config import ModelConfig
     rebuilt = LinearProbe.from_config(ModelConfig(3, n_mels=N_MELS, aux_rows=AUX_ROWS))
@@ -174,7 +179,7 @@ def test_forward_under_cpu_bf16_autocast():
         ref = probe(x)["logits"]
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = probe(x)
-    assert out["logits"].dtype == torch.float32 and out["attention"].shape == (18, 6)
+    assert out["logits"].dtype == torch.float32 and out["attention"].shape == (18, len(FEATURE_KEYS))
     torch.testing.assert_close(out["logits"], ref, atol=1e-3, rtol=1e-3)
 
 
@@ -197,4 +202,4 @@ def test_predict_clips_on_whole_clips_gives_the_probe_logits():
     with torch.no_grad():                               # the probe on whole clips, one batch
         expected = probe(whole_clips(fs, norm, idx))["logits"].numpy()
     np.testing.assert_allclose(pred.logits, expected, atol=1e-4, rtol=1e-4)
-    np.testing.assert_allclose(pred.attention, 1 / 6, rtol=1e-6)
+    np.testing.assert_allclose(pred.attention, 1 / len(FEATURE_KEYS), rtol=1e-6)

@@ -16,7 +16,7 @@ from deepfusion.config import FEATURE_KEYS, MEL_KEYS, TrainConfig
 from deepfusion.data.dataset import Augment, make_torch_dataset
 from deepfusion.errors import DatasetError, ParameterError
 from deepfusion.io.featureset import FeatureSet
-from deepfusion.testing import invoke, one_error_line
+from deepfusion.testing import invoke, one_error_line, small_rows
 from deepfusion.train.crossval import grouped_folds
 from deepfusion.train.recipe import resolve_recipe
 
@@ -32,8 +32,7 @@ def _history(path: Path) -> list[dict]:
 
 def _toy_set(n: int = 4, t: int = 40) -> FeatureSet:
     rng = np.random.default_rng(0)
-    rows = {"mel_spec_orig": 16, "mel_spec_harm": 16, "mel_spec_perc": 16, "mfcc": 8,
-            "chroma": 12, "tempogram": 10}
+    rows = small_rows(16, mfcc=8, chroma=12, tempogram=10)
     arrays = {k: rng.normal(size=(n, r, t)).astype(np.float32) for k, r in rows.items()}
     return FeatureSet(arrays, np.arange(n) % 2, ["a", "b"], [f"{i}.wav" for i in range(n)],
                       np.arange(n))

@@ -22,10 +22,9 @@ from deepfusion.io.features_file import load_feature_set
 from deepfusion.models.checkpoint import load_checkpoint, model_from_checkpoint, normalization_of
 from deepfusion.models.net import MultiModalNet, count_parameters
 from deepfusion.progress import epoch_seconds
-from deepfusion.testing import cli_command, invoke, subprocess_env
+from deepfusion.testing import cli_command, invoke, small_rows, subprocess_env
 
-ROWS = {"mel_spec_orig": 32, "mel_spec_harm": 32, "mel_spec_perc": 32, "mfcc": 20,
-        "chroma": 12, "tempogram": 48}
+ROWS = small_rows(32, mfcc=20, chroma=12, tempogram=48)
 
 
 def batch(b: int = 2, t: int = 24) -> dict[str, torch.Tensor]:

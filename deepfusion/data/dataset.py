@@ -12,9 +12,10 @@ from typing import Optional
 
 import numpy as np
 
-from deepfusion.config import MEL_KEYS, PRETRAINED_KEY, FeatureConfig
-from deepfusion.features.pretrained.view import patch_span
+from deepfusion.config import FeatureConfig
 from deepfusion.io.featureset import FeatureSet
+from deepfusion.patches import patch_span
+from deepfusion.views import BY_NAME, FEATURE_KEYS, MEL_KEYS, PATCHES
 
 
 def feature_config_of(fs: FeatureSet) -> FeatureConfig:
@@ -24,8 +25,9 @@ def feature_config_of(fs: FeatureSet) -> FeatureConfig:
     rows = fs.rows()
     base = FeatureConfig()
     duration = (fs.n_frames - 1) * base.hop_length / base.sample_rate
-    return FeatureConfig(n_mels=rows["mel_spec_orig"], n_mfcc=rows["mfcc"], n_chroma=rows["chroma"],
-                         tempogram_win_length=rows["tempogram"], duration=round(duration, 3),
+    # each hand-made view's rows are the setting its row names (n_mels, n_mfcc, ...)
+    settings = {BY_NAME[k].rows: rows[k] for k in FEATURE_KEYS if isinstance(BY_NAME[k].rows, str)}
+    return FeatureConfig(**settings, duration=round(duration, 3),
                          pretrained_view=base.pretrained_view if fs.has_pretrained else None)
 
 
@@ -54,10 +56,10 @@ def crop_views(arrays: dict[str, np.ndarray], clip: int, start: int, seg: int,
                n_frames: int) -> dict[str, np.ndarray]:
     """Frames ``[start, start + seg)`` of clip ``clip`` of every view; for the pretrained view
     (whose time axis is patches) the patches those frames cover
-    (:func:`deepfusion.features.pretrained.view.patch_span`)."""
+    (:func:`deepfusion.patches.patch_span`)."""
     out = {}
     for k, arr in arrays.items():
-        if k == PRETRAINED_KEY:
+        if BY_NAME[k].axis == PATCHES:
             first, count = patch_span(start, seg, n_frames, arr.shape[-1])
             out[k] = arr[clip, :, first:first + count]
         else:
@@ -71,7 +73,8 @@ class Augment:
 
     ``tilt_db``: a spectral tilt of up to +-``tilt_db`` dB from the lowest to the highest mel
     band, added to the three dB mel views and, through the same DCT librosa's MFCC uses, to
-    the MFCC (what another microphone, room or master EQ does to a recording). ``freq_mask``
+    the MFCC (what another microphone, room or master EQ does to a recording; each view's
+    ``tilt`` in :data:`deepfusion.views.VIEWS`). ``freq_mask``
     and ``time_mask`` (SpecAugment, Park et al. 2019): two bands of up to that fraction of the
     mel bands set to the mean in each mel view, and two spans of up to that fraction of the
     frames set to the mean in every view.
@@ -95,11 +98,12 @@ class Augment:
         n_mels = views[MEL_KEYS[0]].shape[0]
         ramp = (tilt * np.linspace(-0.5, 0.5, n_mels)).astype(np.float32)
         out = dict(views)
-        for k in MEL_KEYS:
-            out[k] = views[k] + ramp[:, None]
-        n_mfcc = views["mfcc"].shape[0]
-        if n_mfcc <= n_mels:
-            out["mfcc"] = views["mfcc"] + dct(ramp, type=2, norm="ortho")[:n_mfcc, None]
+        for k in views:
+            tilt, rows = BY_NAME[k].tilt, views[k].shape[0]
+            if tilt == "bands":
+                out[k] = views[k] + ramp[:, None]
+            elif tilt == "dct" and rows <= n_mels:
+                out[k] = views[k] + dct(ramp, type=2, norm="ortho")[:rows, None]
         return out
 
     def mask(self, x: dict[str, np.ndarray], rng: np.random.Generator) -> None:
@@ -110,7 +114,7 @@ class Augment:
                 w = int(rng.integers(0, int(self.time_mask * frames) + 1))
                 t0 = int(rng.integers(0, frames - w + 1))
                 for k in x:
-                    if k != PRETRAINED_KEY:     # frames, not patches
+                    if BY_NAME[k].axis != PATCHES:      # frames, not patches
                         x[k][:, t0:t0 + w] = 0.0
         if self.freq_mask > 0:
             for k in MEL_KEYS:

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from deepfusion.config import PRETRAINED_KEY
 from deepfusion.io.featureset import FeatureSet
+from deepfusion.views import VIEWS
 
 #: Per view, the smallest standard deviation a row is normalised by, as a fraction of the
 #: view's mean row deviation. The pretrained view's rows include tags that are near zero on a
 #: whole collection (deviation 1e-4 or less): divided by that, the slightest change on another
 #: recording (another codec, say) became hundreds of deviations and swung the network's
 #: answer; floored, it is a few. The hand-made views keep their plain floor (1e-5).
-RELATIVE_STD_FLOOR = {PRETRAINED_KEY: 0.1}
+RELATIVE_STD_FLOOR = {v.name: v.std_floor for v in VIEWS if v.std_floor}
 
 
 class RunningNormalization:

@@ -1,9 +1,11 @@
 """Pure feature functions: one STFT per clip feeds every hand-made view.
 
-No files, no globals. Every function takes numpy arrays and a
-:class:`~deepfusion.config.FeatureConfig` and returns float32 arrays. The six hand-made views
-need no torch; the seventh, pretrained view (when ``config.pretrained_view`` names one) is a
-frozen torch network's (:mod:`deepfusion.features.pretrained.view`), loaded once per process.
+No files, no globals. :func:`compute_features` computes the views of
+:data:`deepfusion.views.VIEWS` that a :class:`~deepfusion.config.FeatureConfig` names, each by
+its row's numpy function from one :class:`Clip` (the clip's STFT, HPSS masks and mel
+spectrogram, each computed once, on first use); the functions here are the six hand-made
+views'. They need no torch; the pretrained view (when ``config.pretrained_view`` names one) is
+a frozen torch network's (:mod:`deepfusion.features.pretrained.view`), loaded once per process.
 
 The definitions are librosa's (``librosa.decompose.hpss``, ``librosa.feature.melspectrogram``,
 ``mfcc``, ``chroma_stft``, ``tempogram``); what differs is the cost: the STFT is computed once,
@@ -16,14 +18,16 @@ re-analysing the separated signals.
 from __future__ import annotations
 
 import warnings
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Optional
 
 import bottleneck
 import librosa
 import numpy as np
 
-from deepfusion.config import PRETRAINED_KEY, FeatureConfig
+from deepfusion.config import FeatureConfig
+from deepfusion.features.registry import view_function
+from deepfusion.views import views_of
 
 
 def median_filter_axis(S: np.ndarray, *, size: int, axis: int) -> np.ndarray:
@@ -108,10 +112,99 @@ def stft_magnitude(y: np.ndarray, config: FeatureConfig) -> np.ndarray:
     return np.abs(librosa.stft(y, n_fft=config.n_fft, hop_length=config.hop_length))
 
 
+class Clip:
+    """One clip and what its views share, each computed once, on first use: what a registry
+    row's numpy function takes. ``y``, ``config`` and ``view_runtime`` are
+    :func:`compute_features`' arguments."""
+
+    def __init__(self, y: np.ndarray, config: FeatureConfig, *, view_runtime: Optional[str] = None):
+        self.y = np.ascontiguousarray(y, dtype=np.float32)
+        self.config = config
+        self.view_runtime = view_runtime
+
+    @cached_property
+    def magnitude(self) -> np.ndarray:
+        """:func:`stft_magnitude` [shape=(1 + n_fft/2, t)]."""
+        return stft_magnitude(self.y, self.config)
+
+    @cached_property
+    def power(self) -> np.ndarray:
+        """The power spectrogram [shape=(1 + n_fft/2, t)]."""
+        return self.magnitude * self.magnitude
+
+    @cached_property
+    def masks(self) -> tuple[np.ndarray, np.ndarray]:
+        """The harmonic and percussive soft masks (:func:`hpss_masks`)."""
+        c = self.config
+        return hpss_masks(self.magnitude, kernel_size=c.hpss_kernel, power=c.hpss_power,
+                          margin=c.hpss_margin)
+
+    @cached_property
+    def mel_basis(self) -> np.ndarray:
+        """The mel filter bank [shape=(n_mels, 1 + n_fft/2)]."""
+        c = self.config
+        return _mel_basis(c.sample_rate, c.n_fft, c.n_mels, c.fmin, c.fmax)
+
+    @cached_property
+    def mel_db(self) -> np.ndarray:
+        """The dB mel spectrogram of the original signal [shape=(n_mels, t)]."""
+        return power_to_db(self.mel_basis @ self.power, top_db=self.config.top_db)
+
+
+# ------------------------------------------------------------- the views (deepfusion.views)
+
+def mel_spec_orig_view(clip: Clip) -> np.ndarray:
+    """The dB mel spectrogram [shape=(n_mels, t)]."""
+    return clip.mel_db
+
+
+def _masked_mel_db(clip: Clip, part: int) -> np.ndarray:
+    mask = clip.masks[part]
+    return power_to_db(clip.mel_basis @ (clip.power * (mask * mask)), top_db=clip.config.top_db)
+
+
+def mel_spec_harm_view(clip: Clip) -> np.ndarray:
+    """The dB mel spectrogram of the harmonic part [shape=(n_mels, t)]."""
+    return _masked_mel_db(clip, 0)
+
+
+def mel_spec_perc_view(clip: Clip) -> np.ndarray:
+    """The dB mel spectrogram of the percussive part [shape=(n_mels, t)]."""
+    return _masked_mel_db(clip, 1)
+
+
+def mfcc_view(clip: Clip) -> np.ndarray:
+    """MFCC of the dB mel spectrogram [shape=(n_mfcc, t)]."""
+    return librosa.feature.mfcc(S=clip.mel_db, n_mfcc=clip.config.n_mfcc)
+
+
+def chroma_view(clip: Clip) -> np.ndarray:
+    """Chroma of the power spectrogram [shape=(n_chroma, t)], tuning estimated per clip
+    unless the config fixes it."""
+    c = clip.config
+    with warnings.catch_warnings():
+        # silence and pure noise have no pitched peaks: librosa warns and assumes tuning 0
+        warnings.filterwarnings("ignore", message="Trying to estimate tuning", category=UserWarning)
+        return librosa.feature.chroma_stft(S=clip.power, sr=c.sample_rate, n_fft=c.n_fft,
+                                           n_chroma=c.n_chroma, tuning=c.chroma_tuning)
+
+
+def tempogram_view(clip: Clip) -> np.ndarray:
+    """The autocorrelation tempogram of the onset strength [shape=(tempogram_win_length, t)]."""
+    c = clip.config
+    # onset_strength's own default is exactly this: diff of the dB mel spectrogram (the
+    # reference level cancels in the difference).
+    onset = librosa.onset.onset_strength(S=clip.mel_db, sr=c.sample_rate, hop_length=c.hop_length)
+    return librosa.feature.tempogram(onset_envelope=onset, sr=c.sample_rate,
+                                     hop_length=c.hop_length, win_length=c.tempogram_win_length)
+
+
+# ------------------------------------------------------------------------- all the views
+
 def compute_features(y: np.ndarray, config: FeatureConfig = FeatureConfig(), *,
                      view_runtime: Optional[str] = None) -> dict[str, np.ndarray]:
-    """All feature views of one clip: the six hand-made ones and, if the config names one,
-    the pretrained view.
+    """All feature views of one clip (:func:`deepfusion.views.views_of` the config): the
+    hand-made ones and, if the config names one, the pretrained view.
 
     Parameters
     ----------
@@ -131,41 +224,6 @@ def compute_features(y: np.ndarray, config: FeatureConfig = FeatureConfig(), *,
         ``musicnn`` [shape=(VIEW_ROWS, n_patches)] when ``config.pretrained_view`` is set
         (see :func:`deepfusion.features.pretrained.view.pretrained_view`).
     """
-    y = np.ascontiguousarray(y, dtype=np.float32)
-    sr = config.sample_rate
-    S = stft_magnitude(y, config)                                   # (F, t)
-    mask_h, mask_p = hpss_masks(S, kernel_size=config.hpss_kernel, power=config.hpss_power,
-                                margin=config.hpss_margin)
-    basis = _mel_basis(sr, config.n_fft, config.n_mels, config.fmin, config.fmax)  # (n_mels, F)
-    power = S * S                                                   # (F, t)
-    mel_orig = basis @ power                                        # (n_mels, t)
-    mel_harm = basis @ (power * (mask_h * mask_h))
-    mel_perc = basis @ (power * (mask_p * mask_p))
-    db_orig = power_to_db(mel_orig, top_db=config.top_db)
-    mfcc = librosa.feature.mfcc(S=db_orig, n_mfcc=config.n_mfcc)
-    with warnings.catch_warnings():
-        # silence and pure noise have no pitched peaks: librosa warns and assumes tuning 0
-        warnings.filterwarnings("ignore", message="Trying to estimate tuning", category=UserWarning)
-        chroma = librosa.feature.chroma_stft(S=power, sr=sr, n_fft=config.n_fft,
-                                             n_chroma=config.n_chroma, tuning=config.chroma_tuning)
-    # onset_strength's own default is exactly this: diff of the dB mel spectrogram (the
-    # reference level cancels in the difference).
-    onset = librosa.onset.onset_strength(S=db_orig, sr=sr, hop_length=config.hop_length)
-    tempogram = librosa.feature.tempogram(onset_envelope=onset, sr=sr,
-                                          hop_length=config.hop_length,
-                                          win_length=config.tempogram_win_length)
-    out = {
-        "mel_spec_orig": db_orig,
-        "mel_spec_harm": power_to_db(mel_harm, top_db=config.top_db),
-        "mel_spec_perc": power_to_db(mel_perc, top_db=config.top_db),
-        "mfcc": mfcc,
-        "chroma": chroma,
-        "tempogram": tempogram,
-    }
-    if config.pretrained_view is not None:
-        from deepfusion.features.pretrained.view import pretrained_view
-
-        out[PRETRAINED_KEY] = pretrained_view(y, sr, config.pretrained_view,
-                                              stride=config.pretrained_stride,
-                                              runtime=view_runtime)
-    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+    clip = Clip(y, config, view_runtime=view_runtime)
+    return {v.name: np.ascontiguousarray(view_function(v.numpy)(clip), dtype=np.float32)
+            for v in views_of(config)}

@@ -1,11 +1,12 @@
-"""The six feature views in torch, batched over clips, on any device (cpu, cuda, mps).
+"""The feature views in torch, batched over clips, on any device (cpu, cuda, mps).
 
 The definitions are :func:`deepfusion.features.numpy_views.compute_features`' (librosa's), step for step:
 one centred STFT per clip (``torch.stft``, zero padding as ``librosa.stft``), median-filter HPSS
 soft masks (kernel along time and along frequency, borders reflected as
 :func:`~deepfusion.features.numpy_views.median_filter_axis` does), the mel filter bank, ``power_to_db``
 relative to each clip's maximum, MFCC (DCT-II, orthonormal), chroma (``chroma_stft``, tuning
-estimated per clip with ``piptrack`` as librosa does unless the config fixes it), onset
+estimated per clip with ``piptrack`` as librosa does unless the config fixes it:
+:mod:`deepfusion.features.torch_chroma`), onset
 strength and the autocorrelation tempogram. Every constant matrix (mel, chroma, DCT, window) is
 made by librosa/scipy and moved to the device, never re-derived.
 
@@ -19,27 +20,33 @@ filter bank of that tuning. On the CPU device the two median filters run through
 
 The values agree with :func:`~deepfusion.features.numpy_views.compute_features` to float32 rounding of
 the STFT, not bit for bit: :data:`TOLERANCE` per view (``tests/test_features_torch.py``).
+
+:func:`compute_features_torch` computes each view of :data:`deepfusion.views.VIEWS` by its
+row's torch function from one :class:`Batch` (the batch's STFT, masks and mel spectrogram,
+each computed once, on first use); a row without one is computed by its numpy function, clip
+by clip, on the CPU (the same values as the numpy backend's).
 """
 
 from __future__ import annotations
 
-import warnings
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Sequence, Union
 
 import numpy as np
 import torch
 
-from deepfusion.config import PRETRAINED_KEY, FeatureConfig
+from deepfusion.config import FeatureConfig
 from deepfusion.errors import ParameterError
+from deepfusion.features.registry import view_function
+from deepfusion.views import VIEWS, views_of
 
 #: Largest absolute difference from :func:`deepfusion.features.numpy_views.compute_features` allowed per
-#: view (set above what 80 real clips and the synthetic test clips show; see
-#: ``tests/test_features_torch.py``): within these the two backends share the cache key. The
+#: view (each row's ``tolerance``, set above what 80 real clips and the synthetic test clips show;
+#: see ``tests/test_features_torch.py``): within these the two backends share the cache key. The
 #: pretrained view is the same network on either backend; on a GPU it differs by float32
-#: rounding of another summation order (its front-end maxima reach about 150).
-TOLERANCE = {"mel_spec_orig": 0.1, "mel_spec_harm": 0.1, "mel_spec_perc": 0.1, "mfcc": 0.01,
-             "chroma": 1e-4, "tempogram": 1e-3, "musicnn": 1e-3}
+#: rounding of another summation order (its front-end maxima reach about 150). A view computed
+#: by its numpy function on either backend agrees exactly (0).
+TOLERANCE = {v.name: v.tolerance for v in VIEWS}
 
 #: Largest number of elements the unfolded median windows may hold at once (float32: 512 MiB).
 MEDIAN_CHUNK_ELEMENTS = 1 << 27
@@ -71,13 +78,6 @@ def _constants(config: FeatureConfig) -> dict[str, np.ndarray]:
         "dct": dct.astype(np.float32),
         "tempo_window": tempo_window.astype(np.float32),
     }
-
-
-@lru_cache(maxsize=256)
-def _chroma_basis(sr: int, n_fft: int, n_chroma: int, tuning: float) -> np.ndarray:
-    import librosa
-
-    return librosa.filters.chroma(sr=sr, n_fft=n_fft, tuning=tuning, n_chroma=n_chroma)
 
 
 def _symmetric_index(n: int, before: int, after: int) -> np.ndarray:
@@ -223,70 +223,6 @@ def tempogram(onset: torch.Tensor, *, window: torch.Tensor) -> torch.Tensor:
     return normalize_inf(ac, dim=-1).transpose(-1, -2)             # (B, win, t)
 
 
-def estimate_tuning(power: torch.Tensor, *, sr: int, n_chroma: int) -> list[float]:
-    """``librosa.estimate_tuning(S=power, sr=sr, bins_per_octave=n_chroma)`` per clip.
-
-    ``piptrack``'s peak picking runs on the device; the median of the peak magnitudes and the
-    histogram of their pitch residuals run in numpy with librosa's code.
-
-    Parameters
-    ----------
-    power : torch.Tensor [shape=(B, 1 + n_fft/2, t)]
-
-    Returns
-    -------
-    list of float, one tuning per clip (fractions of a chroma bin)
-    """
-    import librosa
-
-    S = power
-    n_bins = S.shape[-2]
-    n_fft = 2 * (n_bins - 1)
-    fft_freqs = librosa.fft_frequencies(sr=sr, n_fft=n_fft)
-    freq_mask = torch.as_tensor((150.0 <= fft_freqs) & (fft_freqs < min(4000.0, sr / 2)),
-                                device=S.device)[:, None]                        # (F, 1)
-
-    # np.gradient along frequency: central inside, one-sided at the edges
-    avg = torch.empty_like(S)
-    avg[:, 1:-1] = (S[:, 2:] - S[:, :-2]) / 2
-    avg[:, 0] = S[:, 1] - S[:, 0]
-    avg[:, -1] = S[:, -1] - S[:, -2]
-    # librosa's _parabolic_interpolation: the vertex offset, 0 where it leaves [-1, 1]
-    a = S[:, 2:] + S[:, :-2] - 2 * S[:, 1:-1]
-    b = (S[:, 2:] - S[:, :-2]) / 2
-    shift = torch.zeros_like(S)
-    shift[:, 1:-1] = torch.where(b.abs() >= a.abs(), torch.zeros_like(a), -b / a)
-    dskew = 0.5 * avg * shift
-
-    thresholded = S * (S > 0.1 * S.amax(dim=-2, keepdim=True))
-    # librosa.util.localmax: x[i] > x[i-1] and x[i] >= x[i+1]; never the first bin; the last
-    # when it exceeds its neighbour
-    peak = torch.zeros_like(S, dtype=torch.bool)
-    peak[:, 1:-1] = ((thresholded[:, 1:-1] > thresholded[:, :-2])
-                     & (thresholded[:, 1:-1] >= thresholded[:, 2:]))
-    peak[:, -1] = thresholded[:, -1] > thresholded[:, -2]
-    peak &= freq_mask
-    bins = torch.arange(n_bins, device=S.device, dtype=S.dtype)[:, None]
-    # only the peaks travel to the host: a few percent of the bins
-    pitches = ((bins + shift) * (float(sr) / n_fft))[peak].cpu().numpy()
-    mags = (S + dskew)[peak].cpu().numpy()
-    ends = np.cumsum(peak.flatten(1).sum(dim=1).cpu().numpy())[:-1]
-
-    tunings = []
-    for pitch, mag in zip(np.split(pitches, ends), np.split(mags, ends)):
-        # librosa: pitch > 0 marks the peaks (a peak's pitch is above fmin)
-        pitch_mask = pitch > 0
-        threshold = np.median(mag[pitch_mask]) if pitch_mask.any() else 0.0
-        with warnings.catch_warnings():
-            # silence and noise have no pitched peaks: librosa warns and assumes tuning 0
-            warnings.filterwarnings("ignore", message="Trying to estimate tuning",
-                                    category=UserWarning)
-            tunings.append(float(librosa.pitch_tuning(
-                pitch[(mag >= threshold) & pitch_mask], resolution=0.01,
-                bins_per_octave=n_chroma)))
-    return tunings
-
-
 # ------------------------------------------------------------------------------ the batch
 
 def _as_batch(y_batch, device: torch.device) -> torch.Tensor:
@@ -308,6 +244,94 @@ def _as_batch(y_batch, device: torch.device) -> torch.Tensor:
     return y
 
 
+class Batch:
+    """A batch of clips on a device and what its views share, each computed once, on first use.
+
+    ``y`` [shape=(B, n_samples)] float32 on ``device``; ``consts`` the window, mel filter bank,
+    DCT matrix and tempogram window of ``config`` on ``device``.
+    """
+
+    def __init__(self, y: torch.Tensor, config: FeatureConfig, device: torch.device):
+        self.y, self.config, self.device = y, config, device
+        self.consts = {k: torch.from_numpy(v).to(device) for k, v in _constants(config).items()}
+
+    @cached_property
+    def _spectra(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The power spectrogram and the harmonic and percussive soft masks, each
+        (B, 1 + n_fft/2, t); the magnitude is not kept (device memory)."""
+        c = self.config
+        spec = torch.stft(self.y, n_fft=c.n_fft, hop_length=c.hop_length,
+                          window=self.consts["window"], center=True, pad_mode="constant",
+                          return_complex=True)                        # (B, F, t)
+        S = spec.abs()
+        del spec
+        harm = median_filter(S, size=c.hpss_kernel, dim=-1)          # smooth along time
+        perc = median_filter(S, size=c.hpss_kernel, dim=-2)          # smooth along frequency
+        split_zeros = c.hpss_margin == 1
+        mask_h = softmask(harm, perc * c.hpss_margin, power=c.hpss_power, split_zeros=split_zeros)
+        mask_p = softmask(perc, harm * c.hpss_margin, power=c.hpss_power, split_zeros=split_zeros)
+        del harm, perc
+        return S * S, mask_h, mask_p
+
+    @property
+    def power(self) -> torch.Tensor:
+        """The power spectrogram [shape=(B, 1 + n_fft/2, t)]."""
+        return self._spectra[0]
+
+    @cached_property
+    def mel_db(self) -> torch.Tensor:
+        """The dB mel spectrogram of the original signal [shape=(B, n_mels, t)]."""
+        return power_to_db(self.consts["mel"] @ self.power, top_db=self.config.top_db)
+
+    @cached_property
+    def clips(self) -> list:
+        """:class:`~deepfusion.features.numpy_views.Clip` of each clip, for the numpy functions
+        of rows without a torch one (on the CPU)."""
+        from deepfusion.features.numpy_views import Clip
+
+        return [Clip(y, self.config) for y in self.y.float().cpu().numpy()]
+
+
+# ------------------------------------------------------------- the views (deepfusion.views)
+
+def mel_spec_orig_view(batch: Batch) -> torch.Tensor:
+    return batch.mel_db
+
+
+def _masked_mel_db(batch: Batch, part: int) -> torch.Tensor:
+    mask = batch._spectra[1 + part]
+    return power_to_db(batch.consts["mel"] @ (batch.power * (mask * mask)),
+                       top_db=batch.config.top_db)
+
+
+def mel_spec_harm_view(batch: Batch) -> torch.Tensor:
+    return _masked_mel_db(batch, 0)
+
+
+def mel_spec_perc_view(batch: Batch) -> torch.Tensor:
+    return _masked_mel_db(batch, 1)
+
+
+def mfcc_view(batch: Batch) -> torch.Tensor:
+    return batch.consts["dct"] @ batch.mel_db                       # (B, n_mfcc, t)
+
+
+def tempogram_view(batch: Batch) -> torch.Tensor:
+    onset = onset_strength(batch.mel_db, hop_length=batch.config.hop_length)   # (B, t)
+    return tempogram(onset, window=batch.consts["tempo_window"])    # (B, win, t)
+
+
+def _on_host(batch: Batch, view) -> np.ndarray:
+    """One view of the batch as a float32 array (B, rows, time): its torch function's, or its
+    numpy function's clip by clip."""
+    if view.torch is None:
+        numpy = view_function(view.numpy)
+        return np.stack([np.ascontiguousarray(numpy(clip), dtype=np.float32)
+                         for clip in batch.clips])
+    out = view_function(view.torch)(batch)
+    return out.float().cpu().numpy() if isinstance(out, torch.Tensor) else out
+
+
 @torch.inference_mode()
 def compute_features_torch(
     y_batch: Union[np.ndarray, torch.Tensor, Sequence[np.ndarray]],
@@ -315,8 +339,10 @@ def compute_features_torch(
     *,
     device: Union[str, torch.device] = "cpu",
 ) -> list[dict[str, np.ndarray]]:
-    """All feature views of a batch of clips, computed on ``device`` (the pretrained view
-    too, when the config names one: resampled on the CPU, its network on ``device``).
+    """All feature views of a batch of clips (:func:`deepfusion.views.views_of` the
+    config), computed on ``device`` (the pretrained view too, when the config names one:
+    resampled on the CPU, its network on ``device``; a view without a torch function by its
+    numpy function on the CPU).
 
     Parameters
     ----------
@@ -340,51 +366,7 @@ def compute_features_torch(
         Not a batch of equal-length clips, or non-finite samples.
     """
     device = torch.device(device)
-    y = _as_batch(y_batch, device)                            # (B, n)
-    consts = {k: torch.from_numpy(v).to(device) for k, v in _constants(config).items()}
-    sr = config.sample_rate
-
-    spec = torch.stft(y, n_fft=config.n_fft, hop_length=config.hop_length,
-                      window=consts["window"], center=True, pad_mode="constant",
-                      return_complex=True)                            # (B, F, t)
-    S = spec.abs()
-    del spec
-    harm = median_filter(S, size=config.hpss_kernel, dim=-1)         # smooth along time
-    perc = median_filter(S, size=config.hpss_kernel, dim=-2)         # smooth along frequency
-    split_zeros = config.hpss_margin == 1
-    mask_h = softmask(harm, perc * config.hpss_margin, power=config.hpss_power,
-                      split_zeros=split_zeros)
-    mask_p = softmask(perc, harm * config.hpss_margin, power=config.hpss_power,
-                      split_zeros=split_zeros)
-    del harm, perc
-    power = S * S                                                    # (B, F, t)
-    del S
-    mel = consts["mel"]                                              # (n_mels, F)
-    db_orig = power_to_db(mel @ power, top_db=config.top_db)        # (B, n_mels, t)
-    db_harm = power_to_db(mel @ (power * (mask_h * mask_h)), top_db=config.top_db)
-    del mask_h
-    db_perc = power_to_db(mel @ (power * (mask_p * mask_p)), top_db=config.top_db)
-    del mask_p
-    mfcc = consts["dct"] @ db_orig                                   # (B, n_mfcc, t)
-
-    if config.chroma_tuning is None:
-        tunings = estimate_tuning(power, sr=sr, n_chroma=config.n_chroma)
-    else:
-        tunings = [float(config.chroma_tuning)] * y.shape[0]
-    basis = torch.from_numpy(np.stack([_chroma_basis(sr, config.n_fft, config.n_chroma, t)
-                                       for t in tunings])).to(device)  # (B, n_chroma, F)
-    chroma = normalize_inf(basis @ power, dim=-2)                    # (B, n_chroma, t)
-    del power
-
-    onset = onset_strength(db_orig, hop_length=config.hop_length)   # (B, t)
-    tempo = tempogram(onset, window=consts["tempo_window"])         # (B, win, t)
-
-    views = {"mel_spec_orig": db_orig, "mel_spec_harm": db_harm, "mel_spec_perc": db_perc,
-             "mfcc": mfcc, "chroma": chroma, "tempogram": tempo}
-    host = {k: v.float().cpu().numpy() for k, v in views.items()}
-    if config.pretrained_view is not None:
-        from deepfusion.features.pretrained.view import pretrained_views
-
-        host[PRETRAINED_KEY] = pretrained_views(y.float().cpu().numpy(), sr, config.pretrained_view,
-                                                stride=config.pretrained_stride, device=str(device))
-    return [{k: np.ascontiguousarray(v[i]) for k, v in host.items()} for i in range(y.shape[0])]
+    batch = Batch(_as_batch(y_batch, device), config, device)          # (B, n)
+    host = {v.name: _on_host(batch, v) for v in views_of(config)}
+    return [{k: np.ascontiguousarray(v[i]) for k, v in host.items()}
+            for i in range(batch.y.shape[0])]

@@ -156,8 +156,8 @@ def load_feature_set(path: Path, *, class_names: Optional[list[str]] = None) -> 
                     or isinstance(value, (bool, np.bool_)):
                 raise FeaturesFileError(f"{where}: its {key} is {what_it_is(value)}, neither a "
                                         "name nor a number")
-    if rows[MEL_KEYS[0]] != rows[MEL_KEYS[1]] or rows[MEL_KEYS[0]] != rows[MEL_KEYS[2]]:
-        raise FeaturesFileError(f"{path}: the three mel views must have the same number of bands")
+    if len({rows[k] for k in MEL_KEYS}) != 1:
+        raise FeaturesFileError(f"{path}: the mel views must have the same number of bands")
 
     if class_names is None:
         class_names = class_names_of(names, path)

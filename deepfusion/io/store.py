@@ -111,7 +111,7 @@ def read_meta(root: Path) -> dict[str, Any]:
     if meta.get("dtype", "float32") not in DTYPES:
         raise bad(f"'dtype' must be one of {', '.join(DTYPES)}")
     if len({rows[k] for k in MEL_KEYS}) != 1:
-        raise bad("the three mel views must have the same number of bands")
+        raise bad("the mel views must have the same number of bands")
     if not (meta.get("feature_config") is None or isinstance(meta["feature_config"], dict)):
         raise bad("'feature_config' must be an object")
     clips = meta.get("clips")

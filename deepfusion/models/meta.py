@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields
 from numbers import Integral, Real
 from typing import Any, Callable, Mapping, Optional
 
-from deepfusion.config import PRETRAINED_KEY, FeatureConfig, ModelConfig
+from deepfusion.config import AUX_KEYS, MEL_KEYS, PRETRAINED_KEY, FeatureConfig, ModelConfig
 from deepfusion.errors import ParameterError
 
 Bad = Callable[[str], Exception]
@@ -166,11 +166,10 @@ def check_description(saved: Mapping[str, Any], bad: Bad) -> ModelDescription:
     if len(mc.fusion_hidden) > 16 or any(not 1 <= h <= 65_536 for h in mc.fusion_hidden):
         raise bad(f"model_config.fusion_hidden {show(list(mc.fusion_hidden)[:20])} is not 1 to 16 "
                   "widths of 1 to 65536")
-    if (mc.n_mels, *mc.aux_rows) != (rows["mel_spec_orig"], rows["mfcc"], rows["chroma"],
-                                     rows["tempogram"]):
+    if (mc.n_mels, *mc.aux_rows) != (rows[MEL_KEYS[0]], *(rows[k] for k in AUX_KEYS)):
         raise bad(f"model_config.n_mels, aux_rows: the model takes {mc.n_mels} mel bands and aux "
-                  f"rows {list(mc.aux_rows)}, the feature config makes {rows['mel_spec_orig']} "
-                  f"and {[rows['mfcc'], rows['chroma'], rows['tempogram']]}")
+                  f"rows {list(mc.aux_rows)}, the feature config makes {rows[MEL_KEYS[0]]} "
+                  f"and {[rows[k] for k in AUX_KEYS]}")
     if mc.pretrained_view_rows != rows.get(PRETRAINED_KEY, 0):
         raise bad(f"model_config.pretrained_view_rows: the model takes {mc.pretrained_view_rows} "
                   f"rows of the pretrained view, the feature config makes "

@@ -1,9 +1,10 @@
 """Branches, modality attention and the fused multi-modal network.
 
-Inputs are the feature views of a batch of segments (normalised, see ``deepfusion.data.dataset``)::
+Inputs are the feature views of a batch of segments (normalised, see ``deepfusion.data.dataset``),
+one branch per view, by the view's kind (:data:`deepfusion.views.VIEWS`)::
 
-    mel_spec_orig, mel_spec_harm, mel_spec_perc  (B, n_mels, T)   -> three MelCNN branches
-    mfcc, chroma, tempogram                      (B, rows, T)     -> three AuxiliaryFeatureMLPs
+    mel views: mel_spec_orig, _harm, _perc       (B, n_mels, T)   -> a MelCNN branch each
+    vector views: mfcc, chroma, tempogram        (B, rows, T)     -> an AuxiliaryFeatureMLP each
     musicnn (the pretrained view, if the model   (B, rows, P)     -> one more AuxiliaryFeatureMLP
              has it: ``pretrained_view_rows``)
 
@@ -23,10 +24,11 @@ import torch
 from torch import nn
 
 from deepfusion import backbones
-from deepfusion.config import AUX_KEYS, MEL_KEYS, PRETRAINED_KEY, ModelConfig, view_keys
+from deepfusion.config import ModelConfig
 from deepfusion.errors import ParameterError, WeightsNotFoundError
 from deepfusion.io.names import one_line
 from deepfusion.models.weights import load_pretrained_state
+from deepfusion.views import BY_NAME, MEL, model_rows
 
 
 def _light_cnn() -> nn.Module:
@@ -151,8 +153,8 @@ class ModalityAttention(nn.Module):
 
 
 class MultiModalNet(nn.Module):
-    """Three mel CNN branches + three auxiliary MLPs (+ one for the pretrained view), fused
-    through modality attention."""
+    """A CNN branch per mel view and an MLP per other view (the three auxiliary ones, and the
+    pretrained view's), fused through modality attention."""
 
     def __init__(self, config: ModelConfig, *, pretrained_state: Optional[dict] = None):
         super().__init__()
@@ -161,20 +163,16 @@ class MultiModalNet(nn.Module):
         def branch():
             return MelCNN(backbone=config.backbone, embed_dim=d, pretrained_state=pretrained_state,
                           band_stats=config.n_mels if config.band_stats else 0)
-        if config.share_backbone:
-            shared = branch()
-            self.mel = nn.ModuleDict({k: shared for k in MEL_KEYS})
-        else:
-            self.mel = nn.ModuleDict({k: branch() for k in MEL_KEYS})
+        rows = model_rows(config.n_mels, config.aux_rows, config.pretrained_view_rows)
         #: the views this model reads, in the order of its attention's columns
-        self.keys = view_keys(config.pretrained_view_rows > 0)
-        aux_rows = dict(zip(AUX_KEYS, config.aux_rows))
-        if config.pretrained_view_rows:
-            aux_rows[PRETRAINED_KEY] = config.pretrained_view_rows
+        self.keys = tuple(rows)
+        mel_keys = [k for k in rows if BY_NAME[k].kind == MEL]
+        shared = branch() if config.share_backbone else None
+        self.mel = nn.ModuleDict({k: branch() if shared is None else shared for k in mel_keys})
         self.aux = nn.ModuleDict({
             k: AuxiliaryFeatureMLP(rows=r, hidden=config.aux_hidden, embed_dim=d,
                                    dropout=config.dropout)
-            for k, r in aux_rows.items()})
+            for k, r in rows.items() if k not in self.mel})
         self.attention = ModalityAttention(embed_dim=d)
         layers: list[nn.Module] = []
         width = d * len(self.keys)
@@ -185,7 +183,7 @@ class MultiModalNet(nn.Module):
         self.classifier = nn.Linear(width, config.n_classes)
 
     def forward(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        emb = [self.mel[k](x[k]) for k in MEL_KEYS] + [self.aux[k](x[k]) for k in self.aux]
+        emb = [(self.mel[k] if k in self.mel else self.aux[k])(x[k]) for k in self.keys]
         emb = torch.stack(emb, dim=1)                       # (B, M, D), M = len(self.keys)
         weighted, attention = self.attention(emb)           # (B, M, D), (B, M)
         fused = self.fusion(weighted.flatten(1))            # (B, fusion_hidden[-1])

@@ -1,6 +1,6 @@
 """A linear probe baseline: logistic regression on time-pooled statistics of the views.
 
-The probe sees exactly what the network sees (the six views and, where the features have it,
+The probe sees exactly what the network sees (the hand-made views and, where the features have it,
 the pretrained view, normalised per row by the
 dataset, see :class:`deepfusion.data.dataset.SegmentDataset`) and reduces every view to the mean and
 the standard deviation over time of each of its rows (:func:`pooled_stats`). These statistics
@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from deepfusion.config import (AUX_KEYS, FEATURE_KEYS, MEL_KEYS, PRETRAINED_KEY, TrainConfig,
-                               view_keys)
+from deepfusion.config import ModelConfig, TrainConfig
 from deepfusion.errors import ParameterError
+from deepfusion.views import AUX_KEYS, FEATURE_KEYS, model_rows
 
 Array = Union[np.ndarray, torch.Tensor]
 
@@ -42,16 +42,9 @@ DEFAULT_C = TrainConfig.probe_c
 _ABSENT_BIAS = -1e4
 
 
-def _view_rows(n_mels: int, aux_rows: Sequence[int], pretrained_view_rows: int = 0) -> dict[str, int]:
-    rows = {**{k: int(n_mels) for k in MEL_KEYS}, **{k: int(r) for k, r in zip(AUX_KEYS, aux_rows)}}
-    if pretrained_view_rows:
-        rows[PRETRAINED_KEY] = int(pretrained_view_rows)
-    return rows
-
-
 def n_pooled_stats(n_mels: int, aux_rows: Sequence[int], pretrained_view_rows: int = 0) -> int:
     """Length of :func:`pooled_stats`' output: twice the rows of all the views."""
-    return 2 * sum(_view_rows(n_mels, aux_rows, pretrained_view_rows).values())
+    return 2 * sum(model_rows(n_mels, aux_rows, pretrained_view_rows).values())
 
 
 def pooled_stats(x: dict[str, Array], keys: Sequence[str] = FEATURE_KEYS) -> Array:
@@ -62,7 +55,7 @@ def pooled_stats(x: dict[str, Array], keys: Sequence[str] = FEATURE_KEYS) -> Arr
     x : dict of key -> array or tensor [shape=(B, rows, T)]
         The views of a batch (``T``: patches for the pretrained view).
     keys : sequence of str
-        The views to use, in order (default the six hand-made ones).
+        The views to use, in order (default the hand-made ones).
 
     Returns
     -------
@@ -109,7 +102,7 @@ class LinearProbe(nn.Module):
     """
 
     def __init__(self, n_classes: int, n_mels: int = 128,
-                 aux_rows: Sequence[int] = (20, 12, 384), pretrained_view_rows: int = 0):
+                 aux_rows: Sequence[int] = ModelConfig.aux_rows, pretrained_view_rows: int = 0):
         super().__init__()
         aux_rows = tuple(int(r) for r in aux_rows)
         if int(n_classes) < 2:
@@ -120,7 +113,7 @@ class LinearProbe(nn.Module):
         self.n_classes, self.n_mels, self.aux_rows = int(n_classes), int(n_mels), aux_rows
         self.pretrained_view_rows = int(pretrained_view_rows or 0)
         #: the views the probe reads, in order
-        self.keys = view_keys(self.pretrained_view_rows > 0)
+        self.keys = tuple(model_rows(self.n_mels, self.aux_rows, self.pretrained_view_rows))
         n_stats = n_pooled_stats(self.n_mels, self.aux_rows, self.pretrained_view_rows)
         self.register_buffer("stat_mean", torch.zeros(n_stats))
         self.register_buffer("stat_scale", torch.ones(n_stats))
@@ -183,7 +176,7 @@ def fit_probe(fs, norm: dict, train_idx: np.ndarray, *, n_mels: int,
         Per-row normalisation of the views (:func:`deepfusion.data.normalize.fit_normalization`).
     train_idx : array of int
         Training clips; clips of unknown genre (label < 0) are left out.
-    n_mels, aux_rows, pretrained_view_rows : int, (int, int, int), int
+    n_mels, aux_rows, pretrained_view_rows : int, tuple of int, int
         The rows of the views, as in :class:`~deepfusion.config.ModelConfig`; checked
         against ``fs`` (``pretrained_view_rows`` 0: the probe leaves that view out).
     C : float
@@ -208,7 +201,7 @@ def fit_probe(fs, norm: dict, train_idx: np.ndarray, *, n_mels: int,
     if not C > 0:
         raise ParameterError(f"C must be > 0, got {C!r}")
     rows = fs.rows()
-    expected = _view_rows(n_mels, aux_rows, pretrained_view_rows)
+    expected = model_rows(n_mels, aux_rows, pretrained_view_rows)
     wrong = [f"{k} has {rows.get(k, 0)} rows, expected {expected[k]}" for k in expected
              if rows.get(k, 0) != expected[k]]
     if wrong:

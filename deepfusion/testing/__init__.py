@@ -146,7 +146,7 @@ def leftovers(*folders: Path) -> list[Path]:
 
 
 def check_cache_entry(entry: Path) -> None:
-    """Assert that a cache entry loads with the six finite float32 views (and the pretrained
+    """Assert that a cache entry loads with the hand-made finite float32 views (and the pretrained
     one, if it has it) and its metadata."""
     with np.load(entry, allow_pickle=False) as npz:
         keys = set(npz.files) - {"__meta__"}
@@ -201,6 +201,18 @@ def assert_same_training(a: Path, b: Path) -> None:
 
 
 # ------------------------------------------------------------------------------- feature stores
+
+def small_rows(n_mels: int = 8, **rows: int) -> dict[str, int]:
+    """Rows of small hand-made views, for tests that make their own features: ``n_mels`` for
+    every mel view, ``rows`` by view name (``mfcc=5``), 4 for any other view of the registry
+    (so a view added to :data:`deepfusion.views.VIEWS` needs no change in those tests)."""
+    from deepfusion.views import FEATURE_KEYS, MEL_KEYS
+
+    unknown = sorted(set(rows) - set(FEATURE_KEYS) | set(rows) & set(MEL_KEYS))
+    if unknown:
+        raise ValueError(f"small_rows: {', '.join(unknown)} is not a vector view")
+    return {k: n_mels if k in MEL_KEYS else int(rows.get(k, 4)) for k in FEATURE_KEYS}
+
 
 def save_store(fs, folder: Path) -> None:
     """Write a loaded :class:`~deepfusion.io.featureset.FeatureSet` as a feature store, one

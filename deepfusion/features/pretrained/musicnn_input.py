@@ -10,13 +10,11 @@ import functools
 import numpy as np
 
 from deepfusion.errors import ParameterError
+# 16 kHz, hop 256, 187-frame patches: the geometry the config counts the view's patches with
+from deepfusion.patches import HOP, PATCH_FRAMES, SAMPLE_RATE  # noqa: F401
 
-SAMPLE_RATE = 16000
 N_FFT = 512
-HOP = 256
 N_MELS = 96
-#: 3 s of frames: librosa.time_to_frames(3, sr=16000, n_fft=512, hop_length=256) + 1
-PATCH_FRAMES = 187
 
 
 # ------------------------------------------------------------------------------ input

@@ -8,73 +8,26 @@ network's patches, not STFT frames: one 3-s patch in every ``stride`` of the cli
 default stride 4, patches 0, 4 and 8 of a 30-s clip's 10, the selection centred), because the
 network costs about 70 ms per patch on a CPU core: all ten patches of a 30-s clip would cost
 3.5 times the six hand-made views of the whole clip (0.2 s), three of them cost about as much
-as those views (the extraction budget is 2.5x the six views); ``stride=1`` takes every patch (``deepfusion tag``). :func:`patch_span` maps a
-segment of frames to the patches that represent it.
+as those views (the extraction budget is 2.5x the six views); ``stride=1`` takes every patch (``deepfusion tag``). The patches and
+rows are counted in :mod:`deepfusion.patches` (:func:`patch_span` maps a segment of frames to
+the patches that represent it).
 
 Pure: arrays in, arrays out; the network is loaded once per process
 (:func:`deepfusion.features.pretrained.musicnn.load_musicnn`). Importing this module loads neither
-torch nor librosa (the features' config asks it for shapes).
+torch nor librosa.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from typing import Optional
 
 import numpy as np
 
-from deepfusion.features.pretrained.musicnn_input import HOP, PATCH_FRAMES, SAMPLE_RATE
 from deepfusion.io.atomic import library_text
-
-#: The parts of each patch's rows, in order, with their sizes.
-PARTS = (("penultimate", 200), ("taggram", 50))
-VIEW_ROWS = sum(n for _, n in PARTS)
-
-
-def part_rows(name: str) -> slice:
-    """The rows of one part of the view (``penultimate`` or ``taggram``)."""
-    start = 0
-    for part, n in PARTS:
-        if part == name:
-            return slice(start, start + n)
-        start += n
-    raise KeyError(name)
-#: The shortest 16-kHz signal that gives one whole patch (shorter clips are zero-padded).
-_MIN_SAMPLES = (PATCH_FRAMES - 1) * HOP
-
-
-def samples_16k(n_samples: int, sample_rate: int) -> int:
-    """Samples of a clip of ``n_samples`` at ``sample_rate`` once resampled to 16 kHz."""
-    return max(int(math.ceil(n_samples * SAMPLE_RATE / sample_rate)), _MIN_SAMPLES)
-
-
-def all_patches(n_samples: int, sample_rate: int) -> int:
-    """Whole patches of a clip (at least one: a short clip is zero-padded to one)."""
-    frames = 1 + samples_16k(n_samples, sample_rate) // HOP
-    return max(1, frames // PATCH_FRAMES)
-
-
-def chosen_patches(total: int, stride: int) -> range:
-    """The patches of a clip of ``total`` that go through the network: one in every
-    ``stride``, the selection centred in the clip."""
-    if stride < 1:
-        raise ValueError(f"stride must be >= 1, got {stride!r}")
-    return range(((total - 1) % stride) // 2, total, stride)
-
-
-def n_patches(n_samples: int, sample_rate: int, stride: int = 1) -> int:
-    """Patches of the view of a clip: :func:`chosen_patches` of :func:`all_patches`."""
-    return len(chosen_patches(all_patches(n_samples, sample_rate), stride))
-
-
-def patch_span(start: int, length: int, n_frames: int, patches: int) -> tuple[int, int]:
-    """The patches ``[first, first + count)`` that a segment of STFT frames
-    ``[start, start + length)`` of an ``n_frames`` clip covers, ``count`` depending on
-    ``length`` only (a batch of segments stacks)."""
-    count = min(patches, max(1, round(length * patches / n_frames)))
-    first = min(patches - count, int(start * patches // n_frames))
-    return first, count
+# the view's geometry is plain arithmetic the config sizes it with; its names stay importable here
+from deepfusion.patches import (MIN_SAMPLES, PARTS, VIEW_ROWS, all_patches,  # noqa: F401
+                                chosen_patches, n_patches, part_rows, patch_span, samples_16k)
 
 
 def pretrained_view(y: np.ndarray, sample_rate: int, model: str = "MTT_musicnn", *,
@@ -126,13 +79,29 @@ def pretrained_views(ys: np.ndarray, sample_rate: int, model: str = "MTT_musicnn
     mels = []
     for y in ys:
         y16 = resample_16k(y, sample_rate)
-        if y16.shape[0] < _MIN_SAMPLES:
-            y16 = np.pad(y16, (0, _MIN_SAMPLES - y16.shape[0]))
+        if y16.shape[0] < MIN_SAMPLES:
+            y16 = np.pad(y16, (0, MIN_SAMPLES - y16.shape[0]))
         p = patches(log_mel(y16))                                   # (n, 187, 96)
         mels.append(p[chosen])
     x = np.concatenate(mels)                                        # (batch * want, 187, 96)
     rows = _run(model, device, x, runtime).reshape(len(ys), want, VIEW_ROWS)
     return np.ascontiguousarray(rows.transpose(0, 2, 1), dtype=np.float32)
+
+
+def clip_view(clip) -> np.ndarray:
+    """The view of a :class:`deepfusion.features.numpy_views.Clip`, as its config says (the
+    registry's numpy function, :data:`deepfusion.views.VIEWS`)."""
+    c = clip.config
+    return pretrained_view(clip.y, c.sample_rate, c.pretrained_view, stride=c.pretrained_stride,
+                           runtime=clip.view_runtime)
+
+
+def batch_view(batch) -> np.ndarray:
+    """The views of a :class:`deepfusion.features.torch_views.Batch`: resampled on the CPU,
+    the network on the batch's device (the registry's torch function)."""
+    c = batch.config
+    return pretrained_views(batch.y.float().cpu().numpy(), c.sample_rate, c.pretrained_view,
+                            stride=c.pretrained_stride, device=str(batch.device))
 
 
 def view_rows(out: dict):
