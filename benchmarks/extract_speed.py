@@ -33,12 +33,13 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from deepfusion.audio import decode, discover
-from deepfusion.config import FEATURE_KEYS, FeatureConfig
+from deepfusion.config import FeatureConfig
 from deepfusion.extract import extract
 from deepfusion.features.numpy_views import compute_features
 from deepfusion.features.torch_views import compute_features_torch
 from deepfusion.jobs.job import one_torch_thread
 from deepfusion.testing.reference import reference_features
+from deepfusion.views import FEATURE_KEYS
 
 
 def naive_recipe(y: np.ndarray, sr: int = 22050) -> dict[str, np.ndarray]:

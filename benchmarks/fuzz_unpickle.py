@@ -253,8 +253,9 @@ def features_seeds() -> list[bytes]:
     """Real features files: what ``write_features_file`` writes, and the same in every protocol."""
     import numpy as np
 
-    from deepfusion.config import FEATURE_KEYS, FeatureConfig
+    from deepfusion.config import FeatureConfig
     from deepfusion.io.features_file import write_features_file
+    from deepfusion.views import FEATURE_KEYS
 
     rng = np.random.default_rng(0)
     config = FeatureConfig(duration=2.0, pretrained_view=None).to_dict()   # the six views

@@ -205,9 +205,10 @@ def _step_memory(device, *, backbone: str, frames: int, batch: int, precision: s
     """Peak bytes and samples/s of resnet training steps as train runs them."""
     import torch
 
-    from deepfusion.config import FEATURE_KEYS, FeatureConfig, ModelConfig
+    from deepfusion.config import FeatureConfig, ModelConfig
     from deepfusion.models.net import MultiModalNet
     from deepfusion.runtime.device import autocast_for, backend_settings
+    from deepfusion.views import FEATURE_KEYS
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)

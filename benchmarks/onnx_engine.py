@@ -120,7 +120,7 @@ def main() -> None:
 
     import torch
 
-    from deepfusion.config import FEATURE_KEYS, TrainConfig
+    from deepfusion.config import TrainConfig
     from deepfusion.export import export_onnx
     from deepfusion.inference.clips import predict_clips
     from deepfusion.inference.onnx_engine import OnnxEngine
@@ -128,6 +128,7 @@ def main() -> None:
     from deepfusion.metrics import softmax
     from deepfusion.models.checkpoint import (load_checkpoint, model_from_checkpoint,
                                               normalization_of)
+    from deepfusion.views import FEATURE_KEYS
 
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -41,11 +41,11 @@ from pathlib import Path
 
 import numpy as np
 
-from deepfusion.config import FEATURE_KEYS
 from deepfusion.io.run_folder import LOCK_NAME
 from deepfusion.testing import (HOLD_LOCK, assert_same_features, assert_same_training,
                                 check_cache_entry, cli_command as cli, damage, leftovers,
                                 load_own_pickle as load, subprocess_env as env, write_odd_names)
+from deepfusion.views import FEATURE_KEYS
 
 SMALL = ("--duration", "3", "--n-mels", "32", "--tempogram-win-length", "32")
 TINY = ("--duration", "1.5", "--min-duration", "0.5", "--sr", "11025", "--n-fft", "1024",

@@ -122,9 +122,10 @@ def resnet50_flops() -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from deepfusion.config import FEATURE_KEYS, FeatureConfig, ModelConfig
+    from deepfusion.config import FeatureConfig, ModelConfig
     from deepfusion.data.dataset import segment_frames
     from deepfusion.models.net import MultiModalNet
+    from deepfusion.views import FEATURE_KEYS
 
     fc = FeatureConfig()
     seg = segment_frames(3.0, fc, fc.n_frames)

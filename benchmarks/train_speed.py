@@ -39,8 +39,7 @@ import numpy as np
 import torch
 
 from deepfusion.backbones import BACKBONES
-from deepfusion.config import (AUX_KEYS, FEATURE_KEYS, FeatureConfig, ModelConfig, RuntimeConfig,
-                               TrainConfig)
+from deepfusion.config import FeatureConfig, ModelConfig, RuntimeConfig, TrainConfig
 from deepfusion.data.dataset import feature_config_of, make_train_loader, segment_frames
 from deepfusion.data.normalize import fit_normalization
 from deepfusion.data.splits import make_split
@@ -50,6 +49,7 @@ from deepfusion.models.net import MultiModalNet, count_parameters
 from deepfusion.runtime.device import autocast_for, cpu_supports_bf16, use_amp
 from deepfusion.train.loop import train_one_epoch
 from deepfusion.train.recipe import resolve_recipe
+from deepfusion.views import AUX_KEYS, FEATURE_KEYS
 
 CPU = torch.device("cpu")
 #: mode name -> (bf16 autocast, channels_last model)

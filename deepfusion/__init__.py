@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 
 _API = {
     "FeatureConfig": "config",
-    "FEATURE_KEYS": "config",
+    "FEATURE_KEYS": "views",
     "DeepFusionError": "errors",
     "compute_features": "features.numpy_views",
     "decode": "audio",
@@ -35,7 +35,7 @@ _API = {
     "Library": "inference.library",
     "Embeddings": "embed",
     "Tagger": "tag",
-    "ALL_KEYS": "config",
+    "ALL_KEYS": "views",
     "load_checkpoint": "models.checkpoint",
 }
 

@@ -14,8 +14,9 @@ from typing import Iterable, Optional, Union
 
 import numpy as np
 
-from deepfusion.config import ALL_KEYS, DEFAULT_CACHE_DIR
+from deepfusion.config import DEFAULT_CACHE_DIR
 from deepfusion.inference.library import Library, Prediction
+from deepfusion.views import ALL_KEYS
 
 
 @dataclass

@@ -203,11 +203,8 @@ def evaluate(checkpoint: Path, *, features: Optional[Path] = None, split: str = 
         here = FeatureConfig.from_dict(fs.feature_config)
         # clip lengths change how many segments a clip has, not what a segment holds
         if replace(here, duration=trained.duration, min_duration=trained.min_duration) != trained:
-            from deepfusion.train.finetune import settings_differences
-
-            diff = settings_differences(replace(here, duration=trained.duration,
-                                                min_duration=trained.min_duration),
-                                        trained, there="for the model")
+            diff = replace(here, duration=trained.duration, min_duration=trained.min_duration
+                           ).differences_text(trained, there="for the model")
             raise FeaturesFileError(f"{features}: extracted with other settings than {checkpoint} "
                                     f"({diff}); extract it with the model's settings")
     rows = fs.rows()

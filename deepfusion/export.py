@@ -1,7 +1,7 @@
 """Export a checkpoint to ONNX, checked against torch before anything is written.
 
 The exported graph takes the views of a batch of *segments*, un-normalised, as one input per
-view named and ordered as the model's views (:data:`deepfusion.config.FEATURE_KEYS`, and
+view named and ordered as the model's views (:data:`deepfusion.views.FEATURE_KEYS`, and
 ``musicnn`` after them when the model has the pretrained view), each ``(B, rows,
 segment_frames)`` float32 (the pretrained view: the patches a segment covers) with a dynamic
 batch axis ``B``; the checkpoint's normalisation (per row, ``(view - mean) / std``) is inside
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from deepfusion.config import FEATURE_KEYS, PRETRAINED_KEY, FeatureConfig
+from deepfusion.config import FeatureConfig
 from deepfusion.errors import ExportError, FeaturesFileError, ParameterError
 from deepfusion.features.pretrained.view import patch_span
 from deepfusion.inference.onnx_engine import METADATA_FORMAT, METADATA_KEY, OUTPUT_NAMES, OnnxEngine
@@ -43,6 +43,7 @@ from deepfusion.io.atomic import atomic_write, check_writable, library_text
 from deepfusion.io.cache import file_digest
 from deepfusion.io.guard import Destination, check_destinations
 from deepfusion.models.checkpoint import Checkpoint, read_checkpoint
+from deepfusion.views import FEATURE_KEYS, PRETRAINED_KEY
 
 EXPORTERS = ("auto", "dynamo", "torchscript")
 INSTALL_HINT = "pip install 'deepfusion[onnx-export]'"

@@ -65,7 +65,7 @@ def plot_attention(attention, labels, class_names: Sequence[str], path: Path) ->
     the pretrained one: the attention's columns) each genre leans on."""
     import numpy as np
 
-    from deepfusion.config import ALL_KEYS
+    from deepfusion.views import ALL_KEYS
 
     attention, labels = np.asarray(attention), np.asarray(labels)
     keys = ALL_KEYS[:attention.shape[1]]

@@ -23,9 +23,10 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from deepfusion.config import DEFAULT_CACHE_DIR, PRETRAINED_KEY, PRETRAINED_VIEWS, FeatureConfig
+from deepfusion.config import DEFAULT_CACHE_DIR, PRETRAINED_VIEWS, FeatureConfig
 from deepfusion.errors import ParameterError
 from deepfusion.io.atomic import CACHE_ENTRY_LOST
+from deepfusion.views import PRETRAINED_KEY
 
 
 @dataclass

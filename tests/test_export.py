@@ -16,7 +16,7 @@ pytest.importorskip("onnx")
 
 import torch  # noqa: E402
 
-from deepfusion.config import FEATURE_KEYS, TrainConfig  # noqa: E402
+from deepfusion.config import TrainConfig
 from deepfusion.data.dataset import segment_frames  # noqa: E402
 from deepfusion.errors import ExportError, OnnxModelError, OutputError, ParameterError  # noqa: E402
 from deepfusion.export import export_onnx  # noqa: E402
@@ -27,6 +27,7 @@ from deepfusion.io.featureset import FeatureSet  # noqa: E402
 from deepfusion.metrics import softmax  # noqa: E402
 from deepfusion.models.checkpoint import (feature_config_of, load_checkpoint,  # noqa: E402
                                           model_from_checkpoint, normalization_of, save_checkpoint)
+from deepfusion.views import FEATURE_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -26,8 +26,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from deepfusion.config import FEATURE_KEYS, FeatureConfig
+from deepfusion.config import FeatureConfig
 from deepfusion.testing import cli_command, invoke, subprocess_env
+from deepfusion.views import FEATURE_KEYS
 
 SR = 22050
 DURATION = 3.0          # --duration of most runs: short clips keep the suite fast

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import scipy.ndimage
 
-from deepfusion.config import FEATURE_KEYS, PRETRAINED_KEY, VERSION_1_VIEWS, FeatureConfig
+from deepfusion.config import VERSION_1_VIEWS, FeatureConfig
 from deepfusion.errors import ParameterError
 from deepfusion.features.numpy_views import compute_features, median_filter_axis
 from deepfusion.testing.reference import reference_features
+from deepfusion.views import FEATURE_KEYS, PRETRAINED_KEY
 
 SR = 22050
 CONFIG = FeatureConfig(duration=6.0)

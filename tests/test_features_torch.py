@@ -17,12 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-from deepfusion.config import FEATURE_KEYS, PRETRAINED_KEY, FeatureConfig
+from deepfusion.config import FeatureConfig
 from deepfusion.errors import ParameterError
 from deepfusion.features.numpy_views import compute_features, median_filter_axis
 from deepfusion.features.torch_views import (TOLERANCE, compute_features_torch, median_filter,
                                              median_filter_unfold)
 from deepfusion.testing import invoke, load_own_pickle, one_error_line
+from deepfusion.views import FEATURE_KEYS, PRETRAINED_KEY
 
 SR = 22050
 CONFIG = FeatureConfig(duration=3.0)

@@ -273,7 +273,7 @@ def test_a_pickle_whose_clips_share_arrays_is_refused_before_allocation(tmp_path
 
     import numpy as np
 
-    from deepfusion.config import FEATURE_KEYS
+    from deepfusion.views import FEATURE_KEYS
 
     shared = {k: np.zeros((64, 1000), np.float32) for k in FEATURE_KEYS}     # 1.5 MB once
     items = [{"features": shared, "label": ("rock", "jazz")[i % 2], "path": f"{i}.wav"}

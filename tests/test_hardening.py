@@ -26,11 +26,11 @@ import numpy as np
 import pytest
 import torch
 
-from deepfusion.config import FEATURE_KEYS
 from deepfusion.io.run_folder import LOCK_NAME
 from deepfusion.testing import (assert_same_features, assert_same_training, check_cache_entry,
                                 cli_command, damage, history_rows, invoke, leftovers,
                                 load_own_pickle, one_error_line, run_command, subprocess_env)
+from deepfusion.views import FEATURE_KEYS
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and file systems")
 

@@ -1,8 +1,9 @@
 """The house rules the layout in docs/architecture.md states, checked on the source.
 
-Imports flow one way (no cycle among the package's modules, counting imports inside functions),
-no stage imports another stage, nothing on the stage path imports the test support package,
-and no module grows past 500 lines.
+Folders are the layers: a module imports only modules of its own layer or of the layers above
+it (:data:`LAYERS`, top first), counting imports inside functions; there is no import cycle;
+no stage imports another stage; nothing on the stage path imports the test support package;
+and no module grows past 400 lines.
 """
 
 from __future__ import annotations
@@ -13,10 +14,25 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "deepfusion"
-#: The stages: each imports the rooms below it, never another stage. ``crossval`` drives the
-#: train stage K times and sits above it; ``cli`` is the shell over all of them.
-STAGES = {"extract", "train", "evaluate", "predict", "tag"}
-MAX_LINES = 500
+#: The layers, top first: each name is a module or a folder (everything under it). The
+#: drawing in docs/architecture.md is this list.
+LAYERS = [
+    ("deepfusion", "errors", "config", "backbones", "views", "patches"),   # plain data
+    ("io",),                                              # disk
+    ("runtime", "metrics", "plots", "progress"),          # where and how things run; leaf tools
+    ("audio", "features", "synth"),                       # decoding, the views, the generator
+    ("data",),                                            # splits, normalisation, the Dataset
+    ("models",),                                          # the networks and their checkpoints
+    ("jobs",),                                            # the one per-file job
+    ("inference",),                                       # models over clips and libraries
+    ("train",),                                           # the train stage and its rooms
+    ("extract", "evaluate", "predict", "embed", "export", "tag"),   # the other stages
+    ("options", "console", "cli", "__main__"),            # the command-line shell
+]
+#: The stages: each imports the rooms above it, never another stage. ``train.crossval`` drives
+#: the train stage K times (train --folds); ``cli`` is the shell over all of them.
+STAGES = {"extract", "train.run", "evaluate", "predict", "embed", "export", "tag"}
+MAX_LINES = 400
 
 
 def _module_name(path: Path) -> str:
@@ -107,6 +123,33 @@ def test_the_cycle_finder_finds_a_planted_cycle():
     graph["deepfusion.config"] = graph["deepfusion.config"] | {"deepfusion.train.run"}
     cycle = _find_cycle(graph)
     assert cycle and cycle[0] == cycle[-1] and "deepfusion.train.run" in cycle
+
+
+def _layer(module: str) -> int:
+    """The layer of a module (``deepfusion.io.cache`` -> the layer of ``io``)."""
+    parts = module.split(".")[1:] or ["deepfusion"]
+    for depth in range(len(parts), 0, -1):
+        name = ".".join(parts[:depth])
+        for i, layer in enumerate(LAYERS):
+            if name in layer:
+                return i
+    raise AssertionError(f"{module}: in no layer of LAYERS; add it to the drawing")
+
+
+def _upward(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{m} -> {d}" for m, deps in graph.items() if not m.startswith("deepfusion.testing")
+                  for d in deps if _layer(d) > _layer(m))
+
+
+def test_every_module_is_in_a_layer_and_imports_flow_down():
+    assert _upward(_graph()) == []
+
+
+def test_an_upward_import_is_found():
+    graph = _graph()
+    before = set(_upward(graph))
+    graph["deepfusion.io.cache"] = graph["deepfusion.io.cache"] | {"deepfusion.models.net"}
+    assert set(_upward(graph)) - before == {"deepfusion.io.cache -> deepfusion.models.net"}
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))

@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 import torch
 
-from deepfusion.config import ALL_KEYS
 from deepfusion.testing import cli_command, invoke, one_error_line, subprocess_env
+from deepfusion.views import ALL_KEYS
 
 SUMMARY = "files classified"
 
@@ -86,8 +86,8 @@ def test_a_second_run_runs_no_network_unless_the_model_changed(tiny_audio, check
     """The outputs of a model per file are kept (deepfusion.io.model_ids): run again with the same
     model, no window goes through the network; another model, a damaged entry or another
     precision does."""
-    from deepfusion.inference.torch_engine import TorchEngine
     from deepfusion.inference.library import Library, Prediction
+    from deepfusion.inference.torch_engine import TorchEngine
 
     calls = []
     real = TorchEngine.window_outputs

@@ -365,7 +365,7 @@ def test_feature_settings_at_their_limits_are_accepted():
     ({"fusion_hidden": [65_537]}, "model_config.fusion_hidden [65537] is not 1 to 16 widths"),
     ({"fusion_hidden": [1, True]}, "model_config.fusion_hidden [1, True] is not a list of whole "
                                    "numbers"),
-    ({"aux_rows": [20, 12]}, "model_config.aux_rows [20, 12] is not a list of whole numbers of 3"),
+    ({"aux_rows": [20, 12]}, "model_config.n_mels, aux_rows: the model takes 128 mel bands and aux rows [20, 12], the feature config makes 128 and [20, 12, 384]"),
     ({"aux_rows": [20, 13, 384]}, "the model takes 128 mel bands and aux rows [20, 13, 384], the "
                                   "feature config makes 128 and [20, 12, 384]"),
     ({"pretrained_view_rows": 50}, "model_config.pretrained_view_rows: the model takes 50 rows of "

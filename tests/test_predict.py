@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from deepfusion.audio import window_starts
-from deepfusion.config import FEATURE_KEYS
 from deepfusion.testing import invoke
+from deepfusion.views import FEATURE_KEYS
 
 GENRES = {"rock", "techno", "waltz"}
 SR = 22050

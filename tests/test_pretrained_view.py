@@ -11,12 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deepfusion.config import FEATURE_KEYS, PRETRAINED_KEY, FeatureConfig, ModelConfig
+from deepfusion.config import FeatureConfig, ModelConfig
 from deepfusion.errors import FeaturesFileError, ParameterError
 from deepfusion.features.pretrained.view import (PARTS, VIEW_ROWS, all_patches, chosen_patches,
                                                  n_patches, part_rows, patch_span, pretrained_view)
 from deepfusion.io.features_file import load_features
 from deepfusion.testing import TINY_FEATURES, invoke, load_own_pickle, save_store
+from deepfusion.views import FEATURE_KEYS, PRETRAINED_KEY
 
 
 def test_patches_per_clip_follow_musicnn():

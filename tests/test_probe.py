@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from deepfusion.config import AUX_KEYS, FEATURE_KEYS
 from deepfusion.data.normalize import fit_normalization
 from deepfusion.inference.clips import predict_clips
 from deepfusion.io.featureset import FeatureSet
 from deepfusion.models.probe import LinearProbe, clip_stats, fit_probe, pooled_stats
 from deepfusion.testing import small_rows
+from deepfusion.views import AUX_KEYS, FEATURE_KEYS
 
 N_MELS, T = 8, 40
 

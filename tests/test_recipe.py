@@ -12,13 +12,14 @@ import pandas as pd
 import pytest
 import torch
 
-from deepfusion.config import FEATURE_KEYS, MEL_KEYS, TrainConfig
+from deepfusion.config import TrainConfig
 from deepfusion.data.dataset import Augment, make_torch_dataset
 from deepfusion.errors import DatasetError, ParameterError
 from deepfusion.io.featureset import FeatureSet
 from deepfusion.testing import invoke, one_error_line, small_rows
 from deepfusion.train.crossval import grouped_folds
 from deepfusion.train.recipe import resolve_recipe
+from deepfusion.views import FEATURE_KEYS, MEL_KEYS
 
 COMMON = ("--backbone", "light", "--no-pretrained", "--batch-size", "8", "--lr", "3e-3",
           "--val-size", "0.2", "--test-size", "0.2", "--quiet")

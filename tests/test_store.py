@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-from deepfusion.config import FEATURE_KEYS
 from deepfusion.errors import FeaturesFileError, OutputError
 from deepfusion.extract import extract
 from deepfusion.io.features_file import load_feature_set, load_features
 from deepfusion.io.store import META, open_store
 from deepfusion.io.store_writer import StoreWriter
 from deepfusion.testing import TINY_FEATURES, invoke, one_error_line, save_store
+from deepfusion.views import FEATURE_KEYS
 
 
 def _refused(result) -> str:
@@ -285,7 +285,7 @@ def test_a_writer_that_dies_leaves_a_readable_store(tiny_features, tmp_path, die
     script = f"""
 import os
 import deepfusion.io.store_writer as store_writer
-from deepfusion.config import FEATURE_KEYS
+from deepfusion.views import FEATURE_KEYS
 from deepfusion.io.features_file import load_feature_set
 fs = load_feature_set({str(tiny_features)!r})
 writer = store_writer.StoreWriter({str(out)!r}, n_clips=len(fs), rows=fs.rows(), frames=fs.n_frames,

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from deepfusion.config import FEATURE_KEYS, ModelConfig
+from deepfusion.config import ModelConfig
 from deepfusion.data.normalize import fit_normalization
 from deepfusion.data.splits import check_split, make_split
 from deepfusion.errors import DatasetError
@@ -23,6 +23,7 @@ from deepfusion.models.checkpoint import load_checkpoint, model_from_checkpoint,
 from deepfusion.models.net import MultiModalNet, count_parameters
 from deepfusion.progress import epoch_seconds
 from deepfusion.testing import cli_command, invoke, small_rows, subprocess_env
+from deepfusion.views import FEATURE_KEYS
 
 ROWS = small_rows(32, mfcc=20, chroma=12, tempogram=48)
 

@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deepfusion.config import FEATURE_KEYS
 from deepfusion.errors import FeaturesFileError
 from deepfusion.io.unpickle import safe_pickle_load
 from deepfusion.testing import damage, invoke, one_error_line, subprocess_env
+from deepfusion.views import FEATURE_KEYS
 
 
 def _reduce(rv):

@@ -27,13 +27,14 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 import numpy as np
 
 from deepfusion.audio import AUDIO_EXTENSIONS, expand_inputs
-from deepfusion.config import DEFAULT_CACHE_DIR, FEATURE_KEYS
+from deepfusion.config import DEFAULT_CACHE_DIR
 from deepfusion.errors import ParameterError
 from deepfusion.io.atomic import CACHE_ENTRY_LOST
 from deepfusion.io.cache import FeatureCache
 from deepfusion.io.model_ids import ModelIds
 from deepfusion.jobs.windows import load_window, run_file_tasks
 from deepfusion.metrics import softmax
+from deepfusion.views import FEATURE_KEYS
 
 ENGINES = ("torch", "onnx")
 

@@ -19,10 +19,11 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from deepfusion.config import ALL_KEYS, FEATURE_KEYS, PRETRAINED_KEY, FeatureConfig
+from deepfusion.config import FeatureConfig
 from deepfusion.data.dataset import crop_views, segments_per_clip
 from deepfusion.errors import OnnxModelError, ParameterError
 from deepfusion.io.atomic import library_text
+from deepfusion.views import ALL_KEYS, FEATURE_KEYS, PRETRAINED_KEY
 
 #: The key of deepfusion's JSON entry in the ONNX model's ``metadata_props``.
 METADATA_KEY = "deepfusion"

@@ -14,13 +14,13 @@ from typing import Any, Optional
 
 import numpy as np
 
-from deepfusion.config import FEATURE_KEYS, MEL_KEYS, PRETRAINED_KEY, view_keys
 from deepfusion.errors import FeaturesFileError
 from deepfusion.io.atomic import atomic_write
 from deepfusion.io.cache import file_digest
 from deepfusion.io.featureset import (FeatureSet, checked_feature_config, class_names_of,
                                       group_by_of, label_name, merge_groups, what_it_is)
 from deepfusion.io.unpickle import safe_pickle_load
+from deepfusion.views import FEATURE_KEYS, MEL_KEYS, PRETRAINED_KEY, view_keys
 
 
 def write_features_file(path: Path, items: list[dict[str, Any]]) -> None:

@@ -15,8 +15,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from deepfusion.config import ALL_KEYS, FEATURE_KEYS, PRETRAINED_KEY, FeatureConfig
+from deepfusion.config import FeatureConfig
 from deepfusion.errors import DeepFusionError, FeaturesFileError
+from deepfusion.views import ALL_KEYS, FEATURE_KEYS, PRETRAINED_KEY
 
 
 @dataclass(frozen=True)

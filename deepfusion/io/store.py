@@ -31,11 +31,11 @@ from typing import Any, Optional
 
 import numpy as np
 
-from deepfusion.config import ALL_KEYS, FEATURE_KEYS, MEL_KEYS, PRETRAINED_KEY
 from deepfusion.errors import FeaturesFileError
 from deepfusion.io.atomic import library_text, os_error_reason
 from deepfusion.io.featureset import (FeatureSet, checked_feature_config, class_names_of,
                                       group_by_of, merge_groups)
+from deepfusion.views import ALL_KEYS, FEATURE_KEYS, MEL_KEYS, PRETRAINED_KEY
 
 FORMAT = "deepfusion-feature-store"
 VERSION = 1

@@ -14,12 +14,12 @@ from typing import Any, Optional
 
 import numpy as np
 
-from deepfusion.config import ALL_KEYS, PRETRAINED_KEY
 from deepfusion.errors import FeaturesFileError, OutputError
 from deepfusion.io.atomic import atomic_write, os_error_reason, remove_stale_temps
 from deepfusion.io.lock import exclusive
 from deepfusion.io.store import (CLIP_FIELDS, DTYPES, FORMAT, LOCK, META, VERSION, _current_version,
                                  _is_version_folder)
+from deepfusion.views import ALL_KEYS, PRETRAINED_KEY
 
 
 def check_destination(dest: Path) -> None:

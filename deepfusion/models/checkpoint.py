@@ -26,13 +26,13 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from deepfusion.config import (RUNTIME_FIELDS, FeatureConfig, ModelConfig, RuntimeConfig,
-                               TrainConfig, view_keys)
+from deepfusion.config import RUNTIME_FIELDS, FeatureConfig, ModelConfig, RuntimeConfig, TrainConfig
 from deepfusion.errors import CheckpointError, ParameterError
 from deepfusion.io.atomic import atomic_write, library_text
 from deepfusion.io.names import one_line
 from deepfusion.models.meta import (MODEL_DEFAULTS, check_checkpoint_path, check_description,
                                     check_normalization)
+from deepfusion.views import view_keys
 
 FORMAT_VERSION = 1
 

@@ -19,8 +19,9 @@ from dataclasses import dataclass, fields
 from numbers import Integral, Real
 from typing import Any, Callable, Mapping, Optional
 
-from deepfusion.config import AUX_KEYS, MEL_KEYS, PRETRAINED_KEY, FeatureConfig, ModelConfig
+from deepfusion.config import FeatureConfig, ModelConfig
 from deepfusion.errors import ParameterError
+from deepfusion.views import AUX_KEYS, MEL_KEYS, PRETRAINED_KEY
 
 Bad = Callable[[str], Exception]
 

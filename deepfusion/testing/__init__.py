@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from deepfusion.config import FEATURE_KEYS, PRETRAINED_KEY, FeatureConfig
+from deepfusion.config import FeatureConfig
+from deepfusion.views import FEATURE_KEYS, PRETRAINED_KEY
 
 #: The suite's tiny dataset: 3 synthetic genres x 6 clips of 6 s, and its feature settings.
 TINY_DATASET = dict(genres=3, clips_per_genre=6, duration=6.0, seed=0)

@@ -51,25 +51,10 @@ def _check_source(source: Checkpoint, path: Path, feature_config: FeatureConfig)
         raise ParameterError(f"{path}: a linear probe has no branches to start from; "
                              "--init-from takes a network's checkpoint")
     if source.feature_config != feature_config:
-        diff = settings_differences(feature_config, source.feature_config, there="for the model")
+        diff = feature_config.differences_text(source.feature_config, there="for the model")
         raise ParameterError(f"{path}: trained on features extracted with other settings than "
                              f"this run's ({diff}); extract this collection with the model's "
                              "settings")
-
-
-def settings_differences(ours: FeatureConfig, theirs: FeatureConfig, *,
-                         there: str = "there") -> str:
-    """The feature settings where ``ours`` (here) and ``theirs`` differ, by their flags:
-    ``"--sr 100 here, 22050 for the model"`` (several joined by ", ")."""
-    from deepfusion.config import flag_of
-
-    def value(field: str, v: Any) -> str:
-        if v is None:   # an option given as a word: --pretrained-view none, --fmax auto
-            return "none" if field == "pretrained_view" else "auto"
-        return f"{v:g}" if isinstance(v, float) else str(v)
-
-    return ", ".join(f"{flag_of(k)} {value(k, a)} here, {value(k, b)} {there}"
-                     for k, (a, b) in ours.differences(theirs).items())
 
 
 def model_config_from(source: Checkpoint, *, n_classes: int, backbone: Optional[str],

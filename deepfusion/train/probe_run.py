@@ -10,8 +10,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from deepfusion.config import (AUX_KEYS, PRETRAINED_KEY, FeatureConfig, ModelConfig, RuntimeConfig,
-                               TrainConfig)
+from deepfusion.config import FeatureConfig, ModelConfig, RuntimeConfig, TrainConfig
 from deepfusion.data.normalize import fit_normalization
 from deepfusion.data.splits import split_summary
 from deepfusion.inference.clips import clip_loss, predict_clips
@@ -20,6 +19,7 @@ from deepfusion.models.checkpoint import save_checkpoint
 from deepfusion.train.recipe import resolve_recipe
 from deepfusion.train.result import TrainResult, base_payload
 from deepfusion.train.run_writer import write_log
+from deepfusion.views import AUX_KEYS, PRETRAINED_KEY
 
 
 def train_probe(fs: FeatureSet, features: Path, split: np.ndarray, indices, *,

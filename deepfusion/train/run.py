@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from deepfusion.backbones import default_backbone
-from deepfusion.config import (ARCHITECTURE_FIELDS, AUTO_FIELDS, AUX_KEYS, PRETRAINED_KEY,
-                               ModelConfig, RuntimeConfig, TrainConfig)
+from deepfusion.config import (ARCHITECTURE_FIELDS, AUTO_FIELDS, ModelConfig, RuntimeConfig,
+                               TrainConfig)
 from deepfusion.data.dataset import (Augment, feature_config_of, make_train_loader, segment_frames,
                                      segments_per_clip)
 from deepfusion.data.normalize import fit_normalization
@@ -49,6 +49,7 @@ from deepfusion.train.probe_run import train_probe
 from deepfusion.train.recipe import resolve_recipe, resume_model, resume_recipe
 from deepfusion.train.result import TrainResult, base_payload
 from deepfusion.train.run_writer import RunWriter, write_log
+from deepfusion.views import AUX_KEYS, PRETRAINED_KEY
 
 
 def train(features: Path, *, model_dir: Path = Path("models"), config: TrainConfig = TrainConfig(),
