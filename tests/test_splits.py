@@ -156,6 +156,8 @@ def test_a_split_file_of_the_wrong_shape_is_refused_naming_the_line(tmp_path):
             "line 3: path '../b.wav' leaves the dataset root; paths are relative to --audio-dir",
         "path,split\n/b.wav,val\n":
             "line 2: path '/b.wav' leaves the dataset root; paths are relative to --audio-dir",
+        "path,split\n ,test\na.wav,train\n": "line 2: empty path",
+        "split,path\nval,a.wav\ntest\n": "line 3: empty path",
         "path,split\na.wav,train\nb.wav,val\n a.wav ,test\n":
             "line 4: 'a.wav' is listed again (first on line 2); list each clip once",
         "path,split\nx.wav,train\n": "none of its paths is a clip of f.pkl (it lists x.wav; f.pkl "
