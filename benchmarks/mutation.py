@@ -25,13 +25,14 @@ line when it is missing):
     python benchmarks/mutation.py --jobs 1 --keep    # one worker; keep the work folders
 
 Targets: unpickle, guard (the output rule), metrics, ddp (shard, unshard and the rank/world
-size they read), meta (the checkpoint checks); pickle_meter only when named (not worked on
-yet: 53.5%). Splits and the feature cache's entry validation are not targets yet (being
-reorganised).
+size they read), meta (the checkpoint checks), splits (grouped random splits, split files and
+the checks of a split), cache (the cache's entry format and validation: digests, Entries,
+FeatureCache, OutputsCache); pickle_meter only when named (not worked on yet: 53.5%).
 
-Took here (2 shared cores, ``--jobs 2``, mutmut 3.8.1), the default set: 1714 mutants in about
-7 minutes (unpickle 237 s, meta 69 s, metrics 49 s, guard 33 s, ddp 32 s), 1593 killed, 46
-survived, 75 equivalent: 97.2% (each module 93.5% or more).
+Took here (2 shared cores, ``--jobs 2``, mutmut 3.8.1), the default set: 2306 mutants in about
+8 minutes (unpickle 237 s, meta 69 s, metrics 49 s, cache 36 s, guard 33 s, ddp 32 s, splits
+29 s), 2162 killed, 46 survived, 98 equivalent: 97.9% (each module 93.5% or more; splits 347
+and cache 245 mutants, none surviving, timed in a run of their own).
 """
 
 from __future__ import annotations
@@ -98,6 +99,10 @@ TARGETS = {
                   functions=("shard", "unshard", "rank", "world_size"), isolation="forkserver"),
     "meta": Target("deepfusion/models/meta.py", ("tests/test_model_metadata.py",),
                    isolation="fork"),
+    "splits": Target("deepfusion/data/splits.py", ("tests/test_splits.py",)),
+    # the entry format and its validation; the commands that repair entries
+    # (test_cache_repair) extract and predict per session, far too slow per mutant
+    "cache": Target("deepfusion/io/cache.py", ("tests/test_cache_entries.py",)),
 }
 
 #: Survivors that behave exactly as the code does, or differ only where no input reaches:
@@ -132,6 +137,16 @@ _WHY = {
     'falsy frame': "'' is falsy as None is: pickle reads the file itself either way",
     'still truncated': "the line still says 'truncated', which is what the caller looks for",
     'falsy': 'None is falsy as False is',
+    'one alias': 'one split ships (gtzan-fault-filtered): the separator of the list is never written',
+    'csv newline': "a split file's fields hold no line break: csv ends lines at \\r, \\n and \\r\\n with newline='' as after Python's translation",
+    'codec case': 'codec names are case-insensitive: the same codec',
+    'stand-in root': "a stand-in root, never named: only a path climbing out into a folder of the stand-in's own name ('../dataset-root/x.wav') tells them apart, and it matches no clip either way",
+    'csv lines': "csv's messages are under 100 characters: cut at 120 or 160, the same",
+    'no example': 'features files whose clips all lack a path are refused before: the default is never taken',
+    'block': 'a block of 2 MiB instead of 1 MiB: the same digest, the memory still bounded',
+    'no pickle': "np.load's own default is allow_pickle=False (and None is falsy)",
+    'caught': 'the ValueError is caught three lines below and never shown',
+    'meta order': 'the meta is read back as a dict: the order of its keys is never seen',
 }
 EQUIVALENT: dict[tuple[str, str, str, str], str] = {
     ('guard', 'x__head',
@@ -359,6 +374,75 @@ EQUIVALENT: dict[tuple[str, str, str, str], str] = {
     ('unpickle', 'x__damaged',
      'pickled = False',
      'pickled = None'): _WHY['falsy'],
+    ('splits', 'x_resolve_split_file',
+     'aliases = ", ".join(SPLIT_ALIASES)',
+     'aliases = "XX, XX".join(SPLIT_ALIASES)'): _WHY['one alias'],
+    ('splits', 'x_read_split_file',
+     'with open(path, newline="", encoding="utf-8-sig") as fh:   # a BOM is allowed',
+     'with open(path, newline=None, encoding="utf-8-sig") as fh:   # a BOM is allowed'): _WHY['csv newline'],
+    ('splits', 'x_read_split_file',
+     'with open(path, newline="", encoding="utf-8-sig") as fh:   # a BOM is allowed',
+     'with open(path, encoding="utf-8-sig") as fh:   # a BOM is allowed'): _WHY['csv newline'],
+    ('splits', 'x_read_split_file',
+     'with open(path, newline="", encoding="utf-8-sig") as fh:   # a BOM is allowed',
+     'with open(path, newline="", encoding="UTF-8-SIG") as fh:   # a BOM is allowed'): _WHY['codec case'],
+    ('splits', 'x_read_split_file',
+     'resolve_inside(Path("/dataset-root"), rel, source=f"{path}: line {line}",',
+     'resolve_inside(Path("XX/dataset-rootXX"), rel, source=f"{path}: line {line}",'): _WHY['stand-in root'],
+    ('splits', 'x_read_split_file',
+     'resolve_inside(Path("/dataset-root"), rel, source=f"{path}: line {line}",',
+     'resolve_inside(Path("/DATASET-ROOT"), rel, source=f"{path}: line {line}",'): _WHY['stand-in root'],
+    ('splits', 'x_read_split_file',
+     'show_root=False)',
+     'show_root=None)'): _WHY['falsy'],
+    ('splits', 'x_read_split_file',
+     'raise DatasetError(f"{path}: not a readable CSV ({library_text(exc, 120)})") from None',
+     'raise DatasetError(f"{path}: not a readable CSV ({library_text(exc, )})") from None'): _WHY['csv lines'],
+    ('splits', 'x_read_split_file',
+     'raise DatasetError(f"{path}: not a readable CSV ({library_text(exc, 120)})") from None',
+     'raise DatasetError(f"{path}: not a readable CSV ({library_text(exc, 121)})") from None'): _WHY['csv lines'],
+    ('splits', 'x_read_split_file',
+     'example = next((p for p in paths if p), "")',
+     'example = next((p for p in paths if p), None)'): _WHY['no example'],
+    ('splits', 'x_read_split_file',
+     'example = next((p for p in paths if p), "")',
+     'example = next((p for p in paths if p), )'): _WHY['no example'],
+    ('splits', 'x_read_split_file',
+     'example = next((p for p in paths if p), "")',
+     'example = next((p for p in paths if p), "XXXX")'): _WHY['no example'],
+    ('cache', 'x_file_digest',
+     'for block in iter(lambda: fh.read(1 << 20), b""):',
+     'for block in iter(lambda: fh.read(2 << 20), b""):'): _WHY['block'],
+    ('cache', 'x_file_digest',
+     'for block in iter(lambda: fh.read(1 << 20), b""):',
+     'for block in iter(lambda: fh.read(1 << 21), b""):'): _WHY['block'],
+    ('cache', 'xǁEntriesǁread',
+     'with np.load(path, allow_pickle=False) as npz:',
+     'with np.load(path, allow_pickle=None) as npz:'): _WHY['no pickle'],
+    ('cache', 'xǁEntriesǁread',
+     'with np.load(path, allow_pickle=False) as npz:',
+     'with np.load(path, ) as npz:'): _WHY['no pickle'],
+    ('cache', 'xǁEntriesǁread',
+     'raise ValueError("other arrays: written by other code under this name")',
+     'raise ValueError(None)'): _WHY['caught'],
+    ('cache', 'xǁEntriesǁread',
+     'raise ValueError("other arrays: written by other code under this name")',
+     'raise ValueError("XXother arrays: written by other code under this nameXX")'): _WHY['caught'],
+    ('cache', 'xǁEntriesǁread',
+     'raise ValueError("other arrays: written by other code under this name")',
+     'raise ValueError("OTHER ARRAYS: WRITTEN BY OTHER CODE UNDER THIS NAME")'): _WHY['caught'],
+    ('cache', 'xǁEntriesǁwrite',
+     'np.savez(fh, **arrays, **{_META: np.array(json.dumps(meta, sort_keys=True))})',
+     'np.savez(fh, **arrays, **{_META: np.array(json.dumps(meta, sort_keys=None))})'): _WHY['meta order'],
+    ('cache', 'xǁEntriesǁwrite',
+     'np.savez(fh, **arrays, **{_META: np.array(json.dumps(meta, sort_keys=True))})',
+     'np.savez(fh, **arrays, **{_META: np.array(json.dumps(meta, ))})'): _WHY['meta order'],
+    ('cache', 'xǁEntriesǁwrite',
+     'np.savez(fh, **arrays, **{_META: np.array(json.dumps(meta, sort_keys=True))})',
+     'np.savez(fh, **arrays, **{_META: np.array(json.dumps(meta, sort_keys=False))})'): _WHY['meta order'],
+    ('cache', 'xǁOutputsCacheǁget',
+     'return (*(arrays[k].astype(np.float64) for k in _OUTPUTS), meta["frames"])',
+     'return (*(arrays[k].astype(None) for k in _OUTPUTS), meta["frames"])'): _WHY['astype None'],
 }
 
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "untested", 33: "untested",

@@ -82,7 +82,8 @@ def read_split_file(spec: str | Path, paths: list[str], *, source: str = "") -> 
     Raises
     ------
     DatasetError
-        Malformed file, unknown split names, paths leaving the dataset root, or no overlap.
+        Malformed file, unknown split names, empty paths or paths leaving the dataset root,
+        a path listed twice, or no overlap.
     """
     from deepfusion.audio import resolve_inside
 
@@ -101,6 +102,8 @@ def read_split_file(spec: str | Path, paths: list[str], *, source: str = "") -> 
                 rel = (row["path"] or "").strip()
                 if name not in SPLITS:
                     raise DatasetError(f"{path}: line {line}: split must be train, val or test, got {name!r}")
+                if not rel:     # else its split would go to every clip without a path
+                    raise DatasetError(f"{path}: line {line}: empty path")
                 resolve_inside(Path("/dataset-root"), rel, source=f"{path}: line {line}",
                                show_root=False)
                 if rel in first_line:
