@@ -142,7 +142,7 @@ def cpu_run(tiny_features, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         _pretend_gpu_machine(mp)
         mp.setattr(runtime, "cpu_supports_bf16", lambda: True)
-        mp.setattr(runtime, "device_memory", lambda device: 2**20)
+        mp.setattr(memory, "device_memory", lambda device: 2**20)
         result = invoke("train", "--features", tiny_features, "--model-dir", out, "--epochs", "2",
                         "--deterministic", *RUN)
     assert result.exit_code == 0, result.output
