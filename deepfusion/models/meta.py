@@ -85,9 +85,9 @@ def _kind_ok(kind: str, value: Any) -> bool:
     if kind == "str":
         return isinstance(value, str)
     if kind.startswith("tuple[int"):
+        # every tuple field is tuple[int, ...]: its length is checked against the rows it sizes
         return isinstance(value, (list, tuple)) and all(
-            isinstance(v, Integral) and not isinstance(v, bool) for v in value) and (
-            kind.endswith("...]") or len(value) == kind.count("int"))
+            isinstance(v, Integral) and not isinstance(v, bool) for v in value)
     return True   # a type this check does not know: the dataclass's own checks decide
 
 
@@ -99,8 +99,7 @@ def _what(kind: str) -> str:
     if kind.startswith("Optional["):
         return _what(kind[len("Optional["):-1]) + " or none"
     if kind.startswith("tuple[int"):
-        size = "" if kind.endswith("...]") else f" of {kind.count('int')}"
-        return "a list of whole numbers" + size
+        return "a list of whole numbers"
     return _WHAT.get(kind, kind)
 
 
