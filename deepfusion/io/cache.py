@@ -24,7 +24,7 @@ copy, bit rot: the zip's CRC-32 covers every array) or written by other code und
 (other arrays, shapes or dtypes, values that are not finite) reads as damaged: every reader
 computes it again and replaces it atomically (:meth:`FeatureCache.check`).
 
-An outputs entry holds what :mod:`deepfusion.predict` averages for one file: the sums over
+An outputs entry holds what :mod:`deepfusion.inference.library` averages for one file: the sums over
 its windows of one model's logits, modality attention and embedding, and the frames per
 window (in ``__meta__``). The model id (:func:`~deepfusion.io.model_ids.model_id`) names the
 model file's SHA-256, the engine, the device kind and the precision, so another model, device

@@ -1,9 +1,10 @@
 """One file's work for extract (and predict's library), run in worker processes.
 
-Hashing, decoding under ``--timeout`` with the check that the file did not change meanwhile,
-computing the six views and storing the cache entry; the joblib or Dask pool that runs these
-tasks; and, for the torch backend on a GPU, the batches of decoded clips that the main process
-analyses on the device (:func:`feature_tasks` chooses).
+The one per-file job (:func:`_file_job`): hashing, the cache check, decoding under
+``--timeout`` with the check that the file did not change meanwhile, computing the views and
+storing the cache entry (or handing the decoded clip to the device batcher,
+:mod:`deepfusion.jobs.batcher`). :func:`_run_tasks` hands the jobs to joblib or Dask
+(:mod:`deepfusion.runtime.pool`); the limits and failures are :mod:`deepfusion.jobs.limits`.
 """
 
 from __future__ import annotations
