@@ -15,8 +15,9 @@ piptrack's peak picking) runs on the device in float32. Two small steps run on t
 librosa's own code because they are not arithmetic but counting: the median and histogram of
 the picked peaks that give a clip's tuning (a few thousand numbers per clip), and the chroma
 filter bank of that tuning. On the CPU device the two median filters run through
-:func:`~deepfusion.features.numpy_views.median_filter_axis` (bottleneck), ten times faster there than
-``torch.median`` over unfolded windows; both give the same values (a median picks an input).
+:func:`~deepfusion.features.numpy_views.median_filter_axis` (a compiled sorting network,
+:mod:`deepfusion.features.hpss`), far faster there than ``torch.median`` over unfolded
+windows; both give the same values (a median picks an input).
 
 The values agree with :func:`~deepfusion.features.numpy_views.compute_features` to float32 rounding of
 the STFT, not bit for bit: :data:`TOLERANCE` per view (``tests/test_features_torch.py``).
@@ -92,7 +93,8 @@ def median_filter(S: torch.Tensor, *, size: int, dim: int) -> torch.Tensor:
 
     Equals :func:`deepfusion.features.numpy_views.median_filter_axis` on each clip. On accelerators the
     windows are unfolded and reduced with ``torch.median``, in chunks of at most
-    :data:`MEDIAN_CHUNK_ELEMENTS`; on the CPU bottleneck's running median does the same faster.
+    :data:`MEDIAN_CHUNK_ELEMENTS`; on the CPU :func:`deepfusion.features.hpss.running_median`
+does the same faster, the whole batch in one call.
 
     Parameters
     ----------
