@@ -200,9 +200,10 @@ def compute_features(y: np.ndarray, config: FeatureConfig = FeatureConfig(), *,
     y : np.ndarray [shape=(n_samples,)]
         Mono waveform at ``config.sample_rate`` (already padded or trimmed).
     config : FeatureConfig
-    view_runtime : {None, 'onnx'}
-        What runs the pretrained view's network (:func:`deepfusion.features.pretrained.view.pretrained_view`'s
-        ``runtime``): torch where installed, or onnxruntime.
+    view_runtime : {None, 'onnx', 'torch'}
+        What runs the pretrained view's network
+        (:func:`deepfusion.features.pretrained.view.runtime_of`): None, onnxruntime where it
+        is installed, else torch.
 
     Returns
     -------

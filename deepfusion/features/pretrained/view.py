@@ -45,10 +45,10 @@ def pretrained_view(y: np.ndarray, sample_rate: int, model: str = "MTT_musicnn",
         One patch in every ``stride`` (:func:`chosen_patches`); 1: all of them.
     device : str, optional
         A torch device for the network (default: the CPU).
-    runtime : {None, 'onnx'}
-        None: torch where it is installed, else onnxruntime; ``onnx``: onnxruntime on the
-        shipped ONNX form even where torch is installed (``predict --engine onnx`` never
-        imports torch). Either gives the view within float32 rounding.
+    runtime : {None, 'onnx', 'torch'}
+        What runs the network (:func:`runtime_of`): None, onnxruntime on the CPU where it is
+        installed, else torch; ``onnx`` or ``torch`` is obeyed (``predict --engine onnx``
+        never imports torch). Either gives the view within float32 rounding.
 
     Returns
     -------
@@ -113,16 +113,38 @@ def view_rows(out: dict):
                       out["taggram"]], dim=1)                       # (P, 50)
 
 
+def runtime_of(runtime: Optional[str] = None, device: Optional[str] = None) -> str:
+    """What runs the network: ``"onnx"`` (onnxruntime on the shipped ONNX form) or
+    ``"torch"``.
+
+    ``runtime`` ``onnx`` or ``torch`` is obeyed. Otherwise (None): on the CPU (``device`` None
+    or ``cpu``) onnxruntime where it is installed, as it is faster there, to start (0.3 s to
+    import against torch's 1.3-2 s) and per patch (about half torch's time on one core,
+    ``benchmarks/extract_speed.py``), with the same rows within float32 rounding (1.8e-6 on
+    20 real clips against the tolerance 1e-3); torch on any other device, or where
+    onnxruntime is not installed.
+    """
+    if runtime in ("onnx", "torch"):
+        return runtime
+    if device not in (None, "cpu"):
+        return "torch"
+    import importlib.util
+
+    return "onnx" if importlib.util.find_spec("onnxruntime") is not None else "torch"
+
+
 def _run(model: str, device: Optional[str], x: np.ndarray,
          runtime: Optional[str] = None) -> np.ndarray:
-    """The rows of patches ``x`` (P, 187, 96): torch where it is installed (unless ``runtime``
-    is ``onnx``), else onnxruntime on the shipped ONNX form of the same network (a machine
-    that only classifies with ``predict --engine onnx``)."""
-    try:
-        if runtime == "onnx":
-            raise ImportError
-        import torch
-    except ImportError:
+    """The rows of patches ``x`` (P, 187, 96) on :func:`runtime_of` ``runtime``: onnxruntime
+    on the shipped ONNX form of the network (also on a machine without torch, one that only
+    classifies with ``predict --engine onnx``), or torch."""
+    chosen = runtime_of(runtime, device)
+    if chosen == "torch":
+        try:
+            import torch
+        except ImportError:
+            chosen = "onnx"
+    if chosen == "onnx":
         return _onnx_session(model).run(None, {"patches": x})[0]
     net = _network(model, str(torch.device(device or "cpu")))
     dev = next(net.parameters()).device
