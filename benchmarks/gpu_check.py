@@ -175,7 +175,8 @@ def probe(args) -> int:
     sys.path.insert(0, str(HERE))
     from train_speed import _cpu_name
 
-    commit = subprocess.run(["git", "-C", str(HERE.parent), "rev-parse", "--short", "HEAD"],
+    # -dirty: the working tree differs from that commit
+    commit = subprocess.run(["git", "-C", str(HERE.parent), "describe", "--always", "--dirty"],
                             capture_output=True, text=True).stdout.strip() or "unknown commit"
     print(f"{_cpu_name()}, {cores()} cores, {_memory_gib()}; {gpu}; torch {torch.__version__}, "
           f"{_onnxruntime()}; deepfusion {commit}; {time.strftime('%Y-%m-%d %H:%M %Z')}")

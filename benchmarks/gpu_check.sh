@@ -32,7 +32,7 @@
 #   _TRAIN, _PREDICT; sizes: GPU_CHECK_CLIPS, GPU_CHECK_GRID, GPU_CHECK_PRECISIONS,
 #   GPU_CHECK_FULL, GPU_CHECK_STEPS, GPU_CHECK_WARMUP (see benchmarks/gpu_check.py).
 # Timing: on a GPU the run's budget (450 s) keeps it under 8 minutes; the GPU defaults are
-# sized to fit it on a 16-core H200 but are not yet measured there. The CPU mode took 252 s
+# sized to fit it on a 16-core H200 but are not yet measured there. The CPU mode took 262 s
 # on this project's 2-core machine (docs/scaling.md quotes its table).
 
 set -u
@@ -43,6 +43,7 @@ HELPER="$HERE/gpu_check.py"
 SECTIONS=" ${GPU_CHECK_SECTIONS:-extract train predict checks} "
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 T_START=$(date +%s)
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo unknown)
 
 info=$("$PY" "$HELPER" probe "${GPU_CHECK_DEVICE:-auto}")
 rc=$?
@@ -222,5 +223,6 @@ elif section checks && [ -n "$CK" ]; then
     fi
 fi
 
-record "gpu_check.sh, the whole run" "$(($(date +%s) - T_START)) s wall (GPU_CHECK_BUDGET_S=$BUDGET)"
+record "gpu_check.sh, the whole run" "$(($(date +%s) - T_START)) s wall (GPU_CHECK_BUDGET_S=$BUDGET); \
+load average $LOAD_START at the start, $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo unknown) at the end"
 "$PY" "$HELPER" table "$R" "$HEADER"
