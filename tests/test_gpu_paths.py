@@ -702,10 +702,24 @@ def test_gpu_check_exits_non_zero_for_views_over_their_tolerance(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_check_script_on_a_machine_without_a_gpu(tmp_path):
+    """Without a GPU the script runs its CPU mode: the machine line says "no GPU", a measured
+    cell has a figure, and every figure only a GPU gives says it was not measured."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable,
-           "GPU_CHECK_DIR": str(tmp_path), "PYTHONPATH": str(REPO)}
+           "GPU_CHECK_DIR": str(tmp_path), "PYTHONPATH": str(REPO), "GPU_CHECK_SECTIONS": "train",
+           "GPU_CHECK_GRID": "light:16", "GPU_CHECK_PRECISIONS": "fp32 fp16",
+           "GPU_CHECK_STEPS": "1", "GPU_CHECK_WARMUP": "1"}
+    env.pop("GPU_CHECK_DEVICE", None)
     result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh")], env=env,
-                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "no GPU" in result.stdout
-    assert not list(tmp_path.iterdir())           # it stopped before rendering anything
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("Machine: ") and "no GPU" in lines[0]
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1] for line in lines if line.startswith("| ")}
+    assert "segments/s" in rows["train: light fp32, batch 16, 3-s crops"]
+    assert "peak RSS" in rows["train: light fp32, batch 16, 3-s crops"]
+    assert rows["train: light fp16, batch 16,32,64,128"].startswith("not measured (no GPU")
+    assert rows["train: light bf16, batch 16,32,64,128"] == \
+        "not measured (left out by GPU_CHECK_PRECISIONS)"
+    assert rows["train: light fp32, batch 32,64,128"] == "not measured (left out by GPU_CHECK_GRID)"
+    assert not any(r.startswith("extract") or r.startswith("predict") for r in rows)
+    assert (tmp_path / "results.tsv").is_file()
