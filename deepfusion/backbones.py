@@ -31,8 +31,8 @@ class Backbone:
     last_norm_stride: int
     #: bytes autograd keeps per input value (one mel band x one frame) of one mel branch in
     #: float32 training: the slope of the saved tensors' size with the input's, measured with
-    #: ``torch.autograd.graph.saved_tensors_hooks`` (``benchmarks/gpu_check.py`` prints it
-    #: beside ``torch.cuda.max_memory_allocated``)
+    #: ``torch.autograd.graph.saved_tensors_hooks``; ``benchmarks/gpu_check.sh`` prints the
+    #: peak device memory of training beside train's estimate from it
     activation_bytes: int
     #: the auto recipe (the TrainConfig fields left None), chosen with
     #: ``benchmarks/generalization.py`` (see the README)
