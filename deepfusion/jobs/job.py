@@ -310,22 +310,28 @@ def _file_job(path: str, cache_dir: str, config_dict: dict, timeout: Optional[fl
 
 
 def _run_tasks(tasks: list[tuple], jobs: Optional[int], scheduler: Optional[str],
-               cache_dir: Path, workers: dict[str, int],
-               task: Callable = hash_and_compute) -> Iterator[tuple[int, tuple]]:
-    """``(index, task(*tasks[index]))`` as tasks finish, on joblib workers or on a Dask
-    cluster (``scheduler``, see :mod:`deepfusion.runtime.cluster`; ``workers`` counts the tasks each
-    Dask worker ran)."""
+               cache_dir: Path, workers: dict[str, int], task: Callable = hash_and_compute, *,
+               ahead: int = 0) -> Iterator[tuple[int, tuple]]:
+    """``(index, task(*tasks[index]))`` as tasks finish, on joblib's workers (``jobs``; one:
+    in this process) or on a Dask cluster (``scheduler``, see :mod:`deepfusion.runtime.cluster`;
+    ``workers`` counts the tasks each Dask worker ran).
+
+    Tasks are submitted as results are taken, never more than the pool's bound ahead of the
+    caller (:func:`~deepfusion.runtime.pool.pool_results`, :func:`~deepfusion.runtime.pool.map_unordered`),
+    and at least ``ahead`` (a caller that gathers batches: the next batch is decoded while it
+    computes one)."""
     if not tasks:
         return
     numbered = [(i, task, *args) for i, args in enumerate(tasks)]
     if scheduler:
         from deepfusion.runtime.cluster import check_shared, connect
-        from deepfusion.runtime.pool import map_unordered, recount
+        from deepfusion.runtime.pool import dask_in_flight, map_unordered, recount
 
         with connect(scheduler) as client:
             started = check_shared(client, cache_dir)
             results = map_unordered(client, indexed, numbered, per_worker=workers,
-                                    label=lambda args: args[2], total=len(numbered))
+                                    label=lambda args: args[2], total=len(numbered),
+                                    in_flight=max(ahead, dask_in_flight(client)))
             if task is hash_and_compute:   # a task run again after a lost worker says "cached"
                 cache = FeatureCache(Path(cache_dir), FeatureConfig.from_dict(tasks[0][2]))
                 results = recount(results, cache.path, started)
@@ -335,11 +341,9 @@ def _run_tasks(tasks: list[tuple], jobs: Optional[int], scheduler: Optional[str]
         # as joblib runs one job (in this process), without importing it or starting a pool
         yield from (indexed(*args) for args in numbered)
         return
-    from joblib import delayed
-
-    jobs = default_jobs() if jobs is None else int(jobs)
-    yield from pool_results((delayed(indexed)(*args) for args in numbered), min(jobs, len(tasks)),
-                            ordered=False, what="extracting")
+    n_jobs = min(default_jobs() if jobs is None else int(jobs), len(tasks))
+    yield from pool_results(indexed, numbered, n_jobs, ordered=False, what="extracting",
+                            in_flight=max(ahead, 2 * n_jobs))
 
 
 def resolve_backend(backend: Optional[str] = None,
