@@ -176,10 +176,11 @@ def test_extract_torch_backend_matches_numpy_and_shares_its_cache(tmp_path):
 
 
 @pytest.mark.slow
-def test_extract_gpu_path_batches_in_the_main_process(tmp_path, monkeypatch):
-    """The GPU design run on the CPU: workers decode, this process analyses batches of 3 (5
-    clips: a full batch and a remainder of 2); a batch that fails is redone clip by clip, and
-    a clip that fails alone is reported as that file's error, the others kept."""
+def test_extract_torch_batches_in_the_main_process(tmp_path, monkeypatch):
+    """The one torch pipeline, on the CPU as on a GPU: workers decode, this process analyses
+    batches of 3 (5 clips: a full batch and a remainder of 2); a batch that fails is redone
+    clip by clip, and a clip that fails alone is reported as that file's error, the others
+    kept."""
     import deepfusion.features.torch_views as ft
     import deepfusion.jobs.batcher as device_batches
     from deepfusion.synth import synthesize_dataset
@@ -201,7 +202,6 @@ def test_extract_gpu_path_batches_in_the_main_process(tmp_path, monkeypatch):
             raise RuntimeError("this clip is cursed")
         return real(y, config, device=device)
 
-    monkeypatch.setattr(device_batches, "TORCH_IN_WORKERS", ())
     monkeypatch.setattr(device_batches, "TORCH_BATCH_SAMPLES", 3 * CONFIG.sample_rate * 4)
     monkeypatch.setattr(ft, "compute_features_torch", flaky)
     run = invoke("extract", "--audio-dir", audio, "--out", tmp_path / "torch.pkl",
