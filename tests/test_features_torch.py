@@ -120,6 +120,22 @@ def test_unfolded_median_equals_the_numpy_one(shape, dim, monkeypatch):
     assert np.array_equal(median_filter(torch.from_numpy(S), size=31, dim=dim).numpy(), want)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("shape", [(5, 40, 50), (1, 7, 5), (2, 1025, 12), (40, 50)])
+@pytest.mark.parametrize("dim", [-1, -2])
+def test_the_cpu_median_on_threads_equals_bottlenecks(shape, dim, threads):
+    """Sliced across clips (or, with fewer clips than threads, across the other axis), one
+    slice per torch thread: the same values as one call."""
+    S = np.random.default_rng(2).random(shape, dtype=np.float32)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = median_filter(torch.from_numpy(S), size=31, dim=dim).numpy()
+    finally:
+        torch.set_num_threads(before)
+    assert np.array_equal(got, median_filter_axis(S, size=31, axis=dim))
+
+
 def test_bad_batches_are_refused():
     with pytest.raises(ParameterError, match="non-finite"):
         compute_features_torch(np.full((1, CONFIG.n_samples), np.nan, np.float32), CONFIG)
