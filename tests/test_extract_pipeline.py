@@ -116,3 +116,27 @@ def test_an_entry_lost_after_its_report_is_computed_again_by_the_batch_function(
     junk = audio / "rock" / "junk.wav"
     assert "cannot decode" in compute_again(str(junk), file_digest(junk), tmp_path / "cache", 60,
                                             cache=cache, config=CONFIG, device="cpu")
+
+
+def test_clips_decoded_before_a_worker_died_are_kept(audio, tmp_path, spied):
+    """A worker lost mid-run stops it (one line, see runtime/pool); the clips other workers
+    had decoded are computed and stored first, so the rerun has less to do."""
+    from deepfusion.audio import decode
+    from deepfusion.errors import WorkerCrashError
+    from deepfusion.jobs.batcher import torch_batches
+
+    batches, _ = spied
+    paths = sorted((audio / "rock").glob("rock.*.wav"))
+
+    def results():
+        for i, path in enumerate(paths):
+            clip = decode(path, sr=CONFIG.sample_rate, duration=CONFIG.duration)
+            yield i, (file_digest(path), None, (clip.y, {"audio_sha": "x", "source_sr": 1,
+                                                         "channels": 1, "source_seconds": 3.0}), False)
+        raise WorkerCrashError("a worker process died while extracting")
+
+    cache = FeatureCache(tmp_path / "cache", CONFIG)
+    cache.prepare()
+    with pytest.raises(WorkerCrashError):
+        list(torch_batches(results(), cache, CONFIG, "cpu"))
+    assert batches == [2] and all(cache.load(file_digest(p)) is not None for p in paths)

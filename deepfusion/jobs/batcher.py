@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from deepfusion.config import FeatureConfig
-from deepfusion.errors import DeepFusionError
+from deepfusion.errors import ClusterLostError, DeepFusionError, WorkerCrashError
 from deepfusion.io.cache import FeatureCache
 from deepfusion.jobs.job import _run_tasks, compute_entry, decode_entry, hash_and_decode
 from deepfusion.jobs.limits import failed
@@ -75,14 +75,20 @@ def torch_batches(results: Iterator[tuple[int, tuple]], cache: FeatureCache,
     a failure is reported for the file that causes it."""
     size = batch_size(config)
     pending: list[tuple[int, str, Any, dict, bool]] = []
-    for index, (key, reason, decoded, repaired) in results:
-        if decoded is None:
-            yield index, (key, reason, False, False)
-            continue
-        pending.append((index, key, *decoded, repaired))
-        if len(pending) >= size:
-            yield from _analyse(pending, cache, config, device, clock)
-            pending = []
+    try:
+        for index, (key, reason, decoded, repaired) in results:
+            if decoded is None:
+                yield index, (key, reason, False, False)
+                continue
+            pending.append((index, key, *decoded, repaired))
+            if len(pending) >= size:
+                batch, pending = pending, []
+                yield from _analyse(batch, cache, config, device, clock)
+    except (WorkerCrashError, ClusterLostError):
+        # the run stops; what was decoded before the worker or cluster was lost is kept
+        for _ in _analyse(pending, cache, config, device, clock):
+            pass
+        raise
     if pending:
         yield from _analyse(pending, cache, config, device, clock)
 
