@@ -165,10 +165,10 @@ THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BL
 
 
 def _worker_env(n_jobs: int) -> dict[str, str]:
+    """The environment joblib gives ``n_jobs`` workers: :data:`THREAD_VARS`, and TBB's IPC."""
     share = str(max(1, default_jobs() // n_jobs))
-    env = {var: os.environ.get(var, share) for var in THREAD_VARS}
-    env.setdefault("ENABLE_IPC", os.environ.get("ENABLE_IPC", "1"))   # TBB's, as joblib's
-    return env
+    return {**{var: os.environ.get(var, share) for var in THREAD_VARS},
+            "ENABLE_IPC": os.environ.get("ENABLE_IPC", "1")}
 
 
 def pool_results(fn: Callable, arguments: Iterable[tuple], n_jobs: int, *, ordered: bool,
