@@ -92,14 +92,20 @@ def test_torch_on_the_cpu_runs_through_the_pipeline(audio, numpy_rows, tmp_path,
     assert batches == [4] and again.device_busy == 0.0
 
 
-def test_batches_are_bounded_by_samples(audio, tmp_path, spied, monkeypatch):
+def test_batches_are_bounded_by_samples_and_decoded_a_batch_ahead(audio, tmp_path, spied,
+                                                                   monkeypatch):
+    """Batches of at most TORCH_BATCH_SAMPLES; while one is computed the workers decode up
+    to a batch (or two clips per worker, whichever is more) ahead, and no further (the
+    pool's bound: tests/test_pool.py)."""
     import deepfusion.jobs.batcher as batcher
 
     batches, _ = spied
+    real, ahead = batcher._run_tasks, []
+    monkeypatch.setattr(batcher, "_run_tasks", lambda *a, **k: ahead.append(k) or real(*a, **k))
     monkeypatch.setattr(batcher, "TORCH_BATCH_SAMPLES", 3 * CONFIG.n_samples - 1)   # 2 clips
     result = extract(audio, out=tmp_path / "t.pkl", cache_dir=tmp_path / "cache", jobs=2,
                      config=CONFIG, quiet=True, backend="torch", device="cpu")
-    assert result.computed == 4 and batches == [2, 2]
+    assert result.computed == 4 and batches == [2, 2] and ahead == [{"ahead": 2}]
 
 
 def test_an_entry_lost_after_its_report_is_computed_again_by_the_batch_function(audio, tmp_path,
