@@ -4,10 +4,10 @@ Work is split so that nothing computed is ever lost: worker processes decode a c
 features and write its cache entry atomically; only then does the main process assemble the
 features file (a pickle, or a memory-mappable store folder) from the cache, in sorted path
 order, and replace the output atomically (the per-file work is in :mod:`deepfusion.jobs.job`).
-With the torch backend on a GPU (``--backend torch --device cuda``, or a GPU found by
-``--device auto``) the workers only hash and decode; the main process analyses the decoded
-clips in batches on the GPU and writes their cache entries itself. On the CPU the torch backend
-runs as numpy does, per file in the workers (one thread each).
+With the torch backend (``--backend torch`` on any device, or a GPU found by ``--device
+auto``) the workers only hash and decode; the main process analyses the decoded clips in
+batches on the device and writes their cache entries itself, while the workers decode the
+next ones (:mod:`deepfusion.jobs.batcher`).
 """
 
 from __future__ import annotations
@@ -31,9 +31,8 @@ from deepfusion.io.cache import FeatureCache, file_stamp
 from deepfusion.io.features_file import write_features_file
 from deepfusion.io.guard import (Destination, audio_inputs, check_destinations, check_free_space,
                                  check_outputs)
-from deepfusion.jobs.batcher import feature_tasks
-# the per-file work moved to tasks.py; windows.py, predict and the tests import these from here
-from deepfusion.jobs.job import compute_entry, resolve_backend
+from deepfusion.jobs.batcher import DeviceTime, compute_again, feature_tasks
+from deepfusion.jobs.job import resolve_backend
 from deepfusion.jobs.limits import DEFAULT_TIMEOUT, is_transient
 from deepfusion.progress import progress_bar
 
@@ -57,6 +56,10 @@ class ExtractResult:
     repaired: int = 0          # damaged cache entries computed again (counted in ``computed``)
     #: the metadata table the clips came from, in one line (None: genres from folder names)
     metadata: Optional[str] = None
+    #: the torch backend: the share (0..1) of the feature phase's wall time this process spent
+    #: computing batches (on a GPU, to the end of the device's work); None: numpy, or nothing
+    #: to do (the output was up to date)
+    device_busy: Optional[float] = None
 
 
 def default_out(fmt: str = "pickle") -> Path:
@@ -87,7 +90,8 @@ def extract(audio_dir: Path, *, out: Optional[Path] = None, fmt: str = "pickle",
     cache_dir : Path
         Where per-clip features are kept between runs.
     jobs : int, optional
-        Worker processes; default all cores.
+        Worker processes; default all cores. With the torch backend they only decode (1:
+        decoding in this process), and this process computes with torch's threads.
     config : FeatureConfig
     manifest : Path, optional
         A metadata table listing the files to use instead of scanning folders: deepfusion's
@@ -108,11 +112,12 @@ def extract(audio_dir: Path, *, out: Optional[Path] = None, fmt: str = "pickle",
         How a store holds the views (``float16``: half the disk and page cache); a pickle is
         always float32.
     backend : {None, 'numpy', 'torch'}
-        The feature code: :func:`deepfusion.features.numpy_views.compute_features` in the worker processes
-        (numpy), or :func:`deepfusion.features.torch_views.compute_features_torch` (torch): on a GPU
-        in this process, on batches of clips the workers decode; on the CPU in the workers, one
-        torch thread each. ``None``: torch when ``device`` finds or names a GPU, else numpy. Both write the same cache entries (they
-        agree to float32 rounding, see the README), so either reuses the other's.
+        The feature code: :func:`deepfusion.features.numpy_views.compute_features` in the
+        worker processes (numpy), or :func:`deepfusion.features.torch_views.compute_features_torch`
+        (torch): in this process, on ``device``, on batches of the clips the workers decode
+        (:mod:`deepfusion.jobs.batcher`). ``None``: torch when ``device`` finds or names a GPU,
+        else numpy. Both write the same cache entries (they agree to float32 rounding, see
+        docs/cli.md), so either reuses the other's.
     device : {'auto', 'cpu', 'cuda', 'cuda:N', 'mps'}
         Where the torch backend runs; ``auto``: cuda, else mps, else the CPU.
 
@@ -217,8 +222,10 @@ def extract(audio_dir: Path, *, out: Optional[Path] = None, fmt: str = "pickle",
                 frames=config.n_frames, patches=config.n_patches if config.pretrained_view else None,
                 dtype=dtype))
         bar = stack.enter_context(progress_bar(len(tasks), desc="extract", unit="clip", quiet=quiet))
+        clock = DeviceTime() if device is not None else None
+        started = time.perf_counter()
         results = feature_tasks(tasks, jobs, scheduler, cache_dir, workers, cache=cache,
-                                config=config, device=device)
+                                config=config, device=device, clock=clock)
         for index, (key, reason, fresh, mended) in results:
             bar.update(1)
             entry = None
@@ -226,8 +233,8 @@ def extract(audio_dir: Path, *, out: Optional[Path] = None, fmt: str = "pickle",
                 entry = cache.load(key)
                 if entry is None:  # vanished or damaged since it was written: again, here
                     mended = mended or cache.has(key)
-                    reason = compute_entry(str(todo[index].path), key, str(cache_dir),
-                                           config_dict, timeout, device=device)
+                    reason = compute_again(str(todo[index].path), key, cache_dir, timeout,
+                                           cache=cache, config=config, device=device, clock=clock)
                     entry = None if reason else cache.load(key)
                     fresh = True
             if entry is None:
@@ -239,6 +246,7 @@ def extract(audio_dir: Path, *, out: Optional[Path] = None, fmt: str = "pickle",
             found[index] = (key, entry.meta, entry.features if fmt == "pickle" else None)
             if writer is not None:
                 writer.put_at(index, entry.features)
+        phase = time.perf_counter() - started
 
         assembled: list[dict[str, Any]] = []
         by_audio: dict[str, list[str]] = {}
@@ -275,6 +283,7 @@ def extract(audio_dir: Path, *, out: Optional[Path] = None, fmt: str = "pickle",
         labels=dict(sorted(labels.items())),
         metadata=table.describe() if table is not None else None,
         workers=dict(sorted(workers.items())), repaired=repaired,
+        device_busy=min(1.0, clock.seconds / phase) if clock is not None and phase > 0 else None,
     )
     if assembled and not any(reason for reason in errors.values() if is_transient(reason)):
         _record_state(out, fingerprint, result, [cache.path(entries[i]) for i in sorted(found)])

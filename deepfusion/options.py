@@ -261,7 +261,8 @@ cache_dir_option = click.option(
     "model's outputs there [env: DEEPFUSION_CACHE].")
 
 jobs_option = click.option("--jobs", "-j", type=click.IntRange(1), default=None,
-                           help="Worker processes computing features [default: all cores].")
+                           help="Worker processes computing features; with extract --backend torch "
+                           "they only decode [default: all cores].")
 
 timeout_option = click.option(
     "--timeout", type=Seconds(), default=120.0, show_default=True,
@@ -366,8 +367,8 @@ def extract_options(func):
         click.option("--strict", is_flag=True, help="Exit non-zero if any file could not be read."),
         timeout_option,
         click.option("--backend", type=click.Choice(["numpy", "torch"]), default=None,
-                     help="Feature code: numpy (librosa) or torch (on a GPU: batches of decoded clips "
-                     "in the main process; on the CPU: per file in the workers). Both agree to float32 "
+                     help="Feature code: numpy (librosa, in the workers) or torch (batches of the "
+                     "clips the workers decode, in the main process on --device). Both agree to float32 "
                      "rounding and share the cache  [default: numpy, torch when --device finds or "
                      "names a GPU (--device is where the torch backend runs)]."),
         device_option,

@@ -120,6 +120,22 @@ def test_unfolded_median_equals_the_numpy_one(shape, dim, monkeypatch):
     assert np.array_equal(median_filter(torch.from_numpy(S), size=31, dim=dim).numpy(), want)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("shape", [(5, 40, 50), (1, 7, 5), (2, 1025, 12), (40, 50)])
+@pytest.mark.parametrize("dim", [-1, -2])
+def test_the_cpu_median_on_threads_equals_bottlenecks(shape, dim, threads):
+    """Sliced across clips (or, with fewer clips than threads, across the other axis), one
+    slice per torch thread: the same values as one call."""
+    S = np.random.default_rng(2).random(shape, dtype=np.float32)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = median_filter(torch.from_numpy(S), size=31, dim=dim).numpy()
+    finally:
+        torch.set_num_threads(before)
+    assert np.array_equal(got, median_filter_axis(S, size=31, axis=dim))
+
+
 def test_bad_batches_are_refused():
     with pytest.raises(ParameterError, match="non-finite"):
         compute_features_torch(np.full((1, CONFIG.n_samples), np.nan, np.float32), CONFIG)
@@ -176,10 +192,11 @@ def test_extract_torch_backend_matches_numpy_and_shares_its_cache(tmp_path):
 
 
 @pytest.mark.slow
-def test_extract_gpu_path_batches_in_the_main_process(tmp_path, monkeypatch):
-    """The GPU design run on the CPU: workers decode, this process analyses batches of 3 (5
-    clips: a full batch and a remainder of 2); a batch that fails is redone clip by clip, and
-    a clip that fails alone is reported as that file's error, the others kept."""
+def test_extract_torch_batches_in_the_main_process(tmp_path, monkeypatch):
+    """The one torch pipeline, on the CPU as on a GPU: workers decode, this process analyses
+    batches of 3 (5 clips: a full batch and a remainder of 2); a batch that fails is redone
+    clip by clip, and a clip that fails alone is reported as that file's error, the others
+    kept."""
     import deepfusion.features.torch_views as ft
     import deepfusion.jobs.batcher as device_batches
     from deepfusion.synth import synthesize_dataset
@@ -201,7 +218,6 @@ def test_extract_gpu_path_batches_in_the_main_process(tmp_path, monkeypatch):
             raise RuntimeError("this clip is cursed")
         return real(y, config, device=device)
 
-    monkeypatch.setattr(device_batches, "TORCH_IN_WORKERS", ())
     monkeypatch.setattr(device_batches, "TORCH_BATCH_SAMPLES", 3 * CONFIG.sample_rate * 4)
     monkeypatch.setattr(ft, "compute_features_torch", flaky)
     run = invoke("extract", "--audio-dir", audio, "--out", tmp_path / "torch.pkl",

@@ -302,7 +302,7 @@ def test_timeout_during_first_imports_does_not_break_later_files(tmp_path):
     script = f"""
 import os
 from deepfusion.config import FeatureConfig
-from deepfusion.extract import compute_entry
+from deepfusion.jobs.job import compute_entry
 from deepfusion.io.cache import file_digest
 config = FeatureConfig(duration=2.0).to_dict()
 folder = {str(tmp_path)!r}

@@ -94,7 +94,8 @@ def median_filter(S: torch.Tensor, *, size: int, dim: int) -> torch.Tensor:
     Equals :func:`deepfusion.features.numpy_views.median_filter_axis` on each clip. On accelerators the
     windows are unfolded and reduced with ``torch.median``, in chunks of at most
     :data:`MEDIAN_CHUNK_ELEMENTS`; on the CPU :func:`deepfusion.features.hpss.running_median`
-does the same faster, the whole batch in one call.
+    does the same faster (its compiled kernel releases the GIL), on torch's threads
+    (:func:`_median_on_threads`).
 
     Parameters
     ----------
@@ -111,10 +112,31 @@ does the same faster, the whole batch in one call.
     if size <= 1:
         return S.clone()
     if S.device.type == "cpu":
-        from deepfusion.features.numpy_views import median_filter_axis
-
-        return torch.from_numpy(median_filter_axis(S.numpy(), size=size, axis=dim))
+        return torch.from_numpy(_median_on_threads(S.numpy(), size=size, axis=dim))
     return median_filter_unfold(S, size=size, dim=dim)
+
+
+def _median_on_threads(S: np.ndarray, *, size: int, axis: int) -> np.ndarray:
+    """:func:`~deepfusion.features.numpy_views.median_filter_axis` of ``S`` in slices across
+    another axis (clips, else bins or frames), one per torch thread: the compiled kernel lets go of the
+    GIL, so extract's main process filters a batch on every core, not on one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from deepfusion.features.numpy_views import median_filter_axis
+
+    threads = torch.get_num_threads()
+    split = 0 if S.ndim > 2 and S.shape[0] >= threads else S.ndim - 1 - (axis % S.ndim == S.ndim - 1)
+    parts = [p for p in np.array_split(np.arange(S.shape[split]), threads) if len(p)]
+    if len(parts) <= 1:
+        return median_filter_axis(S, size=size, axis=axis)
+    out = np.empty_like(S)
+
+    def one(part: np.ndarray) -> None:
+        where = (slice(None),) * split + (slice(int(part[0]), int(part[-1]) + 1),)
+        out[where] = median_filter_axis(S[where], size=size, axis=axis)
+    with ThreadPoolExecutor(len(parts)) as pool:
+        list(pool.map(one, parts))
+    return out
 
 
 def median_filter_unfold(S: torch.Tensor, *, size: int, dim: int) -> torch.Tensor:

@@ -1,10 +1,12 @@
 """One file's work for extract (and predict's library), run in worker processes.
 
 The one per-file job (:func:`_file_job`): hashing, the cache check, decoding under
-``--timeout`` with the check that the file did not change meanwhile, computing the views and
-storing the cache entry (or handing the decoded clip to the device batcher,
-:mod:`deepfusion.jobs.batcher`). :func:`_run_tasks` hands the jobs to joblib or Dask
-(:mod:`deepfusion.runtime.pool`); the limits and failures are :mod:`deepfusion.jobs.limits`.
+``--timeout`` with the check that the file did not change meanwhile, then computing the views
+and storing the cache entry (numpy: :func:`hash_and_compute`), or handing the decoded clip
+back to the torch backend's pipeline, which computes it in a batch on the device in the main
+process (:func:`hash_and_decode`, :mod:`deepfusion.jobs.batcher`). :func:`_run_tasks` hands
+the jobs to joblib's workers or Dask (:mod:`deepfusion.runtime.pool`); the limits and
+failures are :mod:`deepfusion.jobs.limits`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from deepfusion.jobs.limits import (CHANGED_WHILE_READ, DEFAULT_TIMEOUT, Failure
                                     reason_of, time_limit, took_too_long)
 from deepfusion.runtime.pool import default_jobs, indexed, pool_results
 
-_warmed: set[tuple[bool, Optional[str], Optional[str]]] = set()
+_warmed: set[tuple[bool, Optional[str]]] = set()
 
 
 @contextlib.contextmanager
@@ -47,14 +49,17 @@ def one_torch_thread(needed: bool = True):
 
 def numpy_features(y, config: FeatureConfig, view_runtime: Optional[str] = None) -> dict:
     """:func:`~deepfusion.features.numpy_views.compute_features` as a worker runs it: one torch thread
-    when torch runs the pretrained view (``view_runtime`` None), none imported otherwise."""
+    when torch runs the pretrained view (:func:`~deepfusion.features.pretrained.view.runtime_of`),
+    none imported otherwise."""
     from deepfusion.features.numpy_views import compute_features
+    from deepfusion.features.pretrained.view import runtime_of
 
-    with one_torch_thread(config.pretrained_view is not None and view_runtime != "onnx"):
+    with one_torch_thread(config.pretrained_view is not None
+                          and runtime_of(view_runtime) == "torch"):
         return compute_features(y, config, view_runtime=view_runtime)
 
 
-def _jit_marker(features: bool, device: Optional[str]) -> Optional[Path]:
+def _jit_marker(features: bool) -> Optional[Path]:
     """The file that says a warm-up of this kind completed with this librosa and numba, so
     numba's on-disk cache of them is whole (None where that cannot be told).
 
@@ -72,7 +77,7 @@ def _jit_marker(features: bool, device: Optional[str]) -> Optional[Path]:
         origin = importlib.util.find_spec("librosa").origin
         ident = "|".join([origin, str(os.stat(origin).st_mtime_ns),
                           importlib.metadata.version("numba"), os.environ.get("NUMBA_CACHE_DIR", ""),
-                          sys.version, "features" if features else "decode", str(device)])
+                          sys.version, "features" if features else "decode"])
         digest = hashlib.sha256(ident.encode("utf-8", "surrogateescape")).hexdigest()[:16]
         return Path(tempfile.gettempdir()) / f"deepfusion-jit-{getpass.getuser()}-{digest}.done"
     except Exception:  # noqa: BLE001 - no marker: every warm-up takes the lock
@@ -120,25 +125,25 @@ WARM_UP_SECONDS = 5.0
 
 
 def warm_up(config: FeatureConfig, *, features: bool = True,
-             device: Optional[str] = None, view_runtime: Optional[str] = None) -> None:
+            view_runtime: Optional[str] = None) -> None:
     """Run every import and JIT compilation that decoding and features need, once per process.
 
     ``--timeout`` raises wherever the clock runs out. Inside a first import (librosa loads
     scipy and numba lazily) that leaves a half-initialised module in ``sys.modules``, and every
     later file of the process then fails (``NameError: name '_ndimage_api' is not defined``).
     So this runs before the first file's clock starts: a clip of noise through resampling and
-    (unless ``features`` is False: a worker that only decodes) all six features, with the torch
-    backend on ``device`` when one is given (else the pretrained view on ``view_runtime``, see
-    :func:`numpy_features`). The clip is :data:`WARM_UP_SECONDS` long, not a
-    whole clip: the same code and the same array types (what numba compiles for), at a sixth
-    of the cost, which a run of one new file pays in full (a 30-s clip of noise cost 0.9 s of
-    CPU here, the six views and musicnn's, on top of the file's own).
+    (unless ``features`` is False: a worker that only decodes, for the torch backend) all
+    the views, the pretrained one on ``view_runtime`` (see :func:`numpy_features`). The clip
+    is :data:`WARM_UP_SECONDS` long, not a whole clip: the same code and the same array types
+    (what numba compiles for), at a sixth of the cost, which a run of one new file pays in
+    full (a 30-s clip of noise cost 0.9 s of CPU here, the six views and musicnn's, on top of
+    the file's own).
     """
-    if (features, device, view_runtime) in _warmed:
+    if (features, view_runtime) in _warmed:
         return
-    _warmed.add((features, device, view_runtime))
+    _warmed.add((features, view_runtime))
     # see _one_compiler: a cache that crashes every later run
-    with _one_compiler(_jit_marker(features, device)) as done:
+    with _one_compiler(_jit_marker(features)) as done:
         try:
             import librosa
             import numpy as np
@@ -150,12 +155,8 @@ def warm_up(config: FeatureConfig, *, features: bool = True,
             with threadpool_limits(limits=1):
                 librosa.resample(y[:4410], orig_sr=44100, target_sr=config.sample_rate,
                                  res_type="soxr_hq")
-                if features and device is None:
+                if features:
                     numpy_features(y, config, view_runtime)
-                elif features:
-                    from deepfusion.features.torch_views import compute_features_torch
-
-                    compute_features_torch(y, config, device=device)
             done()
         except Exception:  # noqa: BLE001 - a real file will report whatever this hit
             pass
@@ -163,27 +164,19 @@ def warm_up(config: FeatureConfig, *, features: bool = True,
 
 def compute_entry(path: str, key: str, cache_dir: str, config_dict: dict,
                   timeout: Optional[float] = DEFAULT_TIMEOUT, *,
-                  device: Optional[str] = None, view_runtime: Optional[str] = None
-                  ) -> Optional[str]:
-    """Decode one file, compute its features and store them in the cache (runs in a worker).
+                  view_runtime: Optional[str] = None) -> Optional[str]:
+    """Decode one file, compute its features with the numpy backend and store them in the
+    cache (runs in a worker; the torch backend's clips are computed in batches instead, see
+    :mod:`deepfusion.jobs.batcher`).
 
     Returns ``None`` on success or the reason the file could not be used. A file that takes
     longer than ``timeout`` seconds (a hostile header, say) is abandoned and reported.
-    ``device`` (a torch device name) computes the features with the torch backend
-    (:mod:`deepfusion.features.torch_views`, one torch thread on the CPU) instead of numpy;
-    ``view_runtime``: what runs numpy's pretrained view (:func:`numpy_features`).
+    ``view_runtime``: what runs the pretrained view (:func:`numpy_features`).
     """
     config = FeatureConfig.from_dict(config_dict)
-
-    def compute(y):
-        if device is None:
-            return numpy_features(y, config, view_runtime)
-        from deepfusion.features.torch_views import compute_features_torch
-
-        with one_torch_thread():
-            return compute_features_torch(y, config, device=device)[0]
-    audio, feats, reason = _decode_checked(path, key, config, timeout, compute, device,
-                                           view_runtime)
+    audio, feats, reason = _decode_checked(
+        path, key, config, timeout, lambda y: numpy_features(y, config, view_runtime),
+        view_runtime)
     if reason is None:
         FeatureCache(Path(cache_dir), config).store(key, feats, _entry_meta(audio))
     return reason
@@ -191,7 +184,8 @@ def compute_entry(path: str, key: str, cache_dir: str, config_dict: dict,
 
 def decode_entry(path: str, key: str, config_dict: dict,
                  timeout: Optional[float] = DEFAULT_TIMEOUT) -> tuple[Optional[str], Any]:
-    """Decode one file for features computed elsewhere (runs in a worker of the torch backend).
+    """Decode one file for the torch backend, which computes its features in a batch in the
+    main process (runs in a worker).
 
     Returns ``(None, (samples, entry metadata))`` or ``(reason, None)``; the same checks as
     :func:`compute_entry` (time limit, the file unchanged since it was hashed as ``key``).
@@ -209,7 +203,7 @@ def _entry_meta(audio) -> dict[str, Any]:
 
 
 def _decode_checked(path: str, key: str, config: FeatureConfig, timeout: Optional[float],
-                    compute, device: Optional[str] = None, view_runtime: Optional[str] = None
+                    compute, view_runtime: Optional[str] = None
                     ) -> tuple[Any, Any, Optional[str]]:
     """``(audio, compute(audio.y), None)``, or ``(None, None, reason)``.
 
@@ -221,7 +215,7 @@ def _decode_checked(path: str, key: str, config: FeatureConfig, timeout: Optiona
     from deepfusion.audio import decode
 
     # always: imports never under the clock, and the JIT compiled by one process at a time
-    warm_up(config, features=compute is not None, device=device, view_runtime=view_runtime)
+    warm_up(config, features=compute is not None, view_runtime=view_runtime)
     try:
         before = file_stamp(Path(path))
     except OSError as exc:
@@ -265,20 +259,15 @@ def _cache_state(cache_dir: str, config_dict: dict, key: str) -> str:
 
 
 def hash_and_compute(path: str, cache_dir: str, config_dict: dict, timeout: Optional[float],
-                     device: Optional[str] = None, view_runtime: Optional[str] = None
+                     view_runtime: Optional[str] = None
                      ) -> tuple[Optional[str], Optional[str], bool, bool]:
-    """One file's task (in a worker): ``(content key, None, computed, repaired)`` or ``(None,
-    reason, False, False)``. The file is hashed, and decoded and analysed unless the cache
-    holds a sound entry for its content; ``repaired``: the entry there was damaged and has
-    been replaced. ``timeout`` bounds the hashing as it bounds the decoding. ``device``: the
-    torch backend on that device, ``view_runtime``: what runs numpy's pretrained view (see
-    :func:`compute_entry`)."""
-    if device is not None:
-        # torch's memory comes with a worker's first task, even one the cache answers: loky
-        # takes a later jump of 300 MB for a leak and replaces the worker
-        warm_up(FeatureConfig.from_dict(config_dict), device=device)
+    """One file's task for the numpy backend (in a worker): ``(content key, None, computed,
+    repaired)`` or ``(None, reason, False, False)``. The file is hashed, and decoded and
+    analysed unless the cache holds a sound entry for its content; ``repaired``: the entry
+    there was damaged and has been replaced. ``timeout`` bounds the hashing as it bounds the
+    decoding. ``view_runtime``: what runs the pretrained view (see :func:`compute_entry`)."""
     key, reason, computed, repaired = _file_job(path, cache_dir, config_dict, timeout, lambda key: (
-        compute_entry(path, key, cache_dir, config_dict, timeout, device=device,
+        compute_entry(path, key, cache_dir, config_dict, timeout,
                       view_runtime=view_runtime), True))
     return key, reason, bool(computed), repaired
 
@@ -310,22 +299,28 @@ def _file_job(path: str, cache_dir: str, config_dict: dict, timeout: Optional[fl
 
 
 def _run_tasks(tasks: list[tuple], jobs: Optional[int], scheduler: Optional[str],
-               cache_dir: Path, workers: dict[str, int],
-               task: Callable = hash_and_compute) -> Iterator[tuple[int, tuple]]:
-    """``(index, task(*tasks[index]))`` as tasks finish, on joblib workers or on a Dask
-    cluster (``scheduler``, see :mod:`deepfusion.runtime.cluster`; ``workers`` counts the tasks each
-    Dask worker ran)."""
+               cache_dir: Path, workers: dict[str, int], task: Callable = hash_and_compute, *,
+               ahead: int = 0) -> Iterator[tuple[int, tuple]]:
+    """``(index, task(*tasks[index]))`` as tasks finish, on joblib's workers (``jobs``; one:
+    in this process) or on a Dask cluster (``scheduler``, see :mod:`deepfusion.runtime.cluster`;
+    ``workers`` counts the tasks each Dask worker ran).
+
+    Tasks are submitted as results are taken, never more than the pool's bound ahead of the
+    caller (:func:`~deepfusion.runtime.pool.pool_results`, :func:`~deepfusion.runtime.pool.map_unordered`),
+    and at least ``ahead`` (a caller that gathers batches: the next batch is decoded while it
+    computes one)."""
     if not tasks:
         return
     numbered = [(i, task, *args) for i, args in enumerate(tasks)]
     if scheduler:
         from deepfusion.runtime.cluster import check_shared, connect
-        from deepfusion.runtime.pool import map_unordered, recount
+        from deepfusion.runtime.pool import dask_in_flight, map_unordered, recount
 
         with connect(scheduler) as client:
             started = check_shared(client, cache_dir)
             results = map_unordered(client, indexed, numbered, per_worker=workers,
-                                    label=lambda args: args[2], total=len(numbered))
+                                    label=lambda args: args[2], total=len(numbered),
+                                    in_flight=max(ahead, dask_in_flight(client)))
             if task is hash_and_compute:   # a task run again after a lost worker says "cached"
                 cache = FeatureCache(Path(cache_dir), FeatureConfig.from_dict(tasks[0][2]))
                 results = recount(results, cache.path, started)
@@ -335,11 +330,9 @@ def _run_tasks(tasks: list[tuple], jobs: Optional[int], scheduler: Optional[str]
         # as joblib runs one job (in this process), without importing it or starting a pool
         yield from (indexed(*args) for args in numbered)
         return
-    from joblib import delayed
-
-    jobs = default_jobs() if jobs is None else int(jobs)
-    yield from pool_results((delayed(indexed)(*args) for args in numbered), min(jobs, len(tasks)),
-                            ordered=False, what="extracting")
+    n_jobs = min(default_jobs() if jobs is None else int(jobs), len(tasks))
+    yield from pool_results(indexed, numbered, n_jobs, ordered=False, what="extracting",
+                            in_flight=max(ahead, 2 * n_jobs))
 
 
 def resolve_backend(backend: Optional[str] = None,

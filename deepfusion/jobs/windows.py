@@ -176,9 +176,7 @@ def run_file_tasks(paths: list[Path], *, cache_dir: Path, config: FeatureConfig,
         for task in tasks:
             yield file_windows(*task)
         return
-    from joblib import delayed
-
     from deepfusion.runtime.pool import pool_results
 
-    yield from pool_results((delayed(file_windows)(*task) for task in tasks), min(jobs, len(tasks)),
-                            ordered=True, what="analysing files")
+    yield from pool_results(file_windows, tasks, min(jobs, len(tasks)), ordered=True,
+                            what="analysing files")

@@ -1,7 +1,8 @@
-"""Running the per-file jobs they are handed: on joblib's worker processes
-(:func:`pool_results`) or on a Dask cluster (:func:`map_unordered`, connected by
-:mod:`deepfusion.runtime.cluster`); a worker lost midway becomes one line, and what finished
-is kept. The jobs themselves are :mod:`deepfusion.jobs`."""
+"""Running the per-file jobs they are handed: on joblib's worker processes (loky's reusable
+pool: :func:`pool_results`) or on a Dask cluster (:func:`map_unordered`, connected by
+:mod:`deepfusion.runtime.cluster`). Either submits a task as the caller takes a result, so what
+is done but not yet taken stays bounded; a worker lost midway becomes one line, and what
+finished is kept. The jobs themselves are :mod:`deepfusion.jobs`."""
 
 from __future__ import annotations
 
@@ -43,6 +44,12 @@ def recount(results: Iterable[tuple[int, tuple]], entry_path: Callable[[str], Pa
 _LOOK_EVERY = 2.0
 
 
+def dask_in_flight(client: Any) -> int:
+    """:func:`map_unordered`'s default bound: four tasks per worker thread of the cluster."""
+    workers = lost_as_one_line(client, lambda: client.scheduler_info()["workers"])
+    return max(4, 4 * sum(w.get("nthreads", 1) for w in workers.values()))
+
+
 def map_unordered(client: Any, fn: Callable, arguments: Iterable[tuple], *,
                   in_flight: Optional[int] = None,
                   per_worker: Optional[dict[str, int]] = None,
@@ -74,9 +81,7 @@ def map_unordered(client: Any, fn: Callable, arguments: Iterable[tuple], *,
     no_worker_timeout = connect_timeout() if no_worker_timeout is None else no_worker_timeout
     arguments = iter(arguments)
     if in_flight is None:
-        workers = lost_as_one_line(client, lambda: client.scheduler_info()["workers"])
-        threads = sum(w.get("nthreads", 1) for w in workers.values())
-        in_flight = max(4, 4 * threads)
+        in_flight = dask_in_flight(client)
     pending: dict[Any, tuple] = {}             # future -> its arguments, for messages
     done = 0
 
@@ -150,19 +155,44 @@ def default_jobs() -> int:
     return max(1, joblib.cpu_count())
 
 
-def pool_results(calls: Iterable, n_jobs: int, *, ordered: bool, what: str) -> Iterator:
-    """The results of joblib ``delayed`` ``calls`` on ``n_jobs`` worker processes, at most
-    ``2 * n_jobs`` in flight, in the order of ``calls`` or (``ordered`` False) as they finish.
+#: Seconds an idle local worker waits for work before it exits (joblib's default for its pool).
+IDLE_WORKER_SECONDS = 300
+
+#: Environment variables that size a library's thread pool, set in each local worker as joblib
+#: sets them (cores / workers, unless set here already): the workers share the cores.
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
+               "VECLIB_MAXIMUM_THREADS", "NUMBA_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
+def _worker_env(n_jobs: int) -> dict[str, str]:
+    """The environment joblib gives ``n_jobs`` workers: :data:`THREAD_VARS`, and TBB's IPC."""
+    share = str(max(1, default_jobs() // n_jobs))
+    return {**{var: os.environ.get(var, share) for var in THREAD_VARS},
+            "ENABLE_IPC": os.environ.get("ENABLE_IPC", "1")}
+
+
+def pool_results(fn: Callable, arguments: Iterable[tuple], n_jobs: int, *, ordered: bool,
+                 what: str, in_flight: Optional[int] = None) -> Iterator:
+    """``fn(*args)`` for each tuple of ``arguments`` on ``n_jobs`` local worker processes
+    (joblib's loky pool), in the order of ``arguments`` or (``ordered`` False) as they finish.
+
+    At most ``in_flight`` tasks (default ``2 * n_jobs``) are submitted and not yet consumed: a
+    new one is submitted each time the caller takes a result, not each time one finishes, so
+    a caller busy with what it was given (a batch on the device) holds at most ``in_flight``
+    results it has not asked for (decoded clips), however many files there are, while the
+    workers keep working up to that bound.
 
     A worker killed by a signal becomes one line (:func:`~deepfusion.errors.worker_crash`,
     ``what`` says what the workers were doing). A caller that stops early (Ctrl-C, SIGTERM, an
-    error) closes the pool here, without joblib's warning about the tasks that closing cancels:
-    the command has already said in one line what happened and that finished work is kept.
+    error) ends the workers here, as joblib does, quietly: the command has already said in one
+    line what happened and that finished work is kept. An exception raised by ``fn`` itself
+    is raised here as it was.
     """
-    import warnings
+    import queue
+    from collections import deque
 
-    from joblib import Parallel
-    from joblib.externals.loky.process_executor import TerminatedWorkerError
+    from joblib.externals.loky import get_reusable_executor
+    from joblib.externals.loky.process_executor import BrokenProcessPool
 
     from deepfusion.errors import worker_crash
 
@@ -170,18 +200,42 @@ def pool_results(calls: Iterable, n_jobs: int, *, ordered: bool, what: str) -> I
         # loky turns on faulthandler in its workers unless this is set: a dying worker's 40
         # lines of Python stack would bury worker_crash's one line (empty: Python leaves it off)
         os.environ.setdefault("PYTHONFAULTHANDLER", "")
-    results = Parallel(n_jobs=n_jobs, return_as="generator" if ordered else "generator_unordered",
-                       batch_size=1, pre_dispatch="2*n_jobs")(calls)
+    in_flight = max(1, 2 * n_jobs if in_flight is None else int(in_flight))
+    executor = get_reusable_executor(max_workers=n_jobs, timeout=IDLE_WORKER_SECONDS,
+                                     env=_worker_env(n_jobs))
+    arguments = iter(arguments)
+    waiting: deque = deque()                    # submitted, not yet consumed, in order
+    finished: queue.SimpleQueue = queue.SimpleQueue()   # (unordered) done, in the order they finished
+
+    def submit_next() -> None:
+        for args in arguments:
+            future = executor.submit(fn, *args)
+            if not ordered:
+                future.add_done_callback(finished.put)
+            waiting.append(future)
+            return
+
+    complete = False
     try:
-        for result in results:    # not "yield from", which would close results outside the filter
+        for _ in range(in_flight):
+            submit_next()
+        while waiting:
+            if ordered:
+                future = waiting.popleft()
+            else:
+                future = finished.get()
+                waiting.remove(future)          # at most in_flight long
+            result = future.result()
             yield result
-    except TerminatedWorkerError as exc:
+            submit_next()                       # one more for each the caller took
+        complete = True
+    except BrokenProcessPool as exc:
         raise worker_crash(exc, what) from None
     finally:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=UserWarning, message=r"\d+ tasks (have been "
-                                    "successfully executed|which were still being processed)")
-            results.close()
+        if not complete:
+            for future in waiting:
+                future.cancel()
+            executor.shutdown(wait=True, kill_workers=True)
 
 
 def indexed(index: int, task: Callable, *args) -> tuple[int, tuple]:
