@@ -11,8 +11,9 @@ The definitions are librosa's (``librosa.decompose.hpss``, ``librosa.feature.mel
 ``mfcc``, ``chroma_stft``, ``tempogram``); what differs is the cost: the STFT is computed once,
 the harmonic/percussive median filters and soft masks are compiled (:mod:`deepfusion.features.hpss`:
 the same values as :func:`scipy.ndimage.median_filter` with ``mode='reflect'`` and
-``librosa.util.softmask``, 15 ms instead of 150 for a 30-s clip on one core), and the mel filter bank is applied to the masked magnitudes instead of re-synthesising and
-re-analysing the separated signals.
+``librosa.util.softmask``, 15 ms instead of 150 for a 30-s clip on one core), and the mel
+filter bank is applied to the masked magnitudes instead of re-synthesising and re-analysing
+the separated signals.
 """
 
 from __future__ import annotations
