@@ -22,6 +22,7 @@ from deepfusion.io.atomic import read_error_reason
 from deepfusion.io.cache import DAMAGED, VALID, FeatureCache, file_digest, file_stamp
 from deepfusion.jobs.limits import (CHANGED_WHILE_READ, DEFAULT_TIMEOUT, Failure, FileTimeout,
                                     reason_of, time_limit, took_too_long)
+from deepfusion.runtime.heap import claimed, freeze_imports, keep_large_blocks
 from deepfusion.runtime.pool import default_jobs, indexed, pool_results
 
 _warmed: set[tuple[bool, Optional[str]]] = set()
@@ -137,11 +138,16 @@ def warm_up(config: FeatureConfig, *, features: bool = True,
     is :data:`WARM_UP_SECONDS` long, not a whole clip: the same code and the same array types
     (what numba compiles for), at a sixth of the cost, which a run of one new file pays in
     full (a 30-s clip of noise cost 0.9 s of CPU here, the six views and musicnn's, on top of
-    the file's own).
+    the file's own). In a process deepfusion owns, the first warm-up also sets the allocator
+    to keep a clip's large arrays for the next one and freezes what the imports made
+    (:mod:`deepfusion.runtime.heap`).
     """
     if (features, view_runtime) in _warmed:
         return
+    first = not _warmed and claimed()       # deepfusion's own process (runtime.heap)
     _warmed.add((features, view_runtime))
+    if first:
+        keep_large_blocks()
     # see _one_compiler: a cache that crashes every later run
     with _one_compiler(_jit_marker(features)) as done:
         try:
@@ -158,6 +164,8 @@ def warm_up(config: FeatureConfig, *, features: bool = True,
                 if features:
                     numpy_features(y, config, view_runtime)
             done()
+            if first:
+                freeze_imports()
         except Exception:  # noqa: BLE001 - a real file will report whatever this hit
             pass
 

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 from deepfusion.errors import ClusterLostError, WorkerCrashError
 from deepfusion.runtime.cluster import (address_of, connect_timeout, kept, load_distributed, lost,
                                         lost_as_one_line, named)
+from deepfusion.runtime.heap import claim
 
 
 def recount(results: Iterable[tuple[int, tuple]], entry_path: Callable[[str], Path],
@@ -201,8 +202,9 @@ def pool_results(fn: Callable, arguments: Iterable[tuple], n_jobs: int, *, order
         # lines of Python stack would bury worker_crash's one line (empty: Python leaves it off)
         os.environ.setdefault("PYTHONFAULTHANDLER", "")
     in_flight = max(1, 2 * n_jobs if in_flight is None else int(in_flight))
+    # the workers are deepfusion's own processes (runtime.heap: their allocator is tuned)
     executor = get_reusable_executor(max_workers=n_jobs, timeout=IDLE_WORKER_SECONDS,
-                                     env=_worker_env(n_jobs))
+                                     env=_worker_env(n_jobs), initializer=claim)
     arguments = iter(arguments)
     waiting: deque = deque()                    # submitted, not yet consumed, in order
     finished: queue.SimpleQueue = queue.SimpleQueue()   # (unordered) done, in the order they finished
