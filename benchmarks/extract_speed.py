@@ -12,7 +12,8 @@ Prints, on the same clips:
     worker pool, and their ratio;
   * whole processes on twelve new 30-s WAV clips (start-up and imports included): the librosa
     recipe (``benchmarks/librosa_recipe.py``) against ``deepfusion extract --jobs 1``, and
-    ``--jobs 2`` against ``--jobs 1`` (the goals: 5x and 1.6x);
+    ``--jobs 2`` against ``--jobs 1`` (the goals: 5x and 1.6x), and what a run of one new clip
+    says of the process's fixed part and of the best ``--jobs 2`` can do on twelve;
   * the torch path (``deepfusion.features.torch_views``): the largest absolute difference per view
     from ``compute_features`` on real clips (``--diff-clips`` of the audio folder) and on
     synthetic ones, on every torch device this machine has, seconds per clip on every torch device this machine has beside numpy's
@@ -85,12 +86,15 @@ def _timed(argv: list[str], env: dict) -> float:
     return took
 
 
-def whole_process(items, work: Path, config: FeatureConfig, n: int = 12) -> None:
+def whole_process(items, work: Path, config: FeatureConfig, n: int = 12, repeats: int = 3) -> None:
     """Twelve new 30-s WAV clips, each command a whole process (start-up, imports, decoding,
     the views, the cache, the output): the librosa recipe in one process, ``deepfusion
     extract`` with ``--jobs 1`` and ``--jobs 2`` on an empty cache each. One untimed run of the
     recipe and of extract on other clips first (disk caches, numba's compiled code: what every
-    run after a machine's first has)."""
+    run after a machine's first has). Each of four commands runs ``repeats`` times,
+    interleaved, and their medians are compared. The fourth, ``--jobs 1`` on one new clip,
+    splits the twelve clips' time into the process's fixed part and the work per clip: the
+    ceiling of ``--jobs 2`` against ``--jobs 1`` on twelve clips (Amdahl's law)."""
     import os
     import sys
 
@@ -105,14 +109,29 @@ def whole_process(items, work: Path, config: FeatureConfig, n: int = 12) -> None
         return [sys.executable, "-m", "deepfusion", "extract", "--audio-dir", str(folder),
                 "--out", str(work / f"{tag}.pkl"), "--cache-dir", str(work / f"cache-{tag}"),
                 "--jobs", str(jobs), "--quiet"]
+    single = _wav_folder(items[1::2], work / "wav1", 1, config)
     _timed([*recipe, str(warm), str(work / "warm-recipe.pkl")], env)
     _timed(extract_cmd(warm, 1, "warm"), env)
-    recipe_s = _timed([*recipe, str(clips), str(work / "recipe.pkl")], env)
-    one = _timed(extract_cmd(clips, 1, "jobs1"), env)
-    two = _timed(extract_cmd(clips, 2, "jobs2"), env)
-    print(f"whole process, {n} new {config.duration:g}-s WAV clips: librosa recipe {recipe_s:.2f} s; "
+    runs: dict[str, list[float]] = {"recipe": [], "one": [], "two": [], "alone": []}
+    for r in range(repeats):          # interleaved: a slow spell of the machine hits all four
+        runs["recipe"].append(_timed([*recipe, str(clips), str(work / f"recipe{r}.pkl")], env))
+        runs["one"].append(_timed(extract_cmd(clips, 1, f"jobs1-{r}"), env))
+        runs["two"].append(_timed(extract_cmd(clips, 2, f"jobs2-{r}"), env))
+        runs["alone"].append(_timed(extract_cmd(single, 1, f"alone{r}"), env))
+    recipe_s, one, two, alone = (float(np.median(runs[k])) for k in ("recipe", "one", "two", "alone"))
+    print(f"whole process, {n} new {config.duration:g}-s WAV clips, the median of {repeats} "
+          f"interleaved runs each: librosa recipe {recipe_s:.2f} s; "
           f"extract --jobs 1 {one:.2f} s ({recipe_s / one:.2f}x the recipe, goal 5x); "
-          f"--jobs 2 {two:.2f} s ({one / two:.2f}x --jobs 1, goal 1.6x)")
+          f"--jobs 2 {two:.2f} s ({one / two:.2f}x --jobs 1, goal 1.6x); each run: "
+          + "; ".join(f"{k} " + " ".join(f"{t:.2f}" for t in v) for k, v in runs.items()))
+    # Amdahl: one new clip costs the process's fixed part (start-up, imports, warm-up, output)
+    # and one clip's work; twelve cost the same fixed part and twelve clips' work. Two jobs can
+    # at best halve the work (each worker pays the fixed part, at the same time).
+    per_clip = max(0.0, (one - alone) / (n - 1))
+    fixed = alone - per_clip
+    print(f"  of which: fixed part {fixed:.2f} s (one new clip took {alone:.2f} s), "
+          f"{per_clip:.3f} s per clip; --jobs 2 could at best reach "
+          f"{(fixed + n * per_clip) / (fixed + n * per_clip / 2):.2f}x --jobs 1 on {n} clips")
 
 
 def _devices() -> list[str]:
