@@ -127,6 +127,8 @@ def whole_process(items, work: Path, config: FeatureConfig, n: int = 12, repeats
     # Amdahl: one new clip costs the process's fixed part (start-up, imports, warm-up, output)
     # and one clip's work; twelve cost the same fixed part and twelve clips' work. Two jobs can
     # at best halve the work (each worker pays the fixed part, at the same time).
+    if n < 2:
+        return
     per_clip = max(0.0, (one - alone) / (n - 1))
     fixed = alone - per_clip
     print(f"  of which: fixed part {fixed:.2f} s (one new clip took {alone:.2f} s), "

@@ -52,12 +52,14 @@ def test_the_environment_s_allocator_settings_win():
     dask = {"MALLOC_TRIM_THRESHOLD_": "65536"}        # what a Dask nanny gives its workers
     assert _faults("keep", **dask) > 10 * _faults("keep"), "the environment was overridden"
     assert _says("MALLOC_MMAP_THRESHOLD_") is False
+    assert _says("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=131072") is False
+    assert _says("GLIBC_TUNABLES", "glibc.rtld.nns=2") is True    # another tunable: not ours
 
 
-def _says(variable: str) -> bool:
+def _says(variable: str, value: str = "131072") -> bool:
     code = "from deepfusion.runtime import heap; print(heap.keep_large_blocks())"
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")},
-           variable: "131072"}
+    env = {**{k: v for k, v in os.environ.items()
+              if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}, variable: value}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True)
     return out.stdout.strip() == "True"
@@ -73,7 +75,7 @@ def _warm_ups(monkeypatch, *, claimed: bool) -> list[str]:
     monkeypatch.setattr(job, "_warmed", set())
     monkeypatch.setattr(job, "claimed", lambda: claimed)
     monkeypatch.setattr(job, "keep_large_blocks", lambda: calls.append("keep"))
-    monkeypatch.setattr(job, "freeze_imports", lambda: calls.append("freeze"))
+    monkeypatch.setattr(job, "freeze_imports", lambda **k: calls.append("freeze"))
     monkeypatch.setattr(job, "numpy_features", lambda *a, **k: calls.append("views"))
     config = job.FeatureConfig()
     job.warm_up(config, features=True)
@@ -88,6 +90,51 @@ def test_warm_up_sets_the_heap_and_freezes_the_imports_once_in_its_own_process(m
 
 def test_a_program_calling_the_api_keeps_its_process_as_it_was(monkeypatch):
     assert _warm_ups(monkeypatch, claimed=False) == ["views"]
+
+
+def test_a_failed_warm_up_freezes_nothing(monkeypatch):
+    calls: list[str] = []
+    monkeypatch.setattr(job, "_warmed", set())
+    monkeypatch.setattr(job, "claimed", lambda: True)
+    monkeypatch.setattr(job, "keep_large_blocks", lambda: calls.append("keep"))
+    monkeypatch.setattr(job, "freeze_imports", lambda **k: calls.append("freeze"))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a library that failed to import")
+    monkeypatch.setattr(job, "numpy_features", broken)
+    job.warm_up(job.FeatureConfig(), features=True)
+    assert calls == ["keep"]
+
+
+@pytest.mark.parametrize("compiled_before", [False, True])
+def test_the_garbage_of_a_compiling_warm_up_is_collected_before_the_freeze(
+        monkeypatch, tmp_path, compiled_before):
+    marker = tmp_path / "marker"
+    if compiled_before:
+        marker.touch()
+    asked: list[bool] = []
+    monkeypatch.setattr(job, "_warmed", set())
+    monkeypatch.setattr(job, "claimed", lambda: True)
+    monkeypatch.setattr(job, "_jit_marker", lambda features: marker)
+    monkeypatch.setattr(job, "keep_large_blocks", lambda: None)
+    monkeypatch.setattr(job, "freeze_imports", lambda *, collect: asked.append(collect))
+    monkeypatch.setattr(job, "numpy_features", lambda *a, **k: None)
+    job.warm_up(job.FeatureConfig(), features=True)
+    assert asked == [not compiled_before]
+
+
+def test_the_installed_command_is_the_claiming_entry_point():
+    import configparser
+    from pathlib import Path
+
+    from deepfusion import __main__ as command
+
+    cfg = configparser.ConfigParser()
+    cfg.read(Path(__file__).resolve().parents[1] / "setup.cfg")
+    scripts = dict(line.split(" = ") for line in
+                   cfg["options.entry_points"]["console_scripts"].split("\n") if line.strip())
+    module, name = scripts["deepfusion"].split(":")
+    assert (module, getattr(command, name)) == ("deepfusion.__main__", command.run)
 
 
 def test_the_command_and_the_local_workers_claim_their_processes(monkeypatch):

@@ -148,8 +148,10 @@ def warm_up(config: FeatureConfig, *, features: bool = True,
     _warmed.add((features, view_runtime))
     if first:
         keep_large_blocks()
+    marker = _jit_marker(features)
+    compiles = marker is None or not marker.exists()     # numba's cache is cold
     # see _one_compiler: a cache that crashes every later run
-    with _one_compiler(_jit_marker(features)) as done:
+    with _one_compiler(marker) as done:
         try:
             import librosa
             import numpy as np
@@ -165,7 +167,7 @@ def warm_up(config: FeatureConfig, *, features: bool = True,
                     numpy_features(y, config, view_runtime)
             done()
             if first:
-                freeze_imports()
+                freeze_imports(collect=compiles)
         except Exception:  # noqa: BLE001 - a real file will report whatever this hit
             pass
 
