@@ -229,10 +229,10 @@ def soft_masks(harm: np.ndarray, perc: np.ndarray, *, power: float,
     power : float
         Finite and above 0 (an infinite power, a hard mask, is librosa's own).
     """
-    import librosa
-
     split_zeros = margin == 1
     if not np.isfinite(power):
+        import librosa
+
         return (librosa.util.softmask(harm, perc * margin, power=power, split_zeros=split_zeros),
                 librosa.util.softmask(perc, harm * margin, power=power, split_zeros=split_zeros))
     harm = np.ascontiguousarray(harm)

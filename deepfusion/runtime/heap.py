@@ -10,10 +10,10 @@ kernel and gives them back when the block is freed, so every clip faulted them i
 about 200,000 page faults and a quarter of the CPU time in the kernel for twelve clips. With
 the threshold at 32 MiB and freed memory kept up to 256 MiB, a worker reuses its blocks from
 one clip to the next: 111,000 page faults, and ``--jobs 1`` took 3.80 s instead of 4.46 (the
-medians of 5 runs, docs/features.md). The settings are
-glibc's documented ``mallopt`` parameters. Where the environment sets either
-(``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``: a user's choice, or a Dask worker's,
-whose nanny sets the trim threshold low to hand memory back) the allocator is left as it is;
+medians of 5 runs, docs/features.md). The settings are glibc's documented ``mallopt``
+parameters. Where the environment tunes the allocator itself (``MALLOC_MMAP_THRESHOLD_``,
+``MALLOC_TRIM_THRESHOLD_`` or a ``glibc.malloc.*`` tunable: a user's choice, or a Dask
+worker's, whose nanny sets the trim threshold low to hand memory back) it is left as it is;
 on another C library nothing changes.
 
 The imports leave a few hundred thousand objects that live as long as the process. Python's
