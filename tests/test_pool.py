@@ -48,3 +48,21 @@ def test_a_worker_that_dies_is_one_line():
     with pytest.raises(WorkerCrashError, match="a worker process died while testing"):
         list(pool_results(os._exit, [(3,), (3,)], 2, ordered=False, what="testing"))
     assert list(pool_results(abs, [(-1,), (-2,)], 2, ordered=True, what="testing")) == [1, 2]
+
+
+def test_the_resource_tracker_started_with_the_pool_is_quiet(monkeypatch):
+    """loky's resource tracker inherits the environment the pool leaves: its warnings (all
+    "resource_tracker: ...") are filtered there, anyone else's are not, and a user's own
+    filters are kept."""
+    import subprocess
+    import sys
+
+    monkeypatch.delenv("DEEPFUSION_DEBUG", raising=False)
+    monkeypatch.setenv("PYTHONWARNINGS", "ignore::DeprecationWarning")
+    assert list(pool_results(abs, [(-1,)], 1, ordered=True, what="testing")) == [1]
+    assert os.environ["PYTHONWARNINGS"].split(",")[0] == \
+        "ignore::DeprecationWarning"
+    code = ("import warnings; warnings.warn('resource_tracker: /loky-1-x: FileNotFoundError'); "
+            "warnings.warn('something else')")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stderr
+    assert "resource_tracker" not in err and "something else" in err, err

@@ -165,6 +165,11 @@ THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BL
                "VECLIB_MAXIMUM_THREADS", "NUMBA_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 
+#: The warning filter (``-W`` syntax) that keeps loky's resource tracker quiet: its warnings
+#: all begin "resource_tracker".
+TRACKER_WARNINGS = "ignore:resource_tracker:UserWarning"
+
+
 def _worker_env(n_jobs: int) -> dict[str, str]:
     """The environment joblib gives ``n_jobs`` workers: :data:`THREAD_VARS`, and TBB's IPC."""
     share = str(max(1, default_jobs() // n_jobs))
@@ -201,6 +206,13 @@ def pool_results(fn: Callable, arguments: Iterable[tuple], n_jobs: int, *, order
         # loky turns on faulthandler in its workers unless this is set: a dying worker's 40
         # lines of Python stack would bury worker_crash's one line (empty: Python leaves it off)
         os.environ.setdefault("PYTHONFAULTHANDLER", "")
+        # loky's resource tracker (a process of its own, started with this environment) warns
+        # on stderr as it cleans up the semaphores of a pool whose worker was killed, when one
+        # is gone already ("resource_tracker: /loky-...: FileNotFoundError"): under that same
+        # one line, now and then
+        filters = os.environ.get("PYTHONWARNINGS", "")
+        if TRACKER_WARNINGS not in filters.split(","):
+            os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [filters, TRACKER_WARNINGS]))
     in_flight = max(1, 2 * n_jobs if in_flight is None else int(in_flight))
     # the workers are deepfusion's own processes (runtime.heap: their allocator is tuned)
     executor = get_reusable_executor(max_workers=n_jobs, timeout=IDLE_WORKER_SECONDS,
